@@ -1,0 +1,135 @@
+"""`genesis`: the one command line of the pipeline. Thin: parse, call the stage, report, exit.
+
+Exit status: 0 success; 1 some items failed (the rest done); 2 bad usage or input path;
+3 the store is busy (another conversion holds its lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers Z,Y,X, got {text!r}") from None
+    if len(vals) != 3 or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert CT/MRI archives into a volume store (Dask)")
+    c.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, files or zip archives")
+    c.add_argument("--store", required=True, help="volume store folder (created if missing)")
+    c.add_argument("--workers", type=_positive, default=2, help="local Dask worker processes (default 2)")
+    c.add_argument("--dask-scheduler", metavar="ADDRESS", help="use a running Dask scheduler instead")
+    c.add_argument("--spacing", type=_triple, metavar="Z,Y,X", help="resample to this spacing in mm")
+    c.add_argument("--modality", help="force the modality (e.g. CT) for sources without one")
+    c.add_argument("--min-side", type=_positive, default=8, help="refuse volumes with a side under this (voxels)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("stores", help="list and inspect stores")
+    ssub = s.add_subparsers(dest="stores_command", required=True)
+    sh = ssub.add_parser("show", help="print a store's catalog / index as a table")
+    sh.add_argument("store")
+    sh.add_argument("--all-columns", action="store_true")
+    pv = ssub.add_parser("preview", help="PNG of a scan's three orthogonal middle slices")
+    pv.add_argument("store")
+    pv.add_argument("scan_id")
+    pv.add_argument("--out", required=True)
+    pv.add_argument("--window", default="lung", help="CT window: lung | mediastinum | bone")
+    ls = ssub.add_parser("list", help="every volume and patch store under ROOT")
+    ls.add_argument("root", nargs="?", default=".")
+
+    sd = sub.add_parser("sample-data", help="write sample chest CT in the LUNA16 layout")
+    sd.add_argument("dir")
+    sd.add_argument("--scans", type=_positive, default=4)
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--no-real", action="store_true", help="skip fetching the two real lung CT cases")
+    sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _convert(args) -> int:
+    from pipeline.ingest import SourceError
+    from pipeline.volume_store import ConvertSettings, StoreError, StoreLockedError, convert
+
+    try:
+        settings = ConvertSettings(spacing=args.spacing, modality=args.modality, min_side=args.min_side)
+        summary = convert(args.sources, args.store, settings, workers=args.workers,
+                          scheduler=args.dask_scheduler, progress=not args.no_progress)
+    except (SourceError, StoreError, ValueError) as exc:
+        print(f"genesis convert: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreLockedError as exc:
+        print(f"genesis convert: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    print(summary.report())
+    print(f"store: {args.store}  (genesis stores show {args.store})")
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _stores(args) -> int:
+    from pipeline.stores_cli import list_stores, show_store
+    from pipeline.volume_store import StoreError
+
+    try:
+        if args.stores_command == "show":
+            print(show_store(args.store, all_columns=args.all_columns))
+        elif args.stores_command == "list":
+            print(list_stores(args.root))
+        else:
+            from pipeline.volume_store.preview import render_preview
+
+            print(render_preview(args.store, args.scan_id, args.out, window=args.window))
+    except (StoreError, KeyError, ValueError, FileNotFoundError) as exc:
+        print(f"genesis stores {args.stores_command}: error: {str(exc).strip(chr(39))}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _sample_data(args) -> int:
+    from pipeline.sample_data import make_sample_data
+
+    kwargs = {}
+    if args.small:
+        from pipeline.sample_data import PhantomConfig
+
+        kwargs["config"] = PhantomConfig(shape=(48, 96, 96))
+    summary = make_sample_data(args.dir, n_scans=args.scans, seed=args.seed, include_real=not args.no_real, **kwargs)
+    print(summary)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

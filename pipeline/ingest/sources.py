@@ -1,0 +1,254 @@
+"""What a conversion is asked to read: one `ScanSource` per scan, found by walking the inputs.
+
+Discovery only looks at names, sizes and (for DICOM) headers; it never decodes voxels, so it
+is fast on a large archive and every scan becomes one independent task. A file that cannot be
+a scan at all becomes a `ScanSource` with `problem` set, so that it gets its own failed row in
+the catalog instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+__all__ = ["ScanSource", "TableSource", "Discovery", "discover", "SourceError", "is_dicom_file"]
+
+IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")
+# Files that travel beside images and are read through them (or are documentation).
+SIDECAR_SUFFIXES = (".raw", ".zraw", ".img", ".csv", ".json", ".txt", ".md", ".pdf", ".xml", ".html",
+                    ".py", ".log", ".yaml", ".yml", ".tsv", ".xlsx")
+LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "-seg", "-label", "-mask")
+BRATS_SEQUENCES = ("flair", "t1ce", "t1", "t2")
+LUNA16_TABLES = ("annotations.csv", "candidates.csv", "candidates_V2.csv")
+_SUBSET = re.compile(r"^subset(\d+)$")
+
+
+class SourceError(ValueError):
+    """An input path that cannot be used at all (bad usage rather than a bad scan)."""
+
+
+@dataclass(frozen=True)
+class ScanSource:
+    """Where one scan comes from, and how to read it.
+
+    `kind` is one of: metaimage, image (NIfTI/NRRD/MHA), dicom, and the zip variants
+    metaimage-zip and dicom-zip where `archive` is the zip and `files` are member names.
+    """
+
+    scan_id: str
+    kind: str
+    dataset: str
+    files: tuple[str, ...]
+    source_path: str
+    archive: str | None = None
+    subset: str | None = None
+    modality: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    identifiers: tuple[tuple[str, str], ...] = ()
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """A LUNA16 table (annotations.csv / candidates.csv), on disk or inside a zip."""
+
+    name: str
+    path: str
+    archive: str | None = None
+
+
+@dataclass
+class Discovery:
+    scans: list[ScanSource] = field(default_factory=list)
+    tables: list[TableSource] = field(default_factory=list)
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """DICOM Part 10 files carry 'DICM' at byte 128."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _has_suffix(name: str, suffixes: tuple[str, ...]) -> bool:
+    low = name.lower()
+    return any(low.endswith(s) for s in suffixes)
+
+
+def _stem(name: str) -> str:
+    base = PurePosixPath(name).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _subset_of(parts: tuple[str, ...]) -> str | None:
+    for part in reversed(parts):
+        if _SUBSET.match(part):
+            return part
+        if part.endswith(".zip") and _SUBSET.match(part[:-4]):
+            return part[:-4]
+    return None
+
+
+def discover(paths: list[str | os.PathLike]) -> Discovery:
+    """Find every scan under `paths` (files, folders searched recursively, zip archives)."""
+    found = Discovery()
+    dicom_files: list[str] = []
+    image_files: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise SourceError(f"source {str(raw)!r} does not exist")
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if not name.startswith("."):
+                        _classify(os.path.join(dirpath, name), found, dicom_files, image_files, explicit=False)
+        else:
+            _classify(str(path), found, dicom_files, image_files, explicit=True)
+    found.scans.extend(_image_scans(image_files))
+    if dicom_files:
+        from pipeline.ingest.dicom import group_series
+
+        found.scans.extend(group_series(dicom_files))
+    return found
+
+
+def _classify(path: str, found: Discovery, dicom_files: list[str], image_files: list[str], explicit: bool) -> None:
+    name = os.path.basename(path)
+    if name.lower().endswith(".zip"):
+        found.scans.extend(_zip_scans(path, found))
+    elif name in LUNA16_TABLES:
+        found.tables.append(TableSource(name=name, path=path))
+    elif _has_suffix(name, IMAGE_SUFFIXES):
+        image_files.append(path)
+    elif is_dicom_file(path) or name.lower().endswith(".dcm"):
+        dicom_files.append(path)
+    elif explicit or not _has_suffix(name, SIDECAR_SUFFIXES):
+        found.scans.append(ScanSource(
+            scan_id=_stem(name), kind="unknown", dataset="unknown", files=(path,), source_path=path,
+            problem="not a recognised image file (expected .mhd/.mha, .nii/.nii.gz, .nrrd, DICOM or .zip)",
+        ))
+
+
+def _image_scans(files: list[str]) -> list[ScanSource]:
+    """Pair images with their label maps (LiTS, BraTS, MSD, `X` + `X_seg`) and name the datasets."""
+    by_dir: dict[str, list[str]] = defaultdict(list)
+    for f in files:
+        by_dir[os.path.dirname(f)].append(f)
+    claimed: set[str] = set()
+    scans: list[ScanSource] = []
+    stems = {f: _stem(f) for f in files}
+
+    for f in files:
+        stem, folder = stems[f], os.path.dirname(f)
+        siblings = {stems[g]: g for g in by_dir[folder]}
+        m = re.fullmatch(r"volume-(\d+)", stem)
+        if m:  # LiTS 2017
+            k = int(m.group(1))
+            seg = siblings.get(f"segmentation-{k}")
+            split = "train" if k <= 99 else "validation" if k <= 114 else "test"
+            claimed.add(f)
+            if seg:
+                claimed.add(seg)
+            scans.append(ScanSource(scan_id=stem, kind="image", dataset="lits", files=(f,), source_path=f,
+                                    subset=split, modality="CT",
+                                    labels=(("segmentation", seg),) if seg else ()))
+            continue
+        m = re.fullmatch(r"(.+)_(flair|t1ce|t1|t2)", stem)
+        if m and (m.group(1) + "_seg") in siblings or (m and "brats" in stem.lower()):
+            case, seq = m.group(1), m.group(2)
+            seg = siblings.get(case + "_seg")
+            claimed.add(f)
+            if seg:
+                claimed.add(seg)
+            scans.append(ScanSource(scan_id=stem, kind="image", dataset="brats", files=(f,), source_path=f,
+                                    modality="MR", labels=(("seg", seg),) if seg else (),
+                                    identifiers=(("case", case), ("sequence", seq))))
+            continue
+
+    for f in files:
+        if f in claimed or re.fullmatch(r"segmentation-\d+", stems[f]):
+            continue
+        stem, folder = stems[f], os.path.dirname(f)
+        if any(stem.endswith(s) for s in LABEL_SUFFIXES) and any(
+                stems[g] + s == stem for g in by_dir[folder] for s in LABEL_SUFFIXES):
+            continue  # a label map of a sibling image, handled with it
+        labels: list[tuple[str, str]] = []
+        for g in by_dir[folder]:
+            for s in LABEL_SUFFIXES:
+                if stems[g] == stem + s:
+                    labels.append((s.strip("_-"), g))
+        if os.path.basename(folder) == "imagesTr":  # Medical Segmentation Decathlon layout
+            msd_label = os.path.join(os.path.dirname(folder), "labelsTr", os.path.basename(f))
+            if os.path.exists(msd_label):
+                labels.append(("label", msd_label))
+        low = f.lower()
+        if low.endswith((".mhd", ".mha")):
+            subset = _subset_of(Path(f).parts)
+            dataset = "luna16" if subset else "metaimage"
+            scans.append(ScanSource(scan_id=stem, kind="metaimage", dataset=dataset, files=(f,), source_path=f,
+                                    subset=subset, modality="CT" if subset else None, labels=tuple(labels)))
+        else:
+            dataset = "nrrd" if low.endswith((".nrrd", ".nhdr")) else "nifti"
+            scans.append(ScanSource(scan_id=stem, kind="image", dataset=dataset, files=(f,), source_path=f,
+                                    labels=tuple(labels)))
+    return scans
+
+
+def safe_member(name: str) -> bool:
+    """A zip member may be extracted only if its path stays inside the target folder."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    return not p.is_absolute() and ".." not in p.parts and not re.match(r"^[A-Za-z]:", name)
+
+
+def _zip_scans(path: str, found: Discovery) -> list[ScanSource]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [i for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError) as exc:
+        return [ScanSource(scan_id=_stem(os.path.basename(path))[:-4] if path.endswith(".zip") else path,
+                           kind="unknown", dataset="unknown", files=(path,), source_path=path,
+                           problem=f"not a readable zip archive: {exc}")]
+    scans: list[ScanSource] = []
+    names = {m.filename for m in members}
+    dicom_members: list[str] = []
+    for info in members:
+        name = info.filename
+        base = PurePosixPath(name).name
+        if base.startswith(".") or "__MACOSX" in name:
+            continue
+        if not safe_member(name):
+            scans.append(ScanSource(scan_id=_stem(base), kind="unknown", dataset="unknown", files=(name,),
+                                    source_path=f"{path}!{name}", archive=path,
+                                    problem=f"unsafe path in archive (escapes the target folder): {name!r}"))
+            continue
+        if base in LUNA16_TABLES:
+            found.tables.append(TableSource(name=base, path=name, archive=path))
+        elif base.lower().endswith(".mhd"):
+            subset = _subset_of(PurePosixPath(name).parts[:-1] + (os.path.basename(path),))
+            scans.append(ScanSource(scan_id=_stem(base), kind="metaimage-zip",
+                                    dataset="luna16" if subset else "metaimage",
+                                    files=(name,), source_path=f"{path}!{name}", archive=path,
+                                    subset=subset, modality="CT" if subset else None))
+        elif _has_suffix(base, (".nii", ".nii.gz", ".nrrd", ".mha")):
+            scans.append(ScanSource(scan_id=_stem(base), kind="image-zip", dataset="nifti", files=(name,),
+                                    source_path=f"{path}!{name}", archive=path))
+        elif not _has_suffix(base, SIDECAR_SUFFIXES):
+            dicom_members.append(name)
+    del names
+    if dicom_members:
+        from pipeline.ingest.dicom import group_series_in_zip
+
+        scans.extend(group_series_in_zip(path, dicom_members))
+    return scans

@@ -1,0 +1,76 @@
+"""State-dict checks shared by the checkpoint loaders: prefix stripping and a strict
+comparison that reports every difference at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+#: Buffers that older torch versions did not save; their absence is tolerated.
+TOLERATED_MISSING_SUFFIXES = ("num_batches_tracked",)
+#: BatchNorm buffers, dropped when the target norm has none (instance norm).
+BATCH_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read as Genesis weights."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's state dict does not match the model.
+
+    Attributes ``missing``, ``unexpected`` (key lists) and ``shape_mismatches``
+    (key -> (expected shape, got shape)) hold the details also given in the message.
+    """
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str],
+                 shape_mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        self.source = source
+        self.missing = missing
+        self.unexpected = unexpected
+        self.shape_mismatches = shape_mismatches
+        lines = [f"state dict from {source} does not match the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        for key, (want, got) in shape_mismatches.items():
+            lines.append(f"  shape mismatch {key}: expected {list(want)} vs got {list(got)}")
+        lines.append("  check base_channels / in_channels / out_channels / norm against the checkpoint")
+        super().__init__("\n".join(lines))
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """Remove ``prefix`` (added by nn.DataParallel) from the keys that carry it."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, object],
+                     source: str) -> None:
+    """Raise CheckpointMismatchError unless ``got`` has exactly ``expected``'s keys and
+    shapes (missing ``num_batches_tracked`` buffers are tolerated)."""
+    missing = [k for k in expected if k not in got and not k.endswith(TOLERATED_MISSING_SUFFIXES)]
+    unexpected = [k for k in got if k not in expected]
+    shapes = {}
+    for key, want in expected.items():
+        value = got.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            shapes[key] = (tuple(want.shape), (type(value).__name__,))
+        elif tuple(value.shape) != tuple(want.shape):
+            shapes[key] = (tuple(want.shape), tuple(value.shape))
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(source, missing, unexpected, shapes)
+
+
+def load_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check ``state_dict`` against ``module`` and load it; BatchNorm buffers are
+    dropped when the module has none (a batch-norm checkpoint into instance norm)."""
+    expected = module.state_dict()
+    has_batch_stats = any(k.endswith(BATCH_STAT_SUFFIXES) for k in expected)
+    if not has_batch_stats:
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(BATCH_STAT_SUFFIXES)}
+    check_state_dict(expected, state_dict, source)
+    module.load_state_dict(state_dict, strict=False)

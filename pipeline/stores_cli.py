@@ -1,0 +1,94 @@
+"""Text views of stores for `genesis stores show|list` (volume stores now, patch stores alike)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["show_store", "list_stores", "store_kind", "dir_size"]
+
+
+def store_kind(path: str | os.PathLike) -> str | None:
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("attributes", {}).get("genesis", {}).get("kind")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def _fmt_list(v) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    try:
+        return "x".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    except TypeError:
+        return str(v)
+
+
+def show_store(path: str, all_columns: bool = False) -> str:
+    """The catalog of a volume store as a table, with a one-line header."""
+    from pipeline.volume_store import StoreError, VolumeStore
+
+    kind = store_kind(path)
+    if kind == "volume-store":
+        store = VolumeStore(path)
+        cat = store.catalog()
+        n_ok = int((cat["status"] == "ok").sum())
+        head = (f"volume store {path}: {len(cat)} scans ({n_ok} ok, {len(cat) - n_ok} failed), "
+                f"{dir_size(path) / 1e6:.1f} MB, created {store.attrs['created_at']}")
+        if cat.empty:
+            return head
+        if not all_columns:
+            cat = cat[["scan_id", "status", "dataset", "subset", "modality", "shape", "spacing", "labels", "error"]].copy()
+        for col in ("shape", "spacing", "origin", "labels", "source_direction"):
+            if col in cat:
+                cat[col] = cat[col].map(_fmt_list)
+        cat["error"] = cat["error"].fillna("")
+        with pd.option_context("display.max_rows", None, "display.max_colwidth", 70, "display.width", 250):
+            return head + "\n" + cat.to_string(index=False)
+    raise StoreError(f"{path} is not a store (no genesis store attributes in {path}/zarr.json)")
+
+
+def list_stores(root: str) -> str:
+    """Every store found under `root` (two levels deep), one line each."""
+    rows = []
+    for dirpath, dirnames, _ in os.walk(root):
+        depth = Path(dirpath).relative_to(root).parts
+        kind = store_kind(dirpath)
+        if kind:
+            rows.append(_summary_row(dirpath, kind))
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")] if len(depth) < 3 else []
+    if not rows:
+        return f"no stores under {root}"
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+def _summary_row(path: str, kind: str) -> dict:
+    meta = json.loads((Path(path) / "zarr.json").read_text())["attributes"]["genesis"]
+    row = {"kind": kind, "path": path, "key": meta.get("key", ""), "size_mb": round(dir_size(path) / 1e6, 1),
+           "items": "", "config": "", "created": meta.get("created_at", "")}
+    if kind == "volume-store":
+        from pipeline.volume_store import VolumeStore
+
+        cat = VolumeStore(path).catalog()
+        row["items"] = f"{int((cat['status'] == 'ok').sum())} scans"
+        row["config"] = ",".join(sorted(set(cat["dataset"].dropna())))
+    return row

@@ -1,0 +1,87 @@
+"""Shared fixtures: small volumes written in the field's real formats with known geometry."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def make_image(arr: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(-120.0, -110.0, -300.0),
+               direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+    """`arr` in (z, y, x); spacing/origin in ITK (x, y, z) order."""
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+def ct_array(rng: np.random.Generator, shape=(24, 32, 40)) -> np.ndarray:
+    return rng.integers(-1024, 1500, size=shape, dtype=np.int16)
+
+
+def write_mhd(path: Path, arr: np.ndarray, **geom) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(make_image(arr, **geom), str(path), useCompression=False)
+    return path
+
+
+def write_dicom_series(folder: Path, arr: np.ndarray, spacing=(0.75, 0.75), positions=None,
+                       series_uid="1.2.826.0.1.3680043.2.1125.1", origin=(-100.0, -90.0),
+                       shuffle_names: bool = True, modality: str = "CT") -> list[Path]:
+    """One file per slice with the tags a scanner writes; file names do not follow slice order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if positions is None:
+        positions = [-200.0 + 2.5 * k for k in range(arr.shape[0])]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    order = list(range(arr.shape[0]))
+    if shuffle_names:
+        order = list(np.random.default_rng(1).permutation(order))
+    paths = []
+    for name_idx, k in enumerate(order):
+        sl = sitk.GetImageFromArray(arr[k:k + 1].astype(np.int16))
+        sl.SetSpacing((spacing[0], spacing[1], 1.0))
+        tags = {
+            "0008|0060": modality, "0020|000d": "1.2.826.0.1.3680043.2.1125.9", "0020|000e": series_uid,
+            "0010|0020": "PATIENT1", "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0032": f"{origin[0]}\\{origin[1]}\\{positions[k]}",
+            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(k + 1),
+            "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU",
+            "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+        }
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        p = folder / f"IM{name_idx:04d}.dcm"
+        writer.SetFileName(str(p))
+        writer.Execute(sl)
+        paths.append(p)
+    return paths
+
+
+def zip_folder(folder: Path, out: Path, arc_prefix: str = "") -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, arc_prefix + str(p.relative_to(folder)))
+    return out
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    yield
