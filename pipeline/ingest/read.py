@@ -9,6 +9,7 @@ import zipfile
 import SimpleITK as sitk
 
 from pipeline.ingest.dicom import read_dicom
+from pipeline.ingest.nifti import nifti_nonfinite_count
 from pipeline.ingest.metaimage import check_metaimage, read_metaimage_image
 from pipeline.ingest.sources import ScanSource
 from pipeline.ingest.volume import Volume, volume_from_image
@@ -38,6 +39,13 @@ def read_source(source: ScanSource) -> Volume:
 def _read_image(path: str) -> sitk.Image:
     if path.lower().endswith(".mhd"):
         check_metaimage(path)
+    if path.lower().endswith((".nii", ".nii.gz")):
+        try:
+            bad = nifti_nonfinite_count(path)
+        except (OSError, EOFError, ValueError) as exc:
+            raise ValueError(f"cannot read {os.path.basename(path)}: {exc}") from None
+        if bad:
+            raise ValueError(f"{bad} NaN/inf voxels in {os.path.basename(path)}")
     try:
         return sitk.ReadImage(path)
     except RuntimeError as exc:

@@ -109,11 +109,16 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
         if not path.exists():
             raise SourceError(f"source {str(raw)!r} does not exist")
         if path.is_dir():
+            before = (len(found.scans), len(dicom_files), len(image_files), len(found.tables))
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     if not name.startswith("."):
                         _classify(os.path.join(dirpath, name), found, dicom_files, image_files, explicit=False)
+            if before == (len(found.scans), len(dicom_files), len(image_files), len(found.tables)):
+                found.scans.append(ScanSource(scan_id=path.name or str(path), kind="unknown", dataset="unknown",
+                                              files=(), source_path=str(path),
+                                              problem=f"no scans found under folder {path}"))
         else:
             _classify(str(path), found, dicom_files, image_files, explicit=True)
     found.scans.extend(_image_scans(image_files))

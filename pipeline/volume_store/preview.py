@@ -39,8 +39,8 @@ def render_preview(store_root: str, scan_id: str, out: str, window: str = "lung"
     sz, sy, sx = attrs["spacing"]
     views = [
         ("axial (z=%d)" % (z // 2), arr[z // 2, :, :], sy / sx),
-        ("coronal (y=%d)" % (y // 2), arr[::-1, y // 2, :], sz / sx),
-        ("sagittal (x=%d)" % (x // 2), arr[::-1, :, x // 2], sz / sy),
+        ("coronal (y=%d)" % (y // 2), arr[:, y // 2, :][::-1], sz / sx),
+        ("sagittal (x=%d)" % (x // 2), arr[:, :, x // 2][::-1], sz / sy),
     ]
     lo, hi = _window(np.concatenate([v[1].ravel() for v in views]), attrs["modality"], window)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), facecolor="black")

@@ -1,0 +1,150 @@
+"""Real chest CT: the two lung test cases shipped in the pyradiomics-bhklab source distribution.
+
+`lung1` (512 x 512 x 48, 0.57 x 0.57 x 5 mm) and `lung2` (512 x 512 x 61, 0.63 x 0.63 x 5 mm)
+are int16 HU NRRD images with a tumour mask each (`lungN_image.nrrd`, `lungN_label.nrrd` under
+`data/`). The sdist is fetched once with pip into a cache; without network the step is skipped
+with a reason, never an exception. Note: both have fewer than 96 slices, so Models Genesis
+sampling (as in the reference) skips them; they serve conversion and real-intensity checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .luna16_layout import CandidateRecord, NoduleRecord, ScanRecord, write_scan, world_xyz
+
+log = logging.getLogger(__name__)
+
+PACKAGE, VERSION = "pyradiomics-bhklab", "3.1.4"
+SDIST_NAME = "pyradiomics_bhklab-3.1.4.tar.gz"
+SDIST_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb"
+CASES = ("lung1", "lung2")
+SOURCE = f"{PACKAGE}=={VERSION}"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "genesis-pipeline" / "pyradiomics"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_sdist(cache_dir: Path | None = None, timeout_s: float = 300.0) -> tuple[Path | None, str]:
+    """(path of the verified sdist, "") or (None, reason). Downloads only when not cached.
+
+    Only this package is built from source (`--no-binary PACKAGE`): pip prepares its metadata,
+    and with `--no-binary :all:` it would also try to build numpy from source for that.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / SDIST_NAME
+    if target.is_file() and _sha256(target) == SDIST_SHA256:
+        return target, ""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return None, f"cannot create cache_dir {cache_dir}: {e}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PACKAGE,
+           "--disable-pip-version-check", "--quiet", "--retries", "1", "--timeout", "20", "-d", str(cache_dir), SOURCE]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"pip download {SOURCE} failed: {e}"
+    if done.returncode != 0 or not target.is_file():
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        return None, f"pip download {SOURCE} failed (exit {done.returncode}): " + (lines[-1] if lines else "")
+    if (digest := _sha256(target)) != SDIST_SHA256:
+        return None, f"{target} has sha256 {digest}, expected {SDIST_SHA256}"
+    return target, ""
+
+
+def read_cases(sdist: Path) -> dict[str, tuple[sitk.Image, sitk.Image]]:
+    """{case: (image, mask)} read from the sdist's data/ folder."""
+    cases = {}
+    with tarfile.open(sdist, "r:gz") as tar, tempfile.TemporaryDirectory() as tmp:
+        members = {Path(m.name).name: m for m in tar.getmembers()
+                   if m.isfile() and Path(m.name).parent.name == "data"}
+        for case in CASES:
+            images = []
+            for kind in ("image", "label"):
+                name = f"{case}_{kind}.nrrd"
+                if name not in members:
+                    raise FileNotFoundError(f"{sdist.name} has no data/{name}")
+                path = Path(tmp) / name
+                path.write_bytes(tar.extractfile(members[name]).read())
+                images.append(sitk.ReadImage(str(path)))
+            cases[case] = (images[0], images[1])
+    return cases
+
+
+def case_seriesuid(case: str) -> str:
+    """A deterministic UID under the UUID-derived root 2.25 (DICOM PS3.5 B.2), so a real case is
+    never mistaken for a LIDC/LUNA16 series."""
+    digest = hashlib.sha256(f"{SOURCE}/{case}".encode()).digest()[:16]
+    return "2.25." + str(int.from_bytes(digest, "big"))
+
+
+def tumours(image: sitk.Image, mask: sitk.Image, uid: str) -> tuple[NoduleRecord, ...]:
+    """One annotation per connected mask component: centroid (world mm) and the diameter of the
+    sphere of equal volume."""
+    if mask.GetSize() != image.GetSize() or not np.allclose(mask.GetSpacing(), image.GetSpacing()):
+        mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask > 0), minimumObjectSize=10)
+    labels = sitk.GetArrayViewFromImage(components)
+    voxel_mm3 = float(np.prod(image.GetSpacing()))
+    records = []
+    for label in range(1, int(labels.max()) + 1):
+        idx = np.argwhere(labels == label)  # (z, y, x)
+        volume = len(idx) * voxel_mm3
+        diameter = (6.0 * volume / np.pi) ** (1.0 / 3.0)
+        records.append(NoduleRecord(uid, world_xyz(image, idx.mean(axis=0)), round(float(diameter), 4)))
+    return tuple(records)
+
+
+def write_real_scans(build_dir: Path, *, subset: int = 9, cache_dir: Path | None = None
+                     ) -> tuple[list[ScanRecord], str]:
+    """Convert the pyradiomics lung cases into build_dir/subset{subset}/. Returns (records,
+    status) where status is "ok: ..." or "skipped: <reason>"; never raises for a missing network
+    or a bad download."""
+    sdist, reason = fetch_sdist(cache_dir)
+    if sdist is None:
+        status = f"skipped: {reason}"
+        log.warning("real CT %s", status)
+        return [], status
+    try:
+        cases = read_cases(sdist)
+    except (OSError, tarfile.TarError, RuntimeError) as e:
+        status = f"skipped: cannot read {sdist}: {e}"
+        log.warning("real CT %s", status)
+        return [], status
+    folder = build_dir / f"subset{subset}"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for case, (image, mask) in cases.items():
+        uid = case_seriesuid(case)
+        # rebuild the image so that no NRRD metadata leaks into the .mhd header
+        volume = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkInt16))
+        written = write_scan(volume, folder / f"{uid}.mhd", tuple(reversed(image.GetSpacing())),
+                             image.GetOrigin(), image.GetDirection())
+        nodules = tumours(written, mask, uid)
+        records.append(ScanRecord(
+            seriesuid=uid, subset=subset, source=f"{SOURCE}:data/{case}_image.nrrd",
+            shape_zyx=tuple(volume.shape), spacing_zyx_mm=tuple(float(s) for s in reversed(image.GetSpacing())),
+            origin_xyz_mm=tuple(float(o) for o in image.GetOrigin()), nodules=nodules,
+            candidates=tuple(CandidateRecord(uid, n.coord_xyz_mm, 1) for n in nodules)))
+    return records, f"ok: {len(records)} scans from {SOURCE} ({', '.join(cases)}) in subset{subset}"
