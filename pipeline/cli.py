@@ -123,11 +123,11 @@ def _sample_data(args) -> int:
 
     kwargs = {}
     if args.small:
-        from pipeline.sample_data import PhantomConfig
+        from pipeline.sample_data import tiny_config
 
-        kwargs["config"] = PhantomConfig(shape=(48, 96, 96))
+        kwargs["config"] = tiny_config()
     summary = make_sample_data(args.dir, n_scans=args.scans, seed=args.seed, include_real=not args.no_real, **kwargs)
-    print(summary)
+    print(summary.describe())
     return EXIT_OK
 
 

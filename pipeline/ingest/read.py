@@ -7,6 +7,7 @@ import os
 import zipfile
 
 import SimpleITK as sitk
+import xxhash
 
 from pipeline.ingest.dicom import read_dicom
 from pipeline.ingest.nifti import nifti_nonfinite_count
@@ -99,7 +100,12 @@ def fingerprint(source: ScanSource) -> str:
 
 
 def checksum(source: ScanSource) -> str:
-    """Content hash of the scan's bytes; for zip members the archive's own CRCs (no decompression)."""
+    """Content hash of the scan's bytes; for zip members the archive's own CRCs (no decompression).
+
+    XXH3-128 rather than SHA-256: it detects changed sources just as well (this is not a
+    security boundary) at about 10 GB/s instead of 1.7, which matters when every scan is
+    hashed on every conversion.
+    """
     h = hashlib.sha256()
     if source.archive:
         with zipfile.ZipFile(source.archive) as zf:
@@ -115,6 +121,7 @@ def checksum(source: ScanSource) -> str:
                         except KeyError:
                             pass
         return "zipcrc-sha256:" + h.hexdigest()
+    h = xxhash.xxh3_128()
     for f in source_files(source):
         h.update(os.path.basename(f).encode())
         try:
@@ -123,4 +130,4 @@ def checksum(source: ScanSource) -> str:
                     h.update(chunk)
         except OSError:
             h.update(b"<missing>")
-    return "sha256:" + h.hexdigest()
+    return "xxh3-128:" + h.hexdigest()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .phantom import PhantomConfig, render_phantom, draw_phantom
+from .phantom import PhantomConfig, draw_phantom, render_phantom
 
 LUNA16_UID_ROOT = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 ANNOTATIONS_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -227,7 +227,7 @@ def write_phantom_scans(build_dir: Path, *, n_scans: int, seed: int, config: Pha
 
 # --- build and publish ---------------------------------------------------------------------------
 
-def _check_args(n_scans, seed, n_subsets) -> None:
+def check_sample_args(n_scans, seed, n_subsets) -> None:
     if not isinstance(n_scans, int) or isinstance(n_scans, bool) or n_scans < 0:
         raise ValueError(f"n_scans={n_scans!r}: must be an int >= 0")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -258,8 +258,9 @@ def check_target(out_dir: Path, request: dict, overwrite: bool) -> SampleSummary
     if existing is None:
         raise FileExistsError(f"out_dir={str(out_dir)!r} is not empty and holds no {MANIFEST_NAME}; "
                               "choose a new or empty folder")
-    if existing.request == request and not existing.real_status.startswith("skipped"):
-        return existing
+    if existing.request == request:
+        # same arguments: reuse, unless the real CT was skipped then (retry it, e.g. now online)
+        return None if existing.real_status.startswith("skipped") else existing
     if not overwrite:
         raise FileExistsError(f"out_dir={str(out_dir)!r} holds a sample made with "
                               f"{existing.request}, not {request}; pass overwrite=True to replace it")
@@ -286,7 +287,7 @@ def write_luna16_sample(out_dir, *, n_scans: int = 4, seed: int = 0,
     (and out_dir must hold a sample made here, so no user folder is ever deleted).
     """
     config = PhantomConfig() if config is None else config
-    _check_args(n_scans, seed, n_subsets)
+    check_sample_args(n_scans, seed, n_subsets)
     out_dir = Path(out_dir)
     request = phantom_request(n_scans, seed, config, n_subsets)
     existing = check_target(out_dir, request, overwrite)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .luna16_layout import (SampleSummary, _check_args, check_target, phantom_request,
+from .luna16_layout import (SampleSummary, check_sample_args, check_target, phantom_request,
                             prepare_build_dir, publish, write_manifest, write_phantom_scans,
                             write_tables)
 from .phantom import PhantomConfig
@@ -24,7 +24,7 @@ def make_sample_data(out_dir, n_scans: int = 4, seed: int = 0, include_real: boo
     when complete; rerunning with the same arguments reuses it.
     """
     config = PhantomConfig() if config is None else config
-    _check_args(n_scans, seed, n_subsets)
+    check_sample_args(n_scans, seed, n_subsets)
     if not isinstance(real_subset, int) or isinstance(real_subset, bool) or real_subset < 0:
         raise ValueError(f"real_subset={real_subset!r}: must be an int >= 0")
     out_dir = Path(out_dir)

@@ -13,7 +13,6 @@ array operations plus small per-segment boxes, never a loop over voxels.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import zarr
@@ -10,6 +11,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.ingest.volume import Volume
 from pipeline.volume_store.settings import ConvertSettings
+from pipeline.volume_store.shard_writer import write_shards
 
 __all__ = ["write_image", "pyramid", "downsample", "multiscales"]
 
@@ -42,7 +44,8 @@ def downsample(arr: np.ndarray, factors: tuple[int, int, int], label: bool) -> n
     return acc.astype(arr.dtype, copy=False)
 
 
-def pyramid(volume: Volume, levels: int, min_side: int = 8) -> list[tuple[np.ndarray, tuple[float, float, float]]]:
+def pyramid(volume: Volume, levels: int, min_side: int = 8,
+            method: str = "nearest") -> list[tuple[np.ndarray, tuple[float, float, float]]]:
     """(array, spacing) per level; stops early when a side would fall under `min_side`."""
     out = [(volume.voxels, volume.spacing)]
     arr, spacing = volume.voxels, volume.spacing
@@ -50,7 +53,7 @@ def pyramid(volume: Volume, levels: int, min_side: int = 8) -> list[tuple[np.nda
         f = _factors(spacing)
         if any(s // k < min_side for s, k in zip(arr.shape, f)):
             break
-        arr = downsample(arr, f, label=False)
+        arr = downsample(arr, f, label=method == "nearest")
         spacing = tuple(s * k for s, k in zip(spacing, f))  # type: ignore[assignment]
         out.append((arr, spacing))
     return out
@@ -82,21 +85,22 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, settings: Conve
               math.ceil(data.shape[1] / chunks[1]) * chunks[1],
               math.ceil(data.shape[2] / chunks[2]) * chunks[2])
     shards = tuple(max(s, c) - max(s, c) % c for s, c in zip(shards, chunks))
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-                             compressors=[_codec(settings, data.dtype.itemsize)], fill_value=0,
-                             dimension_names=("z", "y", "x"))
-    arr[...] = data
-    return int(arr.nbytes_stored())
+    group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
+                       compressors=[_codec(settings, data.dtype.itemsize)], fill_value=0,
+                       dimension_names=("z", "y", "x"))
+    array_dir = os.path.join(str(group.store.root), group.path, name)
+    return write_shards(array_dir, data, chunks, shards, settings.codec, settings.clevel, settings.shuffle)
 
 
 def write_image(group: zarr.Group, volume: Volume, settings: ConvertSettings, genesis_attrs: dict) -> int:
-    """Write levels, labels and attributes into `group` (an empty Zarr group); return bytes stored."""
-    levels = pyramid(volume, settings.pyramid_levels, min_side=settings.min_side)
+    """Write levels, labels and attributes into `group` (an empty group on a local store); return bytes stored."""
+    levels = pyramid(volume, settings.pyramid_levels, min_side=settings.min_side, method=settings.pyramid_method)
+    nearest = settings.pyramid_method == "nearest"
     stored = 0
     transforms = []
     for i, (arr, spacing) in enumerate(levels):
-        stored += _write_array(group, str(i), arr, settings)
-        transforms.append((spacing, _translation(volume.origin, volume.spacing, spacing)))
+        stored += _write_array(group, str(i), np.ascontiguousarray(arr), settings)
+        transforms.append((spacing, volume.origin if nearest else _translation(volume.origin, volume.spacing, spacing)))
     if volume.labels:
         labels_group = group.create_group("labels")
         labels_group.attrs.update({"ome": {"version": "0.5", "labels": sorted(volume.labels)}})

@@ -28,6 +28,9 @@ class ConvertSettings:
     """Slices per shard; a shard spans the whole plane, so a scan is a handful of files."""
     pyramid_levels: int = 3
     """Levels including level 0; each halves y and x (and z where slices are as thin as pixels)."""
+    pyramid_method: str = "nearest"
+    """How levels are reduced: nearest (every 2nd voxel, OME-Zarr's default scaler, 10x cheaper)
+    or mean (block average, less aliasing). Labels always use nearest."""
     codec: str = "zstd"
     clevel: int = 1
     shuffle: str = "shuffle"
@@ -47,6 +50,8 @@ class ConvertSettings:
                              f"got {self.shard_depth}")
         if not 1 <= self.pyramid_levels <= 8:
             raise ValueError(f"ConvertSettings.pyramid_levels must be in 1..8, got {self.pyramid_levels}")
+        if self.pyramid_method not in ("nearest", "mean"):
+            raise ValueError(f"ConvertSettings.pyramid_method must be nearest|mean, got {self.pyramid_method!r}")
         if self.codec not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz"):
             raise ValueError(f"ConvertSettings.codec must be a Blosc codec name, got {self.codec!r}")
         if not 0 <= self.clevel <= 9:

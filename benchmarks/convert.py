@@ -1,0 +1,104 @@
+"""Conversion speed: the read+compress floor against `genesis convert` with 1 and 2 workers.
+
+Prints, on the same sample scans in one run:
+  (a) floor: SimpleITK read + Blosc compression of the arrays (the store's codec), one process
+  (b) genesis convert, 1 worker      (c) genesis convert, 2 workers
+  (d) a rerun over the finished store
+as MB/s of source data and as ratios, plus the peak memory a task needed against the largest
+scan. Targets (issue 2): b <= 1.25 x a; c >= 1.7 x faster than b; task memory < 3 x the
+largest scan; d < 5% of c.
+
+    .venv/bin/python benchmarks/convert.py [--scans 8] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import SimpleITK as sitk
+from numcodecs import Blosc
+
+from pipeline.sample_data import make_sample_data
+from pipeline.volume_store import ConvertSettings, convert
+
+
+def floor_seconds(mhds: list[Path], settings: ConvertSettings) -> float:
+    """Only read every source with SimpleITK and compress its voxels chunk by chunk."""
+    numcodecs.blosc.set_nthreads(1)
+    codec = Blosc(cname=settings.codec, clevel=settings.clevel,
+                  shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[settings.shuffle])
+    cz, cy, cx = settings.chunks
+    t0 = time.perf_counter()
+    for p in mhds:
+        arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(p)))
+        for z in range(0, arr.shape[0], cz):
+            for y in range(0, arr.shape[1], cy):
+                for x in range(0, arr.shape[2], cx):
+                    codec.encode(np.ascontiguousarray(arr[z:z + cz, y:y + cy, x:x + cx]))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scans", type=int, default=8)
+    ap.add_argument("--data", help="existing LUNA16-layout folder (default: generate phantoms)")
+    ap.add_argument("--repeat", type=int, default=1, help="take the best of N runs of each measurement")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="genesis-bench-convert-"))
+    try:
+        data = Path(args.data) if args.data else work / "data"
+        if not args.data:
+            make_sample_data(data, n_scans=args.scans, seed=0, include_real=False)
+        mhds = sorted(data.rglob("*.mhd"))
+        raws = [p.with_suffix(".raw") for p in mhds]
+        total = sum(p.stat().st_size for p in mhds + raws)
+        largest = max(p.stat().st_size for p in raws)
+        for p in mhds + raws:  # same page-cache state for every measurement
+            p.read_bytes()
+        settings = ConvertSettings()
+        mb = total / 1e6
+
+        def best(fn) -> float:
+            return min(fn() for _ in range(args.repeat))
+
+        a = best(lambda: floor_seconds(mhds, settings))
+        summaries = {}
+
+        def run(workers: int) -> float:
+            store = work / f"store{workers}"
+            shutil.rmtree(store, ignore_errors=True)
+            s = convert([str(data)], str(store), settings, workers=workers, progress=False)
+            assert s.ok and len(s.converted) == len(mhds), s.report()
+            summaries[workers] = s
+            return s.seconds
+
+        b = best(lambda: run(1))
+        c = best(lambda: run(2))
+        d = convert([str(data)], str(work / "store2"), settings, workers=2, progress=False)
+        assert len(d.skipped) == len(mhds)
+        mem = max(s.task_peak_bytes for s in summaries.values())
+        print(f"sample: {len(mhds)} scans, {mb:.1f} MB of source (largest {largest / 1e6:.1f} MB), "
+              f"codec blosc {settings.codec} clevel {settings.clevel} {settings.shuffle}, {os.cpu_count()} cores")
+        print(f"(a) floor: read + compress, 1 process : {a:7.2f} s  {mb / a:7.1f} MB/s")
+        print(f"(b) genesis convert --workers 1       : {b:7.2f} s  {mb / b:7.1f} MB/s  b/a = {b / a:.2f}  "
+              f"(target <= 1.25) {'PASS' if b / a <= 1.25 else 'MISS'}")
+        print(f"(c) genesis convert --workers 2       : {c:7.2f} s  {mb / c:7.1f} MB/s  b/c = {b / c:.2f}x "
+              f"(target >= 1.7) {'PASS' if b / c >= 1.7 else 'MISS'}")
+        print(f"(d) rerun over the finished store     : {d.seconds:7.2f} s  = {100 * d.seconds / c:.1f}% of (c) "
+              f"(target < 5%) {'PASS' if d.seconds / c < 0.05 else 'MISS'}")
+        print(f"peak memory of one task above its worker's idle RSS: {mem / 1e6:.1f} MB = "
+              f"{mem / largest:.2f} x the largest scan (target < 3) {'PASS' if mem / largest < 3 else 'MISS'}; "
+              f"worker peak RSS incl. libraries {max(s.peak_rss_bytes for s in summaries.values()) / 1e6:.0f} MB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
