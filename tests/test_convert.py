@@ -248,3 +248,27 @@ def test_two_worker_processes_match_single_worker(tmp_path, rng):
         for a, b in zip(a1[k][1], a2[k][1]):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(VolumeStore(two).read_scan("1.2.840.99"), dicom)
+
+
+def test_existing_dask_scheduler_and_jobs_entry_point(tmp_path, rng):
+    from distributed import LocalCluster
+
+    arrays = _luna(tmp_path / "luna", rng, n=2)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=40) as cluster:
+        proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "jobs" / "convert.py"),
+                               str(tmp_path / "luna"), "--store", str(tmp_path / "s"), "--no-progress",
+                               "--dask-scheduler", cluster.scheduler_address],
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "converted 2, skipped 0 (already done), failed 0" in proc.stdout
+    for uid, arr in arrays.items():
+        np.testing.assert_array_equal(VolumeStore(tmp_path / "s").read_scan(uid), arr)
+
+
+def test_stores_list_finds_volume_stores(tmp_path, rng, capsys):
+    _luna(tmp_path / "luna", rng, n=1)
+    convert([str(tmp_path / "luna")], str(tmp_path / "stores" / "ct"), workers=1, progress=False)
+    assert main(["stores", "list", str(tmp_path / "stores")]) == 0
+    out = capsys.readouterr().out
+    assert "volume-store" in out and "1 scans" in out and str(tmp_path / "stores" / "ct") in out
