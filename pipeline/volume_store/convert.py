@@ -9,7 +9,6 @@ so a second conversion into the same store is refused instead of interleaving wi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from pipeline.cluster import dask_client
 from pipeline.ingest import ScanSource, discover, fingerprint
 from pipeline.ingest.read import source_files
 from pipeline.volume_store.convert_task import convert_scan, failed_record, record_key
@@ -24,7 +24,7 @@ from pipeline.volume_store.settings import ConvertSettings
 from pipeline.volume_store.store import VolumeStore, init_store
 from pipeline.volume_store.tables import store_tables
 
-__all__ = ["ConversionSummary", "convert", "dask_client"]
+__all__ = ["ConversionSummary", "convert"]
 
 
 @dataclass
@@ -49,30 +49,6 @@ class ConversionSummary:
         lines += [f"  FAILED {sid}  {src}: {reason}" for sid, src, reason in self.failed]
         lines += [f"  TABLE  {p}" for p in self.table_problems]
         return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def dask_client(workers: int, scheduler: str | None):
-    """A Dask client: the given scheduler, else a local cluster of `workers` single-threaded processes.
-
-    With one worker the cluster runs in this process (threads, no process start-up), which is
-    also what one wants under a debugger.
-    """
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        with Client(scheduler) as client:
-            yield client
-        return
-    import dask
-
-    # Workers fork from this process, which has already imported SimpleITK, zarr and the
-    # task code: 0.1 s to start two workers instead of 1-2 s with spawn. Override with
-    # DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD=spawn if a library misbehaves after fork.
-    method = os.environ.get("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "fork")
-    with dask.config.set({"distributed.worker.multiprocessing-method": method}), LocalCluster(n_workers=workers, threads_per_worker=1, processes=workers > 1, dashboard_address=None,
-                      silence_logs=40) as cluster, Client(cluster) as client:
-        yield client
 
 
 def _size(source: ScanSource) -> int:

@@ -11,7 +11,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.ingest.volume import Volume
 from pipeline.volume_store.settings import ConvertSettings
-from pipeline.volume_store.shard_writer import write_shards
+from pipeline.storage.shard_writer import write_shards
 
 __all__ = ["write_image", "pyramid", "downsample", "multiscales"]
 

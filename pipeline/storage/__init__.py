@@ -1,0 +1,1 @@
+"""Storage helpers shared by the stores: direct Zarr v3 shard writing."""

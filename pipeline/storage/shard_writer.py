@@ -1,0 +1,80 @@
+"""Write a whole array's shards in one pass, straight to files, in the Zarr v3 sharding format.
+
+Zarr's generic write path costs about 0.7 ms of Python per inner chunk, more than compressing
+it; a scan of 300x512x512 has thousands of inner chunks per level. Conversion always writes
+whole arrays into a private staging folder, so the shards can be assembled directly:
+inner chunks (padded to full size with the fill value, as Zarr does) encoded by the array's
+own Blosc settings, concatenated, followed by the index of (offset, length) pairs and its
+CRC32C, exactly as `sharding_indexed` with `index_location = end` specifies. Zarr reads the
+result like any other shard (the tests compare every voxel through Zarr).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import google_crc32c
+import numpy as np
+from numcodecs import Blosc
+
+__all__ = ["write_shard", "write_shards"]
+
+_EMPTY = np.uint64(2**64 - 1)
+_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+
+
+def _codec(cname: str, clevel: int, shuffle: str) -> Blosc:
+    return Blosc(cname=cname, clevel=clevel, shuffle=_SHUFFLE[shuffle], blocksize=0)
+
+
+def write_shard(array_dir: str, shard_index: tuple[int, ...], shard: np.ndarray, chunks: tuple[int, ...],
+                shard_shape: tuple[int, ...], codec: Blosc, array_shape: tuple[int, ...],
+                valid_rows: int | None = None, fill_value=0) -> int:
+    """Write one shard file. `shard` holds the shard's data from the shard's origin (it may be cut
+    short at the array's edge); inner chunks past the edge or, along axis 0, at or beyond
+    `valid_rows` are left empty (Zarr reads them as the fill value)."""
+    shard = shard.astype(shard.dtype.newbyteorder("<"), copy=False)
+    per_shard = tuple(s // c for s, c in zip(shard_shape, chunks))
+    index = np.full(per_shard + (2,), _EMPTY, dtype="<u8")
+    origin = [i * s for i, s in zip(shard_index, shard_shape)]
+    parts: list[bytes] = []
+    offset = 0
+    for local in itertools.product(*(range(p) for p in per_shard)):
+        start = [li * c for li, c in zip(local, chunks)]
+        if any(o + s >= n for o, s, n in zip(origin, start, array_shape)) or any(
+                s >= n for s, n in zip(start, shard.shape)):
+            continue
+        if valid_rows is not None and start[0] >= valid_rows:
+            continue
+        block = shard[tuple(slice(s, s + c) for s, c in zip(start, chunks))]
+        if block.shape != tuple(chunks):
+            full = np.full(chunks, fill_value, dtype=block.dtype)
+            full[tuple(slice(0, n) for n in block.shape)] = block
+            block = full
+        encoded = codec.encode(np.ascontiguousarray(block))
+        parts.append(encoded)
+        index[local] = (offset, len(encoded))
+        offset += len(encoded)
+    index_bytes = index.tobytes()
+    parts.append(index_bytes)
+    parts.append(np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
+    path = os.path.join(array_dir, "c", *map(str, shard_index))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        for p in parts:
+            fh.write(p)
+    return offset + len(index_bytes) + 4
+
+
+def write_shards(array_dir: str, data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, ...],
+                 cname: str, clevel: int, shuffle: str, fill_value=0) -> int:
+    """Encode all of `data` into the shard files of the (already created) array at `array_dir`."""
+    codec = _codec(cname, clevel, shuffle)
+    grid = tuple(-(-n // s) for n, s in zip(data.shape, shards))
+    total = 0
+    for shard_idx in itertools.product(*(range(g) for g in grid)):
+        region = tuple(slice(i * s, (i + 1) * s) for i, s in zip(shard_idx, shards))
+        total += write_shard(array_dir, shard_idx, data[region], chunks, shards, codec, data.shape,
+                             fill_value=fill_value)
+    return total
