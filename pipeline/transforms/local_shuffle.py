@@ -24,10 +24,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import _kernels
 from .config import GenesisConfig
 from .shapes import spatial_shape
 
-KEY_BITS = 24
+_NO_KEYS = np.zeros(0, np.int64)
+
+KEY_BITS = _kernels.KEY_BITS
 """Shuffle keys are integers in [0, 2**24): exact in float64 composites and in int64 packing."""
 
 
@@ -62,8 +65,10 @@ def sample_local_shuffle(rng: np.random.Generator, shape,
 
 
 def shuffle_keys(blocks: ShuffleBlocks) -> np.ndarray:
-    """The T permutation keys (int64 in [0, 2**24)), in block/slot order."""
-    return np.random.default_rng(blocks.key_seed).integers(0, 2**KEY_BITS, blocks.total, dtype=np.int64)
+    """The T permutation keys (int64 in [0, 2**24)), in block/slot order: a counter-based hash
+    of ``key_seed`` and the element index (see `_kernels`), so the compiled kernel computes
+    them on the fly and the torch path gets the same keys."""
+    return _kernels.hash_keys(blocks.key_seed, 0, blocks.total)
 
 
 @lru_cache(maxsize=16)
@@ -89,34 +94,20 @@ def offset_table(shape: tuple[int, int, int], maxes: tuple[int, int, int]) -> np
 def apply_local_shuffle(cube: np.ndarray, blocks: ShuffleBlocks, keys: np.ndarray | None = None) -> np.ndarray:
     """The shuffled copy of a (D, H, W) float32 cube (deterministic given ``blocks``)."""
     shape = spatial_shape(cube.shape)
-    d, h, w = shape
-    sizes = blocks.sizes.astype(np.int64)
-    origins = blocks.origins.astype(np.int64)
-    maxes = tuple(int(m) for m in sizes.max(axis=0)) if len(sizes) else (1, 1, 1)
+    _, h, w = shape
+    sizes = np.ascontiguousarray(blocks.sizes, dtype=np.int64)
+    origins = np.ascontiguousarray(blocks.origins, dtype=np.int64)
     if np.any(origins < 0) or np.any(origins + sizes > np.array(shape)) or np.any(sizes < 1):
         raise ValueError(f"shuffle blocks do not fit in a cube of shape {shape}")
-    table = offset_table(shape, maxes)
-    mz, my, mx = maxes
-    vmax = mz * my * mx
-    vol = sizes.prod(axis=1)
-    total = int(vol.sum())
     if keys is None:
-        keys = shuffle_keys(blocks)
-    start = np.cumsum(vol) - vol
-    size_class = ((sizes[:, 0] - 1) * my + (sizes[:, 1] - 1)) * mx + (sizes[:, 2] - 1)
-    origin_flat = (origins[:, 0] * h + origins[:, 1]) * w + origins[:, 2]
-    block_of = np.repeat(np.arange(len(vol), dtype=np.int64), vol)
-    slot_in_table = np.repeat(size_class * vmax - start, vol) + np.arange(total)
-    dest = np.repeat(origin_flat, vol) + table.ravel()[slot_in_table]
-    # (block, key) order; exact: block < 2**29 and key < 2**24 fit a float64 mantissa
-    order = np.argsort(block_of + keys * (1.0 / 2**KEY_BITS), kind="stable")
-    src = dest[order]
-    last_writer = np.full(d * h * w, -1, dtype=np.int64)
-    np.maximum.at(last_writer, dest, np.arange(total, dtype=np.int64))
+        keys = _NO_KEYS
+    else:
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        if keys.shape != (blocks.total,):
+            raise ValueError(f"keys has shape {keys.shape}, the blocks have {blocks.total} voxels")
     flat = np.ascontiguousarray(cube, dtype=np.float32).reshape(-1)
     out = flat.copy()
-    covered = last_writer >= 0
-    out[covered] = flat[src[last_writer[covered]]]
+    _kernels.shuffle_cube(flat, out, origins, sizes, keys, 0, blocks.key_seed, h, w)
     return out.reshape(shape)
 
 

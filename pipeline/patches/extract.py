@@ -1,0 +1,212 @@
+"""`genesis patches pretrain`: Models Genesis cubes from a volume store into a reusable patch store.
+
+One Dask task per scan. Scan i owns rows [i * per_scan, (i + 1) * per_scan) of the cubes array,
+which is exactly one shard, so no two tasks ever write the same file. Each task leaves a small
+result file beside its shard; a rerun of an interrupted extraction keeps the finished scans
+and does only the rest. The store becomes visible by one rename when every scan is done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from tqdm import tqdm
+from zarr.codecs import BloscCodec
+
+import storage_schemas
+from pipeline.patches.config import PretrainPatchConfig, content_key
+from pipeline.patches.sampling import sample_cubes
+from pipeline.patches.splits import scan_seed, split_of
+from pipeline.patches.store import PatchStore, catalog_hash
+from pipeline.storage.shard_writer import _codec, write_shard
+from pipeline.volume_store.store import VolumeStore
+
+__all__ = ["extract_pretrain", "ExtractionResult", "extract_scan"]
+
+CODEC = ("zstd", 1, "shuffle")
+
+
+@dataclass
+class ExtractionResult:
+    path: Path
+    key: str
+    reused: bool
+    n_cubes: int = 0
+    counts: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)  # [{"scan_id", "reason"}]
+    seconds: float = 0.0
+
+    def report(self) -> str:
+        verb = "reused existing" if self.reused else "built"
+        lines = [f"{verb} patch store {self.path} (key {self.key}): {self.n_cubes} cubes "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) + f" in {self.seconds:.1f} s"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} scans:")
+            lines += [f"  {s['scan_id']}: {s['reason']}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, building: str,
+                 config: PretrainPatchConfig) -> dict:
+    """Sample one scan's cubes, write its shard, leave its result file; returns the result."""
+    import numcodecs
+
+    numcodecs.blosc.set_nthreads(1)
+    store = VolumeStore(volume_root)
+    group = store.open_scan(scan_id)
+    meta = dict(group.attrs)["genesis"]
+    level0 = group["0"]
+    z, y, x = level0.shape
+    result = {"scan_id": scan_id, "slot": slot, "rows": [], "reason": None}
+    bz, byx = config.border_z, config.border_yx
+    if z < config.min_slices:
+        result["reason"] = f"{z} slices, fewer than min_slices={config.min_slices}"
+    elif z - 2 * bz < 1 or y - 2 * byx < 1 or x - 2 * byx < 1:
+        result["reason"] = f"shape {z}x{y}x{x} leaves no room inside the borders ({bz} slices, {byx} voxels)"
+    else:
+        region = level0[bz:z - bz, byx:y - byx, byx:x - byx]  # reads only the chunks inside the borders
+        rng = np.random.default_rng([config.seed, scan_seed(scan_id)])
+        sample = sample_cubes(region, rng, config)
+        if sample is None:
+            result["reason"] = (f"region {region.shape} inside the borders is smaller than a "
+                                f"{'x'.join(map(str, config.cube_size))} cube")
+        elif len(sample.cubes) == 0:
+            result["reason"] = f"no acceptable crop in {sample.attempts} attempts (too dense)"
+        else:
+            n = len(sample.cubes)
+            shard = np.zeros((config.per_scan, 1) + tuple(config.cube_size), dtype=np.float32)
+            shard[:n, 0] = sample.cubes
+            write_shard(os.path.join(building, "cubes"), (slot, 0, 0, 0, 0), shard,
+                        (1, 1) + tuple(config.cube_size), (config.per_scan, 1) + tuple(config.cube_size),
+                        _codec(*CODEC), (10**12, 1) + tuple(config.cube_size), valid_rows=n)
+            spacing = np.asarray(meta["spacing"])
+            origin = np.asarray(meta["origin"])
+            direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
+            split = split_of(scan_id, subset, config.seed, config.split_fractions)
+            starts = sample.starts + np.array([bz, byx, byx])
+            centres_idx = starts + (sample.sizes - 1) / 2.0
+            # world = origin + D @ (spacing * index) in (x, y, z); reversed into (z, y, x)
+            centres_mm = (origin[::-1][None, :] + (direction @ (centres_idx[:, ::-1] * spacing[::-1]).T).T)[:, ::-1]
+            result["n"] = n
+            for j in range(n):
+                result["rows"].append({
+                    "row": slot * config.per_scan + j, "scan_id": scan_id, "split": split, "subset": subset,
+                    "z": int(starts[j, 0]), "y": int(starts[j, 1]), "x": int(starts[j, 2]),
+                    "crop_d": int(sample.sizes[j, 0]), "crop_h": int(sample.sizes[j, 1]),
+                    "crop_w": int(sample.sizes[j, 2]), "center_z_mm": float(centres_mm[j, 0]),
+                    "center_y_mm": float(centres_mm[j, 1]), "center_x_mm": float(centres_mm[j, 2]),
+                    "scale": float(sample.scales[j]), "dense_fraction": float(sample.fractions[j]), "label": None,
+                })
+            if n < config.per_scan:
+                result["short"] = f"only {n} of {config.per_scan} cubes accepted in {sample.attempts} attempts"
+    path = Path(building) / "results" / f"{slot:06d}.json"
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"another extraction is building {path.name[1:-5]} right now; wait for it") from None
+    return fd
+
+
+def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPatchConfig(),
+                     out_root: str | None = None, workers: int = 2, scheduler: str | None = None,
+                     progress: bool = True) -> ExtractionResult:
+    """Build (or find) the pretraining patch store for `volume_root` and `config`."""
+    t0 = time.perf_counter()
+    vstore = VolumeStore(volume_root)
+    catalog = vstore.catalog()
+    key = content_key(catalog_hash(catalog), config)
+    root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
+    final = root / f"pretrain-{key}"
+    if (final / "zarr.json").exists():
+        ps = PatchStore(final)
+        return ExtractionResult(path=final, key=key, reused=True, n_cubes=len(ps), counts=ps.attrs["counts"],
+                                skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0)
+    root.mkdir(parents=True, exist_ok=True)
+    lock_fd = _lock(root / f".pretrain-{key}.lock")
+    try:
+        return _build(vstore, catalog, config, key, root, final, workers, scheduler, progress, t0)
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+
+
+def _build(vstore, catalog, config, key, root, final, workers, scheduler, progress, t0) -> ExtractionResult:
+    ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
+    building = root / f".building-pretrain-{key}"
+    cube = tuple(config.cube_size)
+    n_rows = max(1, len(ok)) * config.per_scan
+    if not (building / "cubes" / "zarr.json").exists():
+        shutil.rmtree(building, ignore_errors=True)
+        group = zarr.open_group(str(building), mode="w")
+        group.create_array("cubes", shape=(n_rows, 1) + cube, dtype="float32", chunks=(1, 1) + cube,
+                           shards=(config.per_scan, 1) + cube, fill_value=0.0,
+                           compressors=[BloscCodec(cname=CODEC[0], clevel=CODEC[1], shuffle=CODEC[2], typesize=4)],
+                           dimension_names=("cube", "c", "z", "y", "x"))
+        (building / "results").mkdir()
+    done = {}
+    for p in (building / "results").glob("*.json"):
+        r = json.loads(p.read_text())
+        done[r["slot"]] = r
+    todo = [(slot, r.scan_id, r.subset) for slot, r in enumerate(ok.itertuples()) if slot not in done]
+    results = list(done.values())
+    if todo:
+        from distributed import as_completed
+
+        from pipeline.cluster import dask_client
+
+        bar = tqdm(total=len(ok), initial=len(done), desc="patches", unit="scan", file=sys.stderr,
+                   disable=not progress)
+        with dask_client(workers, scheduler) as client:
+            futures = [client.submit(extract_scan, str(vstore.root), sid, subset, slot, str(building), config,
+                                     pure=False) for slot, sid, subset in todo]
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update(1)
+        bar.close()
+    rows = [row for r in sorted(results, key=lambda r: r["slot"]) for row in r["rows"]]
+    skipped = [{"scan_id": r["scan_id"], "reason": r["reason"]} for r in results if r["reason"]]
+    skipped.sort(key=lambda s: s["scan_id"])
+    if not rows:
+        raise RuntimeError(f"no acceptable cubes in any of the {len(ok)} scans of {vstore.root}: "
+                           + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in skipped[:5]))
+    schema = storage_schemas.arrow_schema("patch_index")
+    table = pa.Table.from_pylist(rows, schema=schema)
+    table = storage_schemas.check_table("patch_index", table, str(building / "index.parquet"))
+    pq.write_table(table, building / "index.parquet")
+    counts = {s: int(sum(1 for r in rows if r["split"] == s)) for s in ("train", "validation", "test")}
+    attrs = {"genesis": {
+        "kind": "patch-store", "schema_version": 1, "key": key, "purpose": "pretrain", "config": config.to_dict(),
+        "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": catalog_hash(catalog)},
+        "cube_shape": list(cube), "n_cubes": len(rows), "counts": counts,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "skipped_scans": skipped, "value_range": [0.0, 1.0],
+        "short_scans": [{"scan_id": r["scan_id"], "reason": r["short"]} for r in results if r.get("short")],
+    }}
+    storage_schemas.validate_attrs("patch_store", attrs, str(building))
+    zarr.open_group(str(building), mode="r+").attrs.update(attrs)
+    shutil.rmtree(building / "results")
+    os.rename(building, final)
+    return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
+                            seconds=time.perf_counter() - t0)
