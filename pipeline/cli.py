@@ -34,6 +34,23 @@ def _positive(text: str) -> int:
     return v
 
 
+def _ints3(text: str) -> tuple[int, int, int]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three integers D,H,W, got {text!r}") from None
+    if len(vals) != 3 or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers D,H,W, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ssub.add_parser("list", help="every volume and patch store under ROOT")
     ls.add_argument("root", nargs="?", default=".")
 
+    pt = sub.add_parser("patches", help="build and inspect patch stores")
+    psub = pt.add_subparsers(dest="patches_command", required=True)
+    pp = psub.add_parser("pretrain", help="Models Genesis pretraining cubes from a volume store")
+    pp.add_argument("--store", required=True, help="volume store")
+    pp.add_argument("--size", type=_ints3, default=(32, 64, 64), metavar="D,H,W",
+                    help="cube (slices, rows, columns); default 32,64,64 = the reference's 64x64x32 (x,y,z)")
+    pp.add_argument("--per-scan", type=_positive, default=32)
+    pp.add_argument("--scales", type=_floats, default=(1.0,), metavar="S1,S2,...",
+                    help="crop side multipliers >= 1 (larger crops are resized to the cube)")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
+    pp.add_argument("--workers", type=_positive, default=2)
+    pp.add_argument("--dask-scheduler", metavar="ADDRESS")
+    pp.add_argument("--border-yx", type=int, default=100)
+    pp.add_argument("--border-z", type=int, default=30)
+    pp.add_argument("--min-slices", type=int, default=96)
+    pp.add_argument("--no-progress", action="store_true")
+    pv2 = psub.add_parser("preview", help="PNG of sample cubes and of each corruption")
+    pv2.add_argument("patch_store")
+    pv2.add_argument("--out", required=True)
+    pv2.add_argument("--seed", type=int, default=0)
+
     sd = sub.add_parser("sample-data", help="write sample chest CT in the LUNA16 layout")
     sd.add_argument("dir")
     sd.add_argument("--scans", type=_positive, default=4)
@@ -72,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data}[args.command]
+    handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
+               "patches": _patches}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -115,6 +155,30 @@ def _stores(args) -> int:
     except (StoreError, KeyError, ValueError, FileNotFoundError) as exc:
         print(f"genesis stores {args.stores_command}: error: {str(exc).strip(chr(39))}", file=sys.stderr)
         return EXIT_USAGE
+    return EXIT_OK
+
+
+def _patches(args) -> int:
+    from pipeline.patches import PatchStoreError, PretrainPatchConfig, extract_pretrain
+    from pipeline.volume_store import StoreError
+
+    try:
+        if args.patches_command == "preview":
+            from pipeline.patches.preview import render_patch_preview
+
+            print(render_patch_preview(args.patch_store, args.out, seed=args.seed))
+            return EXIT_OK
+        config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
+                                     border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices)
+        result = extract_pretrain(args.store, config, out_root=args.out, workers=args.workers,
+                                  scheduler=args.dask_scheduler, progress=not args.no_progress)
+    except (StoreError, PatchStoreError, ValueError) as exc:
+        print(f"genesis patches {args.patches_command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:
+        print(f"genesis patches {args.patches_command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(result.report())
     return EXIT_OK
 
 

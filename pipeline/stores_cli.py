@@ -62,6 +62,23 @@ def show_store(path: str, all_columns: bool = False) -> str:
         cat["error"] = cat["error"].fillna("")
         with pd.option_context("display.max_rows", None, "display.max_colwidth", 70, "display.width", 250):
             return head + "\n" + cat.to_string(index=False)
+    if kind == "patch-store":
+        from pipeline.patches import PatchStore
+
+        ps = PatchStore(path)
+        a = ps.attrs
+        idx = ps.index
+        head = (f"patch store {path}: key {a['key']}, {a['purpose']}, {a['n_cubes']} cubes "
+                f"{'x'.join(map(str, a['cube_shape']))} (z,y,x), {dir_size(path) / 1e6:.1f} MB, created {a['created_at']}\n"
+                f"from volume store {a['volume_store']['path']}\nconfig: {json.dumps(a['config'], sort_keys=True)}")
+        if a["skipped_scans"]:
+            head += f"\nskipped {len(a['skipped_scans'])} scans: " + "; ".join(
+                f"{s['scan_id']}: {s['reason']}" for s in a["skipped_scans"])
+        per_scan = idx.groupby(["scan_id", "split"], dropna=False).agg(
+            cubes=("row", "size"), rows=("row", lambda r: f"{r.min()}-{r.max()}"),
+            dense=("dense_fraction", "mean")).reset_index()
+        with pd.option_context("display.max_rows", None, "display.width", 250):
+            return head + "\n" + per_scan.to_string(index=False)
     raise StoreError(f"{path} is not a store (no genesis store attributes in {path}/zarr.json)")
 
 
@@ -75,7 +92,7 @@ def list_stores(root: str) -> str:
             rows.append(_summary_row(dirpath, kind))
             dirnames[:] = []
             continue
-        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")] if len(depth) < 3 else []
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")] if len(depth) < 4 else []
     if not rows:
         return f"no stores under {root}"
     return pd.DataFrame(rows).to_string(index=False)
@@ -91,4 +108,13 @@ def _summary_row(path: str, kind: str) -> dict:
         cat = VolumeStore(path).catalog()
         row["items"] = f"{int((cat['status'] == 'ok').sum())} scans"
         row["config"] = ",".join(sorted(set(cat["dataset"].dropna())))
+    elif kind == "patch-store":
+        from pipeline.patches import PatchStore
+        from pipeline.patches.config import PretrainPatchConfig
+
+        ps = PatchStore(path)
+        row["items"] = f"{ps.attrs['n_cubes']} cubes"
+        cfg = dict(ps.attrs["config"])
+        row["config"] = f"{ps.attrs['purpose']} " + PretrainPatchConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}).summary()
     return row

@@ -73,11 +73,21 @@ class PatchStore:
         return idx["row"].to_numpy()
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Cubes at `rows` (sorted reads: consecutive rows of a scan share one shard)."""
-        rows = np.asarray(rows)
+        """Cubes at `rows`, in the order given.
+
+        Rows are read as contiguous runs (a scan's rows are one shard, one file read); Zarr's
+        slice path is about 10x faster than its orthogonal (integer-array) selection here.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
+        srt = rows[order]
         out = np.empty((len(rows),) + self.cubes.shape[1:], dtype=self.cubes.dtype)
-        out[order] = self.cubes.get_orthogonal_selection((rows[order],))
+        cuts = np.flatnonzero(np.diff(srt) != 1) + 1
+        pos = 0
+        for run in np.split(srt, cuts):
+            if len(run):
+                out[order[pos:pos + len(run)]] = self.cubes[int(run[0]):int(run[-1]) + 1]
+                pos += len(run)
         return out
 
     def __len__(self) -> int:
