@@ -44,11 +44,23 @@ def run_demo(out: Path, scans: int = 4, seed: int = 0) -> None:
         png = out / "previews" / f"{scan_id}.png"
         _step(f"4. preview of {scan_id}", ["stores", "preview", str(store), scan_id, "--out", str(png)])
         previews.append(png)
+    patch_root = out / "patch_stores"
+    _step("5. Models Genesis pretraining cubes into a patch store (Dask, 2 workers)",
+          ["patches", "pretrain", "--store", str(store), "--out", str(patch_root), "--workers", "2"])
+    from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
+
+    patches = extract_pretrain(str(store), PretrainPatchConfig(), out_root=str(patch_root), progress=False).path
+    _step("6. the patch store", ["stores", "show", str(patches)])
+    patch_png = out / "previews" / "patches.png"
+    _step("7. sample cubes and the corruptions", ["patches", "preview", str(patches), "--out", str(patch_png)])
+    _step("8. every store", ["stores", "list", str(out)])
     print(f"\n=== demo finished in {time.perf_counter() - t0:.0f} s. Results:")
     print(f"  sample data (LUNA16 layout): {sample}")
     print(f"  volume store:                {store}   (genesis stores show {store})")
     for png in previews:
         print(f"  preview:                     {png}")
+    print(f"  patch store:                 {patches}   ({len(PatchStore(patches))} cubes)")
+    print(f"  cubes and corruptions:       {patch_png}")
 
 
 def main(argv: list[str] | None = None) -> int:

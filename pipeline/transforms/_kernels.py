@@ -11,8 +11,10 @@ Definitions shared with the tensor path (they fix the results bit for bit):
 - shuffle keys: element ``e`` (block-major, C-order slot within the block) of a cube has the
   24-bit key ``splitmix64(key_seed + (e + 1) * 0x9E3779B97F4A7C15) >> 40`` (`hash_keys`), or an
   explicit key array (the torch-drawn `BatchParams.shuffle_keys`);
-- block ``b``'s permutation is the stable argsort of its keys (ties by slot); slot ``j`` of the
-  block receives the ORIGINAL value of slot ``perm[j]``;
+- block ``b``'s permutation ``perm`` (n = its volume, k_i = the key of its slot i) is the
+  Fisher-Yates shuffle ``perm = [0..n-1]; for i = n-1 down to 1: swap(perm[i], perm[r_i])``
+  with ``r_i = (k_i * (i + 1)) >> 24`` (uniform in 0..i up to a 2**-24 bias; k_0 is unused);
+  slot ``j`` of the block receives the ORIGINAL value of slot ``perm[j]``;
 - every voxel takes the value given by its LAST writer (the largest block index covering it).
 """
 
@@ -27,9 +29,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _SKEY = np.uint64(64 - KEY_BITS)
-_SLOT_MASK = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
-_INSERTION_MAX = 48
+_SBITS = np.uint64(KEY_BITS)
 
 
 def hash_keys(seed: int, start: int, count: int) -> np.ndarray:
@@ -54,66 +54,80 @@ def _hash_key(seed, e):
 @njit(cache=True, nogil=True)
 def shuffle_cube(src, out, origins, sizes, keys, key_start, seed, h, w):
     """Local shuffle of one cube: ``src``/``out`` flat float32 (D*H*W,), ``out`` already a
-    copy of ``src``; ``origins``/``sizes`` (N, 3) int; keys from ``keys[key_start:]`` or, when
-    ``keys`` is empty, from ``hash_keys(seed, ...)``."""
+    copy of ``src``; ``origins``/``sizes`` (N, 3) int64; element keys from
+    ``keys[key_start:]`` or, when ``keys`` is empty, the SplitMix64 stream of ``seed``.
+
+    Blocks are visited last to first: a voxel belongs to the first block (in that order) that
+    covers it, i.e. to its last writer; a block that owns no voxel is skipped, the others draw
+    their Fisher-Yates permutation and write their owned voxels.
+    """
     n = origins.shape[0]
-    owner = np.empty(src.shape[0], np.int32)
-    owner[:] = -1
-    maxvol = 1
+    seen = np.zeros(src.shape[0], np.uint8)
+    mz = my = mx = 1
+    total = 0
     for b in range(n):
-        oz, oy, ox = origins[b, 0], origins[b, 1], origins[b, 2]
-        sz, sy, sx = sizes[b, 0], sizes[b, 1], sizes[b, 2]
-        vol = sz * sy * sx
-        if vol > maxvol:
-            maxvol = vol
-        for z in range(sz):
-            for y in range(sy):
-                row = ((oz + z) * h + oy + y) * w + ox
-                for x in range(sx):
-                    owner[row + x] = b
+        total += sizes[b, 0] * sizes[b, 1] * sizes[b, 2]
+        mz = max(mz, sizes[b, 0])
+        my = max(my, sizes[b, 1])
+        mx = max(mx, sizes[b, 2])
+    maxvol = mz * my * mx
+    # flat offsets of the slots of every block size, C order within the block
+    table = np.empty((mz, my, mx, maxvol), np.int64)
+    for a in range(mz):
+        for c in range(my):
+            for e in range(mx):
+                k = 0
+                for z in range(a + 1):
+                    for y in range(c + 1):
+                        for x in range(e + 1):
+                            table[a, c, e, k] = (z * h + y) * w + x
+                            k += 1
     useed = np.uint64(seed)
     explicit = keys.shape[0] > 0
     dst = np.empty(maxvol, np.int64)
-    buf = np.empty(maxvol, np.uint64)
-    e0 = key_start
-    for b in range(n):
-        oz, oy, ox = origins[b, 0], origins[b, 1], origins[b, 2]
+    owned = np.empty(maxvol, np.int64)
+    perm = np.empty(maxvol, np.int64)
+    e1 = key_start + total
+    for b in range(n - 1, -1, -1):
         sz, sy, sx = sizes[b, 0], sizes[b, 1], sizes[b, 2]
+        base = (origins[b, 0] * h + origins[b, 1]) * w + origins[b, 2]
         vol = sz * sy * sx
-        k = 0
-        owns = False
-        for z in range(sz):
-            for y in range(sy):
-                row = ((oz + z) * h + oy + y) * w + ox
-                for x in range(sx):
-                    d = row + x
-                    dst[k] = d
-                    if owner[d] == b:
-                        owns = True
-                    k += 1
-        if owns:
-            # packed (key << 32 | slot): sorting gives the stable argsort of the keys
-            for j in range(vol):
-                if explicit:
-                    key = np.uint64(keys[e0 + j])
-                else:
-                    key = _hash_key(useed, e0 + j)
-                buf[j] = (key << _S32) | np.uint64(j)
-            if vol <= _INSERTION_MAX:
-                for i in range(1, vol):
-                    v = buf[i]
-                    m = i - 1
-                    while m >= 0 and buf[m] > v:
-                        buf[m + 1] = buf[m]
-                        m -= 1
-                    buf[m + 1] = v
+        e0 = e1 - vol
+        e1 = e0
+        offs = table[sz - 1, sy - 1, sx - 1]
+        cnt = 0
+        for j in range(vol):
+            d = base + offs[j]
+            dst[j] = d
+            owned[cnt] = j
+            cnt += 1 - seen[d]
+            seen[d] = 1
+        if cnt == 0:
+            continue
+        for j in range(vol):
+            perm[j] = j
+        for i in range(vol - 1, 0, -1):
+            if explicit:
+                key = np.uint64(keys[e0 + i])
             else:
-                buf[:vol] = np.sort(buf[:vol])
-            for j in range(vol):
-                d = dst[j]
-                if owner[d] == b:
-                    out[d] = src[dst[np.int64(buf[j] & _SLOT_MASK)]]
-        e0 += vol
+                key = _hash_key(useed, e0 + i)
+            r = np.int64((key * np.uint64(i + 1)) >> _SBITS)
+            t = perm[i]
+            perm[i] = perm[r]
+            perm[r] = t
+        for q in range(cnt):
+            j = owned[q]
+            out[dst[j]] = src[dst[perm[j]]]
+
+
+@njit(cache=True, nogil=True)
+def noise_field(seed, out):
+    """Fill flat float32 ``out`` with U[0, 1) values: the top 24 bits of the SplitMix64 stream
+    of ``seed``, times 2**-24 (exact in float32)."""
+    useed = np.uint64(seed)
+    scale = np.float32(1.0 / (1 << KEY_BITS))
+    for v in range(out.shape[0]):
+        out[v] = np.float32(_hash_key(useed, v)) * scale
 
 
 @njit(cache=True, nogil=True)

@@ -1,17 +1,19 @@
-"""Local pixel shuffling, vectorised: no Python loop over blocks or voxels.
+"""Local pixel shuffling: a compiled kernel on the CPU, whole-batch tensor ops on CUDA.
 
 The reference loops over 10,000 blocks: each block (sides 1..S//10 per axis, uniform origin)
 is cut from the ORIGINAL cube, its voxels shuffled, and written into the output, later blocks
 overwriting earlier ones. Here, with T = the total number of block voxels (about 245,000 for a
 (32, 64, 64) cube):
 
-- every (block b, local slot j) pair is one element of a flat array, in block order; its
-  destination voxel is ``origin_b + offset(j)``;
-- block b's permutation is the stable argsort of its elements' random keys (the keys are 24-bit
-  integers, drawn from ``key_seed``), done for all blocks at once by sorting ``(b, key)``; the
-  element at sorted position ``start_b + j`` gives slot j its source voxel;
-- "later blocks overwrite earlier ones" = every voxel takes the value its LAST writer (largest
-  element index) gives it: a scatter-max of element indices, then one gather.
+- every (block b, local slot j) pair is one element of a flat array, in block order (slots in C
+  order within the block); its destination voxel is ``origin_b + offset(j)``; each element has
+  a 24-bit key (`shuffle_keys`: the SplitMix64 stream of ``key_seed``);
+- block b's permutation is a Fisher-Yates shuffle driven by its elements' keys (exact rule in
+  `_kernels`); slot j receives the original value of slot ``perm[j]``;
+- "later blocks overwrite earlier ones" = every voxel takes the value its LAST writer gives it.
+  The CPU kernel (`_kernels.shuffle_cube`) visits the blocks last to first, so each voxel is
+  written once, by its owner, and blocks that own no voxel are skipped; the tensor path
+  (`batched`) takes a scatter-max of element indices, then one gather.
 
 Axis convention: cubes are (D, H, W) = (z, y, x); for the reference's 64 x 64 x 32 (x, y, z)
 cube stored as (32, 64, 64), block sides are drawn from 1..3 (z) x 1..6 (y) x 1..6 (x).
@@ -31,7 +33,7 @@ from .shapes import spatial_shape
 _NO_KEYS = np.zeros(0, np.int64)
 
 KEY_BITS = _kernels.KEY_BITS
-"""Shuffle keys are integers in [0, 2**24): exact in float64 composites and in int64 packing."""
+"""Shuffle keys are integers in [0, 2**24)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,10 +60,11 @@ def sample_local_shuffle(rng: np.random.Generator, shape,
     shape = spatial_shape(shape)
     n = config.shuffle_blocks
     maxes = np.array(max_block_sides(shape, config))
-    sizes = rng.integers(1, maxes + 1, size=(n, 3))
-    origins = rng.integers(0, np.array(shape) - sizes + 1)
-    return ShuffleBlocks(origins=origins.astype(np.int32), sizes=sizes.astype(np.int32),
-                         key_seed=int(rng.integers(2**63)))
+    # one uniform draw per choice: side = 1 + floor(u * max), origin = floor(u' * (S - side + 1))
+    u = rng.random((n, 6))
+    sizes = 1 + (u[:, :3] * maxes).astype(np.int32)
+    origins = (u[:, 3:] * (np.array(shape) - sizes + 1)).astype(np.int32)
+    return ShuffleBlocks(origins=origins, sizes=sizes, key_seed=int(rng.integers(2**63)))
 
 
 def shuffle_keys(blocks: ShuffleBlocks) -> np.ndarray:
