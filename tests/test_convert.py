@@ -272,3 +272,22 @@ def test_stores_list_finds_volume_stores(tmp_path, rng, capsys):
     assert main(["stores", "list", str(tmp_path / "stores")]) == 0
     out = capsys.readouterr().out
     assert "volume-store" in out and "1 scans" in out and str(tmp_path / "stores" / "ct") in out
+
+
+def test_spacing_option_resamples_image_and_labels(tmp_path, rng):
+    arr = ct_array(rng, shape=(20, 30, 40))
+    seg = np.zeros((20, 30, 40), dtype=np.uint8)
+    seg[5:15, 10:20, 10:30] = 2
+    sitk.WriteImage(make_image(arr, spacing=(1.0, 1.0, 2.0)), str(tmp_path / "volume-3.nii.gz"))
+    sitk.WriteImage(make_image(seg, spacing=(1.0, 1.0, 2.0)), str(tmp_path / "segmentation-3.nii.gz"))
+    store = tmp_path / "s"
+    assert main(["convert", str(tmp_path), "--store", str(store), "--workers", "1", "--no-progress",
+                 "--spacing", "4,2,2"]) == 0
+    g = VolumeStore(store).open_scan("volume-3")
+    attrs = dict(g.attrs)
+    assert attrs["genesis"]["spacing"] == [4.0, 2.0, 2.0] and g["0"].shape == (10, 15, 20)
+    assert attrs["genesis"]["settings"]["spacing"] == [4.0, 2.0, 2.0]
+    assert attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [4.0, 2.0, 2.0]
+    label = g["labels/segmentation/0"][...]
+    assert set(np.unique(label)) == {0, 2} and label.shape == (10, 15, 20)  # nearest keeps label values
+    assert g["0"].dtype == np.int16

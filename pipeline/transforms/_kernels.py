@@ -33,13 +33,11 @@ _SBITS = np.uint64(KEY_BITS)
 
 
 def hash_keys(seed: int, start: int, count: int) -> np.ndarray:
-    """Keys of elements ``start .. start + count - 1`` for ``seed`` (int64 in [0, 2**24))."""
-    e = np.arange(start + 1, start + count + 1, dtype=np.uint64)
-    z = np.uint64(seed) + e * _GOLDEN
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    z = z ^ (z >> _S31)
-    return (z >> _SKEY).astype(np.int64)
+    """Keys of elements ``start .. start + count - 1`` for ``seed`` (int64 in [0, 2**24)): the
+    top 24 bits of the SplitMix64 stream of ``seed``."""
+    out = np.empty(count, np.int64)
+    _fill_keys(np.uint64(seed), start, out)
+    return out
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -49,6 +47,12 @@ def _hash_key(seed, e):
     z = (z ^ (z >> _S27)) * _M2
     z = z ^ (z >> _S31)
     return z >> _SKEY
+
+
+@njit(cache=True, nogil=True)
+def _fill_keys(seed, start, out):
+    for i in range(out.shape[0]):
+        out[i] = np.int64(_hash_key(seed, start + i))
 
 
 @njit(cache=True, nogil=True)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _kernels
 from .config import GenesisConfig
-from .flip import apply_flip, sample_flip
-from .local_shuffle import ShuffleBlocks, apply_local_shuffle, sample_local_shuffle
-from .nonlinear import BezierParams, apply_nonlinear, sample_nonlinear
-from .paint import (Box, apply_inpainting, apply_outpainting, paint_noise, sample_inpainting,
-                    sample_outpainting)
+from .flip import flip_parity, sample_flip
+from .local_shuffle import _NO_KEYS, ShuffleBlocks, check_blocks, sample_local_shuffle
+from .nonlinear import TABLE_CELLS, BezierParams, sample_nonlinear
+from .paint import Box, sample_inpainting, sample_outpainting
 from .shapes import spatial_shape
 
 PAINT_MODES = ("none", "inpaint", "outpaint")
@@ -79,26 +79,82 @@ def _as_cube(cube) -> np.ndarray:
     return cube
 
 
+def apply_arrays(image: np.ndarray, flips, shuffle, bezier, paint: int, boxes, noise,
+                 out: np.ndarray, target: np.ndarray) -> None:
+    """The corruption of one contiguous (D, H, W) float32 ``image`` into ``out``/``target``
+    (preallocated, contiguous), from plain values; shared by `apply` and the CPU torch path.
+
+    ``flips``: 3 parities; ``shuffle``: None or (origins (N, 3) int64, sizes (N, 3) int64,
+    keys int64 (empty: use seed), key_start, key_seed); ``bezier``: None or (a, b, c, d,
+    decreasing, samples); ``paint``: 0 none, 1 in-painting, 2 out-painting; ``boxes``: (origin,
+    size) pairs; ``noise``: a (D, H, W) float32 array or an int seed (`paint_noise`).
+    Compiled kernels release the GIL, so cubes can run on several threads.
+    """
+    d, h, w = image.shape
+    odd = tuple(a for a in range(3) if flips[a])
+    np.copyto(target, np.flip(image, axis=odd) if odd else image)
+    if shuffle is not None:
+        origins, sizes, keys, key_start, key_seed = shuffle
+        np.copyto(out, target)
+        _kernels.shuffle_cube(target.reshape(-1), out.reshape(-1), origins, sizes, keys,
+                              key_start, key_seed, h, w)
+        x = out
+    else:
+        x = target
+    if bezier is not None:
+        a, b, c, dd, decreasing, samples = bezier
+        table = np.empty(TABLE_CELLS + 1, np.float64)
+        _kernels.bezier_table(a, b, c, dd, decreasing, samples, TABLE_CELLS, table)
+        _kernels.table_lookup(x.reshape(-1), table, TABLE_CELLS, out.reshape(-1))
+        x = out
+    if paint and boxes is not None:
+        if isinstance(noise, (int, np.integer)):
+            field = np.empty((d, h, w), np.float32)
+            _kernels.noise_field(int(noise), field.reshape(-1))
+        else:
+            field = noise
+        slices = [tuple(slice(int(o), int(o) + int(z)) for o, z in zip(org, size)) for org, size in boxes]
+        if paint == 1:
+            if x is not out:
+                np.copyto(out, x)
+            for sl in slices:
+                out[sl] = field[sl]
+        else:
+            if x is out:
+                kept = [out[sl].copy() for sl in slices]
+            else:
+                kept = [x[sl] for sl in slices]
+            np.copyto(out, field)
+            for sl, k in zip(slices, kept):
+                out[sl] = k
+        x = out
+    if x is not out:
+        np.copyto(out, x)
+
+
 def apply(cube, params: GenesisParams) -> tuple[np.ndarray, np.ndarray]:
     """(corrupted, target), float32, same shape as ``cube`` ((D, H, W) or (1, D, H, W))."""
     cube = _as_cube(cube)
     shape = spatial_shape(cube.shape)
     if shape != tuple(params.shape):
         raise ValueError(f"cube spatial shape {shape} does not match the params' shape {params.shape}")
-    image = cube.reshape(shape).astype(np.float32, copy=False)
-    target = apply_flip(image, params.flip_axes)
-    x = target
+    image = np.ascontiguousarray(cube.reshape(shape), dtype=np.float32)
+    shuffle = None
     if params.shuffle:
-        x = apply_local_shuffle(x, params.shuffle_blocks)
+        blocks = params.shuffle_blocks
+        origins, sizes = check_blocks(blocks, shape)
+        shuffle = (origins, sizes, _NO_KEYS, 0, blocks.key_seed)
+    bezier = None
     if params.nonlinear:
-        x = apply_nonlinear(x, params.bezier, GenesisConfig(bezier_samples=params.bezier_samples))
-    if params.paint == "inpaint":
-        x = apply_inpainting(x, params.boxes, paint_noise(params.noise_seed, shape))
-    elif params.paint == "outpaint":
-        x = apply_outpainting(x, params.boxes, paint_noise(params.noise_seed, shape))
-    if x is target:
-        x = target.copy()
-    return x.reshape(cube.shape), target.reshape(cube.shape)
+        bezier = (*(float(v) for v in params.bezier.points), bool(params.bezier.decreasing),
+                  int(params.bezier_samples))
+    paint = {"none": 0, "inpaint": 1, "outpaint": 2}[params.paint]
+    boxes = [(b.origin, b.size) for b in params.boxes]
+    out = np.empty(shape, np.float32)
+    target = np.empty(shape, np.float32)
+    apply_arrays(image, flip_parity(params.flip_axes), shuffle, bezier, paint, boxes,
+                 params.noise_seed, out, target)
+    return out.reshape(cube.shape), target.reshape(cube.shape)
 
 
 def corrupt(cube, rng: np.random.Generator, config: GenesisConfig = GenesisConfig()):

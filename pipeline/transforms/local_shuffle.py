@@ -94,14 +94,22 @@ def offset_table(shape: tuple[int, int, int], maxes: tuple[int, int, int]) -> np
     return table
 
 
+def check_blocks(blocks: ShuffleBlocks, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(origins, sizes) as contiguous int64; ValueError if a block does not fit ``shape``."""
+    sizes = np.ascontiguousarray(blocks.sizes, dtype=np.int64)
+    origins = np.ascontiguousarray(blocks.origins, dtype=np.int64)
+    if sizes.ndim != 2 or sizes.shape[1:] != (3,) or origins.shape != sizes.shape:
+        raise ValueError(f"shuffle blocks must be (N, 3) origins and sizes, got {origins.shape}, {sizes.shape}")
+    if np.any(origins < 0) or np.any(origins + sizes > np.array(shape)) or np.any(sizes < 1):
+        raise ValueError(f"shuffle blocks do not fit in a cube of shape {shape}")
+    return origins, sizes
+
+
 def apply_local_shuffle(cube: np.ndarray, blocks: ShuffleBlocks, keys: np.ndarray | None = None) -> np.ndarray:
     """The shuffled copy of a (D, H, W) float32 cube (deterministic given ``blocks``)."""
     shape = spatial_shape(cube.shape)
     _, h, w = shape
-    sizes = np.ascontiguousarray(blocks.sizes, dtype=np.int64)
-    origins = np.ascontiguousarray(blocks.origins, dtype=np.int64)
-    if np.any(origins < 0) or np.any(origins + sizes > np.array(shape)) or np.any(sizes < 1):
-        raise ValueError(f"shuffle blocks do not fit in a cube of shape {shape}")
+    origins, sizes = check_blocks(blocks, shape)
     if keys is None:
         keys = _NO_KEYS
     else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _kernels
 from .config import GenesisConfig
 
 TABLE_CELLS = 4096
@@ -53,28 +54,24 @@ def bezier_curve(points, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bezier_table(params: BezierParams, n: int) -> np.ndarray:
-    """The curve at x = k / 4096, k = 0..4096 (float64), as np.interp on the sorted samples."""
-    xv, yv = bezier_curve(params.points, n)
-    xs = np.sort(xv)
-    ys = yv if params.decreasing else np.sort(yv)
-    grid = np.arange(TABLE_CELLS + 1, dtype=np.float64) / TABLE_CELLS
-    i = np.clip(np.searchsorted(xs, grid, side="right") - 1, 0, n - 2)
-    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
-    span = x1 - x0
-    w = np.where(span > 0, (grid - x0) / np.where(span > 0, span, 1.0), 0.0)
-    return y0 + (y1 - y0) * w
+    """The curve at x = k / 4096, k = 0..4096 (float64), as np.interp on the sorted samples
+    (compiled: `_kernels.bezier_table`; the torch path repeats its float64 operations)."""
+    a, b, c, d = (float(v) for v in params.points)
+    table = np.empty(TABLE_CELLS + 1, np.float64)
+    _kernels.bezier_table(a, b, c, d, bool(params.decreasing), int(n), TABLE_CELLS, table)
+    return table
 
 
-def table_lookup(cube: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Piecewise-linear map of a float32 cube through a 4097-entry table (float32 result)."""
-    lo = table.astype(np.float32)
-    step = np.append(lo[1:] - lo[:-1], np.float32(0))
-    s = np.clip(cube, 0.0, 1.0).astype(np.float32, copy=False) * np.float32(TABLE_CELLS)
-    i = np.minimum(s.astype(np.int32), TABLE_CELLS - 1)
-    f = s - i.astype(np.float32)
-    out = lo[i]
-    out += step[i] * f
-    return np.clip(out, 0.0, 1.0, out=out)
+def table_lookup(cube: np.ndarray, table: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Piecewise-linear map of a float32 cube through a 4097-entry table (float32 result):
+    ``s = clip(x, 0, 1) * 4096``, ``i = min(int(s), 4095)``, ``lo[i] + (lo[i+1] - lo[i]) *
+    (s - i)`` in float32, clipped to [0, 1]. ``out`` (float32, the cube's shape) may be the cube."""
+    src = np.ascontiguousarray(cube, dtype=np.float32)
+    if out is None:
+        out = np.empty(src.shape, np.float32)
+    _kernels.table_lookup(src.reshape(-1), np.ascontiguousarray(table, dtype=np.float64),
+                          TABLE_CELLS, out.reshape(-1))
+    return out
 
 
 def apply_nonlinear(cube: np.ndarray, params: BezierParams,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _kernels
 from .config import GenesisConfig
 from .shapes import spatial_shape
 
@@ -63,8 +64,11 @@ def sample_outpainting(rng: np.random.Generator, shape,
 
 
 def paint_noise(seed: int, shape) -> np.ndarray:
-    """The U[0, 1) float32 noise field of a painting seed."""
-    return np.random.default_rng(seed).random(spatial_shape(shape), dtype=np.float32)
+    """The U[0, 1) float32 noise field of a painting seed (24-bit values from the SplitMix64
+    stream of ``seed``; see `_kernels.noise_field`)."""
+    out = np.empty(spatial_shape(shape), np.float32)
+    _kernels.noise_field(int(seed), out.reshape(-1))
+    return out
 
 
 def box_mask(shape, boxes) -> np.ndarray:

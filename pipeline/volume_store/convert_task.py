@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 import numcodecs
 import zarr
 
+import storage_schemas
+
 from pipeline.ingest import ScanSource, checksum, fingerprint, read_source
 from pipeline.volume_store.checks import check_and_cast, resample
 from pipeline.volume_store.image_writer import write_image
@@ -149,6 +151,7 @@ def _convert(source: ScanSource, store: VolumeStore, settings: ConvertSettings, 
     staged = store.staging_dir / f"{safe_scan_id(source.scan_id)}.{uuid.uuid4().hex}"
     group = zarr.open_group(str(staged), mode="w")
     stored = write_image(group, volume, settings, genesis)
+    storage_schemas.validate_attrs("volume_image", dict(group.attrs), str(staged))
     if store.lock_token() != token:
         raise RuntimeError("the store's lock is no longer held by this conversion; not publishing")
     store.publish(staged, source.scan_id)
