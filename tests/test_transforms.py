@@ -189,3 +189,37 @@ def test_bad_cube_shape_raises(shape):
 def test_bad_batch_shape_raises():
     with pytest.raises(ValueError, match="shape"):
         corrupt_batch(torch.zeros(2, 16, 16, 16), torch.Generator())
+
+
+def test_tensor_path_matches_numpy_on_same_params(monkeypatch):
+    """The whole-batch tensor path (what CUDA batches run) reproduces `apply`, on the CPU."""
+    from pipeline.transforms import batched
+    monkeypatch.setattr(batched, "_CPU_KERNELS", False)
+    rng = np.random.default_rng(9)
+    cubes = rng.random((10, *SHAPE), dtype=np.float32)
+    params = [sample_params(rng, SHAPE, SMALL) for _ in range(10)]
+    out, target = apply_batch(torch.from_numpy(cubes[:, None]), params)
+    for i, p in enumerate(params):
+        ref_out, ref_target = apply(cubes[i], p)
+        np.testing.assert_allclose(out[i, 0].numpy(), ref_out, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(target[i, 0].numpy(), ref_target)
+    assert any(p.shuffle for p in params) and any(p.paint == "outpaint" for p in params)
+
+
+@pytest.mark.parametrize("draw_with_kernels", [True, False])
+def test_cpu_kernels_match_tensor_path_on_torch_drawn_params(monkeypatch, draw_with_kernels):
+    """Torch-drawn params (seed form or materialised keys/noise) give the same batch either way."""
+    from pipeline.transforms import batched
+    cfg = GenesisConfig(shuffle_blocks=300, local_shuffle_rate=0.7)
+    batch = torch.from_numpy(np.random.default_rng(1).random((8, 1, *SHAPE), dtype=np.float32))
+    monkeypatch.setattr(batched, "_CPU_KERNELS", draw_with_kernels)
+    params = batched.sample_batch_params(torch.Generator().manual_seed(4), 8, SHAPE, cfg)
+    assert (params.key_seeds is not None) == draw_with_kernels
+    assert bool(params.shuffle.any()) and bool((params.paint > 0).any())
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(batched, "_CPU_KERNELS", kernels)
+        results.append(apply_batch(batch, params))
+    (k_out, k_target), (t_out, t_target) = results
+    torch.testing.assert_close(k_out, t_out, atol=1e-5, rtol=0)
+    assert torch.equal(k_target, t_target)

@@ -30,6 +30,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _SKEY = np.uint64(64 - KEY_BITS)
 _SBITS = np.uint64(KEY_BITS)
+_S32 = np.uint64(32)
 
 
 def hash_keys(seed: int, start: int, count: int) -> np.ndarray:
@@ -41,12 +42,34 @@ def hash_keys(seed: int, start: int, count: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _hash_key(seed, e):
+def _splitmix(seed, e):
+    """Output ``e`` (0-based) of the SplitMix64 stream of ``seed`` (uint64)."""
     z = seed + np.uint64(e + 1) * _GOLDEN
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
-    z = z ^ (z >> _S31)
-    return z >> _SKEY
+    return z ^ (z >> _S31)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hash_key(seed, e):
+    return _splitmix(seed, e) >> _SKEY
+
+
+@njit(cache=True, nogil=True)
+def blocks_from_seeds(seeds, maxes, shape, origins, sizes):
+    """Shuffle blocks of B cubes from one seed each: block i of a cube uses outputs 3i..3i+2 of
+    the SplitMix64 stream of its seed, as six 32-bit fields f; side = 1 + (f * max) >> 32,
+    origin = (f * (S - side + 1)) >> 32. ``origins``/``sizes``: (B, N, 3) int64, filled."""
+    m32 = np.uint64(0xFFFFFFFF)
+    for c in range(seeds.shape[0]):
+        useed = np.uint64(seeds[c])
+        for i in range(origins.shape[1]):
+            for a in range(3):
+                z = _splitmix(useed, 3 * i + a)
+                side = 1 + np.int64(((z & m32) * np.uint64(maxes[a])) >> _S32)
+                room = np.uint64(shape[a] - side + 1)
+                sizes[c, i, a] = side
+                origins[c, i, a] = np.int64(((z >> _S32) * room) >> _S32)
 
 
 @njit(cache=True, nogil=True)

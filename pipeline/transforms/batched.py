@@ -1,31 +1,45 @@
 """Batched torch version of the corruption, on the batch's device (CPU or CUDA).
 
 `corrupt_batch` draws every random choice of a batch as tensors (`sample_batch_params`) and
-applies them with whole-batch tensor operations (`apply_batch`): no Python loop over voxels,
-shuffle blocks or cubes (only over the 3 flip axes and the <= 5 paint boxes).
+applies them (`apply_batch`):
 
-`params_to_batch` turns numpy-drawn `GenesisParams` into the same tensor form, regenerating the
-shuffle keys and the paint noise from their seeds, so `apply_batch(batch, list_of_params)`
-reproduces `apply` cube by cube: the shuffle uses the same (block, key) order and last-writer
-rule, the Bezier table is built with the same float64 operations, and the per-voxel lookup uses
-the same float32 operations.
+- on CUDA (and on the CPU when `_CPU_KERNELS` is False) with whole-batch tensor operations: no
+  Python loop over voxels, shuffle blocks or cubes (only over the 3 flip axes, the <= 5 paint
+  boxes and the <= max-block-volume Fisher-Yates steps), and a fixed number of host syncs per
+  batch (sizes of the key draw and of the Fisher-Yates steps), none per block;
+- on the CPU with the compiled per-cube kernels of `_kernels` (the ones `apply` uses), one cube
+  per thread on ``torch.get_num_threads()`` threads. CPU-drawn params then carry one key seed
+  and one noise seed per cube (``key_seeds``/``noise_seeds``) instead of materialised keys and
+  noise: the kernels generate them on the fly.
+
+`params_to_batch` turns numpy-drawn `GenesisParams` into the same tensor form (keys and paint
+noise as seeds for the CPU kernels, materialised from their seeds otherwise), so
+`apply_batch(batch, list_of_params)` reproduces `apply` cube by cube: the shuffle uses the same
+keys, Fisher-Yates rule and last-writer rule, the Bezier table is built with the same float64
+operations, and the per-voxel lookup uses the same float32 operations.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from . import _kernels
 from .config import GenesisConfig
 from .flip import flip_parity
-from .genesis import GenesisParams
-from .local_shuffle import KEY_BITS, max_block_sides, offset_table, shuffle_keys
+from .genesis import GenesisParams, apply_arrays
+from .local_shuffle import _NO_KEYS, KEY_BITS, max_block_sides, offset_table, shuffle_keys
 from .nonlinear import TABLE_CELLS
 from .paint import paint_noise
 from .shapes import spatial_shape
+
+_CPU_KERNELS = True
+"""CPU batches use the compiled per-cube kernels (False: the tensor path, as on CUDA)."""
 
 _PAINT_CODE = {"none": 0, "inpaint": 1, "outpaint": 2}
 
@@ -40,14 +54,17 @@ class BatchParams:
     block_origins: torch.Tensor   # (B, N, 3) int64 (rows of unshuffled cubes unused)
     block_sizes: torch.Tensor     # (B, N, 3) int64
     shuffle_keys: torch.Tensor    # (T,) int64 in [0, 2**24): shuffled cubes' keys, in order
+                                  # (empty when key_seeds is given)
     nonlinear: torch.Tensor       # (B,) bool
     bezier: torch.Tensor          # (B, 4) float64: (a, b, c, d)
     decreasing: torch.Tensor      # (B,) bool
     paint: torch.Tensor           # (B,) int64: 0 none, 1 in-painting, 2 out-painting
     boxes: torch.Tensor           # (B, M, 6) int64: origin (z, y, x), size (z, y, x)
     box_valid: torch.Tensor       # (B, M) bool
-    noise: torch.Tensor           # (B, D, H, W) float32 in [0, 1)
+    noise: torch.Tensor           # (B, D, H, W) float32 in [0, 1) (empty when noise_seeds is given)
     bezier_samples: int = GenesisConfig().bezier_samples
+    key_seeds: torch.Tensor | None = None    # (B,) int64: keys = `shuffle_keys` stream of the seed
+    noise_seeds: torch.Tensor | None = None  # (B,) int64: noise = `paint_noise(seed)`
 
 
 def _check_batch(batch: torch.Tensor) -> tuple[int, tuple[int, int, int]]:
@@ -88,10 +105,23 @@ def sample_batch_params(generator: torch.Generator, batch_size: int, shape,
     shuffle = rand(b) < config.local_shuffle_rate
     n = config.shuffle_blocks
     maxes = max_block_sides(shape, config)
-    sizes = torch.stack([randint(1, m + 1, (b, n)) for m in maxes], dim=-1)
-    origins = (rand(b, n, 3, dtype=torch.float64) * (sides - sizes + 1)).floor().to(torch.int64)
-    total = int(sizes[shuffle].prod(-1).sum())
-    keys = randint(0, 2**KEY_BITS, (total,))
+    compact = device.type == "cpu" and _CPU_KERNELS
+    if compact:
+        # the CPU kernels need no big tensor draws: blocks, keys and noise come from one
+        # SplitMix64 seed each per cube (torch's CPU generator is slow for millions of values)
+        seeds = randint(0, 2**62, (b, 3)).cpu()
+        origins = torch.empty((b, n, 3), dtype=torch.int64)
+        sizes = torch.empty((b, n, 3), dtype=torch.int64)
+        _kernels.blocks_from_seeds(seeds[:, 0].numpy(), np.array(maxes, np.int64),
+                                   np.array(shape, np.int64), origins.numpy(), sizes.numpy())
+        key_seeds, noise_seeds = seeds[:, 1], seeds[:, 2]
+        keys = torch.zeros(0, dtype=torch.int64)
+    else:
+        key_seeds = noise_seeds = None
+        sizes = torch.stack([randint(1, m + 1, (b, n)) for m in maxes], dim=-1)
+        origins = (rand(b, n, 3, dtype=torch.float64) * (sides - sizes + 1)).floor().to(torch.int64)
+        total = int(sizes[shuffle].prod(-1).sum())
+        keys = randint(0, 2**KEY_BITS, (total,))
     # non-linear
     nonlinear = rand(b) < config.nonlinear_rate
     bezier = rand(b, 4, dtype=torch.float64)
@@ -115,18 +145,24 @@ def sample_batch_params(generator: torch.Generator, batch_size: int, shape,
     room = sides - box_sizes - 2 * border + 1
     box_origins = border + (rand(b, m, 3, dtype=torch.float64) * room).floor().to(torch.int64)
     box_valid = torch.where(is_in, in_valid, out_valid) & (paint > 0)[:, None]
-    noise = rand(b, d, h, w)
+    if compact:
+        noise = torch.zeros((0, d, h, w), dtype=torch.float32)
+    else:
+        noise = rand(b, d, h, w)
     to = dict(device=device)
     return BatchParams(
         shape=shape, flip=flips.to(**to), shuffle=shuffle.to(**to),
         block_origins=origins.to(**to), block_sizes=sizes.to(**to), shuffle_keys=keys.to(**to),
         nonlinear=nonlinear.to(**to), bezier=bezier.to(**to), decreasing=decreasing.to(**to),
         paint=paint.to(**to), boxes=torch.cat([box_origins, box_sizes], -1).to(**to),
-        box_valid=box_valid.to(**to), noise=noise.to(**to), bezier_samples=config.bezier_samples)
+        box_valid=box_valid.to(**to), noise=noise.to(**to), bezier_samples=config.bezier_samples,
+        key_seeds=None if key_seeds is None else key_seeds.to(**to),
+        noise_seeds=None if noise_seeds is None else noise_seeds.to(**to))
 
 
 def params_to_batch(params: Sequence[GenesisParams], device=None) -> BatchParams:
-    """Stack numpy-drawn params into a `BatchParams` (keys and noise regenerated from seeds)."""
+    """Stack numpy-drawn params into a `BatchParams`: keys and noise as the params' seeds for
+    the CPU kernels, regenerated from the seeds for the tensor path."""
     if len(params) == 0:
         raise ValueError("params_to_batch needs at least one GenesisParams")
     shape = tuple(params[0].shape)
@@ -134,6 +170,7 @@ def params_to_batch(params: Sequence[GenesisParams], device=None) -> BatchParams
     if any(tuple(p.shape) != shape for p in params) or len(samples) != 1:
         raise ValueError("all params of a batch must share one cube shape and bezier_samples")
     b = len(params)
+    compact = torch.device(device if device is not None else "cpu").type == "cpu" and _CPU_KERNELS
     n = max((len(p.shuffle_blocks.sizes) for p in params if p.shuffle), default=0)
     origins = np.zeros((b, n, 3), np.int64)
     sizes = np.ones((b, n, 3), np.int64)
@@ -143,16 +180,17 @@ def params_to_batch(params: Sequence[GenesisParams], device=None) -> BatchParams
             if len(p.shuffle_blocks.sizes) != n:
                 raise ValueError("all shuffled params of a batch must have the same number of blocks")
             origins[i], sizes[i] = p.shuffle_blocks.origins, p.shuffle_blocks.sizes
-            keys.append(shuffle_keys(p.shuffle_blocks))
+            if not compact:
+                keys.append(shuffle_keys(p.shuffle_blocks))
     m = max([len(p.boxes) for p in params] + [1])
     boxes = np.zeros((b, m, 6), np.int64)
     valid = np.zeros((b, m), bool)
-    noise = np.zeros((b, *shape), np.float32)
+    noise = np.zeros((0 if compact else b, *shape), np.float32)
     for i, p in enumerate(params):
         for k, box in enumerate(p.boxes):
             boxes[i, k] = (*box.origin, *box.size)
             valid[i, k] = True
-        if p.paint != "none":
+        if p.paint != "none" and not compact:
             noise[i] = paint_noise(p.noise_seed, shape)
     bez = np.array([p.bezier.points if p.nonlinear else (0.5,) * 4 for p in params], np.float64)
     t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
@@ -165,7 +203,10 @@ def params_to_batch(params: Sequence[GenesisParams], device=None) -> BatchParams
         nonlinear=t(np.array([p.nonlinear for p in params], bool)), bezier=t(bez),
         decreasing=t(np.array([bool(p.nonlinear and p.bezier.decreasing) for p in params], bool)),
         paint=t(np.array([_PAINT_CODE[p.paint] for p in params], np.int64)),
-        boxes=t(boxes), box_valid=t(valid), noise=t(noise), bezier_samples=samples.pop())
+        boxes=t(boxes), box_valid=t(valid), noise=t(noise), bezier_samples=samples.pop(),
+        key_seeds=t(np.array([p.shuffle_blocks.key_seed if p.shuffle else 0 for p in params],
+                             np.int64)) if compact else None,
+        noise_seeds=t(np.array([p.noise_seed for p in params], np.int64)) if compact else None)
 
 
 _TABLES: dict = {}
@@ -179,32 +220,64 @@ def _offset_table(shape, maxes, device) -> torch.Tensor:
 
 
 def _shuffle(x: torch.Tensor, origins: torch.Tensor, sizes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Local shuffle of S cubes x (S, D, H, W); same algorithm as `apply_local_shuffle`."""
+    """Local shuffle of S cubes x (S, D, H, W); same rules as `_kernels.shuffle_cube`.
+
+    Fisher-Yates for all blocks at once: ``perm`` is (max volume, blocks) with the blocks
+    sorted by decreasing volume, so step i touches only the prefix of blocks with volume > i.
+    Then every voxel finds its last writer (scatter-max of element indices) and gathers from
+    the source slot that writer's permutation assigns.
+    """
     s, d, h, w = x.shape
     n = sizes.shape[1]
     dev = x.device
-    vol = sizes.prod(-1).reshape(-1)
+    r = s * n
+    sizes_f, origins_f = sizes.reshape(-1, 3), origins.reshape(-1, 3)
+    vol = sizes_f.prod(-1)
     total = int(vol.sum())
     if keys.numel() != total:
         raise ValueError(f"shuffle_keys has {keys.numel()} keys, the blocks have {total} voxels")
-    maxes = tuple(int(v) for v in sizes.reshape(-1, 3).amax(0).tolist())
+    maxes = tuple(int(v) for v in sizes_f.amax(0).tolist())
     mz, my, mx = maxes
+    vmax = mz * my * mx
     table = _offset_table((d, h, w), maxes, dev)
-    sizes_f, origins_f = sizes.reshape(-1, 3), origins.reshape(-1, 3)
     size_class = ((sizes_f[:, 0] - 1) * my + (sizes_f[:, 1] - 1)) * mx + (sizes_f[:, 2] - 1)
-    cube = torch.arange(s * n, device=dev) // n
-    origin_flat = cube * (d * h * w) + (origins_f[:, 0] * h + origins_f[:, 1]) * w + origins_f[:, 2]
     start = torch.cumsum(vol, 0) - vol
-    block_of = torch.repeat_interleave(torch.arange(s * n, device=dev), vol, output_size=total)
+    keys = keys.to(dev, torch.int64)
+    # Fisher-Yates: for i = vmax-1 .. 1, blocks with volume > i swap perm[i] and perm[r_i]
+    order = torch.argsort(vol, descending=True, stable=True)
+    longer = torch.bincount(vol, minlength=vmax + 2).flip(0).cumsum(0).flip(0)  # [v]: vol >= v
+    n_longer = longer.tolist()
+    pdtype = torch.int16 if vmax < 2**15 else torch.int32
+    perm = torch.arange(vmax, dtype=pdtype, device=dev)[:, None].repeat(1, r)
+    start_sorted = start[order]
+    cols = torch.arange(r, device=dev)
+    for i in range(vmax - 1, 0, -1):
+        c = n_longer[i + 1]
+        if c == 0:
+            continue
+        k = keys[start_sorted[:c] + i]
+        t = (k * (i + 1)) >> KEY_BITS
+        row = perm[i, :c].clone()
+        perm[i, :c] = perm[t, cols[:c]]
+        perm[t, cols[:c]] = row
+    pos = torch.empty_like(order)
+    pos[order] = cols
+    # last writer of every voxel, and its source slot
+    cube = cols // n
+    origin_flat = cube * (d * h * w) + (origins_f[:, 0] * h + origins_f[:, 1]) * w + origins_f[:, 2]
+    block_of = torch.repeat_interleave(cols, vol, output_size=total)
     element = torch.arange(total, device=dev)
-    slot = torch.repeat_interleave(size_class * (mz * my * mx) - start, vol, output_size=total) + element
-    dest = origin_flat[block_of] + table[slot]
-    order = torch.argsort((block_of << KEY_BITS) | keys.to(dev, torch.int64), stable=True)
-    src = dest[order]
+    slot = element - start[block_of]
+    dest = origin_flat[block_of] + table[size_class[block_of] * vmax + slot]
     last = torch.full((s * d * h * w,), -1, dtype=torch.int64, device=dev)
     last.scatter_reduce_(0, dest, element, reduce="amax")
+    e = last.clamp_min(0)
+    b = block_of[e]
+    j = e - start[b]
+    src_slot = perm[j, pos[b]].to(torch.int64)
+    src = origin_flat[b] + table[size_class[b] * vmax + src_slot]
     flat = x.reshape(-1)
-    out = torch.where(last >= 0, flat[src[last.clamp_min(0)]], flat)
+    out = torch.where(last >= 0, flat[src], flat)
     return out.reshape(x.shape)
 
 
@@ -264,6 +337,9 @@ def apply_batch(batch: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor
     if tuple(params.shape) != shape or params.flip.shape[0] != b:
         raise ValueError(f"params are for {params.flip.shape[0]} cubes of shape {params.shape}, "
                          f"the batch has {b} cubes of shape {shape}")
+    if batch.device.type == "cpu" and _CPU_KERNELS:
+        return _apply_cpu(batch, params)
+    keys, noise = _materialise(params, batch.device)
     x = batch[:, 0]
     for a in range(3):
         x = torch.where(params.flip[:, a, None, None, None], x.flip(1 + a), x)
@@ -271,8 +347,7 @@ def apply_batch(batch: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor
     out = x.clone()
     idx = params.shuffle.nonzero().squeeze(1)
     if idx.numel():
-        out[idx] = _shuffle(out[idx], params.block_origins[idx], params.block_sizes[idx],
-                            params.shuffle_keys)
+        out[idx] = _shuffle(out[idx], params.block_origins[idx], params.block_sizes[idx], keys)
     idx = params.nonlinear.nonzero().squeeze(1)
     if idx.numel():
         tables = _bezier_tables(params.bezier[idx], params.decreasing[idx], params.bezier_samples)
@@ -280,8 +355,86 @@ def apply_batch(batch: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor
     mask = _box_mask(params.boxes, params.box_valid, shape)
     mode = params.paint[:, None, None, None]
     noisy = ((mode == 1) & mask) | ((mode == 2) & ~mask)
-    out = torch.where(noisy, params.noise, out)
+    out = torch.where(noisy, noise, out)
     return out[:, None].contiguous(), target[:, None].contiguous()
+
+
+def _materialise(params: BatchParams, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, noise) as tensors on ``device``, generated from the seeds where params carry them."""
+    keys, noise = params.shuffle_keys, params.noise
+    if params.key_seeds is not None:
+        vols = params.block_sizes.prod(-1).sum(-1).cpu().numpy()
+        parts = [_kernels.hash_keys(int(seed), 0, int(v)) for seed, v, on in
+                 zip(params.key_seeds.tolist(), vols, params.shuffle.tolist()) if on]
+        keys = torch.as_tensor(np.concatenate(parts) if parts else _NO_KEYS)
+    if params.noise_seeds is not None:
+        noise = torch.zeros((len(params.paint), *params.shape), dtype=torch.float32)
+        for i, (seed, mode) in enumerate(zip(params.noise_seeds.tolist(), params.paint.tolist())):
+            if mode:
+                noise[i] = torch.from_numpy(paint_noise(seed, params.shape))
+    return keys.to(device), noise.to(device)
+
+
+_POOLS: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="genesis-cpu")
+        return _POOLS[threads]
+
+
+def _apply_cpu(batch: torch.Tensor, params: BatchParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU batch: the compiled per-cube kernels (`apply_arrays`), one cube per thread."""
+    b, (d, h, w) = batch.shape[0], params.shape
+    x = batch.detach()[:, 0].contiguous().numpy()
+    np_ = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
+    flip, shuffle, nonlinear = np_(params.flip), np_(params.shuffle), np_(params.nonlinear)
+    origins = np.ascontiguousarray(np_(params.block_origins), dtype=np.int64)
+    sizes = np.ascontiguousarray(np_(params.block_sizes), dtype=np.int64)
+    keys = np.ascontiguousarray(np_(params.shuffle_keys), dtype=np.int64)
+    key_seeds, noise_seeds = np_(params.key_seeds), np_(params.noise_seeds)
+    bezier, decreasing, paint = np_(params.bezier), np_(params.decreasing), np_(params.paint)
+    boxes, valid, noise = np_(params.boxes), np_(params.box_valid), np_(params.noise)
+    if origins.shape != sizes.shape or origins.shape[:1] != (b,):
+        raise ValueError(f"block_origins/block_sizes must be (B, N, 3), got {origins.shape}, {sizes.shape}")
+    if shuffle.any():
+        lo = min(int(origins.min()), int(sizes.min()) - 1)
+        hi = (origins + sizes).reshape(-1, 3).max(0) if sizes.size else np.zeros(3, np.int64)
+        if lo < 0 or np.any(hi > np.array((d, h, w))):
+            raise ValueError(f"shuffle blocks do not fit in a cube of shape {(d, h, w)}")
+    vols = np.where(shuffle, (sizes[..., 0] * sizes[..., 1] * sizes[..., 2]).sum(-1), 0)
+    key_start = np.cumsum(vols) - vols
+    if key_seeds is None and keys.shape[0] != int(vols.sum()):
+        raise ValueError(f"shuffle_keys has {keys.shape[0]} keys, the blocks have {int(vols.sum())} voxels")
+    out = torch.empty((b, 1, d, h, w), dtype=torch.float32)
+    target = torch.empty((b, 1, d, h, w), dtype=torch.float32)
+    out_np, target_np = out.numpy(), target.numpy()
+
+    def one(i: int) -> None:
+        sh = None
+        if shuffle[i]:
+            if key_seeds is None:
+                sh = (origins[i], sizes[i], keys, int(key_start[i]), 0)
+            else:
+                sh = (origins[i], sizes[i], _NO_KEYS, 0, int(key_seeds[i]))
+        bz = None
+        if nonlinear[i]:
+            bz = (*(float(v) for v in bezier[i]), bool(decreasing[i]), int(params.bezier_samples))
+        cube_boxes = [(box[:3], box[3:]) for box, ok in zip(boxes[i], valid[i]) if ok]
+        cube_noise = int(noise_seeds[i]) if noise_seeds is not None else noise[i]
+        apply_arrays(x[i], flip[i], sh, bz, int(paint[i]), cube_boxes, cube_noise,
+                     out_np[i, 0], target_np[i, 0])
+
+    threads = min(torch.get_num_threads(), b)
+    if threads > 1:
+        list(_pool(threads).map(one, range(b)))
+    else:
+        for i in range(b):
+            one(i)
+    return out, target
 
 
 def corrupt_batch(batch: torch.Tensor, generator: torch.Generator,

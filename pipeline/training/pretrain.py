@@ -1,0 +1,108 @@
+"""`genesis pretrain`: Models Genesis pretraining on Ray Train (V2), recorded in MLflow.
+
+The driver only decides names and places: the Ray Train run (its storage path holds the
+checkpoints), the MLflow run (created here, logged into by rank 0), and how many restarts a
+run may take. A killed worker restarts the worker group from the last checkpoint, in the same
+MLflow run; `--resume` continues a stopped run the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.training.config import PretrainConfig
+
+__all__ = ["pretrain", "PretrainResult", "RUN_FILE"]
+
+RUN_FILE = "genesis_run.json"
+
+
+@dataclass
+class PretrainResult:
+    name: str
+    path: str
+    mlflow_run_id: str
+    tracking_uri: str
+    metrics: dict
+    error: str | None
+
+    def report(self) -> str:
+        from pipeline.tracking import ui_hint
+
+        m = self.metrics or {}
+        lines = [f"run {self.name}: {'FAILED: ' + self.error if self.error else 'finished'}",
+                 f"  epochs {int(m.get('epoch', -1)) + 1}, train loss {m.get('train_loss', float('nan')):.5f}, "
+                 f"validation loss {m.get('val_loss', float('nan')):.5f} (best {m.get('best_val_loss', float('nan')):.5f})",
+                 f"  checkpoints: {self.path}",
+                 f"  MLflow run: {ui_hint(self.tracking_uri, self.mlflow_run_id)}"]
+        return "\n".join(lines)
+
+
+def _latest_run(storage: Path) -> str | None:
+    runs = sorted((p.stat().st_mtime, p.name) for p in storage.glob(f"*/{RUN_FILE}") if p.is_file())
+    return Path(runs[-1][1]).parent.name if runs else None
+
+
+def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per_worker: float = 0,
+             ray_address: str | None = None, tracking_uri: str | None = None,
+             experiment: str = "genesis-pretraining", storage_path: str | None = None, name: str | None = None,
+             resume: bool = False, max_failures: int = 3, register_as: str | None = None,
+             system_metrics: bool = True) -> PretrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.patches import PatchStore
+    from pipeline.tracking import PRETRAINED_MODEL, create_run, resolve_uri
+
+    store = PatchStore(patches)  # fails early, naming the path, when it is not a patch store
+    uri = resolve_uri(tracking_uri)
+    storage = Path(storage_path or "ray_results").resolve() if "://" not in (storage_path or "") else storage_path
+    if resume:
+        name = name or (_latest_run(Path(storage)) if isinstance(storage, Path) else None)
+        if not name or not (Path(storage) / name / RUN_FILE).exists():
+            raise ValueError(f"--resume: no run {'named ' + repr(name) if name else 'found'} under {storage}")
+        meta = json.loads((Path(storage) / name / RUN_FILE).read_text())
+        if meta["patches_key"] != store.key:
+            raise ValueError(f"--resume: run {name} trained on patch store {meta['patches_key']}, not {store.key}")
+        run_id, uri = meta["mlflow_run_id"], meta["tracking_uri"]
+    else:
+        name = name or f"genesis-pretrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = create_run(uri, experiment, name, tags={"preset": config.preset, "patch_store": store.key})
+        if isinstance(storage, Path):
+            (storage / name).mkdir(parents=True, exist_ok=True)
+            (storage / name / RUN_FILE).write_text(json.dumps({
+                "mlflow_run_id": run_id, "tracking_uri": uri, "patches": str(Path(patches).resolve()),
+                "patches_key": store.key, "config": config.to_dict()}, indent=1))
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=True) if ray_address else ray.init()
+    loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": uri,
+                   "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
+                   "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics}
+    from pipeline.training.worker import train_loop_per_worker
+
+    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    error = None
+    try:
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        path = str(result.path)
+        if result.error:
+            error = str(result.error).splitlines()[0]
+    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed
+        metrics, path, error = {}, str(Path(str(storage)) / name), f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    if error:
+        from pipeline.tracking import mark_failed
+
+        mark_failed(uri, run_id)
+    return PretrainResult(name=name, path=path, mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, error=error)

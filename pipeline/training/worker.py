@@ -1,0 +1,146 @@
+"""`train_loop_per_worker`: what each Ray Train worker runs. It only wires the pieces together:
+data shard, DDP model, fixed validation pairs, checkpoints, and MLflow on rank 0."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["train_loop_per_worker"]
+
+
+def _mean_across_ranks(value: float, device) -> float:
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / dist.get_world_size()
+    return value
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import CubeStreamConfig, PatchCubes, genesis_pairs
+    from pipeline.patches import PatchStore
+    from pipeline.training.checkpoint import load_state, restore_rng, save_state
+    from pipeline.training.config import PretrainConfig
+    from pipeline.training.pictures import restoration_figure
+    from pipeline.training.steps import (build_model, build_optimizer, build_scheduler, evaluate,
+                                         fixed_validation_pairs, train_epoch)
+
+    config = PretrainConfig(**cfg["pretrain"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    start_epoch, best_val, bad_epochs, best_model, stopped = 0, math.inf, 0, None, False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
+        best_model, stopped = state["best_model"], state.get("stopped", False)
+        restore_rng(state["rng"])
+    ddp_model = ray.train.torch.prepare_model(model)
+
+    store = PatchStore(cfg["patches"])
+    data = PatchCubes(cfg["patches"], CubeStreamConfig(split="train", seed=config.seed,
+                                                       buffer_size=config.buffer_size), rank=rank, world_size=world)
+    if len(data) < config.batch_size:
+        raise ValueError(f"{cfg['patches']}: {len(data)} training cubes per worker, fewer than batch_size "
+                         f"{config.batch_size}")
+    val_split = "validation" if len(store.rows("validation")) else "train"
+    val_rows = np.sort(store.rows(val_split))[: config.val_pairs]
+    xv, yv = fixed_validation_pairs(store.read(val_rows)[:, 0], config.seed)
+
+    logger = None
+    if rank == 0:
+        from pipeline.tracking import RunLogger
+
+        logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", True))
+        logger.log_params({"pretrain": config.to_dict(), "patches": {"path": cfg["patches"], "key": store.key},
+                           "ray": {"workers": world, "gpus_per_worker": cfg.get("gpus_per_worker", 0)},
+                           "validation": {"split": val_split, "pairs": len(val_rows)}})
+        if start_epoch == 0:
+            logger.log_patch_store(cfg["patches"], store.key, store.index)
+
+    generator = torch.Generator(device=device)
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs if not stopped else start_epoch):
+        data.set_epoch(epoch)
+        generator.manual_seed(int(np.random.default_rng([config.seed, epoch, rank]).integers(2**62)))
+        loader = DataLoader(data, batch_size=config.batch_size, drop_last=True)
+        stats = train_epoch(ddp_model, genesis_pairs(loader, device, generator), optimizer, device, config)
+        train_loss = _mean_across_ranks(stats.loss, device)
+        val_loss, restored = evaluate(model, xv, yv, config.batch_size, device, config.bf16)
+        val_loss = _mean_across_ranks(val_loss, device)
+        lr = optimizer.param_groups[0]["lr"]
+        if config.scheduler == "plateau":
+            scheduler.step(val_loss)
+        else:
+            scheduler.step()
+        if val_loss < best_val:
+            best_val, bad_epochs = val_loss, 0
+            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        stop = bad_epochs >= config.patience or epoch + 1 == config.epochs
+        cubes_per_s = _mean_across_ranks(stats.cubes_per_s, device) * world
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val,
+                   "lr": lr, "cubes_per_s": cubes_per_s, "epoch_seconds": stats.seconds,
+                   "data_seconds": stats.data_seconds, "bad_epochs": bad_epochs, "stopped": float(stop)}
+        if logger:
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            if epoch % config.image_every == 0 or stop:
+                fig = restoration_figure(xv, yv, restored, f"epoch {epoch}: validation MSE {val_loss:.5f}")
+                logger.log_figure(fig, f"restoration/epoch_{epoch:04d}.png")
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best_val=best_val,
+                           bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(), stopped=stop)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if os.environ.get("GENESIS_TEST_KILL_AT_EPOCH") and rank == 1:
+            _maybe_die(epoch)
+        if stop:
+            break
+
+    if logger:
+        from pipeline.tracking import PRETRAINED_MODEL, register_model
+
+        final = build_model(config)
+        final.load_state_dict(best_model)
+        final.eval()
+        info = logger.log_model(final)
+        logger.log_metrics({"final_best_val_loss": best_val}, step=epoch)
+        register_model(cfg["tracking_uri"], info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
+                       tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"]})
+        logger.end()
+
+
+def _maybe_die(epoch: int) -> None:
+    """Fault-injection for the restart test: kill this worker process once, at the given epoch."""
+    at = int(os.environ["GENESIS_TEST_KILL_AT_EPOCH"])
+    marker = os.environ.get("GENESIS_TEST_KILL_MARKER", "")
+    if epoch == at and marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), 9)
