@@ -100,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     pv2.add_argument("--out", required=True)
     pv2.add_argument("--seed", type=int, default=0)
 
+    tr = sub.add_parser("pretrain", help="Models Genesis pretraining on Ray Train, recorded in MLflow")
+    tr.add_argument("--patches", required=True, help="pretraining patch store")
+    tr.add_argument("--preset", default="tiny", choices=["tiny", "stable", "paper"])
+    tr.add_argument("--workers", type=_positive, default=2)
+    tr.add_argument("--gpus-per-worker", type=float, default=0.0)
+    tr.add_argument("--epochs", type=_positive)
+    tr.add_argument("--batch-size", type=_positive, help="cubes per worker per step (preset's by default)")
+    tr.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
+    tr.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    tr.add_argument("--experiment", default="genesis-pretraining")
+    tr.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
+    tr.add_argument("--name", help="run name (default: genesis-pretrain-PRESET-TIME)")
+    tr.add_argument("--resume", action="store_true", help="continue the run --name (default: the latest run)")
+    tr.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
+
+    wt = sub.add_parser("weights", help="model weights in the MLflow registry")
+    wsub = wt.add_subparsers(dest="weights_command", required=True)
+    wi = wsub.add_parser("import", help="register an external checkpoint (e.g. Genesis_Chest_CT.pt)")
+    wi.add_argument("file")
+    wi.add_argument("--name", required=True, help="registered model name")
+    wi.add_argument("--alias", default="imported")
+    wi.add_argument("--tracking-uri")
+
     sd = sub.add_parser("sample-data", help="write sample chest CT in the LUNA16 layout")
     sd.add_argument("dir")
     sd.add_argument("--scans", type=_positive, default=4)
@@ -112,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
-               "patches": _patches}[args.command]
+               "patches": _patches, "pretrain": _pretrain, "weights": _weights}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -179,6 +202,37 @@ def _patches(args) -> int:
         print(f"genesis patches {args.patches_command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(result.report())
+    return EXIT_OK
+
+
+def _pretrain(args) -> int:
+    from pipeline.patches import PatchStoreError
+    from pipeline.training import preset
+    from pipeline.training.pretrain import pretrain
+
+    try:
+        config = preset(args.preset).with_overrides(epochs=args.epochs, batch_size=args.batch_size)
+        result = pretrain(args.patches, config, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                          ray_address=args.ray_address, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                          storage_path=args.storage_path, name=args.name, resume=args.resume,
+                          max_failures=args.max_failures)
+    except (PatchStoreError, ValueError) as exc:
+        print(f"genesis pretrain: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.report())
+    return EXIT_FAILED if result.error else EXIT_OK
+
+
+def _weights(args) -> int:
+    from pipeline.models import CheckpointError
+    from pipeline.weights import import_weights
+
+    try:
+        uri = import_weights(args.file, args.name, alias=args.alias, tracking_uri=args.tracking_uri)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"genesis weights import: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"registered {args.file} as {uri}")
     return EXIT_OK
 
 

@@ -50,7 +50,7 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
              ray_address: str | None = None, tracking_uri: str | None = None,
              experiment: str = "genesis-pretraining", storage_path: str | None = None, name: str | None = None,
              resume: bool = False, max_failures: int = 3, register_as: str | None = None,
-             system_metrics: bool = True) -> PretrainResult:
+             system_metrics: bool = True, fault_injection: dict | None = None) -> PretrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -82,7 +82,9 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
         ray.init(address=ray_address, log_to_driver=True) if ray_address else ray.init()
     loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": uri,
                    "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
-                   "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics}
+                   "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics,
+                   # tests only: {"rank": 1, "epoch": 1, "marker": path} kills that worker once
+                   "fault_injection": fault_injection}
     from pipeline.training.worker import train_loop_per_worker
 
     resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}

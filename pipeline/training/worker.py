@@ -119,8 +119,9 @@ def train_loop_per_worker(cfg: dict) -> None:
                            bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(), stopped=stop)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        if os.environ.get("GENESIS_TEST_KILL_AT_EPOCH") and rank == 1:
-            _maybe_die(epoch)
+        fault = cfg.get("fault_injection")
+        if fault and rank == fault["rank"]:
+            _maybe_die(epoch, fault)
         if stop:
             break
 
@@ -137,10 +138,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         logger.end()
 
 
-def _maybe_die(epoch: int) -> None:
-    """Fault-injection for the restart test: kill this worker process once, at the given epoch."""
-    at = int(os.environ["GENESIS_TEST_KILL_AT_EPOCH"])
-    marker = os.environ.get("GENESIS_TEST_KILL_MARKER", "")
-    if epoch == at and marker and not os.path.exists(marker):
+def _maybe_die(epoch: int, fault: dict) -> None:
+    """Fault injection for the restart test: SIGKILL this worker process once, after `epoch`'s checkpoint."""
+    marker = fault["marker"]
+    if epoch == fault["epoch"] and not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), 9)

@@ -236,6 +236,8 @@ def _shuffle(x: torch.Tensor, origins: torch.Tensor, sizes: torch.Tensor, keys: 
     total = int(vol.sum())
     if keys.numel() != total:
         raise ValueError(f"shuffle_keys has {keys.numel()} keys, the blocks have {total} voxels")
+    if total == 0:
+        return x.clone()
     maxes = tuple(int(v) for v in sizes_f.amax(0).tolist())
     mz, my, mx = maxes
     vmax = mz * my * mx
@@ -400,9 +402,9 @@ def _apply_cpu(batch: torch.Tensor, params: BatchParams) -> tuple[torch.Tensor, 
     boxes, valid, noise = np_(params.boxes), np_(params.box_valid), np_(params.noise)
     if origins.shape != sizes.shape or origins.shape[:1] != (b,):
         raise ValueError(f"block_origins/block_sizes must be (B, N, 3), got {origins.shape}, {sizes.shape}")
-    if shuffle.any():
+    if shuffle.any() and sizes.size:
         lo = min(int(origins.min()), int(sizes.min()) - 1)
-        hi = (origins + sizes).reshape(-1, 3).max(0) if sizes.size else np.zeros(3, np.int64)
+        hi = (origins + sizes).reshape(-1, 3).max(0)
         if lo < 0 or np.any(hi > np.array((d, h, w))):
             raise ValueError(f"shuffle blocks do not fit in a cube of shape {(d, h, w)}")
     vols = np.where(shuffle, (sizes[..., 0] * sizes[..., 1] * sizes[..., 2]).sum(-1), 0)
