@@ -106,7 +106,7 @@ def test_tiny_pretraining_two_workers_is_recorded_and_registered(ray_local, patc
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     loaded = mlflow.pytorch.load_model("models:/genesis-test/latest")
-    state = load_state(str(next((tmp_path / "ray").glob("*/checkpoint_*"))))
+    state = load_state(str(sorted(p for p in (tmp_path / "ray").glob("*/checkpoint_*") if p.is_dir())[-1]))
     reference = UNet3D(base_channels=2)
     reference.load_state_dict(state["best_model"])
     x = torch.rand(3, 1, 16, 32, 24)  # another batch size and cube size than in training
@@ -126,4 +126,7 @@ def test_killed_worker_restarts_from_checkpoint_in_one_mlflow_run(ray_local, pat
     runs = client.search_runs([client.get_experiment_by_name("genesis-pretraining").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [s for s, _ in _history(client, res.mlflow_run_id, "val_loss")]
-    assert steps == [0, 1, 2], "each epoch once: the restart continued from the epoch-1 checkpoint"
+    # epoch 0 is never repeated: the restarted workers continued from a checkpoint, not from scratch
+    # (the epoch the kill interrupted may be logged again: its checkpoint may not have been registered yet)
+    assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1, 2] and steps[-1] == 2, steps
+    assert len(steps) <= 4
