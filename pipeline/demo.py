@@ -54,6 +54,10 @@ def run_demo(out: Path, scans: int = 4, seed: int = 0) -> None:
     patch_png = out / "previews" / "patches.png"
     _step("7. sample cubes and the corruptions", ["patches", "preview", str(patches), "--out", str(patch_png)])
     _step("8. every store", ["stores", "list", str(out)])
+    db = (out / "mlflow.db").resolve()
+    _step("9. tiny Models Genesis pretraining: Ray Train, 2 workers, recorded in MLflow",
+          ["pretrain", "--patches", str(patches), "--preset", "tiny", "--workers", "2",
+           "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(out / "ray_results")])
     print(f"\n=== demo finished in {time.perf_counter() - t0:.0f} s. Results:")
     print(f"  sample data (LUNA16 layout): {sample}")
     print(f"  volume store:                {store}   (genesis stores show {store})")
@@ -61,6 +65,9 @@ def run_demo(out: Path, scans: int = 4, seed: int = 0) -> None:
         print(f"  preview:                     {png}")
     print(f"  patch store:                 {patches}   ({len(PatchStore(patches))} cubes)")
     print(f"  cubes and corruptions:       {patch_png}")
+    print(f"  checkpoints (Ray Train):     {out / 'ray_results'}")
+    print(f"  MLflow runs and models:      .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000"
+          f"  then open http://127.0.0.1:5000 (model: models:/genesis-pretrained/latest)")
 
 
 def main(argv: list[str] | None = None) -> int:
