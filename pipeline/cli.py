@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--experiment", default="genesis-pretraining")
     tr.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
     tr.add_argument("--name", help="run name (default: genesis-pretrain-PRESET-TIME)")
-    tr.add_argument("--resume", action="store_true", help="continue the run --name (default: the latest run)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run --name (default: the latest run) with its own settings; --epochs extends it")
     tr.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
 
     wt = sub.add_parser("weights", help="model weights in the MLflow registry")
@@ -215,7 +216,7 @@ def _pretrain(args) -> int:
         result = pretrain(args.patches, config, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           ray_address=args.ray_address, tracking_uri=args.tracking_uri, experiment=args.experiment,
                           storage_path=args.storage_path, name=args.name, resume=args.resume,
-                          max_failures=args.max_failures)
+                          max_failures=args.max_failures, resume_epochs=args.epochs)
     except (PatchStoreError, ValueError) as exc:
         print(f"genesis pretrain: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

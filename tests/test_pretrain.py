@@ -25,7 +25,7 @@ CUBE = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=8, border_yx=4, bord
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -130,3 +130,19 @@ def test_killed_worker_restarts_from_checkpoint_in_one_mlflow_run(ray_local, pat
     # (the epoch the kill interrupted may be logged again: its checkpoint may not have been registered yet)
     assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1, 2] and steps[-1] == 2, steps
     assert len(steps) <= 4
+
+
+def test_resume_continues_a_stopped_run(ray_local, patch_store, tmp_path, capsys):
+    from pipeline.cli import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = pretrain(patch_store, _config(epochs=2), workers=2, tracking_uri=uri, storage_path=str(tmp_path / "ray"),
+                     name="resumable", register_as="genesis-test-resume", system_metrics=False)
+    assert first.error is None
+    code = main(["pretrain", "--patches", patch_store, "--preset", "tiny", "--epochs", "3", "--workers", "2",
+                 "--storage-path", str(tmp_path / "ray"), "--resume"])
+    assert code == 0, capsys.readouterr()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    steps = [s for s, _ in _history(client, first.mlflow_run_id, "val_loss")]
+    assert steps == [0, 1, 2], steps  # epochs 0-1 from the first run, epoch 2 after resuming, one MLflow run
+    assert len(client.search_runs([client.get_experiment_by_name("genesis-pretraining").experiment_id])) == 1

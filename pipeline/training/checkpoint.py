@@ -14,12 +14,12 @@ STATE_FILE = "state.pt"
 
 
 def save_state(directory: str, *, model, optimizer, scheduler, epoch: int, best_val: float, bad_epochs: int,
-               best_model: dict, config: dict, stopped: bool = False) -> str:
+               best_model: dict, config: dict, stopped_early: bool = False) -> str:
     path = os.path.join(directory, STATE_FILE)
     torch.save({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "best_val": best_val, "bad_epochs": bad_epochs, "best_model": best_model,
-        "config": config, "stopped": stopped,
+        "config": config, "stopped_early": stopped_early,
         "rng": _rng_state(),
     }, path)
     return path

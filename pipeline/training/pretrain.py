@@ -42,15 +42,16 @@ class PretrainResult:
 
 
 def _latest_run(storage: Path) -> str | None:
-    runs = sorted((p.stat().st_mtime, p.name) for p in storage.glob(f"*/{RUN_FILE}") if p.is_file())
-    return Path(runs[-1][1]).parent.name if runs else None
+    runs = sorted((p.stat().st_mtime, p.parent.name) for p in storage.glob(f"*/{RUN_FILE}") if p.is_file())
+    return runs[-1][1] if runs else None
 
 
 def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per_worker: float = 0,
              ray_address: str | None = None, tracking_uri: str | None = None,
              experiment: str = "genesis-pretraining", storage_path: str | None = None, name: str | None = None,
              resume: bool = False, max_failures: int = 3, register_as: str | None = None,
-             system_metrics: bool = True, fault_injection: dict | None = None) -> PretrainResult:
+             system_metrics: bool = True, fault_injection: dict | None = None,
+             resume_epochs: int | None = None) -> PretrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -69,6 +70,8 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
         if meta["patches_key"] != store.key:
             raise ValueError(f"--resume: run {name} trained on patch store {meta['patches_key']}, not {store.key}")
         run_id, uri = meta["mlflow_run_id"], meta["tracking_uri"]
+        # the run continues with its own settings; only a longer schedule may be asked for
+        config = PretrainConfig(**meta["config"]).with_overrides(epochs=resume_epochs)
     else:
         name = name or f"genesis-pretrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = create_run(uri, experiment, name, tags={"preset": config.preset, "patch_store": store.key})

@@ -54,7 +54,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
-        best_model, stopped = state["best_model"], state.get("stopped", False)
+        # a run that stopped early stays stopped; one that ran out of epochs continues when given more
+        best_model, stopped = state["best_model"], state.get("stopped_early", False)
         restore_rng(state["rng"])
     ddp_model = ray.train.torch.prepare_model(model)
 
@@ -99,7 +100,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        stop = bad_epochs >= config.patience or epoch + 1 == config.epochs
+        stopped_early = bad_epochs >= config.patience
+        stop = stopped_early or epoch + 1 == config.epochs
         cubes_per_s = _mean_across_ranks(stats.cubes_per_s, device) * world
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val,
                    "lr": lr, "cubes_per_s": cubes_per_s, "epoch_seconds": stats.seconds,
@@ -116,7 +118,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             ckpt = None
             if rank == 0:
                 save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best_val=best_val,
-                           bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(), stopped=stop)
+                           bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
+                           stopped_early=stopped_early)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         fault = cfg.get("fault_injection")
