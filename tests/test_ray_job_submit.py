@@ -32,12 +32,21 @@ def _free_port() -> int:
 def ray_head():
     """A Ray head of our own (token auth, own ports and temp dir); stopped by its process group, never `ray stop`."""
     tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    ports = set()
+    while len(ports) < 9:  # every port of our own: a Ray of the test session may hold the defaults
+        ports.add(_free_port())
+    port, dash, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr, client = sorted(ports)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen([str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             f"--temp-dir={tmp}", "--disable-usage-stats"],
+                             f"--temp-dir={tmp}", "--disable-usage-stats",
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+                             f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+                             f"--ray-client-server-port={client}", "--min-worker-port=21000",
+                             "--max-worker-port=21999"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -74,7 +83,11 @@ def test_ray_job_submit_runs_pretraining(ray_head, patch_store, tmp_path):  # no
     cmd = [str(RAY), "job", "submit", "--address", url, "--", sys.executable, str(REPO / "jobs" / "pretrain.py"),
            "--patches", patch_store, "--preset", "tiny", "--epochs", "2", "--workers", "2",
            "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray_results"), "--name", "job-run"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(10):  # the job agent needs a few seconds after the dashboard is up
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     client = mlflow.MlflowClient(tracking_uri=uri)
