@@ -152,3 +152,13 @@ def test_missing_path_is_usage_error(tmp_path):
 
     with pytest.raises(SourceError, match="does not exist"):
         discover([tmp_path / "nope"])
+
+
+def test_luna16_lung_masks_become_labels_not_scans(tmp_path, rng):
+    arr = ct_array(rng, shape=(16, 20, 24))
+    mask = (rng.random((16, 20, 24)) > 0.5).astype(np.uint8)
+    write_mhd(tmp_path / "subset1" / "1.2.3.4.mhd", arr)
+    write_mhd(tmp_path / "seg-lungs-LUNA16" / "1.2.3.4.mhd", mask)
+    src = _only(discover([tmp_path]))
+    assert src.labels == (("lungs", str(tmp_path / "seg-lungs-LUNA16" / "1.2.3.4.mhd")),)
+    np.testing.assert_array_equal(read_source(src).labels["lungs"], mask)

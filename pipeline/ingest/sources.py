@@ -25,6 +25,7 @@ LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "-seg", "-label", "-mask
 BRATS_SEQUENCES = ("flair", "t1ce", "t1", "t2")
 LUNA16_TABLES = ("annotations.csv", "candidates.csv", "candidates_V2.csv")
 _SUBSET = re.compile(r"^subset(\d+)$")
+LUNA16_LUNG_MASKS = "seg-lungs-LUNA16"
 
 
 class SourceError(ValueError):
@@ -154,6 +155,9 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
     claimed: set[str] = set()
     scans: list[ScanSource] = []
     stems = {f: _stem(f) for f in files}
+    # LUNA16 ships lung masks as seg-lungs-LUNA16/<seriesuid>.mhd: label maps, not scans
+    lung_masks = {stems[f]: f for f in files if os.path.basename(os.path.dirname(f)) == LUNA16_LUNG_MASKS}
+    claimed.update(lung_masks.values())
 
     for f in files:
         stem, folder = stems[f], os.path.dirname(f)
@@ -202,6 +206,8 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
         if low.endswith((".mhd", ".mha")):
             subset = _subset_of(Path(f).parts)
             dataset = "luna16" if subset else "metaimage"
+            if subset and stem in lung_masks:
+                labels.append(("lungs", lung_masks[stem]))
             scans.append(ScanSource(scan_id=stem, kind="metaimage", dataset=dataset, files=(f,), source_path=f,
                                     subset=subset, modality="CT" if subset else None, labels=tuple(labels)))
         else:
