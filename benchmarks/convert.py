@@ -45,6 +45,31 @@ def floor_seconds(mhds: list[Path], settings: ConvertSettings) -> float:
     return time.perf_counter() - t0
 
 
+def floor_with_store_work_seconds(mhds: list[Path], settings: ConvertSettings) -> float:
+    """(a) plus what every stored scan needs beyond it: the source checksum and the pyramid levels."""
+    from pipeline.ingest import checksum, discover
+    from pipeline.ingest.volume import Volume
+    from pipeline.volume_store.image_writer import pyramid
+
+    numcodecs.blosc.set_nthreads(1)
+    codec = Blosc(cname=settings.codec, clevel=settings.clevel,
+                  shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[settings.shuffle])
+    cz, cy, cx = settings.chunks
+    sources = {Path(s.files[0]): s for s in discover([str(p) for p in mhds]).scans}
+    t0 = time.perf_counter()
+    for p in mhds:
+        checksum(sources[p])
+        arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(p)))
+        vol = Volume(voxels=arr, spacing=(2.5, 0.7, 0.7), origin=(0, 0, 0), direction=(), source_direction=(),
+                     modality="CT")
+        for level, _ in pyramid(vol, settings.pyramid_levels, settings.min_side, settings.pyramid_method):
+            for z in range(0, level.shape[0], cz):
+                for y in range(0, level.shape[1], cy):
+                    for x in range(0, level.shape[2], cx):
+                        codec.encode(np.ascontiguousarray(level[z:z + cz, y:y + cy, x:x + cx]))
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=int, default=8)
@@ -69,6 +94,7 @@ def main() -> None:
             return min(fn() for _ in range(args.repeat))
 
         a = best(lambda: floor_seconds(mhds, settings))
+        a2 = best(lambda: floor_with_store_work_seconds(mhds, settings))
         summaries = {}
 
         def run(workers: int) -> float:
@@ -87,8 +113,10 @@ def main() -> None:
         print(f"sample: {len(mhds)} scans, {mb:.1f} MB of source (largest {largest / 1e6:.1f} MB), "
               f"codec blosc {settings.codec} clevel {settings.clevel} {settings.shuffle}, {os.cpu_count()} cores")
         print(f"(a) floor: read + compress, 1 process : {a:7.2f} s  {mb / a:7.1f} MB/s")
+        print(f"(a') floor + checksum + pyramid levels: {a2:7.2f} s  {mb / a2:7.1f} MB/s  (the work every stored "
+              f"scan needs; not a target)")
         print(f"(b) genesis convert --workers 1       : {b:7.2f} s  {mb / b:7.1f} MB/s  b/a = {b / a:.2f}  "
-              f"(target <= 1.25) {'PASS' if b / a <= 1.25 else 'MISS'}")
+              f"(target <= 1.25) {'PASS' if b / a <= 1.25 else 'MISS'}; b/a' = {b / a2:.2f}")
         print(f"(c) genesis convert --workers 2       : {c:7.2f} s  {mb / c:7.1f} MB/s  b/c = {b / c:.2f}x "
               f"(target >= 1.7) {'PASS' if b / c >= 1.7 else 'MISS'}")
         print(f"(d) rerun over the finished store     : {d.seconds:7.2f} s  = {100 * d.seconds / c:.1f}% of (c) "

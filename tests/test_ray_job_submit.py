@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from test_pretrain import CUBE, patch_store  # noqa: F401  (session fixture)
+from test_pretrain import patch_store  # noqa: F401  (the session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head():
-    """A Ray head of our own (token auth, own ports and temp dir); stopped by its process group, never `ray stop`."""
+    """A Ray head of our own (token auth, own ports and temp dir), stopped through its own process group."""
     tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths have a length limit
     ports = set()
     while len(ports) < 9:  # every port of our own: a Ray of the test session may hold the defaults

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import zarr
 
 import storage_schemas
+from pipeline.storage.attrs import read_genesis_attrs
 
 __all__ = ["PatchStore", "catalog_hash", "PatchStoreError"]
 
@@ -43,15 +44,8 @@ class PatchStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta = self.path / "zarr.json"
-        if not meta.is_file():
-            raise PatchStoreError(f"{self.path} is not a patch store (no zarr.json)")
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-        if attrs.get("genesis", {}).get("kind") != "patch-store":
-            raise PatchStoreError(f"{self.path} is not a patch store (genesis.kind is "
-                                  f"{attrs.get('genesis', {}).get('kind')!r})")
-        storage_schemas.validate_attrs("patch_store", attrs, str(self.path))
-        self.attrs = attrs["genesis"]
+        self.attrs = read_genesis_attrs(self.path, "patch-store", "patch_store", PatchStoreError,
+                                        hint="; build one with `genesis patches pretrain`")
 
     @property
     def key(self) -> str:

@@ -39,8 +39,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)  # the model's initial weights; every other draw has its own generator
 
     model = build_model(config)
     optimizer = build_optimizer(model, config)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import zarr
 
 import storage_schemas
+from pipeline.storage.attrs import read_genesis_attrs
 from pipeline.volume_store.settings import SCHEMA_VERSION
 
 __all__ = ["VolumeStore", "StoreLockedError", "StoreError", "init_store", "CATALOG"]
@@ -96,18 +97,8 @@ class VolumeStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        meta = self.root / "zarr.json"
-        if not meta.exists():
-            raise StoreError(f"{self.root} is not a volume store (no zarr.json); create one with `genesis convert`")
-        try:
-            attrs = json.loads(meta.read_text()).get("attributes", {})
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{meta} does not parse: {exc}") from None
-        if attrs.get("genesis", {}).get("kind") != "volume-store":
-            raise StoreError(f"{self.root} is a Zarr group but not a volume store (genesis.kind is "
-                             f"{attrs.get('genesis', {}).get('kind')!r})")
-        storage_schemas.validate_attrs("volume_store", attrs, str(self.root))
-        self.attrs = attrs["genesis"]
+        self.attrs = read_genesis_attrs(self.root, "volume-store", "volume_store", StoreError,
+                                        hint="; create one with `genesis convert`")
 
     # ---- paths
     @property
