@@ -291,3 +291,21 @@ def test_spacing_option_resamples_image_and_labels(tmp_path, rng):
     label = g["labels/segmentation/0"][...]
     assert set(np.unique(label)) == {0, 2} and label.shape == (10, 15, 20)  # nearest keeps label values
     assert g["0"].dtype == np.int16
+
+
+def test_images_and_labels_are_valid_ome_zarr_05(tmp_path, rng):
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.labels import Labels
+
+    arr = ct_array(rng, shape=(16, 24, 24))
+    seg = (rng.random((16, 24, 24)) > 0.7).astype(np.uint8)
+    sitk.WriteImage(make_image(arr), str(tmp_path / "volume-120.nii.gz"))
+    sitk.WriteImage(make_image(seg), str(tmp_path / "segmentation-120.nii.gz"))
+    convert([str(tmp_path)], str(tmp_path / "s"), workers=1, progress=False)
+    group = VolumeStore(tmp_path / "s").open_scan("volume-120")
+    image = Image.from_zarr(group)  # validates the OME-Zarr 0.5 metadata against the specification's models
+    assert [d.path for d in image.attributes.ome.multiscales[0].datasets] == ["0", "1"]  # 24 -> 12 -> (6 < 8: stop)
+    labels = Labels.from_zarr(group["labels"])
+    assert labels.attributes.ome.labels == ["segmentation"]
+    np.testing.assert_array_equal(group["labels/segmentation/0"][...], seg)
+    assert VolumeStore(tmp_path / "s").catalog().set_index("scan_id").loc["volume-120", "subset"] == "test"
