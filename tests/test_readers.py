@@ -162,3 +162,13 @@ def test_luna16_lung_masks_become_labels_not_scans(tmp_path, rng):
     src = _only(discover([tmp_path]))
     assert src.labels == (("lungs", str(tmp_path / "seg-lungs-LUNA16" / "1.2.3.4.mhd")),)
     np.testing.assert_array_equal(read_source(src).labels["lungs"], mask)
+
+
+def test_multi_frame_dicom_file_is_one_volume(tmp_path, rng):
+    arr = ct_array(rng, shape=(6, 16, 16))
+    img = make_image(arr)
+    img.SetMetaData("0008|0060", "CT")
+    sitk.WriteImage(img, str(tmp_path / "enhanced.dcm"))  # GDCM writes a 3-D image as one multi-frame object
+    vol = read_source(_only(discover([tmp_path])))
+    np.testing.assert_array_equal(vol.voxels, arr)
+    assert vol.spacing == pytest.approx((2.5, 0.8, 0.7))

@@ -23,7 +23,7 @@ from pipeline.ingest.volume import Volume, volume_from_image
 __all__ = ["group_series", "group_series_in_zip", "read_dicom", "order_slices"]
 
 _TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "ImagePositionPatient",
-         "ImageOrientationPatient", "InstanceNumber", "Rows", "Columns"]
+         "ImageOrientationPatient", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"]
 SPACING_TOLERANCE = 0.05  # relative deviation from the median slice gap that still counts as regular
 
 
@@ -79,9 +79,13 @@ def order_slices(files: list[str]) -> list[str]:
     """Sort slice files along the slice normal; raise when slices are missing, repeated or uneven."""
     rows = []
     for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_TAGS + ["PixelData"])
-        if "PixelData" not in ds and not hasattr(ds, "Rows"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_TAGS)
+        if not hasattr(ds, "Rows"):
             continue  # not an image slice (e.g. a structured report in the series)
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            if len(files) == 1:
+                return [f]  # an enhanced (multi-frame) object: the file is the volume
+            raise ValueError(f"series mixes a multi-frame file ({os.path.basename(f)}) with other files")
         if not hasattr(ds, "ImagePositionPatient") or not hasattr(ds, "ImageOrientationPatient"):
             raise ValueError(f"slice {os.path.basename(f)} has no ImagePositionPatient/ImageOrientationPatient")
         iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
@@ -127,7 +131,10 @@ def read_dicom(source: ScanSource) -> Volume:
 
 def _read_files(files: list[str], source: ScanSource) -> Volume:
     ordered = order_slices(files)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(ordered)
-    image = reader.Execute()
+    if len(ordered) == 1:
+        image = sitk.ReadImage(ordered[0])
+    else:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(ordered)
+        image = reader.Execute()
     return volume_from_image(image, modality=source.modality or "OT", identifiers=dict(source.identifiers))
