@@ -193,7 +193,7 @@ def _store_content(store: Path) -> tuple[pd.DataFrame, dict]:
 
 def test_killed_conversion_then_rerun_equals_uninterrupted(tmp_path, rng):
     src = tmp_path / "luna"
-    _luna(src, rng, n=8, shape=(96, 160, 160))
+    _luna(src, rng, n=12, shape=(96, 192, 192))  # wide enough that a busy machine still kills part-way
     ref = tmp_path / "ref"
     convert([str(src)], str(ref), workers=1, progress=False)
 
@@ -216,7 +216,7 @@ def test_killed_conversion_then_rerun_equals_uninterrupted(tmp_path, rng):
             proc.kill()
             proc.wait()
     published = [p for p in (store / "scans").iterdir() if p.is_dir()]
-    assert 1 <= len(published) < 8, "the kill must land part-way"
+    assert 1 <= len(published) < 12, "the kill must land part-way"
     for p in published:  # what is visible is complete
         assert (p / "zarr.json").exists() and (p / "2" / "zarr.json").exists()
     summary = convert([str(src)], str(store), workers=1, progress=False)
