@@ -177,7 +177,8 @@ def _stores(args) -> int:
 
             print(render_preview(args.store, args.scan_id, args.out, window=args.window))
     except (StoreError, KeyError, ValueError, FileNotFoundError) as exc:
-        print(f"genesis stores {args.stores_command}: error: {str(exc).strip(chr(39))}", file=sys.stderr)
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"genesis stores {args.stores_command}: error: {reason}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
