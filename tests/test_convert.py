@@ -309,3 +309,22 @@ def test_images_and_labels_are_valid_ome_zarr_05(tmp_path, rng):
     assert labels.attributes.ome.labels == ["segmentation"]
     np.testing.assert_array_equal(group["labels/segmentation/0"][...], seg)
     assert VolumeStore(tmp_path / "s").catalog().set_index("scan_id").loc["volume-120", "subset"] == "test"
+
+
+def test_unreadable_file_with_a_scans_name_does_not_replace_the_scan(tmp_path, rng):
+    arr = ct_array(rng)
+    write_mhd(tmp_path / "src" / "subset0" / "1.2.3.mhd", arr)
+    (tmp_path / "src" / "other").mkdir()
+    (tmp_path / "src" / "other" / "1.2.3.bin").write_bytes(b"\x00" * 64)  # scan id '1.2.3.bin'
+    (tmp_path / "src" / "other" / "1.2.3.mhd").write_text("not a header\n")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "src" / "other" / "evil.zip", "w") as zf:
+        zf.writestr("../1.2.3.mhd", "NDims = 3\n")  # refused member, same scan id
+    s = convert([str(tmp_path / "src")], str(tmp_path / "s"), workers=1, progress=False)
+    cat = VolumeStore(tmp_path / "s").catalog()
+    rows = cat[cat["scan_id"] == "1.2.3"]
+    assert sorted(rows["status"]) == ["failed", "failed", "ok"], rows
+    assert any("unsafe path" in e for e in rows["error"].dropna())
+    np.testing.assert_array_equal(VolumeStore(tmp_path / "s").read_scan("1.2.3"), arr)
+    assert not s.ok

@@ -71,7 +71,11 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
         store.clear_staging()
         todo: list[tuple[ScanSource, str]] = []
         seen: dict[str, str] = {}
+        readable = {s.scan_id for s in found.scans if not s.problem}
         for src in sorted(found.scans, key=_size, reverse=True):
+            if src.problem and src.scan_id in readable:  # never let an unreadable file's row replace a scan's
+                todo.append((src, record_key(src, duplicate=True)))
+                continue
             if src.scan_id in seen and not src.problem:
                 key = record_key(src, duplicate=True)
                 reason = f"duplicate scan_id {src.scan_id!r}: also from {seen[src.scan_id]}"
