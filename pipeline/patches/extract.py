@@ -31,7 +31,7 @@ from pipeline.patches.config import PretrainPatchConfig, content_key
 from pipeline.patches.sampling import sample_cubes
 from pipeline.patches.splits import scan_seed, split_of
 from pipeline.patches.store import PatchStore, catalog_hash
-from pipeline.storage.shard_writer import _codec, write_shard
+from pipeline.storage.shard_writer import blosc_codec, write_shard
 from pipeline.volume_store.store import VolumeStore
 
 __all__ = ["extract_pretrain", "ExtractionResult", "extract_scan"]
@@ -91,7 +91,7 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
             shard[:n, 0] = sample.cubes
             write_shard(os.path.join(building, "cubes"), (slot, 0, 0, 0, 0), shard,
                         (1, 1) + tuple(config.cube_size), (config.per_scan, 1) + tuple(config.cube_size),
-                        _codec(*CODEC), (10**12, 1) + tuple(config.cube_size), valid_rows=n)
+                        blosc_codec(*CODEC), (10**12, 1) + tuple(config.cube_size), valid_rows=n)
             spacing = np.asarray(meta["spacing"])
             origin = np.asarray(meta["origin"])
             direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
@@ -136,7 +136,8 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     t0 = time.perf_counter()
     vstore = VolumeStore(volume_root)
     catalog = vstore.catalog()
-    key = content_key(catalog_hash(catalog), config)
+    source_hash = catalog_hash(catalog)
+    key = content_key(source_hash, config)
     root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
     final = root / f"pretrain-{key}"
     if (final / "zarr.json").exists():
@@ -146,13 +147,13 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     root.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(root / f".pretrain-{key}.lock")
     try:
-        return _build(vstore, catalog, config, key, root, final, workers, scheduler, progress, t0)
+        return _build(vstore, catalog, source_hash, config, key, root, final, workers, scheduler, progress, t0)
     finally:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
 
 
-def _build(vstore, catalog, config, key, root, final, workers, scheduler, progress, t0) -> ExtractionResult:
+def _build(vstore, catalog, source_hash, config, key, root, final, workers, scheduler, progress, t0) -> ExtractionResult:
     ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
     building = root / f".building-pretrain-{key}"
     cube = tuple(config.cube_size)
@@ -198,7 +199,7 @@ def _build(vstore, catalog, config, key, root, final, workers, scheduler, progre
     counts = {s: int(sum(1 for r in rows if r["split"] == s)) for s in ("train", "validation", "test")}
     attrs = {"genesis": {
         "kind": "patch-store", "schema_version": 1, "key": key, "purpose": "pretrain", "config": config.to_dict(),
-        "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": catalog_hash(catalog)},
+        "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": source_hash},
         "cube_shape": list(cube), "n_cubes": len(rows), "counts": counts,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "value_range": [0.0, 1.0],

@@ -286,21 +286,7 @@ def write_luna16_sample(out_dir, *, n_scans: int = 4, seed: int = 0,
     Reruns with the same arguments reuse the finished sample; other arguments need overwrite=True
     (and out_dir must hold a sample made here, so no user folder is ever deleted).
     """
-    config = PhantomConfig() if config is None else config
-    check_sample_args(n_scans, seed, n_subsets)
-    out_dir = Path(out_dir)
-    request = phantom_request(n_scans, seed, config, n_subsets)
-    existing = check_target(out_dir, request, overwrite)
-    if existing is not None:
-        return existing
-    build = prepare_build_dir(out_dir)
-    try:
-        scans = write_phantom_scans(build, n_scans=n_scans, seed=seed, config=config,
-                                    n_subsets=n_subsets)
-        write_tables(build, scans)
-        write_manifest(build, scans, request, "not requested")
-        publish(build, out_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    return SampleSummary(out_dir=out_dir, scans=tuple(scans), request=request)
+    from .make import make_sample_data  # the same build, without the real cases
+
+    return make_sample_data(out_dir, n_scans=n_scans, seed=seed, include_real=False, config=config,
+                            n_subsets=n_subsets, overwrite=overwrite)

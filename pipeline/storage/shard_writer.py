@@ -18,13 +18,13 @@ import google_crc32c
 import numpy as np
 from numcodecs import Blosc
 
-__all__ = ["write_shard", "write_shards"]
+__all__ = ["blosc_codec", "write_shard", "write_shards"]
 
 _EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
-def _codec(cname: str, clevel: int, shuffle: str) -> Blosc:
+def blosc_codec(cname: str, clevel: int, shuffle: str) -> Blosc:
     return Blosc(cname=cname, clevel=clevel, shuffle=_SHUFFLE[shuffle], blocksize=0)
 
 
@@ -70,7 +70,7 @@ def write_shard(array_dir: str, shard_index: tuple[int, ...], shard: np.ndarray,
 def write_shards(array_dir: str, data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, ...],
                  cname: str, clevel: int, shuffle: str, fill_value=0) -> int:
     """Encode all of `data` into the shard files of the (already created) array at `array_dir`."""
-    codec = _codec(cname, clevel, shuffle)
+    codec = blosc_codec(cname, clevel, shuffle)
     grid = tuple(-(-n // s) for n, s in zip(data.shape, shards))
     total = 0
     for shard_idx in itertools.product(*(range(g) for g in grid)):

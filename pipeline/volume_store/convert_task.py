@@ -6,6 +6,7 @@ a file; the only shared state is the catalog, which the driver rebuilds from the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import shutil
@@ -32,8 +33,6 @@ def record_key(source: ScanSource, duplicate: bool = False) -> str:
     """Records are keyed by scan id; a duplicate id from another source gets its own failed record."""
     if not duplicate:
         return source.scan_id
-    import hashlib
-
     return f"{source.scan_id}~dup~{hashlib.sha1(source.source_path.encode()).hexdigest()[:8]}"
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import socket
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -233,16 +232,3 @@ class VolumeStore:
     def scan_ids(self) -> list[str]:
         cat = self.catalog()
         return sorted(cat.loc[cat["status"] == "ok", "scan_id"].tolist())
-
-    def wait_unlocked(self, timeout: float = 0.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                lock = self.lock()
-            except StoreLockedError:
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.2)
-                continue
-            self.unlock(lock)
-            return True
