@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import zarr
 from conftest import write_mhd
 
 from pipeline.cli import main
@@ -104,6 +105,8 @@ def test_extraction_store_index_and_cubes(volume_store, tmp_path):
     assert res.counts == {"train": 12, "validation": 6, "test": 6}
     ps = PatchStore(res.path)
     assert res.path.name == f"pretrain-{ps.key}" and ps.cubes.shape[1:] == (1, 16, 16, 16)
+    # exactly the cubes of the index: the skipped scan leaves no empty rows behind
+    assert ps.cubes.shape[0] == len(ps.index) == res.n_cubes
     idx = ps.index
     assert sorted(idx["row"]) == list(range(len(idx)))
     vs = VolumeStore(store)
@@ -134,34 +137,42 @@ def test_same_inputs_reuse_changed_settings_make_a_new_store(volume_store, tmp_p
 
 
 def test_interrupted_extraction_is_invisible_and_resumes(volume_store, tmp_path):
+    from pipeline.patches.extract import extract_scan
+
     store, _ = volume_store
     ref = extract_pretrain(str(store), TINY, out_root=str(tmp_path / "ref"), workers=1, progress=False)
-    # simulate a run killed after two scans: its building folder holds two results and shards
+    # a run killed after two scans: its building folder holds their parts and results only
     root = tmp_path / "ps"
-    shutil.copytree(tmp_path / "ref", root)
     final = root / ref.path.name
     building = root / f".building-{ref.path.name}"
-    final.rename(building)
-    (building / "index.parquet").unlink()
+    zarr.open_group(str(building), mode="w")
     (building / "results").mkdir()
-    ps_ref = PatchStore(ref.path)
-    zarr_json = json.loads((building / "zarr.json").read_text())
-    zarr_json["attributes"] = {}
-    (building / "zarr.json").write_text(json.dumps(zarr_json))
-    for slot in (2, 3, 4):
-        shutil.rmtree(building / "cubes" / "c" / str(slot), ignore_errors=True)
-    for slot, scan in enumerate(sorted(ps_ref.index["scan_id"].unique())[:2]):
-        rows = ps_ref.index[ps_ref.index["scan_id"] == scan].to_dict("records")
-        for r in rows:
-            r["label"] = None
-        (building / "results" / f"{slot:06d}.json").write_text(
-            json.dumps({"scan_id": scan, "slot": slot, "rows": rows, "reason": None}))
+    (building / "parts").mkdir()
+    ok = VolumeStore(store).catalog().query("status == 'ok'").sort_values("scan_id")
+    for slot, r in enumerate(ok.head(2).itertuples()):
+        extract_scan(str(store), r.scan_id, r.subset, slot, str(building), TINY)
+    before = {p.name: p.stat().st_mtime_ns for p in (building / "parts").iterdir()}
+    assert len(before) == 2
     assert main(["stores", "list", str(root)]) == 0  # the half-built store is not listed
-    res = extract_pretrain(str(store), TINY, out_root=str(root), workers=1, progress=False)
+    seen = {}
+    import pipeline.patches.extract as ex
+
+    real = ex.assemble
+
+    def spy(group_path, *a, **k):  # the finished parts are reused, not rewritten
+        seen.update({p.name: p.stat().st_mtime_ns for p in (building / "parts").iterdir() if p.name in before})
+        return real(group_path, *a, **k)
+
+    ex.assemble = spy
+    try:
+        res = extract_pretrain(str(store), TINY, out_root=str(root), workers=1, progress=False)
+    finally:
+        ex.assemble = real
+    assert seen == before
     assert not res.reused and res.path == final and not building.exists()
     got = PatchStore(final)
-    np.testing.assert_array_equal(got.cubes[...], ps_ref.cubes[...])
-    assert got.index.equals(ps_ref.index)
+    np.testing.assert_array_equal(got.cubes[...], PatchStore(ref.path).cubes[...])
+    assert got.index.equals(PatchStore(ref.path).index)
 
 
 def test_loader_shards_by_rank_and_is_seeded(volume_store, tmp_path):

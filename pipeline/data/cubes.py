@@ -77,7 +77,7 @@ class PatchCubes(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         store = PatchStore(self.path)
-        self.per_shard = int(store.attrs["config"]["per_scan"])
+        self.per_shard = store.shard_rows
         self._rows = store.rows(None if config.split == "all" else config.split)
         if len(self._rows) < world_size:
             raise ValueError(f"{self.path}: split {config.split!r} has {len(self._rows)} cubes, fewer than "

@@ -1,9 +1,10 @@
 """`genesis patches pretrain`: Models Genesis cubes from a volume store into a reusable patch store.
 
-One Dask task per scan. Scan i owns rows [i * per_scan, (i + 1) * per_scan) of the cubes array,
-which is exactly one shard, so no two tasks ever write the same file. Each task leaves a small
-result file beside its shard; a rerun of an interrupted extraction keeps the finished scans
-and does only the rest. The store becomes visible by one rename when every scan is done.
+One Dask task per scan leaves its accepted cubes as a `.npy` part and a small result file; a
+rerun of an interrupted extraction keeps the finished scans and does only the rest. The parts
+are then assembled into a cubes array that holds exactly the cubes of the index (scans that gave
+fewer or none leave no empty rows), one writer per shard (`pipeline.patches.assemble`). The
+store becomes visible by one rename when complete.
 """
 
 from __future__ import annotations
@@ -24,19 +25,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from tqdm import tqdm
-from zarr.codecs import BloscCodec
 
 import storage_schemas
+from pipeline.patches.assemble import Part, assemble
 from pipeline.patches.config import PretrainPatchConfig, content_key
 from pipeline.patches.sampling import sample_cubes
 from pipeline.patches.splits import scan_seed, split_of
 from pipeline.patches.store import PatchStore, catalog_hash
-from pipeline.storage.shard_writer import blosc_codec, write_shard
 from pipeline.volume_store.store import VolumeStore
 
 __all__ = ["extract_pretrain", "ExtractionResult", "extract_scan"]
 
-CODEC = ("zstd", 1, "shuffle")
 
 
 @dataclass
@@ -48,6 +47,7 @@ class ExtractionResult:
     counts: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)  # [{"scan_id", "reason"}]
     seconds: float = 0.0
+    failed: list = field(default_factory=list)  # [{"scan_id", "item", "reason"}]: candidates that gave no cube
 
     def report(self) -> str:
         verb = "reused existing" if self.reused else "built"
@@ -56,6 +56,9 @@ class ExtractionResult:
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} scans:")
             lines += [f"  {s['scan_id']}: {s['reason']}" for s in self.skipped]
+        if self.failed:
+            lines.append(f"failed {len(self.failed)} items:")
+            lines += [f"  {f['scan_id']} {f['item']}: {f['reason']}" for f in self.failed]
         return "\n".join(lines)
 
 
@@ -87,11 +90,7 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
             result["reason"] = f"no acceptable crop in {sample.attempts} attempts (too dense)"
         else:
             n = len(sample.cubes)
-            shard = np.zeros((config.per_scan, 1) + tuple(config.cube_size), dtype=np.float32)
-            shard[:n, 0] = sample.cubes
-            write_shard(os.path.join(building, "cubes"), (slot, 0, 0, 0, 0), shard,
-                        (1, 1) + tuple(config.cube_size), (config.per_scan, 1) + tuple(config.cube_size),
-                        blosc_codec(*CODEC), (10**12, 1) + tuple(config.cube_size), valid_rows=n)
+            np.save(Path(building) / "parts" / f"{slot:06d}.npy", sample.cubes[:, None].astype(np.float32))
             spacing = np.asarray(meta["spacing"])
             origin = np.asarray(meta["origin"])
             direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
@@ -103,7 +102,7 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
             result["n"] = n
             for j in range(n):
                 result["rows"].append({
-                    "row": slot * config.per_scan + j, "scan_id": scan_id, "split": split, "subset": subset,
+                    "scan_id": scan_id, "split": split, "subset": subset,
                     "z": int(starts[j, 0]), "y": int(starts[j, 1]), "x": int(starts[j, 2]),
                     "crop_d": int(sample.sizes[j, 0]), "crop_h": int(sample.sizes[j, 1]),
                     "crop_w": int(sample.sizes[j, 2]), "center_z_mm": float(centres_mm[j, 0]),
@@ -157,36 +156,39 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
     ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
     building = root / f".building-pretrain-{key}"
     cube = tuple(config.cube_size)
-    n_rows = max(1, len(ok)) * config.per_scan
-    if not (building / "cubes" / "zarr.json").exists():
+    if not (building / "results").is_dir():
         shutil.rmtree(building, ignore_errors=True)
-        group = zarr.open_group(str(building), mode="w")
-        group.create_array("cubes", shape=(n_rows, 1) + cube, dtype="float32", chunks=(1, 1) + cube,
-                           shards=(config.per_scan, 1) + cube, fill_value=0.0,
-                           compressors=[BloscCodec(cname=CODEC[0], clevel=CODEC[1], shuffle=CODEC[2], typesize=4)],
-                           dimension_names=("cube", "c", "z", "y", "x"))
+        zarr.open_group(str(building), mode="w")  # mode "w" empties the folder: before the subfolders
         (building / "results").mkdir()
+        (building / "parts").mkdir()
     done = {}
     for p in (building / "results").glob("*.json"):
         r = json.loads(p.read_text())
         done[r["slot"]] = r
     todo = [(slot, r.scan_id, r.subset) for slot, r in enumerate(ok.itertuples()) if slot not in done]
     results = list(done.values())
-    if todo:
-        from distributed import as_completed
+    from distributed import as_completed
 
-        from pipeline.cluster import dask_client
+    from pipeline.cluster import dask_client
 
-        bar = tqdm(total=len(ok), initial=len(done), desc="patches", unit="scan", file=sys.stderr,
-                   disable=not progress)
-        with dask_client(workers, scheduler) as client:
+    with dask_client(workers, scheduler) as client:
+        if todo:
+            bar = tqdm(total=len(ok), initial=len(done), desc="patches", unit="scan", file=sys.stderr,
+                       disable=not progress)
             futures = [client.submit(extract_scan, str(vstore.root), sid, subset, slot, str(building), config,
                                      pure=False) for slot, sid, subset in todo]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update(1)
-        bar.close()
-    rows = [row for r in sorted(results, key=lambda r: r["slot"]) for row in r["rows"]]
+            bar.close()
+        results.sort(key=lambda r: r["slot"])
+        parts = [Part(str(building / "parts" / f"{r['slot']:06d}.npy"), len(r["rows"])) for r in results]
+        if any(p.n for p in parts):
+            assemble(building, "cubes", parts, (1,) + cube, "float32", config.per_scan,
+                     ("cube", "c", "z", "y", "x"), client=client)
+    rows = [row for r in results for row in r["rows"]]
+    for i, row in enumerate(rows):
+        row["row"] = i
     skipped = [{"scan_id": r["scan_id"], "reason": r["reason"]} for r in results if r["reason"]]
     skipped.sort(key=lambda s: s["scan_id"])
     if not rows:
@@ -200,7 +202,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
     attrs = {"genesis": {
         "kind": "patch-store", "schema_version": 1, "key": key, "purpose": "pretrain", "config": config.to_dict(),
         "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": source_hash},
-        "cube_shape": list(cube), "n_cubes": len(rows), "counts": counts,
+        "cube_shape": list(cube), "n_cubes": len(rows), "counts": counts, "shard_rows": config.per_scan,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "value_range": [0.0, 1.0],
         "short_scans": [{"scan_id": r["scan_id"], "reason": r["short"]} for r in results if r.get("short")],
@@ -208,6 +210,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
     zarr.open_group(str(building), mode="r+").attrs.update(attrs)
     shutil.rmtree(building / "results")
+    shutil.rmtree(building / "parts")
     os.rename(building, final)
     return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
                             seconds=time.perf_counter() - t0)

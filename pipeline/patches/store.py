@@ -55,10 +55,45 @@ class PatchStore:
     def cubes(self) -> zarr.Array:
         return zarr.open_array(str(self.path / "cubes"), mode="r")
 
+    @property
+    def purpose(self) -> str:
+        return self.attrs["purpose"]
+
+    @property
+    def is_task(self) -> bool:
+        return self.purpose != "pretrain"
+
+    @cached_property
+    def masks(self) -> zarr.Array:
+        """Segmentation target (N, 1, D, H, W) uint8, aligned row by row with `cubes`."""
+        if not (self.path / "masks" / "zarr.json").exists():
+            raise PatchStoreError(f"{self.path} is a {self.purpose} store and has no masks")
+        return zarr.open_array(str(self.path / "masks"), mode="r")
+
     @cached_property
     def index(self) -> pd.DataFrame:
         path = self.path / "index.parquet"
-        return storage_schemas.check_table("patch_index", pq.read_table(path), str(path)).to_pandas()
+        schema = "task_patch_index" if self.is_task else "patch_index"
+        return storage_schemas.check_table(schema, pq.read_table(path), str(path)).to_pandas()
+
+    @cached_property
+    def scans(self) -> pd.DataFrame:
+        """Task stores: every case with its split and volume-store scans (whole-volume evaluation reads these)."""
+        path = self.path / "scans.parquet"
+        if not path.exists():
+            raise PatchStoreError(f"{self.path} has no scans.parquet (only task stores list their cases)")
+        return storage_schemas.check_table("task_scans", pq.read_table(path), str(path)).to_pandas()
+
+    @property
+    def shard_rows(self) -> int:
+        """Cubes per shard file (older pretraining stores: one shard per scan of `per_scan` rows)."""
+        return int(self.attrs.get("shard_rows") or self.attrs["config"]["per_scan"])
+
+    def fraction_rows(self, fraction: float) -> np.ndarray:
+        """Training rows of a label fraction; nested (10% inside 25% inside 50%) and label-stratified."""
+        from pipeline.patches.task_extract import fraction_rows
+
+        return fraction_rows(self.index, fraction)
 
     def rows(self, split: str | None = None) -> np.ndarray:
         idx = self.index
@@ -66,8 +101,8 @@ class PatchStore:
             idx = idx[idx["split"] == split]
         return idx["row"].to_numpy()
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """Cubes at `rows`, in the order given.
+    def read(self, rows: np.ndarray, array: str = "cubes") -> np.ndarray:
+        """Cubes (or masks) at `rows`, in the order given.
 
         Rows are read as contiguous runs (a scan's rows are one shard, one file read); Zarr's
         slice path is about 10x faster than its orthogonal (integer-array) selection here.
@@ -75,12 +110,13 @@ class PatchStore:
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
-        out = np.empty((len(rows),) + self.cubes.shape[1:], dtype=self.cubes.dtype)
+        source = self.cubes if array == "cubes" else self.masks
+        out = np.empty((len(rows),) + source.shape[1:], dtype=source.dtype)
         cuts = np.flatnonzero(np.diff(srt) != 1) + 1
         pos = 0
         for run in np.split(srt, cuts):
             if len(run):
-                out[order[pos:pos + len(run)]] = self.cubes[int(run[0]):int(run[-1]) + 1]
+                out[order[pos:pos + len(run)]] = source[int(run[0]):int(run[-1]) + 1]
                 pos += len(run)
         return out
 

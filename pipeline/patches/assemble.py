@@ -1,0 +1,91 @@
+"""Parts -> one exact array: the second phase of every patch-store build.
+
+Extraction tasks cannot know their rows in advance (a scan yields as many cubes as pass its
+acceptance test, a case as many candidates as it has), and Zarr has no locks, so tasks never
+write the shared array. Each task leaves its cubes as a plain `.npy` part; once all parts exist
+their offsets are known, and each shard of the final array (`shard_rows` cubes) is written by
+exactly one task from the parts that cover it. The array then holds exactly the cubes of the
+index, in index order, with no empty rows for scans that gave nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.storage.shard_writer import blosc_codec, write_shard
+
+__all__ = ["Part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC"]
+
+CODEC = ("zstd", 1, "shuffle")
+
+
+@dataclass(frozen=True)
+class Part:
+    path: str
+    """A .npy file of shape (n, C, D, H, W)."""
+    n: int
+
+
+def plan_shards(parts: list[Part], shard_rows: int) -> list[list[tuple[str, int, int, int]]]:
+    """Per output shard: (part path, first row in part, count, first row in shard) pieces, in order."""
+    total = sum(p.n for p in parts)
+    n_shards = -(-total // shard_rows)
+    plan: list[list[tuple[str, int, int, int]]] = [[] for _ in range(n_shards)]
+    offset = 0
+    for part in parts:
+        done = 0
+        while done < part.n:
+            row = offset + done
+            shard, local = divmod(row, shard_rows)
+            take = min(part.n - done, shard_rows - local)
+            plan[shard].append((part.path, done, take, local))
+            done += take
+        offset += part.n
+    return plan
+
+
+def create_array(group_path: str | os.PathLike, name: str, n: int, item_shape: tuple[int, ...], dtype: str,
+                 shard_rows: int, dimension_names: tuple[str, ...]) -> None:
+    group = zarr.open_group(str(group_path), mode="a")
+    typesize = np.dtype(dtype).itemsize
+    group.create_array(name, shape=(n,) + tuple(item_shape), dtype=dtype, chunks=(1,) + tuple(item_shape),
+                       shards=(shard_rows,) + tuple(item_shape), fill_value=0, overwrite=True,
+                       compressors=[BloscCodec(cname=CODEC[0], clevel=CODEC[1], shuffle=CODEC[2], typesize=typesize)],
+                       dimension_names=dimension_names)
+
+
+def write_assembled_shard(array_dir: str, shard: int, pieces: list[tuple[str, int, int, int]],
+                          item_shape: tuple[int, ...], dtype: str, shard_rows: int, n_total: int) -> int:
+    """Write shard `shard` of the array at `array_dir` from its pieces; returns bytes written."""
+    import numcodecs
+
+    numcodecs.blosc.set_nthreads(1)
+    rows = sum(p[2] for p in pieces)
+    data = np.zeros((rows,) + tuple(item_shape), dtype=dtype)
+    for path, first, count, local in pieces:
+        part = np.load(path, mmap_mode="r")
+        data[local:local + count] = part[first:first + count]
+    index = (shard,) + (0,) * len(item_shape)
+    return write_shard(array_dir, index, data, (1,) + tuple(item_shape), (shard_rows,) + tuple(item_shape),
+                       blosc_codec(*CODEC), (n_total,) + tuple(item_shape))
+
+
+def assemble(group_path: str | os.PathLike, name: str, parts: list[Part], item_shape: tuple[int, ...], dtype: str,
+             shard_rows: int, dimension_names: tuple[str, ...], client=None) -> int:
+    """Create `name` in the group with exactly sum(n) rows and fill it from `parts` (on `client` if given)."""
+    parts = [p for p in parts if p.n]
+    total = sum(p.n for p in parts)
+    create_array(group_path, name, total, item_shape, dtype, shard_rows, dimension_names)
+    array_dir = str(Path(group_path) / name)
+    plan = plan_shards(parts, shard_rows)
+    args = [(array_dir, s, pieces, tuple(item_shape), dtype, shard_rows, total) for s, pieces in enumerate(plan)]
+    if client is None:
+        return sum(write_assembled_shard(*a) for a in args)
+    futures = [client.submit(write_assembled_shard, *a, pure=False) for a in args]
+    return sum(f.result() for f in futures)

@@ -1,0 +1,303 @@
+"""`genesis patches task TASK`: a task patch store (cubes, masks, labels, patient splits) from a volume store.
+
+Layout (a Zarr v3 group, published by one rename when complete)::
+
+    ROOT/task-<task>-<key>/zarr.json      {"genesis": {"kind": "patch-store", "purpose": ..., "task": ..., ...}}
+    ROOT/task-<task>-<key>/cubes          float32 (N, C, D, H, W) in [0, 1], exactly the rows of the index
+    ROOT/task-<task>-<key>/masks          uint8 (N, 1, D, H, W), segmentation only, aligned with cubes
+    ROOT/task-<task>-<key>/index.parquet  storage_schemas/task_patch_index.arrow.json
+    ROOT/task-<task>-<key>/scans.parquet  storage_schemas/task_scans.arrow.json (whole-volume evaluation)
+
+The key hashes the scans' content digests and settings, the table rows used, the TaskSpec's data
+fields and the seed: the same inputs name the same folder, anything changed names a new one.
+Phase 1 is one Dask task per case writing a `.npy` part and a result file (a rerun keeps finished
+cases); phase 2 assembles the parts into exact arrays, one writer per shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from tqdm import tqdm
+
+import storage_schemas
+from pipeline.patches.assemble import Part, assemble
+from pipeline.patches.extract import ExtractionResult, _lock
+from pipeline.patches.splits import scan_seed
+from pipeline.patches.task_plan import TaskPlan, plan_task
+from pipeline.tasks import sampling as S
+from pipeline.tasks.geometry import index_to_world, world_to_index
+from pipeline.tasks.spec import TaskSpec
+from pipeline.volume_store.store import VolumeStore
+
+__all__ = ["extract_task", "extract_case", "task_key", "SHARD_ROWS"]
+
+SHARD_ROWS = 16
+SCHEMA_VERSION = 1
+
+
+def task_key(plan: TaskPlan, spec: TaskSpec, seed: int) -> str:
+    material = json.dumps({"purpose": "task", "spec": spec.data_dict(), "seed": seed}, sort_keys=True)
+    return hashlib.sha256(f"{plan.source_digest}\n{material}".encode()).hexdigest()[:16]
+
+
+# ---- phase 1: one case -------------------------------------------------------------------------
+
+def _row(case: dict, scan_id: str, attrs: dict, start, crop_size, label: int, source_id: int,
+         jitter=(0, 0, 0), fg: float = 0.0, direction=None) -> dict:
+    centre_xyz = index_to_world(np.asarray(start) + (np.asarray(crop_size) - 1) / 2.0, attrs)[0]
+    d = direction or [None, None, None]
+    return {"case_id": case["case_id"], "scan_id": scan_id, "patient_id": case["patient_id"],
+            "split": case["split"], "subset": case["subset"],
+            "z": int(start[0]), "y": int(start[1]), "x": int(start[2]),
+            "crop_d": int(crop_size[0]), "crop_h": int(crop_size[1]), "crop_w": int(crop_size[2]),
+            "center_z_mm": float(centre_xyz[2]), "center_y_mm": float(centre_xyz[1]),
+            "center_x_mm": float(centre_xyz[0]), "label": int(label), "source_id": int(source_id),
+            "jitter_z": int(jitter[0]), "jitter_y": int(jitter[1]), "jitter_x": int(jitter[2]),
+            "foreground_fraction": float(fg), "direction_x": d[0], "direction_y": d[1], "direction_z": d[2]}
+
+
+def _classification_cubes(store: VolumeStore, case: dict, spec: TaskSpec):
+    """One cube per candidate, read straight from the stored chunks around it."""
+    sid = case["scan_ids"][0]
+    group = store.open_scan(sid)
+    attrs = dict(group.attrs)["genesis"]
+    level0 = group["0"]
+    crop_size = tuple(spec.sampling.crop_size or spec.cube_size)
+    bounds = S.intensity_bounds(None if spec.intensity.kind == "window" else level0[...], spec.intensity)
+    shape = np.asarray(level0.shape)
+    cubes, rows, failed = [], [], []
+    for cand in case["candidates"]:
+        centre = world_to_index(cand["xyz"], attrs)[0]
+        if np.any(centre < -0.5) or np.any(centre > shape - 0.5) or not np.all(np.isfinite(centre)):
+            failed.append({"scan_id": sid, "item": f"candidate {cand['source_id']}", "reason": (
+                f"candidate at ({', '.join(f'{v:g}' for v in cand['xyz'])}) mm (x, y, z) is voxel "
+                f"({', '.join(f'{v:.1f}' for v in centre)}) (z, y, x), outside the volume of shape {tuple(shape)}")})
+            continue
+        start = S.centred_start(centre, crop_size)
+        cube = S.scale(S.crop(level0, start, crop_size, fill=bounds[0]), bounds)
+        cubes.append(S.resize(cube[None], spec.cube_size, label=False))
+        rows.append(_row(case, sid, attrs, start, crop_size, cand["label"], cand["source_id"],
+                         direction=cand.get("direction")))
+    return cubes, [], rows, failed
+
+
+def _read_case(store: VolumeStore, case: dict, spec: TaskSpec):
+    """Channels (C, Z, Y, X) in [0, 1], the binary target, and the geometry attrs of the label scan."""
+    channels, shapes = [], []
+    for sid in case["scan_ids"]:
+        vol = store.open_scan(sid)["0"][...]
+        shapes.append(vol.shape)
+        channels.append(S.scale(vol, S.intensity_bounds(vol, spec.intensity)))
+    if len(set(shapes)) > 1:
+        raise ValueError(f"case {case['case_id']}: channels {case['scan_ids']} have different shapes {shapes}")
+    group = store.open_scan(case["label_scan"])
+    attrs = dict(group.attrs)["genesis"]
+    label = group["labels"][case["label"]]["0"][...]
+    if label.shape != shapes[0]:
+        raise ValueError(f"case {case['case_id']}: label '{case['label']}' has shape {label.shape}, "
+                         f"image {shapes[0]}")
+    return np.stack(channels), S.target_mask(label, spec.sampling.target_values), label, attrs
+
+
+def _segmentation_cubes(store: VolumeStore, case: dict, spec: TaskSpec, rng: np.random.Generator):
+    image, mask, label, attrs = _read_case(store, case, spec)
+    s = spec.sampling
+    crop_size = tuple(s.crop_size or spec.cube_size)
+    draws: list[tuple[np.ndarray, int, tuple[int, int, int]]] = []  # (start, source_id, jitter)
+    if s.kind == "objects":
+        for obj, centre in sorted(S.object_centres(label).items()):
+            for _ in range(s.per_object):
+                jitter = tuple(int(rng.integers(-j, j + 1)) for j in s.jitter)
+                draws.append((S.centred_start(centre + np.asarray(jitter), crop_size), obj, jitter))
+        n_neg, pos, neg = s.negatives_per_scan, 0.0, 1.0
+    else:
+        n_neg, pos, neg = s.per_scan, s.pos, s.neg
+    if n_neg:
+        centres, _ = S.pos_neg_centres(mask, image.max(axis=0) > 0, n_neg, pos, neg, crop_size, rng)
+        draws += [(S.centred_start(c, crop_size), -1, (0, 0, 0)) for c in centres]
+    cubes, masks, rows = [], [], []
+    for start, source_id, jitter in draws:
+        cube = np.stack([S.crop(ch, start, crop_size, fill=0.0) for ch in image])
+        m = S.crop(mask.view(np.uint8), start, crop_size, fill=0)[None]
+        cube, m = S.resize(cube, spec.cube_size, label=False), S.resize(m, spec.cube_size, label=True)
+        cubes.append(cube)
+        masks.append(m)
+        rows.append(_row(case, case["label_scan"], attrs, start, crop_size, int(m.any()), source_id, jitter,
+                         float(m.mean())))
+    return cubes, masks, rows, []
+
+
+def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: int, building: str) -> dict:
+    """Cubes (and masks) of one case into `.npy` parts; leaves and returns its result (never raises for bad data)."""
+    import numcodecs
+
+    numcodecs.blosc.set_nthreads(1)
+    store = VolumeStore(volume_root)
+    result = {"slot": slot, "case_id": case["case_id"], "rows": [], "failed": [], "reason": None, "n": 0}
+    try:
+        if spec.kind == "classification":
+            cubes, masks, rows, failed = _classification_cubes(store, case, spec)
+        else:
+            rng = np.random.default_rng([seed, scan_seed(case["case_id"])])
+            cubes, masks, rows, failed = _segmentation_cubes(store, case, spec, rng)
+    except (KeyError, ValueError, OSError) as exc:
+        cubes, masks, rows, failed = [], [], [], []
+        result["reason"] = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())[:300]
+    parts = Path(building) / "parts"
+    if cubes:
+        np.save(parts / f"{slot:06d}.cubes.npy", np.stack(cubes).astype(np.float32))
+    if masks:
+        np.save(parts / f"{slot:06d}.masks.npy", np.stack(masks).astype(np.uint8))
+    result.update(rows=rows, failed=failed, n=len(rows))
+    path = Path(building) / "results" / f"{slot:06d}.json"
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+# ---- driver -------------------------------------------------------------------------------------
+
+def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: str | None = None, workers: int = 2,
+                 scheduler: str | None = None, progress: bool = True) -> ExtractionResult:
+    """Build (or find) the task patch store of `spec` over `volume_root`."""
+    t0 = time.perf_counter()
+    vstore = VolumeStore(volume_root)
+    plan = plan_task(vstore, spec, seed)
+    if not plan.cases:
+        raise RuntimeError(f"task {spec.name}: no usable case in {volume_root}: "
+                           + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in plan.skipped[:5]))
+    key = task_key(plan, spec, seed)
+    root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
+    name = f"task-{spec.name}-{key}"
+    final = root / name
+    if (final / "zarr.json").exists():
+        from pipeline.patches.store import PatchStore
+
+        ps = PatchStore(final)
+        return ExtractionResult(path=final, key=key, reused=True, n_cubes=len(ps), counts=ps.attrs["counts"],
+                                skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0)
+    root.mkdir(parents=True, exist_ok=True)
+    lock_fd = _lock(root / f".{name}.lock")
+    try:
+        return _build(vstore, plan, spec, seed, key, root / f".building-{name}", final, workers, scheduler,
+                      progress, t0)
+    finally:
+        import fcntl
+
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+
+
+def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, final: Path, workers, scheduler,
+           progress, t0) -> ExtractionResult:
+    if not (building / "results").is_dir():
+        shutil.rmtree(building, ignore_errors=True)
+        zarr.open_group(str(building), mode="w")  # mode "w" empties the folder: before the subfolders
+        (building / "results").mkdir()
+        (building / "parts").mkdir()
+    done = {}
+    for p in (building / "results").glob("*.json"):
+        r = json.loads(p.read_text())
+        done[r["slot"]] = r
+    todo = [(slot, c) for slot, c in enumerate(plan.cases) if c["cubes"] and slot not in done]
+    results = dict(done)
+    from distributed import as_completed
+
+    from pipeline.cluster import dask_client
+
+    with dask_client(workers, scheduler) as client:
+        if todo:
+            bar = tqdm(total=sum(c["cubes"] for c in plan.cases), initial=len(done), desc=f"{spec.name} cubes",
+                       unit="case", file=sys.stderr, disable=not progress)
+            futures = [client.submit(extract_case, str(vstore.root), c, spec, seed, slot, str(building), pure=False)
+                       for slot, c in todo]
+            for fut in as_completed(futures):
+                r = fut.result()
+                results[r["slot"]] = r
+                bar.update(1)
+            bar.close()
+        ordered = [results[s] for s in sorted(results)]
+        n_total = sum(r["n"] for r in ordered)
+        if n_total == 0:
+            raise RuntimeError(f"task {spec.name}: no cube from any of the {len(plan.cases)} cases: "
+                               + "; ".join(f"{r['case_id']}: {r['reason']}" for r in ordered if r["reason"])[:500])
+        channels = spec.in_channels
+        cube_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.cubes.npy"), r["n"]) for r in ordered]
+        assemble(building, "cubes", cube_parts, (channels,) + tuple(spec.cube_size), "float32", SHARD_ROWS,
+                 ("cube", "c", "z", "y", "x"), client=client)
+        if spec.kind == "segmentation":
+            mask_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.masks.npy"), r["n"]) for r in ordered]
+            assemble(building, "masks", mask_parts, (1,) + tuple(spec.cube_size), "uint8", SHARD_ROWS,
+                     ("cube", "c", "z", "y", "x"), client=client)
+    rows = [row for r in ordered for row in r["rows"]]
+    for i, row in enumerate(rows):
+        row["row"] = i
+    _add_fraction_order(rows, seed)
+    _write_tables(building, plan, rows, results)
+    failed = [f for r in ordered for f in r["failed"]]
+    skipped = plan.skipped + [{"scan_id": r["case_id"], "reason": r["reason"]} for r in ordered if r["reason"]]
+    counts = {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "validation", "test")}
+    attrs = {"genesis": {
+        "kind": "patch-store", "schema_version": 1, "key": key, "purpose": spec.kind, "task": spec.name,
+        "config": {"task": spec.data_dict(), "seed": seed}, "channels": list(spec.channels) or ["image"],
+        "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": plan.source_digest},
+        "cube_shape": list(spec.cube_size), "n_cubes": len(rows), "counts": counts, "shard_rows": SHARD_ROWS,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "skipped_scans": skipped, "failed_items": failed, "value_range": [0.0, 1.0],
+        "candidates_without_scan": plan.candidates_without_scan,
+        "label_counts": {s: {str(k): sum(1 for r in rows if r["split"] == s and r["label"] == k) for k in (0, 1)}
+                         for s in ("train", "validation", "test")},
+    }}
+    storage_schemas.validate_attrs("patch_store", attrs, str(building))
+    zarr.open_group(str(building), mode="r+").attrs.update(attrs)
+    shutil.rmtree(building / "results")
+    shutil.rmtree(building / "parts")
+    os.rename(building, final)
+    return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
+                            seconds=time.perf_counter() - t0, failed=failed)
+
+
+def _add_fraction_order(rows: list[dict], seed: int) -> None:
+    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    rank = S.fraction_order(np.array([rows[i]["label"] for i in train]), np.random.default_rng([seed, 0xF4AC]))
+    for r in rows:
+        r["fraction_order"] = None
+    for i, k in zip(train, rank):
+        rows[i]["fraction_order"] = int(k)
+
+
+def _write_tables(building: Path, plan: TaskPlan, rows: list[dict], results: dict) -> None:
+    table = pa.Table.from_pylist(rows, schema=storage_schemas.arrow_schema("task_patch_index"))
+    table = storage_schemas.check_table("task_patch_index", table, str(building / "index.parquet"))
+    pq.write_table(table, building / "index.parquet")
+    n_by_slot = {s: r["n"] for s, r in results.items()}
+    scans = [{"case_id": c["case_id"], "patient_id": c["patient_id"], "split": c["split"], "subset": c["subset"],
+              "scan_ids": list(c["scan_ids"]), "label_scan": c["label_scan"], "label": c["label"],
+              "n_cubes": int(n_by_slot.get(slot, 0))} for slot, c in enumerate(plan.cases)]
+    t = pa.Table.from_pylist(scans, schema=storage_schemas.arrow_schema("task_scans"))
+    pq.write_table(storage_schemas.check_table("task_scans", t, str(building / "scans.parquet")),
+                   building / "scans.parquet")
+
+
+def fraction_rows(index, fraction: float) -> np.ndarray:
+    """Training rows of a label fraction (nested: a smaller fraction is inside a larger one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    train = index[index["split"] == "train"]
+    n = int(math.ceil(fraction * len(train)))
+    return train.loc[train["fraction_order"] < n, "row"].to_numpy()

@@ -1,0 +1,186 @@
+"""What a task patch store will hold, decided on the driver before any voxel is read.
+
+From the volume store's catalog, scan attributes and tables: the cases of the task (a scan, or
+for multi-channel tasks the sequences of one subject), their patients and splits, and for
+classification the candidates each case gets (all positives, negatives subsampled per split by
+a seeded ratio). Everything here is small metadata; extraction tasks get one case each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline.tasks.spec import TaskSpec
+from pipeline.tasks.splits import SPLITS, assign_splits
+from pipeline.volume_store.store import VolumeStore
+from pipeline.volume_store.tables import read_table
+
+__all__ = ["TaskPlan", "plan_task", "patient_of"]
+
+_PATIENT_KEYS = ("patient_id", "PatientID", "case")
+
+
+@dataclass
+class TaskPlan:
+    cases: list[dict] = field(default_factory=list)
+    """One dict per case: case_id, patient_id, split, subset, scan_ids, label_scan, label, cubes (bool),
+    candidates (classification: list of dicts)."""
+    skipped: list[dict] = field(default_factory=list)
+    """[{"scan_id", "reason"}] scans of the dataset the task cannot use."""
+    source_digest: str = ""
+    """Hash of everything the store is made from (scans' content, settings, the table rows used)."""
+    candidates_without_scan: int = 0
+
+
+def patient_of(scan_id: str, genesis: dict) -> str:
+    """The patient a scan belongs to: the source's patient identifier, else the scan itself."""
+    ids = (genesis.get("source") or {}).get("identifiers") or {}
+    for key in _PATIENT_KEYS:
+        if ids.get(key):
+            return str(ids[key])
+    return scan_id
+
+
+def _scan_attrs(vstore: VolumeStore, scan_ids: list[str]) -> dict[str, dict]:
+    out = {}
+    for sid in scan_ids:
+        try:
+            out[sid] = vstore.scan_attrs(sid)["genesis"]
+        except (KeyError, OSError, ValueError):
+            continue
+    return out
+
+
+def _digest(rows: pd.DataFrame, extra: object) -> str:
+    h = hashlib.sha256()
+    for r in rows.sort_values("scan_id").itertuples():
+        h.update(json.dumps([r.scan_id, r.source_checksum, r.settings_hash, r.subset]).encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def plan_task(vstore: VolumeStore, spec: TaskSpec, seed: int) -> TaskPlan:
+    catalog = vstore.catalog()
+    ok = catalog[catalog["status"] == "ok"]
+    if spec.kind == "classification":
+        return _plan_classification(vstore, ok, spec, seed)
+    return _plan_segmentation(vstore, ok, spec)
+
+
+def _candidates_table(vstore: VolumeStore, spec: TaskSpec) -> tuple[pd.DataFrame, str]:
+    name = spec.sampling.table
+    table = read_table(vstore.root, name)
+    scan_col = "seriesuid" if "seriesuid" in table.columns else "case_id"
+    return table.reset_index(drop=True), scan_col
+
+
+def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, seed: int) -> TaskPlan:
+    plan = TaskPlan()
+    table, scan_col = _candidates_table(vstore, spec)
+    if table.empty:
+        raise ValueError(f"{vstore.root} has no '{spec.sampling.table}' table: convert the {spec.dataset} data "
+                         f"with its candidates file ({spec.data_layout})")
+    table = table.assign(source_id=np.arange(len(table)))
+    have = set(ok["scan_id"])
+    plan.candidates_without_scan = int((~table[scan_col].isin(have)).sum())
+    table = table[table[scan_col].isin(have)]
+    rows = ok[ok["scan_id"].isin(set(table[scan_col]))]
+    attrs = _scan_attrs(vstore, sorted(rows["scan_id"]))
+    cases = pd.DataFrame([{"case_id": sid, "patient_id": patient_of(sid, g), "subset": g.get("subset")}
+                          for sid, g in attrs.items()], columns=["case_id", "patient_id", "subset"])
+    if "patient_id" in table.columns:  # PE-CAD names the patient in its table
+        table_patients = table.drop_duplicates(scan_col).set_index(scan_col)["patient_id"].astype(str)
+        cases["patient_id"] = cases["case_id"].map(table_patients).fillna(cases["patient_id"])
+    cases["split"] = assign_splits(cases, spec.split)
+    split_of_case = dict(zip(cases["case_id"], cases["split"]))
+    table = table.assign(split=table[scan_col].map(split_of_case))
+    keep = _subsample_negatives(table, spec.sampling.negatives_per_positive, seed)
+    chosen = table[keep]
+    for c in cases.itertuples():
+        mine = chosen[chosen[scan_col] == c.case_id]
+        if mine.empty:
+            continue
+        cands = [{"source_id": int(r["source_id"]), "xyz": [float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])],
+                  "label": int(r["class"]), "direction": _direction(r)} for r in mine.to_dict("records")]
+        plan.cases.append({"case_id": c.case_id, "patient_id": c.patient_id, "split": c.split,
+                           "subset": c.subset, "scan_ids": [c.case_id], "label_scan": None, "label": None,
+                           "cubes": True, "candidates": cands})
+    used = chosen[["source_id", scan_col, "coordX", "coordY", "coordZ", "class"]].to_numpy().tolist()
+    plan.source_digest = _digest(rows, {"table": spec.sampling.table, "rows": used})
+    return plan
+
+
+def _direction(r: dict) -> list[float] | None:
+    vals = [r.get("dirX"), r.get("dirY"), r.get("dirZ")]
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in vals):
+        return None
+    return [float(v) for v in vals]
+
+
+def _subsample_negatives(table: pd.DataFrame, ratio: float | None, seed: int) -> np.ndarray:
+    """Keep every positive; per split at most ceil(ratio x positives) negatives (at least ratio when a
+    split has no positive), drawn with a seeded generator. ratio None keeps everything."""
+    keep = np.ones(len(table), dtype=bool)
+    if ratio is None:
+        return keep
+    labels = table["class"].to_numpy()
+    splits = table["split"].to_numpy()
+    for i, split in enumerate(SPLITS):
+        in_split = splits == split
+        neg = np.flatnonzero(in_split & (labels == 0))
+        n_keep = int(math.ceil(ratio * max(int((in_split & (labels > 0)).sum()), 1)))
+        if len(neg) > n_keep:
+            rng = np.random.default_rng([seed, i, 0xC0FFEE])
+            drop = np.setdiff1d(neg, rng.choice(neg, size=n_keep, replace=False))
+            keep[drop] = False
+    return keep
+
+
+def _plan_segmentation(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec) -> TaskPlan:
+    plan = TaskPlan()
+    label = spec.sampling.label
+    rows = ok[ok["dataset"] == spec.dataset]
+    if rows.empty:
+        raise ValueError(f"{vstore.root} has no scans of dataset '{spec.dataset}' for task {spec.name}: "
+                         f"convert {spec.data_layout}")
+    attrs = _scan_attrs(vstore, sorted(rows["scan_id"]))
+    groups: dict[str, dict[str, str]] = {}
+    info: dict[str, dict] = {}
+    for sid, g in attrs.items():
+        ids = (g.get("source") or {}).get("identifiers") or {}
+        case = str(ids.get("case", sid)) if spec.channels else sid
+        seq = str(ids.get("sequence", "")).lower() if spec.channels else ""
+        groups.setdefault(case, {})[seq] = sid
+        info.setdefault(case, {"patient_id": patient_of(sid, g), "subset": g.get("subset")})
+    cases = []
+    for case, members in sorted(groups.items()):
+        if spec.channels:
+            missing = [c for c in spec.channels if c not in members]
+            if missing:
+                for sid in members.values():
+                    plan.skipped.append({"scan_id": sid, "reason": f"case {case} has no {'/'.join(missing)} "
+                                         f"sequence (task {spec.name} reads {','.join(spec.channels)})"})
+                continue
+            scan_ids = [members[c] for c in spec.channels]
+        else:
+            scan_ids = [members[""]]
+        label_scan = next((s for s in scan_ids if label in (attrs[s].get("labels") or [])),
+                          next((s for s in members.values() if label in (attrs[s].get("labels") or [])), None))
+        if label_scan is None:
+            plan.skipped.append({"scan_id": scan_ids[0], "reason": f"no label map '{label}'"})
+            continue
+        cases.append({"case_id": case, "scan_ids": scan_ids, "label_scan": label_scan, "label": label, **info[case]})
+    frame = pd.DataFrame(cases, columns=["case_id", "patient_id", "subset", "scan_ids", "label_scan", "label"])
+    frame["split"] = assign_splits(frame, spec.split)
+    for c in frame.to_dict("records"):
+        c["cubes"] = not (spec.sampling.whole_volume_test and c["split"] == "test")
+        c["candidates"] = None
+        plan.cases.append(c)
+    plan.source_digest = _digest(rows, {"label": label, "channels": list(spec.channels)})
+    return plan

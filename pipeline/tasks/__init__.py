@@ -1,0 +1,7 @@
+"""The five target tasks as data (`TaskSpec`), their splits, and their task patch stores."""
+
+from pipeline.tasks.registry import all_tasks, get_task, register, task_names, tasks_table
+from pipeline.tasks.spec import Intensity, Optimisation, Published, Sampling, SplitRule, TaskSpec
+
+__all__ = ["Intensity", "Optimisation", "Published", "Sampling", "SplitRule", "TaskSpec", "all_tasks", "get_task",
+           "register", "task_names", "tasks_table"]
