@@ -12,6 +12,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+SAMPLE_DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
 
 
 def _triple(text: str) -> tuple[float, float, float]:
@@ -95,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--border-z", type=int, default=30)
     pp.add_argument("--min-slices", type=int, default=96)
     pp.add_argument("--no-progress", action="store_true")
+    pk = psub.add_parser("task", help="a target task's patch store (cubes, masks/labels, patient splits)")
+    pk.add_argument("task", help="task name (genesis tasks list): ncc, ncs, ecc, lcs, bms")
+    pk.add_argument("--store", required=True, help="volume store")
+    pk.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
+    pk.add_argument("--workers", type=_positive, default=2)
+    pk.add_argument("--dask-scheduler", metavar="ADDRESS")
+    pk.add_argument("--seed", type=int, default=0, help="sampling seed (negatives, jitter, crops, fraction order)")
+    pk.add_argument("--size", type=_ints3, metavar="D,H,W", help="cube size (default: the task's)")
+    pk.add_argument("--negative-ratio", metavar="R",
+                    help="classification: negatives kept per positive and split, or 'all' (default: the task's)")
+    pk.add_argument("--per-scan", type=_positive, help="segmentation (pos/neg tasks): cubes per scan")
+    pk.add_argument("--split-seed", type=int, help="seed of the patient-level split (default: the task's)")
+    pk.add_argument("--test-fold", type=_positive, help="fold-split tasks (ECC): the test fold")
+    pk.add_argument("--channels", help="multi-channel tasks (BMS): sequences, e.g. flair,t1ce")
+    pk.add_argument("--no-progress", action="store_true")
     pv2 = psub.add_parser("preview", help="PNG of sample cubes and of each corruption")
     pv2.add_argument("patch_store")
     pv2.add_argument("--out", required=True)
@@ -116,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the run --name (default: the latest run) with its own settings; --epochs extends it")
     tr.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
 
+    tk = sub.add_parser("tasks", help="the target tasks (task registry)")
+    tksub = tk.add_subparsers(dest="tasks_command", required=True)
+    tl = tksub.add_parser("list", help="print the task table")
+    tl.add_argument("--markdown", action="store_true")
+    ts = tksub.add_parser("show", help="print one task's full spec as JSON")
+    ts.add_argument("task")
+
     wt = sub.add_parser("weights", help="model weights in the MLflow registry")
     wsub = wt.add_subparsers(dest="weights_command", required=True)
     wi = wsub.add_parser("import", help="register an external checkpoint (e.g. Genesis_Chest_CT.pt)")
@@ -124,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     wi.add_argument("--alias", default="imported")
     wi.add_argument("--tracking-uri")
 
-    sd = sub.add_parser("sample-data", help="write sample chest CT in the LUNA16 layout")
+    sd = sub.add_parser("sample-data", help="write offline sample data in the real layouts of the task datasets")
     sd.add_argument("dir")
-    sd.add_argument("--scans", type=_positive, default=4)
+    sd.add_argument("--dataset", default="luna16", choices=list(SAMPLE_DATASETS) + ["all"],
+                    help="which dataset (default luna16; 'all' writes DIR/<dataset>/ for each)")
+    sd.add_argument("--scans", type=_positive, help="scans (cases) per dataset (default: the dataset's)")
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--no-real", action="store_true", help="skip fetching the two real lung CT cases")
     sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
@@ -136,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
-               "patches": _patches, "pretrain": _pretrain, "weights": _weights}[args.command]
+               "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -193,6 +218,8 @@ def _patches(args) -> int:
 
             print(render_patch_preview(args.patch_store, args.out, seed=args.seed))
             return EXIT_OK
+        if args.patches_command == "task":
+            return _task_patches(args)
         config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
                                      border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices)
         result = extract_pretrain(args.store, config, out_root=args.out, workers=args.workers,
@@ -204,6 +231,52 @@ def _patches(args) -> int:
         print(f"genesis patches {args.patches_command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(result.report())
+    return EXIT_OK
+
+
+def _task_spec(args):
+    """The task's spec with the command line's overrides (None leaves a field as the task has it)."""
+    import dataclasses
+
+    from pipeline.tasks import get_task
+
+    spec = get_task(args.task)
+    if args.negative_ratio is not None:
+        if spec.kind != "classification":
+            raise ValueError(f"--negative-ratio applies to classification tasks; {spec.name} is {spec.kind}")
+        try:
+            ratio = None if args.negative_ratio == "all" else float(args.negative_ratio)
+        except ValueError:
+            raise ValueError(f"--negative-ratio must be a number or 'all', got {args.negative_ratio!r}") from None
+        spec = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, negatives_per_positive=ratio))
+    channels = tuple(c.strip().lower() for c in args.channels.split(",")) if args.channels else None
+    return spec.with_overrides(cube_size=args.size, channels=channels, **{
+        "sampling.per_scan": args.per_scan, "split.seed": args.split_seed, "split.test_fold": args.test_fold})
+
+
+def _task_patches(args) -> int:
+    from pipeline.patches.task_extract import extract_task
+
+    spec = _task_spec(args)
+    result = extract_task(args.store, spec, seed=args.seed, out_root=args.out, workers=args.workers,
+                          scheduler=args.dask_scheduler, progress=not args.no_progress)
+    print(result.report())
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _tasks(args) -> int:
+    import json
+
+    from pipeline.tasks import get_task, tasks_table
+
+    try:
+        if args.tasks_command == "list":
+            print(tasks_table(markdown=args.markdown))
+        else:
+            print(json.dumps(get_task(args.task).to_dict(), indent=2))
+    except ValueError as exc:
+        print(f"genesis tasks {args.tasks_command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -239,15 +312,16 @@ def _weights(args) -> int:
 
 
 def _sample_data(args) -> int:
-    from pipeline.sample_data import make_sample_data
+    from pathlib import Path
 
-    kwargs = {}
-    if args.small:
-        from pipeline.sample_data import tiny_config
+    from pipeline.sample_data.datasets import write_sample
 
-        kwargs["config"] = tiny_config()
-    summary = make_sample_data(args.dir, n_scans=args.scans, seed=args.seed, include_real=not args.no_real, **kwargs)
-    print(summary.describe())
+    datasets = SAMPLE_DATASETS if args.dataset == "all" else (args.dataset,)
+    for name in datasets:
+        out = Path(args.dir) / name if args.dataset == "all" else Path(args.dir)
+        summary = write_sample(name, out, n_scans=args.scans, seed=args.seed, small=args.small,
+                               include_real=not args.no_real)
+        print(summary.describe())
     return EXIT_OK
 
 

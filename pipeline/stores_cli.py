@@ -74,12 +74,33 @@ def show_store(path: str, all_columns: bool = False) -> str:
         if a["skipped_scans"]:
             head += f"\nskipped {len(a['skipped_scans'])} scans: " + "; ".join(
                 f"{s['scan_id']}: {s['reason']}" for s in a["skipped_scans"])
+        if ps.is_task:
+            return head + "\n" + _task_store_view(ps)
         per_scan = idx.groupby(["scan_id", "split"], dropna=False).agg(
             cubes=("row", "size"), rows=("row", lambda r: f"{r.min()}-{r.max()}"),
             dense=("dense_fraction", "mean")).reset_index()
         with pd.option_context("display.max_rows", None, "display.width", 250):
             return head + "\n" + per_scan.to_string(index=False)
     raise StoreError(f"{path} is not a store (no genesis store attributes in {path}/zarr.json)")
+
+
+def _task_store_view(ps) -> str:
+    """Per case: patient, split, cubes and positives; then failed candidates, if any."""
+    idx = ps.index
+    per_case = idx.groupby(["case_id", "patient_id", "split"], dropna=False).agg(
+        cubes=("row", "size"), positives=("label", "sum"), rows=("row", lambda r: f"{r.min()}-{r.max()}")).reset_index()
+    scans = ps.scans
+    whole = scans[scans["n_cubes"] == 0][["case_id", "patient_id", "split"]].assign(cubes=0, positives=0, rows="whole volume")
+    table = pd.concat([per_case, whole], ignore_index=True).sort_values(["split", "case_id"])
+    lines = [f"task {ps.attrs['task']}: channels {','.join(ps.attrs.get('channels', []))}, "
+             f"labels per split {json.dumps(ps.attrs.get('label_counts', {}))}"]
+    with pd.option_context("display.max_rows", None, "display.width", 250, "display.max_colwidth", 70):
+        lines.append(table.to_string(index=False))
+    failed = ps.attrs.get("failed_items") or []
+    if failed:
+        lines.append(f"failed {len(failed)} items:")
+        lines += [f"  {f['scan_id']} {f['item']}: {f['reason']}" for f in failed]
+    return "\n".join(lines)
 
 
 def list_stores(root: str) -> str:
@@ -115,6 +136,10 @@ def _summary_row(path: str, kind: str) -> dict:
         ps = PatchStore(path)
         row["items"] = f"{ps.attrs['n_cubes']} cubes"
         cfg = dict(ps.attrs["config"])
-        row["config"] = f"{ps.attrs['purpose']} " + PretrainPatchConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}).summary()
+        if ps.is_task:
+            row["config"] = (f"task {ps.attrs['task']} ({ps.purpose}) "
+                             f"{'x'.join(map(str, ps.attrs['cube_shape']))} seed {cfg.get('seed')}")
+        else:
+            row["config"] = f"{ps.attrs['purpose']} " + PretrainPatchConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}).summary()
     return row

@@ -8,6 +8,7 @@ the catalog instead of stopping the run.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import zipfile
@@ -24,6 +25,10 @@ SIDECAR_SUFFIXES = (".raw", ".zraw", ".img", ".csv", ".json", ".txt", ".md", ".p
 LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "-seg", "-label", "-mask")
 BRATS_SEQUENCES = ("flair", "t1ce", "t1", "t2")
 LUNA16_TABLES = ("annotations.csv", "candidates.csv", "candidates_V2.csv")
+# PE-CAD (storage_schemas/PE_CAD_LAYOUT.md): .mhd files beside pe_candidates.csv are its scans
+PE_CANDIDATES, PE_FOLDS = "pe_candidates.csv", "pe_folds.csv"
+PE_TABLES = (PE_CANDIDATES, PE_FOLDS)
+TABLE_NAMES = LUNA16_TABLES + PE_TABLES
 _SUBSET = re.compile(r"^subset(\d+)$")
 LUNA16_LUNG_MASKS = "seg-lungs-LUNA16"
 
@@ -55,7 +60,8 @@ class ScanSource:
 
 @dataclass(frozen=True)
 class TableSource:
-    """A LUNA16 table (annotations.csv / candidates.csv), on disk or inside a zip."""
+    """A table kept with the store: LUNA16's annotations.csv / candidates.csv (on disk or inside a
+    zip) or PE-CAD's pe_candidates.csv / pe_folds.csv (on disk)."""
 
     name: str
     path: str
@@ -134,7 +140,7 @@ def _classify(path: str, found: Discovery, dicom_files: list[str], image_files: 
     name = os.path.basename(path)
     if name.lower().endswith(".zip"):
         found.scans.extend(_zip_scans(path, found))
-    elif name in LUNA16_TABLES:
+    elif name in TABLE_NAMES:
         found.tables.append(TableSource(name=name, path=path))
     elif _has_suffix(name, IMAGE_SUFFIXES):
         image_files.append(path)
@@ -158,6 +164,7 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
     # LUNA16 ships lung masks as seg-lungs-LUNA16/<seriesuid>.mhd: label maps, not scans
     lung_masks = {stems[f]: f for f in files if os.path.basename(os.path.dirname(f)) == LUNA16_LUNG_MASKS}
     claimed.update(lung_masks.values())
+    pe_folders: dict[str, _PeIndex | None] = {}
 
     for f in files:
         stem, folder = stems[f], os.path.dirname(f)
@@ -203,7 +210,11 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
             if os.path.exists(msd_label):
                 labels.append(("label", msd_label))
         low = f.lower()
-        if low.endswith((".mhd", ".mha")):
+        if folder not in pe_folders:
+            pe_folders[folder] = _pe_index(folder)
+        if low.endswith((".mhd", ".mha")) and pe_folders[folder] is not None:
+            scans.append(pe_folders[folder].scan(stem, f, tuple(labels)))
+        elif low.endswith((".mhd", ".mha")):
             subset = _subset_of(Path(f).parts)
             dataset = "luna16" if subset else "metaimage"
             if subset and stem in lung_masks:
@@ -215,6 +226,50 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
             scans.append(ScanSource(scan_id=stem, kind="image", dataset=dataset, files=(f,), source_path=f,
                                     labels=tuple(labels)))
     return scans
+
+
+@dataclass(frozen=True)
+class _PeIndex:
+    """What PE-CAD's tables say about the scans of one folder: case_id -> patient_id and
+    patient_id -> fold. Only these two columns are read here; store_tables validates the rest
+    and reports a bad table as a problem naming the file."""
+
+    patients: dict[str, str]
+    folds: dict[str, str]
+
+    def scan(self, stem: str, path: str, labels: tuple[tuple[str, str], ...]) -> ScanSource:
+        patient = self.patients.get(stem)
+        fold = self.folds.get(patient) if patient is not None else None
+        return ScanSource(scan_id=stem, kind="metaimage", dataset="pe", files=(path,), source_path=path,
+                          subset=f"fold{fold}" if fold else None, modality="CT", labels=labels,
+                          identifiers=(("patient_id", patient),) if patient is not None else ())
+
+
+def _csv_column_map(path: str, key: str, value: str) -> dict[str, str]:
+    """{row[key]: row[value]} of a small CSV; empty when the file or a column is unusable (the
+    table itself then fails in store_tables with the reason)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    out: dict[str, str] = {}
+    for row in rows:
+        k, v = (row.get(key) or "").strip(), (row.get(value) or "").strip()
+        if k and v:
+            out.setdefault(k, v)
+    return out
+
+
+def _pe_index(folder: str) -> _PeIndex | None:
+    """The PE-CAD index of `folder`, or None when it holds no pe_candidates.csv."""
+    candidates = os.path.join(folder, PE_CANDIDATES)
+    if not os.path.isfile(candidates):
+        return None
+    folds_csv = os.path.join(folder, PE_FOLDS)
+    folds = _csv_column_map(folds_csv, "patient_id", "fold") if os.path.isfile(folds_csv) else {}
+    folds = {p: k for p, k in folds.items() if re.fullmatch(r"[1-9]\d*", k)}
+    return _PeIndex(patients=_csv_column_map(candidates, "case_id", "patient_id"), folds=folds)
 
 
 def safe_member(name: str) -> bool:

@@ -29,13 +29,18 @@ def _corruptions(cube: np.ndarray, rng: np.random.Generator):
 
 
 def render_patch_preview(path: str, out: str, n_cubes: int = 8, seed: int = 0) -> str:
-    """Top: middle axial slices of `n_cubes` cubes; below: original / corrupted pairs per corruption."""
+    """Top: middle axial slices of `n_cubes` cubes; below: original / corrupted pairs per corruption.
+    Task stores get their own view (labels, masks): `pipeline.patches.task_preview`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     store = PatchStore(path)
+    if store.is_task:
+        from pipeline.patches.task_preview import render_task_preview
+
+        return render_task_preview(path, out, n_cubes=n_cubes, seed=seed)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.index["row"].to_numpy(), size=min(n_cubes, len(store)), replace=False))
     cubes = store.read(rows)[:, 0]

