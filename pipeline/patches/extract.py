@@ -48,6 +48,7 @@ class ExtractionResult:
     skipped: list = field(default_factory=list)  # [{"scan_id", "reason"}]
     seconds: float = 0.0
     failed: list = field(default_factory=list)  # [{"scan_id", "item", "reason"}]: candidates that gave no cube
+    tasks: list = field(default_factory=list)  # per case/scan extracted by this run: n, seconds, task_peak_bytes, pid
 
     def report(self) -> str:
         verb = "reused existing" if self.reused else "built"

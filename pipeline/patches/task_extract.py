@@ -145,7 +145,11 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
     """Cubes (and masks) of one case into `.npy` parts; leaves and returns its result (never raises for bad data)."""
     import numcodecs
 
+    from pipeline.peak_memory import reset_peak_rss, status_kb
+
     numcodecs.blosc.set_nthreads(1)
+    rss_start = reset_peak_rss()
+    t0 = time.perf_counter()
     store = VolumeStore(volume_root)
     result = {"slot": slot, "case_id": case["case_id"], "rows": [], "failed": [], "reason": None, "n": 0}
     try:
@@ -162,7 +166,8 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
         np.save(parts / f"{slot:06d}.cubes.npy", np.stack(cubes).astype(np.float32))
     if masks:
         np.save(parts / f"{slot:06d}.masks.npy", np.stack(masks).astype(np.uint8))
-    result.update(rows=rows, failed=failed, n=len(rows))
+    result.update(rows=rows, failed=failed, n=len(rows), seconds=time.perf_counter() - t0,
+                  task_peak_bytes=max(0, status_kb("VmHWM") * 1024 - rss_start), pid=os.getpid())
     path = Path(building) / "results" / f"{slot:06d}.json"
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(result))
@@ -270,7 +275,9 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
     shutil.rmtree(building / "parts")
     os.rename(building, final)
     return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
-                            seconds=time.perf_counter() - t0, failed=failed)
+                            seconds=time.perf_counter() - t0, failed=failed,
+                            tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid")}
+                                   for r in ordered if "seconds" in r and r["slot"] not in done])
 
 
 def _add_fraction_order(rows: list[dict], seed: int) -> None:

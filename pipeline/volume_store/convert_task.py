@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import shutil
 import time
 import traceback
@@ -21,6 +20,8 @@ import zarr
 import storage_schemas
 
 from pipeline.ingest import ScanSource, checksum, fingerprint, read_source
+from pipeline.peak_memory import reset_peak_rss as _reset_peak_rss
+from pipeline.peak_memory import status_kb as _status_kb
 from pipeline.volume_store.checks import check_and_cast, resample
 from pipeline.volume_store.image_writer import write_image
 from pipeline.volume_store.settings import SCHEMA_VERSION, ConvertSettings
@@ -50,27 +51,6 @@ def failed_record(source: ScanSource, settings: ConvertSettings, reason: str, ke
     rec.update(status="failed", error=" ".join(str(reason).split())[:500], source_checksum=source_checksum,
                record_key=key or source.scan_id)
     return rec
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's high-water mark of this process (Linux) and return the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-    return _status_kb("VmRSS") * 1024
-
-
-def _status_kb(field: str) -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings, token: str,
