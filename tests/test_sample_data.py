@@ -88,7 +88,15 @@ def test_phantom_hounsfield_units_per_tissue():
         assert lab[tuple(np.rint(n.center_zyx).astype(int))] == ph.NODULE
     assert len(params.false_candidates_zyx) == TINY.false_candidates_per_scan
     for p in params.false_candidates_zyx:
-        assert lab[tuple(np.rint(p).astype(int))] in (ph.LUNG, ph.VESSEL)
+        assert lab[tuple(np.rint(p).astype(int))] in (ph.LUNG, ph.VESSEL, ph.SOFT_TISSUE)
+    # pleura-attached blobs: soft tissue at the candidate, touching the chest wall beside the lung
+    assert params.pleural_blobs
+    for blob in params.pleural_blobs:
+        z, y, x = np.rint(blob.center_zyx).astype(int)
+        assert lab[z, y, x] == ph.SOFT_TISSUE and blob.center_zyx in params.false_candidates_zyx
+        r = int(np.ceil(blob.diameter_mm / TINY.spacing_mm[2]))
+        row = lab[z, y, max(0, x - r - 1):x + r + 2]
+        assert ph.LUNG in row and np.sum(row != ph.LUNG) > 2 * (blob.diameter_mm / 2 / TINY.spacing_mm[2]) - 2
 
 
 def test_zero_noise_gives_exact_tissue_values():

@@ -59,7 +59,8 @@ class PhantomConfig:
     nodule_diameter_mm: tuple[float, float] = (5.0, 20.0)
     """Range of nodule diameters (LUNA16 annotates nodules >= 3 mm)."""
     false_candidates_per_scan: int = 6
-    """Class-0 candidates per scan: half on vessels, half elsewhere in the lungs."""
+    """Class-0 candidates per scan: half on vessel cross-sections, half on pleura-attached soft-tissue
+    blobs (what a nodule detector's false positives mostly are), so NCC is not trivial."""
     noise_sd_hu: float = 20.0
     """Standard deviation of the white Gaussian noise added everywhere."""
     lung_texture_sd_hu: float = 20.0
@@ -164,6 +165,8 @@ class PhantomParams:
     nodules: tuple[Nodule, ...]
     false_candidates_zyx: tuple[tuple[float, float, float], ...]
     noise_seed: int
+    pleural_blobs: tuple[Nodule, ...] = ()
+    """Soft-tissue blobs attached to the chest wall (false candidates that look like juxtapleural nodules)."""
 
 
 @dataclass(frozen=True)
@@ -260,10 +263,10 @@ def draw_phantom(config: PhantomConfig, rng: np.random.Generator) -> PhantomPara
     anatomy = _Anatomy(config, provisional)
     vessels = _draw_vessels(config, anatomy, rng)
     nodules = _draw_nodules(config, anatomy, rng)
-    false_candidates = _draw_false_candidates(config, anatomy, vessels, nodules, rng)
+    false_candidates, blobs = _draw_false_candidates(config, anatomy, vessels, nodules, rng)
     return dataclasses.replace(
         provisional, rib_phase_mm=float(rng.uniform(0, 30.0)), vessels=vessels, nodules=nodules,
-        false_candidates_zyx=false_candidates, noise_seed=int(rng.integers(0, 2 ** 63)))
+        false_candidates_zyx=false_candidates, noise_seed=int(rng.integers(0, 2 ** 63)), pleural_blobs=blobs)
 
 
 def _draw_vessels(config, anatomy: _Anatomy, rng) -> tuple[VesselSegment, ...]:
@@ -323,31 +326,47 @@ def _draw_nodules(config, anatomy: _Anatomy, rng) -> tuple[Nodule, ...]:
 
 
 def _draw_false_candidates(config, anatomy, vessels, nodules, rng):
-    """Points on vessel centrelines inside the lungs, and random lung points, away from nodules."""
+    """Points on vessel centrelines inside the lungs, and pleura-attached blobs, away from nodules.
+
+    A blob is placed by walking from a random lung point sideways to the chest wall; its centre
+    sits inside the lung, half its radius from the wall, so the blob touches the pleura. Returns
+    (candidate centres as voxel indices, blobs).
+    """
     wanted = config.false_candidates_per_scan
     if wanted == 0:
-        return ()
+        return (), ()
     nodule_mm = [(_index_to_mm(config, n.center_zyx), n.diameter_mm / 2) for n in nodules]
 
-    def usable(p):
+    def usable(p, margin=5.0):
         return (bool(anatomy.in_lung(p[0], p[1], p[2]))
-                and all(np.linalg.norm(p - c) > r + 5.0 for c, r in nodule_mm))
+                and all(np.linalg.norm(p - c) > r + margin for c, r in nodule_mm))
 
-    found = []
+    found, blobs = [], []
     n_vessel = (wanted + 1) // 2 if vessels else 0
+    step = 0.5 * min(config.spacing_mm[1:])
     for _ in range(200 * wanted):
         if len(found) >= wanted:
             break
         if len(found) < n_vessel:
             seg = vessels[int(rng.integers(0, len(vessels)))]
             p = np.asarray(seg.start_mm) + rng.uniform(0, 1) * (np.subtract(seg.end_mm, seg.start_mm))
-        else:
-            p = np.array([rng.uniform(anatomy.z_base, anatomy.z_apex),
-                          anatomy.cy + rng.uniform(-1, 1) * anatomy.ly,
-                          anatomy.lung_cx[int(rng.integers(0, 2))] + rng.uniform(-1, 1) * anatomy.lx])
-        if usable(p):
-            found.append(tuple(map(float, _mm_to_index(config, p))))
-    return tuple(found)
+            if usable(p):
+                found.append(tuple(map(float, _mm_to_index(config, p))))
+            continue
+        side = int(rng.integers(0, 2))
+        p = np.array([rng.uniform(anatomy.z_base, anatomy.z_apex), anatomy.cy + rng.uniform(-0.7, 0.7) * anatomy.ly,
+                      anatomy.lung_cx[side]])
+        if not anatomy.in_lung(*p):
+            continue
+        outward = np.array([0.0, 0.0, np.sign(anatomy.lung_cx[side]) or 1.0])
+        while anatomy.in_lung(*(p + step * outward)):
+            p = p + step * outward
+        radius = float(rng.uniform(2.5, 5.0))
+        centre = p - outward * 0.5 * radius
+        if usable(centre, margin=radius + 5.0):
+            found.append(tuple(map(float, _mm_to_index(config, centre))))
+            blobs.append(Nodule(tuple(map(float, _mm_to_index(config, centre))), round(2 * radius, 3)))
+    return tuple(found), tuple(blobs)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -399,6 +418,8 @@ def render_phantom(config: PhantomConfig, params: PhantomParams) -> Phantom:
         _paint_capsule(config, volume, labels, seg, lung)
     for nodule in params.nodules:
         _paint_sphere(config, volume, labels, nodule)
+    for blob in params.pleural_blobs:
+        _paint_sphere(config, volume, labels, blob, hu=HU_SOFT_TISSUE, label=SOFT_TISSUE)
 
     noise_rng = np.random.default_rng(params.noise_seed)
     if config.lung_texture_sd_hu > 0:
@@ -443,7 +464,7 @@ def _paint_capsule(config, volume, labels, seg: VesselSegment, lung) -> None:
     volume[box][hit], labels[box][hit] = HU_VESSEL, VESSEL
 
 
-def _paint_sphere(config, volume, labels, nodule: Nodule) -> None:
+def _paint_sphere(config, volume, labels, nodule: Nodule, hu: float = HU_NODULE, label: int = NODULE) -> None:
     c = _index_to_mm(config, nodule.center_zyx)
     radius = nodule.diameter_mm / 2
     box = _box(config, c - radius, c + radius)
@@ -451,7 +472,7 @@ def _paint_sphere(config, volume, labels, nodule: Nodule) -> None:
         return
     zz, yy, xx = _box_coords(config, box)
     hit = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= radius * radius
-    volume[box][hit], labels[box][hit] = HU_NODULE, NODULE
+    volume[box][hit], labels[box][hit] = hu, label
 
 
 def generate_phantom(config: PhantomConfig, rng: np.random.Generator) -> tuple[PhantomParams, Phantom]:
