@@ -312,3 +312,28 @@ def test_readme_task_table_is_the_registry():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     start, end = readme.index("<!-- tasks-table -->"), readme.index("<!-- /tasks-table -->")
     assert readme[start:end].split("\n", 1)[1].strip() == tasks_table(markdown=True).strip()
+
+
+def test_interrupted_task_extraction_resumes_with_finished_cases(luna_store, tmp_path):
+    from pipeline.patches.task_extract import extract_case, task_key
+    from pipeline.patches.task_plan import plan_task
+
+    store, _ = luna_store
+    spec = get_task("ncc").with_overrides(cube_size=(8, 16, 16))
+    ref = extract_task(str(store), spec, out_root=str(tmp_path / "ref"), workers=1, progress=False)
+    # a run killed after its first case: the building folder holds that case's part and result only
+    plan = plan_task(VolumeStore(store), spec, 0)
+    name = f"task-ncc-{task_key(plan, spec, 0)}"
+    building = tmp_path / "ps" / f".building-{name}"
+    import zarr
+
+    zarr.open_group(str(building), mode="w")
+    (building / "results").mkdir()
+    (building / "parts").mkdir()
+    extract_case(str(store), plan.cases[0], spec, 0, 0, str(building))
+    assert main(["stores", "list", str(tmp_path / "ps")]) == 0 and not (tmp_path / "ps" / name).exists()
+    res = extract_task(str(store), spec, out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    assert res.path.name == name and not building.exists() and not res.reused
+    assert [t["case_id"] for t in res.tasks] == [c["case_id"] for c in plan.cases[1:]]  # the first was kept
+    np.testing.assert_array_equal(PatchStore(res.path).cubes[...], PatchStore(ref.path).cubes[...])
+    assert PatchStore(res.path).index.equals(PatchStore(ref.path).index)
