@@ -26,6 +26,41 @@ def _step(title: str, argv: list[str], allowed=(0,)) -> None:
         raise SystemExit(f"demo step failed: genesis {shlex.join(argv)} exited {code}")
 
 
+TASK_DATASETS = ("lidc", "pe", "lits", "brats")
+
+
+def _task_steps(out: Path, luna_store: Path, patch_root: Path, seed: int) -> dict[str, tuple[Path, Path]]:
+    """Sample data of the other four task datasets (small), one volume store for them, five task stores."""
+    samples = out / "sample_tasks"
+    for name in TASK_DATASETS:
+        _step(f"8. sample {name} data in its real layout (small)",
+              ["sample-data", str(samples / name), "--dataset", name, "--small", "--seed", str(seed)])
+    task_store = out / "task_volume_store"
+    present = [str(samples / n) for n in TASK_DATASETS if (samples / n).exists()]
+    _step("9. convert the task datasets (Dask, 2 workers)", ["convert", *present, "--store", str(task_store),
+                                                              "--workers", "2"])
+    _step("10. the target tasks", ["tasks", "list"])
+    from pipeline.tasks import all_tasks
+    from pipeline.volume_store import VolumeStore
+
+    datasets = set(VolumeStore(task_store).catalog().query("status == 'ok'")["dataset"])
+    built = {}
+    for spec in all_tasks():
+        source = luna_store if spec.dataset == "luna16" else task_store
+        if spec.dataset != "luna16" and spec.dataset not in datasets:
+            print(f"\n=== 11. task {spec.name}: skipped, no {spec.dataset} scans (its sample data was skipped above)")
+            continue
+        argv = ["patches", "task", spec.name, "--store", str(source), "--out", str(patch_root), "--workers", "2"]
+        _step(f"11. the {spec.name.upper()} task patch store", argv, allowed=(0, 1))
+        from pipeline.patches.task_extract import extract_task
+
+        path = extract_task(str(source), spec, seed=0, out_root=str(patch_root), progress=False).path
+        png = out / "previews" / f"task-{spec.name}.png"
+        _step(f"12. preview of the {spec.name.upper()} store", ["patches", "preview", str(path), "--out", str(png)])
+        built[spec.name] = (path, png)
+    return built
+
+
 def run_demo(out: Path, scans: int = 4, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sample, store = out / "sample_luna16", out / "volume_store"
@@ -53,9 +88,10 @@ def run_demo(out: Path, scans: int = 4, seed: int = 0) -> None:
     _step("6. the patch store", ["stores", "show", str(patches)])
     patch_png = out / "previews" / "patches.png"
     _step("7. sample cubes and the corruptions", ["patches", "preview", str(patches), "--out", str(patch_png)])
-    _step("8. every store", ["stores", "list", str(out)])
+    task_stores = _task_steps(out, store, patch_root, seed)
+    _step("13. every store", ["stores", "list", str(out)])
     db = (out / "mlflow.db").resolve()
-    _step("9. tiny Models Genesis pretraining: Ray Train, 2 workers, recorded in MLflow",
+    _step("14. tiny Models Genesis pretraining: Ray Train, 2 workers, recorded in MLflow",
           ["pretrain", "--patches", str(patches), "--preset", "tiny", "--workers", "2",
            "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(out / "ray_results")])
     print(f"\n=== demo finished in {time.perf_counter() - t0:.0f} s. Results:")
@@ -65,6 +101,8 @@ def run_demo(out: Path, scans: int = 4, seed: int = 0) -> None:
         print(f"  preview:                     {png}")
     print(f"  patch store:                 {patches}   ({len(PatchStore(patches))} cubes)")
     print(f"  cubes and corruptions:       {patch_png}")
+    for name, (path, png) in task_stores.items():
+        print(f"  task store {name.upper()}:              {path}   (preview {png})")
     print(f"  checkpoints (Ray Train):     {out / 'ray_results'}")
     print(f"  MLflow runs and models:      .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000"
           f"  then open http://127.0.0.1:5000 (model: models:/genesis-pretrained/latest)")

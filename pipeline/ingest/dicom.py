@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from pipeline.ingest.lidc import ConsensusConfig, lidc_header, read_lidc_labels
 from pipeline.ingest.sources import ScanSource, safe_member
 from pipeline.ingest.volume import Volume, volume_from_image
 
@@ -24,6 +25,7 @@ __all__ = ["group_series", "group_series_in_zip", "read_dicom", "order_slices"]
 
 _TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "ImagePositionPatient",
          "ImageOrientationPatient", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"]
+LIDC_LABEL = "nodules"  # the label name of LIDC-IDRI consensus nodules (labels/nodules in the store)
 SPACING_TOLERANCE = 0.05  # relative deviation from the median slice gap that still counts as regular
 
 
@@ -49,16 +51,67 @@ def _group(headers: list[tuple[str, pydicom.Dataset | None]], source_path: str, 
             continue
         series[str(uid)].append(name)
         meta.setdefault(str(uid), ds)
+    folders = {uid: _series_folder(names) for uid, names in series.items()} if not archive else {}
+    lidc = _LidcIndex(folders)
     for uid, names in sorted(series.items()):
         ds = meta[uid]
         ids = {k: str(getattr(ds, k)) for k in ("StudyInstanceUID", "PatientID") if getattr(ds, k, None)}
         ids["SeriesInstanceUID"] = uid
         common = os.path.commonpath(names) if not archive else archive
+        xml = lidc.xml_for(uid) if not archive else None
         scans.append(ScanSource(
-            scan_id=uid, kind=kind, dataset="dicom", files=tuple(sorted(names)),
+            scan_id=uid, kind=kind, dataset="lidc" if xml else "dicom", files=tuple(sorted(names)),
             source_path=common if not archive else archive, archive=archive,
-            modality=str(getattr(ds, "Modality", "") or "OT"), identifiers=tuple(sorted(ids.items()))))
+            modality=str(getattr(ds, "Modality", "") or "OT"), identifiers=tuple(sorted(ids.items())),
+            labels=((LIDC_LABEL, xml),) if xml else ()))
     return scans
+
+
+def _series_folder(names: list[str]) -> str:
+    """The folder holding a series' files (their common folder, not a file when there is one)."""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(n)) for n in names])
+
+
+class _LidcIndex:
+    """Which LIDC-IDRI XML annotates which series, looking only in each series' own folder.
+
+    TCIA puts one LIDC XML in the series folder. It belongs to a series when its
+    ResponseHeader's SeriesInstanceUid names it; when no XML of the folder names the series,
+    the folder's only LIDC XML is taken if the folder holds only that series (some copies lack
+    or mistype the UID). Zipped series are not searched (their labels would need the XML
+    member extracted beside the slices).
+    """
+
+    def __init__(self, folders: dict[str, str]) -> None:
+        self.folders = folders
+        self.per_folder: dict[str, list[tuple[str, str | None]]] = {}
+
+    def _xmls(self, folder: str) -> list[tuple[str, str | None]]:
+        if folder not in self.per_folder:
+            found = []
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            for name in names:
+                path = os.path.join(folder, name)
+                if name.lower().endswith(".xml") and not name.startswith(".") and os.path.isfile(path):
+                    is_lidc, uid = lidc_header(path)
+                    if is_lidc:
+                        found.append((path, uid))
+            self.per_folder[folder] = found
+        return self.per_folder[folder]
+
+    def xml_for(self, series_uid: str) -> str | None:
+        folder = self.folders.get(series_uid)
+        if folder is None:
+            return None
+        xmls = self._xmls(folder)
+        named = [p for p, uid in xmls if uid == series_uid]
+        if named:
+            return named[0]
+        alone = sum(1 for f in self.folders.values() if f == folder) == 1
+        return xmls[0][0] if len(xmls) == 1 and alone else None
 
 
 def group_series(files: list[str]) -> list[ScanSource]:
@@ -137,4 +190,31 @@ def _read_files(files: list[str], source: ScanSource) -> Volume:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(ordered)
         image = reader.Execute()
-    return volume_from_image(image, modality=source.modality or "OT", identifiers=dict(source.identifiers))
+    labels, attrs = _xml_labels(source, ordered, image)
+    return volume_from_image(image, modality=source.modality or "OT", labels=labels,
+                             identifiers=dict(source.identifiers), label_attrs=attrs)
+
+
+def _xml_labels(source: ScanSource, ordered: list[str], image: sitk.Image) -> tuple[dict[str, sitk.Image], dict]:
+    """LIDC XML labels rasterised on the series' own grid, before the LPS reorientation.
+
+    The label image copies the CT image's geometry, so `volume_from_image` reorients both the
+    same way and they stay voxel-exact after LPS. Other label files of a DICOM series are not
+    read here (DICOM discovery attaches none).
+    """
+    labels: dict[str, sitk.Image] = {}
+    attrs: dict[str, dict] = {}
+    for name, path in source.labels:
+        if not path.lower().endswith(".xml"):
+            raise ValueError(f"label '{name}' of a DICOM series must be an LIDC XML file, got {os.path.basename(path)}")
+        if len(ordered) < 2:
+            raise ValueError(f"LIDC labels {os.path.basename(path)} need a series of single-slice files")
+        result = read_lidc_labels(path, ordered, ConsensusConfig())
+        if result.mask.shape != tuple(reversed(image.GetSize())):
+            raise ValueError(f"LIDC labels {os.path.basename(path)}: grid {result.mask.shape} differs from the "
+                             f"series' {tuple(reversed(image.GetSize()))}")
+        label = sitk.GetImageFromArray(result.mask)
+        label.CopyInformation(image)
+        labels[name] = label
+        attrs[name] = result.attrs()
+    return labels, attrs

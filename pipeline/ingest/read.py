@@ -33,6 +33,9 @@ def read_source(source: ScanSource) -> Volume:
         image = _read_zip_image(source)
     else:
         raise ValueError(f"unknown source kind {source.kind!r}")
+    xml = [path for _, path in source.labels if path.lower().endswith(".xml")]
+    if xml:  # LIDC XML contours are placed by DICOM slice UIDs/positions: only a DICOM series has them
+        raise ValueError(f"label {os.path.basename(xml[0])} is an XML annotation, readable only with a DICOM series")
     labels = {name: _read_image(path) for name, path in source.labels}
     modality = source.modality or "OT"
     return volume_from_image(image, modality=modality, labels=labels, identifiers=dict(source.identifiers))

@@ -30,6 +30,8 @@ class Volume:
     modality: str
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     identifiers: dict[str, str] = field(default_factory=dict)
+    label_attrs: dict[str, dict] = field(default_factory=dict)
+    """Per-label metadata (JSON-serialisable), stored under "genesis" in the label group's attributes."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -48,7 +50,8 @@ def to_lps(image: sitk.Image) -> sitk.Image:
 
 
 def volume_from_image(image: sitk.Image, modality: str, labels: dict[str, sitk.Image] | None = None,
-                      identifiers: dict[str, str] | None = None) -> Volume:
+                      identifiers: dict[str, str] | None = None,
+                      label_attrs: dict[str, dict] | None = None) -> Volume:
     """Turn a SimpleITK image (and label maps on the same grid) into an LPS `Volume`."""
     if image.GetDimension() != 3:
         raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D with size {image.GetSize()}")
@@ -70,6 +73,7 @@ def volume_from_image(image: sitk.Image, modality: str, labels: dict[str, sitk.I
         modality=modality,
         labels=out_labels,
         identifiers=dict(identifiers or {}),
+        label_attrs={k: v for k, v in (label_attrs or {}).items() if k in out_labels},
     )
 
 

@@ -116,12 +116,15 @@ def write_image(group: zarr.Group, volume: Volume, settings: ConvertSettings, ge
                 stored += _write_array(lg, str(i), np.ascontiguousarray(arr), settings)
                 lt.append((spacing, volume.origin))  # strided: first voxel keeps its centre
             values = np.unique(label)
-            lg.attrs.update({"ome": {
+            attrs = {"ome": {
                 "version": "0.5",
                 "multiscales": multiscales(name, lt),
                 "image-label": {"version": "0.5", "source": {"image": "../../"},
                                 "properties": [{"label-value": int(v)} for v in values[:256]]},
-            }})
+            }}
+            if volume.label_attrs.get(name):
+                attrs["genesis"] = volume.label_attrs[name]  # e.g. LIDC nodules: readers, centroids, problems
+            lg.attrs.update(attrs)
     group.attrs.update({"ome": {"version": "0.5", "multiscales": multiscales(genesis_attrs["scan_id"], transforms)},
                         "genesis": genesis_attrs})
     return stored
