@@ -32,9 +32,11 @@ TASK_DATASETS = ("lidc", "pe", "lits", "brats")
 def _task_steps(out: Path, luna_store: Path, patch_root: Path, seed: int) -> dict[str, tuple[Path, Path]]:
     """Sample data of the other four task datasets (small), one volume store for them, five task stores."""
     samples = out / "sample_tasks"
+    scans = {"lidc": 3, "pe": 6, "lits": 6, "brats": 4}  # enough patients for three splits each
     for name in TASK_DATASETS:
         _step(f"8. sample {name} data in its real layout (small)",
-              ["sample-data", str(samples / name), "--dataset", name, "--small", "--seed", str(seed)])
+              ["sample-data", str(samples / name), "--dataset", name, "--small", "--seed", str(seed),
+               "--scans", str(scans[name])])
     task_store = out / "task_volume_store"
     present = [str(samples / n) for n in TASK_DATASETS if (samples / n).exists()]
     _step("9. convert the task datasets (Dask, 2 workers)", ["convert", *present, "--store", str(task_store),

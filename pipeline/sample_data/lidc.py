@@ -18,7 +18,7 @@ from a hash), which readingSession each annotation came from (inferred, see `inf
 the in-plane origin (the grid centred on the table axis) and the 512 x 512 matrix.
 
 `small=True` writes a crop: an in-plane window (>= 128 x 128) around the nodules and only the
-slices that span them plus a margin; contour coordinates in the XML are shifted with it, so image
+slices that span them plus 12 on each side; contour coordinates in the XML are shifted with it, so image
 and annotations stay consistent. Without network the fetch fails and `write_lidc_sample` returns a
 summary whose status is "skipped: <reason>", writing nothing.
 """
@@ -66,7 +66,7 @@ MAX_READERS = 4
 MIN_CONSENSUS_VOXELS = 8
 SMALL_WINDOW = 128      # in-plane size of a small=True crop (grown to hold every nodule)
 SMALL_MARGIN_PX = 16    # in-plane margin around the nodules in a crop
-SMALL_MARGIN_SLICES = 3
+SMALL_MARGIN_SLICES = 12  # enough slices around the nodules for a 32-slice NCS cube
 CONSENSUS_LEVEL = 0.5
 HU_NODULE = (30.0, 60.0)        # solid soft tissue, drawn per nodule
 HU_RIM = (-450.0, -350.0)       # where fewer than half of the readers drew: a faint margin
