@@ -188,7 +188,7 @@ def test_classification_store_centres_candidates_and_records_splits(luna_store, 
     assert len(pos) == 6
     for r in pos.itertuples():
         cube = ps.cubes[r.row, 0]
-        assert cube.max() == cube[3:5, 7:9, 7:9].max() == pytest.approx(0.7)  # the finding at the centre voxel
+        assert cube.max() == cube[4, 8, 8] == pytest.approx(0.7)  # the finding at the middle voxel (side // 2)
     assert dict(zip(idx["scan_id"], idx["split"]))["1.2.840.3"] == "validation"
     assert idx.groupby("patient_id")["split"].nunique().max() == 1
     assert idx.loc[idx["split"] == "train", "fraction_order"].notna().all()
@@ -268,10 +268,11 @@ def test_object_centred_and_multichannel_segmentation(tmp_path, rng):
     idx = PatchStore(res.path).index
     assert len(idx) == 6 and sorted(set(idx["source_id"])) == [1, 2]
     cents = object_centres(VolumeStore(store).open_scan("case")["labels"]["seg"]["0"][...])
-    for r in idx.itertuples():
-        centre = np.array([r.z, r.y, r.x]) + (np.array([8, 16, 16]) - 1) / 2
-        off = centre - cents[r.source_id] - np.array([r.jitter_z, r.jitter_y, r.jitter_x])
-        assert np.all(np.abs(off) <= 0.5) and abs(r.jitter_z) <= 1 and abs(r.jitter_y) <= 2
+    for r in idx.itertuples():  # the voxel in the middle of the cube is the one nearest centroid + jitter
+        middle = np.array([r.z, r.y, r.x]) + np.array([8, 16, 16]) // 2
+        wanted = cents[r.source_id] + np.array([r.jitter_z, r.jitter_y, r.jitter_x])
+        np.testing.assert_array_equal(middle, np.floor(wanted + 0.5))
+        assert abs(r.jitter_z) <= 1 and abs(r.jitter_y) <= 2
     # multi-channel (BMS rule): two sequences of a case stacked, a crop resized to the cube
     bsrc = tmp_path / "brats" / "HGG"
     for c in range(3):

@@ -43,8 +43,12 @@ def target_mask(label: np.ndarray, values: tuple[int, ...] | None) -> np.ndarray
 
 
 def centred_start(centre_zyx: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Start of the crop of `size` whose centre ((size - 1) / 2 from the start) is nearest `centre`."""
-    return np.floor(np.asarray(centre_zyx, dtype=float) - (np.asarray(size) - 1) / 2.0 + 0.5).astype(np.int64)
+    """Start of the crop of `size` whose voxel `size // 2` is the voxel nearest `centre`.
+
+    The usual convention (`arr[c - 32:c + 32]` around a candidate): the finding sits at index 32 of
+    a 64-voxel side, exactly in the middle of an odd side.
+    """
+    return (np.floor(np.asarray(centre_zyx, dtype=float) + 0.5) - np.asarray(size) // 2).astype(np.int64)
 
 
 def crop(volume, start: np.ndarray, size: tuple[int, int, int], fill: float = 0) -> np.ndarray:
