@@ -49,11 +49,14 @@ class ExtractionResult:
     seconds: float = 0.0
     failed: list = field(default_factory=list)  # [{"scan_id", "item", "reason"}]: candidates that gave no cube
     tasks: list = field(default_factory=list)  # per case/scan extracted by this run: n, seconds, task_peak_bytes, pid
+    whole_volume: int = 0  # task stores: test cases kept whole (in scans.parquet) for sliding-window evaluation
 
     def report(self) -> str:
         verb = "reused existing" if self.reused else "built"
         lines = [f"{verb} patch store {self.path} (key {self.key}): {self.n_cubes} cubes "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) + f" in {self.seconds:.1f} s"]
+                 + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+                 + (f" (+ {self.whole_volume} whole test scans)" if self.whole_volume else "")
+                 + f" in {self.seconds:.1f} s"]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} scans:")
             lines += [f"  {s['scan_id']}: {s['reason']}" for s in self.skipped]

@@ -46,11 +46,13 @@ from pipeline.volume_store.store import VolumeStore
 __all__ = ["extract_task", "extract_case", "task_key", "SHARD_ROWS"]
 
 SHARD_ROWS = 16
-SCHEMA_VERSION = 1
+EXTRACTOR_VERSION = 2
+"""Part of the key: bump it when the sampling code changes what a store holds, so an old store is not reused."""
 
 
 def task_key(plan: TaskPlan, spec: TaskSpec, seed: int) -> str:
-    material = json.dumps({"purpose": "task", "spec": spec.data_dict(), "seed": seed}, sort_keys=True)
+    material = json.dumps({"purpose": "task", "spec": spec.data_dict(), "seed": seed,
+                           "extractor": EXTRACTOR_VERSION}, sort_keys=True)
     return hashlib.sha256(f"{plan.source_digest}\n{material}".encode()).hexdigest()[:16]
 
 
@@ -196,7 +198,8 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
         ps = PatchStore(final)
         return ExtractionResult(path=final, key=key, reused=True, n_cubes=len(ps), counts=ps.attrs["counts"],
                                 skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
-                                failed=ps.attrs.get("failed_items", []))
+                                failed=ps.attrs.get("failed_items", []),
+                                whole_volume=int((ps.scans["n_cubes"] == 0).sum()))
     root.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(root / f".{name}.lock")
     try:
@@ -276,6 +279,7 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
     os.rename(building, final)
     return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
                             seconds=time.perf_counter() - t0, failed=failed,
+                            whole_volume=sum(1 for c in plan.cases if not c["cubes"]),
                             tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid")}
                                    for r in ordered if "seconds" in r and r["slot"] not in done])
 
