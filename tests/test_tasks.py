@@ -338,3 +338,21 @@ def test_interrupted_task_extraction_resumes_with_finished_cases(luna_store, tmp
     assert [t["case_id"] for t in res.tasks] == [c["case_id"] for c in plan.cases[1:]]  # the first was kept
     np.testing.assert_array_equal(PatchStore(res.path).cubes[...], PatchStore(ref.path).cubes[...])
     assert PatchStore(res.path).index.equals(PatchStore(ref.path).index)
+
+
+def test_draw_voxels_is_uniform_over_the_mask_without_listing_it():
+    from pipeline.tasks.sampling import draw_voxels, pos_neg_centres
+
+    mask = np.zeros((20, 30, 40), dtype=bool)
+    mask[:, :, :30] = True  # a large class: drawn by rejection
+    got = draw_voxels(mask, 6000, np.random.default_rng(0))
+    assert mask.reshape(-1)[got].all() and np.array_equal(got, draw_voxels(mask, 6000, np.random.default_rng(0)))
+    x = np.unravel_index(got, mask.shape)[2]
+    assert np.abs(np.bincount(x, minlength=30)[:30] / 200 - 1).max() < 0.35  # ~200 per column
+    small = np.zeros_like(mask)
+    small[3, 4, 5] = True  # a tiny class: listed
+    assert set(draw_voxels(small, 5, np.random.default_rng(1))) == {np.ravel_multi_index((3, 4, 5), mask.shape)}
+    assert draw_voxels(np.zeros_like(mask), 3, np.random.default_rng(0)) is None
+    # no target at all: every draw goes to the background
+    centres, is_pos = pos_neg_centres(np.zeros_like(mask), mask, 10, 1.0, 1.0, (4, 8, 8), np.random.default_rng(2))
+    assert not is_pos.any() and len(centres) == 10

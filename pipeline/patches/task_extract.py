@@ -46,7 +46,7 @@ from pipeline.volume_store.store import VolumeStore
 __all__ = ["extract_task", "extract_case", "task_key", "SHARD_ROWS"]
 
 SHARD_ROWS = 16
-EXTRACTOR_VERSION = 2
+EXTRACTOR_VERSION = 3
 """Part of the key: bump it when the sampling code changes what a store holds, so an old store is not reused."""
 
 
@@ -98,25 +98,28 @@ def _classification_cubes(store: VolumeStore, case: dict, spec: TaskSpec):
 
 
 def _read_case(store: VolumeStore, case: dict, spec: TaskSpec):
-    """Channels (C, Z, Y, X) in [0, 1], the binary target, and the geometry attrs of the label scan."""
+    """Channels as stored (C, Z, Y, X) with their intensity bounds, the label map, its binary target,
+    and the geometry attrs of the label scan. Voxels stay in their stored dtype (int16 for CT) and are
+    scaled crop by crop: a float copy of a whole case would cost several times the scan."""
     channels, shapes = [], []
     for sid in case["scan_ids"]:
         vol = store.open_scan(sid)["0"][...]
         shapes.append(vol.shape)
-        channels.append(S.scale(vol, S.intensity_bounds(vol, spec.intensity)))
+        channels.append(vol)
     if len(set(shapes)) > 1:
         raise ValueError(f"case {case['case_id']}: channels {case['scan_ids']} have different shapes {shapes}")
+    bounds = [S.intensity_bounds(ch, spec.intensity) for ch in channels]
     group = store.open_scan(case["label_scan"])
     attrs = dict(group.attrs)["genesis"]
     label = group["labels"][case["label"]]["0"][...]
     if label.shape != shapes[0]:
         raise ValueError(f"case {case['case_id']}: label '{case['label']}' has shape {label.shape}, "
                          f"image {shapes[0]}")
-    return np.stack(channels), S.target_mask(label, spec.sampling.target_values), label, attrs
+    return channels, bounds, label, S.target_mask(label, spec.sampling.target_values), attrs
 
 
 def _segmentation_cubes(store: VolumeStore, case: dict, spec: TaskSpec, rng: np.random.Generator):
-    image, mask, label, attrs = _read_case(store, case, spec)
+    channels, bounds, label, mask, attrs = _read_case(store, case, spec)
     s = spec.sampling
     crop_size = tuple(s.crop_size or spec.cube_size)
     draws: list[tuple[np.ndarray, int, tuple[int, int, int]]] = []  # (start, source_id, jitter)
@@ -128,12 +131,18 @@ def _segmentation_cubes(store: VolumeStore, case: dict, spec: TaskSpec, rng: np.
         n_neg, pos, neg = s.negatives_per_scan, 0.0, 1.0
     else:
         n_neg, pos, neg = s.per_scan, s.pos, s.neg
+    del label
     if n_neg:
-        centres, _ = S.pos_neg_centres(mask, image.max(axis=0) > 0, n_neg, pos, neg, crop_size, rng)
+        body = np.zeros(mask.shape, dtype=bool)
+        for ch, (lo, _) in zip(channels, bounds):
+            body |= ch > lo  # inside the body: above the value that scales to 0
+        centres, _ = S.pos_neg_centres(mask, body, n_neg, pos, neg, crop_size, rng)
+        del body
         draws += [(S.centred_start(c, crop_size), -1, (0, 0, 0)) for c in centres]
     cubes, masks, rows = [], [], []
     for start, source_id, jitter in draws:
-        cube = np.stack([S.crop(ch, start, crop_size, fill=0.0) for ch in image])
+        cube = np.stack([S.scale(S.crop(ch, start, crop_size, fill=lo), (lo, hi))
+                         for ch, (lo, hi) in zip(channels, bounds)])
         m = S.crop(mask.view(np.uint8), start, crop_size, fill=0)[None]
         cube, m = S.resize(cube, spec.cube_size, label=False), S.resize(m, spec.cube_size, label=True)
         cubes.append(cube)

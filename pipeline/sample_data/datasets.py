@@ -41,5 +41,5 @@ def write_sample(name: str, out_dir: str | Path, *, n_scans: int | None = None, 
     if name == "brats":
         from pipeline.sample_data.brats import write_brats_sample
 
-        return write_brats_sample(out_dir, **kwargs)
+        return write_brats_sample(out_dir, include_real=include_real, **kwargs)
     raise ValueError(f"unknown sample dataset {name!r}; choose one of {', '.join(DATASETS)}")

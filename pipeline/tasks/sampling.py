@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pipeline.tasks.spec import Intensity
 
-__all__ = ["intensity_bounds", "scale", "centred_start", "crop", "resize", "object_centres", "pos_neg_centres",
+__all__ = ["intensity_bounds", "scale", "draw_voxels", "centred_start", "crop", "resize", "object_centres", "pos_neg_centres",
            "fraction_order", "target_mask"]
 
 
@@ -99,6 +99,26 @@ def _clamp_centres(centres: np.ndarray, shape: tuple[int, ...], size: tuple[int,
     return np.where(hi >= lo, np.clip(centres, lo, np.maximum(hi, lo)), (np.asarray(shape) - 1) / 2.0)
 
 
+def draw_voxels(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray | None:
+    """`k` flat indices drawn uniformly among the True voxels of `mask`; None when it has none.
+
+    By rejection from uniform draws over the whole volume, so a large class (background is most of
+    a CT) never needs a list of its indices (8 bytes per voxel); a class under 1% is listed instead.
+    """
+    flat = mask.reshape(-1)
+    share = np.count_nonzero(flat) / flat.size
+    if share == 0:
+        return None
+    if share < 0.01:
+        idx = np.flatnonzero(flat)
+        return idx[rng.integers(0, idx.size, k)]
+    out = np.empty(0, dtype=np.int64)
+    while out.size < k:
+        draw = rng.integers(0, flat.size, int((k - out.size) / share * 1.3) + 8)
+        out = np.concatenate([out, draw[flat[draw]]])
+    return out[:k]
+
+
 def pos_neg_centres(mask: np.ndarray, body: np.ndarray, n: int, pos: float, neg: float,
                     size: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """`n` crop centres: on a target voxel with probability pos / (pos + neg), else on a background
@@ -106,16 +126,23 @@ def pos_neg_centres(mask: np.ndarray, body: np.ndarray, n: int, pos: float, neg:
 
     A class that is empty gives its draws to the other one.
     """
-    fg = np.flatnonzero(mask)
-    bg_mask = body & ~mask
-    bg = np.flatnonzero(bg_mask) if bg_mask.any() else np.flatnonzero(~mask)
     want_pos = rng.random(n) < pos / (pos + neg)
-    if fg.size == 0:
+    background = body & ~mask
+    if not background.any():
+        background = ~mask
+    fg = draw_voxels(mask, int(want_pos.sum()) or 1, rng) if want_pos.any() else None
+    bg = draw_voxels(background, int((~want_pos).sum()) or 1, rng) if (~want_pos).any() else None
+    if fg is None and want_pos.any():  # no target in this scan: background instead
         want_pos[:] = False
-    if bg.size == 0:
+        bg = draw_voxels(background, n, rng)
+    elif bg is None and (~want_pos).any():
         want_pos[:] = True
-    flat = np.where(want_pos, fg[rng.integers(0, max(fg.size, 1), n)] if fg.size else 0,
-                    bg[rng.integers(0, max(bg.size, 1), n)] if bg.size else 0)
+        fg = draw_voxels(mask, n, rng)
+    flat = np.empty(n, dtype=np.int64)
+    if want_pos.any():
+        flat[want_pos] = fg[: int(want_pos.sum())]
+    if (~want_pos).any():
+        flat[~want_pos] = bg[: int((~want_pos).sum())]
     centres = np.stack(np.unravel_index(flat, mask.shape), axis=1).astype(float)
     return _clamp_centres(centres, mask.shape, size), want_pos
 
