@@ -8,7 +8,9 @@ Per task, on its sample dataset (`genesis sample-data --dataset ...`, default si
   memory against the number of scans: the largest per-case peak with --scans N and with 2N.
 The memory figures come from the 2-worker builds: there every case runs in a worker process; with
 one worker the cluster runs threads in this process, whose earlier allocations hide a task's growth.
-Targets: 2 workers >= 1.6 x one; memory flat in the number of scans (ratio ~1).
+Targets: 2 workers >= 1.6 x one; memory flat in the number of scans: the largest per-case peak with
+2N scans is within 1.2 x, or 32 MiB, of the one with N (growth measured in a reused worker process
+moves by tens of MiB with the allocator's state, so small peaks need the absolute allowance).
 The "balance bound" is the best speed-up 2 workers can reach on these cases, from the 1-worker
 per-case seconds (total / max(total / 2, longest case)): few, uneven cases cap it below 2.
 
@@ -136,10 +138,11 @@ def run_task(name: str, args, work: Path) -> dict:
         row["mem_scans"] = n_scans(vs2)
         ref = row[2]["peak_max"]
         row["mem_ratio"] = b["peak_max"] / ref if ref else float("nan")
+        row["mem_flat"] = b["peak_max"] <= 1.2 * ref or b["peak_max"] - ref <= 32 * MiB
         print(f"[{name}]   memory vs scans: {row['mem_scans']} scans, {b['cubes']} cubes, 2 workers: task peak max "
               f"{b['peak_max'] / MiB:.0f} MiB, median {b['peak_med'] / MiB:.0f} MiB; against {row['scans']} scans "
               f"{ref / MiB:.0f} MiB: ratio {row['mem_ratio']:.2f} (target flat) "
-              f"{'PASS' if row['mem_ratio'] < 1.2 else 'MISS'}; largest case {b['scan_mib_max']:.0f} MiB against "
+              f"{'PASS' if row['mem_flat'] else 'MISS'}; largest case {b['scan_mib_max']:.0f} MiB against "
               f"{row[2]['scan_mib_max']:.0f} MiB, largest peak/case {b['rel_max']:.2f}x against {row[2]['rel_max']:.2f}x "
               f"(sample {t_sample:.1f} s, convert {t_conv:.1f} s)",
               flush=True)
@@ -200,8 +203,8 @@ def main() -> None:
     if rows:
         print("targets: 2w/1w >= 1.6 -> " + ", ".join(f"{r['task']} {'PASS' if r['speedup'] >= 1.6 else 'MISS'}"
                                                    for r in rows)
-              + "; memory flat (ratio < 1.2) -> " + ", ".join(
-                  f"{r['task']} {'PASS' if r['mem_ratio'] < 1.2 else 'MISS'}" for r in rows if "mem" in r))
+              + "; memory flat (2N within 1.2x or 32 MiB of N) -> " + ", ".join(
+                  f"{r['task']} {'PASS' if r['mem_flat'] else 'MISS'}" for r in rows if "mem" in r))
         print("columns: scans = scans in the volume store, cases = cases that gave cubes; wall seconds of extract_task (Dask cluster start and assembly included); bound = best 2-worker "
               "speed-up the per-case work allows; fixed s = 1-worker wall time outside the cases; load = the machine's "
               "1-min load average during the builds (this machine has " + str(os.cpu_count()) + " cores); peak = per-case Dask task peak (VmHWM growth) in the 2-worker "

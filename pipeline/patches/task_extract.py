@@ -27,9 +27,11 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import zarr
 from tqdm import tqdm
 
@@ -38,6 +40,7 @@ from pipeline.patches.assemble import Part, assemble
 from pipeline.patches.extract import ExtractionResult, _lock
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
+from pipeline.peak_memory import reset_peak_rss, status_kb
 from pipeline.tasks import sampling as S
 from pipeline.tasks.geometry import index_to_world, world_to_index
 from pipeline.tasks.spec import TaskSpec
@@ -154,24 +157,25 @@ def _segmentation_cubes(store: VolumeStore, case: dict, spec: TaskSpec, rng: np.
 
 def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: int, building: str) -> dict:
     """Cubes (and masks) of one case into `.npy` parts; leaves and returns its result (never raises for bad data)."""
-    import numcodecs
-
-    from pipeline.peak_memory import reset_peak_rss, status_kb
-
     numcodecs.blosc.set_nthreads(1)
     rss_start = reset_peak_rss()
     t0 = time.perf_counter()
     store = VolumeStore(volume_root)
     result = {"slot": slot, "case_id": case["case_id"], "rows": [], "failed": [], "reason": None, "n": 0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one task = one core (resizing); parallelism comes from the workers
     try:
-        if spec.kind == "classification":
-            cubes, masks, rows, failed = _classification_cubes(store, case, spec)
-        else:
-            rng = np.random.default_rng([seed, scan_seed(case["case_id"])])
-            cubes, masks, rows, failed = _segmentation_cubes(store, case, spec, rng)
+        with zarr.config.set({"threading.max_workers": 1}):
+            if spec.kind == "classification":
+                cubes, masks, rows, failed = _classification_cubes(store, case, spec)
+            else:
+                rng = np.random.default_rng([seed, scan_seed(case["case_id"])])
+                cubes, masks, rows, failed = _segmentation_cubes(store, case, spec, rng)
     except (KeyError, ValueError, OSError) as exc:
         cubes, masks, rows, failed = [], [], [], []
         result["reason"] = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())[:300]
+    finally:
+        torch.set_num_threads(threads)
     parts = Path(building) / "parts"
     if cubes:
         np.save(parts / f"{slot:06d}.cubes.npy", np.stack(cubes).astype(np.float32))
