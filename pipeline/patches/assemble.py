@@ -10,7 +10,9 @@ index, in index order, with no empty rows for scans that gave nothing.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.storage.shard_writer import blosc_codec, write_shard
 
-__all__ = ["Part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC"]
+__all__ = ["Part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC", "open_building"]
 
 CODEC = ("zstd", 1, "shuffle")
 
@@ -89,3 +91,18 @@ def assemble(group_path: str | os.PathLike, name: str, parts: list[Part], item_s
         return sum(write_assembled_shard(*a) for a in args)
     futures = [client.submit(write_assembled_shard, *a, pure=False) for a in args]
     return sum(f.result() for f in futures)
+
+
+def open_building(building: Path) -> dict[int, dict]:
+    """The hidden folder a store is built in, with `results/` and `parts/`; returns the results of
+    the tasks a killed run had already finished (by slot), so a rerun does only the rest."""
+    if not (building / "results").is_dir():
+        shutil.rmtree(building, ignore_errors=True)
+        zarr.open_group(str(building), mode="w")  # mode "w" empties the folder: before the subfolders
+        (building / "results").mkdir()
+        (building / "parts").mkdir()
+    done = {}
+    for p in (building / "results").glob("*.json"):
+        r = json.loads(p.read_text())
+        done[r["slot"]] = r
+    return done

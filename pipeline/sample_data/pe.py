@@ -20,7 +20,6 @@ mm measured from voxel (0, 0, 0), (z, y, x), LPS with identity direction.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from .luna16_layout import phantom_origin_xyz, prepare_build_dir, publish, world_xyz, write_scan
 from .phantom import LUNG, PhantomConfig, PhantomParams, draw_phantom, render_phantom
+from .target import existing_sample, read_manifest_body, write_manifest
 
 __all__ = ["PeConfig", "PeCandidate", "PeScanRecord", "PeSampleSummary", "Tube", "PeScanParams",
            "default_pe_config", "small_pe_config", "draw_pe_scan", "render_pe_scan", "centre_mean_hu",
@@ -36,7 +36,6 @@ __all__ = ["PeConfig", "PeCandidate", "PeScanRecord", "PeSampleSummary", "Tube",
 
 PE_CANDIDATES_HEADER = ("case_id", "patient_id", "coordX", "coordY", "coordZ", "class", "dirX", "dirY", "dirZ")
 PE_FOLDS_HEADER = ("patient_id", "fold")
-MANIFEST_NAME = "sample_data.json"
 MANIFEST_KIND = "genesis-sample-data-pe"
 MANIFEST_VERSION = 1
 N_FOLDS = 3
@@ -613,7 +612,7 @@ def _write_tables(out_dir: Path, scans: list[PeScanRecord]) -> None:
 def _write_manifest(out_dir: Path, scans, request: dict) -> None:
     body = {"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "request": request,
             "scans": [dataclasses.asdict(s) for s in scans]}
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    write_manifest(out_dir, body)
 
 
 def _scan_from_dict(d: dict) -> PeScanRecord:
@@ -627,11 +626,8 @@ def _scan_from_dict(d: dict) -> PeScanRecord:
 
 def read_pe_manifest(out_dir) -> PeSampleSummary | None:
     """The summary of a finished PE sample in out_dir, or None if there is none."""
-    try:
-        body = json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if body.get("kind") != MANIFEST_KIND or body.get("version") != MANIFEST_VERSION:
+    body = read_manifest_body(out_dir, MANIFEST_KIND, MANIFEST_VERSION)
+    if body is None:
         return None
     return PeSampleSummary(out_dir=Path(out_dir), scans=tuple(_scan_from_dict(d) for d in body["scans"]),
                            request=body["request"], reused=True)
@@ -639,20 +635,7 @@ def read_pe_manifest(out_dir) -> PeSampleSummary | None:
 
 def _check_target(out_dir: Path, request: dict, overwrite: bool) -> PeSampleSummary | None:
     """The existing sample to reuse, None to build; raises if out_dir holds something else."""
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return None
-    if not out_dir.is_dir():
-        raise FileExistsError(f"out_dir={str(out_dir)!r} exists and is not a folder")
-    existing = read_pe_manifest(out_dir)
-    if existing is None:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} is not empty and holds no PE sample "
-                              f"({MANIFEST_NAME}); choose a new or empty folder")
-    if existing.request == request:
-        return existing
-    if not overwrite:
-        raise FileExistsError(f"out_dir={str(out_dir)!r} holds a PE sample made with {existing.request}, "
-                              f"not {request}; pass overwrite=True to replace it")
-    return None
+    return existing_sample(out_dir, request, overwrite, read_pe_manifest, "PE-CAD")
 
 
 def _write_scan(build: Path, config: PeConfig, case_id: str, patient_id: str, fold: int,

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -22,64 +19,22 @@ import numpy as np
 import SimpleITK as sitk
 
 from .luna16_layout import CandidateRecord, NoduleRecord, ScanRecord, write_scan, world_xyz
+from .registry_files import PYRADIOMICS_SDIST, fetch
 
 log = logging.getLogger(__name__)
 
-PACKAGE, VERSION = "pyradiomics-bhklab", "3.1.4"
-SDIST_NAME = "pyradiomics_bhklab-3.1.4.tar.gz"
-SDIST_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb"
 CASES = ("lung1", "lung2")
-SOURCE = f"{PACKAGE}=={VERSION}"
+SOURCE = PYRADIOMICS_SDIST.requirement
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "genesis-pipeline" / "pyradiomics"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fetch_sdist(cache_dir: Path | None = None, timeout_s: float = 300.0) -> tuple[Path | None, str]:
-    """(path of the verified sdist, "") or (None, reason). Downloads only when not cached.
-
-    Only this package is built from source (`--no-binary PACKAGE`): pip prepares its metadata,
-    and with `--no-binary :all:` it would also try to build numpy from source for that.
-    """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / SDIST_NAME
-    if target.is_file() and _sha256(target) == SDIST_SHA256:
-        return target, ""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return None, f"cannot create cache_dir {cache_dir}: {e}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PACKAGE,
-           "--disable-pip-version-check", "--quiet", "--retries", "1", "--timeout", "20", "-d", str(cache_dir), SOURCE]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"pip download {SOURCE} failed: {e}"
-    if done.returncode != 0 or not target.is_file():
-        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        return None, f"pip download {SOURCE} failed (exit {done.returncode}): " + (lines[-1] if lines else "")
-    if (digest := _sha256(target)) != SDIST_SHA256:
-        return None, f"{target} has sha256 {digest}, expected {SDIST_SHA256}"
-    return target, ""
-
-
-def read_cases(sdist: Path) -> dict[str, tuple[sitk.Image, sitk.Image]]:
-    """{case: (image, mask)} read from the sdist's data/ folder."""
+def read_cases(sdist: Path, names: tuple[str, ...] = CASES) -> dict[str, tuple[sitk.Image, sitk.Image]]:
+    """{case: (image, mask)} read from the sdist's data/ folder (`<case>_image.nrrd`, `<case>_label.nrrd`):
+    the lung CTs here, the brain MRIs for the BraTS sample."""
     cases = {}
     with tarfile.open(sdist, "r:gz") as tar, tempfile.TemporaryDirectory() as tmp:
         members = {Path(m.name).name: m for m in tar.getmembers()
                    if m.isfile() and Path(m.name).parent.name == "data"}
-        for case in CASES:
+        for case in names:
             images = []
             for kind in ("image", "label"):
                 name = f"{case}_{kind}.nrrd"
@@ -121,7 +76,7 @@ def write_real_scans(build_dir: Path, *, subset: int = 9, cache_dir: Path | None
     """Convert the pyradiomics lung cases into build_dir/subset{subset}/. Returns (records,
     status) where status is "ok: ..." or "skipped: <reason>"; never raises for a missing network
     or a bad download."""
-    sdist, reason = fetch_sdist(cache_dir)
+    sdist, reason = fetch(PYRADIOMICS_SDIST, cache_dir)
     if sdist is None:
         status = f"skipped: {reason}"
         log.warning("real CT %s", status)
