@@ -106,7 +106,8 @@ def build(vs: str, spec, seed: int, out_root: Path, workers: int) -> dict:
             "peak_med": statistics.median(peaks) if peaks else 0, "rel_max": max(rel, default=float("nan")),
             "rel_med": statistics.median(rel) if rel else float("nan"), "case_seconds": total,
             "longest": max(secs, default=0.0), "bound": total / max(total / 2, max(secs, default=0.0)) if total else 1.0,
-            "scan_mib_max": max(sizes.values(), default=0) / MiB, "load": (load + os.getloadavg()[0]) / 2}
+            "scan_mib_max": max(sizes.values(), default=0) / MiB, "load": (load + os.getloadavg()[0]) / 2,
+            "phases": dict(res.phases)}
 
 
 def run_task(name: str, args, work: Path) -> dict:
@@ -123,8 +124,8 @@ def run_task(name: str, args, work: Path) -> dict:
               f"= {b['cubes'] / b['seconds']:.1f} cubes/s; per-case work {b['case_seconds']:.2f} s "
               f"(longest case {b['longest']:.2f} s), {b['pids']} worker process(es), load avg {b['load']:.1f}; "
               f"task peak max {b['peak_max'] / MiB:.0f} MiB, median {b['peak_med'] / MiB:.0f} MiB, "
-              f"max {b['rel_max']:.2f}x its case's level-0 scans (largest case {b['scan_mib_max']:.0f} MiB)",
-              flush=True)
+              f"max {b['rel_max']:.2f}x its case's level-0 scans (largest case {b['scan_mib_max']:.0f} MiB); "
+              "wall s by phase: " + ", ".join(f"{k} {v:.2f}" for k, v in b["phases"].items()), flush=True)
     row["speedup"] = row[1]["seconds"] / row[2]["seconds"]
     row["overhead"] = row[1]["seconds"] - row[1]["case_seconds"]
     print(f"[{name}]   speed-up 2w/1w {row['speedup']:.2f}x (target >= 1.6, balance bound {row[1]['bound']:.2f}x) "

@@ -152,7 +152,7 @@ def test_interrupted_extraction_is_invisible_and_resumes(volume_store, tmp_path)
     for slot, r in enumerate(ok.head(2).itertuples()):
         extract_scan(str(store), r.scan_id, r.subset, slot, str(building), TINY)
     before = {p.name: p.stat().st_mtime_ns for p in (building / "parts").iterdir()}
-    assert len(before) == 2
+    assert len(before) == 4  # two parts: encoded chunks and their sizes each
     assert main(["stores", "list", str(root)]) == 0  # the half-built store is not listed
     seen = {}
     import pipeline.patches.extract as ex

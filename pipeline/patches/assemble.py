@@ -2,10 +2,12 @@
 
 Extraction tasks cannot know their rows in advance (a scan yields as many cubes as pass its
 acceptance test, a case as many candidates as it has), and Zarr has no locks, so tasks never
-write the shared array. Each task leaves its cubes as a plain `.npy` part; once all parts exist
-their offsets are known, and each shard of the final array (`shard_rows` cubes) is written by
-exactly one task from the parts that cover it. The array then holds exactly the cubes of the
-index, in index order, with no empty rows for scans that gave nothing.
+write the shared array. Each task encodes its cubes with the array's own codec (one inner chunk
+per cube) into a part file; once all parts exist their offsets are known, and each shard of the
+final array (`shard_rows` cubes) is written by exactly one task that only concatenates the
+encoded chunks of the parts covering it and appends the shard index. Compression happens once,
+in parallel, in the tasks; assembly is I/O. The array then holds exactly the cubes of the index,
+in index order, with no empty rows for scans that gave nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.storage.shard_writer import blosc_codec, write_shard
+from pipeline.storage.shard_writer import blosc_codec, write_encoded_shard
 
-__all__ = ["Part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC", "open_building"]
+__all__ = ["Part", "save_part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC",
+           "open_building"]
 
 CODEC = ("zstd", 1, "shuffle")
 
@@ -30,8 +33,23 @@ CODEC = ("zstd", 1, "shuffle")
 @dataclass(frozen=True)
 class Part:
     path: str
-    """A .npy file of shape (n, C, D, H, W)."""
+    """Base path of a part: `<path>.bin` (encoded chunks back to back) and `<path>.len.npy` (their sizes)."""
     n: int
+
+
+def save_part(path: str | os.PathLike, items: np.ndarray) -> Part:
+    """Encode each item (one future inner chunk of shape (1, *item_shape)) and write the part."""
+    import numcodecs
+
+    numcodecs.blosc.set_nthreads(1)
+    codec = blosc_codec(*CODEC)
+    items = items.astype(items.dtype.newbyteorder("<"), copy=False)
+    encoded = [codec.encode(np.ascontiguousarray(items[i:i + 1])) for i in range(len(items))]
+    with open(f"{path}.bin", "wb") as fh:
+        for data in encoded:
+            fh.write(data)
+    np.save(f"{path}.len.npy", np.array([len(d) for d in encoded], dtype=np.int64))
+    return Part(str(path), len(items))
 
 
 def plan_shards(parts: list[Part], shard_rows: int) -> list[list[tuple[str, int, int, int]]]:
@@ -62,20 +80,22 @@ def create_array(group_path: str | os.PathLike, name: str, n: int, item_shape: t
                        dimension_names=dimension_names)
 
 
-def write_assembled_shard(array_dir: str, shard: int, pieces: list[tuple[str, int, int, int]],
-                          item_shape: tuple[int, ...], dtype: str, shard_rows: int, n_total: int) -> int:
-    """Write shard `shard` of the array at `array_dir` from its pieces; returns bytes written."""
-    import numcodecs
-
-    numcodecs.blosc.set_nthreads(1)
-    rows = sum(p[2] for p in pieces)
-    data = np.zeros((rows,) + tuple(item_shape), dtype=dtype)
+def write_assembled_shard(array_dir: str, shard: int, pieces: list[tuple[str, int, int, int]], item_ndim: int,
+                          shard_rows: int) -> int:
+    """Write shard `shard` of the array at `array_dir` from the encoded chunks of its pieces."""
+    tail = (0,) * item_ndim
+    encoded: dict[tuple[int, ...], bytes] = {}
     for path, first, count, local in pieces:
-        part = np.load(path, mmap_mode="r")
-        data[local:local + count] = part[first:first + count]
-    index = (shard,) + (0,) * len(item_shape)
-    return write_shard(array_dir, index, data, (1,) + tuple(item_shape), (shard_rows,) + tuple(item_shape),
-                       blosc_codec(*CODEC), (n_total,) + tuple(item_shape))
+        sizes = np.load(f"{path}.len.npy")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        with open(f"{path}.bin", "rb") as fh:
+            fh.seek(int(starts[first]))
+            blob = fh.read(int(starts[first + count] - starts[first]))
+        base = int(starts[first])
+        for k in range(count):
+            a, b = int(starts[first + k]) - base, int(starts[first + k + 1]) - base
+            encoded[(local + k,) + tail] = blob[a:b]
+    return write_encoded_shard(array_dir, (shard,) + tail, encoded, (shard_rows,) + (1,) * item_ndim)
 
 
 def assemble(group_path: str | os.PathLike, name: str, parts: list[Part], item_shape: tuple[int, ...], dtype: str,
@@ -86,7 +106,7 @@ def assemble(group_path: str | os.PathLike, name: str, parts: list[Part], item_s
     create_array(group_path, name, total, item_shape, dtype, shard_rows, dimension_names)
     array_dir = str(Path(group_path) / name)
     plan = plan_shards(parts, shard_rows)
-    args = [(array_dir, s, pieces, tuple(item_shape), dtype, shard_rows, total) for s, pieces in enumerate(plan)]
+    args = [(array_dir, s, pieces, len(item_shape), shard_rows) for s, pieces in enumerate(plan)]
     if client is None:
         return sum(write_assembled_shard(*a) for a in args)
     futures = [client.submit(write_assembled_shard, *a, pure=False) for a in args]

@@ -1,6 +1,6 @@
 """`genesis patches pretrain`: Models Genesis cubes from a volume store into a reusable patch store.
 
-One Dask task per scan leaves its accepted cubes as a `.npy` part and a small result file; a
+One Dask task per scan leaves its accepted cubes as an encoded part and a small result file; a
 rerun of an interrupted extraction keeps the finished scans and does only the rest. The parts
 are then assembled into a cubes array that holds exactly the cubes of the index (scans that gave
 fewer or none leave no empty rows), one writer per shard (`pipeline.patches.assemble`). The
@@ -27,7 +27,7 @@ import zarr
 from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import Part, assemble, open_building
+from pipeline.patches.assemble import Part, assemble, open_building, save_part
 from pipeline.patches.config import PretrainPatchConfig, content_key
 from pipeline.patches.sampling import sample_cubes
 from pipeline.patches.splits import scan_seed, split_of
@@ -50,6 +50,7 @@ class ExtractionResult:
     failed: list = field(default_factory=list)  # [{"scan_id", "item", "reason"}]: candidates that gave no cube
     tasks: list = field(default_factory=list)  # per case/scan extracted by this run: n, seconds, task_peak_bytes, pid
     whole_volume: int = 0  # task stores: test cases kept whole (in scans.parquet) for sliding-window evaluation
+    phases: dict = field(default_factory=dict)  # seconds: plan, cluster start, cases, assemble, finish
 
     def report(self) -> str:
         verb = "reused existing" if self.reused else "built"
@@ -94,7 +95,7 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
             result["reason"] = f"no acceptable crop in {sample.attempts} attempts (too dense)"
         else:
             n = len(sample.cubes)
-            np.save(Path(building) / "parts" / f"{slot:06d}.npy", sample.cubes[:, None].astype(np.float32))
+            save_part(Path(building) / "parts" / f"{slot:06d}", sample.cubes[:, None].astype(np.float32))
             spacing = np.asarray(meta["spacing"])
             origin = np.asarray(meta["origin"])
             direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
@@ -178,7 +179,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
                 bar.update(1)
             bar.close()
         results.sort(key=lambda r: r["slot"])
-        parts = [Part(str(building / "parts" / f"{r['slot']:06d}.npy"), len(r["rows"])) for r in results]
+        parts = [Part(str(building / "parts" / f"{r['slot']:06d}"), len(r["rows"])) for r in results]
         if any(p.n for p in parts):
             assemble(building, "cubes", parts, (1,) + cube, "float32", config.per_scan,
                      ("cube", "c", "z", "y", "x"), client=client)

@@ -10,7 +10,7 @@ Layout (a Zarr v3 group, published by one rename when complete)::
 
 The key hashes the scans' content digests and settings, the table rows used, the TaskSpec's data
 fields and the seed: the same inputs name the same folder, anything changed names a new one.
-Phase 1 is one Dask task per case writing a `.npy` part and a result file (a rerun keeps finished
+Phase 1 is one Dask task per case writing an encoded part and a result file (a rerun keeps finished
 cases); phase 2 assembles the parts into exact arrays, one writer per shard.
 """
 
@@ -36,7 +36,7 @@ import zarr
 from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import Part, assemble, open_building
+from pipeline.patches.assemble import Part, assemble, open_building, save_part
 from pipeline.patches.extract import ExtractionResult, _lock
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
@@ -156,7 +156,7 @@ def _segmentation_cubes(store: VolumeStore, case: dict, spec: TaskSpec, rng: np.
 
 
 def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: int, building: str) -> dict:
-    """Cubes (and masks) of one case into `.npy` parts; leaves and returns its result (never raises for bad data)."""
+    """Cubes (and masks) of one case into encoded parts; leaves and returns its result (never raises for bad data)."""
     numcodecs.blosc.set_nthreads(1)
     rss_start = reset_peak_rss()
     t0 = time.perf_counter()
@@ -177,10 +177,10 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
     finally:
         torch.set_num_threads(threads)
     parts = Path(building) / "parts"
-    if cubes:
-        np.save(parts / f"{slot:06d}.cubes.npy", np.stack(cubes).astype(np.float32))
+    if cubes:  # encoded here, in parallel: assembly only concatenates
+        save_part(parts / f"{slot:06d}.cubes", np.stack(cubes).astype(np.float32))
     if masks:
-        np.save(parts / f"{slot:06d}.masks.npy", np.stack(masks).astype(np.uint8))
+        save_part(parts / f"{slot:06d}.masks", np.stack(masks).astype(np.uint8))
     result.update(rows=rows, failed=failed, n=len(rows), seconds=time.perf_counter() - t0,
                   task_peak_bytes=max(0, status_kb("VmHWM") * 1024 - rss_start), pid=os.getpid())
     path = Path(building) / "results" / f"{slot:06d}.json"
@@ -198,6 +198,7 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
     t0 = time.perf_counter()
     vstore = VolumeStore(volume_root)
     plan = plan_task(vstore, spec, seed)
+    phases = {"plan": time.perf_counter() - t0}
     if not plan.cases:
         raise RuntimeError(f"task {spec.name}: no usable case in {volume_root}: "
                            + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in plan.skipped[:5]))
@@ -217,7 +218,7 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
     lock_fd = _lock(root / f".{name}.lock")
     try:
         return _build(vstore, plan, spec, seed, key, root / f".building-{name}", final, workers, scheduler,
-                      progress, t0)
+                      progress, t0, phases)
     finally:
         import fcntl
 
@@ -226,7 +227,9 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
 
 
 def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, final: Path, workers, scheduler,
-           progress, t0) -> ExtractionResult:
+           progress, t0, phases: dict) -> ExtractionResult:
+    """Phase 1 (cases, on Dask), phase 2 (assembly, on Dask), then the tables and the rename; `phases`
+    collects the seconds of each, for the benchmark."""
     done = open_building(building)
     todo = [(slot, c) for slot, c in enumerate(plan.cases) if c["cubes"] and slot not in done]
     results = dict(done)
@@ -234,7 +237,9 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
 
     from pipeline.cluster import dask_client
 
+    tick = time.perf_counter()
     with dask_client(workers, scheduler) as client:
+        phases["cluster"] = time.perf_counter() - tick
         if todo:
             bar = tqdm(total=sum(c["cubes"] for c in plan.cases), initial=len(done), desc=f"{spec.name} cubes",
                        unit="case", file=sys.stderr, disable=not progress)
@@ -246,18 +251,22 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
                 bar.update(1)
             bar.close()
         ordered = [results[s] for s in sorted(results)]
+        phases["cases"] = time.perf_counter() - tick - phases["cluster"]
+        tick = time.perf_counter()
         n_total = sum(r["n"] for r in ordered)
         if n_total == 0:
             raise RuntimeError(f"task {spec.name}: no cube from any of the {len(plan.cases)} cases: "
                                + "; ".join(f"{r['case_id']}: {r['reason']}" for r in ordered if r["reason"])[:500])
         channels = spec.in_channels
-        cube_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.cubes.npy"), r["n"]) for r in ordered]
+        cube_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.cubes"), r["n"]) for r in ordered]
         assemble(building, "cubes", cube_parts, (channels,) + tuple(spec.cube_size), "float32", SHARD_ROWS,
                  ("cube", "c", "z", "y", "x"), client=client)
         if spec.kind == "segmentation":
-            mask_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.masks.npy"), r["n"]) for r in ordered]
+            mask_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.masks"), r["n"]) for r in ordered]
             assemble(building, "masks", mask_parts, (1,) + tuple(spec.cube_size), "uint8", SHARD_ROWS,
                      ("cube", "c", "z", "y", "x"), client=client)
+        phases["assemble"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     rows = [row for r in ordered for row in r["rows"]]
     for i, row in enumerate(rows):
         row["row"] = i
@@ -282,8 +291,9 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
     shutil.rmtree(building / "results")
     shutil.rmtree(building / "parts")
     os.rename(building, final)
+    phases["finish"] = time.perf_counter() - tick
     return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
-                            seconds=time.perf_counter() - t0, failed=failed,
+                            seconds=time.perf_counter() - t0, failed=failed, phases=phases,
                             whole_volume=sum(1 for c in plan.cases if not c["cubes"]),
                             tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid")}
                                    for r in ordered if "seconds" in r and r["slot"] not in done])

@@ -18,7 +18,7 @@ import google_crc32c
 import numpy as np
 from numcodecs import Blosc
 
-__all__ = ["blosc_codec", "write_shard", "write_shards"]
+__all__ = ["blosc_codec", "write_shard", "write_shards", "write_encoded_shard"]
 
 _EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -36,10 +36,8 @@ def write_shard(array_dir: str, shard_index: tuple[int, ...], shard: np.ndarray,
     `valid_rows` are left empty (Zarr reads them as the fill value)."""
     shard = shard.astype(shard.dtype.newbyteorder("<"), copy=False)
     per_shard = tuple(s // c for s, c in zip(shard_shape, chunks))
-    index = np.full(per_shard + (2,), _EMPTY, dtype="<u8")
     origin = [i * s for i, s in zip(shard_index, shard_shape)]
-    parts: list[bytes] = []
-    offset = 0
+    encoded: dict[tuple[int, ...], bytes] = {}
     for local in itertools.product(*(range(p) for p in per_shard)):
         start = [li * c for li, c in zip(local, chunks)]
         if any(o + s >= n for o, s, n in zip(origin, start, array_shape)) or any(
@@ -52,10 +50,21 @@ def write_shard(array_dir: str, shard_index: tuple[int, ...], shard: np.ndarray,
             full = np.full(chunks, fill_value, dtype=block.dtype)
             full[tuple(slice(0, n) for n in block.shape)] = block
             block = full
-        encoded = codec.encode(np.ascontiguousarray(block))
-        parts.append(encoded)
-        index[local] = (offset, len(encoded))
-        offset += len(encoded)
+        encoded[local] = codec.encode(np.ascontiguousarray(block))
+    return write_encoded_shard(array_dir, shard_index, encoded, per_shard)
+
+
+def write_encoded_shard(array_dir: str, shard_index: tuple[int, ...], encoded: dict[tuple[int, ...], bytes],
+                        per_shard: tuple[int, ...]) -> int:
+    """Write one shard file from inner chunks already encoded by the array's codecs, keyed by their
+    position inside the shard; absent chunks are empty. Returns the bytes written."""
+    index = np.full(tuple(per_shard) + (2,), _EMPTY, dtype="<u8")
+    offset = 0
+    parts: list[bytes] = []
+    for local, data in encoded.items():
+        index[local] = (offset, len(data))
+        parts.append(data)
+        offset += len(data)
     index_bytes = index.tobytes()
     parts.append(index_bytes)
     parts.append(np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
