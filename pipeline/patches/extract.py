@@ -48,7 +48,8 @@ class ExtractionResult:
     skipped: list = field(default_factory=list)  # [{"scan_id", "reason"}]
     seconds: float = 0.0
     failed: list = field(default_factory=list)  # [{"scan_id", "item", "reason"}]: candidates that gave no cube
-    tasks: list = field(default_factory=list)  # per case/scan extracted by this run: n, seconds, task_peak_bytes, pid
+    tasks: list = field(default_factory=list)  # per case/scan extracted by this run: n, seconds, task_peak_bytes,
+    # pid, started (a worker's first task also pays its one-time set-up: imports, thread pools)
     whole_volume: int = 0  # task stores: test cases kept whole (in scans.parquet) for sliding-window evaluation
     phases: dict = field(default_factory=dict)  # seconds: plan, cluster start, cases, assemble, finish
 

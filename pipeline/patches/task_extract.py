@@ -159,6 +159,7 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
     """Cubes (and masks) of one case into encoded parts; leaves and returns its result (never raises for bad data)."""
     numcodecs.blosc.set_nthreads(1)
     rss_start = reset_peak_rss()
+    started = time.time()
     t0 = time.perf_counter()
     store = VolumeStore(volume_root)
     result = {"slot": slot, "case_id": case["case_id"], "rows": [], "failed": [], "reason": None, "n": 0}
@@ -182,7 +183,7 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
     if masks:
         save_part(parts / f"{slot:06d}.masks", np.stack(masks).astype(np.uint8))
     result.update(rows=rows, failed=failed, n=len(rows), seconds=time.perf_counter() - t0,
-                  task_peak_bytes=max(0, status_kb("VmHWM") * 1024 - rss_start), pid=os.getpid())
+                  task_peak_bytes=max(0, status_kb("VmHWM") * 1024 - rss_start), pid=os.getpid(), started=started)
     path = Path(building) / "results" / f"{slot:06d}.json"
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(result))
@@ -295,7 +296,7 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
     return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
                             seconds=time.perf_counter() - t0, failed=failed, phases=phases,
                             whole_volume=sum(1 for c in plan.cases if not c["cubes"]),
-                            tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid")}
+                            tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid", "started")}
                                    for r in ordered if "seconds" in r and r["slot"] not in done])
 
 
