@@ -34,7 +34,7 @@ from pipeline.patches.splits import scan_seed, split_of
 from pipeline.patches.store import PatchStore, catalog_hash
 from pipeline.volume_store.store import VolumeStore
 
-__all__ = ["extract_pretrain", "ExtractionResult", "extract_scan"]
+__all__ = ["extract_pretrain", "ExtractionResult", "extract_scan", "build_lock"]
 
 
 
@@ -124,7 +124,8 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
     return result
 
 
-def _lock(path: Path) -> int:
+def build_lock(path: Path) -> int:
+    """flock on `path` for the one build of a store allowed at a time (released by the kernel if we die)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,7 +151,7 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
         return ExtractionResult(path=final, key=key, reused=True, n_cubes=len(ps), counts=ps.attrs["counts"],
                                 skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0)
     root.mkdir(parents=True, exist_ok=True)
-    lock_fd = _lock(root / f".pretrain-{key}.lock")
+    lock_fd = build_lock(root / f".pretrain-{key}.lock")
     try:
         return _build(vstore, catalog, source_hash, config, key, root, final, workers, scheduler, progress, t0)
     finally:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import storage_schemas
 from pipeline.patches.assemble import Part, assemble, open_building, save_part
-from pipeline.patches.extract import ExtractionResult, _lock
+from pipeline.patches.extract import ExtractionResult, build_lock
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
 from pipeline.peak_memory import reset_peak_rss, status_kb
@@ -216,7 +216,7 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
                                 failed=ps.attrs.get("failed_items", []),
                                 whole_volume=int((ps.scans["n_cubes"] == 0).sum()))
     root.mkdir(parents=True, exist_ok=True)
-    lock_fd = _lock(root / f".{name}.lock")
+    lock_fd = build_lock(root / f".{name}.lock")
     try:
         return _build(vstore, plan, spec, seed, key, root / f".building-{name}", final, workers, scheduler,
                       progress, t0, phases)

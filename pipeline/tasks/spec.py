@@ -9,7 +9,7 @@ Axis order is (z, y, x) throughout: the reference's 64x64x32 (x, y, z) cube is (
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 __all__ = ["Intensity", "Sampling", "SplitRule", "Optimisation", "Published", "TaskSpec", "KINDS"]
@@ -252,7 +252,3 @@ class TaskSpec:
             "scratch": f"{pub.scratch[0]:.2f}+-{pub.scratch[1]:.2f}" if pub else "",
             "genesis": f"{pub.genesis[0]:.2f}+-{pub.genesis[1]:.2f}" if pub else "",
         }
-
-
-def field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]
