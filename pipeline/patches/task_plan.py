@@ -102,9 +102,10 @@ def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, 
     table = table.assign(split=table[scan_col].map(split_of_case))
     keep = _subsample_negatives(table, spec.sampling.negatives_per_positive, seed)
     chosen = table[keep]
+    by_case = {case_id: group for case_id, group in chosen.groupby(scan_col, sort=False)}  # one pass, not one per case
     for c in cases.itertuples():
-        mine = chosen[chosen[scan_col] == c.case_id]
-        if mine.empty:
+        mine = by_case.get(c.case_id)
+        if mine is None:
             continue
         cands = [{"source_id": int(r["source_id"]), "xyz": [float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])],
                   "label": int(r["class"]), "direction": _direction(r)} for r in mine.to_dict("records")]
