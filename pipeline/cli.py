@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     wi.add_argument("file")
     wi.add_argument("--name", required=True, help="registered model name")
     wi.add_argument("--alias", default="imported")
+    wi.add_argument("--axes", choices=["xyz", "zyx"], default="xyz",
+                    help="kernel axis order in FILE: xyz = the published Genesis weights (permuted to our z,y,x), "
+                         "zyx = already ours")
     wi.add_argument("--tracking-uri")
 
     sd = sub.add_parser("sample-data", help="write offline sample data in the real layouts of the task datasets")
@@ -303,7 +306,7 @@ def _weights(args) -> int:
     from pipeline.weights import import_weights
 
     try:
-        uri = import_weights(args.file, args.name, alias=args.alias, tracking_uri=args.tracking_uri)
+        uri = import_weights(args.file, args.name, alias=args.alias, tracking_uri=args.tracking_uri, axes=args.axes)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"genesis weights import: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

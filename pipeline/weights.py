@@ -3,6 +3,13 @@
 Accepts the published `Genesis_Chest_CT.pt` layout (and bare state dicts of `UNet3D`), or a
 checkpoint of our own pretraining (`state.pt`). Files are read with `weights_only=True`: a
 checkpoint is never allowed to run code.
+
+Axis order: the published weights were trained on (x, y, z) cubes, this project's cubes are
+(z, y, x). An official-layout file is read with `axes="xyz"` by default: every 3D conv and
+transposed-conv kernel has its spatial axes reversed on import, so the registered model takes
+our (N, 1, z, y, x) cubes and gives the official model's output on the same voxels. Pass
+`axes="zyx"` for an official-layout (or bare) file whose kernels are already in our order.
+A `state.pt` of our pretraining is always in our order and is loaded unchanged.
 """
 
 from __future__ import annotations
@@ -15,10 +22,20 @@ import torch
 __all__ = ["import_weights", "load_any_checkpoint"]
 
 
-def load_any_checkpoint(path: str):
-    """UNet3D from an official-layout file or from one of our training checkpoints."""
-    from pipeline.models import CheckpointError, UNet3D, load_official_genesis
+def load_any_checkpoint(path: str, axes: str = "xyz"):
+    """UNet3D (kernels in our (z, y, x) order) from an official-layout file, whose kernels
+    are in layout `axes` ("xyz", the published weights, are permuted; "zyx" are not), or
+    from one of our training checkpoints (`state.pt`, always native, `axes` not used)."""
+    return _load(path, axes)[0]
 
+
+def _load(path: str, axes: str):
+    """(model, the layout the file's kernels were read in: "zyx" for our own state.pt)."""
+    from pipeline.models import CheckpointError, UNet3D, load_official_genesis
+    from pipeline.models.official import AXES_CHOICES
+
+    if axes not in AXES_CHOICES:
+        raise ValueError(f"axes={axes!r}: expected one of {AXES_CHOICES} (the file's kernel layout)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -30,24 +47,28 @@ def load_any_checkpoint(path: str):
         cfg = raw["config"]
         model = UNet3D(base_channels=cfg["base_channels"], norm=cfg["norm"])
         model.load_state_dict(raw.get("best_model") or raw["model"])
-        return model.eval()
-    return load_official_genesis(path).eval()
+        return model.eval(), "zyx"
+    return load_official_genesis(path, axes=axes).eval(), axes
 
 
 def import_weights(path: str, name: str, alias: str = "imported", tracking_uri: str | None = None,
-                   experiment: str = "genesis-weights") -> str:
-    """Log the weights as an MLflow model and register them as `name` with `alias`; return the URI."""
+                   experiment: str = "genesis-weights", axes: str = "xyz") -> str:
+    """Log the weights as an MLflow model and register them as `name` with `alias`; return the URI.
+
+    The registered model takes this project's (N, 1, z, y, x) cubes: an official-layout file
+    (`axes="xyz"`, the default) has its kernels' spatial axes reversed on import; see the
+    module docstring. The run records `kernel_axes_in_file` (the file's layout) as a param."""
     from pipeline.tracking import RunLogger, create_run, register_model, resolve_uri
 
     if alias == "latest":
         raise ValueError("alias 'latest' is reserved by MLflow; models:/NAME/latest already names the newest version")
-    model = load_any_checkpoint(path)
+    model, file_axes = _load(path, axes)
     uri = resolve_uri(tracking_uri)
     run_id = create_run(uri, experiment, f"import-{Path(path).name}", tags={"source_file": str(Path(path).resolve())})
     logger = RunLogger(uri, run_id, system_metrics=False)
     try:
         logger.log_params({"source_file": str(Path(path).resolve()), "base_channels": model.base_channels,
-                           "norm": model.norm})
+                           "norm": model.norm, "kernel_axes_in_file": file_axes})
         info = logger.log_model(model)
         register_model(uri, info.model_uri, name, aliases=(alias,), tags={"source_file": Path(path).name})
     finally:

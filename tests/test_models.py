@@ -212,7 +212,15 @@ def official_layout_file(path: pathlib.Path, net: nn.Module, epoch: int = 12) ->
     return path
 
 
+def to_other_axes(t: torch.Tensor) -> torch.Tensor:
+    """(.., x, y, z) <-> (.., z, y, x) on the three trailing axes of a 5-D tensor."""
+    return t.permute(0, 1, 4, 3, 2)
+
+
 def test_official_checkpoint_matches_functional_forward(tmp_path):
+    """The file holds the kernels in the official (x, y, z) order; the functional forward
+    runs on the file's tensors as stored and an (x, y, z) cube, our model on the same cube
+    in (z, y, x) order (axis-order details: tests/test_official_axes.py)."""
     torch.manual_seed(0)
     net = randomized(UNet3D())  # reference width; a small input keeps it fast
     path = official_layout_file(tmp_path / "Genesis_Chest_CT.pt", net)
@@ -221,21 +229,25 @@ def test_official_checkpoint_matches_functional_forward(tmp_path):
     assert set(raw) == {"state_dict", "optimizer_state_dict", "epoch"} and raw["epoch"] == 12
     assert all(k.startswith("module.") for k in raw["state_dict"])
     sd = {k[len("module."):]: v for k, v in raw["state_dict"].items()}
+    for key, value in net.state_dict().items():  # exported in the official axis order
+        assert torch.equal(sd[key], to_other_axes(value) if value.dim() == 5 else value), key
 
     loaded = load_official_genesis(path).eval()
     assert loaded.base_channels == 32 and loaded.out_channels == 1
-    for key, value in loaded.state_dict().items():
-        assert torch.equal(value, sd[key]), key
+    for key, value in loaded.state_dict().items():  # load undoes save
+        assert torch.equal(value, net.state_dict()[key]), key
 
-    x = torch.randn(1, 1, 16, 16, 16)
+    x = torch.randn(1, 1, 24, 16, 16)  # official (x, y, z) cube, x != z
     with torch.no_grad():
-        got, want = loaded(x), functional_forward(sd, x)
+        got, want = to_other_axes(loaded(to_other_axes(x))), functional_forward(sd, x)
     assert want.std() > 1e-3  # not a saturated, trivially equal output
-    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["official", "no_prefix", "bare", "no_num_batches_tracked"])
 def test_checkpoint_layouts_and_inferred_settings(tmp_path, layout):
+    """Every container layout; the tensors are written as our model holds them, (z, y, x),
+    so they are read with axes="zyx" (and with the default "xyz" they are permuted)."""
     torch.manual_seed(0)
     net = randomized(UNet3D(base_channels=8, out_channels=2, in_channels=2)).eval()
     sd = net.state_dict()
@@ -249,11 +261,14 @@ def test_checkpoint_layouts_and_inferred_settings(tmp_path, layout):
         "no_num_batches_tracked": {"state_dict": sd},
     }[layout]
     torch.save(content, tmp_path / "w.pt")
-    loaded = load_official_genesis(tmp_path / "w.pt").eval()
+    loaded = load_official_genesis(tmp_path / "w.pt", axes="zyx").eval()
     assert (loaded.base_channels, loaded.out_channels, loaded.in_channels) == (8, 2, 2)
     x = torch.randn(2, 2, 16, 16, 16)
     with torch.no_grad():
         assert torch.allclose(loaded(x), net(x), atol=1e-6)
+    permuted = load_official_genesis(tmp_path / "w.pt")
+    assert torch.equal(permuted.down_tr64.ops[0].conv1.weight, to_other_axes(net.down_tr64.ops[0].conv1.weight))
+    assert torch.equal(permuted.down_tr64.ops[0].conv1.bias, net.down_tr64.ops[0].conv1.bias)
 
 
 def test_official_weights_into_other_norms(tmp_path):

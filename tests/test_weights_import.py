@@ -24,6 +24,13 @@ def test_official_layout_is_registered_and_loads_back_identically(tmp_path, caps
     expected = load_official_genesis(str(path)).eval()
     x = torch.rand(2, 1, 16, 24, 32)
     assert torch.equal(loaded(x), expected(x))
+    # The file is in the official (x, y, z) kernel order; the registered model in ours (z, y, x).
+    stored = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    for key in ("down_tr64.ops.0.conv1.weight", "up_tr128.up_conv.weight"):
+        assert torch.equal(loaded.state_dict()[key], stored[f"module.{key}"].permute(0, 1, 4, 3, 2)), key
+    assert torch.equal(loaded.state_dict()["down_tr64.ops.0.bn1.weight"], stored["module.down_tr64.ops.0.bn1.weight"])
+    run = mlflow.search_runs(experiment_names=["genesis-weights"], output_format="list")[0]
+    assert run.data.params["kernel_axes_in_file"] == "xyz"
 
 
 def test_mismatched_or_unsafe_files_are_refused_with_the_reason(tmp_path, capsys):
