@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the run --name (default: the latest run) with its own settings; --epochs extends it")
     tr.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
 
+    ft = sub.add_parser("finetune", help="fine-tune on a target task (Ray Train), evaluated on its test split")
+    ft.add_argument("--task", required=True, help="ncc, ncs, ecc, lcs or bms (genesis tasks list)")
+    ft.add_argument("--patches", required=True, help="the task's patch store (genesis patches task T)")
+    ft.add_argument("--init", default="scratch",
+                    help="scratch | models:/NAME/VERSION | models:/NAME@ALIAS | official:FILE.pt | FILE.pt")
+    ft.add_argument("--freeze-encoder", action="store_true")
+    ft.add_argument("--label-fraction", type=float, default=1.0, help="nested, stratified share of training cubes")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
+    ft.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
+    ft.add_argument("--workers", type=_positive, default=1)
+    ft.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ft.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
+    ft.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    ft.add_argument("--experiment", default="genesis-finetune")
+    ft.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
+    ft.add_argument("--name", help="run name")
+    ft.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed")
+
     tk = sub.add_parser("tasks", help="the target tasks (task registry)")
     tksub = tk.add_subparsers(dest="tasks_command", required=True)
     tl = tksub.add_parser("list", help="print the task table")
@@ -164,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
-               "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks}[args.command]
+               "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,
+               "finetune": _finetune}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -265,6 +285,23 @@ def _task_patches(args) -> int:
                           scheduler=args.dask_scheduler, progress=not args.no_progress)
     print(result.report())
     return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _finetune(args) -> int:
+    from pipeline.finetune import finetune
+    from pipeline.patches import PatchStoreError
+
+    try:
+        result = finetune(args.patches, args.task, args.init, preset=args.preset, freeze_encoder=args.freeze_encoder,
+                          label_fraction=args.label_fraction, seed=args.seed, workers=args.workers,
+                          gpus_per_worker=args.gpus_per_worker, tracking_uri=args.tracking_uri,
+                          experiment=args.experiment, storage_path=args.storage_path, name=args.name,
+                          max_failures=args.max_failures, epochs=args.epochs, ray_address=args.ray_address)
+    except (PatchStoreError, ValueError, FileNotFoundError) as exc:
+        print(f"genesis finetune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.report())
+    return EXIT_FAILED if result.error else EXIT_OK
 
 
 def _tasks(args) -> int:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["resolve_uri", "RunLogger", "create_run", "register_model", "model_signature", "ui_hint", "mark_failed",
-           "PRETRAINED_MODEL"]
+           "PRETRAINED_MODEL", "classifier_signature", "load_model_state", "register_finetuned", "run_metrics",
+           "finetuned_model_name"]
 
 PRETRAINED_MODEL = "genesis-pretrained"
 
@@ -89,12 +90,34 @@ class RunLogger:
     def log_figure(self, fig, name: str) -> None:
         self.mlflow.log_figure(fig, name)
 
-    def log_patch_store(self, path: str, key: str, index) -> None:
+    def log_patch_store(self, path: str, key: str, index, context: str = "pretraining") -> None:
         """The patch store as the run's input dataset, named and digested by its content key."""
         import mlflow.data
 
         ds = mlflow.data.from_pandas(index, source=str(path), name=f"patch-store-{key}", digest=key[:8])
-        self.mlflow.log_input(ds, context="pretraining")
+        self.mlflow.log_input(ds, context=context)
+
+    def log_dict(self, d: dict, name: str) -> None:
+        """A JSON artifact (`name` ends in .json)."""
+        self.mlflow.log_dict(d, name)
+
+    def log_table_csv(self, df, name: str) -> None:
+        """A pandas DataFrame as a CSV artifact `name` (e.g. predictions.csv at the run's artifact root)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            df.to_csv(path, index=False)
+            parent = str(Path(name).parent)
+            self.mlflow.log_artifact(str(path), artifact_path=None if parent == "." else parent)
+
+    def log_finetuned_model(self, model, in_channels: int = 1, kind: str = "segmentation", name: str = "model"):
+        """A fine-tuned model: the U-Net (probabilities (-1, 1, D, H, W)) or the classifier (logits (-1, 1))."""
+        import mlflow.pytorch
+
+        sig = model_signature(in_channels) if kind == "segmentation" else classifier_signature(in_channels)
+        return mlflow.pytorch.log_model(model, name=name, signature=sig, serialization_format="pickle",
+                                        pip_requirements=["torch", "genesis-pipeline"])
 
     def log_model(self, model, name: str = "model"):
         import mlflow.pytorch
@@ -151,3 +174,49 @@ def mark_failed(uri: str, run_id: str) -> None:
     client = _client(uri)
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status="FAILED")
+
+
+def classifier_signature(channels: int = 1):
+    """Any batch and cube size in, one logit per cube out: (-1, C, -1, -1, -1) -> (-1, 1)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
+    return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]))
+
+
+def load_model_state(uri: str, model_uri: str) -> dict:
+    """The state dict (CPU tensors) of a logged PyTorch model, e.g. `models:/genesis-pretrained/3` or
+    `models:/genesis-official@official`; a ValueError naming the URI when it cannot be loaded."""
+    import mlflow.pytorch
+
+    _client(uri)
+    try:
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except Exception as err:
+        raise ValueError(f"cannot load {model_uri!r} from the MLflow registry at {uri}: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def finetuned_model_name(task: str) -> str:
+    """The registered name of a task's fine-tuned models: genesis-<task>, lower case."""
+    return f"genesis-{task.lower()}"
+
+
+def register_finetuned(uri: str, model_uri: str, name: str, tags: dict | None = None):
+    """Register a fine-tuned model as a new version of `name`, with `tags` (the run's test metrics,
+    init, preset, ...) on the version. No alias is set (`latest` is reserved by MLflow: use
+    `models:/NAME/latest`); choosing a `best` version by test metrics is left to the user."""
+    import mlflow
+
+    client = _client(uri)
+    version = mlflow.register_model(model_uri, name)
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version.version, k, str(v))
+    return version
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of each metric of a run."""
+    return dict(_client(uri).get_run(run_id).data.metrics)

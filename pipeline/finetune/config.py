@@ -1,0 +1,143 @@
+"""`FinetuneConfig`: one fine-tuning run's settings, built from a task's `TaskSpec` by a named preset.
+
+- `paper(spec)`: the reference's recipe (Adam at the task's lr, reduce-on-plateau, early stopping with the
+  task's patience, its batch size), the full-width U-Net (32).
+- `tiny(spec)`: for a CPU and for tests: U-Net width 4, at most 4 epochs, batch 4, smaller inputs.
+  Segmentation cubes are centre-cropped to 16x32x32 (no resampling, so whole volumes are predicted at
+  the stored resolution); classification cubes are halved (area averaging) until no side exceeds 32
+  (64^3 -> 32^3, 32x64x64 -> 16x32x32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from pipeline.tasks.spec import TaskSpec
+
+__all__ = ["FinetuneConfig", "paper", "tiny", "preset", "PRESETS", "INPUT_RULES"]
+
+INPUT_RULES = ("stored", "centre_crop", "downsample")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    task: str
+    """Task name (registry key)."""
+    kind: str
+    """classification | segmentation."""
+    preset: str
+    base_channels: int = 32
+    """U-Net width (first conv); must match a pretrained init's."""
+    in_channels: int = 1
+    norm: str = "batch_stats"
+    input_rule: str = "stored"
+    """How stored cubes become network input: stored | centre_crop (to input_size) | downsample (to input_size)."""
+    input_size: tuple[int, int, int] = (32, 64, 64)
+    """Network input (z, y, x); also the sliding-window roi for whole-volume evaluation."""
+    volume_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Whole-volume evaluation: volumes are resized by this factor before the sliding window (the store's
+    crop -> cube resize, e.g. BMS 50x100x100 -> 32x64x64, times a tiny downsample) and probabilities back."""
+    evaluation: str = "cubes"
+    lr: float = 1e-3
+    batch_size: int = 16
+    patience: int = 10
+    plateau_factor: float = 0.5
+    plateau_patience: int = 6
+    plateau_min_delta: float = 1e-4
+    min_lr: float = 1e-6
+    max_epochs: int = 10000
+    freeze_encoder: bool = False
+    label_fraction: float = 1.0
+    seed: int = 0
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        w = "FinetuneConfig"
+
+        def check(cond, field, msg):
+            if not cond:
+                raise ValueError(f"{w}.{field}: {msg}")
+
+        check(self.kind in ("classification", "segmentation"), "kind", f"must be classification|segmentation, got {self.kind!r}")
+        check(isinstance(self.base_channels, int) and self.base_channels >= 1, "base_channels",
+              f"must be a positive int, got {self.base_channels!r}")
+        check(self.input_rule in INPUT_RULES, "input_rule", f"must be one of {INPUT_RULES}, got {self.input_rule!r}")
+        check(len(self.input_size) == 3 and all(int(s) % 8 == 0 and s >= 8 for s in self.input_size), "input_size",
+              f"must be three multiples of 8 (the U-Net pools three times), got {self.input_size}")
+        check(self.evaluation in ("cubes", "whole_volume"), "evaluation", f"must be cubes|whole_volume, got {self.evaluation!r}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for name in ("batch_size", "patience", "plateau_patience", "max_epochs", "sw_batch_size"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(0 < self.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {self.label_fraction}")
+        check(0 < self.plateau_factor < 1, "plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
+        check(0 <= self.sw_overlap < 1, "sw_overlap", f"must be in [0, 1), got {self.sw_overlap}")
+
+    def with_overrides(self, **changes) -> FinetuneConfig:
+        """A copy with the given fields changed (None leaves a field as it is)."""
+        bad = [k for k in changes if k not in self.__dataclass_fields__]
+        if bad:
+            raise ValueError(f"FinetuneConfig has no field(s) {bad}; fields: {sorted(self.__dataclass_fields__)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        d = dict(d)
+        for k in ("input_size", "volume_scale"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _crop_scale(spec: TaskSpec) -> tuple[float, float, float]:
+    crop = spec.sampling.crop_size or spec.cube_size
+    return tuple(c / r for c, r in zip(spec.cube_size, crop))
+
+
+def _common(spec: TaskSpec, name: str) -> dict:
+    o = spec.optimisation
+    return dict(task=spec.name, kind=spec.kind, preset=name, in_channels=spec.in_channels, evaluation=spec.evaluation,
+                lr=o.lr, batch_size=o.batch_size, patience=o.patience, plateau_factor=o.plateau_factor,
+                plateau_patience=o.plateau_patience, plateau_min_delta=o.plateau_min_delta, min_lr=o.min_lr,
+                max_epochs=o.max_epochs, input_size=tuple(spec.cube_size), volume_scale=_crop_scale(spec))
+
+
+def paper(spec: TaskSpec) -> FinetuneConfig:
+    """The reference's recipe for `spec`: full-width U-Net, the task's optimisation values, cubes as stored."""
+    return FinetuneConfig(**_common(spec, "paper"), base_channels=32, input_rule="stored")
+
+
+TINY_SEGMENTATION = (16, 32, 32)
+TINY_MAX_SIDE = 32
+
+
+def tiny(spec: TaskSpec) -> FinetuneConfig:
+    """Width 4, at most 4 epochs, batch 4; segmentation centre-cropped to 16x32x32, classification halved
+    until every side is <= 32 (see the module docstring)."""
+    base = _common(spec, "tiny")
+    stored = tuple(spec.cube_size)
+    if spec.kind == "segmentation":
+        size = tuple(min(s, t) for s, t in zip(stored, TINY_SEGMENTATION))
+        rule = "centre_crop" if size != stored else "stored"
+    else:
+        halvings = max(0, math.ceil(math.log2(max(stored) / TINY_MAX_SIDE))) if max(stored) > TINY_MAX_SIDE else 0
+        size = tuple(max(8, s // 2 ** halvings) for s in stored)
+        rule = "downsample" if size != stored else "stored"
+    scale = base.pop("volume_scale")
+    if rule == "downsample":
+        scale = tuple(sc * n / s for sc, n, s in zip(scale, size, stored))
+    base.update(input_size=size, max_epochs=min(base["max_epochs"], 4), batch_size=4,
+                patience=min(base["patience"], 4), plateau_patience=min(base["plateau_patience"], 2))
+    return FinetuneConfig(**base, base_channels=4, input_rule=rule, volume_scale=scale)
+
+
+PRESETS = {"paper": paper, "tiny": tiny}
+
+
+def preset(name: str, spec: TaskSpec) -> FinetuneConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    return PRESETS[name](spec)

@@ -1,0 +1,183 @@
+"""The test split of a fine-tuned model: predictions, the task's metrics, predictions.csv and figures.
+
+- Classification (NCC, ECC): every test cube -> score (sigmoid of the logit) -> AUC; predictions.csv has
+  one row per candidate (case_id, candidate = source_id, label, score); a ROC curve figure.
+- Segmentation on cubes (NCS): every test cube -> probabilities; the Keras mean_iou over all test voxels
+  together, and dice / iou / hausdorff95 per cube (a cube is one nodule: predictions.csv has one row per
+  cube, its case_id and candidate).
+- Segmentation on whole volumes (LCS, BMS): every test case of `scans.parquet` is read from the volume
+  store, normalised with the task's intensity rule (`pipeline.tasks.sampling`, as the patch store did),
+  resized by `config.volume_scale` (the store's crop -> cube resize, e.g. BMS; 1 for LCS, whose tiny preset
+  crops cubes without resampling), predicted by sliding window (roi = the network input), the
+  probabilities resized back to the scan's grid, and scored against the stored label per case
+  (Hausdorff in mm with the scan's spacing); the Keras mean_iou sums the confusion counts of all cases.
+  predictions.csv has one row per case; an overlay figure per case (the slice with most target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pipeline import evaluation as E
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.data import batches
+from pipeline.finetune.steps import predict
+
+__all__ = ["TestResult", "evaluate_test"]
+
+
+@dataclass
+class TestResult:
+    metrics: dict[str, float]
+    predictions: pd.DataFrame
+    figures: list = field(default_factory=list)  # (matplotlib figure, artifact name)
+    settings: dict = field(default_factory=dict)
+
+
+def evaluate_test(model, store, config: FinetuneConfig, spec, device, figures: int = 4) -> TestResult:
+    if config.kind == "classification":
+        return _classification(model, store, config, device)
+    if config.evaluation == "whole_volume":
+        return _whole_volume(model, store, config, spec, device, figures)
+    return _cubes(model, store, config, device)
+
+
+def _test_rows(store) -> np.ndarray:
+    rows = np.sort(store.rows("test"))
+    if not len(rows):
+        raise ValueError(f"{store.path}: no test cubes to evaluate")
+    return rows
+
+
+def _classification(model, store, config, device) -> TestResult:
+    rows = _test_rows(store)
+    scores = torch.cat([predict(model, x, config, device) for x, _ in batches(store, rows, config, config.batch_size)])
+    idx = store.index.set_index("row").loc[rows]
+    pred = pd.DataFrame({"case_id": idx["case_id"].to_numpy(), "candidate": idx["source_id"].to_numpy(),
+                         "label": idx["label"].to_numpy().astype(int), "score": scores.numpy().astype(np.float64),
+                         "row": rows})
+    labels, s = pred["label"].to_numpy(), pred["score"].to_numpy()
+    metrics = {"test_n": float(len(rows)), "test_positives": float(labels.sum())}
+    figs = []
+    if 0 < labels.sum() < len(labels):
+        metrics["test_auc"] = E.roc_auc(labels, s)
+        figs.append((_roc_figure(*E.roc_curve_points(labels, s)[:2], metrics["test_auc"]), "test/roc.png"))
+    else:
+        metrics["test_auc"] = float("nan")  # one class only: AUC undefined
+    return TestResult(metrics, pred, figs)
+
+
+def _cubes(model, store, config, device) -> TestResult:
+    rows = _test_rows(store)
+    idx = store.index.set_index("row").loc[rows]
+    counts, per_cube = 0, []
+    for i, (x, y) in zip(range(0, len(rows), config.batch_size), batches(store, rows, config, config.batch_size)):
+        prob = predict(model, x, config, device).numpy()
+        truth = y.numpy().astype(bool)
+        counts = counts + E.keras_mean_iou_counts(truth, prob)
+        per_cube += [E.segmentation_case_metrics(t, p) for t, p in zip(truth, prob)]
+    pred = pd.DataFrame(per_cube)
+    pred.insert(0, "row", rows)
+    pred.insert(0, "candidate", idx["source_id"].to_numpy())
+    pred.insert(0, "case_id", idx["case_id"].to_numpy())
+    metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts)}
+    metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_cube).items()})
+    return TestResult(metrics, pred, [])
+
+
+def read_case(vstore, case, spec) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(image (C, Z, Y, X) float32 in [0, 1] as the task store normalises it, binary target (Z, Y, X), scan attrs)."""
+    from pipeline.tasks import sampling as S
+
+    channels = [vstore.open_scan(sid)["0"][...] for sid in case["scan_ids"]]
+    image = np.stack([S.scale(ch, S.intensity_bounds(ch, spec.intensity)) for ch in channels])
+    group = vstore.open_scan(case["label_scan"])
+    label = group["labels"][case["label"]]["0"][...]
+    return image, S.target_mask(label, spec.sampling.target_values), dict(group.attrs).get("genesis", {})
+
+
+def _resize(arr: np.ndarray, size) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+    return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0].numpy()
+
+
+def predict_volume(model, image: np.ndarray, config: FinetuneConfig, device) -> tuple[np.ndarray, dict]:
+    """Probabilities (Z, Y, X) on the scan's grid, and the sliding-window settings."""
+    shape = image.shape[1:]
+    scaled = tuple(max(1, round(s * f)) for s, f in zip(shape, config.volume_scale))
+    x = image if scaled == tuple(shape) else _resize(image, scaled)
+    prob, settings = E.sliding_window_predict(model, torch.from_numpy(np.ascontiguousarray(x)).to(device),
+                                              roi_size=config.input_size, sw_batch_size=config.sw_batch_size,
+                                              overlap=config.sw_overlap)
+    prob = prob.float().cpu().numpy()
+    if scaled != tuple(shape):
+        prob = _resize(prob, shape)
+    settings = dict(settings, volume_scale=list(config.volume_scale))
+    return prob[0], settings
+
+
+def _whole_volume(model, store, config, spec, device, n_figures) -> TestResult:
+    from pipeline.volume_store import VolumeStore
+
+    cases = store.scans[store.scans["split"] == "test"]
+    if not len(cases):
+        raise ValueError(f"{store.path}: scans.parquet lists no test case to evaluate")
+    vstore = VolumeStore(store.attrs["volume_store"]["path"])
+    counts, per_case, figs, settings = 0, [], [], {}
+    for _, case in cases.iterrows():
+        image, truth, attrs = read_case(vstore, case, spec)
+        prob, settings = predict_volume(model, image, config, device)
+        counts = counts + E.keras_mean_iou_counts(truth, prob)
+        m = E.segmentation_case_metrics(truth, prob, spacing=attrs.get("spacing"))
+        per_case.append(m)
+        if len(figs) < n_figures:
+            figs.append((_overlay_figure(image[0], truth, prob > 0.5, f"{case['case_id']}: dice {m['dice']:.3f}"),
+                         f"test/overlay_{case['case_id']}.png"))
+    pred = pd.DataFrame(per_case)
+    pred.insert(0, "patient_id", cases["patient_id"].to_numpy())
+    pred.insert(0, "case_id", cases["case_id"].to_numpy())
+    metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts)}
+    metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_case).items()})
+    return TestResult(metrics, pred, figs, settings)
+
+
+def _roc_figure(fpr, tpr, auc):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc:.4f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("test ROC")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _overlay_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str):
+    """The axial slice with the most target: image, truth contour (green), prediction contour (red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    area = truth.reshape(truth.shape[0], -1).sum(1)
+    z = int(np.argmax(area)) if area.any() else truth.shape[0] // 2
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(image[z], cmap="gray", vmin=0, vmax=1)
+    for mask, colour in ((truth[z], "lime"), (pred[z], "red")):
+        if mask.any() and not mask.all():
+            ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1)
+    ax.set_title(f"{title} (z={z}; truth green, prediction red)", fontsize=7)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,111 @@
+"""Where a fine-tuning run's weights start: `scratch`, a registered MLflow model, the official file, or ours.
+
+- `scratch`: the seeded random initialisation.
+- `models:/NAME/VERSION` or `models:/NAME@ALIAS`: a U-Net logged by `genesis pretrain` or
+  `genesis weights import`, loaded back through `pipeline.tracking.load_model_state`.
+- `official:FILE.pt`: the published checkpoint layout (`pipeline.models.load_official_genesis`).
+- `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`), read with weights_only=True.
+
+Classification copies the encoder only (the dense head starts random); segmentation copies the whole U-Net.
+A pretrained 1-channel first conv used for a C-channel task (BMS with several sequences) is repeated over
+the C input channels and divided by C, so a C-channel input whose channels are all equal gives the
+pretrained response (the usual inflation rule). Any other difference in width or channels is a ValueError
+naming the init and the shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.models import ENCODER_NAMES, UNet3D, UNet3DClassifier
+
+__all__ = ["build_model", "read_init", "apply_init", "FIRST_CONV", "check_init", "freeze_encoder"]
+
+FIRST_CONV = "down_tr64.ops.0.conv1.weight"
+
+
+def build_model(config: FinetuneConfig) -> nn.Module:
+    """UNet3DClassifier (logits) for classification, UNet3D (sigmoid output) for segmentation."""
+    if config.kind == "classification":
+        return UNet3DClassifier(base_channels=config.base_channels, in_channels=config.in_channels, norm=config.norm)
+    return UNet3D(base_channels=config.base_channels, in_channels=config.in_channels, norm=config.norm, sigmoid=True)
+
+
+def read_init(init: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor] | None:
+    """The U-Net state dict (this project's (z, y, x) kernel order) that `init` names; None for scratch."""
+    if init == "scratch":
+        return None
+    if init.startswith("models:/"):
+        from pipeline.tracking import load_model_state, resolve_uri
+
+        return load_model_state(resolve_uri(tracking_uri), init)
+    if init.startswith("official:"):
+        from pipeline.models import load_official_genesis
+
+        path = init[len("official:"):]
+        return {k: v.detach().cpu() for k, v in load_official_genesis(path).state_dict().items()}
+    if not os.path.isfile(init):
+        raise ValueError(f"--init {init!r}: not 'scratch', 'models:/NAME/VERSION', 'models:/NAME@ALIAS', "
+                         f"'official:FILE.pt' or an existing state-dict file")
+    state = torch.load(init, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init {init!r}: expected a state dict of tensors (torch.save(model.state_dict()))")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _adapt_channels(state: dict, model: nn.Module, init: str) -> dict:
+    want = model.state_dict()[FIRST_CONV].shape
+    got = state.get(FIRST_CONV)
+    if got is None:
+        raise ValueError(f"--init {init!r}: no first conv {FIRST_CONV!r} in its state dict (not a Genesis U-Net?)")
+    if got.shape[0] != want[0]:
+        raise ValueError(f"--init {init!r}: pretrained width {got.shape[0]} (first conv {tuple(got.shape)}) does not "
+                         f"fit the model's width {want[0]} (first conv {tuple(want)}); use the preset whose "
+                         f"base_channels matches the pretrained model")
+    if got.shape[1] != want[1]:
+        if got.shape[1] != 1:
+            raise ValueError(f"--init {init!r}: pretrained first conv has {got.shape[1]} input channels "
+                             f"{tuple(got.shape)}, the task has {want[1]} {tuple(want)}; only a 1-channel "
+                             f"first conv is expanded")
+        state = dict(state)
+        state[FIRST_CONV] = got.repeat(1, want[1], 1, 1, 1) / want[1]
+    return state
+
+
+def apply_init(model: nn.Module, state: dict[str, torch.Tensor] | None, init: str) -> nn.Module:
+    """Copy `state` into `model` (encoder only for the classifier); raises ValueError on any mismatch."""
+    if state is None:
+        return model
+    state = _adapt_channels(state, model, init)
+    try:
+        if isinstance(model, UNet3DClassifier):
+            model.load_encoder_from(state, name=f"--init {init!r}")
+        else:
+            from pipeline.models.state_dicts import load_checked
+
+            load_checked(model, state, f"--init {init!r}")
+    except ValueError as err:
+        raise ValueError(str(err)) from err
+    return model
+
+
+def check_init(config: FinetuneConfig, state: dict | None, init: str) -> None:
+    """Fails (ValueError) before Ray starts when `state` does not fit the configured model."""
+    apply_init(build_model(config), state, init)
+
+
+def freeze_encoder(model: nn.Module) -> int:
+    """Stop gradients through the encoder (down_tr64..down_tr512); returns how many tensors were frozen.
+    Its batch-statistics norms still normalise with each batch's statistics (the reference's norm)."""
+    n = 0
+    for name in ENCODER_NAMES:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(False)
+            n += 1
+    return n

@@ -1,0 +1,151 @@
+"""`finetune`: one fine-tuning run (one task, one init, one label fraction, one seed) on Ray Train (V2),
+recorded in MLflow and registered as `genesis-<task>`.
+
+Everything that can be wrong deterministically (unknown task or preset, a store of another task, an empty
+training or validation split, an init that does not fit the model) raises ValueError here, before Ray
+starts, so it is never retried; only worker failures are (`max_failures`, from the last epoch's checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["finetune", "FinetuneResult", "task_spec_of_store"]
+
+
+@dataclass
+class FinetuneResult:
+    name: str
+    task: str
+    init: str
+    path: str
+    mlflow_run_id: str
+    tracking_uri: str
+    registered_as: str
+    metrics: dict
+    error: str | None
+
+    def report(self) -> str:
+        from pipeline.tracking import ui_hint
+
+        m = self.metrics or {}
+        test = {k[5:]: v for k, v in sorted(m.items()) if k.startswith("test_") and not k.endswith("_n_nan")}
+        lines = [f"fine-tuning {self.name} ({self.task}, init {self.init}): "
+                 f"{'FAILED: ' + self.error if self.error else 'finished'}",
+                 f"  best validation loss {m.get('final_best_val_loss', m.get('best_val_loss', float('nan'))):.5f}",
+                 "  test: " + (", ".join(f"{k} {_fmt(v)}" for k, v in test.items()) or "-"),
+                 f"  model: {self.registered_as} (models:/{self.registered_as}/latest)",
+                 f"  checkpoints: {self.path}",
+                 f"  MLflow run: {ui_hint(self.tracking_uri, self.mlflow_run_id)}"]
+        return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.4f}"
+
+
+def task_spec_of_store(task: str, store):
+    """The registry's TaskSpec with the data fields the store was built with (cube size, channels,
+    intensity, crop size, target values), so a store built with overrides is read as it is."""
+    from pipeline.tasks import get_task
+
+    spec = get_task(task)
+    stored_task = store.attrs.get("task")
+    if stored_task != spec.name:
+        raise ValueError(f"{store.path} is a patch store of task {stored_task!r}, not {spec.name!r}")
+    data = store.attrs.get("config", {}).get("task", {})
+    sampling = data.get("sampling", {})
+    changes = {"cube_size": tuple(store.attrs["cube_shape"])}
+    if data.get("channels") is not None:
+        changes["channels"] = tuple(data["channels"])
+    if sampling.get("crop_size") is not None:
+        changes["sampling.crop_size"] = tuple(sampling["crop_size"])
+    if sampling.get("target_values") is not None:
+        changes["sampling.target_values"] = tuple(sampling["target_values"])
+    if data.get("intensity"):
+        changes.update({f"intensity.{k}": v for k, v in data["intensity"].items()})
+    try:
+        return spec.with_overrides(**changes)
+    except (ValueError, TypeError):
+        return spec.with_overrides(cube_size=changes["cube_size"])
+
+
+def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "tiny", freeze_encoder: bool = False,
+             label_fraction: float = 1.0, seed: int = 0, workers: int = 1, gpus_per_worker: float = 0,
+             tracking_uri: str | None = None, experiment: str = "genesis-finetune", storage_path: str | None = None,
+             name: str | None = None, max_failures: int = 1, epochs: int | None = None,
+             ray_address: str | None = None,
+             fault_injection: dict | None = None) -> FinetuneResult:
+    import numpy as np
+
+    from pipeline.finetune.config import preset as make_preset
+    from pipeline.finetune.init import check_init, read_init
+    from pipeline.patches import PatchStore
+    from pipeline.tracking import create_run, finetuned_model_name, resolve_uri
+
+    store = PatchStore(patches)
+    if not store.is_task:
+        raise ValueError(f"{patches} is a pretraining patch store; fine-tuning needs a task store "
+                         f"(`genesis patches task {task}`)")
+    spec = task_spec_of_store(task.lower(), store)
+    config = make_preset(preset, spec).with_overrides(freeze_encoder=freeze_encoder, label_fraction=label_fraction,
+                                                      seed=seed, max_epochs=epochs)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    train_rows = np.sort(store.fraction_rows(label_fraction))
+    val_rows = np.sort(store.rows("validation"))
+    if len(train_rows) < workers:
+        raise ValueError(f"{patches}: {len(train_rows)} training cubes at label fraction {label_fraction}, fewer "
+                         f"than the {workers} worker(s); use a larger fraction or store")
+    if not len(val_rows):
+        raise ValueError(f"{patches}: no validation cubes (early stopping and best weights need them)")
+    if config.evaluation == "whole_volume":
+        if not (store.scans["split"] == "test").any():
+            raise ValueError(f"{patches}: scans.parquet lists no test case")
+    elif not len(store.rows("test")):
+        raise ValueError(f"{patches}: no test cubes")
+    uri = resolve_uri(tracking_uri)
+    init_state = read_init(init, uri)
+    check_init(config, init_state, init)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.finetune.worker import train_loop_per_worker
+
+    name = name or f"genesis-finetune-{spec.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = create_run(uri, experiment, name, tags={"task": spec.name, "preset": preset, "init": init,
+                                                      "label_fraction": str(label_fraction), "seed": str(seed),
+                                                      "patch_store": store.key})
+    storage = str(Path(storage_path or "ray_results").resolve()) if "://" not in (storage_path or "") else storage_path
+    registered = finetuned_model_name(spec.name)
+    if not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=True) if ray_address else ray.init()
+    loop_config = {"finetune": config.to_dict(), "spec": spec, "patches": str(Path(patches).resolve()),
+                   "init": init, "init_state": init_state, "tracking_uri": uri, "mlflow_run_id": run_id,
+                   "train_rows": train_rows.tolist(), "val_rows": val_rows.tolist(), "register_as": registered,
+                   "gpus_per_worker": gpus_per_worker, "fault_injection": fault_injection}
+    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    error, path = None, str(Path(str(storage)) / name)
+    try:
+        result = trainer.fit()
+        path = str(result.path)
+        if result.error:
+            error = str(result.error).splitlines()[0]
+    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    from pipeline.tracking import mark_failed, run_metrics
+
+    if error:
+        mark_failed(uri, run_id)
+    return FinetuneResult(name=name, task=spec.name, init=init, path=path, mlflow_run_id=run_id, tracking_uri=uri,
+                          registered_as=registered, metrics=run_metrics(uri, run_id), error=error)

@@ -1,0 +1,158 @@
+"""`train_loop_per_worker` of a fine-tuning run: wires the data, model, optimiser, checkpoints and MLflow
+(rank 0); the steps themselves are plain functions in steps.py, the test evaluation is evaluate.py."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["train_loop_per_worker"]
+
+
+def _mean_across_ranks(value: float, device) -> float:
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / dist.get_world_size()
+    return value
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.finetune.config import FinetuneConfig
+    from pipeline.finetune.data import batches, epoch_rows
+    from pipeline.finetune.init import apply_init, build_model, freeze_encoder
+    from pipeline.finetune.steps import build_optimizer, build_scheduler, evaluate_loss, loss_function, train_epoch
+    from pipeline.patches import PatchStore
+    from pipeline.training.checkpoint import load_state, restore_rng, save_state
+
+    config = FinetuneConfig.from_dict(cfg["finetune"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)  # the initial weights of what the init does not cover (head, scratch)
+
+    model = apply_init(build_model(config), cfg.get("init_state"), cfg["init"])
+    if config.freeze_encoder:
+        freeze_encoder(model)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    loss_fn = loss_function(config)
+    start_epoch, best_val, bad_epochs, best_model, stopped = 0, math.inf, 0, None, False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group continues from the last epoch's state
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
+        best_model, stopped = state["best_model"], state.get("stopped_early", False)
+        restore_rng(state["rng"])
+    model.to(device)
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+
+    store = PatchStore(cfg["patches"])
+    train_rows, val_rows = np.asarray(cfg["train_rows"]), np.asarray(cfg["val_rows"])
+
+    logger = None
+    if rank == 0:
+        from pipeline.tracking import RunLogger
+
+        logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", False))
+        if start_epoch == 0:
+            idx = store.index.set_index("row")
+            logger.log_params({"finetune": config.to_dict(), "init": cfg["init"],
+                               "patches": {"path": cfg["patches"], "key": store.key},
+                               "ray": {"workers": world, "gpus_per_worker": cfg.get("gpus_per_worker", 0)},
+                               "data": {"train_rows": len(train_rows), "validation_rows": len(val_rows),
+                                        "train_patients": int(idx.loc[train_rows, "patient_id"].nunique())}})
+            logger.log_dict({"train_rows": train_rows.tolist(),
+                             "train_case_ids": sorted(set(idx.loc[train_rows, "case_id"])),
+                             "train_patient_ids": sorted(set(idx.loc[train_rows, "patient_id"])),
+                             "validation_patient_ids": sorted(set(idx.loc[val_rows, "patient_id"]))},
+                            "data/training_rows.json")
+            logger.log_patch_store(cfg["patches"], store.key, store.index, context="fine-tuning")
+
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.max_epochs if not stopped else start_epoch):
+        rows = epoch_rows(train_rows, config.seed, epoch, rank, world)
+        stats = train_epoch(ddp_model, batches(store, rows, config, config.batch_size), optimizer, loss_fn, device)
+        train_loss = _mean_across_ranks(stats.loss, device)
+        # every rank scores the whole validation split with the same weights: one number, no gather
+        val_loss = evaluate_loss(model, batches(store, val_rows, config, config.batch_size), loss_fn, device)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(val_loss)
+        if val_loss < best_val:
+            best_val, bad_epochs = val_loss, 0
+            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        stopped_early = bad_epochs >= config.patience
+        stop = stopped_early or epoch + 1 >= config.max_epochs
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val,
+                   "lr": lr, "epoch_seconds": stats.seconds, "cubes_per_s": stats.cubes_per_s * world,
+                   "bad_epochs": bad_epochs, "stopped": float(stop)}
+        if logger:
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best_val=best_val,
+                           bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
+                           stopped_early=stopped_early)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        fault = cfg.get("fault_injection")
+        if fault and rank == fault["rank"]:
+            _maybe_die(epoch, fault)
+        if stop:
+            break
+
+    if logger:
+        _finish(cfg, config, store, best_model, best_val, epoch, device, logger)
+
+
+def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> None:
+    """Rank 0: the best weights on the test split; metrics, predictions.csv, figures, the registered model."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.finetune.evaluate import evaluate_test
+    from pipeline.finetune.init import build_model
+    from pipeline.tracking import register_finetuned
+
+    final = build_model(config)
+    final.load_state_dict(best_model)
+    final.to(device).eval()
+    result = evaluate_test(final, store, config, cfg["spec"], device)
+    logger.log_metrics({**result.metrics, "final_best_val_loss": best_val}, step=epoch)
+    logger.log_table_csv(result.predictions, "predictions.csv")
+    if result.settings:
+        logger.log_dict(result.settings, "test/sliding_window.json")
+    for fig, name in result.figures:
+        logger.log_figure(fig, name)
+        plt.close(fig)
+    final.cpu()
+    info = logger.log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind)
+    register_finetuned(cfg["tracking_uri"], info.model_uri, cfg["register_as"],
+                       tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, "task": config.task,
+                             "init": cfg["init"], "preset": config.preset, "label_fraction": config.label_fraction,
+                             "freeze_encoder": config.freeze_encoder, "seed": config.seed,
+                             "patch_store": store.key, "run_id": cfg["mlflow_run_id"],
+                             "output": "logits" if config.kind == "classification" else "probabilities"})
+    logger.end()
+
+
+def _maybe_die(epoch: int, fault: dict) -> None:
+    """Fault injection for a restart test: SIGKILL this worker once, after `epoch`'s checkpoint."""
+    marker = fault["marker"]
+    if epoch == fault["epoch"] and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), 9)
