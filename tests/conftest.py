@@ -74,6 +74,16 @@ def zip_folder(folder: Path, out: Path, arc_prefix: str = "") -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray for the whole test session (a Ray start costs seconds; Ray Train fits share it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

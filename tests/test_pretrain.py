@@ -22,15 +22,6 @@ CUBE = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=8, border_yx=4, bord
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def patch_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain_data")
     rng = np.random.default_rng(0)

@@ -4,22 +4,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 __all__ = ["train_loop_per_worker"]
-
-
-def _mean_across_ranks(value: float, device) -> float:
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t.item()) / dist.get_world_size()
-    return value
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -31,7 +20,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     from pipeline.finetune.init import apply_init, build_model, freeze_encoder
     from pipeline.finetune.steps import build_optimizer, build_scheduler, evaluate_loss, loss_function, train_epoch
     from pipeline.patches import PatchStore
-    from pipeline.training.checkpoint import load_state, restore_rng, save_state
+    from pipeline.training.checkpoint import (load_state, maybe_inject_fault, mean_across_ranks, report_epoch,
+                                              restore_rng)
 
     config = FinetuneConfig.from_dict(cfg["finetune"])
     ctx = ray.train.get_context()
@@ -85,7 +75,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(start_epoch, config.max_epochs if not stopped else start_epoch):
         rows = epoch_rows(train_rows, config.seed, epoch, rank, world)
         stats = train_epoch(ddp_model, batches(store, rows, config, config.batch_size), optimizer, loss_fn, device)
-        train_loss = _mean_across_ranks(stats.loss, device)
+        train_loss = mean_across_ranks(stats.loss, device)
         # every rank scores the whole validation split with the same weights: one number, no gather
         val_loss = evaluate_loss(model, batches(store, val_rows, config, config.batch_size), loss_fn, device)
         lr = optimizer.param_groups[0]["lr"]
@@ -102,17 +92,10 @@ def train_loop_per_worker(cfg: dict) -> None:
                    "bad_epochs": bad_epochs, "stopped": float(stop)}
         if logger:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best_val=best_val,
-                           bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
-                           stopped_early=stopped_early)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-        fault = cfg.get("fault_injection")
-        if fault and rank == fault["rank"]:
-            _maybe_die(epoch, fault)
+        report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                     best_val=best_val, bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
+                     stopped_early=stopped_early)
+        maybe_inject_fault(cfg, rank, epoch)
         if stop:
             break
 
@@ -148,11 +131,3 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
                              "patch_store": store.key, "run_id": cfg["mlflow_run_id"],
                              "output": "logits" if config.kind == "classification" else "probabilities"})
     logger.end()
-
-
-def _maybe_die(epoch: int, fault: dict) -> None:
-    """Fault injection for a restart test: SIGKILL this worker once, after `epoch`'s checkpoint."""
-    marker = fault["marker"]
-    if epoch == fault["epoch"] and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), 9)

@@ -1,14 +1,17 @@
-"""Everything a run needs to continue exactly: model, optimizer, scheduler, counters, RNG states."""
+"""Everything a run needs to continue exactly: model, optimizer, scheduler, counters, RNG states; and the
+per-epoch steps every Ray Train loop of the project shares (report with a checkpoint, fault injection)."""
 
 from __future__ import annotations
 
 import os
 import random
+import tempfile
 
 import numpy as np
 import torch
 
-__all__ = ["save_state", "load_state", "restore_rng", "STATE_FILE"]
+__all__ = ["save_state", "load_state", "restore_rng", "STATE_FILE", "report_epoch", "maybe_inject_fault",
+           "mean_across_ranks"]
 
 STATE_FILE = "state.pt"
 
@@ -42,3 +45,37 @@ def restore_rng(state: dict) -> None:
 def load_state(directory: str) -> dict:
     """Checkpoints are our own files, but are still loaded without running code (weights_only)."""
     return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def report_epoch(rank: int, metrics: dict, **state) -> None:
+    """Rank 0 saves `state` (save_state's fields) as this epoch's checkpoint; every rank reports, as Ray Train
+    requires, so a restarted worker group resumes from the last finished epoch."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_state(tmp, **state)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def maybe_inject_fault(cfg: dict, rank: int, epoch: int) -> None:
+    """Tests only: `cfg["fault_injection"] = {"rank", "epoch", "marker"}` SIGKILLs that worker once, after
+    `epoch`'s checkpoint (the marker file makes it happen once across restarts)."""
+    fault = cfg.get("fault_injection")
+    if not fault or rank != fault["rank"] or epoch != fault["epoch"] or os.path.exists(fault["marker"]):
+        return
+    open(fault["marker"], "w").close()
+    os.kill(os.getpid(), 9)
+
+
+def mean_across_ranks(value: float, device) -> float:
+    """The mean of a per-rank number over the DDP group (the number itself without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / dist.get_world_size()
+    return value

@@ -4,22 +4,11 @@ data shard, DDP model, fixed validation pairs, checkpoints, and MLflow on rank 0
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 __all__ = ["train_loop_per_worker"]
-
-
-def _mean_across_ranks(value: float, device) -> float:
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t.item()) / dist.get_world_size()
-    return value
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -29,7 +18,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     from pipeline.data import CubeStreamConfig, PatchCubes, genesis_pairs
     from pipeline.patches import PatchStore
-    from pipeline.training.checkpoint import load_state, restore_rng, save_state
+    from pipeline.training.checkpoint import (load_state, maybe_inject_fault, mean_across_ranks, report_epoch,
+                                              restore_rng)
     from pipeline.training.config import PretrainConfig
     from pipeline.training.pictures import restoration_figure
     from pipeline.training.steps import (build_model, build_optimizer, build_scheduler, evaluate,
@@ -86,9 +76,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         generator.manual_seed(int(np.random.default_rng([config.seed, epoch, rank]).integers(2**62)))
         loader = DataLoader(data, batch_size=config.batch_size, drop_last=True)
         stats = train_epoch(ddp_model, genesis_pairs(loader, device, generator), optimizer, device, config)
-        train_loss = _mean_across_ranks(stats.loss, device)
+        train_loss = mean_across_ranks(stats.loss, device)
         val_loss, restored = evaluate(model, xv, yv, config.batch_size, device, config.bf16)
-        val_loss = _mean_across_ranks(val_loss, device)
+        val_loss = mean_across_ranks(val_loss, device)
         lr = optimizer.param_groups[0]["lr"]
         if config.scheduler == "plateau":
             scheduler.step(val_loss)
@@ -101,7 +91,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             bad_epochs += 1
         stopped_early = bad_epochs >= config.patience
         stop = stopped_early or epoch + 1 == config.epochs
-        cubes_per_s = _mean_across_ranks(stats.cubes_per_s, device) * world
+        cubes_per_s = mean_across_ranks(stats.cubes_per_s, device) * world
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val,
                    "lr": lr, "cubes_per_s": cubes_per_s, "epoch_seconds": stats.seconds,
                    "data_seconds": stats.data_seconds, "bad_epochs": bad_epochs, "stopped": float(stop)}
@@ -113,17 +103,10 @@ def train_loop_per_worker(cfg: dict) -> None:
                 import matplotlib.pyplot as plt
 
                 plt.close(fig)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, best_val=best_val,
-                           bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
-                           stopped_early=stopped_early)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-        fault = cfg.get("fault_injection")
-        if fault and rank == fault["rank"]:
-            _maybe_die(epoch, fault)
+        report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                     best_val=best_val, bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
+                     stopped_early=stopped_early)
+        maybe_inject_fault(cfg, rank, epoch)
         if stop:
             break
 
@@ -138,11 +121,3 @@ def train_loop_per_worker(cfg: dict) -> None:
         register_model(cfg["tracking_uri"], info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
                        tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"]})
         logger.end()
-
-
-def _maybe_die(epoch: int, fault: dict) -> None:
-    """Fault injection for the restart test: SIGKILL this worker process once, after `epoch`'s checkpoint."""
-    marker = fault["marker"]
-    if epoch == fault["epoch"] and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), 9)
