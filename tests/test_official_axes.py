@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from pipeline.models import UNet3D, UNet3DClassifier, load_official_genesis, read_official_state_dict, \
     save_official_layout
 from pipeline.models.official import convert_kernel_axes
+from test_models import DECODER, ENCODER, functional_forward
 
-ENCODER = ("down_tr64", "down_tr128", "down_tr256", "down_tr512")
-DECODER = ("up_tr256", "up_tr128", "up_tr64")
 BASE = 4
 #: Official cube sides (X, Y, Z): all different, so a wrong axis order cannot pass.
 XYZ = (32, 24, 16)
@@ -64,27 +63,10 @@ def official_state_dict(base: int = BASE, seed: int = 0) -> dict[str, torch.Tens
     return sd
 
 
-def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The reference UNet3D (pytorch/unet3d.py) with torch.nn.functional only, on the
-    official layout: ``x`` is (N, 1, X, Y, Z), ``sd`` as stored in the official file."""
-
-    def luconv(prefix: str, h: torch.Tensor) -> torch.Tensor:
-        h = F.conv3d(h, sd[f"{prefix}.conv1.weight"], sd[f"{prefix}.conv1.bias"], padding=1)
-        h = F.batch_norm(h, None, None, sd[f"{prefix}.bn1.weight"], sd[f"{prefix}.bn1.bias"],
-                         training=True, momentum=0.1, eps=1e-5)
-        return F.relu(h)
-
-    skips = []
-    for depth, name in enumerate(ENCODER):
-        x = luconv(f"{name}.ops.1", luconv(f"{name}.ops.0", x))
-        if depth < 3:
-            skips.append(x)
-            x = F.max_pool3d(x, 2)
-    for name in DECODER:
-        x = F.conv_transpose3d(x, sd[f"{name}.up_conv.weight"], sd[f"{name}.up_conv.bias"], stride=2)
-        x = torch.cat((x, skips.pop()), dim=1)
-        x = luconv(f"{name}.ops.1", luconv(f"{name}.ops.0", x))
-    return torch.sigmoid(F.conv3d(x, sd["out_tr.final_conv.weight"], sd["out_tr.final_conv.bias"]))
+# The reference UNet3D (pytorch/unet3d.py) in torch.nn.functional only, the same independent forward that
+# tests/test_models.py checks our model against; here it runs on the official layout: x is (N, 1, X, Y, Z)
+# and the state dict is as stored in the official file.
+reference_forward = functional_forward
 
 
 @pytest.fixture

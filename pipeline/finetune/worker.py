@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -20,8 +18,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     from pipeline.finetune.init import apply_init, build_model, freeze_encoder
     from pipeline.finetune.steps import build_optimizer, build_scheduler, evaluate_loss, loss_function, train_epoch
     from pipeline.patches import PatchStore
-    from pipeline.training.checkpoint import (load_state, maybe_inject_fault, mean_across_ranks, report_epoch,
-                                              restore_rng)
+    from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
+                                              resume_from_checkpoint)
 
     config = FinetuneConfig.from_dict(cfg["finetune"])
     ctx = ray.train.get_context()
@@ -35,17 +33,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     loss_fn = loss_function(config)
-    start_epoch, best_val, bad_epochs, best_model, stopped = 0, math.inf, 0, None, False
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group continues from the last epoch's state
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
-        best_model, stopped = state["best_model"], state.get("stopped_early", False)
-        restore_rng(state["rng"])
+    start_epoch, best_val, bad_epochs, best_model, stopped = resume_from_checkpoint(model, optimizer, scheduler)
     model.to(device)
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 __all__ = ["save_state", "load_state", "restore_rng", "STATE_FILE", "report_epoch", "maybe_inject_fault",
-           "mean_across_ranks"]
+           "mean_across_ranks", "resume_from_checkpoint"]
 
 STATE_FILE = "state.pt"
 
@@ -79,3 +79,24 @@ def mean_across_ranks(value: float, device) -> float:
         dist.all_reduce(t)
         return float(t.item()) / dist.get_world_size()
     return value
+
+
+def resume_from_checkpoint(model, optimizer, scheduler) -> tuple[int, float, int, dict | None, bool]:
+    """Load Ray Train's latest checkpoint (a restarted worker group, or `--resume`) into the model, optimizer,
+    scheduler and RNGs; returns (start_epoch, best_val, bad_epochs, best_model, stopped). A run that stopped
+    early stays stopped; one that ran out of epochs continues when given more. Without a checkpoint: a fresh start."""
+    import math
+
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, math.inf, 0, None, False
+    with checkpoint.as_directory() as d:
+        state = load_state(d)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+    return (state["epoch"] + 1, state["best_val"], state["bad_epochs"], state["best_model"],
+            state.get("stopped_early", False))

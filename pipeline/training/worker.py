@@ -3,8 +3,6 @@ data shard, DDP model, fixed validation pairs, checkpoints, and MLflow on rank 0
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -18,8 +16,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     from pipeline.data import CubeStreamConfig, PatchCubes, genesis_pairs
     from pipeline.patches import PatchStore
-    from pipeline.training.checkpoint import (load_state, maybe_inject_fault, mean_across_ranks, report_epoch,
-                                              restore_rng)
+    from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
+                                              resume_from_checkpoint)
     from pipeline.training.config import PretrainConfig
     from pipeline.training.pictures import restoration_figure
     from pipeline.training.steps import (build_model, build_optimizer, build_scheduler, evaluate,
@@ -34,18 +32,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     model = build_model(config)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
-    start_epoch, best_val, bad_epochs, best_model, stopped = 0, math.inf, 0, None, False
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
-        # a run that stopped early stays stopped; one that ran out of epochs continues when given more
-        best_model, stopped = state["best_model"], state.get("stopped_early", False)
-        restore_rng(state["rng"])
+    start_epoch, best_val, bad_epochs, best_model, stopped = resume_from_checkpoint(model, optimizer, scheduler)
     ddp_model = ray.train.torch.prepare_model(model)
 
     store = PatchStore(cfg["patches"])
