@@ -62,10 +62,17 @@ def report_epoch(rank: int, metrics: dict, **state) -> None:
 
 def maybe_inject_fault(cfg: dict, rank: int, epoch: int) -> None:
     """Tests only: `cfg["fault_injection"] = {"rank", "epoch", "marker"}` SIGKILLs that worker once, after
-    `epoch`'s checkpoint (the marker file makes it happen once across restarts)."""
+    `epoch`'s checkpoint (the marker file makes it happen once across restarts). It first waits until Ray Train
+    has committed every report made so far: the controller polls workers every 2 s, so a worker killed right
+    after reporting could take unregistered checkpoints with it and the test would see a restart from epoch 0
+    (seen once in CI). A real crash mid-epoch comes long after the last report was committed."""
+    import ray.train
+
     fault = cfg.get("fault_injection")
     if not fault or rank != fault["rank"] or epoch != fault["epoch"] or os.path.exists(fault["marker"]):
         return
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                           timeout_s=120)
     open(fault["marker"], "w").close()
     os.kill(os.getpid(), 9)
 
