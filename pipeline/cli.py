@@ -151,6 +151,33 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--name", help="run name")
     ft.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed")
 
+    tf = sub.add_parser("transfer", help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, "
+                                         "one MLflow parent run, the paper's table; `transfer show RUN_ID` prints it "
+                                         "again")
+    tf.add_argument("show", nargs="*", metavar="show RUN_ID", help="print a finished grid's table from MLflow")
+    tf.add_argument("--tasks", default="ncc,ncs,ecc,lcs,bms", help="comma-separated tasks (default: all five)")
+    tf.add_argument("--patches", action="append",
+                    help="folder of task stores (task-<task>-<key>), or TASK=PATH (repeatable)")
+    tf.add_argument("--inits", default="scratch,models:/genesis-pretrained@best",
+                    help="comma-separated inits: scratch, models:/NAME/VERSION, models:/NAME@ALIAS, official:FILE, FILE.pt")
+    tf.add_argument("--seeds", default="0", help="comma-separated seeds")
+    tf.add_argument("--label-fractions", default="1.0", help="comma-separated label fractions in (0, 1]")
+    tf.add_argument("--freeze-encoder", action="store_true")
+    tf.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
+    tf.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
+    tf.add_argument("--max-concurrent", type=_positive, default=2, help="trials at once")
+    tf.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share per trial worker (e.g. 0.25)")
+    tf.add_argument("--workers-per-trial", type=_positive, default=1)
+    tf.add_argument("--per-trial", type=_positive,
+                    help="fine-tunings of one task per trial (default: 8 for tiny, 1 for paper)")
+    tf.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
+    tf.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
+    tf.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    tf.add_argument("--experiment", default="genesis-transfer")
+    tf.add_argument("--storage-path", help="where Ray keeps trials and checkpoints (default ./ray_results)")
+    tf.add_argument("--results", help="folder for results.md/.csv/.png (default: under --storage-path)")
+    tf.add_argument("--name", help="parent run name")
+
     tk = sub.add_parser("tasks", help="the target tasks (task registry)")
     tksub = tk.add_subparsers(dest="tasks_command", required=True)
     tl = tksub.add_parser("list", help="print the task table")
@@ -184,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,
-               "finetune": _finetune}[args.command]
+               "finetune": _finetune, "transfer": _transfer}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -302,6 +329,51 @@ def _finetune(args) -> int:
         return EXIT_USAGE
     print(result.report())
     return EXIT_FAILED if result.error else EXIT_OK
+
+
+def _split(text: str, cast=str) -> tuple:
+    return tuple(cast(v.strip()) for v in text.split(",") if v.strip())
+
+
+def _transfer(args) -> int:
+    from pipeline.patches import PatchStoreError
+    from pipeline.transfer import GridConfig, show, transfer
+
+    if args.show:
+        if len(args.show) != 2 or args.show[0] != "show":
+            print(f"genesis transfer: error: unexpected arguments {args.show}; use `genesis transfer show RUN_ID`",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            print(show(args.show[1], args.tracking_uri))
+        except ValueError as exc:
+            print(f"genesis transfer show: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK
+    if not args.patches:
+        print("genesis transfer: error: --patches is required (a folder of task stores, or TASK=PATH)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        patches = args.patches[0] if len(args.patches) == 1 and "=" not in args.patches[0] else \
+            dict(p.split("=", 1) for p in args.patches)
+        grid = GridConfig(tasks=_split(args.tasks.lower()), inits=_split(args.inits), seeds=_split(args.seeds, int),
+                          label_fractions=_split(args.label_fractions, float), freeze_encoder=args.freeze_encoder,
+                          preset=args.preset, epochs=args.epochs, max_concurrent=args.max_concurrent,
+                          workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+                          cells_per_trial=args.per_trial, max_failures=args.max_failures)
+        from pipeline.tasks import get_task
+
+        for t in grid.tasks:
+            get_task(t)
+        result = transfer(grid, patches, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                          storage_path=args.storage_path, ray_address=args.ray_address, name=args.name,
+                          results_dir=args.results)
+    except (PatchStoreError, ValueError, FileNotFoundError) as exc:
+        print(f"genesis transfer: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.report())
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def _tasks(args) -> int:

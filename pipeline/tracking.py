@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = ["resolve_uri", "RunLogger", "create_run", "register_model", "model_signature", "ui_hint", "mark_failed",
            "PRETRAINED_MODEL", "classifier_signature", "load_model_state", "register_finetuned", "run_metrics",
-           "finetuned_model_name"]
+           "finetuned_model_name", "run_status"]
 
 PRETRAINED_MODEL = "genesis-pretrained"
 
@@ -170,10 +170,19 @@ def ui_hint(uri: str, run_id: str) -> str:
     return url if cmd is None else f"{url}\n  open the UI with: {cmd}"
 
 
-def mark_failed(uri: str, run_id: str) -> None:
+def mark_failed(uri: str, run_id: str, reason: str | None = None, status: str = "FAILED") -> None:
+    """End a run that is still RUNNING as FAILED (or KILLED); `reason` goes into its `error` tag, which the
+    transfer table shows beside the failed fine-tuning."""
     client = _client(uri)
+    if reason:
+        client.set_tag(run_id, "error", reason[:5000])
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status=status)
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    return _client(uri).get_run(run_id).info.status
 
 
 def classifier_signature(channels: int = 1):

@@ -79,7 +79,10 @@ def ray_local():
     """One private local Ray for the whole test session (a Ray start costs seconds; Ray Train fits share it)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipeline.transfer.run import TRIAL_RESOURCE
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             resources={TRIAL_RESOURCE: 100})
     yield ray
     ray.shutdown()
 
@@ -94,3 +97,38 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     yield
+
+
+TASK_CUBE = (16, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def task_stores(tmp_path_factory):
+    """ECC (PE sample, classification) and LCS (LiTS sample, whole-volume segmentation) task stores with
+    16x32x32 cubes, shared by the fine-tuning and transfer tests."""
+    from pipeline.patches.task_extract import extract_task
+    from pipeline.sample_data.datasets import write_sample
+    from pipeline.tasks import get_task
+    from pipeline.volume_store import convert
+
+    root = tmp_path_factory.mktemp("task_data")
+    out = {}
+    for dataset, task in (("pe", "ecc"), ("lits", "lcs")):
+        write_sample(dataset, root / dataset, n_scans=6, small=True, seed=0)
+        assert convert([str(root / dataset)], str(root / f"{dataset}_vs"), workers=1, progress=False).ok
+        spec = get_task(task).with_overrides(cube_size=TASK_CUBE)
+        out[task] = str(extract_task(str(root / f"{dataset}_vs"), spec, out_root=str(root / "ps"), workers=1,
+                                     progress=False).path)
+    return out
+
+
+def assert_no_test_patient_in_training(store_path, rows: dict) -> None:
+    """`rows`: a fine-tuning run's data/training_rows.json; none of its rows or patients is a test patient."""
+    from pipeline.patches import PatchStore
+
+    store = PatchStore(store_path)
+    idx = store.index.set_index("row")
+    test_patients = set(store.scans.loc[store.scans["split"] == "test", "patient_id"])
+    assert test_patients and rows["train_rows"]
+    assert not test_patients & set(idx.loc[rows["train_rows"], "patient_id"])
+    assert not test_patients & set(rows["train_patient_ids"])

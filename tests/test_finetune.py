@@ -10,31 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TASK_CUBE, assert_no_test_patient_in_training
 
 from pipeline.finetune import finetune, paper, tiny
 from pipeline.finetune.init import FIRST_CONV, apply_init, build_model, check_init, read_init
 from pipeline.finetune.steps import soft_dice_loss
 from pipeline.models import UNet3D
 from pipeline.patches import PatchStore
-from pipeline.patches.task_extract import extract_task
-from pipeline.sample_data.datasets import write_sample
 from pipeline.tasks import get_task
-from pipeline.volume_store import convert
 
-CUBE = (16, 32, 32)
+CUBE = TASK_CUBE
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune_data")
-    out = {}
-    for dataset, task in (("pe", "ecc"), ("lits", "lcs")):
-        write_sample(dataset, root / dataset, n_scans=6, small=True, seed=0)
-        assert convert([str(root / dataset)], str(root / f"{dataset}_vs"), workers=1, progress=False).ok
-        spec = get_task(task).with_overrides(cube_size=CUBE)
-        out[task] = str(extract_task(str(root / f"{dataset}_vs"), spec, out_root=str(root / "ps"), workers=1,
-                                     progress=False).path)
-    return out
+def stores(task_stores):
+    return task_stores
 
 
 def test_presets_follow_the_task_spec():
@@ -113,7 +103,7 @@ def _artifacts(client, run_id, tmp_path):
     return pred, rows
 
 
-def _no_test_patient_in_training(store_path, rows):
+def assert_no_test_patient_in_training(store_path, rows):
     store = PatchStore(store_path)
     idx = store.index.set_index("row")
     test_patients = set(store.scans.loc[store.scans["split"] == "test", "patient_id"])
@@ -137,7 +127,7 @@ def test_classification_ecc_end_to_end(ray_local, stores, tmp_path):
     assert list(pred.columns[:4]) == ["case_id", "candidate", "label", "score"]
     assert run.data.metrics["test_auc"] == pytest.approx(roc_auc_score(pred["label"], pred["score"]), abs=1e-12)
     assert res.metrics["test_auc"] == run.data.metrics["test_auc"]
-    _no_test_patient_in_training(stores["ecc"], rows)
+    assert_no_test_patient_in_training(stores["ecc"], rows)
     version = client.get_model_version("genesis-ecc", "1")
     assert version.run_id == res.mlflow_run_id
     assert float(version.tags["test_auc"]) == pytest.approx(run.data.metrics["test_auc"], rel=1e-5)
@@ -166,7 +156,7 @@ def test_whole_volume_segmentation_lcs_from_a_registered_model(ray_local, stores
     test_cases = PatchStore(stores["lcs"]).scans.query("split == 'test'")["case_id"]
     assert sorted(pred["case_id"]) == sorted(test_cases)
     assert metrics["test_dice"] == pytest.approx(np.mean(pred["dice"]), abs=1e-9)
-    _no_test_patient_in_training(stores["lcs"], rows)
+    assert_no_test_patient_in_training(stores["lcs"], rows)
     overlays = [a.path for a in client.list_artifacts(res.mlflow_run_id, "test")]
     assert any(p.startswith("test/overlay_") for p in overlays)
     version = client.get_model_version("genesis-lcs", "1")

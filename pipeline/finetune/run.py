@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["finetune", "FinetuneResult", "task_spec_of_store"]
+__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "scaling"]
 
 
 @dataclass
@@ -72,19 +72,37 @@ def task_spec_of_store(task: str, store):
         return spec.with_overrides(cube_size=changes["cube_size"])
 
 
-def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "tiny", freeze_encoder: bool = False,
-             label_fraction: float = 1.0, seed: int = 0, workers: int = 1, gpus_per_worker: float = 0,
-             tracking_uri: str | None = None, experiment: str = "genesis-finetune", storage_path: str | None = None,
-             name: str | None = None, max_failures: int = 1, epochs: int | None = None,
-             ray_address: str | None = None,
-             fault_injection: dict | None = None) -> FinetuneResult:
+@dataclass
+class Prepared:
+    """A fine-tuning checked before Ray starts: the spec and config it runs with and its rows."""
+    patches: str
+    store_key: str
+    spec: object
+    config: object
+    train_rows: list[int]
+    val_rows: list[int]
+
+    def loop_config(self, *, init: str, tracking_uri: str, run_id: str, gpus_per_worker: float = 0,
+                    fault_injection: dict | None = None) -> dict:
+        """What the Ray Train loop reads (without the init's weights, which travel separately)."""
+        from pipeline.tracking import finetuned_model_name
+
+        return {"finetune": self.config.to_dict(), "spec": self.spec, "patches": self.patches, "init": init,
+                "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "train_rows": self.train_rows,
+                "val_rows": self.val_rows, "register_as": finetuned_model_name(self.spec.name),
+                "gpus_per_worker": gpus_per_worker, "fault_injection": fault_injection}
+
+
+def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bool = False,
+            label_fraction: float = 1.0, seed: int = 0, workers: int = 1, epochs: int | None = None) -> Prepared:
+    """Everything that can be wrong deterministically about one fine-tuning, as a ValueError naming it."""
     import numpy as np
 
     from pipeline.finetune.config import preset as make_preset
-    from pipeline.finetune.init import check_init, read_init
     from pipeline.patches import PatchStore
-    from pipeline.tracking import create_run, finetuned_model_name, resolve_uri
 
+    if not Path(patches).is_dir():
+        raise ValueError(f"{patches}: no such patch store")
     store = PatchStore(patches)
     if not store.is_task:
         raise ValueError(f"{patches} is a pretraining patch store; fine-tuning needs a task store "
@@ -106,12 +124,28 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
             raise ValueError(f"{patches}: scans.parquet lists no test case")
     elif not len(store.rows("test")):
         raise ValueError(f"{patches}: no test cubes")
+    return Prepared(patches=str(Path(patches).resolve()), store_key=store.key, spec=spec, config=config,
+                    train_rows=train_rows.tolist(), val_rows=val_rows.tolist())
+
+
+def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "tiny", freeze_encoder: bool = False,
+             label_fraction: float = 1.0, seed: int = 0, workers: int = 1, gpus_per_worker: float = 0,
+             tracking_uri: str | None = None, experiment: str = "genesis-finetune", storage_path: str | None = None,
+             name: str | None = None, max_failures: int = 1, epochs: int | None = None,
+             ray_address: str | None = None,
+             fault_injection: dict | None = None) -> FinetuneResult:
+    from pipeline.finetune.init import check_init, read_init
+    from pipeline.tracking import create_run, resolve_uri
+
+    prep = prepare(patches, task, preset=preset, freeze_encoder=freeze_encoder, label_fraction=label_fraction,
+                   seed=seed, workers=workers, epochs=epochs)
+    spec, config = prep.spec, prep.config
     uri = resolve_uri(tracking_uri)
     init_state = read_init(init, uri)
     check_init(config, init_state, init)
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.finetune.worker import train_loop_per_worker
@@ -119,19 +153,16 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     name = name or f"genesis-finetune-{spec.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = create_run(uri, experiment, name, tags={"task": spec.name, "preset": preset, "init": init,
                                                       "label_fraction": str(label_fraction), "seed": str(seed),
-                                                      "patch_store": store.key})
+                                                      "patch_store": prep.store_key})
     storage = str(Path(storage_path or "ray_results").resolve()) if "://" not in (storage_path or "") else storage_path
-    registered = finetuned_model_name(spec.name)
     if not ray.is_initialized():
         ray.init(address=ray_address, log_to_driver=True) if ray_address else ray.init()
-    loop_config = {"finetune": config.to_dict(), "spec": spec, "patches": str(Path(patches).resolve()),
-                   "init": init, "init_state": init_state, "tracking_uri": uri, "mlflow_run_id": run_id,
-                   "train_rows": train_rows.tolist(), "val_rows": val_rows.tolist(), "register_as": registered,
-                   "gpus_per_worker": gpus_per_worker, "fault_injection": fault_injection}
-    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+    loop_config = {**prep.loop_config(init=init, tracking_uri=uri, run_id=run_id, gpus_per_worker=gpus_per_worker,
+                                      fault_injection=fault_injection), "init_state": init_state}
+    registered = loop_config["register_as"]
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        scaling_config=scaling(workers, gpus_per_worker),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -146,6 +177,14 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     from pipeline.tracking import mark_failed, run_metrics
 
     if error:
-        mark_failed(uri, run_id)
+        mark_failed(uri, run_id, reason=error)
     return FinetuneResult(name=name, task=spec.name, init=init, path=path, mlflow_run_id=run_id, tracking_uri=uri,
                           registered_as=registered, metrics=run_metrics(uri, run_id), error=error)
+
+
+def scaling(workers: int, gpus_per_worker: float):
+    """Ray Train's ScalingConfig: `workers` workers of 1 CPU (plus a GPU share each when asked)."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)

@@ -1,15 +1,57 @@
-"""`train_loop_per_worker` of a fine-tuning run: wires the data, model, optimiser, checkpoints and MLflow
-(rank 0); the steps themselves are plain functions in steps.py, the test evaluation is evaluate.py."""
+"""The Ray Train loops of fine-tuning: wires the data, model, optimiser, checkpoints and MLflow (rank 0); the
+steps themselves are plain functions in steps.py, the test evaluation is evaluate.py.
+
+- `train_loop_per_worker`: one fine-tuning (`genesis finetune`).
+- `train_group_per_worker`: several fine-tunings one after the other in one worker group (a trial of
+  `genesis transfer`), so that the ~25 s start-up of a Ray Train run is paid once per group, not per
+  fine-tuning. Each keeps its own MLflow run; a fine-tuning whose run is FINISHED is skipped (a restarted
+  group continues with the next one), and a checkpoint resumes only the fine-tuning that wrote it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["train_loop_per_worker"]
+__all__ = ["train_loop_per_worker", "train_group_per_worker"]
 
 
 def train_loop_per_worker(cfg: dict) -> None:
+    _run_one(cfg, cfg.get("init_state"))
+
+
+def train_group_per_worker(cfg: dict) -> None:
+    """`cfg["cells"]`: one loop config per fine-tuning (as `train_loop_per_worker` takes, each with its own
+    `mlflow_run_id`); `cfg["init_states"]`: init name -> state dict or an object ref to one (shared by cells).
+
+    With one worker an exception in one fine-tuning fails only that fine-tuning (its run is marked FAILED
+    with the reason, not retried) and the group goes on. With several workers it propagates: a peer's
+    collective would otherwise hang, and Ray Train restarts the group (`max_failures`)."""
+    import ray
+    import ray.train
+
+    from pipeline.tracking import run_status
+
+    world = ray.train.get_context().get_world_size()
+    states = cfg.get("init_states", {})
+    for cell in cfg["cells"]:
+        if run_status(cell["tracking_uri"], cell["mlflow_run_id"]) == "FINISHED":
+            continue
+        state = states.get(cell["init"])
+        if isinstance(state, ray.ObjectRef):
+            state = ray.get(state)
+        try:
+            _run_one(cell, state)
+        except Exception as exc:  # noqa: BLE001 - reported on the fine-tuning's run, the group goes on
+            if world > 1:
+                raise
+            from pipeline.tracking import mark_failed
+
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            mark_failed(cell["tracking_uri"], cell["mlflow_run_id"], reason=reason)
+
+
+def _run_one(cfg: dict, init_state: dict | None) -> None:
     import ray.train
     import ray.train.torch
 
@@ -27,13 +69,14 @@ def train_loop_per_worker(cfg: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)  # the initial weights of what the init does not cover (head, scratch)
 
-    model = apply_init(build_model(config), cfg.get("init_state"), cfg["init"])
+    model = apply_init(build_model(config), init_state, cfg["init"])
     if config.freeze_encoder:
         freeze_encoder(model)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     loss_fn = loss_function(config)
-    start_epoch, best_val, bad_epochs, best_model, stopped = resume_from_checkpoint(model, optimizer, scheduler)
+    start_epoch, best_val, bad_epochs, best_model, stopped = resume_from_checkpoint(model, optimizer, scheduler,
+                                                                                     key=cfg["mlflow_run_id"])
     model.to(device)
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
 
@@ -82,7 +125,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                      best_val=best_val, bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
-                     stopped_early=stopped_early)
+                     stopped_early=stopped_early, cell=cfg["mlflow_run_id"])
         maybe_inject_fault(cfg, rank, epoch)
         if stop:
             break

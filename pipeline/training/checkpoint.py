@@ -17,12 +17,13 @@ STATE_FILE = "state.pt"
 
 
 def save_state(directory: str, *, model, optimizer, scheduler, epoch: int, best_val: float, bad_epochs: int,
-               best_model: dict, config: dict, stopped_early: bool = False) -> str:
+               best_model: dict, config: dict, stopped_early: bool = False, cell: str | None = None) -> str:
+    """`cell`: which fine-tuning of a group wrote it (its MLflow run id), so only that one resumes from it."""
     path = os.path.join(directory, STATE_FILE)
     torch.save({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "best_val": best_val, "bad_epochs": bad_epochs, "best_model": best_model,
-        "config": config, "stopped_early": stopped_early,
+        "config": config, "stopped_early": stopped_early, "cell": cell,
         "rng": _rng_state(),
     }, path)
     return path
@@ -88,10 +89,12 @@ def mean_across_ranks(value: float, device) -> float:
     return value
 
 
-def resume_from_checkpoint(model, optimizer, scheduler) -> tuple[int, float, int, dict | None, bool]:
+def resume_from_checkpoint(model, optimizer, scheduler, key: str | None = None
+                           ) -> tuple[int, float, int, dict | None, bool]:
     """Load Ray Train's latest checkpoint (a restarted worker group, or `--resume`) into the model, optimizer,
     scheduler and RNGs; returns (start_epoch, best_val, bad_epochs, best_model, stopped). A run that stopped
-    early stays stopped; one that ran out of epochs continues when given more. Without a checkpoint: a fresh start."""
+    early stays stopped; one that ran out of epochs continues when given more. Without a checkpoint, or with one
+    another fine-tuning of the same group wrote (`key` differs from its `cell`): a fresh start."""
     import math
 
     import ray.train
@@ -101,6 +104,8 @@ def resume_from_checkpoint(model, optimizer, scheduler) -> tuple[int, float, int
         return 0, math.inf, 0, None, False
     with checkpoint.as_directory() as d:
         state = load_state(d)
+    if key is not None and state.get("cell") not in (None, key):
+        return 0, math.inf, 0, None, False
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

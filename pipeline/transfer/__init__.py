@@ -1,0 +1,13 @@
+"""The transfer grid (`genesis transfer`): many fine-tunings in parallel on Ray Tune, one MLflow parent run
+with a child run per fine-tuning, and the paper's table (mean ± sd over seeds, t-test against scratch,
+the published numbers beside ours).
+
+grid.py (which fine-tunings, their keys, trial groups), trial.py (one Tune trial = one TorchTrainer running a
+group), run.py (the driver: checks, reuse of finished fine-tunings, Tune, champions), table.py (the table and
+figures from MLflow alone).
+"""
+
+from pipeline.transfer.grid import GridConfig
+from pipeline.transfer.run import TransferResult, show, transfer
+
+__all__ = ["GridConfig", "TransferResult", "show", "transfer"]

@@ -1,0 +1,133 @@
+"""The transfer grid: which fine-tunings (task x init x label fraction x seed) one `genesis transfer` runs,
+their stable keys, and how they are grouped into Ray Tune trials.
+
+A cell's key depends only on what decides its result (task, the patch store's content key, init, label
+fraction, seed, encoder freezing, preset, epochs), so a rerun of the same grid finds the fine-tunings it
+already finished in MLflow and does not run them again. The grid's key (the parent run's) is the same
+hash over all cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["GridConfig", "Cell", "cells_of", "grid_key", "group_cells", "DEFAULT_GROUP", "short_init"]
+
+DEFAULT_GROUP = {"tiny": 8, "paper": 1}
+"""Fine-tunings per trial when not given: a tiny fine-tuning trains for seconds, less than a Ray Train run's
+start-up (~25 s on 2 CPUs), so a tiny trial runs up to 8 of one task in one worker group; a paper fine-tuning
+trains for hours, so each is its own trial (and can take its own GPU share)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridConfig:
+    tasks: tuple[str, ...]
+    inits: tuple[str, ...] = ("scratch",)
+    seeds: tuple[int, ...] = (0,)
+    label_fractions: tuple[float, ...] = (1.0,)
+    freeze_encoder: bool = False
+    preset: str = "tiny"
+    epochs: int | None = None
+    """Override the preset's maximum epochs (None: the preset's)."""
+    max_concurrent: int = 2
+    """Trials at once (each a Ray Train run)."""
+    workers_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    """GPU share of each trial's worker(s), e.g. 0.25: four trials share one GPU."""
+    cells_per_trial: int | None = None
+    """Fine-tunings of one task run one after the other in one trial; None: DEFAULT_GROUP[preset]."""
+    max_failures: int = 1
+    """Worker failures a trial survives (restart from the last epoch's checkpoint)."""
+
+    def __post_init__(self) -> None:
+        def check(cond, name, msg):
+            if not cond:
+                raise ValueError(f"GridConfig.{name}: {msg}")
+
+        for name in ("tasks", "inits", "seeds", "label_fractions"):
+            values = getattr(self, name)
+            check(len(values) > 0, name, "must not be empty")
+            check(len(set(values)) == len(values), name, f"has duplicates: {list(values)}")
+        check(all(0 < f <= 1 for f in self.label_fractions), "label_fractions",
+              f"must be in (0, 1], got {list(self.label_fractions)}")
+        check(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        check(self.workers_per_trial >= 1, "workers_per_trial", f"must be >= 1, got {self.workers_per_trial}")
+        check(self.gpus_per_trial >= 0, "gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial}")
+        check(self.cells_per_trial is None or self.cells_per_trial >= 1, "cells_per_trial",
+              f"must be >= 1, got {self.cells_per_trial}")
+        check(self.epochs is None or self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+
+    @property
+    def group_size(self) -> int:
+        return self.cells_per_trial or DEFAULT_GROUP.get(self.preset, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tuning of the grid."""
+
+    task: str
+    init: str
+    label_fraction: float
+    seed: int
+    store_key: str = field(default="", compare=False)
+    key: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        """A short run name: ecc-scratch-f0.5-s0, lcs-genesis-pretrained@best-f1-s2."""
+        return f"{self.task}-{short_init(self.init)}-f{self.label_fraction:g}-s{self.seed}"
+
+
+def short_init(init: str) -> str:
+    """models:/genesis-pretrained@best -> genesis-pretrained@best, models:/x/3 -> x-v3, official:a/b.pt -> official,
+    /path/w.pt -> w."""
+    from pathlib import PurePath
+
+    if init.startswith("models:/"):
+        return init[len("models:/"):].replace("/", "-v")
+    if init.startswith("official:"):
+        return "official"
+    return init if init == "scratch" else PurePath(init).stem
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cells_of(grid: GridConfig, store_keys: dict[str, str]) -> list[Cell]:
+    """Every cell in a fixed order (task, init, fraction, seed), each with its key."""
+    cells = []
+    for task in grid.tasks:
+        for init in grid.inits:
+            for fraction in grid.label_fractions:
+                for seed in grid.seeds:
+                    ident = {"task": task, "store": store_keys[task], "init": init, "label_fraction": float(fraction),
+                             "seed": int(seed), "freeze_encoder": grid.freeze_encoder, "preset": grid.preset,
+                             "epochs": grid.epochs}
+                    cells.append(Cell(task, init, float(fraction), int(seed), store_keys[task], _hash(ident)))
+    return cells
+
+
+def grid_key(cells: list[Cell]) -> str:
+    return _hash(sorted(c.key for c in cells))
+
+
+def group_cells(cells: list[Cell], size: int) -> list[list[Cell]]:
+    """Cells of one task in runs of at most `size`, spread evenly (7 cells at size 4 -> 4 + 3, not 4 + 3 of
+    unequal tasks), tasks in the grid's order."""
+    groups: list[list[Cell]] = []
+    by_task: dict[str, list[Cell]] = {}
+    for c in cells:
+        by_task.setdefault(c.task, []).append(c)
+    for task_cells in by_task.values():
+        n = math.ceil(len(task_cells) / size)
+        per = math.ceil(len(task_cells) / n)
+        groups.extend(task_cells[i:i + per] for i in range(0, len(task_cells), per))
+    return groups

@@ -1,0 +1,298 @@
+"""`transfer`: the transfer grid (tasks x inits x label fractions x seeds) as Ray Tune trials, recorded as one
+MLflow parent run with one child run per fine-tuning, ending in the paper's table.
+
+Order of work, and why:
+1. Every fine-tuning is checked on the driver first (`pipeline.finetune.run.prepare`, the init read once per
+   init and fitted to each task's model): what is wrong deterministically becomes a FAILED child run with
+   its reason and never reaches Ray, so it is reported, not retried.
+2. The parent run is found by the grid's key (same arguments, same stores -> same key), so a rerun after an
+   interruption reuses it: FINISHED child runs are kept and not run again; runs left RUNNING by the
+   interrupted attempt are closed as KILLED and run again from their start.
+3. The rest is grouped per task (`GridConfig.group_size`) into Tune trials; each trial fits one TorchTrainer
+   that runs its group's fine-tunings one after the other (one Ray Train start-up per group). Trial drivers
+   take no CPU (a 2-CPU machine would otherwise deadlock: two trial drivers holding both CPUs while their
+   train workers wait) but one unit of the custom resource `genesis_trial`, when the cluster has it.
+4. The table (`pipeline.transfer.table`) is built from MLflow alone, logged into the parent run, and the best
+   fine-tuned model of each task gets the alias `champion`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.transfer.grid import Cell, GridConfig, cells_of, grid_key, group_cells
+
+__all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show"]
+
+TRIAL_RESOURCE = "genesis_trial"
+"""Custom resource a trial driver takes one unit of (declared by `ray.init` here and in ray_cluster.yaml)."""
+LOCAL_TRIAL_SLOTS = 1000
+
+
+@dataclass
+class TransferResult:
+    parent_run_id: str
+    tracking_uri: str
+    table: pd.DataFrame
+    failed: pd.DataFrame
+    cells: pd.DataFrame
+    markdown: str
+    results_dir: Path
+    reused: int
+    ran: int
+
+    @property
+    def ok(self) -> bool:
+        return self.failed.empty
+
+    def report(self) -> str:
+        from pipeline.tracking import ui_hint
+
+        n = len(self.cells)
+        return "\n".join([
+            self.markdown, "",
+            f"transfer grid: {n} fine-tunings, {n - len(self.failed)} finished ({self.reused} reused from an "
+            f"earlier attempt, {self.ran} run now), {len(self.failed)} failed",
+            f"  results: {self.results_dir} (results.md, results.csv, results.png, label_efficiency.png)",
+            f"  show again: genesis transfer show {self.parent_run_id} --tracking-uri {self.tracking_uri}",
+            f"  MLflow parent run: {ui_hint(self.tracking_uri, self.parent_run_id)}"])
+
+
+def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> dict[str, str]:
+    """task -> task patch store. `patches` is a mapping, or a folder holding `task-<task>-<key>` stores (one
+    per task; several of one task is ambiguous and refused: name the one you mean with task=PATH)."""
+    from pipeline.patches import PatchStore
+
+    if isinstance(patches, dict):
+        missing = [t for t in tasks if t not in patches]
+        if missing:
+            raise ValueError(f"no patch store given for task(s) {missing}")
+        return {t: str(patches[t]) for t in tasks}
+    root = Path(patches)
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such folder of patch stores")
+    found: dict[str, str] = {}
+    for task in tasks:
+        candidates = []
+        for p in sorted(root.glob(f"task-{task}-*")):
+            try:
+                if PatchStore(p).attrs.get("task") == task:
+                    candidates.append(p)
+            except (ValueError, OSError):
+                continue  # still being built, or not a store: not a candidate
+        if not candidates:
+            raise ValueError(f"{root}: no finished {task} task store (task-{task}-*); build it with "
+                             f"`genesis patches task {task} --store VOLUMES --out {root}`")
+        if len(candidates) > 1:
+            raise ValueError(f"{root}: {len(candidates)} {task} task stores ({', '.join(p.name for p in candidates)}); "
+                             f"choose one with --patches {task}=PATH")
+        found[task] = str(candidates[0])
+    return found
+
+
+def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str | None) -> tuple[str, int]:
+    """The grid's parent run (reopened on a rerun) and this attempt's number."""
+    from pipeline.tracking import _client, create_run
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`genesis.grid_parent` = '{key}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            run = runs[0]
+            attempt = int(run.data.tags.get("genesis.attempts", "1")) + 1
+            client.set_tag(run.info.run_id, "genesis.attempts", str(attempt))
+            client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id, attempt
+    run_id = create_run(uri, experiment, name or f"transfer-{grid.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                        tags={"genesis.grid_parent": key, "genesis.grid": key, "genesis.attempts": "1",
+                              "preset": grid.preset, "tasks": ",".join(grid.tasks)})
+    params = {f"grid.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else str(v))
+              for k, v in grid.to_dict().items()}
+    for k, v in params.items():
+        client.log_param(run_id, k, v[:6000])
+    return run_id, 1
+
+
+def _existing_children(uri: str, parent: str) -> pd.DataFrame:
+    from pipeline.transfer.table import cells_from_mlflow
+
+    return cells_from_mlflow(uri, parent)
+
+
+def _close_interrupted(uri: str, parent: str) -> int:
+    """Child runs still RUNNING belong to an attempt that was stopped: close them as KILLED."""
+    from pipeline.tracking import _client, mark_failed
+
+    client = _client(uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
+                                                      f"attributes.status = 'RUNNING'", max_results=10000)
+    for r in runs:
+        mark_failed(uri, r.info.run_id, reason="interrupted: the grid was stopped; run again by the rerun",
+                    status="KILLED")
+    return len(runs)
+
+
+def _trial_resources(grid: GridConfig) -> dict:
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
+        return {"CPU": 0, TRIAL_RESOURCE: 1}
+    # A cluster without the custom resource: a sliver of CPU per trial driver (max_concurrent caps trials).
+    print(f"genesis transfer: the Ray cluster declares no {TRIAL_RESOURCE!r} resource; trial drivers take "
+          f"0.01 CPU each (declare `resources: {{\"{TRIAL_RESOURCE}\": 100}}` on the head node to avoid it)")
+    return {"CPU": 0.01}
+
+
+def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: str | None = None,
+             experiment: str = "genesis-transfer", storage_path: str | None = None, ray_address: str | None = None,
+             name: str | None = None, results_dir: str | None = None, verbose: int = 1,
+             fault_injection: dict | None = None) -> TransferResult:
+    import ray
+    from ray import tune
+
+    from pipeline.finetune.init import check_init, read_init
+    from pipeline.finetune.run import prepare
+    from pipeline.patches import PatchStore
+    from pipeline.tracking import create_run, resolve_uri
+    from pipeline.transfer.trial import child_tags, run_trial
+
+    uri = resolve_uri(tracking_uri)
+    stores = find_task_stores(patches, grid.tasks)
+    store_keys = {t: PatchStore(p).key for t, p in stores.items()}
+    cells = cells_of(grid, store_keys)
+    key = grid_key(cells)
+    parent, attempt = _parent_run(uri, experiment, key, grid, name)
+    _close_interrupted(uri, parent)
+    done = _existing_children(uri, parent)
+    finished_keys = set(done.loc[done["status"] == "FINISHED", "cell"]) if len(done) else set()
+    pending = [c for c in cells if c.key not in finished_keys]
+    settings = {"tracking_uri": uri, "parent_run_id": parent, "grid_key": key, "experiment": experiment,
+                "preset": grid.preset, "freeze_encoder": grid.freeze_encoder, "gpus_per_trial": grid.gpus_per_trial,
+                "workers_per_trial": grid.workers_per_trial, "max_failures": grid.max_failures,
+                "name": f"transfer-{parent[:8]}-a{attempt}", "fault_injection": fault_injection,
+                "storage": str(Path(storage_path or "ray_results").resolve()) if "://" not in (storage_path or "")
+                else storage_path}
+    print(f"genesis transfer: {len(cells)} fine-tunings, {len(cells) - len(pending)} already finished "
+          f"(parent run {parent}, attempt {attempt})", flush=True)
+
+    runnable: list[tuple[Cell, object]] = []
+    init_states: dict[str, object] = {}
+    init_errors: dict[str, str] = {}
+    for init in dict.fromkeys(c.init for c in pending):
+        try:
+            init_states[init] = read_init(init, uri)
+        except ValueError as err:
+            init_errors[init] = str(err)
+    for cell in pending:
+        try:
+            if cell.init in init_errors:
+                raise ValueError(init_errors[cell.init])
+            prep = prepare(stores[cell.task], cell.task, preset=grid.preset, freeze_encoder=grid.freeze_encoder,
+                           label_fraction=cell.label_fraction, seed=cell.seed, workers=grid.workers_per_trial,
+                           epochs=grid.epochs)
+            check_init(prep.config, init_states[cell.init], cell.init)
+            runnable.append((cell, prep))
+        except ValueError as err:  # deterministic: reported, never sent to Ray
+            run_id = create_run(uri, experiment, cell.name, tags={**child_tags(cell, settings), "error": str(err)})
+            from pipeline.tracking import mark_failed
+
+            mark_failed(uri, run_id, reason=str(err))
+            print(f"genesis transfer: {cell.name}: failed before training: {err}", flush=True)
+
+    ran = len(runnable)
+    if runnable:
+        groups = group_cells([c for c, _ in runnable], grid.group_size)
+        prepared = {c.key: p for c, p in runnable}
+        trial_groups = [[(c, prepared[c.key]) for c in g] for g in groups]
+        if not ray.is_initialized():
+            if ray_address:
+                ray.init(address=ray_address, log_to_driver=verbose > 0)
+            else:
+                ray.init(resources={TRIAL_RESOURCE: LOCAL_TRIAL_SLOTS}, log_to_driver=verbose > 0)
+        refs = {k: (ray.put(v) if v is not None else None) for k, v in init_states.items()}
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, groups=trial_groups, init_refs=refs, settings=settings),
+            _trial_resources(grid))
+        print(f"genesis transfer: {ran} fine-tunings in {len(trial_groups)} trials, at most {grid.max_concurrent} "
+              f"at once", flush=True)
+        tuner = tune.Tuner(
+            trainable, param_space={"group": tune.grid_search(list(range(len(trial_groups))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=grid.max_concurrent,
+                                        trial_name_creator=lambda t: f"g{t.config['group']}",
+                                        trial_dirname_creator=lambda t: f"g{t.config['group']}-{t.trial_id}"),
+            run_config=tune.RunConfig(name=settings["name"], storage_path=settings["storage"], verbose=verbose),
+        )
+        tuner.fit()
+    return _finish(uri, parent, settings, results_dir, reused=len(cells) - len(pending), ran=ran)
+
+
+def _finish(uri: str, parent: str, settings: dict, results_dir: str | None, reused: int, ran: int) -> TransferResult:
+    from pipeline.tracking import _client
+    from pipeline.transfer import table as T
+
+    cells = T.cells_from_mlflow(uri, parent)
+    table, failed = T.results_table(cells), T.failures(cells)
+    out = Path(results_dir) if results_dir else Path(settings["storage"]) / settings["name"] / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    T.write_results(table, failed, cells, out)
+    T.log_results(uri, parent, out)
+    champions = set_champions(uri, cells)
+    client = _client(uri)
+    for task, version in champions.items():
+        client.set_tag(parent, f"champion.{task}", version)
+    client.set_terminated(parent, status="FINISHED")
+    return TransferResult(parent_run_id=parent, tracking_uri=uri, table=table, failed=failed, cells=cells,
+                          markdown=T.to_markdown(table, failed), results_dir=out, reused=reused, ran=ran)
+
+
+def set_champions(uri: str, cells: pd.DataFrame) -> dict[str, str]:
+    """Per task, the grid's best FINISHED fine-tuning (the paper's metric, higher is better) -> alias `champion`
+    of its version in genesis-<task>. An existing champion evaluated on the same patch store (so the same test
+    cases) with a better value keeps the alias; one measured on other data is replaced."""
+    from pipeline.tracking import _client, finetuned_model_name
+
+    client = _client(uri)
+    out = {}
+    ok = cells[(cells["status"] == "FINISHED") & cells["value"].notna()]
+    for task, rows in ok.groupby("task", sort=False):
+        best = rows.loc[rows["value"].idxmax()]
+        name = finetuned_model_name(task)
+        versions = client.search_model_versions(f"name = '{name}' and tags.run_id = '{best['run_id']}'")
+        if not versions:
+            continue
+        version = max(versions, key=lambda v: int(v.version))
+        metric = best["metric"]  # the version tags hold the test metrics under their logged names
+        try:
+            current = client.get_model_version_by_alias(name, "champion")
+            same_data = current.tags.get("patch_store") == version.tags.get("patch_store")
+            current_value = float(current.tags.get(metric, "nan"))
+            if same_data and current_value == current_value and current_value > float(best["value"]):
+                out[task] = current.version
+                continue
+        except Exception:  # noqa: BLE001 - no champion yet
+            pass
+        client.set_registered_model_alias(name, "champion", version.version)
+        out[task] = version.version
+    return out
+
+
+def show(run_id: str, tracking_uri: str | None = None) -> str:
+    """The table of a transfer grid's parent run, rebuilt from MLflow alone."""
+    from pipeline.tracking import resolve_uri
+    from pipeline.transfer import table as T
+
+    uri = resolve_uri(tracking_uri)
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise ValueError(f"{run_id!r} is not an MLflow run id (32 hex digits)")
+    cells = T.cells_from_mlflow(uri, run_id)
+    if cells.empty:
+        raise ValueError(f"run {run_id} at {uri} has no child fine-tuning runs (not a transfer grid's parent run?)")
+    return T.to_markdown(T.results_table(cells), T.failures(cells))
