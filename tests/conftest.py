@@ -104,8 +104,8 @@ TASK_CUBE = (16, 32, 32)
 
 @pytest.fixture(scope="session")
 def task_stores(tmp_path_factory):
-    """ECC (PE sample, classification) and LCS (LiTS sample, whole-volume segmentation) task stores with
-    16x32x32 cubes, shared by the fine-tuning and transfer tests."""
+    """ECC (PE sample, classification), LCS (LiTS sample, whole-volume segmentation) and NCS (LIDC sample,
+    segmentation on cubes) task stores with 16x32x32 cubes, shared by the fine-tuning and transfer tests."""
     from pipeline.patches.task_extract import extract_task
     from pipeline.sample_data.datasets import write_sample
     from pipeline.tasks import get_task
@@ -113,8 +113,8 @@ def task_stores(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("task_data")
     out = {}
-    for dataset, task in (("pe", "ecc"), ("lits", "lcs")):
-        write_sample(dataset, root / dataset, n_scans=6, small=True, seed=0)
+    for dataset, task, scans in (("pe", "ecc", 6), ("lits", "lcs", 6), ("lidc", "ncs", 4)):
+        write_sample(dataset, root / dataset, n_scans=scans, small=True, seed=0)
         assert convert([str(root / dataset)], str(root / f"{dataset}_vs"), workers=1, progress=False).ok
         spec = get_task(task).with_overrides(cube_size=TASK_CUBE)
         out[task] = str(extract_task(str(root / f"{dataset}_vs"), spec, out_root=str(root / "ps"), workers=1,

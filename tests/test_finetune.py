@@ -156,6 +156,11 @@ def test_whole_volume_segmentation_lcs_from_a_registered_model(ray_local, stores
     test_cases = PatchStore(stores["lcs"]).scans.query("split == 'test'")["case_id"]
     assert sorted(pred["case_id"]) == sorted(test_cases)
     assert metrics["test_dice"] == pytest.approx(np.mean(pred["dice"]), abs=1e-9)
+    from pipeline import evaluation as E
+    from pipeline.finetune.evaluate import counts_from_columns
+
+    assert metrics["test_keras_mean_iou"] == pytest.approx(E.keras_mean_iou_from_counts(counts_from_columns(pred)),
+                                                           abs=1e-12)
     assert_no_test_patient_in_training(stores["lcs"], rows)
     overlays = [a.path for a in client.list_artifacts(res.mlflow_run_id, "test")]
     assert any(p.startswith("test/overlay_") for p in overlays)
@@ -163,6 +168,26 @@ def test_whole_volume_segmentation_lcs_from_a_registered_model(ray_local, stores
     assert version.tags["init"] == f"models:/{PRETRAINED_MODEL}/1"
     assert float(version.tags["test_dice"]) == pytest.approx(metrics["test_dice"], rel=1e-5)
     assert "latest" not in client.get_registered_model("genesis-lcs").aliases
+
+
+def test_cube_segmentation_ncs_metrics_recomputed_from_predictions(ray_local, stores, tmp_path):
+    from pipeline import evaluation as E
+    from pipeline.finetune.evaluate import counts_from_columns
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = finetune(stores["ncs"], "ncs", "scratch", preset="tiny", epochs=2, tracking_uri=uri,
+                   storage_path=str(tmp_path / "ray"), name="ncs-test")
+    assert res.error is None, res.error
+    metrics = _client(uri).get_run(res.mlflow_run_id).data.metrics
+    pred, rows = _artifacts(_client(uri), res.mlflow_run_id, tmp_path)
+    store = PatchStore(stores["ncs"])
+    assert sorted(pred["row"]) == sorted(store.rows("test"))  # one row per test cube (one nodule each)
+    # anyone can recompute the paper's metric from predictions.csv: the summed confusion counts
+    assert metrics["test_keras_mean_iou"] == pytest.approx(E.keras_mean_iou_from_counts(counts_from_columns(pred)),
+                                                           abs=1e-12)
+    assert metrics["test_dice"] == pytest.approx(pred["dice"].mean(), abs=1e-12)
+    assert (pred["n_voxels"] == np.prod(CUBE)).all()  # the tiny preset's centre crop, evaluated as trained
+    assert_no_test_patient_in_training(stores["ncs"], rows)
 
 
 def test_two_workers_resume_after_a_killed_worker(ray_local, stores, tmp_path):

@@ -28,7 +28,7 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.data import batches
 from pipeline.finetune.steps import predict
 
-__all__ = ["TestResult", "evaluate_test"]
+__all__ = ["TestResult", "evaluate_test", "count_columns", "counts_from_columns"]
 
 
 @dataclass
@@ -79,15 +79,30 @@ def _cubes(model, store, config, device) -> TestResult:
     for i, (x, y) in zip(range(0, len(rows), config.batch_size), batches(store, rows, config, config.batch_size)):
         prob = predict(model, x, config, device).numpy()
         truth = y.numpy().astype(bool)
-        counts = counts + E.keras_mean_iou_counts(truth, prob)
-        per_cube += [E.segmentation_case_metrics(t, p) for t, p in zip(truth, prob)]
+        for t, p in zip(truth, prob):
+            c = E.keras_mean_iou_counts(t, p)
+            counts = counts + c
+            per_cube.append({**E.segmentation_case_metrics(t, p), **count_columns(c)})
     pred = pd.DataFrame(per_cube)
     pred.insert(0, "row", rows)
     pred.insert(0, "candidate", idx["source_id"].to_numpy())
     pred.insert(0, "case_id", idx["case_id"].to_numpy())
     metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts)}
-    metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_cube).items()})
+    metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_cube).items() if "@" not in k})
     return TestResult(metrics, pred, [])
+
+
+def count_columns(counts: np.ndarray) -> dict[str, int]:
+    """One case's Keras mean_iou confusion counts as predictions.csv columns (`tp@0.50`, `fp@0.50`, ...): the
+    sum of these columns over all rows, through `keras_mean_iou_from_counts`, is the logged test_keras_mean_iou."""
+    return {f"{name}@{t:.2f}": int(v) for t, row in zip(E.KERAS_MEAN_IOU_THRESHOLDS, counts)
+            for name, v in zip(E.COUNT_COLUMNS, row)}
+
+
+def counts_from_columns(pred: pd.DataFrame) -> np.ndarray:
+    """The summed (thresholds, 4) counts from predictions.csv's count columns (inverse of count_columns)."""
+    return np.array([[pred[f"{name}@{t:.2f}"].sum() for name in E.COUNT_COLUMNS]
+                     for t in E.KERAS_MEAN_IOU_THRESHOLDS], dtype=np.int64)
 
 
 def read_case(vstore, case, spec) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -132,9 +147,10 @@ def _whole_volume(model, store, config, spec, device, n_figures) -> TestResult:
     for _, case in cases.iterrows():
         image, truth, attrs = read_case(vstore, case, spec)
         prob, settings = predict_volume(model, image, config, device)
-        counts = counts + E.keras_mean_iou_counts(truth, prob)
+        c = E.keras_mean_iou_counts(truth, prob)
+        counts = counts + c
         m = E.segmentation_case_metrics(truth, prob, spacing=attrs.get("spacing"))
-        per_case.append(m)
+        per_case.append({**m, **count_columns(c)})
         if len(figs) < n_figures:
             figs.append((_overlay_figure(image[0], truth, prob > 0.5, f"{case['case_id']}: dice {m['dice']:.3f}"),
                          f"test/overlay_{case['case_id']}.png"))
@@ -142,7 +158,7 @@ def _whole_volume(model, store, config, spec, device, n_figures) -> TestResult:
     pred.insert(0, "patient_id", cases["patient_id"].to_numpy())
     pred.insert(0, "case_id", cases["case_id"].to_numpy())
     metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts)}
-    metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_case).items()})
+    metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_case).items() if "@" not in k})
     return TestResult(metrics, pred, figs, settings)
 
 
