@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = ["resolve_uri", "RunLogger", "create_run", "register_model", "model_signature", "ui_hint", "mark_failed",
            "PRETRAINED_MODEL", "classifier_signature", "load_model_state", "register_finetuned", "run_metrics",
-           "finetuned_model_name", "run_status"]
+           "finetuned_model_name", "run_status", "artifact_location"]
 
 PRETRAINED_MODEL = "genesis-pretrained"
 
@@ -39,9 +39,19 @@ def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | 
     """A new run (left open for the training to log into); returns its id."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
+                                                                    artifact_location=artifact_location(uri))
     run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
     return run.info.run_id
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database (`<db folder>/mlartifacts/`), so
+    models and figures land with the runs wherever the process runs (without one MLflow writes `./mlruns` of the
+    current folder: inside a Ray job, Ray's temporary working folder). A server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def model_signature(channels: int = 1):
