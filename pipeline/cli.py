@@ -178,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--results", help="folder for results.md/.csv/.png (default: under --storage-path)")
     tf.add_argument("--name", help="parent run name")
 
+    rp = sub.add_parser("reproduce", help="end to end: data -> stores -> pretraining -> transfer grid (scratch vs the "
+                                          "model pretrained here) -> the table")
+    rp.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
+                    help="tiny: width-4 U-Nets on a CPU; paper: the papers' pretraining and fine-tuning recipes (GPU)")
+    rp.add_argument("--data", help="folder of dataset roots DATA/luna16, DATA/lidc, DATA/pe, DATA/lits, DATA/brats "
+                                   "(default: sample data written under --out)")
+    rp.add_argument("--out", default="reproduce_output", help="where everything goes (default reproduce_output)")
+    rp.add_argument("--tasks", help="comma-separated tasks (default: every task whose dataset is there)")
+    rp.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
+    rp.add_argument("--label-fractions", default="1.0", help="comma-separated label fractions in (0, 1]")
+    rp.add_argument("--max-concurrent", type=_positive, default=2, help="transfer trials at once")
+    rp.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share per fine-tuning trial")
+    rp.add_argument("--pretrain-workers", type=_positive, default=2, help="Ray Train workers of the pretraining")
+    rp.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per pretraining worker")
+    rp.add_argument("--pretrain-epochs", type=_positive, help="override the pretraining preset's epochs")
+    rp.add_argument("--epochs", type=_positive, help="cap each fine-tuning's epochs")
+    rp.add_argument("--workers", type=_positive, default=2, help="Dask workers of conversion and extraction")
+    rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    rp.add_argument("--ray-address", help="running Ray cluster (default: RAY_ADDRESS, else a local one)")
+    rp.add_argument("--worker-logs", action="store_true", help="print the Ray workers' logs")
+
     tk = sub.add_parser("tasks", help="the target tasks (task registry)")
     tksub = tk.add_subparsers(dest="tasks_command", required=True)
     tl = tksub.add_parser("list", help="print the task table")
@@ -211,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,
-               "finetune": _finetune, "transfer": _transfer}[args.command]
+               "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -371,6 +392,29 @@ def _transfer(args) -> int:
                           results_dir=args.results)
     except (PatchStoreError, ValueError, FileNotFoundError) as exc:
         print(f"genesis transfer: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.report())
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _reproduce(args) -> int:
+    from pathlib import Path
+
+    from pipeline.patches import PatchStoreError
+    from pipeline.reproduce import ReproduceConfig, StepFailed, reproduce
+
+    try:
+        config = ReproduceConfig(
+            out=Path(args.out), preset=args.preset, data=Path(args.data) if args.data else None,
+            tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=_split(args.seeds, int),
+            label_fractions=_split(args.label_fractions, float), max_concurrent=args.max_concurrent,
+            gpus_per_trial=args.gpus_per_trial, pretrain_workers=args.pretrain_workers,
+            gpus_per_worker=args.gpus_per_worker, pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs,
+            workers=args.workers, tracking_uri=args.tracking_uri, ray_address=args.ray_address,
+            worker_logs=args.worker_logs)
+        result = reproduce(config)
+    except (PatchStoreError, ValueError, FileNotFoundError, StepFailed) as exc:
+        print(f"genesis reproduce: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(result.report())
     return EXIT_OK if result.ok else EXIT_FAILED

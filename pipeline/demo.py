@@ -1,123 +1,92 @@
 """`make demo`: the whole pipeline end to end on embedded defaults and small sample data.
 
-Each step is the same call the `genesis` command makes, so the demo is also a walk-through
-of the command line; it prints each command and, at the end, where to look at the results.
+The demo is `genesis reproduce --preset tiny` (`pipeline.reproduce`) on sample data with the demo's settings (one
+seed, label fractions 0.5 and 1.0), plus previews of what the data steps made. Each step is the same call the
+`genesis` command makes, so the demo is also a walk-through of the command line; it prints each command and, at
+the end, the transfer table and where to look at the results.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.cli import main as genesis
+from pipeline.reproduce import SAMPLE_SCANS, ReproduceConfig, StepFailed, Stores, Walkthrough, reproduce
 
-__all__ = ["run_demo"]
-
-
-def _step(title: str, argv: list[str], allowed=(0,)) -> None:
-    print(f"\n=== {title}\n$ genesis {shlex.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    code = genesis(argv)
-    print(f"--- {title}: exit {code} in {time.perf_counter() - t0:.1f} s", flush=True)
-    if code not in allowed:
-        raise SystemExit(f"demo step failed: genesis {shlex.join(argv)} exited {code}")
+__all__ = ["run_demo", "demo_config"]
 
 
-TASK_DATASETS = ("lidc", "pe", "lits", "brats")
+def demo_config(out: Path, scans: int = 4, seed: int = 0) -> ReproduceConfig:
+    """Reproduce's tiny preset on sample data, sized for a laptop: one seed, two label fractions."""
+    return ReproduceConfig(out=Path(out), preset="tiny", seeds=(0,), label_fractions=(0.5, 1.0),
+                           sample_seed=seed, sample_scans={**SAMPLE_SCANS, "luna16": scans})
 
 
-def _task_steps(out: Path, luna_store: Path, patch_root: Path, seed: int) -> dict[str, tuple[Path, Path]]:
-    """Sample data of the other four task datasets (small), one volume store for them, five task stores."""
-    samples = out / "sample_tasks"
-    scans = {"lidc": 3, "pe": 6, "lits": 6, "brats": 4}  # enough patients for three splits each
-    for name in TASK_DATASETS:
-        _step(f"8. sample {name} data in its real layout (small)",
-              ["sample-data", str(samples / name), "--dataset", name, "--small", "--seed", str(seed),
-               "--scans", str(scans[name])])
-    task_store = out / "task_volume_store"
-    present = [str(samples / n) for n in TASK_DATASETS if (samples / n).exists()]
-    _step("9. convert the task datasets (Dask, 2 workers)", ["convert", *present, "--store", str(task_store),
-                                                              "--workers", "2"])
-    _step("10. the target tasks", ["tasks", "list"])
-    from pipeline.tasks import all_tasks
-    from pipeline.volume_store import VolumeStore
+def _previews(steps: Walkthrough, out: Path) -> tuple[list[Path], Callable]:
+    """The stores' catalogs and pictures, drawn once the stores exist."""
+    pngs: list[Path] = []
 
-    datasets = set(VolumeStore(task_store).catalog().query("status == 'ok'")["dataset"])
-    built = {}
-    for spec in all_tasks():
-        source = luna_store if spec.dataset == "luna16" else task_store
-        if spec.dataset != "luna16" and spec.dataset not in datasets:
-            print(f"\n=== 11. task {spec.name}: skipped, no {spec.dataset} scans (its sample data was skipped above)")
-            continue
-        argv = ["patches", "task", spec.name, "--store", str(source), "--out", str(patch_root), "--workers", "2"]
-        _step(f"11. the {spec.name.upper()} task patch store", argv, allowed=(0, 1))
-        from pipeline.patches.task_extract import extract_task
+    def draw(stores: Stores) -> None:
+        from pipeline.volume_store import VolumeStore
 
-        path = extract_task(str(source), spec, seed=0, out_root=str(patch_root), progress=False).path
-        png = out / "previews" / f"task-{spec.name}.png"
-        _step(f"12. preview of the {spec.name.upper()} store", ["patches", "preview", str(path), "--out", str(png)])
-        built[spec.name] = (path, png)
-    return built
+        steps.run("the LUNA16 volume store's catalog", ["stores", "show", str(stores.volumes)])
+        scan_ids = VolumeStore(stores.volumes).scan_ids()
+        real = [s for s in scan_ids if s.startswith("2.25.")]  # the real lung CT cases, when fetched
+        for scan_id in scan_ids[:1] + real[:1]:
+            png = out / "previews" / f"{scan_id}.png"
+            steps.run(f"preview of scan {scan_id}", ["stores", "preview", str(stores.volumes), scan_id, "--out",
+                                                      str(png)])
+            pngs.append(png)
+        steps.run("the pretraining patch store", ["stores", "show", str(stores.pretrain)])
+        png = out / "previews" / "patches.png"
+        steps.run("sample cubes and the corruptions", ["patches", "preview", str(stores.pretrain), "--out", str(png)])
+        pngs.append(png)
+        steps.run("the target tasks", ["tasks", "list"])
+        for task, path in stores.tasks.items():
+            png = out / "previews" / f"task-{task}.png"
+            steps.run(f"preview of the {task.upper()} task store", ["patches", "preview", str(path), "--out", str(png)])
+            pngs.append(png)
+        steps.run("every store", ["stores", "list", str(out)])
+
+    return pngs, draw
 
 
-def run_demo(out: Path, scans: int = 4, seed: int = 0) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    sample, store = out / "sample_luna16", out / "volume_store"
-    t0 = time.perf_counter()
-    _step("1. sample chest CT in the LUNA16 layout", ["sample-data", str(sample), "--scans", str(scans),
-                                                       "--seed", str(seed)])
-    _step("2. convert to the OME-Zarr volume store (Dask, 2 workers)",
-          ["convert", str(sample), "--store", str(store), "--workers", "2"])
-    _step("3. the catalog", ["stores", "show", str(store)])
-    from pipeline.volume_store import VolumeStore
-
-    scan_ids = VolumeStore(store).scan_ids()
-    previews = []
-    real = [s for s in scan_ids if s.startswith("2.25.")]  # the real lung CT cases, when fetched
-    for scan_id in (scan_ids[:1] + real[:1]):
-        png = out / "previews" / f"{scan_id}.png"
-        _step(f"4. preview of {scan_id}", ["stores", "preview", str(store), scan_id, "--out", str(png)])
-        previews.append(png)
-    patch_root = out / "patch_stores"
-    _step("5. Models Genesis pretraining cubes into a patch store (Dask, 2 workers)",
-          ["patches", "pretrain", "--store", str(store), "--out", str(patch_root), "--workers", "2"])
-    from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
-
-    patches = extract_pretrain(str(store), PretrainPatchConfig(), out_root=str(patch_root), progress=False).path
-    _step("6. the patch store", ["stores", "show", str(patches)])
-    patch_png = out / "previews" / "patches.png"
-    _step("7. sample cubes and the corruptions", ["patches", "preview", str(patches), "--out", str(patch_png)])
-    task_stores = _task_steps(out, store, patch_root, seed)
-    _step("13. every store", ["stores", "list", str(out)])
-    db = (out / "mlflow.db").resolve()
-    _step("14. tiny Models Genesis pretraining: Ray Train, 2 workers, recorded in MLflow",
-          ["pretrain", "--patches", str(patches), "--preset", "tiny", "--workers", "2",
-           "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(out / "ray_results")])
-    print(f"\n=== demo finished in {time.perf_counter() - t0:.0f} s. Results:")
-    print(f"  sample data (LUNA16 layout): {sample}")
-    print(f"  volume store:                {store}   (genesis stores show {store})")
-    for png in previews:
-        print(f"  preview:                     {png}")
-    print(f"  patch store:                 {patches}   ({len(PatchStore(patches))} cubes)")
-    print(f"  cubes and corruptions:       {patch_png}")
-    for name, (path, png) in task_stores.items():
-        print(f"  task store {name.upper()}:              {path}   (preview {png})")
-    print(f"  checkpoints (Ray Train):     {out / 'ray_results'}")
-    print(f"  MLflow runs and models:      .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --port 5000"
-          f"  then open http://127.0.0.1:5000 (model: models:/genesis-pretrained/latest)")
+def run_demo(out: Path, scans: int = 4, seed: int = 0) -> int:
+    config = demo_config(out, scans, seed)
+    steps = Walkthrough()
+    pngs, draw = _previews(steps, Path(out))
+    try:
+        result = reproduce(config, steps=steps, after_stores=draw)
+    except (StepFailed, ValueError) as err:  # a failed fine-tuning is not one: it is a row of the table
+        raise SystemExit(f"demo failed: {err}") from err
+    s = result.stores
+    print(f"\n=== demo finished in {result.seconds:.0f} s. The transfer table:\n")
+    print(result.report())
+    print("\nResults:")
+    for name, root in s.datasets.items():
+        print(f"  sample data {name:<8} {root}")
+    print(f"  volume stores:        {s.volumes}, {s.task_volumes}   (genesis stores show STORE)")
+    print(f"  pretraining cubes:    {s.pretrain}")
+    for task, path in s.tasks.items():
+        print(f"  task store {task.upper()}:       {path}")
+    for png in pngs:
+        print(f"  preview:              {png}")
+    print(f"  checkpoints (Ray):    {Path(out) / 'ray_results'}")
+    print(f"  transfer results:     {result.transfer.results_dir}")
+    print(f"  models: {result.pretrained} (pretrained here), genesis-<task>@champion (best fine-tuned per task); "
+          f"load one with `from pipeline import load_model; load_model(URI, tracking_uri={config.uri!r})`")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_output", type=Path)
-    ap.add_argument("--scans", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scans", type=int, default=4, help="sample LUNA16 scans")
+    ap.add_argument("--seed", type=int, default=0, help="sample data seed")
     args = ap.parse_args(argv)
-    run_demo(args.out, args.scans, args.seed)
-    return 0
+    return run_demo(args.out, args.scans, args.seed)
 
 
 if __name__ == "__main__":

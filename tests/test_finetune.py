@@ -103,15 +103,6 @@ def _artifacts(client, run_id, tmp_path):
     return pred, rows
 
 
-def assert_no_test_patient_in_training(store_path, rows):
-    store = PatchStore(store_path)
-    idx = store.index.set_index("row")
-    test_patients = set(store.scans.loc[store.scans["split"] == "test", "patient_id"])
-    assert test_patients and rows["train_rows"]
-    assert not test_patients & set(idx.loc[rows["train_rows"], "patient_id"])
-    assert not test_patients & set(rows["train_patient_ids"])
-
-
 def test_classification_ecc_end_to_end(ray_local, stores, tmp_path):
     from sklearn.metrics import roc_auc_score
 

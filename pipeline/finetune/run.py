@@ -144,7 +144,6 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     init_state = read_init(init, uri)
     check_init(config, init_state, init)
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -155,8 +154,9 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
                                                       "label_fraction": str(label_fraction), "seed": str(seed),
                                                       "patch_store": prep.store_key})
     storage = str(Path(storage_path or "ray_results").resolve()) if "://" not in (storage_path or "") else storage_path
-    if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=True) if ray_address else ray.init()
+    from pipeline.cluster import ensure_ray
+
+    ensure_ray(ray_address)
     loop_config = {**prep.loop_config(init=init, tracking_uri=uri, run_id=run_id, gpus_per_worker=gpus_per_worker,
                                       fault_injection=fault_injection), "init_state": init_state}
     registered = loop_config["register_as"]

@@ -52,7 +52,6 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
              resume: bool = False, max_failures: int = 3, register_as: str | None = None,
              system_metrics: bool = True, fault_injection: dict | None = None,
              resume_epochs: int | None = None) -> PretrainResult:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -81,8 +80,9 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
                 "mlflow_run_id": run_id, "tracking_uri": uri, "patches": str(Path(patches).resolve()),
                 "patches_key": store.key, "config": config.to_dict()}, indent=1))
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=True) if ray_address else ray.init()
+    from pipeline.cluster import ensure_ray
+
+    ensure_ray(ray_address)
     loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": uri,
                    "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
                    "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics,

@@ -29,9 +29,7 @@ from pipeline.transfer.grid import Cell, GridConfig, cells_of, grid_key, group_c
 
 __all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show"]
 
-TRIAL_RESOURCE = "genesis_trial"
-"""Custom resource a trial driver takes one unit of (declared by `ray.init` here and in ray_cluster.yaml)."""
-LOCAL_TRIAL_SLOTS = 1000
+from pipeline.cluster import LOCAL_TRIAL_SLOTS, TRIAL_RESOURCE, ensure_ray  # noqa: F401 - LOCAL_TRIAL_SLOTS re-exported
 
 
 @dataclass
@@ -212,11 +210,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
         groups = group_cells([c for c, _ in runnable], grid.group_size)
         prepared = {c.key: p for c, p in runnable}
         trial_groups = [[(c, prepared[c.key]) for c in g] for g in groups]
-        if not ray.is_initialized():
-            if ray_address:
-                ray.init(address=ray_address, log_to_driver=verbose > 0)
-            else:
-                ray.init(resources={TRIAL_RESOURCE: LOCAL_TRIAL_SLOTS}, log_to_driver=verbose > 0)
+        ensure_ray(ray_address, log_to_driver=verbose > 0)
         refs = {k: (ray.put(v) if v is not None else None) for k, v in init_states.items()}
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, groups=trial_groups, init_refs=refs, settings=settings),

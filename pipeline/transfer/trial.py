@@ -36,7 +36,7 @@ def run_trial(config: dict, groups: list | None = None, init_refs: dict | None =
 
     index = config["group"]
     group = groups[index]
-    uri, parent = settings["tracking_uri"], settings["parent_run_id"]
+    uri = settings["tracking_uri"]
     loop_cells, run_ids = [], []
     for cell, prep in group:
         run_id = create_run(uri, settings["experiment"], cell.name, tags=child_tags(cell, settings))

@@ -1,0 +1,130 @@
+"""`load_model(uri)`: any model of this project, ready for inference, in one call.
+
+    from pipeline import load_model
+    model = load_model("models:/genesis-pretrained@best", tracking_uri="sqlite:///demo_output/mlflow.db")
+    with torch.no_grad():
+        restored = model(cube)          # (N, 1, D, H, W) in [0, 1], D, H, W multiples of 8
+
+URIs, and what each gives:
+- `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`, or a local MLflow model folder (one
+  holding an `MLmodel` file): the logged module as it was trained (U-Net or classifier), through
+  `mlflow.pytorch.load_model`, from the registry at `tracking_uri` (default: `sqlite:///mlflow.db` here).
+- `official:FILE.pt`: the published checkpoint layout (e.g. `Genesis_Chest_CT.pt`), kernels permuted to this
+  project's (z, y, x) axes (`pipeline.models.load_official_genesis`).
+- `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`, read with weights_only=True); the
+  architecture is read from the weights: width and input channels from the first conv, a U-Net when the state
+  has the U-Net's head, an encoder classifier when it has the dense head, instance norm when it has no batch
+  statistics (otherwise the reference's batch-statistics norm).
+
+The model comes back in eval mode, on `device`. Anything that cannot be loaded is a ValueError naming the URI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pipeline.models.official import FIRST_CONV_KEY as FIRST_CONV
+from pipeline.models.official import HEAD_CONV_KEY as UNET_HEAD
+
+__all__ = ["load_model", "model_from_state_dict"]
+
+CLASSIFIER_HIDDEN, CLASSIFIER_OUT = "fc1.weight", "fc2.weight"
+
+
+def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "cpu") -> nn.Module:
+    """The model `uri` names, in eval mode on `device` (see the module docstring for the URIs)."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"load_model: expected a model URI string, got {uri!r}")
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"load_model({uri!r}): bad device {device!r}: {err}") from None
+    if uri.startswith(("models:/", "runs:/")) or _is_mlflow_folder(uri):
+        model = _from_mlflow(uri, tracking_uri, torch_device)
+    elif uri.startswith("official:"):
+        model = _from_official(uri)
+    elif os.path.isfile(uri):
+        model = _from_state_file(uri)
+    else:
+        raise ValueError(f"load_model: {uri!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model, "
+                         f"an MLflow model folder, official:FILE.pt or an existing state-dict file")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"load_model({uri!r}): the logged object is a {type(model).__name__}, not a torch module")
+    return model.to(torch_device).eval()
+
+
+def _is_mlflow_folder(uri: str) -> bool:
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return (path / "MLmodel").is_file()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _from_mlflow(uri: str, tracking_uri: str | None, device: torch.device) -> nn.Module:
+    import mlflow.pytorch
+
+    from pipeline.tracking import _client, resolve_uri
+
+    where = resolve_uri(tracking_uri)
+    _client(where)  # sets the tracking and registry URI that models:/ and runs:/ resolve against
+    try:
+        return mlflow.pytorch.load_model(uri, map_location=device)
+    except Exception as err:  # MlflowException (no such model/version/alias/run), unpickling errors, ...
+        source = "" if _is_mlflow_folder(uri) else f" (registry {where})"
+        raise ValueError(f"load_model: cannot load {uri!r}{source}: {_first_line(err)}") from err
+
+
+def _from_official(uri: str) -> nn.Module:
+    from pipeline.models import load_official_genesis
+
+    try:
+        return load_official_genesis(uri[len("official:"):])
+    except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError (a ValueError) name the file
+        raise ValueError(f"load_model({uri!r}): {err}") from err
+
+
+def _from_state_file(uri: str) -> nn.Module:
+    from pipeline.finetune.init import read_init
+
+    try:
+        state = read_init(uri)
+    except ValueError as err:
+        raise ValueError(f"load_model({uri!r}): {err}") from err
+    except Exception as err:  # not a torch file at all
+        raise ValueError(f"load_model({uri!r}): cannot read it as a torch state dict: {_first_line(err)}") from err
+    return model_from_state_dict(state, name=repr(uri))
+
+
+def model_from_state_dict(state: dict[str, torch.Tensor], name: str = "the state dict") -> nn.Module:
+    """A UNet3D or UNet3DClassifier built to fit `state` (see the module docstring) with `state` loaded."""
+    from pipeline.models import UNet3D, UNet3DClassifier
+    from pipeline.models.state_dicts import load_checked
+
+    first = state.get(FIRST_CONV)
+    if first is None or first.dim() != 5:
+        raise ValueError(f"load_model({name}): no 5-D first conv {FIRST_CONV!r} in its state dict, so not a Genesis "
+                         f"U-Net or classifier (keys: {sorted(state)[:5]}...)")
+    width, channels = int(first.shape[0]), int(first.shape[1])
+    norm = "batch_stats" if any(k.endswith("running_mean") for k in state) else "instance"
+    if UNET_HEAD in state:
+        model = UNet3D(base_channels=width, in_channels=channels, out_channels=int(state[UNET_HEAD].shape[0]),
+                       norm=norm)
+    elif CLASSIFIER_HIDDEN in state and CLASSIFIER_OUT in state:
+        model = UNet3DClassifier(base_channels=width, in_channels=channels, norm=norm,
+                                 hidden=int(state[CLASSIFIER_HIDDEN].shape[0]),
+                                 n_outputs=int(state[CLASSIFIER_OUT].shape[0]))
+    else:
+        raise ValueError(f"load_model({name}): neither a U-Net head ({UNET_HEAD!r}) nor a classifier head "
+                         f"({CLASSIFIER_HIDDEN!r}, {CLASSIFIER_OUT!r}) in its state dict")
+    try:
+        load_checked(model, state, name)
+    except ValueError as err:
+        raise ValueError(f"load_model({name}): {err}") from err
+    return model

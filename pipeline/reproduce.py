@@ -1,0 +1,433 @@
+"""`genesis reproduce`: the papers' experiment end to end in one command.
+
+    data (sample data, or the dataset roots under --data) -> volume stores -> the pretraining patch store and
+    the task stores -> Models Genesis pretraining -> the transfer grid (scratch against the model this run
+    pretrained) -> the table
+
+Each data and pretraining step is the `genesis` command that does it, printed before it runs, so a run is also
+a walk-through of the command line; the transfer grid is printed as the `genesis transfer` command it equals.
+The grid's pretrained init is the exact registry version this run's pretraining registered
+(`models:/genesis-pretrained/N`, found by the run id), never an alias another run may hold.
+
+`make demo` is these steps on sample data with the demo's settings, plus previews (`pipeline.demo`).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.transfer import TransferResult
+
+__all__ = ["ReproduceConfig", "ReproducePreset", "PRESETS", "SAMPLE_SCANS", "Walkthrough", "Stores", "StepFailed",
+           "ReproduceResult", "reproduce", "dataset_roots", "build_stores", "pretrain_model", "transfer_grid",
+           "registered_version"]
+
+DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
+SAMPLE_SCANS = {"luna16": 4, "lidc": 3, "pe": 6, "lits": 6, "brats": 4}
+"""Sample scans (cases) per dataset: enough patients for three splits each, small enough for a CPU."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReproduceConfig:
+    out: Path
+    """Everything goes here: sample data, stores, checkpoints, the MLflow database (by default), results."""
+    preset: str = "tiny"
+    """tiny (width-4 U-Nets, a CPU, minutes) | paper (the papers' recipes: GPU work); see PRESETS."""
+    data: Path | None = None
+    """Folder of dataset roots (DATA/luna16, DATA/lidc, DATA/pe, DATA/lits, DATA/brats); None: sample data."""
+    tasks: tuple[str, ...] | None = None
+    """None: every registered task whose dataset is there."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    label_fractions: tuple[float, ...] = (1.0,)
+    max_concurrent: int = 2
+    """Transfer trials at once."""
+    gpus_per_trial: float = 0.0
+    pretrain_workers: int = 2
+    gpus_per_worker: float = 0.0
+    """GPUs per pretraining worker."""
+    pretrain_epochs: int | None = None
+    """Override the pretraining preset's epochs."""
+    finetune_epochs: int | None = None
+    """Cap each fine-tuning's epochs (None: the fine-tuning preset's)."""
+    workers: int = 2
+    """Dask workers of the conversions and patch extractions."""
+    sample_seed: int = 0
+    sample_scans: dict[str, int] = field(default_factory=lambda: dict(SAMPLE_SCANS))
+    tracking_uri: str | None = None
+    """None: sqlite:///OUT/mlflow.db, with the run artifacts under OUT/mlartifacts."""
+    ray_address: str | None = None
+    """A running Ray cluster (None: RAY_ADDRESS when set, as inside `ray job submit`; else a local Ray)."""
+    worker_logs: bool = False
+    """Print the Ray workers' logs (off: the steps' reports and the grid's progress only)."""
+
+    def __post_init__(self) -> None:
+        def check(cond, name, msg):
+            if not cond:
+                raise ValueError(f"ReproduceConfig.{name}: {msg}")
+
+        check(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        check(self.data is None or Path(self.data).is_dir(), "data", f"{self.data}: no such folder")
+        check(self.tasks is None or len(self.tasks) > 0, "tasks", "must not be empty (None: every task with data)")
+        check(self.pretrain_workers >= 1, "pretrain_workers", f"must be >= 1, got {self.pretrain_workers}")
+        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        for name in ("pretrain_epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        unknown = sorted(set(self.sample_scans) - set(DATASETS))
+        check(not unknown, "sample_scans", f"unknown datasets {unknown}; datasets: {list(DATASETS)}")
+        # what the transfer grid would refuse is refused now, not after the data steps and the pretraining
+        from pipeline.tasks import get_task
+        from pipeline.transfer import GridConfig
+
+        for task in self.tasks or ():
+            get_task(task)
+        GridConfig(tasks=self.tasks or ("ncc",), inits=("scratch", "pretrained"), seeds=tuple(self.seeds),
+                   label_fractions=tuple(self.label_fractions), preset=self.finetune_preset,
+                   epochs=self.finetune_epochs, max_concurrent=self.max_concurrent, gpus_per_trial=self.gpus_per_trial)
+        from pipeline.finetune.config import preset as finetune_preset
+        from pipeline.training import preset as pretrain_preset
+
+        width = pretrain_preset(self.pretrain_preset).base_channels
+        for spec in map(get_task, self.tasks or ("ncc",)):
+            fits = finetune_preset(self.finetune_preset, spec).base_channels
+            check(fits == width, "preset", f"{self.preset!r} pretrains a U-Net {width} wide but fine-tunes "
+                                           f"{spec.name} {fits} wide: the pretrained weights would not fit")
+
+    @property
+    def pretrain_preset(self) -> str:
+        return PRESETS[self.preset].pretrain
+
+    @property
+    def finetune_preset(self) -> str:
+        return PRESETS[self.preset].finetune
+
+    @property
+    def uri(self) -> str:
+        from pipeline.tracking import resolve_uri
+
+        return resolve_uri(self.tracking_uri or f"sqlite:///{(Path(self.out) / 'mlflow.db').resolve()}")
+
+
+@dataclass(frozen=True)
+class ReproducePreset:
+    pretrain: str
+    """`genesis pretrain --preset`."""
+    finetune: str
+    """`genesis transfer --preset` (its fine-tunings' U-Net width must equal the pretrained one's)."""
+
+
+PRESETS = {"tiny": ReproducePreset(pretrain="tiny", finetune="tiny"),
+           "paper": ReproducePreset(pretrain="paper", finetune="paper")}
+
+
+class StepFailed(RuntimeError):
+    """A step's `genesis` command exited with a status it may not have; the message names the command."""
+
+
+class Walkthrough:
+    """Runs `genesis` commands in this process, numbered and printed with their exit status and time."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def title(self, text: str) -> str:
+        self.n += 1
+        return f"{self.n}. {text}"
+
+    def note(self, text: str) -> None:
+        print(f"\n=== {self.title(text)}", flush=True)
+
+    def command(self, title: str, argv: list[str]) -> str:
+        title = self.title(title)
+        print(f"\n=== {title}\n$ genesis {shlex.join(argv)}", flush=True)
+        return title
+
+    def run(self, title: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> int:
+        from pipeline.cli import main as genesis
+
+        title = self.command(title, argv)
+        t0 = time.perf_counter()
+        code = genesis(argv)
+        print(f"--- {title}: exit {code} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if code not in allowed:
+            raise StepFailed(f"genesis {shlex.join(argv)} exited {code}")
+        return code
+
+
+@dataclass
+class Stores:
+    """What the data steps made."""
+    datasets: dict[str, Path]
+    """dataset -> its root (sample data or --data)."""
+    volumes: Path
+    """The LUNA16 volume store (pretraining, NCC)."""
+    task_volumes: Path | None
+    """The volume store of the other task datasets (None when none is there)."""
+    pretrain: Path
+    """The pretraining patch store."""
+    tasks: dict[str, Path]
+    """task -> its task patch store."""
+    patch_root: Path
+
+
+@dataclass
+class ReproduceResult:
+    stores: Stores
+    pretrain_run_id: str
+    pretrained: str
+    """models:/genesis-pretrained/N: the version this run registered."""
+    transfer: TransferResult
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.transfer.ok
+
+    def report(self) -> str:
+        return "\n".join([self.transfer.report(),
+                          f"  pretrained init: {self.pretrained} (MLflow run {self.pretrain_run_id})",
+                          f"  reproduce finished in {self.seconds:.0f} s"])
+
+
+# --------------------------------------------------------------------------- steps
+
+def _tasks_wanted(config: ReproduceConfig):
+    from pipeline.tasks import all_tasks, get_task
+
+    return [get_task(t) for t in config.tasks] if config.tasks else list(all_tasks())
+
+
+def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path]:
+    """dataset -> root: the sample data written under OUT/sample_data (LUNA16 plus the datasets of the wanted
+    tasks), or the roots under --data that exist (the missing ones are named; LUNA16 is required, and so is
+    the dataset of every task asked for by name)."""
+    wanted = ["luna16", *dict.fromkeys(s.dataset for s in _tasks_wanted(config) if s.dataset != "luna16")]
+    if config.data is None:
+        roots = {}
+        for name in wanted:
+            root = Path(config.out) / "sample_data" / name
+            argv = ["sample-data", str(root), "--dataset", name, "--seed", str(config.sample_seed),
+                    "--scans", str(config.sample_scans.get(name, SAMPLE_SCANS[name]))]
+            steps.run(f"sample {name} data in its real layout", argv + ([] if name == "luna16" else ["--small"]))
+            if root.exists():  # LIDC and BraTS samples are skipped (with a message) when PyPI cannot be reached
+                roots[name] = root
+        return roots
+    data = Path(config.data)
+    roots = {name: data / name for name in wanted if (data / name).is_dir()}
+    missing = [name for name in wanted if name not in roots]
+    gone = f"; missing {', '.join(str(data / m) for m in missing)} (their tasks are left out)" if missing else ""
+    steps.note(f"datasets under {data}: found {', '.join(roots) or 'none'}{gone}")
+    if "luna16" in missing:
+        raise ValueError(f"{data / 'luna16'}: no LUNA16 root (subsetK/ folders or subsetK.zip + candidates.csv); "
+                         f"pretraining and NCC need it")
+    if config.tasks:
+        named = sorted({s.dataset for s in _tasks_wanted(config)} & set(missing))
+        if named:
+            raise ValueError(f"--tasks {','.join(config.tasks)}: no dataset root for {', '.join(named)} under {data} "
+                             f"(expected {', '.join(str(data / n) for n in named)})")
+    return roots
+
+
+def build_stores(config: ReproduceConfig, steps: Walkthrough, roots: dict[str, Path]) -> Stores:
+    """Both volume stores, the pretraining patch store and the task stores (each content-addressed: a rerun
+    finds them at once)."""
+    from pipeline.patches import PretrainPatchConfig, extract_pretrain
+    from pipeline.patches.task_extract import extract_task
+    from pipeline.volume_store import VolumeStore
+
+    out, workers = Path(config.out), str(config.workers)
+    converted = (0, 1) if config.data else (0,)  # real archives may hold a bad scan: listed, the rest converted
+    volumes, patch_root = out / "volume_store", out / "patch_stores"
+    steps.run("convert LUNA16 to the OME-Zarr volume store (Dask)",
+              ["convert", str(roots["luna16"]), "--store", str(volumes), "--workers", workers], allowed=converted)
+    steps.run("Models Genesis pretraining cubes into a patch store (Dask)",
+              ["patches", "pretrain", "--store", str(volumes), "--out", str(patch_root), "--workers", workers])
+    pretrain = extract_pretrain(str(volumes), PretrainPatchConfig(), out_root=str(patch_root), progress=False).path
+
+    others = [name for name in roots if name != "luna16"]
+    task_volumes = out / "task_volume_store" if others else None
+    if others:
+        steps.run("convert the task datasets (Dask)",
+                  ["convert", *(str(roots[n]) for n in others), "--store", str(task_volumes), "--workers", workers],
+                  allowed=converted)
+        catalog = VolumeStore(task_volumes).catalog()
+        present = set(catalog.loc[catalog["status"] == "ok", "dataset"])
+    else:
+        present = set()
+    tasks = {}
+    for spec in _tasks_wanted(config):
+        source = volumes if spec.dataset == "luna16" else task_volumes
+        if spec.dataset != "luna16" and spec.dataset not in present:
+            steps.note(f"task {spec.name.upper()}: left out, no {spec.dataset} scans converted")
+            continue
+        steps.run(f"the {spec.name.upper()} task patch store",
+                  ["patches", "task", spec.name, "--store", str(source), "--out", str(patch_root), "--workers",
+                   workers], allowed=(0, 1))
+        try:  # the store the command built (exit 1: some cases failed, listed above), found at once
+            tasks[spec.name] = Path(extract_task(str(source), spec, out_root=str(patch_root), progress=False).path)
+        except RuntimeError as err:  # no usable case at all: the command said why
+            steps.note(f"task {spec.name.upper()}: left out, no task store: {err}")
+    if config.tasks and set(config.tasks) - set(tasks):
+        raise ValueError(f"--tasks: no task store for {sorted(set(config.tasks) - set(tasks))} (no scans converted)")
+    return Stores(datasets=roots, volumes=volumes, task_volumes=task_volumes, pretrain=Path(pretrain),
+                  tasks=tasks, patch_root=patch_root)
+
+
+def registered_version(tracking_uri: str, run_id: str, name: str | None = None) -> str:
+    """`models:/NAME/N`: the version of `name` (default genesis-pretrained) that run `run_id` registered."""
+    from pipeline.tracking import PRETRAINED_MODEL, _client
+
+    name = name or PRETRAINED_MODEL
+    versions = _client(tracking_uri).search_model_versions(f"name = '{name}' and tags.run_id = '{run_id}'")
+    if not versions:
+        raise ValueError(f"run {run_id} registered no version of {name!r} at {tracking_uri}")
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"
+
+
+def _finished_pretraining(config: ReproduceConfig, storage: Path, patches: Path) -> str | None:
+    """The MLflow run id of a pretraining under `storage` that finished on the same patch store with the same
+    settings (preset config, epochs, workers) and registered its model; None when there is none."""
+    from pipeline.patches import PatchStore
+    from pipeline.tracking import _client
+    from pipeline.training import preset
+    from pipeline.training.pretrain import RUN_FILE
+
+    key = PatchStore(patches).key
+    wanted = json.loads(json.dumps(preset(config.pretrain_preset).with_overrides(epochs=config.pretrain_epochs)
+                                   .to_dict()))
+    client = _client(config.uri)
+    for run_file in sorted(storage.glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        meta = json.loads(run_file.read_text())
+        if (meta.get("patches_key"), meta.get("config"), meta.get("tracking_uri")) != (key, wanted, config.uri):
+            continue
+        try:
+            run = client.get_run(meta["mlflow_run_id"])
+        except Exception:  # noqa: BLE001 - a run of another (deleted) database: not reusable
+            continue
+        if run.info.status == "FINISHED" and run.data.params.get("ray.workers") == str(config.pretrain_workers):
+            return run.info.run_id
+    return None
+
+
+def pretrain_model(config: ReproduceConfig, steps: Walkthrough, stores: Stores) -> tuple[str, str]:
+    """Pretrain on the pretraining patch store; returns (MLflow run id, models:/genesis-pretrained/N). A pretraining
+    this output folder already finished with the same store and settings is reused (so a rerun of an interrupted
+    reproduce goes straight on to the grid, whose finished fine-tunings are reused in turn)."""
+    from pipeline.training.pretrain import RUN_FILE
+
+    storage = Path(config.out) / "ray_results"
+    done = _finished_pretraining(config, storage, stores.pretrain)
+    if done:
+        pretrained = registered_version(config.uri, done)
+        steps.note(f"Models Genesis pretraining: reused MLflow run {done} (finished earlier on the same patch store "
+                   f"with the same settings): {pretrained}")
+        return done, pretrained
+    name = f"genesis-pretrain-{config.pretrain_preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    argv = ["pretrain", "--patches", str(stores.pretrain), "--preset", config.pretrain_preset, "--workers",
+            str(config.pretrain_workers), "--tracking-uri", config.uri, "--storage-path", str(storage), "--name", name]
+    if config.gpus_per_worker:
+        argv += ["--gpus-per-worker", f"{config.gpus_per_worker:g}"]
+    if config.pretrain_epochs:
+        argv += ["--epochs", str(config.pretrain_epochs)]
+    if config.ray_address:
+        argv += ["--ray-address", config.ray_address]
+    steps.run(f"Models Genesis pretraining ({config.pretrain_preset}) on Ray Train, recorded in MLflow", argv)
+    run_id = json.loads((storage / name / RUN_FILE).read_text())["mlflow_run_id"]
+    return run_id, registered_version(config.uri, run_id)
+
+
+def transfer_grid(config: ReproduceConfig, steps: Walkthrough, stores: Stores, pretrained: str):
+    """The grid over the task stores, inits scratch and `pretrained`; returns the TransferResult."""
+    from pipeline.transfer import GridConfig, transfer
+
+    grid = GridConfig(tasks=tuple(stores.tasks), inits=("scratch", pretrained), seeds=tuple(config.seeds),
+                      label_fractions=tuple(config.label_fractions), preset=config.finetune_preset,
+                      epochs=config.finetune_epochs, max_concurrent=config.max_concurrent,
+                      gpus_per_trial=config.gpus_per_trial)
+    storage, results = Path(config.out) / "ray_results", Path(config.out) / "transfer_results"
+    argv = ["transfer", "--tasks", ",".join(grid.tasks), *(a for t, p in stores.tasks.items()
+                                                          for a in ("--patches", f"{t}={p}")),
+            "--inits", ",".join(grid.inits), "--seeds", ",".join(map(str, grid.seeds)),
+            "--label-fractions", ",".join(f"{f:g}" for f in grid.label_fractions), "--preset", grid.preset,
+            "--max-concurrent", str(grid.max_concurrent), "--tracking-uri", config.uri,
+            "--storage-path", str(storage), "--results", str(results)]
+    if grid.epochs:
+        argv += ["--epochs", str(grid.epochs)]
+    if grid.gpus_per_trial:
+        argv += ["--gpus-per-trial", f"{grid.gpus_per_trial:g}"]
+    title = steps.command(f"the transfer grid: {len(grid.tasks)} tasks x scratch / the model pretrained above x "
+                          f"{len(grid.label_fractions)} label fraction(s) x {len(grid.seeds)} seed(s) on Ray Tune",
+                          argv)
+    t0 = time.perf_counter()
+    result = transfer(grid, {t: str(p) for t, p in stores.tasks.items()}, tracking_uri=config.uri,
+                      storage_path=str(storage), results_dir=str(results), ray_address=config.ray_address,
+                      verbose=1)
+    print(f"--- {title}: {len(result.failed)} of {len(result.cells)} fine-tunings failed, "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- the whole run
+
+def _artifacts_under_out(config: ReproduceConfig) -> None:
+    """With the default tracking URI (OUT/mlflow.db) the experiments keep their artifacts in OUT/mlartifacts,
+    not in ./mlruns of whatever folder the command ran from."""
+    if config.tracking_uri:
+        return
+    from pipeline.tracking import _client
+
+    client = _client(config.uri)
+    for experiment in ("genesis-pretraining", "genesis-transfer"):
+        if client.get_experiment_by_name(experiment) is None:
+            where = (Path(config.out) / "mlartifacts" / experiment).resolve()
+            client.create_experiment(experiment, artifact_location=str(where))
+
+
+def _start_ray(config: ReproduceConfig) -> bool:
+    """A local Ray that declares the transfer trials' resource (so trial drivers take no CPU), unless a cluster
+    is named; returns whether this call started it."""
+    import ray
+
+    from pipeline.cluster import ensure_ray
+
+    if ray.is_initialized():
+        return False
+    ensure_ray(config.ray_address, log_to_driver=config.worker_logs)
+    return True
+
+
+def reproduce(config: ReproduceConfig, *, steps: Walkthrough | None = None,
+              after_stores: Callable[[Stores], None] | None = None) -> ReproduceResult:
+    """Data -> stores -> pretraining -> transfer grid (see the module docstring). `after_stores` runs once the
+    stores exist (the demo draws its previews there). Raises ValueError for bad settings or data, StepFailed
+    when a step's command fails; failed fine-tunings are in the result's table, not raised."""
+    steps = steps or Walkthrough()
+    t0 = time.perf_counter()
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    stores = build_stores(config, steps, dataset_roots(config, steps))
+    if not stores.tasks:
+        raise ValueError("no task store was built: nothing to fine-tune")
+    if after_stores:
+        after_stores(stores)
+    _artifacts_under_out(config)
+    started = _start_ray(config)
+    try:
+        run_id, pretrained = pretrain_model(config, steps, stores)
+        print(f"    pretrained model: {pretrained} (the version of MLflow run {run_id})", flush=True)
+        result = transfer_grid(config, steps, stores, pretrained)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return ReproduceResult(stores=stores, pretrain_run_id=run_id, pretrained=pretrained, transfer=result,
+                           seconds=time.perf_counter() - t0)
+
