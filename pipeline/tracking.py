@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,16 @@ class RunLogger:
         import mlflow.data
 
         ds = mlflow.data.from_pandas(index, source=str(path), name=f"patch-store-{key}", digest=key[:8])
-        self.mlflow.log_input(ds, context=context)
+        for attempt in range(3):
+            try:
+                self.mlflow.log_input(ds, context=context)
+                return
+            except Exception as err:  # noqa: BLE001
+                # two runs of one experiment logging the same store at the same moment: one insert of the
+                # dataset row loses the unique-constraint race; the row exists now, so the retry only links it
+                if ("UNIQUE constraint" not in str(err) and "IntegrityError" not in str(err)) or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_dict(self, d: dict, name: str) -> None:
         """A JSON artifact (`name` ends in .json)."""

@@ -45,8 +45,12 @@ def train_group_per_worker(cfg: dict) -> None:
         except Exception as exc:  # noqa: BLE001 - reported on the fine-tuning's run, the group goes on
             if world > 1:
                 raise
+            import mlflow
+
             from pipeline.tracking import mark_failed
 
+            if mlflow.active_run() is not None:  # else the next fine-tuning's start_run finds this one active
+                mlflow.end_run(status="FAILED")
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             mark_failed(cell["tracking_uri"], cell["mlflow_run_id"], reason=reason)
 
