@@ -2,6 +2,8 @@
 
 Prints:
   extraction cubes/s (genesis patches pretrain, 1 and 2 Dask workers) on phantom scans;
+  store MB per cube: the store as built (int16 clipped HU when exact) against the same cubes stored as
+  float32 (`cube_encoding="float32"`, the format-1 layout; target: <= 55%);
   loader cubes/s from the patch store on one core, without corruption (target >= 500) and with
   the Models Genesis corruption (corrupt_batch, CPU, batch 6);
   peak RSS of a process streaming a whole patch store, for a store and one 10x larger (target: flat).
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,9 @@ def main() -> None:
     if args.measure_loader:
         _one_core()
         n, _ = loader_rate(args.measure_loader, corrupt=False)
-        print(json.dumps({"cubes": n, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's
+        peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(json.dumps({"cubes": n, "peak_rss": peak}))
         return
 
     from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
@@ -110,8 +113,22 @@ def main() -> None:
                                    progress=False)
             rates[workers] = (res.n_cubes, res.seconds)
         path = str(res.path)
+
+        def megabytes(p) -> float:
+            return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file()) / 1e6
+
         print(f"patch store: {res.n_cubes} cubes of {'x'.join(map(str, cfg.cube_size))} from {args.scans} phantom "
-              f"scans, {sum(f.stat().st_size for f in Path(path).rglob('*') if f.is_file()) / 1e6:.1f} MB")
+              f"scans, {megabytes(path):.1f} MB")
+        f32 = extract_pretrain(str(work / "vs"), PretrainPatchConfig(cube_encoding="float32"),
+                               out_root=str(work / "ps_f32"), workers=2, progress=False)
+        assert f32.n_cubes == res.n_cubes
+        ps, ps32 = PatchStore(path), PatchStore(f32.path)
+        rows = ps.index["row"].to_numpy()
+        assert ps.read_cubes(rows).tobytes() == ps32.read_cubes(rows).tobytes(), "decoded cubes differ"
+        per, per32 = megabytes(path) / res.n_cubes, megabytes(f32.path) / res.n_cubes
+        print(f"store MB per cube                    : {per:.3f} as built ({ps.cube_encoding['kind']}, "
+              f"{ps.cubes.dtype}); {per32:.3f} as float32 ({ps32.cubes.dtype}); ratio {per / per32:.2f} "
+              f"(target <= 0.55) {'PASS' if per / per32 <= 0.55 else 'MISS'}; decoded cubes bit-identical")
         for workers, (n, s) in rates.items():
             print(f"extraction, {workers} Dask worker(s)     : {n / s:8.1f} cubes/s ({s:.2f} s, incl. cluster start)")
         _one_core()

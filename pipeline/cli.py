@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--per-scan", type=_positive, default=32)
     pp.add_argument("--scales", type=_floats, default=(1.0,), metavar="S1,S2,...",
                     help="crop side multipliers >= 1 (larger crops are resized to the cube)")
+    pp.add_argument("--scale-axes", choices=("yx", "zyx"), default="yx",
+                    help="yx: larger in-plane crops, depth never resized (the reference's crop_rows/crop_cols); "
+                         "zyx: 3D crops")
+    pp.add_argument("--cube-encoding", choices=("auto", "float32"), default="auto",
+                    help="auto: clipped HU as int16 when exact (bit-identical floats on read), else float32")
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
     pp.add_argument("--workers", type=_positive, default=2)
@@ -122,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=_positive, default=2)
     tr.add_argument("--gpus-per-worker", type=float, default=0.0)
     tr.add_argument("--epochs", type=_positive)
-    tr.add_argument("--batch-size", type=_positive, help="cubes per worker per step (preset's by default)")
+    tr.add_argument("--batch-size", type=_positive, help="global batch: cubes per step over all workers, split evenly (preset's by default)")
     tr.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     tr.add_argument("--experiment", default="genesis-pretraining")
@@ -292,6 +297,7 @@ def _patches(args) -> int:
         if args.patches_command == "task":
             return _task_patches(args)
         config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
+                                     scale_axes=args.scale_axes, cube_encoding=args.cube_encoding,
                                      border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices)
         result = extract_pretrain(args.store, config, out_root=args.out, workers=args.workers,
                                   scheduler=args.dask_scheduler, progress=not args.no_progress)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import numpy as np
@@ -12,9 +11,10 @@ import zarr
 from conftest import write_mhd
 
 from pipeline.cli import main
-from pipeline.data import CubeStreamConfig, PatchCubes, epoch_rows
+from pipeline.data import CubeStreamConfig, PatchCubes
 from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
-from pipeline.patches.sampling import Candidates, dense_fractions, hu_to_unit, sample_cubes
+from pipeline.patches.encoding import choose_encoding, decode_cubes, encode_cubes
+from pipeline.patches.sampling import hu_to_unit, sample_cubes, voxel_scores
 from pipeline.patches.splits import split_of
 from pipeline.volume_store import VolumeStore, convert
 
@@ -35,13 +35,10 @@ def test_hu_window_maps_to_unit_interval():
     assert hu_to_unit(np.array([-150]), (-1000.0, 1000.0))[0] == pytest.approx(0.425)
 
 
-def test_dense_fractions_match_brute_force(rng):
-    hu = rng.integers(-1000, 500, size=(12, 20, 24)).astype(np.int16)
-    starts = np.array([[0, 0, 0], [3, 5, 7], [4, 4, 16]])
-    sizes = np.array([[4, 8, 8], [8, 10, 6], [8, 16, 8]])
-    got = dense_fractions(hu, Candidates(starts=starts, sizes=sizes, scales=np.ones(3)), -150.0)
-    for (z, y, x), (d, h, w), g in zip(starts, sizes, got):
-        assert g == pytest.approx(np.mean(hu[z:z + d, y:y + h, x:x + w] >= -150))
+def reference_score(hu: np.ndarray, z: int, y: int, x: int, d: int, h: int, w: int) -> float:
+    """The reference's score sum of a crop: 1 per voxel >= -150 HU, 0.5 when only the next slice is."""
+    dense = hu[z:z + d + 1, y:y + h, x:x + w] >= -150
+    return float(dense[:d].sum() + 0.5 * (~dense[:d] & dense[1:]).sum())
 
 
 def test_accepted_crops_obey_the_rule_and_are_the_windowed_voxels(rng):
@@ -49,21 +46,42 @@ def test_accepted_crops_obey_the_rule_and_are_the_windowed_voxels(rng):
     sample = sample_cubes(hu, np.random.default_rng(3), TINY)
     assert len(sample.cubes) == TINY.per_scan
     for cube, (z, y, x), (d, h, w), frac in zip(sample.cubes, sample.starts, sample.sizes, sample.fractions):
-        crop = hu[z:z + d, y:y + h, x:x + w]
-        assert np.mean(crop >= -150) <= 0.15 and frac == pytest.approx(np.mean(crop >= -150))
-        np.testing.assert_array_equal(cube, hu_to_unit(crop, (-1000.0, 1000.0)))
+        score = reference_score(hu, z, y, x, d, h, w)
+        assert score <= 0.15 * d * h * w and frac == pytest.approx(score / (d * h * w))
+        assert z + d + TINY.lookahead <= hu.shape[0]  # the look-ahead window fits in the region
+        np.testing.assert_array_equal(cube, hu_to_unit(hu[z:z + d, y:y + h, x:x + w], (-1000.0, 1000.0)))
     again = sample_cubes(hu, np.random.default_rng(3), TINY)
     np.testing.assert_array_equal(sample.cubes, again.cubes)
+    assert voxel_scores(hu >= -150, 3).shape[0] == hu.shape[0] - 1
 
 
-def test_dense_scan_gives_no_cubes_and_multiscale_resizes(rng):
+def test_dense_scan_gives_no_cubes_and_multiscale_resizes_in_plane(rng):
     dense = np.full((24, 48, 48), 100, dtype=np.int16)
     assert len(sample_cubes(dense, rng, TINY).cubes) == 0
     cfg = PretrainPatchConfig(cube_size=(8, 16, 16), per_scan=20, scales=(1.0, 1.5), border_yx=0, border_z=0)
     s = sample_cubes(np.full((24, 48, 48), -900, dtype=np.int16), rng, cfg)
     assert s.cubes.shape == (20, 8, 16, 16) and set(s.scales) == {1.0, 1.5}
-    assert {tuple(v) for v in s.sizes} == {(8, 16, 16), (12, 24, 24)}
+    assert {tuple(v) for v in s.sizes} == {(8, 16, 16), (8, 24, 24)}  # the reference: depth never resized
     np.testing.assert_allclose(s.cubes, 0.05, atol=1e-6)
+
+
+def test_hu_int16_round_trip_is_bit_identical():
+    """Every integer HU (and beyond the window) decodes to exactly the float32 the sampler computes."""
+    hu = np.arange(-3000, 3001, dtype=np.int16).reshape(1, 1, 1, -1)
+    unit = hu_to_unit(hu, (-1000.0, 1000.0))
+    enc = choose_encoding(PretrainPatchConfig(), ["int16"])
+    stored = encode_cubes(unit, enc)
+    assert stored.dtype == np.int16 and stored.min() == -1000 and stored.max() == 1000
+    assert decode_cubes(stored, enc).tobytes() == unit.tobytes()
+    with pytest.raises(ValueError, match="not clipped integer HU"):
+        encode_cubes(unit + np.float32(1e-4), enc)
+    # resized cubes, float volumes and other windows stay float32 (exact too)
+    assert choose_encoding(PretrainPatchConfig(scales=(1.0, 1.5)), ["int16"])["kind"] == "unit-float32"
+    assert choose_encoding(PretrainPatchConfig(), ["int16", "float32"])["kind"] == "unit-float32"
+    assert choose_encoding(PretrainPatchConfig(hu_window=(-1000.5, 1000.0)), ["int16"])["kind"] == "unit-float32"
+    assert choose_encoding(PretrainPatchConfig(cube_encoding="float32"), ["int16"])["kind"] == "unit-float32"
+    with pytest.raises(ValueError, match="unknown cube encoding"):
+        decode_cubes(stored, {"kind": "hu-int8"})
 
 
 def test_splits_by_luna_subset_or_seeded_scan_draw():
@@ -79,6 +97,12 @@ def test_splits_by_luna_subset_or_seeded_scan_draw():
 def test_invalid_config_names_the_field():
     with pytest.raises(ValueError, match="PretrainPatchConfig.scales"):
         PretrainPatchConfig(scales=(0.5,))
+    with pytest.raises(ValueError, match="PretrainPatchConfig.scale_axes"):
+        PretrainPatchConfig(scale_axes="z")
+    with pytest.raises(ValueError, match="PretrainPatchConfig.lookahead"):
+        PretrainPatchConfig(lookahead=1)
+    with pytest.raises(ValueError, match="PretrainPatchConfig.cube_encoding"):
+        PretrainPatchConfig(cube_encoding="uint8")
     with pytest.raises(ValueError, match="PretrainPatchConfig.cube_size"):
         PretrainPatchConfig(cube_size=(8, 16))
 
@@ -105,6 +129,7 @@ def test_extraction_store_index_and_cubes(volume_store, tmp_path):
     assert res.counts == {"train": 12, "validation": 6, "test": 6}
     ps = PatchStore(res.path)
     assert res.path.name == f"pretrain-{ps.key}" and ps.cubes.shape[1:] == (1, 16, 16, 16)
+    assert ps.cubes.dtype == np.int16 and ps.cube_encoding["kind"] == "hu-int16"
     # exactly the cubes of the index: the skipped scan leaves no empty rows behind
     assert ps.cubes.shape[0] == len(ps.index) == res.n_cubes
     idx = ps.index
@@ -112,14 +137,55 @@ def test_extraction_store_index_and_cubes(volume_store, tmp_path):
     vs = VolumeStore(store)
     for row in idx.itertuples():
         hu = arrays[row.scan_id][row.z:row.z + row.crop_d, row.y:row.y + row.crop_h, row.x:row.x + row.crop_w]
-        np.testing.assert_array_equal(ps.cubes[row.row, 0], hu_to_unit(hu, (-1000.0, 1000.0)))
-        assert row.z >= 2 and row.y >= 4 and row.x >= 4 and row.z + 16 <= 22 and row.x + 16 <= 44
+        assert ps.read_cubes([row.row])[0, 0].tobytes() == hu_to_unit(hu, (-1000.0, 1000.0)).tobytes()
+        # the reference's ranges: z in [2, 24 - 16 - 3 - 1 - 2], y and x in [4, 48 - 16 - 1 - 4]
+        assert 2 <= row.z <= 2 and 4 <= row.y <= 27 and 4 <= row.x <= 27
         g = vs.scan_attrs(row.scan_id)["genesis"]
         centre = np.array(g["origin"]) + np.array(g["spacing"]) * (np.array([row.z, row.y, row.x]) + [7.5, 7.5, 7.5])
         np.testing.assert_allclose([row.center_z_mm, row.center_y_mm, row.center_x_mm], centre)
     assert set(idx.loc[idx["scan_id"] == "1.2.840.2", "split"]) == {"validation"}
     attrs = json.loads((res.path / "zarr.json").read_text())["attributes"]["genesis"]
     assert attrs["config"]["per_scan"] == 6 and attrs["volume_store"]["path"] == str(store.resolve())
+    assert attrs["schema_version"] == 2 and attrs["store_format"] == 2
+    assert attrs["cube_encoding"]["kind"] == "hu-int16" and attrs["cube_encoding"]["hu_window"] == [-1000, 1000]
+    rows = np.array([5, 0, 17, 5])  # any order, repeats: decoded float32 (N, 1, D, H, W)
+    got = ps.read_cubes(rows)
+    assert got.dtype == np.float32 and got.shape == (4, 1, 16, 16, 16)
+    np.testing.assert_array_equal(got, hu_to_unit(ps.read(rows), (-1000.0, 1000.0)))
+
+
+def _cubes_bytes(path) -> int:
+    return sum(f.stat().st_size for f in (path / "cubes").rglob("*") if f.is_file())
+
+
+def test_int16_store_is_lean_and_decodes_to_the_float32_store(volume_store, tmp_path):
+    store, _ = volume_store
+    new = extract_pretrain(str(store), TINY, out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    old = extract_pretrain(str(store), PretrainPatchConfig(**{**TINY.__dict__, "cube_encoding": "float32"}),
+                           out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    a, b = PatchStore(new.path), PatchStore(old.path)
+    assert a.key != b.key and b.cubes.dtype == np.float32 and b.cube_encoding == {"kind": "unit-float32"}
+    rows = np.arange(len(a))
+    assert a.read_cubes(rows).tobytes() == b.read_cubes(rows).tobytes() == b.read(rows).tobytes()
+    assert a.index.equals(b.index)
+    ratio = _cubes_bytes(new.path) / _cubes_bytes(old.path)
+    assert ratio <= 0.55, f"int16 store is {ratio:.2f} of the float32 one"
+
+
+def test_format_1_float32_stores_still_read(volume_store, tmp_path):
+    """A store written before cube encodings existed (schema_version 1, no cube_encoding) reads as float32."""
+    store, _ = volume_store
+    res = extract_pretrain(str(store), PretrainPatchConfig(**{**TINY.__dict__, "cube_encoding": "float32"}),
+                           out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    meta = json.loads((res.path / "zarr.json").read_text())
+    g = meta["attributes"]["genesis"]
+    for k in ("store_format", "cube_encoding"):
+        del g[k]
+    g["schema_version"] = 1
+    (res.path / "zarr.json").write_text(json.dumps(meta))
+    ps = PatchStore(res.path)
+    assert ps.cube_encoding == {"kind": "unit-float32"}
+    np.testing.assert_array_equal(ps.read_cubes([3, 1]), ps.cubes[[3, 1]])
 
 
 def test_same_inputs_reuse_changed_settings_make_a_new_store(volume_store, tmp_path, capsys):
@@ -150,7 +216,8 @@ def test_interrupted_extraction_is_invisible_and_resumes(volume_store, tmp_path)
     (building / "parts").mkdir()
     ok = VolumeStore(store).catalog().query("status == 'ok'").sort_values("scan_id")
     for slot, r in enumerate(ok.head(2).itertuples()):
-        extract_scan(str(store), r.scan_id, r.subset, slot, str(building), TINY)
+        extract_scan(str(store), r.scan_id, r.subset, slot, str(building), TINY,
+                     encoding=choose_encoding(TINY, ["int16"]))
     before = {p.name: p.stat().st_mtime_ns for p in (building / "parts").iterdir()}
     assert len(before) == 4  # two parts: encoded chunks and their sizes each
     assert main(["stores", "list", str(root)]) == 0  # the half-built store is not listed
@@ -186,7 +253,7 @@ def test_loader_shards_by_rank_and_is_seeded(volume_store, tmp_path):
                         world_size=world)
         ds.set_epoch(epoch)
         cubes = [c.numpy() for c in ds]
-        lookup = {ps.cubes[r].tobytes(): r for r in train}
+        lookup = {ps.read_cubes([r])[0].tobytes(): r for r in train}
         return [lookup[c.tobytes()] for c in cubes]
 
     one = rows_seen(0, 1)
@@ -196,15 +263,6 @@ def test_loader_shards_by_rank_and_is_seeded(volume_store, tmp_path):
     assert len(a) == len(b) == len(train) // 2 and not set(a) & set(b)
     got = next(iter(PatchCubes(res.path, CubeStreamConfig(split="train"), rank=0, world_size=1)))
     assert got.shape == (1, 16, 16, 16) and got.dtype.is_floating_point
-
-
-def test_epoch_rows_equal_parts_keep_shards_together():
-    rows = np.concatenate([np.arange(0, 6), np.arange(12, 15), np.arange(18, 24)])
-    parts = [epoch_rows(rows, 6, seed=1, epoch=0, shuffle=True, rank=r, world_size=3) for r in range(3)]
-    assert [len(p) for p in parts] == [5, 5, 5]
-    assert sorted(np.concatenate(parts)) == sorted(rows)
-    for p in parts:  # runs of a shard stay contiguous
-        assert len(set(p // 6)) <= 2
 
 
 def test_show_list_and_preview(volume_store, tmp_path, capsys):

@@ -15,7 +15,7 @@ from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
 from pipeline.training.checkpoint import load_state
 from pipeline.training.config import preset, tiny
 from pipeline.training.pretrain import pretrain
-from pipeline.training.steps import build_model, build_optimizer, fixed_validation_pairs, train_epoch
+from pipeline.training.steps import build_model, build_optimizer, train_epoch
 from pipeline.volume_store import convert
 
 CUBE = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=8, border_yx=4, border_z=2, min_slices=16)
@@ -37,8 +37,8 @@ def patch_store(tmp_path_factory):
 
 
 def _config(**kw):
-    return tiny().with_overrides(**{"base_channels": 2, "batch_size": 4, "steps_per_epoch": 4, "val_pairs": 8,
-                                    "buffer_size": 8, **kw})
+    return tiny().with_overrides(**{"base_channels": 2, "batch_size": 4, "steps_per_epoch": 4, "val_cubes": 8,
+                                    "read_block": 8, "figure_cubes": 1, **kw})
 
 
 def test_presets_and_bad_values():
@@ -49,14 +49,6 @@ def test_presets_and_bad_values():
         preset("huge")
     with pytest.raises(ValueError, match="PretrainConfig.lr"):
         tiny().with_overrides(lr=-1.0)
-
-
-def test_fixed_validation_pairs_are_drawn_once(patch_store):
-    cubes = PatchStore(patch_store).read(np.arange(4))[:, 0]
-    x1, y1 = fixed_validation_pairs(cubes, seed=3)
-    x2, y2 = fixed_validation_pairs(cubes, seed=3)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (4, 1, 16, 16, 16)
-    assert not torch.equal(x1, fixed_validation_pairs(cubes, seed=4)[0])
 
 
 def test_train_epoch_lowers_the_loss_on_one_batch():
@@ -84,10 +76,13 @@ def test_tiny_pretraining_two_workers_is_recorded_and_registered(ray_local, patc
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["pretrain.base_channels"] == "2" and run.data.params["ray.workers"] == "2"
+    params = run.data.params
+    assert params["pretrain.base_channels"] == "2" and params["ray.workers"] == "2"
+    assert (params["batch.global"], params["batch.per_worker"], params["batch.lr"]) == ("4", "2", "0.003")
+    assert params["precision"] == "fp32" and params["validation.cubes"] == "8"
     val = [v for _, v in _history(client, res.mlflow_run_id, "val_loss")]
     assert len(val) == 4 and val[-1] < val[0], val
-    for key in ("train_loss", "lr", "cubes_per_s", "epoch_seconds"):
+    for key in ("train_loss", "lr", "cubes_per_s", "data_share", "epoch_seconds"):
         assert len(_history(client, res.mlflow_run_id, key)) == 4
     images = [a.path for a in client.list_artifacts(res.mlflow_run_id, "restoration")]
     assert images == [f"restoration/epoch_{e:04d}.png" for e in range(4)]

@@ -1,23 +1,30 @@
-"""Streaming cubes out of a patch store for training: sharded by rank, shuffled through a seeded buffer.
+"""Training cubes out of a patch store: a seeded order of the whole split each epoch, batches of
+different scans, each Ray Train rank reading its own share.
 
-Nothing is loaded whole: each epoch the store's rows are put in a seeded order of shards (a
-shard is one scan's run of rows, one file read), split into equal contiguous parts per rank
-(DDP needs every rank to see the same number of batches), read one shard at a time and
-shuffled through a bounded buffer. Memory is the buffer plus one shard, whatever the store's
-size. The order depends only on (seed, epoch, rank, world size), so a run resumes exactly.
+Each epoch the split's cubes are put in the order of `sampling.epoch_order` (every cube once,
+global batches of `batch_size` from different scans) and each rank takes its slots of every global
+batch (`sampling.rank_share`), so rank r's k-th batch is its part of the k-th global batch. Cubes
+are read `buffer_size` at a time with `PatchStore.read_cubes` (which decodes the store's encoding),
+the next block on a thread while this one is served, as views of the block: memory is about three
+blocks (12 cubes of 32x64x64 float32 = 6 MiB each: served, read ahead, and the store's read copy)
+plus the split's row and scan numbers, whatever the store's size. The global order depends only on
+(seed, epoch), not on the number of ranks: a run resumes exactly, even on another number of workers.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.patches.store import PatchStore
+from pipeline.data.sampling import distinct_scans_per_batch, epoch_order, rank_share, scan_codes
 
-__all__ = ["CubeStreamConfig", "PatchCubes", "ray_rank_and_world", "epoch_rows"]
+__all__ = ["CubeStreamConfig", "PatchCubes", "ray_rank_and_world", "split_rows"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,8 +32,14 @@ class CubeStreamConfig:
     split: str = "train"
     """Which rows: train | validation | test | all."""
     shuffle: bool = True
-    buffer_size: int = 128
-    """Cubes held for shuffling (128 cubes of 32x64x64 float32 = 64 MiB)."""
+    """False: the store's row order (previews, inspection)."""
+    batch_size: int = 6
+    """Global batch: cubes per optimiser step over all ranks; each global batch is drawn from different scans
+    and split evenly across the ranks."""
+    distinct_scans: bool = True
+    """Batches of different scans (see `sampling`); False: a plain uniform permutation of the split."""
+    buffer_size: int = 12
+    """Cubes read from the store per call (rounded up to whole per-rank batches): the loader's memory."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -34,6 +47,8 @@ class CubeStreamConfig:
             raise ValueError(f"CubeStreamConfig.split must be train|validation|test|all, got {self.split!r}")
         if self.buffer_size < 1:
             raise ValueError(f"CubeStreamConfig.buffer_size must be >= 1, got {self.buffer_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"CubeStreamConfig.batch_size must be >= 1, got {self.batch_size}")
 
 
 def ray_rank_and_world() -> tuple[int, int]:
@@ -47,26 +62,36 @@ def ray_rank_and_world() -> tuple[int, int]:
         return 0, 1
 
 
-def epoch_rows(rows: np.ndarray, per_shard: int, seed: int, epoch: int, shuffle: bool,
-               rank: int, world_size: int) -> np.ndarray:
-    """This rank's rows for an epoch: shards in a seeded order, cut into equal contiguous parts."""
-    rows = np.sort(rows)
-    shard_ids = rows // per_shard
-    bounds = np.flatnonzero(np.diff(shard_ids)) + 1
-    shards = np.split(rows, bounds)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
-        shards = [shards[i] for i in order]
-    flat = np.concatenate(shards) if shards else rows
-    per_rank = len(flat) // world_size
-    return flat[rank * per_rank:(rank + 1) * per_rank]
+@functools.cache
+def _large_buffers_to_os() -> None:
+    """glibc raises its mmap threshold to the size of the largest freed buffer (up to 32 MiB), after which
+    each freed cube block stays in the heap of whichever thread freed it: +60 MB of RSS with the read-ahead
+    thread. A fixed 1 MiB threshold (which also turns the adjustment off) gives blocks back at once. Other C
+    libraries: nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def split_rows(store, split: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scan codes) of a split (None: all), in row order; plain arrays, no copy of the index kept."""
+    idx = store.index
+    if split is not None:
+        idx = idx[idx["split"] == split]
+    idx = idx.sort_values("row")
+    return idx["row"].to_numpy(dtype=np.int64), scan_codes(idx["scan_id"].to_numpy())
 
 
 class PatchCubes(IterableDataset):
-    """Yields cubes (C, D, H, W) float32 from a patch store; use with a DataLoader for batches."""
+    """Yields cubes (1, D, H, W) float32 from a patch store; `batches()` yields this rank's batches directly
+    (views of the read block, no collation copy); a DataLoader with batch_size = per-rank batch works too."""
 
     def __init__(self, path, config: CubeStreamConfig = CubeStreamConfig(), rank: int | None = None,
                  world_size: int | None = None):
+        from pipeline.patches.store import PatchStore
+
         super().__init__()
         self.path = str(path)
         self.config = config
@@ -74,11 +99,13 @@ class PatchCubes(IterableDataset):
             rank, world_size = ray_rank_and_world()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if config.batch_size % world_size:
+            raise ValueError(f"CubeStreamConfig.batch_size {config.batch_size} (the global batch) does not split "
+                             f"evenly across {world_size} ranks")
         self.rank, self.world_size = rank, world_size
+        self.per_rank_batch = config.batch_size // world_size
         self.epoch = 0
-        store = PatchStore(self.path)
-        self.per_shard = store.shard_rows
-        self._rows = store.rows(None if config.split == "all" else config.split)
+        self._rows, self._scans = split_rows(PatchStore(self.path), None if config.split == "all" else config.split)
         if len(self._rows) < world_size:
             raise ValueError(f"{self.path}: split {config.split!r} has {len(self._rows)} cubes, fewer than "
                              f"the {world_size} ranks that must share it")
@@ -87,38 +114,65 @@ class PatchCubes(IterableDataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self._rows) // self.world_size
+        """Cubes this rank serves per epoch."""
+        return len(self._rows) // self.config.batch_size * self.per_rank_batch + \
+            len(self._rows) % self.config.batch_size // self.world_size
+
+    def global_order(self, epoch: int | None = None) -> np.ndarray:
+        """Positions into the split for an epoch (all ranks): consecutive `batch_size` are a global batch."""
+        if not self.config.shuffle:
+            return np.arange(len(self._rows))
+        key = (self.config.seed, self.epoch if epoch is None else epoch)
+        return epoch_order(self._scans, self.config.batch_size, key, self.config.distinct_scans)
+
+    def rank_rows(self) -> np.ndarray:
+        """The store rows this rank serves this epoch, in order."""
+        return self._rows[rank_share(self.global_order(), self.config.batch_size, self.rank, self.world_size)]
+
+    def scans_per_batch(self, epoch: int | None = None) -> np.ndarray:
+        """Distinct scans in each global batch of an epoch (the figure the benchmark reports)."""
+        return distinct_scans_per_batch(self._scans[self.global_order(epoch)], self.config.batch_size)
 
     def _my_rows(self) -> np.ndarray:
-        rows = epoch_rows(self._rows, self.per_shard, self.config.seed, self.epoch, self.config.shuffle,
-                          self.rank, self.world_size)
+        rows = self.rank_rows()
         info = get_worker_info()
-        if info is not None and info.num_workers > 1:  # DataLoader workers split this rank's part
-            rows = np.array_split(rows, info.num_workers)[info.id]
+        if info is not None and info.num_workers > 1:
+            # DataLoader workers take whole batches in turn, which is the order a DataLoader collects them in
+            b = self.per_rank_batch
+            n = len(rows) // b
+            parts = rows[:n * b].reshape(n, b)[info.id::info.num_workers].reshape(-1)
+            rows = np.concatenate([parts, rows[n * b:]]) if n % info.num_workers == info.id else parts
         return rows
 
-    def __iter__(self):
+    def _blocks(self, rows: np.ndarray):
+        """Consecutive runs of `rows` as cube blocks, one store call each; the next block is read on a thread
+        while this one is used (zarr's decoding releases the GIL, as does a training step waiting on the GPU)."""
+        from pipeline.patches.store import PatchStore
+
+        _large_buffers_to_os()
         store = PatchStore(self.path)  # opened per iterator: safe in DataLoader worker processes
-        rows = self._my_rows()
-        info = get_worker_info()
-        rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, info.id if info else 0])
-        # contiguous runs of one shard are read together (one file read each)
-        cuts = np.flatnonzero(np.diff(rows // self.per_shard) != 0) + 1
-        buffer: list[np.ndarray] = []
-        for run in np.split(rows, cuts):
-            if not len(run):
-                continue
-            block = store.read(run)
-            for cube in block:
-                if not self.config.shuffle:
-                    yield torch.from_numpy(cube)
-                    continue
-                buffer.append(cube)
-                if len(buffer) >= self.config.buffer_size:
-                    i = int(rng.integers(len(buffer)))
-                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                    yield torch.from_numpy(buffer.pop())
-        while buffer:
-            i = int(rng.integers(len(buffer)))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            yield torch.from_numpy(buffer.pop())
+        b = self.per_rank_batch
+        block = -(-self.config.buffer_size // b) * b
+        starts = range(0, len(rows), block)
+        with ThreadPoolExecutor(1, thread_name_prefix="genesis-read") as pool:
+            pending = [pool.submit(store.read_cubes, rows[i:i + block]) for i in starts[:1]]
+            for i in starts:
+                cubes = pending.pop().result()
+                if i + block < len(rows):
+                    pending.append(pool.submit(store.read_cubes, rows[i + block:i + 2 * block]))
+                yield cubes
+
+    def __iter__(self):
+        for cubes in self._blocks(self._my_rows()):
+            for cube in cubes:
+                yield torch.from_numpy(cube)
+
+    def batches(self):
+        """This rank's complete batches (per-rank batch, 1, D, H, W) for the epoch set by `set_epoch`."""
+        b = self.per_rank_batch
+        rows = self.rank_rows()
+        rows = rows[:len(rows) // b * b]
+        for cubes in self._blocks(rows):
+            t = torch.from_numpy(cubes)
+            for j in range(0, len(t), b):
+                yield t[j:j + b]

@@ -1,6 +1,7 @@
 """`genesis patches pretrain`: Models Genesis cubes from a volume store into a reusable patch store.
 
-One Dask task per scan leaves its accepted cubes as an encoded part and a small result file; a
+One Dask task per scan leaves its accepted cubes as an encoded part and a small result file (cubes
+held as the store's `cube_encoding`: clipped int16 HU when that is exact, see `pipeline.patches.encoding`); a
 rerun of an interrupted extraction keeps the finished scans and does only the rest. The parts
 are then assembled into a cubes array that holds exactly the cubes of the index (scans that gave
 fewer or none leave no empty rows), one writer per shard (`pipeline.patches.assemble`). The
@@ -28,8 +29,9 @@ from tqdm import tqdm
 
 import storage_schemas
 from pipeline.patches.assemble import Part, assemble, open_building, save_part
-from pipeline.patches.config import PretrainPatchConfig, content_key
-from pipeline.patches.sampling import sample_cubes
+from pipeline.patches.config import STORE_FORMAT, PretrainPatchConfig, content_key
+from pipeline.patches.encoding import choose_encoding, encode_cubes, storage_dtype
+from pipeline.patches.sampling import sample_cubes, scan_region
 from pipeline.patches.splits import scan_seed, split_of
 from pipeline.patches.store import PatchStore, catalog_hash
 from pipeline.volume_store.store import VolumeStore
@@ -69,8 +71,8 @@ class ExtractionResult:
 
 
 def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, building: str,
-                 config: PretrainPatchConfig) -> dict:
-    """Sample one scan's cubes, write its shard, leave its result file; returns the result."""
+                 config: PretrainPatchConfig, *, encoding: dict) -> dict:
+    """Sample one scan's cubes, leave them (in the store's `encoding`) as a part and a result file; returns the result."""
     import numcodecs
 
     numcodecs.blosc.set_nthreads(1)
@@ -78,30 +80,21 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
     group = store.open_scan(scan_id)
     meta = dict(group.attrs)["genesis"]
     level0 = group["0"]
-    z, y, x = level0.shape
-    result = {"scan_id": scan_id, "slot": slot, "rows": [], "reason": None}
-    bz, byx = config.border_z, config.border_yx
-    if z < config.min_slices:
-        result["reason"] = f"{z} slices, fewer than min_slices={config.min_slices}"
-    elif z - 2 * bz < 1 or y - 2 * byx < 1 or x - 2 * byx < 1:
-        result["reason"] = f"shape {z}x{y}x{x} leaves no room inside the borders ({bz} slices, {byx} voxels)"
-    else:
-        region = level0[bz:z - bz, byx:y - byx, byx:x - byx]  # reads only the chunks inside the borders
+    region, reason = scan_region(level0.shape, config)
+    result = {"scan_id": scan_id, "slot": slot, "rows": [], "reason": reason}
+    if reason is None:
         rng = np.random.default_rng([config.seed, scan_seed(scan_id)])
-        sample = sample_cubes(region, rng, config)
-        if sample is None:
-            result["reason"] = (f"region {region.shape} inside the borders is smaller than a "
-                                f"{'x'.join(map(str, config.cube_size))} cube")
-        elif len(sample.cubes) == 0:
-            result["reason"] = f"no acceptable crop in {sample.attempts} attempts (too dense)"
+        sample = sample_cubes(level0[region], rng, config)  # reads only the chunks crop windows can touch
+        if sample is None or len(sample.cubes) == 0:
+            result["reason"] = f"no acceptable crop in {sample.attempts if sample else 0} attempts (too dense)"
         else:
             n = len(sample.cubes)
-            save_part(Path(building) / "parts" / f"{slot:06d}", sample.cubes[:, None].astype(np.float32))
+            save_part(Path(building) / "parts" / f"{slot:06d}", encode_cubes(sample.cubes, encoding)[:, None])
             spacing = np.asarray(meta["spacing"])
             origin = np.asarray(meta["origin"])
             direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
             split = split_of(scan_id, subset, config.seed, config.split_fractions)
-            starts = sample.starts + np.array([bz, byx, byx])
+            starts = sample.starts + np.array([r.start for r in region])
             centres_idx = starts + (sample.sizes - 1) / 2.0
             # world = origin + D @ (spacing * index) in (x, y, z); reversed into (z, y, x)
             centres_mm = (origin[::-1][None, :] + (direction @ (centres_idx[:, ::-1] * spacing[::-1]).T).T)[:, ::-1]
@@ -164,6 +157,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
     building = root / f".building-pretrain-{key}"
     cube = tuple(config.cube_size)
     done = open_building(building)
+    encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
     todo = [(slot, r.scan_id, r.subset) for slot, r in enumerate(ok.itertuples()) if slot not in done]
     results = list(done.values())
     from distributed import as_completed
@@ -175,7 +169,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
             bar = tqdm(total=len(ok), initial=len(done), desc="patches", unit="scan", file=sys.stderr,
                        disable=not progress)
             futures = [client.submit(extract_scan, str(vstore.root), sid, subset, slot, str(building), config,
-                                     pure=False) for slot, sid, subset in todo]
+                                     encoding=encoding, pure=False) for slot, sid, subset in todo]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update(1)
@@ -183,7 +177,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
         results.sort(key=lambda r: r["slot"])
         parts = [Part(str(building / "parts" / f"{r['slot']:06d}"), len(r["rows"])) for r in results]
         if any(p.n for p in parts):
-            assemble(building, "cubes", parts, (1,) + cube, "float32", config.per_scan,
+            assemble(building, "cubes", parts, (1,) + cube, storage_dtype(encoding), config.per_scan,
                      ("cube", "c", "z", "y", "x"), client=client)
     rows = [row for r in results for row in r["rows"]]
     for i, row in enumerate(rows):
@@ -199,7 +193,8 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
     pq.write_table(table, building / "index.parquet")
     counts = {s: int(sum(1 for r in rows if r["split"] == s)) for s in ("train", "validation", "test")}
     attrs = {"genesis": {
-        "kind": "patch-store", "schema_version": 1, "key": key, "purpose": "pretrain", "config": config.to_dict(),
+        "kind": "patch-store", "schema_version": 2, "store_format": STORE_FORMAT, "key": key, "purpose": "pretrain",
+        "config": config.to_dict(), "cube_encoding": encoding,
         "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": source_hash},
         "cube_shape": list(cube), "n_cubes": len(rows), "counts": counts, "shard_rows": config.per_scan,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -43,7 +43,7 @@ def render_patch_preview(path: str, out: str, n_cubes: int = 8, seed: int = 0) -
         return render_task_preview(path, out, n_cubes=n_cubes, seed=seed)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.index["row"].to_numpy(), size=min(n_cubes, len(store)), replace=False))
-    cubes = store.read(rows)[:, 0]
+    cubes = store.read_cubes(rows)[:, 0]
     d = cubes.shape[1] // 2
     demo = cubes[0]
     pairs = _corruptions(demo, rng)

@@ -1,7 +1,9 @@
 """Patch stores on disk: a Zarr v3 group with `cubes` (N, C, D, H, W) and `index.parquet`.
 
     ROOT/pretrain-<key>/zarr.json      {"genesis": {"kind": "patch-store", "key": ..., "config": ...}}
-    ROOT/pretrain-<key>/cubes/         float32 in [0, 1]; one inner chunk per cube, one shard per scan
+    ROOT/pretrain-<key>/cubes/         one inner chunk per cube, one shard per scan; pretraining stores hold
+                                       their `cube_encoding` (int16 clipped HU, or float32 in [0, 1]):
+                                       read them with `read_cubes`, which always gives float32 in [0, 1]
     ROOT/pretrain-<key>/index.parquet  one row per cube (storage_schemas/patch_index.arrow.json)
 
 The key is a hash of the volume store's catalog content and the full extraction config, so the
@@ -119,6 +121,20 @@ class PatchStore:
                 out[order[pos:pos + len(run)]] = source[int(run[0]):int(run[-1]) + 1]
                 pos += len(run)
         return out
+
+    @property
+    def cube_encoding(self) -> dict:
+        """How `cubes` holds the model's [0, 1] float32 values; stores without the attribute hold them as is."""
+        return self.attrs.get("cube_encoding") or {"kind": "unit-float32"}
+
+    def read_cubes(self, rows: np.ndarray) -> np.ndarray:
+        """Pretraining cubes at `rows` (any order, repeats allowed) as float32 (N, 1, D, H, W) in [0, 1].
+
+        The one way to read what the model sees: decodes whatever `cubes` holds (see `cube_encoding`).
+        """
+        from pipeline.patches.encoding import decode_cubes
+
+        return decode_cubes(self.read(rows), self.cube_encoding)
 
     def __len__(self) -> int:
         return int(self.attrs["n_cubes"])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 __all__ = ["save_state", "load_state", "restore_rng", "STATE_FILE", "report_epoch", "maybe_inject_fault",
-           "mean_across_ranks", "resume_from_checkpoint"]
+           "mean_across_ranks", "sum_across_ranks", "resume_from_checkpoint"]
 
 STATE_FILE = "state.pt"
 
@@ -87,6 +87,18 @@ def mean_across_ranks(value: float, device) -> float:
         dist.all_reduce(t)
         return float(t.item()) / dist.get_world_size()
     return value
+
+
+def sum_across_ranks(values: list[float], device) -> list[float]:
+    """Per-rank numbers (e.g. a loss sum and a count) summed over the DDP group, in float64 (themselves
+    without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+    return [float(v) for v in values]
 
 
 def resume_from_checkpoint(model, optimizer, scheduler, key: str | None = None

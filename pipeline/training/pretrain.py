@@ -3,7 +3,9 @@
 The driver only decides names and places: the Ray Train run (its storage path holds the
 checkpoints), the MLflow run (created here, logged into by rank 0), and how many restarts a
 run may take. A killed worker restarts the worker group from the last checkpoint, in the same
-MLflow run; `--resume` continues a stopped run the same way.
+MLflow run; `--resume` continues a stopped run the same way. The config's batch is the global
+batch, split evenly across the workers at the reference's lr; a split that does not divide, or a
+train split smaller than one batch, is refused here before an MLflow run or Ray exists.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.training.config import PretrainConfig
+from pipeline.training.config import PretrainConfig, per_worker_batch
 
-__all__ = ["pretrain", "PretrainResult", "RUN_FILE"]
+__all__ = ["pretrain", "check_data", "PretrainResult", "RUN_FILE"]
 
 RUN_FILE = "genesis_run.json"
 
@@ -46,6 +48,16 @@ def _latest_run(storage: Path) -> str | None:
     return runs[-1][1] if runs else None
 
 
+def check_data(store, config: PretrainConfig, workers: int) -> None:
+    """What would make every worker fail at its start, said before Ray starts: a global batch that does not
+    split across the workers, or a train split smaller than one global batch."""
+    per_worker_batch(config.batch_size, workers)
+    n_train = int((store.index["split"] == "train").sum())
+    if n_train < config.batch_size:
+        raise ValueError(f"{store.path}: the train split has {n_train} cubes, fewer than one global batch of "
+                         f"{config.batch_size}; extract more scans or lower --batch-size")
+
+
 def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per_worker: float = 0,
              ray_address: str | None = None, tracking_uri: str | None = None,
              experiment: str = "genesis-pretraining", storage_path: str | None = None, name: str | None = None,
@@ -70,8 +82,10 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
             raise ValueError(f"--resume: run {name} trained on patch store {meta['patches_key']}, not {store.key}")
         run_id, uri = meta["mlflow_run_id"], meta["tracking_uri"]
         # the run continues with its own settings; only a longer schedule may be asked for
-        config = PretrainConfig(**meta["config"]).with_overrides(epochs=resume_epochs)
+        config = PretrainConfig.from_dict(meta["config"]).with_overrides(epochs=resume_epochs)
+        check_data(store, config, workers)
     else:
+        check_data(store, config, workers)  # before an MLflow run or Ray exists
         name = name or f"genesis-pretrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = create_run(uri, experiment, name, tags={"preset": config.preset, "patch_store": store.key})
         if isinstance(storage, Path):

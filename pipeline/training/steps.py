@@ -1,4 +1,4 @@
-"""The pieces of a pretraining run as plain functions: build, one epoch, fixed validation.
+"""The pieces of a pretraining run as plain functions: build, one epoch, validation sums, restorations.
 
 They know nothing of Ray or MLflow, so they are tested alone on tiny tensors.
 """
@@ -9,16 +9,14 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from pipeline.models import UNet3D
 from pipeline.training.config import PretrainConfig
-from pipeline.transforms import GenesisConfig, corrupt
 
-__all__ = ["build_model", "build_optimizer", "build_scheduler", "train_epoch", "evaluate",
-           "fixed_validation_pairs", "EpochStats"]
+__all__ = ["build_model", "build_optimizer", "build_scheduler", "train_epoch", "validation_sums", "restore",
+           "EpochStats"]
 
 
 def build_model(config: PretrainConfig) -> UNet3D:
@@ -48,6 +46,11 @@ class EpochStats:
     @property
     def cubes_per_s(self) -> float:
         return self.cubes / self.seconds if self.seconds else 0.0
+
+    @property
+    def data_share(self) -> float:
+        """Share of the epoch's step time spent waiting for the next (corrupted) batch."""
+        return self.data_seconds / self.seconds if self.seconds else 0.0
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -87,26 +90,23 @@ def train_epoch(model: nn.Module, pairs, optimizer: torch.optim.Optimizer, devic
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-             bf16: bool = True) -> tuple[float, torch.Tensor]:
-    """Mean MSE over fixed pairs, and the restorations (on CPU) for pictures."""
+def validation_sums(model: nn.Module, pairs, device: torch.device, bf16: bool = False) -> tuple[float, int]:
+    """(sum of squared errors, number of voxels) over `pairs` of (corrupted, target) batches: summed (not
+    averaged, in float64) so that ranks' shares add up to the loss of the whole split
+    (`checkpoint.sum_across_ranks`)."""
     model.eval()
-    total, outs = 0.0, []
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+    total, n = 0.0, 0
+    for x, y in pairs:
         with _autocast(device, bf16):
-            out = model(xb).float()
-        total += float(nn.functional.mse_loss(out, yb, reduction="sum"))
-        outs.append(out.cpu())
-    return total / y.numel(), torch.cat(outs)
+            out = model(x).float()
+        total += float(nn.functional.mse_loss(out.double(), y.double(), reduction="sum"))
+        n += y.numel()
+    return total, n
 
 
-def fixed_validation_pairs(cubes: np.ndarray, seed: int, genesis: GenesisConfig = GenesisConfig()
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corrupt the validation cubes once with a seeded generator (the reference re-draws them at every
-    evaluation, which makes the validation loss, and so early stopping, noisy)."""
-    rng = np.random.default_rng([seed, 0xA11D])
-    xs, ys = zip(*(corrupt(c, rng, genesis) for c in cubes))
-    x = torch.from_numpy(np.stack(xs)).reshape(len(cubes), 1, *cubes.shape[-3:])
-    y = torch.from_numpy(np.stack(ys)).reshape(len(cubes), 1, *cubes.shape[-3:])
-    return x, y
+@torch.no_grad()
+def restore(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool = False) -> torch.Tensor:
+    """The model's restorations of `x` (one batch, kept together: batch-statistics norms depend on it), on CPU."""
+    model.eval()
+    with _autocast(device, bf16):
+        return model(x.to(device)).float().cpu()

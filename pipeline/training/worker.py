@@ -1,5 +1,6 @@
 """`train_loop_per_worker`: what each Ray Train worker runs. It only wires the pieces together:
-data shard, DDP model, fixed validation pairs, checkpoints, and MLflow on rank 0."""
+this rank's share of each global batch, DDP model, this rank's share of the validation batches (loss
+reduced as sum and count), checkpoints, and MLflow on rank 0."""
 
 from __future__ import annotations
 
@@ -12,21 +13,20 @@ __all__ = ["train_loop_per_worker"]
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader
 
-    from pipeline.data import CubeStreamConfig, PatchCubes, genesis_pairs
+    from pipeline.data import FIXED_CORRUPTION, CubeStreamConfig, PatchCubes, ValidationCubes, genesis_pairs
     from pipeline.patches import PatchStore
     from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
-                                              resume_from_checkpoint)
-    from pipeline.training.config import PretrainConfig
-    from pipeline.training.pictures import restoration_figure
-    from pipeline.training.steps import (build_model, build_optimizer, build_scheduler, evaluate,
-                                         fixed_validation_pairs, train_epoch)
+                                              resume_from_checkpoint, sum_across_ranks)
+    from pipeline.training.config import PretrainConfig, per_worker_batch, precision
+    from pipeline.training.steps import (build_model, build_optimizer, build_scheduler, restore, train_epoch,
+                                         validation_sums)
 
-    config = PretrainConfig(**cfg["pretrain"])
+    config = PretrainConfig.from_dict(cfg["pretrain"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    batch = per_worker_batch(config.batch_size, world)
     torch.manual_seed(config.seed)  # the model's initial weights; every other draw has its own generator
 
     model = build_model(config)
@@ -35,24 +35,32 @@ def train_loop_per_worker(cfg: dict) -> None:
     start_epoch, best_val, bad_epochs, best_model, stopped = resume_from_checkpoint(model, optimizer, scheduler)
     ddp_model = ray.train.torch.prepare_model(model)
 
-    store = PatchStore(cfg["patches"])
-    data = PatchCubes(cfg["patches"], CubeStreamConfig(split="train", seed=config.seed,
-                                                       buffer_size=config.buffer_size), rank=rank, world_size=world)
-    if len(data) < config.batch_size:
-        raise ValueError(f"{cfg['patches']}: {len(data)} training cubes per worker, fewer than batch_size "
-                         f"{config.batch_size}")
-    val_split = "validation" if len(store.rows("validation")) else "train"
-    val_rows = np.sort(store.rows(val_split))[: config.val_pairs]
-    xv, yv = fixed_validation_pairs(store.read(val_rows)[:, 0], config.seed)
+    data = PatchCubes(cfg["patches"], CubeStreamConfig(split="train", seed=config.seed, batch_size=config.batch_size,
+                                                       distinct_scans=config.distinct_scans,
+                                                       buffer_size=config.read_block), rank=rank, world_size=world)
+    if len(data) < batch:
+        raise ValueError(f"{cfg['patches']}: {len(data)} training cubes per worker, fewer than the per-worker batch "
+                         f"{batch} (global batch {config.batch_size} over {world} workers)")
+    val = ValidationCubes(cfg["patches"], batch_size=config.batch_size, cubes=config.val_cubes, seed=config.seed,
+                          rank=rank, world_size=world)
 
-    logger = None
+    logger = fig_x = fig_y = None
     if rank == 0:
         from pipeline.tracking import RunLogger
+        from pipeline.training.pictures import figure_pairs
 
+        store = PatchStore(cfg["patches"])
+        fig_x, fig_y = figure_pairs(store.read_cubes(val.first(config.figure_cubes))[:, 0], config.seed)
         logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", True))
-        logger.log_params({"pretrain": config.to_dict(), "patches": {"path": cfg["patches"], "key": store.key},
-                           "ray": {"workers": world, "gpus_per_worker": cfg.get("gpus_per_worker", 0)},
-                           "validation": {"split": val_split, "pairs": len(val_rows)}})
+        logger.log_params({
+            "pretrain": config.to_dict(), "patches": {"path": cfg["patches"], "key": store.key},
+            "ray": {"workers": world, "gpus_per_worker": cfg.get("gpus_per_worker", 0)},
+            "batch": {"global": config.batch_size, "per_worker": batch, "lr": config.lr,
+                      "lr_rule": "the global batch is split across workers; lr unscaled"},
+            "precision": precision(config, device.type),
+            "validation": {"split": val.split, "cubes": len(val), "batches": val.n_batches,
+                           "corruption": "afresh each epoch from (seed, epoch)" if config.val_recorrupt
+                           else "the same every epoch"}})
         if start_epoch == 0:
             logger.log_patch_store(cfg["patches"], store.key, store.index)
 
@@ -61,11 +69,12 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(start_epoch, config.epochs if not stopped else start_epoch):
         data.set_epoch(epoch)
         generator.manual_seed(int(np.random.default_rng([config.seed, epoch, rank]).integers(2**62)))
-        loader = DataLoader(data, batch_size=config.batch_size, drop_last=True)
-        stats = train_epoch(ddp_model, genesis_pairs(loader, device, generator), optimizer, device, config)
+        stats = train_epoch(ddp_model, genesis_pairs(data.batches(), device, generator), optimizer, device, config)
         train_loss = mean_across_ranks(stats.loss, device)
-        val_loss, restored = evaluate(model, xv, yv, config.batch_size, device, config.bf16)
-        val_loss = mean_across_ranks(val_loss, device)
+        sse, voxels = validation_sums(model, val.pairs(epoch if config.val_recorrupt else FIXED_CORRUPTION, device),
+                                      device, config.bf16)
+        sse, voxels = sum_across_ranks([sse, voxels], device)
+        val_loss = sse / voxels
         lr = optimizer.param_groups[0]["lr"]
         if config.scheduler == "plateau":
             scheduler.step(val_loss)
@@ -80,16 +89,14 @@ def train_loop_per_worker(cfg: dict) -> None:
         stop = stopped_early or epoch + 1 == config.epochs
         cubes_per_s = mean_across_ranks(stats.cubes_per_s, device) * world
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val,
-                   "lr": lr, "cubes_per_s": cubes_per_s, "epoch_seconds": stats.seconds,
-                   "data_seconds": stats.data_seconds, "bad_epochs": bad_epochs, "stopped": float(stop)}
+                   "lr": lr, "cubes_per_s": cubes_per_s, "data_share": mean_across_ranks(stats.data_share, device),
+                   "epoch_seconds": stats.seconds, "data_seconds": stats.data_seconds, "bad_epochs": bad_epochs,
+                   "stopped": float(stop)}
         if logger:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if epoch % config.image_every == 0 or stop:
-                fig = restoration_figure(xv, yv, restored, f"epoch {epoch}: validation MSE {val_loss:.5f}")
-                logger.log_figure(fig, f"restoration/epoch_{epoch:04d}.png")
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
+                _log_figure(logger, fig_x, fig_y, restore(model, fig_x, device, config.bf16),
+                            f"epoch {epoch}: validation MSE {val_loss:.5f}", f"restoration/epoch_{epoch:04d}.png")
         report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                      best_val=best_val, bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
                      stopped_early=stopped_early)
@@ -108,3 +115,13 @@ def train_loop_per_worker(cfg: dict) -> None:
         register_model(cfg["tracking_uri"], info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
                        tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"]})
         logger.end()
+
+
+def _log_figure(logger, x, y, restored, title: str, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from pipeline.training.pictures import restoration_figure
+
+    fig = restoration_figure(x, y, restored, title)
+    logger.log_figure(fig, name)
+    plt.close(fig)
