@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # tables print "±": never crash on an ASCII-only terminal or log
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,

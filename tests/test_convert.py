@@ -49,7 +49,7 @@ def test_voxels_metadata_catalog_and_tables(tmp_path, rng):
     summary = convert([str(tmp_path / "luna")], str(store), workers=1, progress=False)
     assert summary.ok and sorted(summary.converted) == sorted(arrays)
     vs = VolumeStore(store)
-    root_attrs = json.loads((store / "zarr.json").read_text())["attributes"]["genesis"]
+    root_attrs = json.loads((store / "zarr.json").read_text(encoding="utf-8"))["attributes"]["genesis"]
     assert root_attrs["kind"] == "volume-store" and root_attrs["schema_version"] == 1
     for uid, arr in arrays.items():
         group = vs.open_scan(uid)

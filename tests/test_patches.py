@@ -144,7 +144,7 @@ def test_extraction_store_index_and_cubes(volume_store, tmp_path):
         centre = np.array(g["origin"]) + np.array(g["spacing"]) * (np.array([row.z, row.y, row.x]) + [7.5, 7.5, 7.5])
         np.testing.assert_allclose([row.center_z_mm, row.center_y_mm, row.center_x_mm], centre)
     assert set(idx.loc[idx["scan_id"] == "1.2.840.2", "split"]) == {"validation"}
-    attrs = json.loads((res.path / "zarr.json").read_text())["attributes"]["genesis"]
+    attrs = json.loads((res.path / "zarr.json").read_text(encoding="utf-8"))["attributes"]["genesis"]
     assert attrs["config"]["per_scan"] == 6 and attrs["volume_store"]["path"] == str(store.resolve())
     assert attrs["schema_version"] == 2 and attrs["store_format"] == 2
     assert attrs["cube_encoding"]["kind"] == "hu-int16" and attrs["cube_encoding"]["hu_window"] == [-1000, 1000]
@@ -177,7 +177,7 @@ def test_format_1_float32_stores_still_read(volume_store, tmp_path):
     store, _ = volume_store
     res = extract_pretrain(str(store), PretrainPatchConfig(**{**TINY.__dict__, "cube_encoding": "float32"}),
                            out_root=str(tmp_path / "ps"), workers=1, progress=False)
-    meta = json.loads((res.path / "zarr.json").read_text())
+    meta = json.loads((res.path / "zarr.json").read_text(encoding="utf-8"))
     g = meta["attributes"]["genesis"]
     for k in ("store_format", "cube_encoding"):
         del g[k]

@@ -169,7 +169,7 @@ def test_malformed_candidates_named(sample, tmp_path, capsys, edit, reason):
     src = tmp_path / "PE-CAD"
     shutil.copytree(sample.out_dir, src)
     bad = src / "pe_candidates.csv"
-    bad.write_text(edit(bad.read_text()))
+    bad.write_text(edit(bad.read_text(encoding="utf-8")))
     store = tmp_path / "store"
     rc = main(["convert", str(src), "--store", str(store), "--workers", "1", "--no-progress"])
     out = capsys.readouterr()
@@ -186,7 +186,7 @@ def test_conflicting_folds_named(sample, tmp_path, capsys):
     shutil.copytree(sample.out_dir, src)
     folds = src / "pe_folds.csv"
     patient = next(iter(sample.folds))
-    folds.write_text(folds.read_text() + f"{patient},{sample.folds[patient] % 3 + 1}\n")
+    folds.write_text(folds.read_text(encoding="utf-8") + f"{patient},{sample.folds[patient] % 3 + 1}\n")
     rc = main(["convert", str(src), "--store", str(tmp_path / "store"), "--workers", "1", "--no-progress"])
     out = capsys.readouterr()
     assert rc == 1 and "patient_id in more than one fold" in out.out + out.err and str(folds) in out.out + out.err

@@ -137,7 +137,7 @@ def test_luna16_layout(sample):
         assert mhd.is_file() and raw.is_file()
         assert scan.seriesuid.startswith("1.3.6.1.4.1.14519.5.2.1.6279.6001.")
         assert len(scan.seriesuid.rsplit(".", 1)[1]) == 30
-        header = dict(line.split(" = ", 1) for line in mhd.read_text().splitlines())
+        header = dict(line.split(" = ", 1) for line in mhd.read_text(encoding="utf-8").splitlines())
         assert header["ElementDataFile"] == f"{scan.seriesuid}.raw"
         assert header["ElementType"] == "MET_SHORT" and header["CompressedData"] == "False"
         assert raw.stat().st_size == 2 * int(np.prod(TINY.shape))
@@ -219,7 +219,7 @@ def test_rerun_reuses_and_never_clobbers(sample, tmp_path):
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="no sample_data.json"):
         write_luna16_sample(foreign, n_scans=1, seed=0, config=TINY, overwrite=True)
-    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert (foreign / "notes.txt").read_text(encoding="utf-8") == "keep me"
     replaced = write_luna16_sample(tmp_path / "r", n_scans=1, seed=0, config=TINY)
     replaced = write_luna16_sample(tmp_path / "r", n_scans=2, seed=1, config=TINY, overwrite=True)
     assert not replaced.reused and len(list((tmp_path / "r").rglob("*.mhd"))) == 2
@@ -250,7 +250,7 @@ def test_real_lung_ct_from_pyradiomics(tmp_path):
         assert scan.seriesuid == pyradiomics_cases.case_seriesuid(case)
         mhd = summary.out_dir / scan.relative_mhd
         assert mhd.parent.name == "subset9"
-        assert f"ElementDataFile = {scan.seriesuid}.raw" in mhd.read_text()
+        assert f"ElementDataFile = {scan.seriesuid}.raw" in mhd.read_text(encoding="utf-8")
         image = sitk.ReadImage(str(mhd))
         assert image.GetPixelID() == sitk.sitkInt16 and image.GetSize() == expected_size[case]
         vol = sitk.GetArrayViewFromImage(image)

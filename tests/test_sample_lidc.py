@@ -97,7 +97,7 @@ def test_same_seed_gives_identical_bytes_and_reruns_reuse(sample, tmp_path):
 
 
 def test_tcia_layout_and_dicom_identifiers(sample):
-    body = json.loads((sample.out_dir / MANIFEST_NAME).read_text())
+    body = json.loads((sample.out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     assert body["kind"] == "genesis-sample-data-lidc" and len(body["scans"]) == 2
     assert len({s.patient_id for s in sample.scans}) == 2
     for scan in sample.scans:

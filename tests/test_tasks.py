@@ -304,13 +304,13 @@ def test_object_centred_and_multichannel_segmentation(tmp_path, rng):
     with pytest.raises(RuntimeError, match="no t2 sequence"):
         extract_task(str(bstore), bspec.with_overrides(channels=("t2",)), out_root=str(tmp_path / "ps"), workers=1,
                      progress=False)
-    assert json.loads((res.path / "zarr.json").read_text())["attributes"]["genesis"]["task"] == "bms"
+    assert json.loads((res.path / "zarr.json").read_text(encoding="utf-8"))["attributes"]["genesis"]["task"] == "bms"
 
 
 def test_readme_task_table_is_the_registry():
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     start, end = readme.index("<!-- tasks-table -->"), readme.index("<!-- /tasks-table -->")
     assert readme[start:end].split("\n", 1)[1].strip() == tasks_table(markdown=True).strip()
 

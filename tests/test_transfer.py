@@ -86,13 +86,13 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     first = {r.data.tags["genesis.cell"]: r.info.run_id for r in _children(client, "FINISHED")}
-    assert first, (tmp_path / "first.log").read_text()[-3000:]
+    assert first, (tmp_path / "first.log").read_text(encoding="utf-8")[-3000:]
     assert len(first) < 4, "the grid finished before it could be killed"
 
     with open(tmp_path / "second.log", "w") as log:
         rerun = _genesis(args, address, log)
-        assert rerun.wait(timeout=600) == 1, (tmp_path / "second.log").read_text()[-3000:]  # 1: two failed cells
-    out = (tmp_path / "second.log").read_text()
+        assert rerun.wait(timeout=600) == 1, (tmp_path / "second.log").read_text(encoding="utf-8")[-3000:]  # 1: two failed cells
+    out = (tmp_path / "second.log").read_text(encoding="utf-8")
     assert f"{len(first)} already finished" in out, out[-3000:]
 
     finished = _children(client, "FINISHED")
@@ -111,7 +111,7 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
     assert (ok["n"] == 1).all() and (ok["failed"] == 0).all() and ok["mean"].between(0, 100).all()
     bad = table[table["init"].str.endswith("missing.pt")]
     assert (bad["n"] == 0).all() and (bad["failed"] == 1).all()
-    md = (tmp_path / "results" / "results.md").read_text()
+    md = (tmp_path / "results" / "results.md").read_text(encoding="utf-8")
     assert "missing.pt" in md and "not 'scratch'" in md  # the reason, from the failed run's tag
     # the deterministic failure was reported before Ray, once per attempt, never retried by Ray Train
     failed = _children(client, "FAILED")
@@ -138,6 +138,6 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
     # no test patient in any fine-tuning's training data (from its logged rows and the store)
     for r in finished:
         rows = json.loads(Path(client.download_artifacts(r.info.run_id, "data/training_rows.json",
-                                                         str(tmp_path))).read_text())
+                                                         str(tmp_path))).read_text(encoding="utf-8"))
         assert_no_test_patient_in_training(task_stores[r.data.tags["task"]], rows)
         assert r.data.tags["patch_store"] == PatchStore(task_stores[r.data.tags["task"]]).key
