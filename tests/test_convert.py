@@ -259,7 +259,7 @@ def test_existing_dask_scheduler_and_jobs_entry_point(tmp_path, rng):
         proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "jobs" / "convert.py"),
                                str(tmp_path / "luna"), "--store", str(tmp_path / "s"), "--no-progress",
                                "--dask-scheduler", cluster.scheduler_address],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "converted 2, skipped 0 (already done), failed 0" in proc.stdout
     for uid, arr in arrays.items():

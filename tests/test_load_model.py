@@ -100,5 +100,5 @@ def test_state_dict_files(tmp_path):
 
 def test_import_pipeline_stays_cheap():
     code = "import sys, pipeline; print(any(m in sys.modules for m in ('torch', 'mlflow', 'ray')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=True).stdout
     assert out.strip() == "False"

@@ -84,7 +84,7 @@ def test_ray_job_submit_runs_pretraining(ray_head, patch_store, tmp_path):  # no
            "--patches", patch_store, "--preset", "tiny", "--epochs", "2", "--workers", "2",
            "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray_results"), "--name", "job-run"]
     for _ in range(10):  # the job agent needs a few seconds after the dashboard is up
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
         if "No available agent" not in proc.stdout + proc.stderr:
             break
         time.sleep(3)
@@ -99,5 +99,5 @@ def test_ray_job_submit_runs_pretraining(ray_head, patch_store, tmp_path):  # no
     no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "empty-token")
     (tmp_path / "empty-token").write_text("wrong-token")
     refused = subprocess.run([str(RAY), "job", "list", "--address", url], env=no_token, capture_output=True,
-                             text=True, timeout=120)
+                             encoding="utf-8", errors="replace", timeout=120)
     assert refused.returncode != 0

@@ -125,7 +125,7 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
     assert {"results/results.md", "results/results.csv", "results/results.png",
             "results/label_efficiency.png"} <= names
     shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "transfer", "show", parent_id,
-                            "--tracking-uri", uri], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            "--tracking-uri", uri], cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert shown.returncode == 0 and shown.stdout.strip() == md.strip(), shown.stderr[-2000:]
 
     # champion: per task the best finished fine-tuning's registered version
