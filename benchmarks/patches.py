@@ -37,12 +37,12 @@ def _one_core() -> None:
 
 def loader_rate(path: str, corrupt: bool, batch: int = 6) -> tuple[int, float]:
     import torch
-    from torch.utils.data import DataLoader
 
     from pipeline.data import CubeStreamConfig, PatchCubes, genesis_pairs
 
-    ds = PatchCubes(path, CubeStreamConfig(split="all"), rank=0, world_size=1)
-    loader = DataLoader(ds, batch_size=batch)
+    # `batches()` is what pretraining iterates (views of each read block); a DataLoader would add a collation copy
+    ds = PatchCubes(path, CubeStreamConfig(split="all", batch_size=batch), rank=0, world_size=1)
+    loader = ds.batches()
     n = 0
     t0 = time.perf_counter()
     if corrupt:
