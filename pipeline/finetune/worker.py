@@ -65,7 +65,7 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
     from pipeline.finetune.steps import build_optimizer, build_scheduler, evaluate_loss, loss_function, train_epoch
     from pipeline.patches import PatchStore
     from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
-                                              resume_from_checkpoint)
+                                              resume_from_checkpoint, track_best)
 
     config = FinetuneConfig.from_dict(cfg["finetune"])
     ctx = ray.train.get_context()
@@ -115,11 +115,7 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
         val_loss = evaluate_loss(model, batches(store, val_rows, config, config.batch_size), loss_fn, device)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(val_loss)
-        if val_loss < best_val:
-            best_val, bad_epochs = val_loss, 0
-            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
+        best_val, bad_epochs, best_model = track_best(model, val_loss, best_val, bad_epochs, best_model)
         stopped_early = bad_epochs >= config.patience
         stop = stopped_early or epoch + 1 >= config.max_epochs
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val,

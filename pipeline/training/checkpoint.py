@@ -78,6 +78,15 @@ def maybe_inject_fault(cfg: dict, rank: int, epoch: int) -> None:
     os.kill(os.getpid(), 9)
 
 
+def track_best(model, val_loss: float, best_val: float, bad_epochs: int, best_model: dict | None
+               ) -> tuple[float, int, dict | None]:
+    """One epoch of early-stopping bookkeeping: a better validation loss keeps a CPU copy of the weights and
+    resets the count of epochs without improvement; returns (best_val, bad_epochs, best_model)."""
+    if val_loss < best_val:
+        return val_loss, 0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return best_val, bad_epochs + 1, best_model
+
+
 def mean_across_ranks(value: float, device) -> float:
     """The mean of a per-rank number over the DDP group (the number itself without one)."""
     import torch.distributed as dist

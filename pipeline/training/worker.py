@@ -17,7 +17,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from pipeline.data import FIXED_CORRUPTION, CubeStreamConfig, PatchCubes, ValidationCubes, genesis_pairs
     from pipeline.patches import PatchStore
     from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
-                                              resume_from_checkpoint, sum_across_ranks)
+                                              resume_from_checkpoint, sum_across_ranks, track_best)
     from pipeline.training.config import PretrainConfig, per_worker_batch, precision
     from pipeline.training.steps import (build_model, build_optimizer, build_scheduler, restore, train_epoch,
                                          validation_sums)
@@ -80,11 +80,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             scheduler.step(val_loss)
         else:
             scheduler.step()
-        if val_loss < best_val:
-            best_val, bad_epochs = val_loss, 0
-            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
+        best_val, bad_epochs, best_model = track_best(model, val_loss, best_val, bad_epochs, best_model)
         stopped_early = bad_epochs >= config.patience
         stop = stopped_early or epoch + 1 == config.epochs
         cubes_per_s = mean_across_ranks(stats.cubes_per_s, device) * world

@@ -118,12 +118,6 @@ def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str
     return run_id, 1
 
 
-def _existing_children(uri: str, parent: str) -> pd.DataFrame:
-    from pipeline.transfer.table import cells_from_mlflow
-
-    return cells_from_mlflow(uri, parent)
-
-
 def _close_interrupted(uri: str, parent: str) -> int:
     """Child runs still RUNNING belong to an attempt that was stopped: close them as KILLED."""
     from pipeline.tracking import _client, mark_failed
@@ -159,7 +153,8 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     from pipeline.finetune.init import check_init, read_init
     from pipeline.finetune.run import prepare
     from pipeline.patches import PatchStore
-    from pipeline.tracking import create_run, resolve_uri
+    from pipeline.tracking import create_run, mark_failed, resolve_uri
+    from pipeline.transfer.table import cells_from_mlflow
     from pipeline.transfer.trial import child_tags, run_trial
 
     uri = resolve_uri(tracking_uri)
@@ -169,7 +164,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     key = grid_key(cells)
     parent, attempt = _parent_run(uri, experiment, key, grid, name)
     _close_interrupted(uri, parent)
-    done = _existing_children(uri, parent)
+    done = cells_from_mlflow(uri, parent)
     finished_keys = set(done.loc[done["status"] == "FINISHED", "cell"]) if len(done) else set()
     pending = [c for c in cells if c.key not in finished_keys]
     settings = {"tracking_uri": uri, "parent_run_id": parent, "grid_key": key, "experiment": experiment,
@@ -200,8 +195,6 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
             runnable.append((cell, prep))
         except ValueError as err:  # deterministic: reported, never sent to Ray
             run_id = create_run(uri, experiment, cell.name, tags={**child_tags(cell, settings), "error": str(err)})
-            from pipeline.tracking import mark_failed
-
             mark_failed(uri, run_id, reason=str(err))
             print(f"genesis transfer: {cell.name}: failed before training: {err}", flush=True)
 
