@@ -1,0 +1,231 @@
+"""ray_cluster.yaml checked the way `ray up` checks it, and its node scripts run as Ray's launcher runs them.
+
+The file goes through the installed Ray's own `prepare_config` and `validate_config` (what
+`create_or_update_cluster` -> `_bootstrap_config` calls), then the security properties of issue 11 are
+asserted on the prepared config. deploy/ray/genesis-env.sh is sourced by real bash, and `ray down`'s
+`ray stop` is run through Ray's own login-shell wrapper (`_with_interactive`); only the two programs the
+scripts call (`ray`, `python`) are stand-ins that record their arguments, so no Ray or MLflow is started.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from ray.autoscaler._private.command_runner import _with_interactive
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "ray_cluster.yaml"
+ENV_SH = REPO / "deploy" / "ray" / "genesis-env.sh"
+SETUP_SH = REPO / "deploy" / "ray" / "setup-node.sh"
+SOURCE_ENV = ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && "
+
+
+def _load() -> dict:
+    return yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def prepared() -> dict:
+    config = prepare_config(copy.deepcopy(_load()))
+    validate_config(config)
+    return config
+
+
+def _commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return [c for k in keys for c in config.get(k) or []]
+
+
+def _argv(command: str, program: str) -> list[str]:
+    """The arguments of `program ...` in a command line (after the `. genesis-env.sh &&` prefix)."""
+    words = shlex.split(command)
+    i = words.index(program)
+    return words[i:]
+
+
+def test_ray_launcher_accepts_the_file_and_would_have_rejected_the_old_one(prepared):
+    assert prepared["provider"]["type"] == "local"
+    assert prepared["cluster_synced_files"]  # validate_config's own "prepared by this Ray" check passed
+    # The old file's `--resources='{"genesis_trial": 100}'` in a plain YAML scalar parsed as a mapping:
+    # Ray's schema rejects it, which this test now catches before `ray up` does.
+    broken = copy.deepcopy(_load())
+    broken["head_start_ray_commands"][-1] = yaml.safe_load(
+        "- ray start --head --resources='{\"genesis_trial\": 100}'")[0]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_nothing_binds_to_all_interfaces_and_no_open_dask(prepared):
+    commands = _commands(prepared)
+    for c in commands:
+        assert "0.0.0.0" not in c, c
+        assert "nohup" not in c and "&" not in c.replace("&&", ""), f"unsupervised background process: {c}"
+        assert "dask scheduler" not in c and "dask worker" not in c and "dask-scheduler" not in c, c
+    env = ENV_SH.read_text(encoding="utf-8")
+    assert "0.0.0.0" not in env
+    assert "DASK:" in CONFIG.read_text(encoding="utf-8")  # the marked place for the lead's Dask choice
+
+
+def test_head_and_worker_start_with_token_auth_and_declared_resources(prepared):
+    head = prepared["head_start_ray_commands"]
+    start = [c for c in head if "ray start" in c]
+    assert len(start) == 1 and all(c.startswith(SOURCE_ENV) for c in head)
+    argv = _argv(start[0], "ray")
+    assert "--head" in argv and "--autoscaling-config=~/ray_bootstrap_config.yaml" in argv
+    assert "--dashboard-host=127.0.0.1" in argv
+    assert "--node-ip-address=$GENESIS_HEAD_IP" in argv and "--num-gpus=0" in argv
+    resources = json.loads(next(a for a in argv if a.startswith("--resources=")).split("=", 1)[1])
+    assert resources == {"genesis_trial": 100}
+    # MLflow is started (and its credentials written) before Ray, so the first worker sync finds them.
+    assert head.index(SOURCE_ENV + "genesis_start_services") < head.index(start[0])
+    assert head[0] == SOURCE_ENV + "ray stop"
+
+    worker = prepared["worker_start_ray_commands"]
+    assert all(c.startswith(SOURCE_ENV) for c in worker)
+    wargv = _argv(next(c for c in worker if "ray start" in c), "ray")
+    assert "--address=$RAY_HEAD_IP:6379" in wargv and "--num-gpus=$(genesis_gpu_count)" in wargv
+
+    env = ENV_SH.read_text(encoding="utf-8")
+    assert "export RAY_AUTH_MODE=token" in env
+    assert 'export RAY_AUTH_TOKEN_PATH="$GENESIS_STATE/ray-token"' in env
+
+
+def test_token_generated_on_head_and_distributed(prepared):
+    setup = prepared["head_setup_commands"]
+    assert SOURCE_ENV + 'python -m pipeline.services ray-token --root "$GENESIS_STATE"' in setup
+    assert "~/genesis-state/ray-token" in prepared["cluster_synced_files"]
+    assert "~/.mlflow/credentials" in prepared["cluster_synced_files"]
+    header = CONFIG.read_text(encoding="utf-8").split("cluster_name:")[0]
+    assert "ray rsync-down ray_cluster.yaml '~/genesis-state/ray-token'" in header
+
+
+def test_file_mounts_ship_the_code_and_one_command_builds_the_env(prepared):
+    mounts = prepared["file_mounts"]
+    assert all(remote.startswith("~/genesis-pipeline/") for remote in mounts)
+    shipped = {Path(local).as_posix().lstrip("./") for local in mounts.values()}
+    for needed in ("pipeline", "jobs", "storage_schemas", "deploy", "pyproject.toml", "README.md"):
+        assert needed in shipped, needed
+    for remote, local in mounts.items():
+        assert (REPO / local).exists(), local
+        assert remote == "~/genesis-pipeline/" + Path(local).as_posix().lstrip("./")
+    assert prepared["setup_commands"] == ["bash ~/genesis-pipeline/deploy/ray/setup-node.sh"]
+    setup = SETUP_SH.read_text(encoding="utf-8")
+    assert 'pip install -q -r "$lock"' in setup and "deploy/requirements.lock" in setup
+    lock = (REPO / "deploy" / "requirements.lock").read_text(encoding="utf-8")
+    for pin in ("ray==2.60.0", "mlflow==3.17.2", "torch==2.13.0", "simpleitk=="):
+        assert pin in lock.lower(), pin
+    for script in (ENV_SH, SETUP_SH):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# --- the node scripts, run by bash as Ray's launcher runs them -------------------------------------------
+
+RECORDER = """#!/bin/sh
+echo "$(basename "$0") $*" >> "$HOME/calls.log"
+if [ "$1 $2 $3" = "-m pipeline.services start-mlflow" ]; then
+    printf 'pw-%s' 0123456789abcdef > "$HOME/genesis-state/mlflow-admin-password"
+fi
+"""
+
+
+@pytest.fixture
+def node_home(tmp_path, prepared) -> Path:
+    """A node's $HOME: the checkout where file_mounts put it, what `ray up` copies to the head, stand-ins
+    for the venv's `ray` and `python`."""
+    home = tmp_path / "home"
+    (home / "genesis-venv" / "bin").mkdir(parents=True)
+    (home / "genesis-state").mkdir()
+    (home / "genesis-pipeline").symlink_to(REPO)
+    (home / "ray_bootstrap_config.yaml").write_text(json.dumps(prepared), encoding="utf-8")
+    for name in ("ray", "python"):
+        p = home / "genesis-venv" / "bin" / name
+        p.write_text(RECORDER, encoding="utf-8")
+        p.chmod(0o755)
+    return home
+
+
+def _bash(home: Path, script: str, **env: str) -> subprocess.CompletedProcess:
+    base = {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "GENESIS_SHARED": str(home / "shared"), "LC_ALL": "C"}
+    return subprocess.run(["bash", "-c", script], env={**base, **env}, capture_output=True,
+                          encoding="utf-8", stdin=subprocess.DEVNULL)
+
+
+def _calls(home: Path) -> list[str]:
+    log = home / "calls.log"
+    return log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+
+
+def test_env_reads_the_head_address_from_the_launchers_copy_of_the_yaml(node_home, prepared):
+    r = _bash(node_home, '. ~/genesis-pipeline/deploy/ray/genesis-env.sh; '
+                         'printf "%s\\n" "$GENESIS_HEAD_IP" "$RAY_AUTH_MODE" "$RAY_AUTH_TOKEN_PATH" '
+                         '"$MLFLOW_TRACKING_URI" "${PATH%%:*}" "$(type -t ray)"')
+    assert r.returncode == 0, r.stderr
+    head_ip = prepared["provider"]["head_ip"]
+    assert r.stdout.splitlines() == [head_ip, "token", f"{node_home}/genesis-state/ray-token",
+                                     f"http://{head_ip}:5000", f"{node_home}/genesis-venv/bin", "function"]
+    r = _bash(node_home, '. ~/genesis-pipeline/deploy/ray/genesis-env.sh; echo "$GENESIS_HEAD_IP"',
+              RAY_HEAD_IP="10.9.8.7")  # on a worker the autoscaler sets it
+    assert r.stdout.strip() == "10.9.8.7"
+
+
+def test_start_services_binds_mlflow_to_the_private_address_with_auth_inputs(node_home, prepared):
+    r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_start_services")
+    assert r.returncode == 0, r.stderr
+    (call,) = _calls(node_home)
+    argv = shlex.split(call)
+    assert argv[:4] == ["python", "-m", "pipeline.services", "start-mlflow"]
+    opts = dict(zip(argv[4::2], argv[5::2]))
+    head_ip = prepared["provider"]["head_ip"]
+    assert opts["--host"] == head_ip and opts["--port"] == "5000"
+    assert opts["--root"] == f"{node_home}/genesis-state"
+    assert opts["--backend-store-uri"] == f"sqlite:///{node_home}/genesis-state/mlflow.db"
+    assert opts["--artifacts-destination"] == f"{node_home}/shared/mlflow/artifacts"
+    assert opts["--allowed-hosts"].split(",") == [f"{head_ip}:5000", "localhost:5000", "127.0.0.1:5000"]
+    creds = node_home / ".mlflow" / "credentials"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    assert creds.read_text(encoding="utf-8") == (
+        "[mlflow]\nmlflow_tracking_username = admin\nmlflow_tracking_password = pw-0123456789abcdef\n")
+
+    (node_home / "ray_bootstrap_config.yaml").unlink()  # no head address: refuse, start nothing
+    (node_home / "calls.log").unlink()
+    r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_start_services")
+    assert r.returncode == 2 and "head's address is unknown" in r.stderr and _calls(node_home) == []
+
+
+def test_ray_down_stops_mlflow_then_ray(node_home):
+    # setup-node.sh's hook, twice: one line in ~/.bashrc.
+    r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_install_bashrc_hook && "
+                         "genesis_install_bashrc_hook")
+    assert r.returncode == 0, r.stderr
+    assert (node_home / ".bashrc").read_text(encoding="utf-8").count("genesis-env.sh") == 2  # one line
+    assert len((node_home / ".bashrc").read_text(encoding="utf-8").splitlines()) == 1
+
+    # `ray down` = `ray stop` on the head through the launcher's login shell (commands.teardown_cluster).
+    argv = _with_interactive("ray stop")
+    argv = argv[:-1] + shlex.split(argv[-1])  # the remote shell's unquoting of the ssh argument
+    env = {"HOME": str(node_home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "LC_ALL": "C"}
+
+    (node_home / "genesis-state" / "mlflow.pid").write_text("12345", encoding="utf-8")
+    r = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8", stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert _calls(node_home) == [f"python -m pipeline.services stop-mlflow --root {node_home}/genesis-state",
+                                 "ray stop"]
+
+    (node_home / "genesis-state" / "mlflow.pid").unlink()  # a worker: nothing of ours to stop
+    (node_home / "calls.log").unlink()
+    r = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8", stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and _calls(node_home) == ["ray stop"]
