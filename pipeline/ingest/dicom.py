@@ -17,9 +17,11 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from pipeline.ingest.archive import extract_members
 from pipeline.ingest.lidc import ConsensusConfig, lidc_header, read_lidc_labels
-from pipeline.ingest.sources import ScanSource, safe_member
-from pipeline.ingest.volume import Volume, volume_from_image
+from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES, check_ceiling
+from pipeline.ingest.sources import ScanSource
+from pipeline.ingest.volume import Volume, check_geometry, volume_from_image
 
 __all__ = ["group_series", "group_series_in_zip", "read_dicom", "order_slices"]
 
@@ -165,20 +167,19 @@ def order_slices(files: list[str]) -> list[str]:
     return [r[1] for r in rows]
 
 
-def read_dicom(source: ScanSource) -> Volume:
-    """Read one series (from a folder or, through a private temp folder, from a zip)."""
+def read_dicom(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> Volume:
+    """Read one series (from a folder or, through a private temp folder, from a zip); the series'
+    files together may not exceed the per-scan ceiling."""
     if source.archive:
         with tempfile.TemporaryDirectory(prefix="genesis-dicom-") as tmp:
-            paths = []
             with zipfile.ZipFile(source.archive) as zf:
-                for i, name in enumerate(source.files):
-                    if not safe_member(name):
-                        raise ValueError(f"unsafe path in archive: {name!r}")
-                    target = os.path.join(tmp, f"{i:06d}.dcm")
-                    with zf.open(name) as src, open(target, "wb") as dst:
-                        dst.write(src.read())
-                    paths.append(target)
+                paths = extract_members(zf, list(source.files), tmp, max_scan_bytes)
             return _read_files(paths, source)
+    try:
+        total = sum(os.path.getsize(f) for f in source.files)
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    check_ceiling(f"series of {len(source.files)} files", total, max_scan_bytes)
     return _read_files(list(source.files), source)
 
 
@@ -190,6 +191,7 @@ def _read_files(files: list[str], source: ScanSource) -> Volume:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(ordered)
         image = reader.Execute()
+    check_geometry(image, f"series {source.scan_id}")
     labels, attrs = _xml_labels(source, ordered, image)
     return volume_from_image(image, modality=source.modality or "OT", labels=labels,
                              identifiers=dict(source.identifiers), label_attrs=attrs)

@@ -10,62 +10,86 @@ import zipfile
 import SimpleITK as sitk
 import xxhash
 
+from pipeline.ingest.archive import extract_scan_member
 from pipeline.ingest.dicom import read_dicom
-from pipeline.ingest.nifti import nifti_nonfinite_count
-from pipeline.ingest.metaimage import check_metaimage, read_metaimage_image
+from pipeline.ingest.headers import check_header_file, header_format
+from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES, check_ceiling
+from pipeline.ingest.metaimage import read_metaimage_image
+from pipeline.ingest.nifti import check_nifti_header, nifti_nonfinite_count
 from pipeline.ingest.sources import ScanSource
-from pipeline.ingest.volume import Volume, volume_from_image
+from pipeline.ingest.volume import Volume, check_geometry, volume_from_image
 
-__all__ = ["read_source", "source_files", "fingerprint", "checksum"]
+__all__ = ["read_source", "read_image", "source_files", "fingerprint", "checksum"]
 
 
-def read_source(source: ScanSource) -> Volume:
-    """Decode one scan; raises ValueError/RuntimeError with a one-line reason on bad input."""
+def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> Volume:
+    """Decode one scan; raises ValueError/RuntimeError with a one-line reason on bad input.
+
+    `max_scan_bytes` bounds what one scan may need (decoded voxels, archive members extracted);
+    ConvertSettings.max_scan_bytes passes it down.
+    """
     if source.problem:
         raise ValueError(source.problem)
     if source.kind in ("dicom", "dicom-zip"):
-        return read_dicom(source)
+        return read_dicom(source, max_scan_bytes)
     if source.kind in ("metaimage", "metaimage-zip"):
-        image = read_metaimage_image(source)
+        image = read_metaimage_image(source, max_scan_bytes)
     elif source.kind == "image":
-        image = _read_image(source.files[0])
+        image = read_image(source.files[0], max_scan_bytes)
     elif source.kind == "image-zip":
-        image = _read_zip_image(source)
+        image = _read_zip_image(source, max_scan_bytes)
     else:
         raise ValueError(f"unknown source kind {source.kind!r}")
     xml = [path for _, path in source.labels if path.lower().endswith(".xml")]
     if xml:  # LIDC XML contours are placed by DICOM slice UIDs/positions: only a DICOM series has them
         raise ValueError(f"label {os.path.basename(xml[0])} is an XML annotation, readable only with a DICOM series")
-    labels = {name: _read_image(path) for name, path in source.labels}
+    labels = {name: read_image(path, max_scan_bytes, what=f"label map '{name}'") for name, path in source.labels}
     modality = source.modality or "OT"
     return volume_from_image(image, modality=modality, labels=labels, identifiers=dict(source.identifiers))
 
 
-def _read_image(path: str) -> sitk.Image:
-    if path.lower().endswith(".mhd"):
-        check_metaimage(path)
-    if path.lower().endswith((".nii", ".nii.gz")):
+def read_image(path: str, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES, what: str | None = None) -> sitk.Image:
+    """Read one image file (scan or label map) after the checks its format needs.
+
+    Detached-header formats go through `check_header_file` (their data file must be inside the
+    scan's folder), NIfTI through its header and NaN checks; the decoded geometry is checked
+    for every format.
+    """
+    name = os.path.basename(path)
+    what = f"{what} {name}" if what else name
+    if header_format(path) is not None:
+        check_header_file(path, max_scan_bytes)
+    elif path.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_header(path, max_scan_bytes)
         try:
             bad = nifti_nonfinite_count(path)
         except (OSError, EOFError, ValueError) as exc:
-            raise ValueError(f"cannot read {os.path.basename(path)}: {exc}") from None
+            raise ValueError(f"cannot read {name}: {exc}") from None
         if bad:
-            raise ValueError(f"{bad} NaN/inf voxels in {os.path.basename(path)}")
+            raise ValueError(f"{bad} NaN/inf voxels in {name}")
+    else:
+        try:
+            check_ceiling(what, os.path.getsize(path), max_scan_bytes)
+        except OSError as exc:
+            raise ValueError(f"cannot read {what}: {exc.strerror}") from None
     try:
-        return sitk.ReadImage(path)
+        image = sitk.ReadImage(path)
     except RuntimeError as exc:
-        raise ValueError(f"cannot read {os.path.basename(path)}: {_itk_reason(exc)}") from None
+        raise ValueError(f"cannot read {name}: {_itk_reason(exc)}") from None
+    check_geometry(image, what)
+    return image
 
 
-def _read_zip_image(source: ScanSource) -> sitk.Image:
+def _read_zip_image(source: ScanSource, max_scan_bytes: int) -> sitk.Image:
     import tempfile
-    from pathlib import PurePosixPath
 
-    with zipfile.ZipFile(source.archive) as zf, tempfile.TemporaryDirectory(prefix="genesis-img-") as tmp:
-        local = os.path.join(tmp, PurePosixPath(source.files[0]).name)
-        with zf.open(source.files[0]) as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        return _read_image(local)
+    try:
+        zf = zipfile.ZipFile(source.archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"not a readable zip archive {os.path.basename(str(source.archive))}: {exc}") from None
+    with zf, tempfile.TemporaryDirectory(prefix="genesis-img-") as tmp:
+        local = extract_scan_member(zf, source.files[0], tmp, max_scan_bytes)
+        return read_image(local, max_scan_bytes)
 
 
 def _itk_reason(exc: Exception) -> str:
@@ -78,15 +102,19 @@ def _itk_reason(exc: Exception) -> str:
 
 
 def source_files(source: ScanSource) -> list[str]:
-    """The files on disk that a scan is made of (for fingerprints and checksums)."""
+    """The files on disk that a scan is made of (for fingerprints and checksums): a detached
+    header brings its data file, for scans and label maps alike."""
     if source.archive:
         return [source.archive]
-    files = list(source.files) + [p for _, p in source.labels]
-    if source.kind == "metaimage":
-        try:
-            files = check_metaimage(source.files[0]) + [p for _, p in source.labels]
-        except ValueError:
-            pass
+    files: list[str] = []
+    for f in list(source.files) + [p for _, p in source.labels]:
+        if header_format(f) is not None:
+            try:
+                files.extend(check_header_file(f, DEFAULT_MAX_SCAN_BYTES)[1])
+                continue
+            except (ValueError, OSError):
+                pass
+        files.append(f)
     return files
 
 

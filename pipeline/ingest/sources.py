@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -106,8 +107,34 @@ def _subset_of(parts: tuple[str, ...]) -> str | None:
     return None
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _link_problem(path: str, root: str) -> str | None:
+    """Why a file found under `root` may not be read: a symlink resolving outside the source tree
+    (its bytes are not the tree's), a broken link, or not a regular file (a FIFO would block)."""
+    if os.path.islink(path):
+        real = os.path.realpath(path)
+        if not _inside(real, root):
+            return f"symlink {path} points outside the source tree {root} (to {real}); not read"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    return None
+
+
 def discover(paths: list[str | os.PathLike]) -> Discovery:
-    """Find every scan under `paths` (files, folders searched recursively, zip archives)."""
+    """Find every scan under `paths` (files, folders searched recursively, zip archives).
+
+    Inside a folder, a symlink is read only when it resolves inside that folder (the source
+    tree); one pointing outside becomes a failed row with the reason, never a silent skip. A
+    symlinked folder inside the tree is not walked twice: its files are found through the
+    folder it points to.
+    """
     found = Discovery()
     dicom_files: list[str] = []
     image_files: list[str] = []
@@ -116,18 +143,31 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
         if not path.exists():
             raise SourceError(f"source {str(raw)!r} does not exist")
         if path.is_dir():
+            root = os.path.realpath(path)
             before = (len(found.scans), len(dicom_files), len(image_files), len(found.tables))
             for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                kept = []
+                for d in sorted(d for d in dirnames if not d.startswith(".")):
+                    full = os.path.join(dirpath, d)
+                    real = os.path.realpath(full)
+                    if os.path.islink(full) and not _inside(real, root):
+                        found.scans.append(ScanSource(
+                            scan_id=d, kind="unknown", dataset="unknown", files=(), source_path=full,
+                            problem=f"symlinked folder {full} points outside the source tree {root} (to {real}); "
+                                    f"not searched"))
+                    elif not os.path.islink(full):
+                        kept.append(d)
+                dirnames[:] = kept
                 for name in sorted(filenames):
                     if not name.startswith("."):
-                        _classify(os.path.join(dirpath, name), found, dicom_files, image_files, explicit=False)
+                        _classify(os.path.join(dirpath, name), found, dicom_files, image_files, explicit=False,
+                                  root=root)
             if before == (len(found.scans), len(dicom_files), len(image_files), len(found.tables)):
                 found.scans.append(ScanSource(scan_id=path.name or str(path), kind="unknown", dataset="unknown",
                                               files=(), source_path=str(path),
                                               problem=f"no scans found under folder {path}"))
         else:
-            _classify(str(path), found, dicom_files, image_files, explicit=True)
+            _classify(str(path), found, dicom_files, image_files, explicit=True, root=None)
     found.scans.extend(_image_scans(image_files))
     if dicom_files:
         from pipeline.ingest.dicom import group_series
@@ -136,8 +176,14 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
     return found
 
 
-def _classify(path: str, found: Discovery, dicom_files: list[str], image_files: list[str], explicit: bool) -> None:
+def _classify(path: str, found: Discovery, dicom_files: list[str], image_files: list[str], explicit: bool,
+              root: str | None) -> None:
     name = os.path.basename(path)
+    problem = _link_problem(path, root or os.path.realpath(path))
+    if problem:
+        found.scans.append(ScanSource(scan_id=_stem(name), kind="unknown", dataset="unknown", files=(path,),
+                                      source_path=path, problem=problem))
+        return
     if name.lower().endswith(".zip"):
         found.scans.extend(_zip_scans(path, found))
     elif name in TABLE_NAMES:
@@ -205,10 +251,12 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
             for s in LABEL_SUFFIXES:
                 if stems[g] == stem + s:
                     labels.append((s.strip("_-"), g))
+        problem = None
         if os.path.basename(folder) == "imagesTr":  # Medical Segmentation Decathlon layout
             msd_label = os.path.join(os.path.dirname(folder), "labelsTr", os.path.basename(f))
             if os.path.exists(msd_label):
                 labels.append(("label", msd_label))
+                problem = _link_problem(msd_label, os.path.realpath(os.path.dirname(folder)))
         low = f.lower()
         if folder not in pe_folders:
             pe_folders[folder] = _pe_index(folder)
@@ -224,7 +272,7 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
         else:
             dataset = "nrrd" if low.endswith((".nrrd", ".nhdr")) else "nifti"
             scans.append(ScanSource(scan_id=stem, kind="image", dataset=dataset, files=(f,), source_path=f,
-                                    labels=tuple(labels)))
+                                    labels=tuple(labels), problem=problem))
     return scans
 
 
@@ -307,7 +355,7 @@ def _zip_scans(path: str, found: Discovery) -> list[ScanSource]:
                                     dataset="luna16" if subset else "metaimage",
                                     files=(name,), source_path=f"{path}!{name}", archive=path,
                                     subset=subset, modality="CT" if subset else None))
-        elif _has_suffix(base, (".nii", ".nii.gz", ".nrrd", ".mha")):
+        elif _has_suffix(base, (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha")):
             scans.append(ScanSource(scan_id=_stem(base), kind="image-zip", dataset="nifti", files=(name,),
                                     source_path=f"{path}!{name}", archive=path))
         elif not _has_suffix(base, SIDECAR_SUFFIXES):

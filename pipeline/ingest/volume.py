@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["Volume", "to_lps", "volume_from_image", "IDENTITY"]
+__all__ = ["Volume", "to_lps", "volume_from_image", "check_geometry", "IDENTITY"]
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -36,6 +36,24 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.voxels.shape)  # type: ignore[return-value]
+
+
+def check_geometry(image: sitk.Image, what: str) -> None:
+    """Refuse geometry no scan can have, whatever format it came from: spacing that is not a
+    positive finite number, an origin or direction that is not finite, a singular direction.
+
+    Readers differ in what they let through (one keeps inf, another turns it into 0), so the
+    image ITK decoded is checked here in addition to the header checks.
+    """
+    spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"{what}: spacing {tuple(spacing)} must be positive finite numbers")
+    if not all(np.isfinite(v) for v in origin):
+        raise ValueError(f"{what}: origin {tuple(origin)} is not finite")
+    n = image.GetDimension()
+    matrix = np.asarray(direction, dtype=float).reshape(n, n)
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
+        raise ValueError(f"{what}: direction {tuple(direction)} is not a finite, invertible matrix")
 
 
 def to_lps(image: sitk.Image) -> sitk.Image:

@@ -38,6 +38,10 @@ class ConvertSettings:
     """Smallest accepted side in voxels; thinner volumes are refused as too small to be useful."""
     modality: str | None = None
     """Force the modality (e.g. CT for NIfTI CT without metadata); None = from the source."""
+    max_scan_bytes: int = 4 * 2**30
+    """Most bytes one scan may need (decoded voxels, archive members extracted to temp space);
+    a scan over it is a failed row. A resource limit, not part of what is stored: kept out of
+    to_dict() and the hash, so changing it reconverts nothing."""
 
     def __post_init__(self) -> None:
         if self.spacing is not None:
@@ -60,11 +64,16 @@ class ConvertSettings:
             raise ValueError(f"ConvertSettings.shuffle must be noshuffle|shuffle|bitshuffle, got {self.shuffle!r}")
         if self.min_side < 1:
             raise ValueError(f"ConvertSettings.min_side must be >= 1, got {self.min_side}")
+        if isinstance(self.max_scan_bytes, bool) or not isinstance(self.max_scan_bytes, int) \
+                or self.max_scan_bytes < 1:
+            raise ValueError(f"ConvertSettings.max_scan_bytes must be a positive number of bytes, "
+                             f"got {self.max_scan_bytes!r}")
         if self.modality is not None and not self.modality.strip():
             raise ValueError("ConvertSettings.modality must be a non-empty string or None")
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("max_scan_bytes")  # a resource limit: it does not change what gets stored
         d["schema_version"] = SCHEMA_VERSION
         return d
 
