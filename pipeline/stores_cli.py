@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["show_store", "list_stores", "store_kind", "dir_size"]
+__all__ = ["show_store", "list_stores", "store_kind", "dir_size", "verify_command"]
 
 
 def store_kind(path: str | os.PathLike) -> str | None:
@@ -52,6 +52,11 @@ def show_store(path: str, all_columns: bool = False) -> str:
         n_ok = int((cat["status"] == "ok").sum())
         head = (f"volume store {path}: {len(cat)} scans ({n_ok} ok, {len(cat) - n_ok} failed), "
                 f"{dir_size(path) / 1e6:.1f} MB, created {store.attrs['created_at']}")
+        scans = Path(path) / "scans"
+        on_disk = sum(1 for p in scans.iterdir() if p.is_dir()) if scans.is_dir() else 0
+        if on_disk != n_ok:
+            head += (f"\nwarning: {on_disk} scan folders on disk but {n_ok} ok rows in the catalog; "
+                     f"check with `genesis stores verify {path}`")
         if cat.empty:
             return head
         if not all_columns:
@@ -143,3 +148,51 @@ def _summary_row(path: str, kind: str) -> dict:
             row["config"] = f"{ps.attrs['purpose']} " + PretrainPatchConfig(
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}).summary()
     return row
+
+
+def verify_command(store: str, repair: bool, progress: bool = True) -> int:
+    """`genesis stores verify STORE [--repair]`: one line per scan (`ok|damaged|missing|repaired|failed
+    <scan id>  <detail>`) and a summary; 0 only when the store is whole, 1 otherwise. Raises
+    StoreError for a path that is not a volume store."""
+    import sys
+
+    from pipeline.volume_store import StoreError, StoreLockedError
+    from pipeline.volume_store.verify import verify_store
+
+    if store_kind(store) != "volume-store":
+        raise StoreError(f"{store} is not a volume store (no genesis volume-store attributes in {store}/zarr.json)")
+    try:
+        checks, problems = verify_store(store, repair=repair, progress=progress)
+    except StoreLockedError as exc:
+        print(f"genesis stores verify: {exc}", file=sys.stderr)
+        return 1
+    counts: dict[str, int] = {}
+    for c in checks:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    for p in problems:
+        print(f"store     {p}")
+    whole = not problems and all(c.status in ("ok", "repaired") for c in checks)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no scans"
+    print(f"{store}: {summary}; {'whole' if whole else 'NOT whole'}"
+          + ("" if whole or repair else f" (repair with `genesis stores verify {store} --repair`)"))
+    return 0 if whole else 1
+
+
+if __name__ == "__main__":  # python -m pipeline.stores_cli verify STORE [--repair] [--no-progress]
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.stores_cli")
+    sub = ap.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify")
+    v.add_argument("store")
+    v.add_argument("--repair", action="store_true")
+    v.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    from pipeline.volume_store import StoreError
+
+    try:
+        sys.exit(verify_command(args.store, args.repair, progress=not args.no_progress))
+    except StoreError as exc:
+        print(f"genesis stores verify: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -6,7 +6,8 @@
                                        read them with `read_cubes`, which always gives float32 in [0, 1]
     ROOT/pretrain-<key>/index.parquet  one row per cube (storage_schemas/patch_index.arrow.json)
 
-The key is a hash of the volume store's catalog content and the full extraction config, so the
+The key is a hash of the volume store's catalog content (each ok scan's source checksum, settings
+and the content digest of what is stored) and the full extraction config, so the
 same inputs always name the same folder (reuse is a directory lookup) and any changed setting
 names a new one. A store is built in `ROOT/.building-<name>` and renamed into place when complete.
 """
@@ -27,18 +28,26 @@ import zarr
 import storage_schemas
 from pipeline.storage.attrs import read_genesis_attrs
 
-__all__ = ["PatchStore", "catalog_hash", "PatchStoreError"]
+__all__ = ["PatchStore", "catalog_hash", "catalog_rows", "PatchStoreError"]
 
 
 class PatchStoreError(ValueError):
     """A path that is not a usable patch store."""
 
 
-def catalog_hash(catalog: pd.DataFrame) -> str:
-    """Hash of what a volume store holds (ok scans, their source checksums and conversion settings)."""
+def catalog_rows(catalog: pd.DataFrame) -> list[list]:
+    """What a patch store's key covers of each ok scan: id, source checksum, settings, subset and the
+    content digest of the stored scan (so a changed, damaged-and-repaired or reconverted volume gives a
+    new key even from the same source)."""
     ok = catalog[catalog["status"] == "ok"].sort_values("scan_id")
-    rows = [[r.scan_id, r.source_checksum, r.settings_hash, r.subset] for r in ok.itertuples()]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    digests = ok["content_digest"] if "content_digest" in ok else pd.Series([None] * len(ok), index=ok.index)
+    return [[r.scan_id, r.source_checksum, r.settings_hash, r.subset, None if pd.isna(d) else d]
+            for r, d in zip(ok.itertuples(), digests)]
+
+
+def catalog_hash(catalog: pd.DataFrame) -> str:
+    """Hash of what a volume store holds (`catalog_rows`)."""
+    return hashlib.sha256(json.dumps(catalog_rows(catalog)).encode()).hexdigest()
 
 
 class PatchStore:

@@ -2,8 +2,9 @@
 
 from pipeline.volume_store.convert import ConversionSummary, convert
 from pipeline.volume_store.settings import ConvertSettings
-from pipeline.volume_store.store import StoreError, StoreLockedError, VolumeStore
+from pipeline.volume_store.store import (ScanNotFoundError, StoreError, StoreIntegrityError, StoreLockedError,
+                                         VolumeStore)
 from pipeline.volume_store.tables import read_table
 
-__all__ = ["ConversionSummary", "ConvertSettings", "StoreError", "StoreLockedError", "VolumeStore", "convert",
-           "read_table"]
+__all__ = ["ConversionSummary", "ConvertSettings", "ScanNotFoundError", "StoreError", "StoreIntegrityError",
+           "StoreLockedError", "VolumeStore", "convert", "read_table"]

@@ -2,12 +2,17 @@
 
 The task owns its scan's folder and record and nothing else, so tasks never share a shard or
 a file; the only shared state is the catalog, which the driver rebuilds from the records.
+The record keeps what verification and repair need: the source as discovered (to read it
+again), the settings, and the manifest of the published folder with its content digest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import tempfile
+from contextlib import contextmanager
 import shutil
 import time
 import traceback
@@ -23,39 +28,70 @@ from pipeline.ingest import ScanSource, checksum, fingerprint, read_source
 from pipeline.peak_memory import reset_peak_rss as _reset_peak_rss
 from pipeline.peak_memory import status_kb as _status_kb
 from pipeline.volume_store.checks import check_and_cast, resample
+from pipeline.volume_store.digests import check_folder, content_digest, folder_manifest
 from pipeline.volume_store.image_writer import write_image
+from pipeline.volume_store.scan_ids import printable
+from pipeline.volume_store.scan_ids import source_key as _source_key
 from pipeline.volume_store.settings import SCHEMA_VERSION, ConvertSettings
 from pipeline.volume_store.store import VolumeStore, safe_scan_id
 
-__all__ = ["convert_scan", "failed_record", "record_key"]
+__all__ = ["convert_scan", "failed_record", "source_spec", "source_from_spec", "settings_from_dict", "is_current"]
 
 
-def record_key(source: ScanSource, duplicate: bool = False) -> str:
-    """Records are keyed by scan id; a duplicate id from another source gets its own failed record."""
-    if not duplicate:
-        return source.scan_id
-    return f"{source.scan_id}~dup~{hashlib.sha1(source.source_path.encode()).hexdigest()[:8]}"
+def source_spec(source: ScanSource) -> dict:
+    """The ScanSource as JSON (tuples as lists): enough to read the source again on repair."""
+    return dataclasses.asdict(source)
 
 
-def _base_record(source: ScanSource, settings: ConvertSettings) -> dict:
+def source_from_spec(spec: dict) -> ScanSource:
+    def tuples(v):
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    return ScanSource(**{f.name: tuples(spec.get(f.name)) for f in dataclasses.fields(ScanSource)
+                         if f.name in spec})
+
+
+def settings_from_dict(d: dict) -> ConvertSettings:
+    names = {f.name for f in dataclasses.fields(ConvertSettings)}
+    return ConvertSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def is_current(store: VolumeStore, record: dict | None, settings: ConvertSettings) -> bool:
+    """A published scan made with `settings` whose folder still has every recorded file at its size.
+
+    A stat per file: cheap enough for every rerun, and it catches deleted or truncated shards,
+    which Zarr would read as zeros. Records of older versions (no manifest) are not current.
+    """
+    return bool(record and record.get("status") == "ok" and record.get("settings_hash") == settings.hash
+                and record.get("files") and record.get("content_digest")
+                and not check_folder(store.scan_dir(record["scan_id"]), record["files"], full=False))
+
+
+def _base_record(source: ScanSource, settings: ConvertSettings, source_key: str | None,
+                 discovered_id: str | None) -> dict:
     return {
         "scan_id": source.scan_id, "dataset": source.dataset, "subset": source.subset,
         "modality": settings.modality or source.modality, "source_path": source.source_path,
-        "settings_hash": settings.hash, "converted_at": datetime.now(timezone.utc).isoformat(),
+        "source_key": source_key or _source_key(source), "discovered_id": discovered_id,
+        "settings_hash": settings.hash, "settings": settings.to_dict(), "source": source_spec(source),
+        "converted_at": datetime.now(timezone.utc).isoformat(),
     }
 
 
 def failed_record(source: ScanSource, settings: ConvertSettings, reason: str, key: str | None = None,
-                  source_checksum: str | None = None) -> dict:
-    rec = _base_record(source, settings)
+                  source_checksum: str | None = None, source_key: str | None = None,
+                  discovered_id: str | None = None) -> dict:
+    rec = _base_record(source, settings, source_key, discovered_id)
     rec.update(status="failed", error=" ".join(str(reason).split())[:500], source_checksum=source_checksum,
                record_key=key or source.scan_id)
     return rec
 
 
 def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings, token: str,
-                 key: str | None = None) -> dict:
-    """Convert one scan; never raises for bad input (the reason goes into a failed record).
+                 key: str | None = None, *, source_key: str | None = None, discovered_id: str | None = None,
+                 force: bool = False) -> dict:
+    """Convert one scan (`source.scan_id` is its id in the store); never raises for bad input (the
+    reason goes into a failed record). `force` reconverts even an unchanged source (repair).
 
     The result carries the task's own peak memory (high-water mark above the RSS it started
     with), which is what the benchmark compares with the scan size.
@@ -71,24 +107,25 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
     try:
         if source.problem:
             raise ValueError(source.problem)
-        fp = fingerprint(source)
-        sum_ = checksum(source)
-        old = store.read_record(key)
-        if (old and old.get("status") == "ok" and old.get("source_checksum") == sum_
-                and old.get("settings_hash") == settings.hash and (store.scan_dir(source.scan_id) / "zarr.json").exists()):
-            old["fingerprint"] = fp
-            store.write_record(old)
-            result.update(status="skipped")
-            return result
-        with zarr.config.set({"threading.max_workers": 1}):
-            record = _convert(source, store, settings, sum_, fp, token)
+        with readable_names(source) as readable:
+            fp = safe_fingerprint(source)
+            sum_ = checksum(readable)
+            old = store.read_record(key)
+            if not force and old and old.get("source_checksum") == sum_ and is_current(store, old, settings):
+                old.update(fingerprint=fp, source_path=source.source_path, source=source_spec(source))
+                store.write_record(old)
+                result.update(status="skipped")
+                return result
+            with zarr.config.set({"threading.max_workers": 1}):
+                record = _convert(source, readable, store, settings, sum_, fp, token, source_key, discovered_id)
         staged = record.pop("_staged", None)
         result.update(status="ok", bytes=record["source_bytes"])
     except Exception as exc:  # bad input of any kind becomes one failed row
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (ValueError, RuntimeError, OSError, KeyError)):
             reason = f"{type(exc).__name__}: {reason} [{traceback.format_exc(limit=1).splitlines()[-1]}]"
-        store.write_record(failed_record(source, settings, reason, key=key, source_checksum=sum_))
+        store.write_record(failed_record(source, settings, reason, key=key, source_checksum=sum_,
+                                         source_key=source_key, discovered_id=discovered_id))
         result.update(error=reason)
     finally:
         if staged and os.path.exists(staged):
@@ -100,11 +137,66 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
     return result
 
 
-def _convert(source: ScanSource, store: VolumeStore, settings: ConvertSettings, sum_: str, fp: str,
-             token: str) -> dict:
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def safe_fingerprint(source: ScanSource) -> str:
+    """`fingerprint`, also for file names that are not UTF-8 (hashed as their exact bytes)."""
+    try:
+        return fingerprint(source)
+    except UnicodeEncodeError:
+        h = hashlib.sha256(repr((source.kind, [os.fsencode(f) for f in source.files],
+                                 [(n, os.fsencode(p)) for n, p in source.labels])).encode())
+        for f in list(source.files) + [p for _, p in source.labels]:
+            try:
+                st = os.stat(f)
+                h.update(os.fsencode(f) + f":{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(os.fsencode(f) + b":missing")
+        return h.hexdigest()
+
+
+@contextmanager
+def readable_names(source: ScanSource):
+    """The source itself, or - when a file name is not valid UTF-8, which SimpleITK cannot take (it
+    aborts the whole process) - a copy reading self-contained files through symlinks with plain
+    names in a temporary folder. Names are fixed (`f0.nii.gz`, ...), so the checksum is stable."""
+    paths = list(source.files) + [p for _, p in source.labels] + ([source.archive] if source.archive else [])
+    bad = [p for p in paths if not _utf8(p)]
+    if not bad:
+        yield source
+        return
+    self_contained = (source.kind == "dicom" or (source.kind == "image" and all(
+        p.lower().endswith((".nii", ".nii.gz", ".mha", ".nrrd")) for p in paths)))
+    if not self_contained:
+        raise ValueError(f"file name {printable(bad[0])} is not valid UTF-8 and {source.kind} sources name other "
+                         "files inside them; rename it to UTF-8 and convert again")
+    tmp = tempfile.mkdtemp(prefix="genesis-utf8-")
+    try:
+        def link(i: int, path: str) -> str:
+            low = path.lower()
+            suffix = ".nii.gz" if low.endswith(".nii.gz") else os.path.splitext(low)[1]
+            target = os.path.join(tmp, f"f{i}{suffix}")
+            os.symlink(os.path.abspath(path), target)
+            return target
+
+        files = tuple(link(i, f) for i, f in enumerate(source.files))
+        labels = tuple((n, link(len(files) + i, p)) for i, (n, p) in enumerate(source.labels))
+        yield dataclasses.replace(source, files=files, labels=labels)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, settings: ConvertSettings, sum_: str,
+             fp: str, token: str, source_key: str | None, discovered_id: str | None) -> dict:
     from pipeline.ingest.read import source_files
 
-    volume = read_source(source)
+    volume = read_source(readable, settings.max_scan_bytes)
     if settings.modality:
         volume.modality = settings.modality
     elif volume.modality == "OT" and source.kind in ("image", "image-zip", "metaimage") and _looks_like_ct(volume):
@@ -113,7 +205,7 @@ def _convert(source: ScanSource, store: VolumeStore, settings: ConvertSettings, 
         volume = resample(volume, settings.spacing)
     volume = check_and_cast(volume, settings.min_side)
 
-    files = source_files(source)
+    files = source_files(readable)
     source_bytes = sum(os.path.getsize(f) for f in files if os.path.exists(f))
     genesis = {
         "schema_version": SCHEMA_VERSION, "scan_id": source.scan_id, "dataset": source.dataset,
@@ -131,16 +223,18 @@ def _convert(source: ScanSource, store: VolumeStore, settings: ConvertSettings, 
     group = zarr.open_group(str(staged), mode="w")
     stored = write_image(group, volume, settings, genesis)
     storage_schemas.validate_attrs("volume_image", dict(group.attrs), str(staged))
+    files = folder_manifest(staged)  # taken before publishing: what verify and reads hold the folder to
     if store.lock_token() != token:
         raise RuntimeError("the store's lock is no longer held by this conversion; not publishing")
     store.publish(staged, source.scan_id)
-    record = _base_record(source, settings)
+    record = _base_record(source, settings, source_key, discovered_id)
     record.update(
         status="ok", error=None, modality=volume.modality, source_checksum=sum_, fingerprint=fp,
         path=f"scans/{safe_scan_id(source.scan_id)}", dtype=genesis["dtype"], shape=genesis["shape"],
         spacing=genesis["spacing"], origin=genesis["origin"], source_direction=genesis["source_direction"],
         labels=genesis["labels"], value_min=genesis["value_range"][0], value_max=genesis["value_range"][1],
         source_bytes=source_bytes, stored_bytes=stored, record_key=source.scan_id,
+        files=files, content_digest=content_digest(files),
     )
     store.write_record(record)
     return record

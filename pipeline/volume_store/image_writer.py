@@ -7,17 +7,12 @@ import os
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from pipeline.ingest.volume import Volume
+from pipeline.storage.shard_writer import chunk_codecs, write_shards
 from pipeline.volume_store.settings import ConvertSettings
-from pipeline.storage.shard_writer import write_shards
 
 __all__ = ["write_image", "pyramid", "downsample", "multiscales"]
-
-
-def _codec(settings: ConvertSettings, itemsize: int) -> BloscCodec:
-    return BloscCodec(cname=settings.codec, clevel=settings.clevel, shuffle=settings.shuffle, typesize=itemsize)
 
 
 def _factors(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -86,10 +81,12 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, settings: Conve
               math.ceil(data.shape[2] / chunks[2]) * chunks[2])
     shards = tuple(max(s, c) - max(s, c) % c for s, c in zip(shards, chunks))
     group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-                       compressors=[_codec(settings, data.dtype.itemsize)], fill_value=0,
-                       dimension_names=("z", "y", "x"))
+                       compressors=chunk_codecs(settings.codec, settings.clevel, settings.shuffle, data.dtype.itemsize),
+                       fill_value=0, dimension_names=("z", "y", "x"))
     array_dir = os.path.join(str(group.store.root), group.path, name)
-    return write_shards(array_dir, data, chunks, shards, settings.codec, settings.clevel, settings.shuffle)
+    # every inner chunk and every shard index carries a CRC32C that reads verify
+    return write_shards(array_dir, data, chunks, shards, settings.codec, settings.clevel, settings.shuffle,
+                        checksum=True)
 
 
 def write_image(group: zarr.Group, volume: Volume, settings: ConvertSettings, genesis_attrs: dict) -> int:

@@ -1,0 +1,138 @@
+"""Reading a scan so that damage raises an error naming the store, the scan and the array.
+
+Every shard the converter writes carries CRC32C checksums: one after its index (as Zarr's
+sharding codec always has) and one after every inner chunk (the `crc32c` codec in the array's
+chunk codecs). Zarr verifies them itself, but its error names nothing, and a *missing* shard
+it reads as the fill value without complaint. `CheckedStore` is the local store a scan is
+opened through: it checks each CRC32C as the bytes come off disk and knows, from the scan's
+manifest, which shard files must exist - so a damaged or missing shard raises
+`StoreIntegrityError("STORE: scan ID: array 0: shard c/0/0/0 ...")` instead of garbage or zeros.
+"""
+
+from __future__ import annotations
+
+import json
+from math import prod
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.storage import LocalStore
+
+from pipeline.volume_store.errors import StoreIntegrityError
+
+__all__ = ["CheckedStore", "StoreIntegrityError", "chunk_key_parts", "shard_problem"]
+
+_EMPTY = 2**64 - 1
+
+def chunk_key_parts(key: str) -> tuple[str, str] | None:
+    """("labels/seg/0", "c/0/0/0") for a chunk key, None for metadata keys."""
+    if key.startswith("c/"):
+        return "", key
+    array, sep, rest = key.rpartition("/c/")
+    return (array, "c/" + rest) if sep else None
+
+
+def _crc_ok(data: np.ndarray) -> bool:
+    """Whether the last 4 bytes of `data` (uint8) are the CRC32C of the rest (little-endian, as Zarr's codec)."""
+    if len(data) < 4:
+        return False
+    return np.uint32(google_crc32c.value(data[:-4])).astype("<u4").tobytes() == data[-4:].tobytes()
+
+
+def _array_layout(meta: dict) -> tuple[bool, bool, int]:
+    """(inner chunks end in crc32c, index ends in crc32c, inner chunks per shard) of an array's metadata."""
+    codecs = meta.get("codecs") or []
+    if not codecs or codecs[0].get("name") != "sharding_indexed":
+        return False, False, 0
+    conf = codecs[0]["configuration"]
+    inner = [c.get("name") for c in conf.get("codecs", [])]
+    index = [c.get("name") for c in conf.get("index_codecs", [])]
+    shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    n = prod(s // c for s, c in zip(shard, conf["chunk_shape"]))
+    return bool(inner) and inner[-1] == "crc32c", bool(index) and index[-1] == "crc32c", n
+
+
+def shard_problem(data: np.ndarray, layout: tuple[bool, bool, int]) -> str | None:
+    """Why a whole shard file (uint8) fails its checksums (None when it passes); end-of-file index."""
+    chunk_crc, index_crc, n = layout
+    if not index_crc or not n:
+        return None
+    size = 16 * n + 4
+    if len(data) < size:
+        return f"is truncated ({len(data)} bytes, its index alone needs {size})"
+    index_bytes = data[len(data) - size:]
+    if not _crc_ok(index_bytes):
+        return "index fails its CRC32C checksum"
+    index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(-1, 2)
+    for k, (off, length) in enumerate(index.tolist()):
+        if off == _EMPTY:
+            continue
+        if off + length > len(data) - size:
+            return f"inner chunk {k} points past the data ({off}+{length} > {len(data) - size})"
+        if chunk_crc and not _crc_ok(data[off:off + length]):
+            return f"inner chunk {k} fails its CRC32C checksum"
+    return None
+
+
+class CheckedStore(LocalStore):
+    """A read-only LocalStore over one scan folder that verifies what it hands to Zarr."""
+
+    def __init__(self, root: Path | str, *, read_only: bool = True, where: str = "",
+                 files: frozenset[str] | None = None) -> None:
+        super().__init__(root, read_only=read_only)
+        self.where = where or str(root)
+        """Prefix of every error, e.g. "STORE: scan ID"."""
+        self.files = files
+        """Every file of the scan as recorded at publish time (None: an older record without a manifest)."""
+        self._layouts: dict[str, tuple[bool, bool, int]] = {}
+
+    def with_read_only(self, read_only: bool = False) -> "CheckedStore":
+        return type(self)(self.root, read_only=read_only, where=self.where, files=self.files)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CheckedStore) and self.root == other.root
+
+    def _layout(self, array: str) -> tuple[bool, bool, int]:
+        if array not in self._layouts:
+            try:
+                meta = json.loads((self.root / array / "zarr.json").read_bytes())
+                self._layouts[array] = _array_layout(meta)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise StoreIntegrityError(f"{self.where}: array {array or '.'}: zarr.json unreadable ({exc})") from None
+        return self._layouts[array]
+
+    def _fail(self, array: str, shard: str, problem: str) -> StoreIntegrityError:
+        return StoreIntegrityError(f"{self.where}: array {array or '.'}: shard {shard} {problem}; "
+                                   f"check and repair with `genesis stores verify`")
+
+    async def get(self, key, prototype=None, byte_range=None):
+        buf = await super().get(key, prototype, byte_range)
+        parts = chunk_key_parts(key)
+        if buf is None:
+            if parts and self.files is not None and key in self.files:
+                raise self._fail(*parts, "is missing (it was written when the scan was published)")
+            return None
+        if parts is None:
+            return buf
+        layout = self._layout(parts[0])
+        data = buf.as_numpy_array().view(np.uint8)
+        if byte_range is None:
+            problem = shard_problem(np.ascontiguousarray(data), layout)
+        elif isinstance(byte_range, SuffixByteRequest):
+            ok = _crc_ok(data) if layout[1] else True
+            problem = None if ok else "index fails its CRC32C checksum (damaged or truncated)"
+        elif isinstance(byte_range, RangeByteRequest):
+            want = byte_range.end - byte_range.start
+            if len(data) != want:
+                problem = f"is truncated (an inner chunk needs bytes {byte_range.start}..{byte_range.end})"
+            elif layout[0] and not _crc_ok(data):
+                problem = f"inner chunk at bytes {byte_range.start}..{byte_range.end} fails its CRC32C checksum"
+            else:
+                problem = None
+        else:
+            problem = None
+        if problem:
+            raise self._fail(*parts, problem)
+        return buf
