@@ -7,8 +7,10 @@
 
 URIs, and what each gives:
 - `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`, or a local MLflow model folder (one
-  holding an `MLmodel` file): the logged module as it was trained (U-Net or classifier), through
-  `mlflow.pytorch.load_model`, from the registry at `tracking_uri` (default: `sqlite:///mlflow.db` here).
+  holding an `MLmodel` file): the logged model (U-Net or classifier), from the registry at `tracking_uri`
+  (default: `sqlite:///mlflow.db` here), rebuilt from its architecture JSON with its safetensors weights
+  (`pipeline.model_format`): nothing in a logged model is unpickled or executed, and a tampered weights file
+  is a ValueError. Models logged in MLflow's pickle format (pytorch flavor, older genesis) are refused.
 - `official:FILE.pt`: the published checkpoint layout (e.g. `Genesis_Chest_CT.pt`), kernels permuted to this
   project's (z, y, x) axes (`pipeline.models.load_official_genesis`).
 - `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`, read with weights_only=True); the
@@ -22,6 +24,7 @@ The model comes back in eval mode, on `device`. Anything that cannot be loaded i
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,7 +47,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "cpu"
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"load_model({uri!r}): bad device {device!r}: {err}") from None
     if uri.startswith(("models:/", "runs:/")) or _is_mlflow_folder(uri):
-        model = _from_mlflow(uri, tracking_uri, torch_device)
+        model = _from_mlflow(uri, tracking_uri)
     elif uri.startswith("official:"):
         model = _from_official(uri)
     elif os.path.isfile(uri):
@@ -67,18 +70,51 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def _from_mlflow(uri: str, tracking_uri: str | None, device: torch.device) -> nn.Module:
-    import mlflow.pytorch
+def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
+    """Download the logged model folder (or use a local one) and read it with
+    `pipeline.model_format.read_model_folder`: architecture JSON + safetensors, nothing unpickled or run."""
+    import tempfile
+
+    from pipeline.model_format import ModelFormatError, read_model_folder
+
+    if _is_mlflow_folder(uri):
+        folder = uri[len("file://"):] if uri.startswith("file://") else uri
+        try:
+            return read_model_folder(folder, repr(uri))
+        except ModelFormatError as err:
+            raise ValueError(f"load_model: {err}") from None
+    import mlflow.artifacts
 
     from pipeline.tracking import _client, resolve_uri
 
     where = resolve_uri(tracking_uri)
     _client(where)  # sets the tracking and registry URI that models:/ and runs:/ resolve against
+    with tempfile.TemporaryDirectory(prefix="genesis-load-") as tmp:
+        try:
+            with _no_progress_bars():
+                folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except Exception as err:  # MlflowException: no such model / version / alias / run
+            raise ValueError(f"load_model: cannot load {uri!r} (registry {where}): {_first_line(err)}") from err
+        if not (Path(folder) / "MLmodel").is_file():
+            raise ValueError(f"load_model: {uri!r} (registry {where}) is not an MLflow model (no MLmodel file)")
+        try:
+            return read_model_folder(folder, repr(uri))
+        except ModelFormatError as err:
+            raise ValueError(f"load_model: {err}") from None
+
+
+@contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar per download; a model is a few files, so they are only noise here."""
+    key, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[key] = "false"
     try:
-        return mlflow.pytorch.load_model(uri, map_location=device)
-    except Exception as err:  # MlflowException (no such model/version/alias/run), unpickling errors, ...
-        source = "" if _is_mlflow_folder(uri) else f" (registry {where})"
-        raise ValueError(f"load_model: cannot load {uri!r}{source}: {_first_line(err)}") from err
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _from_official(uri: str) -> nn.Module:

@@ -15,7 +15,8 @@ import numpy as np
 
 __all__ = ["resolve_uri", "RunLogger", "create_run", "register_model", "model_signature", "ui_hint", "mark_failed",
            "PRETRAINED_MODEL", "classifier_signature", "load_model_state", "register_finetuned", "run_metrics",
-           "finetuned_model_name", "run_status", "artifact_location"]
+           "finetuned_model_name", "run_status", "artifact_location", "log_safe_model", "provenance_tags",
+           "git_state", "entry_point", "ENTRY_POINT_ENV"]
 
 PRETRAINED_MODEL = "genesis-pretrained"
 
@@ -37,19 +38,104 @@ def _client(uri: str):
 
 
 def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
-    """A new run (left open for the training to log into); returns its id."""
+    """A new run (left open for the training to log into); returns its id. The run carries where it came
+    from (`provenance_tags`: git commit, user, entry point); `tags` are added to (and override) those."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
                                                                     artifact_location=artifact_location(uri))
-    run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
+    run = client.create_run(exp_id, run_name=run_name, tags={**provenance_tags(), **(tags or {})})
     return run.info.run_id
+
+
+#: Set by the CLI (and inherited by the Ray workers it starts) to the command that started the work.
+ENTRY_POINT_ENV = "GENESIS_ENTRY_POINT"
+
+
+def provenance_tags() -> dict[str, str]:
+    """Tags that say where a run came from: `genesis.git_commit` (the checkout this code runs from, or
+    "unknown"), `genesis.git_dirty` ("true" when that tree has uncommitted changes), `genesis.user`,
+    `genesis.entry_point`; and MLflow's own `mlflow.user`, `mlflow.source.name`, `mlflow.source.type`,
+    `mlflow.source.git.commit` (only for a known commit), which the MLflow UI shows."""
+    commit, dirty = git_state(Path(__file__).resolve().parent.parent)
+    user, entry = _user(), entry_point()
+    tags = {"genesis.git_commit": commit, "genesis.user": user, "genesis.entry_point": entry,
+            "mlflow.user": user, "mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+        tags["genesis.git_dirty"] = "true" if dirty else "false"
+    return tags
+
+
+def git_state(folder: str | Path) -> tuple[str, bool | None]:
+    """(HEAD commit of the git checkout whose top folder is `folder`, whether its tree has changes, untracked
+    files included); ("unknown", None) when `folder` is not the top of a checkout (e.g. the package installed
+    into a virtual environment that happens to sit inside some other checkout) or git is not installed."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, encoding="utf-8",
+                              errors="replace", timeout=20, check=True).stdout
+
+    try:
+        top, commit = (git("rev-parse", "--show-toplevel", "HEAD").splitlines() + ["", ""])[:2]
+        if not top or Path(top).resolve() != Path(folder).resolve() or len(commit) < 40:
+            return "unknown", None
+        return commit, bool(git("status", "--porcelain").strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def entry_point(argv: list[str] | None = None) -> str:
+    """The command that started this work: $GENESIS_ENTRY_POINT when set (the CLI sets it, so Ray workers
+    inherit it), else from `argv` (default sys.argv): `genesis` and its subcommands (`genesis weights
+    import`, options and paths left out) for the CLI, the script's (or `python -m` package's) name for
+    anything else."""
+    import sys
+
+    if argv is None:
+        if os.environ.get(ENTRY_POINT_ENV):
+            return os.environ[ENTRY_POINT_ENV]
+        argv = sys.argv
+    if not argv or not argv[0]:
+        return "python"
+    path = Path(argv[0])
+    if path.name == "genesis" or path.as_posix().endswith("pipeline/cli.py"):
+        return " ".join(["genesis", *_subcommands(argv[1:])])
+    return path.parent.name if path.name == "__main__.py" else path.name  # python -m pytest: "pytest"
+
+
+def _subcommands(args: list[str]) -> list[str]:
+    """The leading words of `args` that name (sub)commands of the genesis CLI's parser."""
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser, words = build_parser(), []
+    for word in args:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            break
+        words.append(word)
+        parser = actions[0].choices[word]
+    return words
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):  # no passwd entry and no $USER (some containers)
+        return "unknown"
 
 
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite database (`<db folder>/mlartifacts/`), so
     models and figures land with the runs wherever the process runs (without one MLflow writes `./mlruns` of the
-    current folder: inside a Ray job, Ray's temporary working folder). A server decides for itself (None)."""
+    current folder: inside a Ray job, Ray's temporary working folder). An MLflow server (http, https) keeps
+    them in its proxied artifact store (`mlflow-artifacts:/`, the server's default): None leaves it to the
+    server, so clients never write to a path of their own machine."""
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return None
@@ -62,6 +148,36 @@ def model_signature(channels: int = 1):
 
     spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
     return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]))
+
+
+def log_safe_model(model, name: str = "model", signature=None):
+    """Log `model` into the active run as an MLflow pyfunc model in `pipeline.model_format`'s form:
+    architecture JSON + safetensors weights, the model code bundled (`code_paths`), every requirement
+    pinned; the project's version and git commit in the model's metadata. Returns MLflow's ModelInfo."""
+    import importlib.metadata as md
+    import tempfile
+    import warnings
+
+    import mlflow.pyfunc
+
+    from pipeline import model_format as fmt
+
+    try:
+        version = md.version("genesis-pipeline")
+    except md.PackageNotFoundError:  # running from a copied source tree (e.g. a Ray job's working_dir)
+        version = "unknown"
+    commit, dirty = git_state(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory(prefix="genesis-model-") as tmp, warnings.catch_warnings():
+        # the signature says it all (any batch and cube size); an example would make MLflow run the model here
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        data = fmt.write_model_data(model, Path(tmp) / fmt.DATA_DIR)
+        code = fmt.bundle_code(Path(tmp) / "code")
+        return mlflow.pyfunc.log_model(
+            name=name, loader_module=fmt.LOADER_MODULE, data_path=str(data), code_paths=[str(code)],
+            pip_requirements=fmt.model_requirements(), signature=signature,
+            metadata={"genesis_format": fmt.FORMAT, "genesis_format_version": fmt.FORMAT_VERSION,
+                      "genesis_pipeline_version": version, "genesis_git_commit": commit,
+                      "genesis_git_dirty": dirty, "genesis_architecture": type(model).__name__})
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, str]:
@@ -133,17 +249,15 @@ class RunLogger:
 
     def log_finetuned_model(self, model, in_channels: int = 1, kind: str = "segmentation", name: str = "model"):
         """A fine-tuned model: the U-Net (probabilities (-1, 1, D, H, W)) or the classifier (logits (-1, 1))."""
-        import mlflow.pytorch
-
         sig = model_signature(in_channels) if kind == "segmentation" else classifier_signature(in_channels)
-        return mlflow.pytorch.log_model(model, name=name, signature=sig, serialization_format="pickle",
-                                        pip_requirements=["torch", "genesis-pipeline"])
+        return log_safe_model(model, name=name, signature=sig)
 
     def log_model(self, model, name: str = "model"):
-        import mlflow.pytorch
+        """A pretrained U-Net (or an imported classifier), in the safe logged form (`pipeline.model_format`)."""
+        from pipeline.models import UNet3DClassifier
 
-        return mlflow.pytorch.log_model(model, name=name, signature=model_signature(), serialization_format="pickle",
-                                        pip_requirements=["torch", "genesis-pipeline"])
+        sig = (classifier_signature if isinstance(model, UNet3DClassifier) else model_signature)(model.in_channels)
+        return log_safe_model(model, name=name, signature=sig)
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
@@ -215,16 +329,12 @@ def classifier_signature(channels: int = 1):
 
 
 def load_model_state(uri: str, model_uri: str) -> dict:
-    """The state dict (CPU tensors) of a logged PyTorch model, e.g. `models:/genesis-pretrained/3` or
-    `models:/genesis-official@official`; a ValueError naming the URI when it cannot be loaded."""
-    import mlflow.pytorch
+    """The state dict (CPU tensors) of a logged model, e.g. `models:/genesis-pretrained/3` or
+    `models:/genesis-official@official`, read in the safe format (`pipeline.load_model`, nothing unpickled);
+    a ValueError naming the URI when it cannot be loaded."""
+    from pipeline.load import load_model
 
-    _client(uri)
-    try:
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except Exception as err:
-        raise ValueError(f"cannot load {model_uri!r} from the MLflow registry at {uri}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    model = load_model(model_uri, tracking_uri=uri)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 

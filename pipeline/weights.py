@@ -8,8 +8,14 @@ Axis order: the published weights were trained on (x, y, z) cubes, this project'
 (z, y, x). An official-layout file is read with `axes="xyz"` by default: every 3D conv and
 transposed-conv kernel has its spatial axes reversed on import, so the registered model takes
 our (N, 1, z, y, x) cubes and gives the official model's output on the same voxels. Pass
-`axes="zyx"` for an official-layout (or bare) file whose kernels are already in our order.
+`axes="zyx"` for an official-layout (or bare) file whose kernels are already in our order: its
+architecture (U-Net or encoder classifier, width, channels, norm) is read from the weights, so any
+state dict of this project's models imports (e.g. one saved from a model of the old pickle format).
 A `state.pt` of our pretraining is always in our order and is loaded unchanged.
+
+The registered model is in the safe logged form of `pipeline.model_format` (architecture JSON and
+safetensors weights, the model code bundled, requirements pinned): what is read with `weights_only=True`
+is never re-published as a pickle.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ def _load(path: str, axes: str):
         model = UNet3D(base_channels=cfg["base_channels"], norm=cfg["norm"])
         model.load_state_dict(raw.get("best_model") or raw["model"])
         return model.eval(), "zyx"
+    if axes == "zyx":  # already in our order: any of our state dicts (U-Net or classifier, any norm)
+        from pipeline.load import model_from_state_dict
+        from pipeline.models import read_official_state_dict
+
+        return model_from_state_dict(read_official_state_dict(path, axes="zyx"), name=repr(path)).eval(), "zyx"
     return load_official_genesis(path, axes=axes).eval(), axes
 
 

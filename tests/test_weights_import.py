@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import torch
 
+from pipeline import load_model
 from pipeline.cli import main
 from pipeline.models import UNet3D, load_official_genesis, save_official_layout
 
@@ -18,9 +21,7 @@ def test_official_layout_is_registered_and_loads_back_identically(tmp_path, caps
     assert main(["weights", "import", str(path), "--name", "genesis-official", "--alias", "official",
                  "--tracking-uri", uri]) == 0
     assert "models:/genesis-official@official" in capsys.readouterr().out
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    loaded = mlflow.pytorch.load_model("models:/genesis-official@official").eval()
+    loaded = load_model("models:/genesis-official@official", tracking_uri=uri)
     expected = load_official_genesis(str(path)).eval()
     x = torch.rand(2, 1, 16, 24, 32)
     assert torch.equal(loaded(x), expected(x))
@@ -31,6 +32,14 @@ def test_official_layout_is_registered_and_loads_back_identically(tmp_path, caps
     assert torch.equal(loaded.state_dict()["down_tr64.ops.0.bn1.weight"], stored["module.down_tr64.ops.0.bn1.weight"])
     run = mlflow.search_runs(experiment_names=["genesis-weights"], output_format="list")[0]
     assert run.data.params["kernel_axes_in_file"] == "xyz"
+    # re-published safely: architecture JSON + safetensors, no pickle anywhere in the registered model
+    folder = Path(mlflow.artifacts.download_artifacts("models:/genesis-official@official",
+                                                      dst_path=str(tmp_path / "m")))
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {"data/genesis/weights.safetensors", "data/genesis/architecture.json"} <= files
+    assert not [f for f in files if f.endswith((".pth", ".pkl", ".pt"))], files
+    assert "pytorch" not in (folder / "MLmodel").read_text(encoding="utf-8")
+    assert run.data.tags["genesis.entry_point"] and run.data.tags["genesis.user"]
 
 
 def test_mismatched_or_unsafe_files_are_refused_with_the_reason(tmp_path, capsys):
@@ -44,3 +53,21 @@ def test_mismatched_or_unsafe_files_are_refused_with_the_reason(tmp_path, capsys
     assert main(["weights", "import", str(tmp_path / "missing.pt"), "--name", "x", "--tracking-uri", uri]) == 2
     assert main(["weights", "import", str(bad), "--name", "x", "--alias", "latest", "--tracking-uri", uri]) == 2
     assert "reserved" in capsys.readouterr().err
+
+
+def test_state_dict_in_our_order_imports_any_architecture(tmp_path, capsys):
+    """`--axes zyx`: the architecture is read from the weights (here an instance-norm classifier, which the
+    official-layout reader cannot build), the remedy the loader names for models of the old pickle format."""
+    from pipeline.models import UNet3DClassifier
+
+    torch.manual_seed(2)
+    classifier = UNet3DClassifier(base_channels=4, in_channels=2, hidden=8, norm="instance").eval()
+    torch.save(classifier.state_dict(), tmp_path / "clf.pt")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["weights", "import", str(tmp_path / "clf.pt"), "--axes", "zyx", "--name", "clf",
+                 "--tracking-uri", uri]) == 0
+    assert "models:/clf@imported" in capsys.readouterr().out
+    loaded = load_model("models:/clf@imported", tracking_uri=uri)
+    assert isinstance(loaded, UNet3DClassifier) and loaded.in_channels == 2 and loaded.norm == "instance"
+    x = torch.rand(2, 2, 16, 16, 16)
+    assert torch.equal(loaded(x), classifier(x))

@@ -21,7 +21,8 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint's state dict does not match the model.
 
     Attributes ``missing``, ``unexpected`` (key lists) and ``shape_mismatches``
-    (key -> (expected shape, got shape)) hold the details also given in the message.
+    (key -> (expected shape, got shape)) hold the details; the message (one line) gives the counts and the
+    first few of each.
     """
 
     def __init__(self, source: str, missing: list[str], unexpected: list[str],
@@ -30,15 +31,23 @@ class CheckpointMismatchError(CheckpointError):
         self.missing = missing
         self.unexpected = unexpected
         self.shape_mismatches = shape_mismatches
-        lines = [f"state dict from {source} does not match the model:"]
+        parts = []
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {_some(missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        for key, (want, got) in shape_mismatches.items():
-            lines.append(f"  shape mismatch {key}: expected {list(want)} vs got {list(got)}")
-        lines.append("  check base_channels / in_channels / out_channels / norm against the checkpoint")
-        super().__init__("\n".join(lines))
+            parts.append(f"unexpected keys ({len(unexpected)}): {_some(unexpected)}")
+        shapes = [f"{key}: expected {list(want)} vs got {list(got)}" for key, (want, got) in shape_mismatches.items()]
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {_some(shapes, 4)}")
+        # one line: the CLI prints an error's first line only
+        super().__init__(f"state dict from {source} does not match the model: {'; '.join(parts)} (check "
+                         f"base_channels / in_channels / out_channels / norm against the checkpoint)")
+
+
+def _some(items: list[str], limit: int = 8) -> str:
+    """The first `limit` items, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:

@@ -1,0 +1,235 @@
+"""Models that are safe to load (issue 9, section 7) and runs that say where they came from (issue 11).
+
+Real MLflow (SQLite in tmp_path), real files, no Ray. A logged model is architecture JSON + safetensors; a
+weights file replaced by a pickle whose `__reduce__` creates a marker file is refused by `pipeline.load_model`
+and by `mlflow.pyfunc.load_model`, and the marker never appears. The same payload in a model of the old
+format (MLflow's pytorch flavor, pickle) does create the marker through `mlflow.pytorch.load_model`, which
+shows the payload is live, and `pipeline.load_model` refuses that model without unpickling it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.metadata as md
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from pipeline import load_model
+from pipeline.models import UNet3D, UNet3DClassifier
+from pipeline.tracking import (RunLogger, artifact_location, create_run, entry_point, git_state, register_model,
+                               register_finetuned)
+
+NAME = "genesis-safe-test"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Payload:
+    """Unpickling this creates `path`: the stand-in for arbitrary code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _log(uri: str, model: torch.nn.Module, experiment: str = "safe", kind: str | None = None) -> tuple[str, str]:
+    """(run id, model URI) of `model` logged through RunLogger."""
+    run_id = create_run(uri, experiment, "tiny")
+    logger = RunLogger(uri, run_id, system_metrics=False)
+    try:
+        info = logger.log_model(model) if kind is None else logger.log_finetuned_model(model, kind=kind)
+    finally:
+        logger.end()
+    return run_id, info.model_uri
+
+
+def _model_dir(uri: str, model_uri: str) -> Path:
+    """The logged model's folder in the artifact store (a local folder beside the SQLite database)."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    location = client.get_logged_model(model_uri.rsplit("/", 1)[-1]).artifact_location
+    return Path(location.removeprefix("file://"))
+
+
+def _cube(channels: int = 1) -> torch.Tensor:
+    return torch.rand(2, channels, 16, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """(tracking URI, run id, model, model URI): a width-4 U-Net logged and registered as NAME/1 @champion."""
+    tmp = tmp_path_factory.mktemp("safe")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    torch.manual_seed(1)
+    model = UNet3D(base_channels=4, norm="instance").eval()
+    run_id, model_uri = _log(uri, model)
+    register_model(uri, model_uri, NAME, aliases=("champion",))
+    return uri, run_id, model, model_uri
+
+
+def test_loads_by_version_alias_and_run_with_identical_outputs(registry, tmp_path):
+    uri, run_id, model, _ = registry
+    expected = model(_cube())
+    for model_uri in (f"models:/{NAME}/1", f"models:/{NAME}@champion", f"runs:/{run_id}/model"):
+        loaded = load_model(model_uri, tracking_uri=uri)
+        assert isinstance(loaded, UNet3D) and loaded.norm == "instance" and not loaded.training
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(_cube()), expected, rtol=0, atol=0)
+    # a fine-tuned classifier (logits head, 2 input channels) goes through the same format
+    classifier = UNet3DClassifier(base_channels=4, in_channels=2, hidden=8, norm="instance").eval()
+    _, clf_uri = _log(uri, classifier, experiment="finetune", kind="classification")
+    register_finetuned(uri, clf_uri, "genesis-safe-clf")
+    loaded = load_model("models:/genesis-safe-clf/1", tracking_uri=uri)
+    assert isinstance(loaded, UNet3DClassifier) and loaded.fc1.out_features == 8
+    torch.testing.assert_close(loaded(_cube(2)), classifier(_cube(2)), rtol=0, atol=0)
+
+
+def test_logged_model_holds_no_pickle_and_pins_its_environment(registry):
+    uri, _, _, model_uri = registry
+    folder = _model_dir(uri, model_uri)
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {"MLmodel", "data/genesis/architecture.json", "data/genesis/weights.safetensors",
+            "code/pipeline/model_format.py", "code/pipeline/models/unet3d.py"} <= names
+    assert not [n for n in names if n.endswith((".pth", ".pkl", ".pt", ".pyc"))], names
+    meta = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))
+    assert set(meta["flavors"]) == {"python_function"}
+    assert meta["flavors"]["python_function"]["loader_module"] == "pipeline.model_format"
+    assert meta["metadata"]["genesis_pipeline_version"] == md.version("genesis-pipeline")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, encoding="utf-8")
+    assert meta["metadata"]["genesis_git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    config = json.loads((folder / "data/genesis/architecture.json").read_text(encoding="utf-8"))
+    assert config["architecture"] == "UNet3D" and config["kwargs"]["base_channels"] == 4
+    # the code is bundled as it was when logged; every requirement is pinned, none is this project
+    assert (folder / "code/pipeline/model_format.py").read_bytes() == (REPO / "pipeline/model_format.py").read_bytes()
+    reqs = (folder / "requirements.txt").read_text(encoding="utf-8").split()
+    assert reqs and all("==" in r for r in reqs), reqs
+    assert f"torch=={torch.__version__.split('+')[0]}" in reqs and any(r.startswith("safetensors==") for r in reqs)
+    conda = yaml.safe_load((folder / "conda.yaml").read_text(encoding="utf-8"))
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(pip_deps) == sorted(reqs)
+    assert not any("genesis" in r for r in reqs + pip_deps)
+
+
+def test_pyfunc_loads_from_the_bundled_code_without_the_project_installed(registry, tmp_path):
+    """A fresh interpreter whose import system cannot see the installed project: MLflow's generic loader
+    imports the bundled `pipeline.model_format` and gives the model's output."""
+    uri, _, model, model_uri = registry
+    folder = _model_dir(uri, model_uri)
+    x = _cube().numpy()
+    torch.save({"x": torch.from_numpy(x), "y": model(_cube()).detach()}, tmp_path / "xy.pt")
+    code = f"""
+import sys, torch
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "") + repr(f)]
+try:
+    import pipeline
+    sys.exit("the installed project is still importable: " + pipeline.__file__)
+except ImportError:
+    pass
+import mlflow.pyfunc
+xy = torch.load({str(tmp_path / 'xy.pt')!r}, weights_only=True)
+out = mlflow.pyfunc.load_model({str(folder)!r}).predict(xy["x"].numpy())
+assert torch.equal(torch.from_numpy(out), xy["y"]), "outputs differ"
+print(sys.modules["pipeline"].__file__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, encoding="utf-8",
+                          errors="replace", env={**os.environ, "PYTHONPATH": ""}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout
+    assert Path(proc.stdout.strip().splitlines()[-1]).is_relative_to(folder / "code"), proc.stdout
+
+
+def test_tampered_weights_raise_and_run_no_code(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _, model_uri = _log(uri, UNet3D(base_channels=4))
+    register_model(uri, model_uri, "tampered")
+    weights = _model_dir(uri, model_uri) / "data/genesis/weights.safetensors"
+    marker = tmp_path / "PAYLOAD_RAN"
+    weights.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ValueError, match=r"models:/tampered/1.*weights\.safetensors is not a valid safetensors"):
+        load_model("models:/tampered/1", tracking_uri=uri)
+    assert not marker.exists()
+    torch.save(Payload(marker), weights)  # the torch zip container around the same pickle
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        load_model("models:/tampered/1", tracking_uri=uri)
+    with pytest.raises(Exception, match="not a valid safetensors"):  # MLflow's own loader reads it the same way
+        mlflow.pyfunc.load_model("models:/tampered/1")
+    assert not marker.exists()
+    # the architecture JSON names a class from a fixed list of two; anything else is refused
+    config = weights.parent / "architecture.json"
+    config.write_text(json.dumps({"format": "genesis-safetensors", "format_version": 1, "architecture": "os.system",
+                                  "kwargs": {"command": f"touch {marker}"}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="architecture 'os.system' is not one of"):
+        load_model("models:/tampered/1", tracking_uri=uri)
+    assert not marker.exists()
+
+
+def test_old_pickle_format_is_refused_and_its_payload_is_live(tmp_path):
+    """The payload runs through the old format's loader (so the tests above would catch a pickle), and
+    `pipeline.load_model` refuses such a model without unpickling it."""
+    import mlflow.pytorch
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=exp):
+        info = mlflow.pytorch.log_model(UNet3D(base_channels=4), name="model", serialization_format="pickle",
+                                        pip_requirements=["torch"])
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save(Payload(marker), _model_dir(uri, info.model_uri) / "data/model.pth")
+    with pytest.raises(ValueError, match=r"pytorch flavor \(pickle serialization.*refused.*genesis weights import"):
+        load_model(info.model_uri, tracking_uri=uri)
+    assert not marker.exists()
+    with pytest.raises(AttributeError):  # the unpickled "model" is the file object the payload opened
+        mlflow.pytorch.load_model(info.model_uri)
+    assert marker.exists()
+
+
+def test_runs_carry_commit_user_entry_point_and_an_explicit_artifact_location(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/sub/mlflow.db"
+    (tmp_path / "sub").mkdir()
+    monkeypatch.setenv("GENESIS_ENTRY_POINT", "genesis pretrain")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(create_run(uri, "prov", "r", tags={"preset": "tiny"}))
+    tags = run.data.tags
+    commit, dirty = git_state(REPO)
+    assert tags["genesis.git_commit"] == commit and len(commit) == 40
+    assert tags["mlflow.source.git.commit"] == commit and tags["genesis.git_dirty"] == str(dirty).lower()
+    assert tags["genesis.user"] == tags["mlflow.user"] == getpass.getuser()
+    assert tags["genesis.entry_point"] == tags["mlflow.source.name"] == "genesis pretrain"
+    assert tags["preset"] == "tiny"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.artifact_location == (tmp_path / "sub" / "mlartifacts").as_uri()
+    # an MLflow server keeps artifacts in its own (proxied) store: the client names no path
+    assert artifact_location("http://127.0.0.1:5000") is None and artifact_location("https://mlflow.example") is None
+
+
+def test_entry_point_and_git_state_rules(tmp_path, monkeypatch):
+    monkeypatch.delenv("GENESIS_ENTRY_POINT", raising=False)
+    assert entry_point(["/x/.venv/bin/genesis", "weights", "import", "w.pt", "--name", "n"]) == "genesis weights import"
+    assert entry_point(["/x/.venv/bin/genesis", "transfer", "--patches", "p"]) == "genesis transfer"
+    assert entry_point(["/x/pipeline/cli.py", "patches", "task", "ncc", "--store", "s"]) == "genesis patches task"
+    assert entry_point(["/usr/bin/script.py", "a"]) == "script.py"
+    assert entry_point(["/v/lib/python3.11/site-packages/pytest/__main__.py", "-q"]) == "pytest"  # python -m pytest
+    assert entry_point() == entry_point(sys.argv)
+    monkeypatch.setenv("GENESIS_ENTRY_POINT", "genesis transfer")  # set by the CLI, inherited by Ray workers
+    assert entry_point() == "genesis transfer"
+    assert git_state(tmp_path) == ("unknown", None)  # not a checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("1", encoding="utf-8")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, encoding="utf-8").stdout.strip()
+    assert git_state(tmp_path) == (head, False)
+    (tmp_path / "a.txt").write_text("2", encoding="utf-8")
+    assert git_state(tmp_path) == (head, True)
+    (tmp_path / "sub").mkdir()  # a folder inside a checkout is not that checkout's code (an installed copy)
+    assert git_state(tmp_path / "sub") == ("unknown", None)
