@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import write_mhd
 
+from pipeline import load_model
 from pipeline.models import UNet3D
 from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
 from pipeline.training.checkpoint import load_state
@@ -89,9 +90,7 @@ def test_tiny_pretraining_two_workers_is_recorded_and_registered(ray_local, patc
     assert run.inputs.dataset_inputs[0].dataset.name == f"patch-store-{PatchStore(patch_store).key}"
     version = client.get_model_version_by_alias("genesis-test", "best")
     assert version.run_id == res.mlflow_run_id
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    loaded = mlflow.pytorch.load_model("models:/genesis-test/latest")
+    loaded = load_model("models:/genesis-test/latest", tracking_uri=uri)  # the safe format: nothing unpickled
     state = load_state(str(sorted(p for p in (tmp_path / "ray").glob("*/checkpoint_*") if p.is_dir())[-1]))
     reference = UNet3D(base_channels=2)
     reference.load_state_dict(state["best_model"])

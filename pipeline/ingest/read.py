@@ -121,13 +121,13 @@ def source_files(source: ScanSource) -> list[str]:
 def fingerprint(source: ScanSource) -> str:
     """Cheap identity (names, sizes, mtimes): equal fingerprints mean no need to re-hash the bytes."""
     h = hashlib.sha256()
-    h.update(repr((source.kind, source.files, source.labels)).encode())
+    h.update(repr((source.kind, source.files, source.labels)).encode("utf-8", "surrogateescape"))
     for f in source_files(source):
         try:
             st = os.stat(f)
-            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(os.fsencode(f) + f":{st.st_size}:{st.st_mtime_ns}".encode())  # any name, even undecodable
         except OSError:
-            h.update(f"{f}:missing".encode())
+            h.update(os.fsencode(f) + b":missing")
     return h.hexdigest()
 
 
@@ -155,7 +155,7 @@ def checksum(source: ScanSource) -> str:
         return "zipcrc-sha256:" + h.hexdigest()
     h = xxhash.xxh3_128()
     for f in source_files(source):
-        h.update(os.path.basename(f).encode())
+        h.update(os.fsencode(os.path.basename(f)))
         try:
             with open(f, "rb") as fh:
                 if os.fstat(fh.fileno()).st_size:
