@@ -1,12 +1,19 @@
-"""`genesis`: the one command line of the pipeline. Thin: parse, call the stage, report, exit.
+"""`genesis`: the one command line of the pipeline. Thin: parse, check, call the stage, report, exit.
 
-Exit status: 0 success; 1 some items failed (the rest done); 2 bad usage or input path;
-3 the store is busy (another conversion holds its lock).
+Exit status: 0 success; 1 some items failed (the rest done), or the work failed; 2 bad usage or input (a path
+that cannot be written, an unreachable tracking server, an option out of range, a store too small: checked by
+`pipeline.preflight` before anything expensive starts); 3 the store is busy (another conversion holds its lock).
+
+Errors are one line on stderr, never a traceback: `main` turns a user error (ValueError and its kin, an
+unwritable path) into exit 2, a failure of the work (RuntimeError, OSError, MLflow, Ray) into exit 1, and anything
+else into exit 1 naming the exception and asking for a rerun with `--debug`, which prints the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -45,6 +52,53 @@ def _ints3(text: str) -> tuple[int, int, int]:
     return vals  # type: ignore[return-value]
 
 
+def _gpus(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs, got {text!r}") from None
+    if not v >= 0 or (v > 1 and v != int(v)):
+        raise argparse.ArgumentTypeError(f"expected a GPU share in [0, 1] or a whole number of GPUs, got {text!r}")
+    return v
+
+
+def _failures(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < -1:
+        raise argparse.ArgumentTypeError(f"expected restarts >= 0, or -1 for no limit, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """A byte count: 4096, 512M, 4G, 1.5T (binary multiples; a trailing B or iB is allowed)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _SIZE_SUFFIXES else ""
+    try:
+        v = float(t[:len(t) - len(unit)]) * _SIZE_SUFFIXES[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 4G, 512M or 1000000, "
+                                         f"got {text!r}") from None
+    if not v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size in bytes, got {text!r}")
+    return int(v)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -52,8 +106,29 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where the help is, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def add_subparsers(self, **kwargs):
+        action = super().add_subparsers(**kwargs)
+        add = action.add_parser
+
+        def add_parser(name, **kw):  # every subcommand takes --debug too, wherever it is written
+            sub = add(name, **kw)
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, print the Python traceback too")
+            return sub
+
+        action.add_parser = add_parser
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models")
+    p = _Parser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models")
+    p.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert CT/MRI archives into a volume store (Dask)")
@@ -64,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--spacing", type=_triple, metavar="Z,Y,X", help="resample to this spacing in mm")
     c.add_argument("--modality", help="force the modality (e.g. CT) for sources without one")
     c.add_argument("--min-side", type=_positive, default=8, help="refuse volumes with a side under this (voxels)")
+    c.add_argument("--max-scan-bytes", type=_bytes, metavar="N",
+                   help="refuse a scan whose decoded voxels would exceed N bytes (e.g. 4G, 512M)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("stores", help="list and inspect stores")
@@ -78,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--window", default="lung", help="CT window: lung | mediastinum | bone")
     ls = ssub.add_parser("list", help="every volume and patch store under ROOT")
     ls.add_argument("root", nargs="?", default=".")
+    vf = ssub.add_parser("verify", help="check every array and table of a store (--repair: fix what can be fixed)")
+    vf.add_argument("store")
+    vf.add_argument("--repair", action="store_true")
+    vf.add_argument("--no-progress", action="store_true")
 
     pt = sub.add_parser("patches", help="build and inspect patch stores")
     psub = pt.add_subparsers(dest="patches_command", required=True)
@@ -125,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--patches", required=True, help="pretraining patch store")
     tr.add_argument("--preset", default="tiny", choices=["tiny", "stable", "paper"])
     tr.add_argument("--workers", type=_positive, default=2)
-    tr.add_argument("--gpus-per-worker", type=float, default=0.0)
+    tr.add_argument("--gpus-per-worker", type=_gpus, default=0.0)
     tr.add_argument("--epochs", type=_positive)
     tr.add_argument("--batch-size", type=_positive, help="global batch: cubes per step over all workers, split evenly (preset's by default)")
     tr.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
@@ -135,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--name", help="run name (default: genesis-pretrain-PRESET-TIME)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run --name (default: the latest run) with its own settings; --epochs extends it")
-    tr.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed")
+    tr.add_argument("--max-failures", type=_failures, default=3, help="worker-group restarts allowed")
 
     ft = sub.add_parser("finetune", help="fine-tune on a target task (Ray Train), evaluated on its test split")
     ft.add_argument("--task", required=True, help="ncc, ncs, ecc, lcs or bms (genesis tasks list)")
@@ -143,18 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--init", default="scratch",
                     help="scratch | models:/NAME/VERSION | models:/NAME@ALIAS | official:FILE.pt | FILE.pt")
     ft.add_argument("--freeze-encoder", action="store_true")
-    ft.add_argument("--label-fraction", type=float, default=1.0, help="nested, stratified share of training cubes")
+    ft.add_argument("--label-fraction", type=_fraction, default=1.0, help="nested, stratified share of training cubes")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
     ft.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
     ft.add_argument("--workers", type=_positive, default=1)
-    ft.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ft.add_argument("--gpus-per-worker", type=_gpus, default=0.0)
     ft.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
     ft.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     ft.add_argument("--experiment", default="genesis-finetune")
     ft.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
     ft.add_argument("--name", help="run name")
-    ft.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed")
+    ft.add_argument("--max-failures", type=_failures, default=1, help="worker-group restarts allowed")
 
     tf = sub.add_parser("transfer", help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, "
                                          "one MLflow parent run, the paper's table; `transfer show RUN_ID` prints it "
@@ -171,11 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
     tf.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
     tf.add_argument("--max-concurrent", type=_positive, default=2, help="trials at once")
-    tf.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share per trial worker (e.g. 0.25)")
+    tf.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per trial worker (e.g. 0.25)")
     tf.add_argument("--workers-per-trial", type=_positive, default=1)
     tf.add_argument("--per-trial", type=_positive,
                     help="fine-tunings of one task per trial (default: 8 for tiny, 1 for paper)")
-    tf.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
+    tf.add_argument("--max-failures", type=_failures, default=1, help="worker-group restarts per trial")
     tf.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
     tf.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     tf.add_argument("--experiment", default="genesis-transfer")
@@ -194,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
     rp.add_argument("--label-fractions", default="1.0", help="comma-separated label fractions in (0, 1]")
     rp.add_argument("--max-concurrent", type=_positive, default=2, help="transfer trials at once")
-    rp.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share per fine-tuning trial")
+    rp.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per fine-tuning trial")
     rp.add_argument("--pretrain-workers", type=_positive, default=2, help="Ray Train workers of the pretraining")
-    rp.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per pretraining worker")
+    rp.add_argument("--gpus-per-worker", type=_gpus, default=0.0, help="GPUs per pretraining worker")
     rp.add_argument("--pretrain-epochs", type=_positive, help="override the pretraining preset's epochs")
     rp.add_argument("--epochs", type=_positive, help="cap each fine-tuning's epochs")
     rp.add_argument("--workers", type=_positive, default=2, help="Dask workers of conversion and extraction")
@@ -246,70 +327,133 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every error is one line and an exit status (--debug: a traceback)
+        if getattr(args, "debug", False) or os.environ.get("GENESIS_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        code, line = classify(exc)
+        print(f"{_command(args)}: {line}", file=sys.stderr)
+        return code
+
+
+def _command(args) -> str:
+    sub = next((getattr(args, a) for a in ("stores_command", "patches_command", "tasks_command", "weights_command")
+                if getattr(args, a, None)), None)
+    return f"genesis {args.command}" + (f" {sub}" if sub else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _work_failure_types() -> tuple[type[BaseException], ...]:
+    """Failures of the work (exit 1), as opposed to bad input: runtime errors, the filesystem, MLflow, Ray."""
+    kinds: list[type[BaseException]] = [RuntimeError, OSError]
+    for module, name in (("mlflow.exceptions", "MlflowException"), ("ray.exceptions", "RayError"),
+                         ("ray.train", "TrainingFailedError")):
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(getattr(mod, name, None), type):
+            kinds.append(getattr(mod, name))
+    return tuple(kinds)
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """(exit status, the one line to print) for an exception that reached `main`."""
+    from pipeline.preflight import UsageError
+
+    locked = [getattr(sys.modules.get(m), n, None) for m, n in (("pipeline.volume_store.store", "StoreLockedError"),
+                                                                 ("pipeline.storage.locks", "LockBusyError"))]
+    if any(isinstance(t, type) and isinstance(exc, t) for t in locked):
+        return EXIT_BUSY, _one_line(exc)
+    user_os = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+    if isinstance(exc, (UsageError, ValueError, *user_os)) or \
+            (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EACCES)):
+        return EXIT_USAGE, f"error: {_one_line(exc)}"
+    if isinstance(exc, _work_failure_types()):
+        return EXIT_FAILED, f"failed: {type(exc).__name__}: {_one_line(exc)}"
+    return EXIT_FAILED, (f"unexpected error {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+                         f"traceback)")
 
 
 def _convert(args) -> int:
-    from pipeline.ingest import SourceError
-    from pipeline.volume_store import ConvertSettings, StoreError, StoreLockedError, convert
+    import dataclasses
 
-    try:
-        settings = ConvertSettings(spacing=args.spacing, modality=args.modality, min_side=args.min_side)
-        summary = convert(args.sources, args.store, settings, workers=args.workers,
-                          scheduler=args.dask_scheduler, progress=not args.no_progress)
-    except (SourceError, StoreError, ValueError) as exc:
-        print(f"genesis convert: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except StoreLockedError as exc:
-        print(f"genesis convert: {exc}", file=sys.stderr)
-        return EXIT_BUSY
+    from pipeline import preflight
+    from pipeline.volume_store import ConvertSettings, convert
+
+    store = preflight.output_dir(args.store, "--store")  # before Dask starts
+    extra = {}
+    if args.max_scan_bytes is not None:
+        if "max_scan_bytes" not in {f.name for f in dataclasses.fields(ConvertSettings)}:
+            raise preflight.UsageError("--max-scan-bytes: this version's conversion has no scan size limit")
+        extra["max_scan_bytes"] = args.max_scan_bytes
+    settings = ConvertSettings(spacing=args.spacing, modality=args.modality, min_side=args.min_side, **extra)
+    summary = convert(args.sources, store, settings, workers=args.workers, scheduler=args.dask_scheduler,
+                      progress=not args.no_progress)
     print(summary.report())
     print(f"store: {args.store}  (genesis stores show {args.store})")
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
 def _stores(args) -> int:
-    from pipeline.stores_cli import list_stores, show_store
-    from pipeline.volume_store import StoreError
+    from pipeline import preflight, stores_cli
 
-    try:
-        if args.stores_command == "show":
-            print(show_store(args.store, all_columns=args.all_columns))
-        elif args.stores_command == "list":
-            print(list_stores(args.root))
-        else:
-            from pipeline.volume_store.preview import render_preview
+    if args.stores_command == "verify":
+        verify = getattr(stores_cli, "verify_command", None)  # written by another change; absent before it lands
+        if verify is None:
+            raise preflight.UsageError("this version has no store verification")
+        return verify(preflight.shared_path(args.store, "STORE"), args.repair, not args.no_progress)
+    if args.stores_command == "show":
+        print(stores_cli.show_store(args.store, all_columns=args.all_columns))
+    elif args.stores_command == "list":
+        print(stores_cli.list_stores(args.root))
+    else:
+        from pipeline.volume_store.preview import render_preview
 
-            print(render_preview(args.store, args.scan_id, args.out, window=args.window))
-    except (StoreError, KeyError, ValueError, FileNotFoundError) as exc:
-        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"genesis stores {args.stores_command}: error: {reason}", file=sys.stderr)
-        return EXIT_USAGE
+        out = preflight.output_file(args.out, "--out")
+        try:
+            print(render_preview(args.store, args.scan_id, out, window=args.window))
+        except KeyError as exc:  # a scan id the store does not hold: bad input
+            raise preflight.UsageError(exc.args[0] if exc.args else f"no scan {args.scan_id!r}") from exc
     return EXIT_OK
 
 
+def _patch_out(args) -> str:
+    """--out (default: patch_stores beside the volume store), checked before Dask starts."""
+    from pathlib import Path
+
+    from pipeline import preflight
+
+    args.store = preflight.shared_path(args.store, "--store")
+    if args.out:
+        return preflight.output_dir(args.out, "--out")
+    return preflight.output_dir(str(Path(args.store).resolve().parent / "patch_stores"),
+                                "--out (default: patch_stores beside the volume store)")
+
+
 def _patches(args) -> int:
-    from pipeline.patches import PatchStoreError, PretrainPatchConfig, extract_pretrain
-    from pipeline.volume_store import StoreError
+    from pipeline import preflight
+    from pipeline.patches import PretrainPatchConfig, extract_pretrain
 
-    try:
-        if args.patches_command == "preview":
-            from pipeline.patches.preview import render_patch_preview
+    if args.patches_command == "preview":
+        from pipeline.patches.preview import render_patch_preview
 
-            print(render_patch_preview(args.patch_store, args.out, seed=args.seed))
-            return EXIT_OK
-        if args.patches_command == "task":
-            return _task_patches(args)
-        config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
-                                     scale_axes=args.scale_axes, cube_encoding=args.cube_encoding,
-                                     border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices)
-        result = extract_pretrain(args.store, config, out_root=args.out, workers=args.workers,
-                                  scheduler=args.dask_scheduler, progress=not args.no_progress)
-    except (StoreError, PatchStoreError, ValueError) as exc:
-        print(f"genesis patches {args.patches_command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except RuntimeError as exc:
-        print(f"genesis patches {args.patches_command}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        out = preflight.output_file(args.out, "--out")
+        print(render_patch_preview(preflight.shared_path(args.patch_store, "PATCHSTORE"), out, seed=args.seed))
+        return EXIT_OK
+    args.out = _patch_out(args)
+    if args.patches_command == "task":
+        return _task_patches(args)
+    config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
+                                 scale_axes=args.scale_axes, cube_encoding=args.cube_encoding,
+                                 border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices)
+    result = extract_pretrain(args.store, config, out_root=args.out, workers=args.workers,
+                              scheduler=args.dask_scheduler, progress=not args.no_progress)
     print(result.report())
     return EXIT_OK
 
@@ -345,18 +489,14 @@ def _task_patches(args) -> int:
 
 
 def _finetune(args) -> int:
+    from pipeline import preflight
     from pipeline.finetune import finetune
-    from pipeline.patches import PatchStoreError
 
-    try:
-        result = finetune(args.patches, args.task, args.init, preset=args.preset, freeze_encoder=args.freeze_encoder,
-                          label_fraction=args.label_fraction, seed=args.seed, workers=args.workers,
-                          gpus_per_worker=args.gpus_per_worker, tracking_uri=args.tracking_uri,
-                          experiment=args.experiment, storage_path=args.storage_path, name=args.name,
-                          max_failures=args.max_failures, epochs=args.epochs, ray_address=args.ray_address)
-    except (PatchStoreError, ValueError, FileNotFoundError) as exc:
-        print(f"genesis finetune: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    result = finetune(preflight.shared_path(args.patches, "--patches"), args.task, args.init, preset=args.preset,
+                      freeze_encoder=args.freeze_encoder, label_fraction=args.label_fraction, seed=args.seed,
+                      workers=args.workers, gpus_per_worker=args.gpus_per_worker, tracking_uri=args.tracking_uri,
+                      experiment=args.experiment, storage_path=args.storage_path, name=args.name,
+                      max_failures=args.max_failures, epochs=args.epochs, ray_address=args.ray_address)
     print(result.report())
     return EXIT_FAILED if result.error else EXIT_OK
 
@@ -366,42 +506,35 @@ def _split(text: str, cast=str) -> tuple:
 
 
 def _transfer(args) -> int:
-    from pipeline.patches import PatchStoreError
+    from pipeline import preflight
+    from pipeline.tasks import get_task
     from pipeline.transfer import GridConfig, show, transfer
 
     if args.show:
         if len(args.show) != 2 or args.show[0] != "show":
-            print(f"genesis transfer: error: unexpected arguments {args.show}; use `genesis transfer show RUN_ID`",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        try:
-            print(show(args.show[1], args.tracking_uri))
-        except ValueError as exc:
-            print(f"genesis transfer show: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            raise preflight.UsageError(f"unexpected arguments {args.show}; use `genesis transfer show RUN_ID`")
+        print(show(args.show[1], args.tracking_uri))
         return EXIT_OK
     if not args.patches:
-        print("genesis transfer: error: --patches is required (a folder of task stores, or TASK=PATH)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        patches = args.patches[0] if len(args.patches) == 1 and "=" not in args.patches[0] else \
-            dict(p.split("=", 1) for p in args.patches)
-        grid = GridConfig(tasks=_split(args.tasks.lower()), inits=_split(args.inits), seeds=_split(args.seeds, int),
-                          label_fractions=_split(args.label_fractions, float), freeze_encoder=args.freeze_encoder,
-                          preset=args.preset, epochs=args.epochs, max_concurrent=args.max_concurrent,
-                          workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
-                          cells_per_trial=args.per_trial, max_failures=args.max_failures)
-        from pipeline.tasks import get_task
-
-        for t in grid.tasks:
-            get_task(t)
-        result = transfer(grid, patches, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                          storage_path=args.storage_path, ray_address=args.ray_address, name=args.name,
-                          results_dir=args.results)
-    except (PatchStoreError, ValueError, FileNotFoundError) as exc:
-        print(f"genesis transfer: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise preflight.UsageError("--patches is required (a folder of task stores, or TASK=PATH)")
+    if len(args.patches) == 1 and "=" not in args.patches[0]:
+        patches = preflight.shared_path(args.patches[0], "--patches")
+    else:
+        if any("=" not in p for p in args.patches):
+            raise preflight.UsageError(f"--patches {args.patches}: give one folder of task stores, or TASK=PATH for "
+                                       f"each task")
+        patches = {t.strip().lower(): preflight.shared_path(v, f"--patches {t}")
+                   for t, v in (p.split("=", 1) for p in args.patches)}
+    grid = GridConfig(tasks=_split(args.tasks.lower()), inits=_split(args.inits), seeds=_split(args.seeds, int),
+                      label_fractions=_split(args.label_fractions, float), freeze_encoder=args.freeze_encoder,
+                      preset=args.preset, epochs=args.epochs, max_concurrent=args.max_concurrent,
+                      workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+                      cells_per_trial=args.per_trial, max_failures=args.max_failures)
+    for t in grid.tasks:
+        get_task(t)
+    result = transfer(grid, patches, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                      storage_path=args.storage_path, ray_address=args.ray_address, name=args.name,
+                      results_dir=args.results)
     print(result.report())
     return EXIT_OK if result.ok else EXIT_FAILED
 
@@ -409,22 +542,19 @@ def _transfer(args) -> int:
 def _reproduce(args) -> int:
     from pathlib import Path
 
-    from pipeline.patches import PatchStoreError
-    from pipeline.reproduce import ReproduceConfig, StepFailed, reproduce
+    from pipeline import preflight
+    from pipeline.reproduce import ReproduceConfig, reproduce
 
-    try:
-        config = ReproduceConfig(
-            out=Path(args.out), preset=args.preset, data=Path(args.data) if args.data else None,
-            tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=_split(args.seeds, int),
-            label_fractions=_split(args.label_fractions, float), max_concurrent=args.max_concurrent,
-            gpus_per_trial=args.gpus_per_trial, pretrain_workers=args.pretrain_workers,
-            gpus_per_worker=args.gpus_per_worker, pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs,
-            workers=args.workers, tracking_uri=args.tracking_uri, ray_address=args.ray_address,
-            worker_logs=args.worker_logs)
-        result = reproduce(config)
-    except (PatchStoreError, ValueError, FileNotFoundError, StepFailed) as exc:
-        print(f"genesis reproduce: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    config = ReproduceConfig(
+        out=Path(preflight.shared_path(args.out, "--out")), preset=args.preset,
+        data=Path(preflight.shared_path(args.data, "--data")) if args.data else None,
+        tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=_split(args.seeds, int),
+        label_fractions=_split(args.label_fractions, float), max_concurrent=args.max_concurrent,
+        gpus_per_trial=args.gpus_per_trial, pretrain_workers=args.pretrain_workers,
+        gpus_per_worker=args.gpus_per_worker, pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs,
+        workers=args.workers, tracking_uri=args.tracking_uri, ray_address=args.ray_address,
+        worker_logs=args.worker_logs)
+    result = reproduce(config)  # a step that fails raises StepFailed (a RuntimeError: exit 1, named by main)
     print(result.report())
     return EXIT_OK if result.ok else EXIT_FAILED
 
@@ -434,44 +564,33 @@ def _tasks(args) -> int:
 
     from pipeline.tasks import get_task, tasks_table
 
-    try:
-        if args.tasks_command == "list":
-            print(tasks_table(markdown=args.markdown))
-        else:
-            print(json.dumps(get_task(args.task).to_dict(), indent=2))
-    except ValueError as exc:
-        print(f"genesis tasks {args.tasks_command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.tasks_command == "list":
+        print(tasks_table(markdown=args.markdown))
+    else:
+        print(json.dumps(get_task(args.task).to_dict(), indent=2))
     return EXIT_OK
 
 
 def _pretrain(args) -> int:
-    from pipeline.patches import PatchStoreError
+    from pipeline import preflight
     from pipeline.training import preset
     from pipeline.training.pretrain import pretrain
 
-    try:
-        config = preset(args.preset).with_overrides(epochs=args.epochs, batch_size=args.batch_size)
-        result = pretrain(args.patches, config, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                          ray_address=args.ray_address, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                          storage_path=args.storage_path, name=args.name, resume=args.resume,
-                          max_failures=args.max_failures, resume_epochs=args.epochs)
-    except (PatchStoreError, ValueError) as exc:
-        print(f"genesis pretrain: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    config = preset(args.preset).with_overrides(epochs=args.epochs, batch_size=args.batch_size)
+    result = pretrain(preflight.shared_path(args.patches, "--patches"), config, workers=args.workers,
+                      gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address,
+                      tracking_uri=args.tracking_uri, experiment=args.experiment, storage_path=args.storage_path,
+                      name=args.name, resume=args.resume, max_failures=args.max_failures, resume_epochs=args.epochs)
     print(result.report())
     return EXIT_FAILED if result.error else EXIT_OK
 
 
 def _weights(args) -> int:
-    from pipeline.models import CheckpointError
+    from pipeline import preflight
     from pipeline.weights import import_weights
 
-    try:
-        uri = import_weights(args.file, args.name, alias=args.alias, tracking_uri=args.tracking_uri, axes=args.axes)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"genesis weights import: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    tracking = preflight.tracking_uri(args.tracking_uri)
+    uri = import_weights(args.file, args.name, alias=args.alias, tracking_uri=tracking, axes=args.axes)
     print(f"registered {args.file} as {uri}")
     return EXIT_OK
 
@@ -479,8 +598,10 @@ def _weights(args) -> int:
 def _sample_data(args) -> int:
     from pathlib import Path
 
+    from pipeline import preflight
     from pipeline.sample_data.datasets import write_sample
 
+    args.dir = preflight.output_dir(args.dir, "DIR")
     datasets = SAMPLE_DATASETS if args.dataset == "all" else (args.dataset,)
     for name in datasets:
         out = Path(args.dir) / name if args.dataset == "all" else Path(args.dir)

@@ -409,6 +409,15 @@ def reproduce(config: ReproduceConfig, *, steps: Walkthrough | None = None,
     """Data -> stores -> pretraining -> transfer grid (see the module docstring). `after_stores` runs once the
     stores exist (the demo draws its previews there). Raises ValueError for bad settings or data, StepFailed
     when a step's command fails; failed fine-tunings are in the result's table, not raised."""
+    from pipeline import preflight
+
+    # the output folder, the tracking server and the resources, before hours of data steps depend on them
+    preflight.output_dir(config.out, "--out")
+    preflight.ray_resources(workers=config.pretrain_workers, gpus_per_worker=config.gpus_per_worker,
+                            ray_address=config.ray_address, workers_option="--pretrain-workers")
+    preflight.ray_resources(workers=1, gpus_per_worker=config.gpus_per_trial, ray_address=config.ray_address,
+                            gpus_option="--gpus-per-trial")
+    preflight.tracking_uri(config.uri)
     steps = steps or Walkthrough()
     t0 = time.perf_counter()
     Path(config.out).mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@ recorded in MLflow and registered as `genesis-<task>`.
 
 Everything that can be wrong deterministically (unknown task or preset, a store of another task, an empty
 training or validation split, an init that does not fit the model) raises ValueError here, before Ray
-starts, so it is never retried; only worker failures are (`max_failures`, from the last epoch's checkpoint).
+starts, so it is never retried; so are the paths, tracking server and numbers `pipeline.preflight` checks. A
+deterministic error raised inside a worker ends the run at once (`preflight.torch_trainer`), the MLflow run FAILED
+with the cause; only worker failures are retried (`max_failures`, from the last epoch's checkpoint).
 """
 
 from __future__ import annotations
@@ -134,48 +136,51 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
              name: str | None = None, max_failures: int = 1, epochs: int | None = None,
              ray_address: str | None = None,
              fault_injection: dict | None = None) -> FinetuneResult:
+    from pipeline import preflight
     from pipeline.finetune.init import check_init, read_init
-    from pipeline.tracking import create_run, resolve_uri
+    from pipeline.tracking import create_run, mark_failed, run_metrics
 
+    preflight.ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
+                            failures=max_failures)
     prep = prepare(patches, task, preset=preset, freeze_encoder=freeze_encoder, label_fraction=label_fraction,
                    seed=seed, workers=workers, epochs=epochs)
     spec, config = prep.spec, prep.config
-    uri = resolve_uri(tracking_uri)
+    storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
+    uri = preflight.tracking_uri(tracking_uri)
     init_state = read_init(init, uri)
     check_init(config, init_state, init)
-
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.finetune.worker import train_loop_per_worker
 
     name = name or f"genesis-finetune-{spec.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = create_run(uri, experiment, name, tags={"task": spec.name, "preset": preset, "init": init,
                                                       "label_fraction": str(label_fraction), "seed": str(seed),
                                                       "patch_store": prep.store_key})
-    storage = str(Path(storage_path or "ray_results").resolve()) if "://" not in (storage_path or "") else storage_path
-    from pipeline.cluster import ensure_ray
-
-    ensure_ray(ray_address)
-    loop_config = {**prep.loop_config(init=init, tracking_uri=uri, run_id=run_id, gpus_per_worker=gpus_per_worker,
-                                      fault_injection=fault_injection), "init_state": init_state}
-    registered = loop_config["register_as"]
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=scaling(workers, gpus_per_worker),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    registered = prep.loop_config(init=init, tracking_uri=uri, run_id=run_id)["register_as"]
     error, path = None, str(Path(str(storage)) / name)
     try:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+        from pipeline.cluster import ensure_ray
+        from pipeline.finetune.worker import train_loop_per_worker
+
+        ensure_ray(ray_address)
+        loop_config = {**prep.loop_config(init=init, tracking_uri=uri, run_id=run_id, gpus_per_worker=gpus_per_worker,
+                                          fault_injection=fault_injection), "init_state": init_state}
+        trainer = preflight.torch_trainer(
+            train_loop_per_worker, train_loop_config=loop_config,
+            scaling_config=scaling(workers, gpus_per_worker),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
         result = trainer.fit()
         path = str(result.path)
         if result.error:
-            error = str(result.error).splitlines()[0]
-    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    from pipeline.tracking import mark_failed, run_metrics
-
+            error = preflight.failure_reason(result.error)
+    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed, with its cause
+        error = preflight.failure_reason(exc)
+    except BaseException as exc:  # interrupted: the run is not left RUNNING
+        mark_failed(uri, run_id, reason=f"interrupted: {type(exc).__name__}", status="KILLED")
+        raise
     if error:
         mark_failed(uri, run_id, reason=error)
     return FinetuneResult(name=name, task=spec.name, init=init, path=path, mlflow_run_id=run_id, tracking_uri=uri,

@@ -5,7 +5,10 @@ checkpoints), the MLflow run (created here, logged into by rank 0), and how many
 run may take. A killed worker restarts the worker group from the last checkpoint, in the same
 MLflow run; `--resume` continues a stopped run the same way. The config's batch is the global
 batch, split evenly across the workers at the reference's lr; a split that does not divide, or a
-train split smaller than one batch, is refused here before an MLflow run or Ray exists.
+train split smaller than one batch, is refused here before an MLflow run or Ray exists, as are the paths,
+tracking server and numbers `pipeline.preflight` checks. A deterministic error inside a worker (bad data, a bug)
+ends the run at once, named in its report and in the MLflow run's `error` tag (FAILED); only worker and node
+failures take the restarts `max_failures` allows.
 """
 
 from __future__ import annotations
@@ -49,13 +52,31 @@ def _latest_run(storage: Path) -> str | None:
 
 
 def check_data(store, config: PretrainConfig, workers: int) -> None:
-    """What would make every worker fail at its start, said before Ray starts: a global batch that does not
-    split across the workers, or a train split smaller than one global batch."""
-    per_worker_batch(config.batch_size, workers)
+    """What would make every worker fail at its start, said before Ray starts: a task store, a cube the U-Net
+    cannot pool three times, a global batch that does not split across the workers, a train split smaller than
+    one global batch, or a worker whose share of it is smaller than its batch (each rank's share computed as
+    the worker computes it)."""
+    from pipeline.data import CubeStreamConfig, PatchCubes
+
+    if store.is_task:
+        raise ValueError(f"{store.path} is a {store.purpose} patch store; pretraining needs a pretraining store "
+                         f"(`genesis patches pretrain`)")
+    shape = tuple(int(s) for s in store.cubes.shape[2:])
+    if any(s % 8 for s in shape):
+        raise ValueError(f"{store.path}: cubes of {'x'.join(map(str, shape))} voxels; the U-Net pools three times, "
+                         f"so every side must be a multiple of 8")
+    batch = per_worker_batch(config.batch_size, workers)
     n_train = int((store.index["split"] == "train").sum())
     if n_train < config.batch_size:
         raise ValueError(f"{store.path}: the train split has {n_train} cubes, fewer than one global batch of "
                          f"{config.batch_size}; extract more scans or lower --batch-size")
+    stream = CubeStreamConfig(split="train", seed=config.seed, batch_size=config.batch_size,
+                              distinct_scans=config.distinct_scans, buffer_size=config.read_block)
+    for rank in range(workers):
+        share = len(PatchCubes(store.path, stream, rank=rank, world_size=workers))
+        if share < batch:
+            raise ValueError(f"{store.path}: worker {rank} of {workers} gets {share} training cubes per epoch, "
+                             f"fewer than its batch of {batch}; use fewer workers or a larger store")
 
 
 def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per_worker: float = 0,
@@ -64,15 +85,17 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
              resume: bool = False, max_failures: int = 3, register_as: str | None = None,
              system_metrics: bool = True, fault_injection: dict | None = None,
              resume_epochs: int | None = None) -> PretrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    from pipeline import preflight
     from pipeline.patches import PatchStore
-    from pipeline.tracking import PRETRAINED_MODEL, create_run, resolve_uri
+    from pipeline.tracking import PRETRAINED_MODEL, create_run, mark_failed
 
+    # everything that can be wrong before Ray and the MLflow run exist, each naming its option
+    preflight.ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
+                            failures=max_failures)
     store = PatchStore(patches)  # fails early, naming the path, when it is not a patch store
-    uri = resolve_uri(tracking_uri)
-    storage = Path(storage_path or "ray_results").resolve() if "://" not in (storage_path or "") else storage_path
+    storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
+    if "://" not in storage:
+        storage = Path(storage)
     if resume:
         name = name or (_latest_run(Path(storage)) if isinstance(storage, Path) else None)
         if not name or not (Path(storage) / name / RUN_FILE).exists():
@@ -80,48 +103,58 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
         meta = json.loads((Path(storage) / name / RUN_FILE).read_text())
         if meta["patches_key"] != store.key:
             raise ValueError(f"--resume: run {name} trained on patch store {meta['patches_key']}, not {store.key}")
-        run_id, uri = meta["mlflow_run_id"], meta["tracking_uri"]
+        run_id, uri = meta["mlflow_run_id"], preflight.tracking_uri(meta["tracking_uri"])
         # the run continues with its own settings; only a longer schedule may be asked for
         config = PretrainConfig.from_dict(meta["config"]).with_overrides(epochs=resume_epochs)
         check_data(store, config, workers)
     else:
         check_data(store, config, workers)  # before an MLflow run or Ray exists
+        uri = preflight.tracking_uri(tracking_uri)
         name = name or f"genesis-pretrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = create_run(uri, experiment, name, tags={"preset": config.preset, "patch_store": store.key})
-        if isinstance(storage, Path):
-            (storage / name).mkdir(parents=True, exist_ok=True)
-            (storage / name / RUN_FILE).write_text(json.dumps({
-                "mlflow_run_id": run_id, "tracking_uri": uri, "patches": str(Path(patches).resolve()),
-                "patches_key": store.key, "config": config.to_dict()}, indent=1))
+        try:
+            if isinstance(storage, Path):
+                (storage / name).mkdir(parents=True, exist_ok=True)
+                (storage / name / RUN_FILE).write_text(json.dumps({
+                    "mlflow_run_id": run_id, "tracking_uri": uri, "patches": str(Path(patches).resolve()),
+                    "patches_key": store.key, "config": config.to_dict()}, indent=1))
+        except BaseException as exc:  # the run exists now: never leave it RUNNING
+            mark_failed(uri, run_id, reason=preflight.failure_reason(exc))
+            raise
 
-    from pipeline.cluster import ensure_ray
-
-    ensure_ray(ray_address)
-    loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": uri,
-                   "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
-                   "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics,
-                   # tests only: {"rank": 1, "epoch": 1, "marker": path} kills that worker once
-                   "fault_injection": fault_injection}
-    from pipeline.training.worker import train_loop_per_worker
-
-    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
     error = None
     try:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+        from pipeline.cluster import ensure_ray
+
+        ensure_ray(ray_address)
+        loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": uri,
+                       "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
+                       "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics,
+                       # tests only: {"rank": 1, "epoch": 1, "marker": path} kills that worker once
+                       "fault_injection": fault_injection}
+        from pipeline.training.worker import train_loop_per_worker
+
+        resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+        trainer = preflight.torch_trainer(
+            train_loop_per_worker, train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
         result = trainer.fit()
         metrics = dict(result.metrics or {})
         path = str(result.path)
         if result.error:
-            error = str(result.error).splitlines()[0]
-    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed
-        metrics, path, error = {}, str(Path(str(storage)) / name), f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            error = preflight.failure_reason(result.error)
+    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed, with its cause
+        metrics, path, error = {}, str(Path(str(storage)) / name), preflight.failure_reason(exc)
+    except BaseException as exc:  # interrupted: the run is not left RUNNING
+        mark_failed(uri, run_id, reason=f"interrupted: {type(exc).__name__}", status="KILLED")
+        raise
     if error:
-        from pipeline.tracking import mark_failed
-
-        mark_failed(uri, run_id)
+        mark_failed(uri, run_id, reason=error)
     return PretrainResult(name=name, path=path, mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, error=error)

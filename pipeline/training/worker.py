@@ -26,6 +26,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    attempts = (cfg.get("fault_injection") or {}).get("attempts")
+    if attempts:  # tests only: one line per worker start, so a test can count the restarts of a run
+        with open(attempts, "a", encoding="utf-8") as f:
+            f.write(f"{rank}\n")
     batch = per_worker_batch(config.batch_size, world)
     torch.manual_seed(config.seed)  # the model's initial weights; every other draw has its own generator
 

@@ -2,6 +2,8 @@
 MLflow parent run with one child run per fine-tuning, ending in the paper's table.
 
 Order of work, and why:
+0. The paths, the tracking server and the numbers are checked first (`pipeline.preflight`): nothing starts
+   when one is wrong.
 1. Every fine-tuning is checked on the driver first (`pipeline.finetune.run.prepare`, the init read once per
    init and fitted to each task's model): what is wrong deterministically becomes a FAILED child run with
    its reason and never reaches Ray, so it is reported, not retried.
@@ -153,11 +155,18 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     from pipeline.finetune.init import check_init, read_init
     from pipeline.finetune.run import prepare
     from pipeline.patches import PatchStore
-    from pipeline.tracking import create_run, mark_failed, resolve_uri
+    from pipeline.tracking import create_run, mark_failed
     from pipeline.transfer.table import cells_from_mlflow
     from pipeline.transfer.trial import child_tags, run_trial
 
-    uri = resolve_uri(tracking_uri)
+    from pipeline import preflight
+
+    preflight.ray_resources(workers=grid.workers_per_trial, gpus_per_worker=grid.gpus_per_trial,
+                            ray_address=ray_address, failures=grid.max_failures, workers_option="--workers-per-trial",
+                            gpus_option="--gpus-per-trial")
+    storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
+    results_dir = preflight.output_dir(results_dir, "--results")
+    uri = preflight.tracking_uri(tracking_uri)
     stores = find_task_stores(patches, grid.tasks)
     store_keys = {t: PatchStore(p).key for t, p in stores.items()}
     cells = cells_of(grid, store_keys)
@@ -171,8 +180,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
                 "preset": grid.preset, "freeze_encoder": grid.freeze_encoder, "gpus_per_trial": grid.gpus_per_trial,
                 "workers_per_trial": grid.workers_per_trial, "max_failures": grid.max_failures,
                 "name": f"transfer-{parent[:8]}-a{attempt}", "fault_injection": fault_injection,
-                "storage": str(Path(storage_path or "ray_results").resolve()) if "://" not in (storage_path or "")
-                else storage_path}
+                "storage": storage}
     print(f"genesis transfer: {len(cells)} fine-tunings, {len(cells) - len(pending)} already finished "
           f"(parent run {parent}, attempt {attempt})", flush=True)
 
@@ -273,12 +281,12 @@ def set_champions(uri: str, cells: pd.DataFrame) -> dict[str, str]:
 
 def show(run_id: str, tracking_uri: str | None = None) -> str:
     """The table of a transfer grid's parent run, rebuilt from MLflow alone."""
-    from pipeline.tracking import resolve_uri
+    from pipeline import preflight
     from pipeline.transfer import table as T
 
-    uri = resolve_uri(tracking_uri)
     if not re.fullmatch(r"[0-9a-f]{32}", run_id):
         raise ValueError(f"{run_id!r} is not an MLflow run id (32 hex digits)")
+    uri = preflight.tracking_uri(tracking_uri)
     cells = T.cells_from_mlflow(uri, run_id)
     if cells.empty:
         raise ValueError(f"run {run_id} at {uri} has no child fine-tuning runs (not a transfer grid's parent run?)")

@@ -3,7 +3,8 @@ Tune: `TuneReportCallback` in the trainer's `ray.train.RunConfig`) running a gro
 
 The trial creates each fine-tuning's MLflow run as a child of the grid's parent run right before it fits,
 so a queued trial shows nothing as RUNNING. It never raises: whatever ends the trainer (a worker that kept
-dying past `max_failures`) is written as the reason on each fine-tuning of the group that did not finish,
+dying past `max_failures`, or at once a deterministic error: `pipeline.preflight.torch_trainer`) is written as
+the reason on each fine-tuning of the group that did not finish,
 and Tune moves on to the next trial.
 """
 
@@ -27,8 +28,9 @@ def run_trial(config: dict, groups: list | None = None, init_refs: dict | None =
     """`config["group"]` indexes `groups` (each: a list of (Cell, Prepared)); `init_refs`: init -> object ref
     of its state dict (None for scratch); `settings`: the grid's tracking URI, parent run, storage, resources."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.preflight import failure_reason, torch_trainer
 
     from pipeline.finetune.run import scaling
     from pipeline.finetune.worker import train_group_per_worker
@@ -45,7 +47,7 @@ def run_trial(config: dict, groups: list | None = None, init_refs: dict | None =
                                            gpus_per_worker=settings["gpus_per_trial"],
                                            fault_injection=settings.get("fault_injection")))
     used = {cell.init for cell, _ in group}
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_group_per_worker,
         train_loop_config={"cells": loop_cells, "init_states": {k: v for k, v in init_refs.items() if k in used}},
         scaling_config=scaling(settings["workers_per_trial"], settings["gpus_per_trial"]),
@@ -57,9 +59,9 @@ def run_trial(config: dict, groups: list | None = None, init_refs: dict | None =
     try:
         result = trainer.fit()
         if result.error:
-            error = str(result.error).splitlines()[0]
+            error = failure_reason(result.error)
     except Exception as exc:  # noqa: BLE001 - recorded on the group's runs; the grid goes on
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        error = failure_reason(exc)
     finished = 0
     for run_id in run_ids:
         status = run_status(uri, run_id)

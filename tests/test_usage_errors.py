@@ -1,0 +1,331 @@
+"""Usage errors are errors (exit 2, one line naming the option and the problem), found before Ray, Dask or an
+MLflow run start; deterministic errors inside Ray Train workers end the run at once, its MLflow run FAILED."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from conftest import write_mhd
+
+from pipeline import preflight
+from pipeline.cli import build_parser, classify, main
+from pipeline.patches import PretrainPatchConfig, extract_pretrain
+from pipeline.training.config import tiny
+from pipeline.volume_store import convert
+
+CUBE = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=4, border_yx=4, border_z=2, min_slices=16)
+
+
+@pytest.fixture(scope="module")
+def patch_store(tmp_path_factory) -> str:
+    """A pretraining store of 5 small scans (subsets 0-3 train, 5 validation): 16 train cubes."""
+    root = tmp_path_factory.mktemp("usage_store")
+    rng = np.random.default_rng(0)
+    for i, subset in enumerate([0, 1, 2, 3, 5]):
+        vol = np.full((24, 40, 40), 40, dtype=np.int16)
+        vol[:, :, :22] = -850
+        write_mhd(root / "src" / f"subset{subset}" / f"1.2.{i}.mhd", (vol + rng.normal(0, 10, vol.shape)).astype(np.int16))
+    assert convert([str(root / "src")], str(root / "vs"), workers=1, progress=False).ok
+    return str(extract_pretrain(str(root / "vs"), CUBE, out_root=str(root / "ps"), workers=1, progress=False).path)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Path:
+    """A folder this process cannot write in: mode 555, or (root ignores modes) a sysfs folder."""
+    if os.geteuid() == 0:
+        path = Path("/sys/fs")
+        if not path.is_dir():
+            pytest.skip("running as root without /sys/fs: no folder root cannot write in")
+        yield path
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    yield ro
+    ro.chmod(0o755)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_error_line(err: str, *needles: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _no_ray_started():
+    ray = sys.modules.get("ray")
+    return ray is None or not ray.is_initialized()
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_store_path_that_is_a_file_under_a_file_or_read_only_is_exit_2(tmp_path, read_only_dir, capsys):
+    src = tmp_path / "luna" / "subset0"
+    write_mhd(src / "1.2.3.mhd", np.zeros((8, 16, 16), np.int16))
+    afile = tmp_path / "afile"
+    afile.write_text("not a store", encoding="utf-8")
+    cases = [(afile, "is a file, not a folder"), (afile / "store", "is a file, so no folder can be made under it"),
+             (read_only_dir / "store", "cannot write in")]
+    for store, problem in cases:
+        capsys.readouterr()
+        code = main(["convert", str(tmp_path / "luna"), "--store", str(store), "--workers", "1", "--no-progress"])
+        assert code == 2, (store, capsys.readouterr())
+        _one_error_line(capsys.readouterr().err, "genesis convert: error: --store", str(store), problem)
+    assert not (read_only_dir / "store").exists()
+    # the other commands that write a folder or file check it the same way
+    for argv, option in ((["patches", "pretrain", "--store", str(tmp_path / "vs"), "--out", str(afile)], "--out"),
+                         (["sample-data", str(afile / "x"), "--no-real"], "DIR"),
+                         (["patches", "preview", str(tmp_path / "ps"), "--out", str(afile / "p.png")], "--out"),
+                         (["stores", "preview", str(tmp_path / "vs"), "1.2.3", "--out", str(tmp_path)], "--out")):
+        assert main(argv) == 2, argv
+        _one_error_line(capsys.readouterr().err, option)
+
+
+def test_read_only_storage_path_fails_before_an_mlflow_run_exists(patch_store, tmp_path, read_only_dir, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for storage in (read_only_dir / "ray_results", tmp_path / "afile" / "ray_results"):
+        (tmp_path / "afile").write_text("x", encoding="utf-8")
+        t0 = time.perf_counter()
+        code = main(["pretrain", "--patches", patch_store, "--tracking-uri", uri, "--storage-path", str(storage)])
+        assert code == 2
+        assert time.perf_counter() - t0 < 20
+        _one_error_line(capsys.readouterr().err, "genesis pretrain: error: --storage-path", str(storage))
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was created (none left RUNNING)
+    assert _no_ray_started()
+
+
+# --------------------------------------------------------------------------- tracking server
+
+
+def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(patch_store, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.perf_counter()
+    code = main(["pretrain", "--patches", patch_store, "--tracking-uri", uri, "--storage-path", str(tmp_path / "r")])
+    took = time.perf_counter() - t0
+    assert code == 2 and took < 20, took
+    _one_error_line(capsys.readouterr().err, f"--tracking-uri {uri}", "does not answer")
+    assert not (tmp_path / "r").exists() and _no_ray_started()
+    # MLflow's own retries are bounded for our processes (its default: 7 retries, about 4 minutes)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == preflight.MLFLOW_HTTP_RETRIES
+    # a server that accepts the connection and never answers: refused after the probe's timeout
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        t0 = time.perf_counter()
+        with pytest.raises(preflight.UsageError, match="does not answer"):
+            preflight.tracking_uri(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+        assert time.perf_counter() - t0 < 5
+    # the same check for the commands that only talk to MLflow
+    assert main(["transfer", "show", "0" * 32, "--tracking-uri", uri]) == 2
+    _one_error_line(capsys.readouterr().err, "genesis transfer: error: --tracking-uri", uri)
+
+
+# --------------------------------------------------------------------------- numbers and data
+
+
+def test_numbers_out_of_range_are_refused_before_ray(patch_store, tmp_path, capsys):
+    for argv, option in ((["pretrain", "--patches", patch_store, "--gpus-per-worker", "-1"], "--gpus-per-worker"),
+                         (["pretrain", "--patches", patch_store, "--gpus-per-worker", "1.5"], "--gpus-per-worker"),
+                         (["pretrain", "--patches", patch_store, "--max-failures", "-2"], "--max-failures"),
+                         (["finetune", "--task", "ecc", "--patches", patch_store, "--label-fraction", "0"],
+                          "--label-fraction"),
+                         (["transfer", "--patches", str(tmp_path), "--gpus-per-trial", "-0.5"], "--gpus-per-trial")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        _one_error_line(capsys.readouterr().err, f"argument {option}")
+    # the stage functions check the same, for callers that are not the command line
+    from pipeline.training.pretrain import pretrain
+
+    with pytest.raises(preflight.UsageError, match="--gpus-per-worker -1: must be >= 0"):
+        pretrain(patch_store, tiny(), gpus_per_worker=-1, tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(preflight.UsageError, match="local Ray would have 0 GPU"):
+            preflight.ray_resources(workers=1, gpus_per_worker=1, ray_address=None)
+    assert not (tmp_path / "m.db").exists() and _no_ray_started()
+
+
+def test_empty_or_too_small_patch_store_is_refused_before_ray(patch_store, tmp_path, capsys):
+    import shutil
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "r")]
+    # 16 training cubes: a global batch of 32 is more than the store holds
+    assert main(["pretrain", "--patches", patch_store, "--batch-size", "32", *common]) == 2
+    _one_error_line(capsys.readouterr().err, patch_store, "16 cubes, fewer than one global batch of 32")
+    # a batch of 6 does not split over 4 workers
+    assert main(["pretrain", "--patches", patch_store, "--batch-size", "6", "--workers", "4", *common]) == 2
+    _one_error_line(capsys.readouterr().err, "does not split evenly across 4 Ray workers")
+    # an empty store: its index holds no cube
+    empty = tmp_path / "empty"
+    shutil.copytree(patch_store, empty)
+    index = pd.read_parquet(empty / "index.parquet")
+    index.iloc[:0].to_parquet(empty / "index.parquet")
+    assert main(["pretrain", "--patches", str(empty), *common]) == 2
+    _one_error_line(capsys.readouterr().err, "the train split has 0 cubes")
+    assert not (tmp_path / "mlflow.db").exists() and _no_ray_started()
+
+
+# --------------------------------------------------------------------------- Ray jobs
+
+
+def test_relative_paths_inside_a_ray_job_are_refused_or_resolved_against_the_shared_root(patch_store, tmp_path,
+                                                                                         monkeypatch, capsys):
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_test")
+    monkeypatch.delenv(preflight.SHARED_ROOT_ENV, raising=False)
+    assert preflight.in_ray_job()
+    for argv, option in ((["pretrain", "--patches", patch_store, "--storage-path", "results"], "--storage-path 'results'"),
+                         (["pretrain", "--patches", patch_store, "--storage-path", str(tmp_path)],
+                          "--tracking-uri (default"),
+                         (["convert", str(tmp_path), "--store", "vs"], "--store 'vs'"),
+                         (["reproduce", "--out", "out"], "--out 'out'")):
+        assert main(argv) == 2, argv
+        _one_error_line(capsys.readouterr().err, option, "inside a Ray job", preflight.SHARED_ROOT_ENV)
+    monkeypatch.setenv(preflight.SHARED_ROOT_ENV, str(tmp_path))
+    assert preflight.output_dir("results", "--storage-path") == str(tmp_path / "results")
+    assert preflight.tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert preflight.tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert preflight.shared_path("/abs/store", "--store") == "/abs/store"
+    monkeypatch.setenv(preflight.SHARED_ROOT_ENV, "relative/root")
+    with pytest.raises(preflight.UsageError, match="must be an absolute path"):
+        preflight.shared_path("x", "--out")
+    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID")
+    assert not preflight.in_ray_job()
+    monkeypatch.chdir(tmp_path)
+    assert preflight.shared_path("x", "--out") == str(tmp_path / "x")  # outside a job: the current folder
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_exit_statuses_one_line_and_debug_traceback(tmp_path, capsys):
+    assert classify(preflight.UsageError("--out x: bad")) == (2, "error: --out x: bad")
+    assert classify(ValueError("bad value\nsecond line")) == (2, "error: bad value")
+    assert classify(RuntimeError("the work failed")) == (1, "failed: RuntimeError: the work failed")
+    code, line = classify(TypeError("a bug"))
+    assert code == 1 and "TypeError: a bug" in line and "--debug" in line
+    from pipeline.volume_store.store import StoreLockedError
+
+    assert classify(StoreLockedError("busy"))[0] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["pretrain", "--patches", str(empty)]) == 2
+    _one_error_line(capsys.readouterr().err, "genesis pretrain: error:", "not a patch-store")
+    for argv in (["--debug", "pretrain", "--patches", str(empty)], ["pretrain", "--debug", "--patches", str(empty)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.strip().splitlines()[-1].startswith("genesis pretrain: error:")
+    # argparse errors: one line and the help to read, exit 2
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain"])
+    assert exc.value.code == 2
+    _one_error_line(capsys.readouterr().err, "--patches", "genesis pretrain --help")
+
+
+def test_wiring_for_store_verification_and_scan_size_limit():
+    from pipeline.cli import _bytes
+
+    assert _bytes("4G") == 4 << 30 and _bytes("512M") == 512 << 20 and _bytes("1000") == 1000
+    assert _bytes("1.5GiB") == 3 << 29 and _bytes("2kb") == 2048
+    for bad in ("4X", "-1G", "0", "G"):
+        with pytest.raises(Exception):
+            _bytes(bad)
+    args = build_parser().parse_args(["convert", "src", "--store", "s", "--max-scan-bytes", "4G"])
+    assert args.max_scan_bytes == 4 << 30
+    args = build_parser().parse_args(["stores", "verify", "s", "--repair", "--no-progress"])
+    assert (args.stores_command, args.store, args.repair, args.no_progress) == ("verify", "s", True, True)
+
+
+# --------------------------------------------------------------------------- inside Ray Train
+
+
+def test_failure_policy_retries_worker_deaths_but_not_deterministic_errors():
+    from ray.exceptions import RayActorError
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    trainer_cls = preflight._trainer_class()
+    policy_cls = trainer_cls._initialize_and_run_controller.__code__  # the override exists (Ray's layout held)
+    assert policy_cls and trainer_cls.__name__ == "GenesisTorchTrainer"
+
+    def group_error(exc):
+        return WorkerGroupError("boom", {1: UserExceptionWithTraceback(exc, "Traceback ...")})
+
+    deterministic = group_error(ValueError("train split has 0 cubes"))
+    assert preflight.deterministic_cause(deterministic)[0] == 1
+    reason = preflight.failure_reason(deterministic)
+    assert reason == "ValueError: train split has 0 cubes (worker rank 1); a deterministic error: not retried"
+    assert preflight.deterministic_cause(group_error(RuntimeError("NCCL timeout"))) is None
+    assert preflight.deterministic_cause(WorkerGroupError("dead", {0: RayActorError()})) is None
+    # the policy the trainer hands its controller
+    from pipeline import preflight as pf
+
+    captured = {}
+
+    class Probe(trainer_cls):
+        def __init__(self):  # no Ray needed: only the controller arguments are looked at
+            self.run_config = type("RC", (), {"failure_config": FailureConfig(max_failures=3)})()
+
+    import ray.train.torch
+
+    base = ray.train.torch.TorchTrainer._initialize_and_run_controller
+    try:
+        ray.train.torch.TorchTrainer._initialize_and_run_controller = lambda self, **kw: captured.update(kw)
+        Probe()._initialize_and_run_controller(failure_policy=None, other=1)
+    finally:
+        ray.train.torch.TorchTrainer._initialize_and_run_controller = base
+    policy = captured["failure_policy"]
+    assert policy.make_decision(deterministic) == FailureDecision.RAISE
+    assert policy.make_decision(group_error(RuntimeError("NCCL timeout"))) == FailureDecision.RETRY
+    assert pf.failure_reason(group_error(OSError("disk"))).startswith("OSError: disk (worker rank 1; after the")
+
+
+def test_deterministic_error_inside_a_worker_is_not_retried_and_fails_the_run(ray_local, patch_store, tmp_path):
+    """A store whose cube array is shorter than its index (corrupted after the preflight read the index): every
+    read fails the same way, so the run must end at the first failure, not after --max-failures restarts."""
+    import shutil
+
+    from pipeline.training.pretrain import pretrain
+
+    broken = tmp_path / "broken"
+    shutil.copytree(patch_store, broken)
+    cubes = zarr.open_array(str(broken / "cubes"), mode="r+")
+    cubes.resize((2, *cubes.shape[1:]))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    attempts = tmp_path / "attempts.txt"
+    config = tiny().with_overrides(base_channels=2, batch_size=4, steps_per_epoch=1, epochs=1, val_cubes=4,
+                                   figure_cubes=1, read_block=4)
+    res = pretrain(str(broken), config, workers=1, tracking_uri=uri, storage_path=str(tmp_path / "ray"),
+                   max_failures=3, system_metrics=False, register_as="genesis-usage-test",
+                   fault_injection={"rank": -1, "epoch": -1, "marker": str(tmp_path / "m"), "attempts": str(attempts)})
+    assert attempts.read_text(encoding="utf-8").split() == ["0"]  # one start: no restart
+    assert res.error and res.error.startswith("ValueError") and "not retried" in res.error, res.error
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(res.mlflow_run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == res.error
+    meta = json.loads((tmp_path / "ray" / res.name / "genesis_run.json").read_text(encoding="utf-8"))
+    assert meta["mlflow_run_id"] == res.mlflow_run_id
