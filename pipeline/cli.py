@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
+    os.environ["GENESIS_ENTRY_POINT"] = _command(args)  # run tags; Ray workers started below inherit it
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
