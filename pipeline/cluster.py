@@ -1,12 +1,28 @@
 """Where work runs: Dask (a running scheduler, or a local cluster of single-threaded processes) and Ray (a
-running cluster, or a local one that declares the resources our jobs ask for)."""
+running cluster, or a local one that declares the resources our jobs ask for).
+
+Local Dask workers die with the process that started them. Dask's own guard (a pipe whose
+closing a thread in each worker notices) needs that thread to run: a worker stuck in a long call
+that holds the GIL, or stopped, outlives a killed driver and keeps writing into a store a rerun is
+already rebuilding. So each local worker also asks the kernel to SIGKILL it when its parent dies
+(Linux `PR_SET_PDEATHSIG`; elsewhere a thread polls the parent's pid).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 
-__all__ = ["dask_client", "ensure_ray", "TRIAL_RESOURCE", "LOCAL_TRIAL_SLOTS"]
+__all__ = ["dask_client", "ensure_ray", "die_with_parent", "TRIAL_RESOURCE", "LOCAL_TRIAL_SLOTS"]
+
+_DRIVER_PID = "genesis-driver-pid"
+"""Dask config key: the pid of the process whose local workers must die with it (inherited by the workers)."""
+_PR_SET_PDEATHSIG = 1
 
 TRIAL_RESOURCE = "genesis_trial"
 """Custom resource a transfer-grid trial driver takes one unit of (instead of a CPU): declared by `ensure_ray`
@@ -33,11 +49,12 @@ def dask_client(workers: int, scheduler: str | None):
     """A Dask client: the given scheduler, else a local cluster of `workers` single-threaded processes.
 
     With one worker the cluster runs in this process (threads, no process start-up), which is
-    also what one wants under a debugger.
+    also what one wants under a debugger. Local worker processes die with this process (see the
+    module docstring), so a killed run leaves no worker writing behind it.
     """
     from distributed import Client, LocalCluster
 
-    if scheduler:
+    if scheduler:  # someone else's workers: their lifetime is not ours to tie
         with Client(scheduler) as client:
             yield client
         return
@@ -47,8 +64,49 @@ def dask_client(workers: int, scheduler: str | None):
     # task code: 0.1 s to start two workers instead of 1-2 s with spawn. Override with
     # DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD=spawn if a library misbehaves after fork.
     method = os.environ.get("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "fork")
-    with (dask.config.set({"distributed.worker.multiprocessing-method": method}),
-          LocalCluster(n_workers=workers, threads_per_worker=1, processes=workers > 1, dashboard_address=None,
-                       silence_logs=40) as cluster,
+    processes = workers > 1
+    # the preload ties each worker process's life to ours (added to any the user configured)
+    preload = {"preload": [*dask.config.get("distributed.worker.preload", []), __name__]} if processes else {}
+    with (dask.config.set({"distributed.worker.multiprocessing-method": method, _DRIVER_PID: os.getpid()}),
+          LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None,
+                       silence_logs=40, **preload) as cluster,
           Client(cluster) as client):
         yield client
+
+
+def dask_setup(worker) -> None:
+    """Dask preload hook, run in each local worker process as it starts (`preload=["pipeline.cluster"]`)."""
+    import dask
+
+    driver = dask.config.get(_DRIVER_PID, None)
+    if driver is not None and int(driver) != os.getpid():
+        die_with_parent(int(driver))
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when `parent_pid`, its parent, dies - however it dies and whatever this process is doing.
+
+    PR_SET_PDEATHSIG makes the kernel send SIGKILL, which needs no cooperation from a busy or
+    stopped process. Strictly it fires when the parent's thread that forked us ends: for Dask that
+    is the thread watching this worker, which lives as long as the worker does. The parent may
+    already be gone by the time this runs (the signal is only armed for a death still to come):
+    then exit at once.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="die-with-parent",
+                         daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int, every: float = 0.5) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every)
+    os._exit(1)

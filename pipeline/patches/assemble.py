@@ -8,6 +8,12 @@ final array (`shard_rows` cubes) is written by exactly one task that only concat
 encoded chunks of the parts covering it and appends the shard index. Compression happens once,
 in parallel, in the tasks; assembly is I/O. The array then holds exactly the cubes of the index,
 in index order, with no empty rows for scans that gave nothing.
+
+A store is built in a hidden folder and published by one rename; a kill can stop a build at any
+step, so every state of that folder is either resumed or discarded here (`open_building`,
+`building_complete`, `publish`): parts and results are written to a temporary name and renamed,
+a result counts only when its parts are whole, and a folder whose arrays, index and attributes
+are all written is published without redoing anything.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +35,7 @@ from zarr.codecs import BloscCodec
 from pipeline.storage.shard_writer import blosc_codec, write_encoded_shard
 
 __all__ = ["Part", "save_part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC",
-           "open_building"]
+           "open_building", "building_complete", "publish", "stop_point"]
 
 CODEC = ("zstd", 1, "shuffle")
 
@@ -45,11 +55,27 @@ def save_part(path: str | os.PathLike, items: np.ndarray) -> Part:
     codec = blosc_codec(*CODEC)
     items = items.astype(items.dtype.newbyteorder("<"), copy=False)
     encoded = [codec.encode(np.ascontiguousarray(items[i:i + 1])) for i in range(len(items))]
-    with open(f"{path}.bin", "wb") as fh:
+    # Each file appears whole or not at all (a killed task, or a stray worker of a killed run
+    # writing the same part, never leaves a torn one); the sizes go last and vouch for the chunks.
+    tmp = f"{path}.bin.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as fh:
         for data in encoded:
             fh.write(data)
-    np.save(f"{path}.len.npy", np.array([len(d) for d in encoded], dtype=np.int64))
+    os.replace(tmp, f"{path}.bin")
+    tmp = f"{path}.len.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.array([len(d) for d in encoded], dtype=np.int64))
+    os.replace(tmp, f"{path}.len.npy")
     return Part(str(path), len(items))
+
+
+def part_is_whole(path: str | os.PathLike, n: int) -> bool:
+    """Whether the part at `path` holds `n` encoded items: its sizes file lists n sizes that add up to the chunks."""
+    try:
+        sizes = np.load(f"{path}.len.npy")
+        return len(sizes) == n and os.path.getsize(f"{path}.bin") == int(sizes.sum())
+    except (OSError, ValueError):
+        return False
 
 
 def plan_shards(parts: list[Part], shard_rows: int) -> list[list[tuple[str, int, int, int]]]:
@@ -108,21 +134,94 @@ def assemble(group_path: str | os.PathLike, name: str, parts: list[Part], item_s
     plan = plan_shards(parts, shard_rows)
     args = [(array_dir, s, pieces, len(item_shape), shard_rows) for s, pieces in enumerate(plan)]
     if client is None:
-        return sum(write_assembled_shard(*a) for a in args)
+        written = 0
+        for a in args:
+            written += write_assembled_shard(*a)
+            stop_point("assemble")
+        return written
     futures = [client.submit(write_assembled_shard, *a, pure=False) for a in args]
-    return sum(f.result() for f in futures)
+    written = futures[0].result() if futures else 0
+    stop_point("assemble")  # one shard written, the others on their way
+    return written + sum(f.result() for f in futures[1:])
 
 
-def open_building(building: Path) -> dict[int, dict]:
-    """The hidden folder a store is built in, with `results/` and `parts/`; returns the results of
-    the tasks a killed run had already finished (by slot), so a rerun does only the rest."""
-    if not (building / "results").is_dir():
+def stop_point(name: str) -> None:
+    """A named step where kill tests freeze a build: with GENESIS_STOP_AT=name in its environment the
+    process says so on stderr and stops itself (SIGSTOP), so the test can record its process tree and
+    kill it at exactly this step. Otherwise one environment lookup."""
+    if os.environ.get("GENESIS_STOP_AT") == name:
+        print(f"genesis: stopped at {name} (GENESIS_STOP_AT)", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _is_group(path: Path) -> bool:
+    try:
+        return json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("node_type") == "group"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _read_result(path: Path) -> dict | None:
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(r, dict) or not isinstance(r.get("slot"), int) or path.stem != f"{r['slot']:06d}":
+        return None
+    return r
+
+
+def open_building(building: Path, parts_of: Callable[[dict], list[tuple[str, int]]]) -> dict[int, dict]:
+    """The hidden folder a store is built in, with `results/` and `parts/`; returns the results of the
+    tasks a killed run had already finished (by slot), so a rerun does only the rest.
+
+    `parts_of(result)` names the parts a result stands for, as (name in parts/, items). A result
+    counts only when they are all whole; otherwise it is dropped and its task runs again. A folder
+    that lacks `results/`, `parts/` or a readable group `zarr.json` (killed while being made, or an
+    older version's half-published one) is discarded and made anew, as are leftover temporary files.
+    """
+    results, parts = building / "results", building / "parts"
+    if not (results.is_dir() and parts.is_dir() and _is_group(building)):
         shutil.rmtree(building, ignore_errors=True)
         zarr.open_group(str(building), mode="w")  # mode "w" empties the folder: before the subfolders
-        (building / "results").mkdir()
-        (building / "parts").mkdir()
+        results.mkdir()
+        parts.mkdir()
+        return {}
+    for tmp in (*results.glob("*.tmp"), *parts.glob("*.tmp")):
+        tmp.unlink(missing_ok=True)
     done = {}
-    for p in (building / "results").glob("*.json"):
-        r = json.loads(p.read_text())
+    for p in sorted(results.glob("*.json")):
+        r = _read_result(p)
+        if r is None or not all(part_is_whole(parts / name, n) for name, n in parts_of(r)):
+            p.unlink(missing_ok=True)
+            continue
         done[r["slot"]] = r
     return done
+
+
+def building_complete(building: Path, key: str) -> bool:
+    """Whether a build got as far as its attributes (written last, after the arrays and the index):
+    such a folder only needs `publish`."""
+    try:
+        meta = json.loads((building / "zarr.json").read_text(encoding="utf-8"))
+        genesis = meta["attributes"]["genesis"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (isinstance(genesis, dict) and genesis.get("kind") == "patch-store" and genesis.get("key") == key
+            and (building / "index.parquet").is_file())
+
+
+def publish(building: Path, final: Path) -> None:
+    """Drop the build's scaffolding and make `building` the store `final` in one rename.
+
+    Every step can be repeated, so a run killed half-way through publishing is finished by the next.
+    """
+    for d in ("results", "parts"):
+        shutil.rmtree(building / d, ignore_errors=True)
+    for tmp in (*building.glob("*.partial"), *building.glob("*/*.partial")):  # zarr's half-written metadata
+        tmp.unlink(missing_ok=True)
+    try:
+        os.rename(building, final)
+    except OSError as exc:
+        raise RuntimeError(f"cannot publish the patch store: {final} is in the way ({exc.strerror}) and is not "
+                           f"a patch store; move it away and run again") from None

@@ -6,14 +6,17 @@ rerun of an interrupted extraction keeps the finished scans and does only the re
 are then assembled into a cubes array that holds exactly the cubes of the index (scans that gave
 fewer or none leave no empty rows), one writer per shard (`pipeline.patches.assemble`). The
 store becomes visible by one rename when complete.
+
+One build per store at a time: the builder holds `ROOT/.pretrain-<key>.lock` (a `FileLock`, gone
+with the builder however it dies; its workers die with it too, see `pipeline.cluster`). A run
+killed at any step leaves a state the next run resumes: finished scans are kept, a build that got
+as far as its attributes is only published (`pipeline.patches.assemble.open_building`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -28,16 +31,17 @@ import zarr
 from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import Part, assemble, open_building, save_part
+from pipeline.patches.assemble import (Part, assemble, building_complete, open_building, publish, save_part,
+                                       stop_point)
 from pipeline.patches.config import STORE_FORMAT, PretrainPatchConfig, content_key
 from pipeline.patches.encoding import choose_encoding, encode_cubes, storage_dtype
 from pipeline.patches.sampling import sample_cubes, scan_region
 from pipeline.patches.splits import scan_seed, split_of
 from pipeline.patches.store import PatchStore, catalog_hash
+from pipeline.storage.locks import FileLock
 from pipeline.volume_store.store import VolumeStore
 
 __all__ = ["extract_pretrain", "ExtractionResult", "extract_scan", "build_lock"]
-
 
 
 @dataclass
@@ -117,15 +121,16 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
     return result
 
 
-def build_lock(path: Path) -> int:
-    """flock on `path` for the one build of a store allowed at a time (released by the kernel if we die)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RuntimeError(f"another extraction is building {path.name[1:-5]} right now; wait for it") from None
-    return fd
+def build_lock(root: Path, name: str) -> FileLock:
+    """The lock of the one build of store `name` under `root` allowed at a time; `acquire()` raises
+    LockBusyError (a RuntimeError) naming the run that holds it."""
+    return FileLock(root / f".{name}.lock", f"building patch store {name}")
+
+
+def _found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
+    ps = PatchStore(final)
+    return ExtractionResult(path=final, key=key, reused=reused, n_cubes=len(ps), counts=ps.attrs["counts"],
+                            skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0)
 
 
 def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPatchConfig(),
@@ -140,31 +145,39 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
     final = root / f"pretrain-{key}"
     if (final / "zarr.json").exists():
-        ps = PatchStore(final)
-        return ExtractionResult(path=final, key=key, reused=True, n_cubes=len(ps), counts=ps.attrs["counts"],
-                                skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0)
+        return _found(final, key, t0, reused=True)
     root.mkdir(parents=True, exist_ok=True)
-    lock_fd = build_lock(root / f".pretrain-{key}.lock")
-    try:
-        return _build(vstore, catalog, source_hash, config, key, root, final, workers, scheduler, progress, t0)
-    finally:
-        fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        os.close(lock_fd)
+    with build_lock(root, final.name):
+        if (final / "zarr.json").exists():  # published by a run that held the lock until just now
+            return _found(final, key, t0, reused=True)
+        building = root / f".building-{final.name}"
+        if building_complete(building, key):  # a killed run had written everything but not yet renamed
+            publish(building, final)
+            return _found(final, key, t0, reused=False)
+        return _build(vstore, catalog, source_hash, config, key, building, final, workers, scheduler, progress, t0)
 
 
-def _build(vstore, catalog, source_hash, config, key, root, final, workers, scheduler, progress, t0) -> ExtractionResult:
+def _parts_of(result: dict) -> list[tuple[str, int]]:
+    """The part a scan's result stands for (none when the scan gave no cube)."""
+    return [(f"{result['slot']:06d}", len(result["rows"]))] if result["rows"] else []
+
+
+def _build(vstore, catalog, source_hash, config, key, building, final, workers, scheduler, progress,
+           t0) -> ExtractionResult:
     ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
-    building = root / f".building-pretrain-{key}"
     cube = tuple(config.cube_size)
-    done = open_building(building)
+    done = open_building(building, _parts_of)
     encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
-    todo = [(slot, r.scan_id, r.subset) for slot, r in enumerate(ok.itertuples()) if slot not in done]
+    # a scan without a subset reads back from the catalog as NaN when others have one
+    todo = [(slot, r.scan_id, r.subset if isinstance(r.subset, str) else None)
+            for slot, r in enumerate(ok.itertuples()) if slot not in done]
     results = list(done.values())
     from distributed import as_completed
 
     from pipeline.cluster import dask_client
 
     with dask_client(workers, scheduler) as client:
+        stop_point("patches:started")
         if todo:
             bar = tqdm(total=len(ok), initial=len(done), desc="patches", unit="scan", file=sys.stderr,
                        disable=not progress)
@@ -173,6 +186,7 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update(1)
+                stop_point("patches:result")
             bar.close()
         results.sort(key=lambda r: r["slot"])
         parts = [Part(str(building / "parts" / f"{r['slot']:06d}"), len(r["rows"])) for r in results]
@@ -202,9 +216,8 @@ def _build(vstore, catalog, source_hash, config, key, root, final, workers, sche
         "short_scans": [{"scan_id": r["scan_id"], "reason": r["short"]} for r in results if r.get("short")],
     }}
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
-    zarr.open_group(str(building), mode="r+").attrs.update(attrs)
-    shutil.rmtree(building / "results")
-    shutil.rmtree(building / "parts")
-    os.rename(building, final)
+    zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
+    stop_point("patches:publish")
+    publish(building, final)
     return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
                             seconds=time.perf_counter() - t0)

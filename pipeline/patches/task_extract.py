@@ -11,7 +11,9 @@ Layout (a Zarr v3 group, published by one rename when complete)::
 The key hashes the scans' content digests and settings, the table rows used, the TaskSpec's data
 fields and the seed: the same inputs name the same folder, anything changed names a new one.
 Phase 1 is one Dask task per case writing an encoded part and a result file (a rerun keeps finished
-cases); phase 2 assembles the parts into exact arrays, one writer per shard.
+cases); phase 2 assembles the parts into exact arrays, one writer per shard. The build holds
+`ROOT/.task-<task>-<key>.lock` and survives a kill at any step the way the pretraining build does
+(`pipeline.patches.extract`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -36,7 +37,8 @@ import zarr
 from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import Part, assemble, open_building, save_part
+from pipeline.patches.assemble import (Part, assemble, building_complete, open_building, publish, save_part,
+                                       stop_point)
 from pipeline.patches.extract import ExtractionResult, build_lock
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
@@ -208,30 +210,39 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
     name = f"task-{spec.name}-{key}"
     final = root / name
     if (final / "zarr.json").exists():
-        from pipeline.patches.store import PatchStore
-
-        ps = PatchStore(final)
-        return ExtractionResult(path=final, key=key, reused=True, n_cubes=len(ps), counts=ps.attrs["counts"],
-                                skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
-                                failed=ps.attrs.get("failed_items", []),
-                                whole_volume=int((ps.scans["n_cubes"] == 0).sum()))
+        return _found(final, key, t0, reused=True)
     root.mkdir(parents=True, exist_ok=True)
-    lock_fd = build_lock(root / f".{name}.lock")
-    try:
-        return _build(vstore, plan, spec, seed, key, root / f".building-{name}", final, workers, scheduler,
-                      progress, t0, phases)
-    finally:
-        import fcntl
+    with build_lock(root, name):
+        if (final / "zarr.json").exists():  # published by a run that held the lock until just now
+            return _found(final, key, t0, reused=True)
+        building = root / f".building-{name}"
+        if building_complete(building, key):  # a killed run had written everything but not yet renamed
+            publish(building, final)
+            return _found(final, key, t0, reused=False)
+        return _build(vstore, plan, spec, seed, key, building, final, workers, scheduler, progress, t0, phases)
 
-        fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        os.close(lock_fd)
+
+def _found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
+    from pipeline.patches.store import PatchStore
+
+    ps = PatchStore(final)
+    return ExtractionResult(path=final, key=key, reused=reused, n_cubes=len(ps), counts=ps.attrs["counts"],
+                            skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
+                            failed=ps.attrs.get("failed_items", []),
+                            whole_volume=int((ps.scans["n_cubes"] == 0).sum()))
 
 
 def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, final: Path, workers, scheduler,
            progress, t0, phases: dict) -> ExtractionResult:
     """Phase 1 (cases, on Dask), phase 2 (assembly, on Dask), then the tables and the rename; `phases`
     collects the seconds of each, for the benchmark."""
-    done = open_building(building)
+    def parts_of(r: dict) -> list[tuple[str, int]]:  # what extract_case leaves for a case with cubes
+        if not r.get("n"):
+            return []
+        arrays = ("cubes", "masks") if spec.kind == "segmentation" else ("cubes",)
+        return [(f"{r['slot']:06d}.{a}", r["n"]) for a in arrays]
+
+    done = open_building(building, parts_of)
     todo = [(slot, c) for slot, c in enumerate(plan.cases) if c["cubes"] and slot not in done]
     results = dict(done)
     from distributed import as_completed
@@ -241,6 +252,7 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
     tick = time.perf_counter()
     with dask_client(workers, scheduler) as client:
         phases["cluster"] = time.perf_counter() - tick
+        stop_point("patches:started")
         if todo:
             bar = tqdm(total=sum(c["cubes"] for c in plan.cases), initial=len(done), desc=f"{spec.name} cubes",
                        unit="case", file=sys.stderr, disable=not progress)
@@ -250,6 +262,7 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
                 r = fut.result()
                 results[r["slot"]] = r
                 bar.update(1)
+                stop_point("patches:result")
             bar.close()
         ordered = [results[s] for s in sorted(results)]
         phases["cases"] = time.perf_counter() - tick - phases["cluster"]
@@ -288,10 +301,9 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
                          for s in ("train", "validation", "test")},
     }}
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
-    zarr.open_group(str(building), mode="r+").attrs.update(attrs)
-    shutil.rmtree(building / "results")
-    shutil.rmtree(building / "parts")
-    os.rename(building, final)
+    zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
+    stop_point("patches:publish")
+    publish(building, final)
     phases["finish"] = time.perf_counter() - tick
     return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
                             seconds=time.perf_counter() - t0, failed=failed, phases=phases,
