@@ -286,3 +286,19 @@ def test_two_dask_workers_give_the_same_store(volume_store, tmp_path):
     assert one.key == two.key
     np.testing.assert_array_equal(PatchStore(one.path).cubes[...], PatchStore(two.path).cubes[...])
     assert PatchStore(one.path).index.equals(PatchStore(two.path).index)
+
+
+def test_a_damaged_patch_store_cube_is_an_error_not_garbage(volume_store, tmp_path):
+    """Patch stores are shared for months: a flipped byte in a cube's chunk raises (CRC32C), it never reads
+    back as different voxels."""
+    store, _ = volume_store
+    res = extract_pretrain(str(store), TINY, out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    ps = PatchStore(res.path)
+    intact = ps.read_cubes(np.arange(len(ps.index)))
+    shard = next(p for p in sorted((res.path / "cubes" / "c").rglob("*")) if p.is_file())
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first cube's compressed chunk (the index sits at the shard's end)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)crc|checksum"):
+        PatchStore(res.path).read_cubes(np.arange(len(ps.index)))
+    assert intact.shape[0] == len(ps.index)

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
-from pipeline.storage.shard_writer import blosc_codec, write_encoded_shard
+from pipeline.storage.shard_writer import blosc_codec, chunk_codecs, write_encoded_shard
 
 __all__ = ["Part", "save_part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC",
            "open_building", "building_complete", "publish", "stop_point"]
@@ -102,7 +101,7 @@ def create_array(group_path: str | os.PathLike, name: str, n: int, item_shape: t
     typesize = np.dtype(dtype).itemsize
     group.create_array(name, shape=(n,) + tuple(item_shape), dtype=dtype, chunks=(1,) + tuple(item_shape),
                        shards=(shard_rows,) + tuple(item_shape), fill_value=0, overwrite=True,
-                       compressors=[BloscCodec(cname=CODEC[0], clevel=CODEC[1], shuffle=CODEC[2], typesize=typesize)],
+                       compressors=chunk_codecs(CODEC[0], CODEC[1], CODEC[2], typesize),  # Blosc + CRC32C per cube
                        dimension_names=dimension_names)
 
 

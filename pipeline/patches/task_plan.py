@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.patches.store import catalog_rows
 from pipeline.tasks.spec import TaskSpec
 from pipeline.tasks.splits import SPLITS, assign_splits
 from pipeline.volume_store.store import VolumeStore
@@ -59,8 +60,8 @@ def _scan_attrs(vstore: VolumeStore, scan_ids: list[str]) -> dict[str, dict]:
 
 def _digest(rows: pd.DataFrame, extra: object) -> str:
     h = hashlib.sha256()
-    for r in rows.sort_values("scan_id").itertuples():
-        h.update(json.dumps([r.scan_id, r.source_checksum, r.settings_hash, r.subset]).encode())
+    for row in catalog_rows(rows):  # content digests too: a repaired or reconverted scan gives a new key
+        h.update(json.dumps(row).encode())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
