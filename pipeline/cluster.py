@@ -18,7 +18,10 @@ import sys
 import threading
 import time
 
-__all__ = ["dask_client", "ensure_ray", "die_with_parent", "TRIAL_RESOURCE", "LOCAL_TRIAL_SLOTS"]
+from pipeline.dask_tls import client_security
+
+__all__ = ["dask_client", "client_security", "ensure_ray", "die_with_parent", "TRIAL_RESOURCE",
+           "LOCAL_TRIAL_SLOTS"]
 
 _DRIVER_PID = "genesis-driver-pid"
 """Dask config key: the pid of the process whose local workers must die with it (inherited by the workers)."""
@@ -51,11 +54,16 @@ def dask_client(workers: int, scheduler: str | None):
     With one worker the cluster runs in this process (threads, no process start-up), which is
     also what one wants under a debugger. Local worker processes die with this process (see the
     module docstring), so a killed run leaves no worker writing behind it.
+
+    A running scheduler is reached as `client_security` says (pipeline/dask_tls.py): tls:// with the
+    certificates GENESIS_DASK_TLS_DIR names (or Dask's config), plain tcp:// on loopback only unless
+    GENESIS_ALLOW_INSECURE_DASK=1; anything else is one line and exit 2 before any connection. The local
+    cluster listens on 127.0.0.1 only, its HTTP servers included.
     """
     from distributed import Client, LocalCluster
 
     if scheduler:  # someone else's workers: their lifetime is not ours to tie
-        with Client(scheduler) as client:
+        with Client(scheduler, security=client_security(scheduler)) as client:
             yield client
         return
     import dask
@@ -67,9 +75,14 @@ def dask_client(workers: int, scheduler: str | None):
     processes = workers > 1
     # the preload ties each worker process's life to ours (added to any the user configured)
     preload = {"preload": [*dask.config.get("distributed.worker.preload", []), __name__]} if processes else {}
+    # The scheduler and each worker start an HTTP server (metrics, /info pages) even without a dashboard, on
+    # every interface when their address names no host, as in-process (inproc://) clusters' do: pin them to
+    # loopback. `host` would break inproc://, which opens no socket of its own.
+    loopback = {"host": "127.0.0.1"} if processes else {}
     with (dask.config.set({"distributed.worker.multiprocessing-method": method, _DRIVER_PID: os.getpid()}),
           LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None,
-                       silence_logs=40, **preload) as cluster,
+                       scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, worker_dashboard_address="127.0.0.1:0",
+                       silence_logs=40, **loopback, **preload) as cluster,
           Client(cluster) as client):
         yield client
 

@@ -4,7 +4,9 @@ The file goes through the installed Ray's own `prepare_config` and `validate_con
 `create_or_update_cluster` -> `_bootstrap_config` calls), then the security properties of issue 11 are
 asserted on the prepared config. deploy/ray/genesis-env.sh is sourced by real bash, and `ray down`'s
 `ray stop` is run through Ray's own login-shell wrapper (`_with_interactive`); only the two programs the
-scripts call (`ray`, `python`) are stand-ins that record their arguments, so no Ray or MLflow is started.
+scripts call (`ray`, `python`) are stand-ins that record their arguments, so no Ray, MLflow or Dask is
+started (tests/test_dask_tls.py runs the Dask processes those arguments start). The Dask certificates are made
+by the real `python -m pipeline.dask_tls certs`, as `ray up` makes them on the head.
 """
 
 from __future__ import annotations
@@ -68,15 +70,20 @@ def test_ray_launcher_accepts_the_file_and_would_have_rejected_the_old_one(prepa
         validate_config(prepare_config(broken))
 
 
-def test_nothing_binds_to_all_interfaces_and_no_open_dask(prepared):
+def test_nothing_binds_to_all_interfaces_and_dask_is_tls_only(prepared):
     commands = _commands(prepared)
     for c in commands:
         assert "0.0.0.0" not in c, c
         assert "nohup" not in c and "&" not in c.replace("&&", ""), f"unsupervised background process: {c}"
+        # Dask starts only through pipeline.dask_tls (TLS, private address, pid file), never a bare CLI
         assert "dask scheduler" not in c and "dask worker" not in c and "dask-scheduler" not in c, c
+        assert "tcp://" not in c, c
     env = ENV_SH.read_text(encoding="utf-8")
-    assert "0.0.0.0" not in env
-    assert "DASK:" in CONFIG.read_text(encoding="utf-8")  # the marked place for the lead's Dask choice
+    assert "0.0.0.0" not in env and "tcp://" not in env
+    text = CONFIG.read_text(encoding="utf-8")
+    assert "DASK:" not in text and "tcp://HEAD" not in text
+    header = text.split("cluster_name:")[0]
+    assert "--dask-scheduler tls://HEAD_IP:8786" in header  # the line users copy
 
 
 def test_head_and_worker_start_with_token_auth_and_declared_resources(prepared):
@@ -89,25 +96,32 @@ def test_head_and_worker_start_with_token_auth_and_declared_resources(prepared):
     assert "--node-ip-address=$GENESIS_HEAD_IP" in argv and "--num-gpus=0" in argv
     resources = json.loads(next(a for a in argv if a.startswith("--resources=")).split("=", 1)[1])
     assert resources == {"genesis_trial": 100}
-    # MLflow is started (and its credentials written) before Ray, so the first worker sync finds them.
+    # MLflow is started (and its credentials written) before Ray, so the first worker sync finds them; the Dask
+    # scheduler too, so it is up before the autoscaler starts the first worker's Dask workers.
     assert head.index(SOURCE_ENV + "genesis_start_services") < head.index(start[0])
-    assert head[0] == SOURCE_ENV + "ray stop"
+    assert head.index(SOURCE_ENV + "genesis_start_dask_scheduler") < head.index(start[0])
+    assert head[0] == SOURCE_ENV + "ray stop"  # stops the previous MLflow and Dask scheduler first
 
     worker = prepared["worker_start_ray_commands"]
     assert all(c.startswith(SOURCE_ENV) for c in worker)
     wargv = _argv(next(c for c in worker if "ray start" in c), "ray")
     assert "--address=$RAY_HEAD_IP:6379" in wargv and "--num-gpus=$(genesis_gpu_count)" in wargv
+    assert worker[0] == SOURCE_ENV + "ray stop" and worker[-1] == SOURCE_ENV + "genesis_start_dask_worker"
 
     env = ENV_SH.read_text(encoding="utf-8")
     assert "export RAY_AUTH_MODE=token" in env
     assert 'export RAY_AUTH_TOKEN_PATH="$GENESIS_STATE/ray-token"' in env
 
 
-def test_token_generated_on_head_and_distributed(prepared):
+def test_token_and_dask_certificates_generated_on_head_and_distributed(prepared):
     setup = prepared["head_setup_commands"]
     assert SOURCE_ENV + 'python -m pipeline.services ray-token --root "$GENESIS_STATE"' in setup
+    assert SOURCE_ENV + "genesis_make_dask_certs" in setup
     assert "~/genesis-state/ray-token" in prepared["cluster_synced_files"]
     assert "~/.mlflow/credentials" in prepared["cluster_synced_files"]
+    for name in ("ca.pem", "dask.pem", "dask-key.pem"):  # next to the token, where GENESIS_DASK_TLS_DIR points
+        assert f"~/genesis-state/{name}" in prepared["cluster_synced_files"], name
+    assert "~/genesis-state/ca-key.pem" not in prepared["cluster_synced_files"]  # no CA key exists to sync
     header = CONFIG.read_text(encoding="utf-8").split("cluster_name:")[0]
     assert "ray rsync-down ray_cluster.yaml '~/genesis-state/ray-token'" in header
 
@@ -172,11 +186,13 @@ def _calls(home: Path) -> list[str]:
 def test_env_reads_the_head_address_from_the_launchers_copy_of_the_yaml(node_home, prepared):
     r = _bash(node_home, '. ~/genesis-pipeline/deploy/ray/genesis-env.sh; '
                          'printf "%s\\n" "$GENESIS_HEAD_IP" "$RAY_AUTH_MODE" "$RAY_AUTH_TOKEN_PATH" '
-                         '"$MLFLOW_TRACKING_URI" "${PATH%%:*}" "$(type -t ray)"')
+                         '"$MLFLOW_TRACKING_URI" "${PATH%%:*}" "$(type -t ray)" "$GENESIS_DASK_TLS_DIR" '
+                         '"$GENESIS_DASK_SCHEDULER"')
     assert r.returncode == 0, r.stderr
     head_ip = prepared["provider"]["head_ip"]
     assert r.stdout.splitlines() == [head_ip, "token", f"{node_home}/genesis-state/ray-token",
-                                     f"http://{head_ip}:5000", f"{node_home}/genesis-venv/bin", "function"]
+                                     f"http://{head_ip}:5000", f"{node_home}/genesis-venv/bin", "function",
+                                     f"{node_home}/genesis-state", f"tls://{head_ip}:8786"]
     r = _bash(node_home, '. ~/genesis-pipeline/deploy/ray/genesis-env.sh; echo "$GENESIS_HEAD_IP"',
               RAY_HEAD_IP="10.9.8.7")  # on a worker the autoscaler sets it
     assert r.stdout.strip() == "10.9.8.7"
@@ -206,7 +222,56 @@ def test_start_services_binds_mlflow_to_the_private_address_with_auth_inputs(nod
     assert r.returncode == 2 and "head's address is unknown" in r.stderr and _calls(node_home) == []
 
 
-def test_ray_down_stops_mlflow_then_ray(node_home):
+def test_dask_scheduler_and_workers_start_with_tls_on_private_addresses(node_home, prepared):
+    head_ip = prepared["provider"]["head_ip"]
+    state = f"{node_home}/genesis-state"
+    r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_start_dask_scheduler")
+    assert r.returncode == 0, r.stderr
+    assert [shlex.split(c) for c in _calls(node_home)] == [
+        ["python", "-m", "pipeline.dask_tls", "start-scheduler", "--root", state, "--host", head_ip, "--port", "8786"]]
+
+    (node_home / "calls.log").unlink()  # a worker node: the autoscaler sets RAY_HEAD_IP
+    r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_start_dask_worker",
+              RAY_HEAD_IP="10.9.8.7")
+    assert r.returncode == 0, r.stderr
+    assert [shlex.split(c) for c in _calls(node_home)] == [
+        ["python", "-m", "pipeline.dask_tls", "start-worker", "--root", state, "--scheduler", "tls://10.9.8.7:8786",
+         "--nworkers", "4"]]
+
+    (node_home / "ray_bootstrap_config.yaml").unlink()  # no head address: refuse, start nothing
+    (node_home / "calls.log").unlink()
+    for fn in ("genesis_make_dask_certs", "genesis_start_dask_scheduler", "genesis_start_dask_worker"):
+        r = _bash(node_home, f". ~/genesis-pipeline/deploy/ray/genesis-env.sh && {fn}")
+        assert r.returncode == 2 and "head's address is unknown" in r.stderr and _calls(node_home) == [], fn
+
+
+def test_head_makes_the_dask_certificates_the_workers_are_sent(node_home, prepared):
+    """`genesis_make_dask_certs` with the real interpreter: the three files where cluster_synced_files takes
+    them from, the key 0600, the head's address in the certificate; a second `ray up` keeps them."""
+    from cryptography import x509
+
+    real = node_home / "genesis-venv" / "bin" / "python"
+    real.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n', encoding="utf-8")
+    make = ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_make_dask_certs"
+    r = _bash(node_home, make)
+    assert r.returncode == 0, r.stderr
+    assert "generated (absent)" in r.stdout
+    synced = [Path(p.replace("~", str(node_home), 1)) for p in prepared["cluster_synced_files"] if p.endswith(".pem")]
+    assert sorted(p.name for p in synced) == ["ca.pem", "dask-key.pem", "dask.pem"]
+    assert all(p.is_file() for p in synced)
+    state = node_home / "genesis-state"
+    assert stat.S_IMODE((state / "dask-key.pem").stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate((state / "dask.pem").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((state / "ca.pem").read_bytes()))
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert prepared["provider"]["head_ip"] in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    before = {p.name: p.read_bytes() for p in synced}
+    r = _bash(node_home, make)
+    assert r.returncode == 0 and "kept" in r.stdout, r.stderr
+    assert {p.name: p.read_bytes() for p in synced} == before
+
+
+def test_ray_down_stops_mlflow_and_dask_then_ray(node_home):
     # setup-node.sh's hook, twice: one line in ~/.bashrc.
     r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_install_bashrc_hook && "
                          "genesis_install_bashrc_hook")
@@ -219,13 +284,23 @@ def test_ray_down_stops_mlflow_then_ray(node_home):
     argv = argv[:-1] + shlex.split(argv[-1])  # the remote shell's unquoting of the ssh argument
     env = {"HOME": str(node_home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "LC_ALL": "C"}
 
-    (node_home / "genesis-state" / "mlflow.pid").write_text("12345", encoding="utf-8")
+    state = node_home / "genesis-state"
+    (state / "mlflow.pid").write_text("12345", encoding="utf-8")  # the head
+    (state / "dask-scheduler.pid").write_text("12346", encoding="utf-8")
     r = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8", stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
-    assert _calls(node_home) == [f"python -m pipeline.services stop-mlflow --root {node_home}/genesis-state",
-                                 "ray stop"]
+    assert _calls(node_home) == [f"python -m pipeline.services stop-mlflow --root {state}",
+                                 f"python -m pipeline.dask_tls stop --root {state}", "ray stop"]
 
-    (node_home / "genesis-state" / "mlflow.pid").unlink()  # a worker: nothing of ours to stop
+    (state / "mlflow.pid").unlink()  # a worker node: its Dask workers
+    (state / "dask-scheduler.pid").unlink()
+    (state / "dask-worker.pid").write_text("12347", encoding="utf-8")
+    (node_home / "calls.log").unlink()
+    r = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8", stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and _calls(node_home) == [f"python -m pipeline.dask_tls stop --root {state}",
+                                                       "ray stop"]
+
+    (state / "dask-worker.pid").unlink()  # nothing of ours to stop
     (node_home / "calls.log").unlink()
     r = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8", stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and _calls(node_home) == ["ray stop"]

@@ -12,7 +12,7 @@ export GENESIS_RAY_RESULTS="${GENESIS_RAY_RESULTS:-$GENESIS_SHARED/ray_results}"
 export GENESIS_MLFLOW_ARTIFACTS="${GENESIS_MLFLOW_ARTIFACTS:-$GENESIS_SHARED/mlflow/artifacts}"
 
 # Per node, on local disk: the code shipped by file_mounts, its virtual environment, and a 0700 state
-# folder holding the secrets (ray-token, mlflow-admin-password) and the MLflow server's pid, log and auth db.
+# folder holding the secrets (ray-token, mlflow-admin-password, the Dask TLS key) and the services' pids and logs.
 export GENESIS_HOME="$HOME/genesis-pipeline"
 export GENESIS_VENV="${GENESIS_VENV:-$HOME/genesis-venv}"
 export GENESIS_STATE="${GENESIS_STATE:-$HOME/genesis-state}"
@@ -23,6 +23,15 @@ export GENESIS_PYTHON="${GENESIS_PYTHON:-python3.11}"   # builds the venv (setup
 export GENESIS_MLFLOW_PORT="${GENESIS_MLFLOW_PORT:-5000}"
 export GENESIS_MLFLOW_BACKEND="${GENESIS_MLFLOW_BACKEND:-sqlite:///$GENESIS_STATE/mlflow.db}"
 export GENESIS_MLFLOW_USER="${GENESIS_MLFLOW_USER:-admin}"
+
+# Dask for `genesis convert` / `genesis patches` (--dask-scheduler tls://HEAD:8786): a scheduler on the head's
+# private address and GENESIS_DASK_WORKERS single-threaded worker processes on each worker node, all with mutual
+# TLS (python -m pipeline.dask_tls). The head generates ca.pem, dask.pem and dask-key.pem (0600) at `ray up` into
+# GENESIS_DASK_TLS_DIR, next to the Ray token; cluster_synced_files copies them to the workers. Only processes
+# holding dask-key.pem can connect; our clients find it through GENESIS_DASK_TLS_DIR.
+export GENESIS_DASK_PORT="${GENESIS_DASK_PORT:-8786}"
+export GENESIS_DASK_WORKERS="${GENESIS_DASK_WORKERS:-4}"
+export GENESIS_DASK_TLS_DIR="$GENESIS_STATE"   # the paths ray_cluster.yaml's cluster_synced_files names
 
 # The head's private address: RAY_HEAD_IP on workers (set by the autoscaler), else provider.head_ip of
 # the YAML as `ray up` copied it to the head (~/ray_bootstrap_config.yaml), so it is written only once.
@@ -47,6 +56,7 @@ export RAY_AUTH_TOKEN_PATH="$GENESIS_STATE/ray-token"
 
 if [ -n "$GENESIS_HEAD_IP" ]; then
     export MLFLOW_TRACKING_URI="http://$GENESIS_HEAD_IP:$GENESIS_MLFLOW_PORT"
+    export GENESIS_DASK_SCHEDULER="tls://$GENESIS_HEAD_IP:$GENESIS_DASK_PORT"
 fi
 
 genesis_require_head_ip() {
@@ -84,12 +94,39 @@ genesis_start_services() {
     )
 }
 
+genesis_make_dask_certs() {
+    # Head only, at `ray up` (head_setup_commands): the cluster's CA and the one certificate it signs, kept
+    # when present so the workers' copies stay valid.
+    genesis_require_head_ip || return
+    python -m pipeline.dask_tls certs --root "$GENESIS_DASK_TLS_DIR" --hosts "$GENESIS_HEAD_IP"
+}
+
+genesis_start_dask_scheduler() {
+    # Head only: the TLS scheduler on the private address (its HTTP server on 127.0.0.1), detached, pid in
+    # $GENESIS_DASK_TLS_DIR/dask-scheduler.pid.
+    genesis_require_head_ip || return
+    python -m pipeline.dask_tls start-scheduler --root "$GENESIS_DASK_TLS_DIR" \
+        --host "$GENESIS_HEAD_IP" --port "$GENESIS_DASK_PORT"
+}
+
+genesis_start_dask_worker() {
+    # Worker nodes: GENESIS_DASK_WORKERS single-threaded processes under one nanny, TLS, on this node's address
+    # toward the head; they exit by themselves when the scheduler stops (`ray down`), at most a minute after
+    # losing it.
+    genesis_require_head_ip || return
+    python -m pipeline.dask_tls start-worker --root "$GENESIS_DASK_TLS_DIR" \
+        --scheduler "tls://$GENESIS_HEAD_IP:$GENESIS_DASK_PORT" --nworkers "$GENESIS_DASK_WORKERS"
+}
+
 genesis_stop_services() {
-    # Stops what genesis_start_services started on this node (exactly the pid it recorded); a no-op elsewhere.
+    # Stops what genesis_start_services and genesis_start_dask_* started on this node (exactly the pids they
+    # recorded); a no-op where nothing was started.
     if [ -e "$GENESIS_STATE/mlflow.pid" ]; then
         python -m pipeline.services stop-mlflow --root "$GENESIS_STATE"
     fi
-    # DASK: a Dask scheduler/workers started with the cluster would be stopped here (see ray_cluster.yaml).
+    if [ -e "$GENESIS_DASK_TLS_DIR/dask-scheduler.pid" ] || [ -e "$GENESIS_DASK_TLS_DIR/dask-worker.pid" ]; then
+        python -m pipeline.dask_tls stop --root "$GENESIS_DASK_TLS_DIR"
+    fi
 }
 
 genesis_install_bashrc_hook() {
@@ -100,8 +137,9 @@ genesis_install_bashrc_hook() {
     grep -qxF "$hook" "$HOME/.bashrc" || printf '%s\n' "$hook" >> "$HOME/.bashrc"
 }
 
-# `ray stop` on a node also stops the Genesis services there. This is the hook that makes `ray down` leave
-# nothing running: `ray down` runs `ray stop` on the head in a login shell that sources ~/.bashrc.
+# `ray stop` on a node also stops the Genesis services there (MLflow, the Dask scheduler or workers). This is
+# the hook that makes `ray down` leave nothing running: `ray down` runs `ray stop` on the head in a login shell
+# that sources ~/.bashrc; the worker nodes' Dask workers then exit on their own (--death-timeout).
 ray() {
     if [ "${1:-}" = stop ]; then
         genesis_stop_services

@@ -29,5 +29,9 @@ fi
 
 mkdir -p "$GENESIS_STATE"
 chmod 700 "$GENESIS_STATE"
+# The Dask TLS key the head synced here (cluster_synced_files): owner-only whatever the copy did to its mode.
+if [ -e "$GENESIS_DASK_TLS_DIR/dask-key.pem" ]; then
+    chmod 600 "$GENESIS_DASK_TLS_DIR/dask-key.pem"
+fi
 
 genesis_install_bashrc_hook
