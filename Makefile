@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO := demo_output
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test clean-demo cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -24,3 +24,14 @@ test: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# A Ray head and a second Ray node (token auth) and an authenticated MLflow server, all on 127.0.0.1, with pids and
+# connection details in $(GENESIS_CLUSTER)/cluster.json; then `eval "$$(.venv/bin/python -m pipeline.services env)"` and
+# `ray job submit --runtime-env runtime_env.yaml -- ...` (README "On a cluster"). cluster-down stops exactly those.
+GENESIS_CLUSTER ?= cluster
+
+cluster-up: install
+	$(BIN)/python -m pipeline.services cluster-up --dir $(GENESIS_CLUSTER)
+
+cluster-down:
+	$(BIN)/python -m pipeline.services cluster-down --dir $(GENESIS_CLUSTER)

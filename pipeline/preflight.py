@@ -160,6 +160,7 @@ def tracking_uri(uri: str | None, option: str = "--tracking-uri", timeout: float
     from pipeline.tracking import resolve_uri
 
     mlflow_http_limits()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
         uri = "sqlite:///" + shared_path(None, option, default="mlflow.db")
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to where it runs

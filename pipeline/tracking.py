@@ -22,6 +22,9 @@ PRETRAINED_MODEL = "genesis-pretrained"
 
 
 def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: the one given, else MLFLOW_TRACKING_URI (as MLflow itself does; a cluster's nodes export
+    it), else ./mlflow.db; a relative SQLite path is made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri:
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())

@@ -26,6 +26,12 @@ if [ ! -e "$stamp" ]; then
     touch "$stamp"
 fi
 "$GENESIS_VENV/bin/python" -m pip install -q --no-deps -e "$code"
+# runtime_env.yaml runs jobs with $GENESIS_HOME/.venv (as in a plain checkout): point it at the node's venv,
+# which lives outside the synced code (file_mounts sync subfolders of $GENESIS_HOME, never this link).
+if [ "$(readlink -f "$GENESIS_HOME/.venv" 2>/dev/null)" != "$(readlink -f "$GENESIS_VENV")" ]; then
+    rm -rf "$GENESIS_HOME/.venv"
+    ln -s "$GENESIS_VENV" "$GENESIS_HOME/.venv"
+fi
 
 mkdir -p "$GENESIS_STATE"
 chmod 700 "$GENESIS_STATE"

@@ -1,0 +1,134 @@
+"""`python -m pipeline.services COMMAND`: the cluster's services, started detached and stopped by pid.
+
+    start-mlflow --root DIR --host HOST --port PORT [--backend-store-uri URI] [--artifacts-destination PATH_OR_URI]
+                 [--allowed-hosts H1,H2] [--public] [--workers N]
+    stop-mlflow  --root DIR
+    ray-token    --root DIR                      creates DIR/ray-token (0600) if absent, prints its path
+    cluster-up   [--dir cluster] [--head-cpus N] [--node-cpus N] [--object-store-mb M]   (make cluster-up)
+    cluster-down [--dir cluster]                                                          (make cluster-down)
+    add-node     [--dir cluster] [--cpus N]      one more worker node (e.g. replacing one that died)
+    env          [--dir cluster]                 shell exports for `ray job submit` and MLflow: eval "$(...)"
+
+--dir defaults to $GENESIS_CLUSTER, else ./cluster.
+Exit status: 0 done; 1 a service failed to start or stop; 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start-mlflow", help="the authenticated MLflow server, detached")
+    s.add_argument("--root", required=True, type=Path, help="folder of its database, auth files, artifacts, pid, log")
+    s.add_argument("--host", required=True, help="interface to listen on (a private address; 0.0.0.0 needs --public)")
+    s.add_argument("--port", required=True, type=_port)
+    s.add_argument("--backend-store-uri", help="runs and models (default sqlite:///ROOT/mlflow.db)")
+    s.add_argument("--artifacts-destination", help="artifact store, path or URI (default ROOT/artifacts)")
+    s.add_argument("--allowed-hosts", default="", help="Host headers accepted besides HOST:PORT and localhost:PORT")
+    s.add_argument("--public", action="store_true", help="allow --host 0.0.0.0 (every interface)")
+    s.add_argument("--workers", type=_positive, default=2, help="server worker processes (default 2)")
+    s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for it to answer")
+    t = sub.add_parser("stop-mlflow", help="stop the server ROOT/mlflow.pid names")
+    t.add_argument("--root", required=True, type=Path)
+    r = sub.add_parser("ray-token", help="create ROOT/ray-token (0600) if absent; print its path")
+    r.add_argument("--root", required=True, type=Path)
+    for name, text in (("cluster-up", "Ray head + a second node + MLflow, all on 127.0.0.1"),
+                       ("cluster-down", "stop the local cluster's processes"),
+                       ("add-node", "one more Ray worker node for the local cluster"),
+                       ("env", "shell exports that point ray job submit and MLflow at the local cluster")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--dir", type=Path, default=Path(os.environ.get("GENESIS_CLUSTER") or "cluster"),
+                       help="the cluster folder (default: $GENESIS_CLUSTER, else ./cluster)")
+        if name == "cluster-up":
+            c.add_argument("--head-cpus", type=_positive, default=1)
+            c.add_argument("--node-cpus", type=_positive, default=1)
+            c.add_argument("--object-store-mb", type=_positive, default=256)
+            c.add_argument("--mlflow-port", type=_port)
+            c.add_argument("--dashboard-port", type=_port)
+        if name == "add-node":
+            c.add_argument("--cpus", type=_positive, default=1)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.services import local_cluster as lc
+    from pipeline.services.mlflow_server import MlflowServerConfig, start_mlflow, stop_mlflow
+    from pipeline.services.ray_token import ensure_ray_token
+
+    if args.command == "start-mlflow":
+        config = MlflowServerConfig(root=args.root, host=args.host, port=args.port,
+                                    backend_store_uri=args.backend_store_uri,
+                                    artifacts_destination=args.artifacts_destination,
+                                    allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+                                    public=args.public, workers=args.workers, start_timeout_s=args.timeout)
+        server = start_mlflow(config)
+        print(f"MLflow server {server.url} (pid {server.pid}): user {server.user}, password in {server.password_file}; "
+              f"log {server.log}")
+    elif args.command == "stop-mlflow":
+        stopped = stop_mlflow(args.root)
+        print(f"stopped the MLflow server of {args.root.resolve()} (pids {', '.join(map(str, stopped))})" if stopped
+              else f"no MLflow server of {args.root.resolve()} was running")
+    elif args.command == "ray-token":
+        print(ensure_ray_token(args.root))
+    elif args.command == "cluster-up":
+        config = lc.LocalClusterConfig(dir=args.dir, head_cpus=args.head_cpus, node_cpus=args.node_cpus,
+                                       object_store_mb=args.object_store_mb, mlflow_port=args.mlflow_port,
+                                       dashboard_port=args.dashboard_port)
+        print(lc.describe(lc.cluster_up(config)))
+    elif args.command == "cluster-down":
+        stopped = lc.cluster_down(args.dir)
+        print(f"local cluster {args.dir.resolve()} stopped ({len(stopped)} processes)" if stopped
+              else f"no local cluster running in {args.dir.resolve()}")
+    elif args.command == "add-node":
+        node = lc.add_node(args.dir, cpus=args.cpus)
+        print(f"node {node['name']} joined (pid {node['pid']})")
+    elif args.command == "env":
+        sys.stdout.write(lc.cluster_env(args.dir))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.services.processes import ServiceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as err:  # a bad option value (the config dataclasses name it)
+        print(f"python -m pipeline.services {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ServiceError, OSError) as err:
+        print(f"python -m pipeline.services {args.command}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The MLflow tracking server of a cluster, with authentication, started detached and stopped by its pid.
+
+MLflow's own `mlflow server` listens without authentication: anyone who reaches the port could create
+experiments, delete `genesis-pretrained` or replace a model's files. This launcher runs MLflow's basic-auth app
+instead, with everything under one folder ROOT:
+
+    ROOT/mlflow-admin-password   the admin's password, generated (0600); user `admin`
+    ROOT/mlflow-auth.ini         MLflow's auth config (MLFLOW_AUTH_CONFIG_PATH), holds the password (0600)
+    ROOT/mlflow-auth.db          users and permissions
+    ROOT/mlflow-flask-secret     the Flask secret key of the auth app's CSRF protection (0600)
+    ROOT/mlflow.db               runs and registered models (unless --backend-store-uri)
+    ROOT/artifacts/              artifacts, served through the server (unless --artifacts-destination)
+    ROOT/mlflow.pid, mlflow.log  the server process and its output
+    ROOT/mlflow.json             where it listens and how to log in (no secret: the password's file)
+
+MLflow ships no default admin password, but a config that names none makes the server refuse to start, and a
+config left at its example value would be a known password: the password is generated here and set through the
+auth config, so no default credential is ever live. New experiments of a server started this way keep their
+artifacts in the proxied store (`mlflow-artifacts:/`), so clients never need the server's filesystem.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.services.private_files import ensure_secret, read_secret, write_private
+from pipeline.services.processes import ServiceError, owned_process, read_pid, start_detached, stop_tree
+
+__all__ = ["MlflowServerConfig", "MlflowServer", "start_mlflow", "stop_mlflow", "server_info", "ADMIN_USER",
+           "PUBLIC_HOSTS"]
+
+ADMIN_USER = "admin"
+PUBLIC_HOSTS = ("0.0.0.0", "::", "")
+"""Binds to every interface: refused unless asked for with --public."""
+PASSWORD_FILE, INI_FILE, AUTH_DB, SECRET_FILE = ("mlflow-admin-password", "mlflow-auth.ini", "mlflow-auth.db",
+                                                 "mlflow-flask-secret")
+PID_FILE, LOG_FILE, INFO_FILE = "mlflow.pid", "mlflow.log", "mlflow.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlflowServerConfig:
+    root: Path
+    """Folder of the server's database, auth files, artifacts (by default), pid and log."""
+    host: str = "127.0.0.1"
+    """Interface to listen on: the cluster's private address, or loopback (reach it through an SSH tunnel)."""
+    port: int = 5000
+    backend_store_uri: str | None = None
+    """None: sqlite:///ROOT/mlflow.db."""
+    artifacts_destination: str | None = None
+    """Path or URI the server stores artifacts under (None: ROOT/artifacts)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host headers accepted besides the server's own address and an SSH tunnel's (localhost:PORT)."""
+    public: bool = False
+    """Allow binding every interface (0.0.0.0); only behind a firewall that limits who reaches the port."""
+    workers: int = 2
+    """Server worker processes."""
+    start_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.host in PUBLIC_HOSTS and not self.public:
+            raise ValueError(f"--host {self.host or '(empty)'!r} listens on every network interface; give the "
+                             f"cluster's private address (or 127.0.0.1 and an SSH tunnel), or add --public")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port: must be in 1..65535, got {self.port}")
+        if self.workers < 1:
+            raise ValueError(f"--workers: must be >= 1, got {self.workers}")
+        root = Path(self.root)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"--root {root}: exists and is not a folder")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root).resolve()
+
+    @property
+    def backend(self) -> str:
+        return self.backend_store_uri or f"sqlite:///{self.dir / 'mlflow.db'}"
+
+    @property
+    def artifacts(self) -> str:
+        dest = self.artifacts_destination
+        if dest is None:
+            return str(self.dir / "artifacts")
+        return dest if "://" in dest else str(Path(dest).resolve())
+
+    @property
+    def probe_host(self) -> str:
+        """Where this machine reaches the server (a public bind is reached on loopback)."""
+        return "127.0.0.1" if self.host in PUBLIC_HOSTS else self.host
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.probe_host}]" if ":" in self.probe_host else self.probe_host
+        return f"http://{host}:{self.port}"
+
+    def hosts(self) -> list[str]:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        own = [f"{host}:{self.port}", f"localhost:{self.port}", f"127.0.0.1:{self.port}"]
+        return list(dict.fromkeys([*own, *(h for h in self.allowed_hosts if h)]))
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running server: what `ROOT/mlflow.json` records."""
+    url: str
+    user: str
+    password_file: str
+    pid: int
+    log: str
+    backend_store_uri: str
+    artifacts_destination: str
+
+    @property
+    def password(self) -> str:
+        return read_secret(Path(self.password_file))
+
+    def auth_header(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+
+
+def _ini(config: MlflowServerConfig, password: str) -> str:
+    return "\n".join([
+        "[mlflow]",
+        "# written by `python -m pipeline.services start-mlflow`; holds the admin password: keep it 0600",
+        "default_permission = READ",
+        f"database_uri = sqlite:///{config.dir / AUTH_DB}",
+        f"admin_username = {ADMIN_USER}",
+        f"admin_password = {password}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        "grant_default_workspace_access = false",
+        ""])
+
+
+def _probe(url: str, auth: str | None, timeout: float = 5.0) -> int:
+    """HTTP status of a cheap authenticated read (0: nothing answers)."""
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+    if auth:
+        req.add_header("Authorization", auth)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def server_info(root: Path) -> MlflowServer | None:
+    """The server ROOT/mlflow.json describes, if its process is still the one recorded; else None."""
+    root = Path(root).resolve()
+    info_file, pid_file = root / INFO_FILE, root / PID_FILE
+    pid = read_pid(pid_file)
+    if pid is None or not info_file.exists() or owned_process(pid, pid_file.stat().st_mtime) is None:
+        return None
+    info = MlflowServer(**json.loads(info_file.read_text(encoding="utf-8")))
+    return info if info.pid == pid else None
+
+
+def start_mlflow(config: MlflowServerConfig) -> MlflowServer:
+    """Start the authenticated server detached, in its own session, and return once it answers an
+    authenticated request; a server this ROOT already runs on the same address is returned as it is."""
+    root = config.dir
+    running = server_info(root)
+    if running is not None:
+        if running.url != config.url:
+            raise ServiceError(f"{root / PID_FILE}: an MLflow server of this folder already runs at {running.url} "
+                               f"(pid {running.pid}); stop it first (python -m pipeline.services stop-mlflow "
+                               f"--root {root})")
+        return running
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK):
+        raise ServiceError(f"--root {root}: not writable")
+    if not config.artifacts_destination or "://" not in config.artifacts_destination:
+        Path(config.artifacts).mkdir(parents=True, exist_ok=True)
+    if _probe(config.url, None, timeout=2.0):
+        raise ServiceError(f"{config.url}: something already listens there; choose another --port")
+    password = ensure_secret(root / PASSWORD_FILE, nbytes=24)
+    write_private(root / INI_FILE, _ini(config, password))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_URI")}
+    # MLflow's GenAI job runner (a dozen huey processes) serves nothing this pipeline uses
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / INI_FILE),
+               MLFLOW_FLASK_SERVER_SECRET_KEY=ensure_secret(root / SECRET_FILE, nbytes=32))
+    argv = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+            "--host", config.host, "--port", str(config.port), "--workers", str(config.workers),
+            "--backend-store-uri", config.backend, "--serve-artifacts",
+            "--artifacts-destination", config.artifacts, "--allowed-hosts", ",".join(config.hosts())]
+    proc = start_detached(argv, log=root / LOG_FILE, pid_file=root / PID_FILE, env=env, cwd=root)
+    server = MlflowServer(url=config.url, user=ADMIN_USER, password_file=str(root / PASSWORD_FILE), pid=proc.pid,
+                          log=str(root / LOG_FILE), backend_store_uri=config.backend,
+                          artifacts_destination=config.artifacts)
+    auth = server.auth_header()
+    deadline = time.monotonic() + config.start_timeout_s
+    while True:
+        status = _probe(config.url, auth)
+        if status == 200:
+            break
+        failed = None
+        if proc.poll() is not None:
+            failed = f"exited with status {proc.returncode}"
+        elif status == 401:
+            failed = (f"refuses the admin password of {root / PASSWORD_FILE}: {root / AUTH_DB} holds an admin made "
+                      f"with another one (remove {root / AUTH_DB} to start over, or restore the password file)")
+        elif time.monotonic() > deadline:
+            failed = f"did not answer within {config.start_timeout_s:.0f} s"
+        if failed:
+            stop_tree(proc.pid, grace_s=5)
+            (root / PID_FILE).unlink(missing_ok=True)
+            raise ServiceError(f"MLflow server at {config.url} {failed}; its log {root / LOG_FILE} ends:\n"
+                               f"{_tail(root / LOG_FILE)}")
+        time.sleep(0.5)
+    (root / INFO_FILE).write_text(json.dumps(asdict(server), indent=1) + "\n", encoding="utf-8")
+    return server
+
+
+def stop_mlflow(root: Path, grace_s: float = 15.0) -> list[int]:
+    """Stop the server ROOT/mlflow.pid names (its process group and descendants); returns the pids stopped
+    (empty when none was running)."""
+    root = Path(root).resolve()
+    pid_file = root / PID_FILE
+    pid = read_pid(pid_file)
+    if pid is None:
+        return []
+    stopped = []
+    if owned_process(pid, pid_file.stat().st_mtime) is not None:
+        stopped = stop_tree(pid, grace_s=grace_s)
+    pid_file.unlink(missing_ok=True)
+    (root / INFO_FILE).unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,53 @@
+"""Files only their owner may read (0600): tokens, passwords, keys, connection details that carry them.
+
+Created with the mode set at open (never written first and chmod-ed after), and never rewritten when present,
+so a cluster restarted on the same folder keeps its token and its MLflow password.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+__all__ = ["write_private", "ensure_secret", "read_secret"]
+
+
+def write_private(path: Path, text: str) -> None:
+    """(Re)write `path` with mode 0600, atomically (a reader sees the old or the new text, never a part)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_secret(path: Path) -> str:
+    """The secret in `path`; refuses a file others may read (someone else could have it too)."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(f"{path}: readable by others (mode {stat.filemode(mode)}); chmod 600 it or remove it "
+                              f"to have a new one generated")
+    value = path.read_text(encoding="utf-8").strip()
+    if not value:
+        raise ValueError(f"{path}: empty; remove it to have a new one generated")
+    return value
+
+
+def ensure_secret(path: Path, nbytes: int = 32) -> str:
+    """The secret in `path`, generated (`nbytes` random bytes as hex) into a new 0600 file when absent."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            return read_secret(path)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secrets.token_hex(nbytes) + "\n")
+    return read_secret(path)
