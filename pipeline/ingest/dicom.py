@@ -3,7 +3,9 @@
 Headers are read with pydicom (fast, no pixel data) to group and order the slices; voxels are
 decoded by SimpleITK's series reader (GDCM), which applies rescale slope/intercept. Missing or
 irregularly spaced slices make a volume whose geometry is a lie, so such a series is refused
-with the positions where it breaks rather than silently resampled.
+with the positions where it breaks rather than silently resampled. GDCM also turns bad header
+numbers into plausible ones and allocates whatever a header declares, so every slice header is
+checked (`dicom_header`) before GDCM reads a voxel.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pydicom
 import SimpleITK as sitk
 
 from pipeline.ingest.archive import extract_members
+from pipeline.ingest.dicom_header import check_pixel_data, check_series_size, read_slice_header
 from pipeline.ingest.lidc import ConsensusConfig, lidc_header, read_lidc_labels
 from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES, check_ceiling
 from pipeline.ingest.sources import ScanSource
@@ -26,7 +29,7 @@ from pipeline.ingest.volume import Volume, check_geometry, volume_from_image
 __all__ = ["group_series", "group_series_in_zip", "read_dicom", "order_slices"]
 
 _TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "ImagePositionPatient",
-         "ImageOrientationPatient", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"]
+         "ImageOrientationPatient", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"]  # to group a series
 LIDC_LABEL = "nodules"  # the label name of LIDC-IDRI consensus nodules (labels/nodules in the store)
 SPACING_TOLERANCE = 0.05  # relative deviation from the median slice gap that still counts as regular
 
@@ -130,24 +133,34 @@ def group_series_in_zip(archive: str, members: list[str]) -> list[ScanSource]:
     return _group(headers, source_path=archive, archive=archive, kind="dicom-zip")
 
 
-def order_slices(files: list[str]) -> list[str]:
-    """Sort slice files along the slice normal; raise when slices are missing, repeated or uneven."""
-    rows = []
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_TAGS)
-        if not hasattr(ds, "Rows"):
-            continue  # not an image slice (e.g. a structured report in the series)
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            if len(files) == 1:
-                return [f]  # an enhanced (multi-frame) object: the file is the volume
-            raise ValueError(f"series mixes a multi-frame file ({os.path.basename(f)}) with other files")
-        if not hasattr(ds, "ImagePositionPatient") or not hasattr(ds, "ImageOrientationPatient"):
-            raise ValueError(f"slice {os.path.basename(f)} has no ImagePositionPatient/ImageOrientationPatient")
-        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-        normal = np.cross(iop[:3], iop[3:])
-        rows.append((float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))), f))
-    if not rows:
+def order_slices(files: list[str], max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
+                 names: dict[str, str] | None = None) -> list[str]:
+    """Sort slice files along the slice normal; raise when slices are missing, repeated or uneven.
+
+    Every header is checked first (`dicom_header`): its numbers, the series' decoded size
+    against `max_scan_bytes`, and each slice's PixelData length, all before a voxel is read.
+    Reasons name each file by `names[path]` (archive members) or its file name.
+    """
+    def label(f: str) -> str:
+        return (names or {}).get(f) or os.path.basename(f)
+
+    slices = [(h, f) for h, f in ((read_slice_header(f, label(f)), f) for f in files) if h.is_image]  # not a report
+    if not slices:
         raise ValueError("empty series: no image slices")
+    headers = [h for h, _ in slices]
+    check_series_size(headers, max_scan_bytes)
+    for h in headers:
+        check_pixel_data(h)
+    multi = [h for h in headers if h.frames > 1]
+    if multi:
+        if len(files) == 1:
+            return [files[0]]  # an enhanced (multi-frame) object: the file is the volume
+        raise ValueError(f"series mixes a multi-frame file ({multi[0].name}) with other files")
+    rows = []
+    for h, f in slices:
+        if h.position is None or h.orientation is None:
+            raise ValueError(f"slice {h.name} has no ImagePositionPatient/ImageOrientationPatient")
+        rows.append((h.normal_position, f))
     if len(rows) < 2:
         raise ValueError(f"series has {len(rows)} image slice; a volume needs at least 2")
     rows.sort()
@@ -155,8 +168,7 @@ def order_slices(files: list[str]) -> list[str]:
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
         i = int(np.argmin(gaps))
-        raise ValueError(f"duplicate slice position {pos[i]:.3f} mm ({os.path.basename(rows[i][1])}, "
-                         f"{os.path.basename(rows[i + 1][1])})")
+        raise ValueError(f"duplicate slice position {pos[i]:.3f} mm ({label(rows[i][1])}, {label(rows[i + 1][1])})")
     median = float(np.median(gaps))
     bad = np.flatnonzero(np.abs(gaps - median) > SPACING_TOLERANCE * median)
     if bad.size:
@@ -174,17 +186,18 @@ def read_dicom(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES)
         with tempfile.TemporaryDirectory(prefix="genesis-dicom-") as tmp:
             with zipfile.ZipFile(source.archive) as zf:
                 paths = extract_members(zf, list(source.files), tmp, max_scan_bytes)
-            return _read_files(paths, source)
+            return _read_files(paths, source, max_scan_bytes, names=dict(zip(paths, source.files)))
     try:
         total = sum(os.path.getsize(f) for f in source.files)
     except OSError as exc:
         raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
     check_ceiling(f"series of {len(source.files)} files", total, max_scan_bytes)
-    return _read_files(list(source.files), source)
+    return _read_files(list(source.files), source, max_scan_bytes)
 
 
-def _read_files(files: list[str], source: ScanSource) -> Volume:
-    ordered = order_slices(files)
+def _read_files(files: list[str], source: ScanSource, max_scan_bytes: int,
+                names: dict[str, str] | None = None) -> Volume:
+    ordered = order_slices(files, max_scan_bytes, names)
     if len(ordered) == 1:
         image = sitk.ReadImage(ordered[0])
     else:

@@ -83,6 +83,12 @@ class Header:
     compressed: bool
     header_end: int
     """Offset of the first byte after the header text."""
+    line_skip: int = 0
+    """Lines skipped in the data file before the byte skip (NRRD line skip); each takes at least a byte."""
+
+    @property
+    def skip_field(self) -> str:
+        return "HeaderSize" if self.format == "metaimage" else "byte skip"
 
 
 def header_format(name: str) -> str | None:
@@ -175,6 +181,9 @@ def _metaimage(head: bytes, name: str, complete: bool, max_scan_bytes: int) -> H
         for v in numbers.get(key, []):
             if not v > 0:
                 raise ValueError(f"header {name}: {key} value {v:g} must be positive ({key} = {fields[key]})")
+    for key in sorted(_MHD_MATRICES & numbers.keys()):
+        m = numbers[key]
+        _check_direction(name, f"{key} = {fields[key]}", [m[0:3], m[3:6], m[6:9]])
     etype = fields["ElementType"]
     if etype not in METAIMAGE_ELEMENT_BYTES:
         raise ValueError(f"header {name}: unknown ElementType {etype!r}")
@@ -197,6 +206,20 @@ def _metaimage(head: bytes, name: str, complete: bool, max_scan_bytes: int) -> H
         names = (data,)
     return Header(name=name, format="metaimage", data_names=names, expected_bytes=expected, skip_bytes=skip,
                   compressed=fields.get("CompressedData", "False").lower() == "true", header_end=end)
+
+
+def _check_direction(name: str, what: str, vectors: list[list[float]]) -> None:
+    """Refuse a direction matrix with a zero or dependent axis: ITK refuses it with its own
+    trace ("Bad direction, determinant is 0"), and no scan has such an orientation."""
+    unit = []
+    for v in vectors:
+        norm = math.sqrt(sum(x * x for x in v))
+        unit.append([x / norm for x in v] if norm > 0 else [0.0] * len(v))
+    (a, b, c), (d, e, f), (g, h, i) = unit
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    if abs(det) < 1e-6:
+        raise ValueError(f"header {name}: {what} is not an invertible direction matrix (determinant {det:g}: an "
+                         f"axis is zero or parallel to another), so the image has no orientation")
 
 
 def _nrrd_vector(name: str, key: str, text: str) -> list[float]:
@@ -257,9 +280,13 @@ def _nrrd(head: bytes, name: str, complete: bool, max_scan_bytes: int) -> Header
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"header {name}: spacings value {t!r} must be a positive finite number")
     for key in ("space directions", "spacedirections"):
+        vectors = []
         for vec in re.findall(r"\([^)]*\)", fields.get(key, "")):
-            if not any(_nrrd_vector(name, "space directions", vec)):
+            vectors.append(_nrrd_vector(name, "space directions", vec))
+            if not any(vectors[-1]):
                 raise ValueError(f"header {name}: space directions vector {vec} is zero (zero spacing)")
+        if len(vectors) == 3 and all(len(v) == 3 for v in vectors):
+            _check_direction(name, f"space directions: {fields[key]}", vectors)
     for key in ("space origin", "spaceorigin"):
         if key in fields:
             _nrrd_vector(name, "space origin", fields[key])
@@ -268,6 +295,9 @@ def _nrrd(head: bytes, name: str, complete: bool, max_scan_bytes: int) -> Header
     skip = fields.get("byte skip", fields.get("byteskip", "0"))
     if not _INT.fullmatch(skip) or int(skip) < -1:
         raise ValueError(f"header {name}: byte skip value {skip!r} is not -1 or a byte count")
+    line_skip = fields.get("line skip", fields.get("lineskip", "0"))
+    if not _INT.fullmatch(line_skip) or int(line_skip) < 0:
+        raise ValueError(f"header {name}: line skip value {line_skip!r} is not a number of lines")
     for data in data_lines:
         if data.upper().startswith("LIST") or "%" in data:
             raise ValueError(f"header {name}: multi-file data file {data!r} is not supported")
@@ -275,7 +305,8 @@ def _nrrd(head: bytes, name: str, complete: bool, max_scan_bytes: int) -> Header
         raise ValueError(f"header {name}: {len(data_lines)} 'data file' fields")
     encoding = fields.get("encoding", "raw").lower()
     return Header(name=name, format="nrrd", data_names=tuple(data_lines), expected_bytes=expected,
-                  skip_bytes=int(skip), compressed=encoding not in ("raw", "txt", "text", "ascii"), header_end=end)
+                  skip_bytes=int(skip), compressed=encoding not in ("raw", "txt", "text", "ascii"), header_end=end,
+                  line_skip=int(line_skip))
 
 
 _NRRD_FIELDS = {"content", "number", "type", "block size", "blocksize", "dimension", "space", "space dimension",
@@ -332,12 +363,44 @@ def _data_name_parts(header: Header, data: str) -> tuple[str, ...]:
 
 def _voxels_end(header: Header) -> int | None:
     """Bytes a header file with its voxels inside (.mha LOCAL, attached .nrrd) must hold; None when
-    the voxels are elsewhere, compressed, or at the end of the file (size unknown)."""
+    the voxels are elsewhere, compressed, or at the end of the file (size unknown). With a line
+    skip it is a least count (a skipped line takes at least a byte)."""
     if header.data_names or header.compressed or header.skip_bytes < 0:
         return None
     if header.format == "metaimage" and header.skip_bytes > 0:  # MetaIO: HeaderSize counts from the file start
         return header.skip_bytes + header.expected_bytes
-    return header.header_end + header.skip_bytes + header.expected_bytes
+    return header.header_end + header.line_skip + header.skip_bytes + header.expected_bytes
+
+
+def _data_file_need(header: Header) -> tuple[int, bool]:
+    """(Least size a detached data file must have, whether that size is exact).
+
+    Lines skipped (NRRD line skip) come first and take a byte each at the least; then the
+    byte skip (or HeaderSize) and the voxels, unless the data is compressed (its size is then
+    unknown) or the voxels end the file (skip -1)."""
+    need = header.line_skip
+    if not header.compressed:
+        need += header.expected_bytes + max(header.skip_bytes, 0)
+    return need, not header.compressed and header.skip_bytes >= 0 and header.line_skip == 0
+
+
+def _check_data_size(header: Header, data: str, size: int) -> None:
+    """Refuse a data file too small for what its header says to skip and read, naming the field."""
+    need, _ = _data_file_need(header)
+    if size >= need:
+        return
+    if header.line_skip > size:
+        raise ValueError(f"header {header.name}: line skip {header.line_skip} is more lines than data file {data} "
+                         f"({size} bytes) can hold; each skipped line takes at least one byte")
+    if header.skip_bytes > size:
+        raise ValueError(f"header {header.name}: {header.skip_field} {header.skip_bytes} is past the end of data "
+                         f"file {data} ({size} bytes)")
+    if header.line_skip:
+        skip = max(header.skip_bytes, 0)
+        raise ValueError(f"data file {data} is {size} bytes, too small for header {header.name}: line skip "
+                         f"{header.line_skip} (a byte a line at least), {header.skip_field} {skip} "
+                         f"and {header.expected_bytes} voxel bytes need at least {need}")
+    raise ValueError(f"truncated data file {data}: {size} bytes, header {header.name} needs {need}")
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -372,10 +435,7 @@ def check_header_file(path: str, max_scan_bytes: int) -> tuple[Header, list[str]
         if not os.path.lexists(given):
             raise ValueError(f"data file {data} named by {header.name} is missing")
         st = _regular(given, f"data file {data} named by {header.name}")
-        if not header.compressed and header.skip_bytes >= 0:
-            need = header.expected_bytes + header.skip_bytes
-            if st.st_size < need:
-                raise ValueError(f"truncated data file {data}: {st.st_size} bytes, header {header.name} needs {need}")
+        _check_data_size(header, data, st.st_size)
         files.append(given)
     need = _voxels_end(header)
     if need is not None and os.path.getsize(path) < need:
@@ -394,7 +454,7 @@ def zip_data_members(zf: zipfile.ZipFile, member: str, header: Header,
     out = []
     total = zf.getinfo(member).file_size
     need = _voxels_end(header)
-    if need is not None and total != need:
+    if need is not None and (total < need or total > need and not header.line_skip):
         if total < need:
             raise ValueError(f"truncated image {header.name}: {total} bytes, the header needs {need}")
         raise LimitError(f"member {member!r} declares {total} bytes ({human_bytes(total)}) but its header needs "
@@ -409,14 +469,11 @@ def zip_data_members(zf: zipfile.ZipFile, member: str, header: Header,
                              f"{os.path.basename(zf.filename or '')}") from None
         if info.is_dir():
             raise ValueError(f"data file {data} named by {header.name} is a folder")
-        if not header.compressed and header.skip_bytes >= 0:
-            need = header.expected_bytes + header.skip_bytes
-            if info.file_size < need:
-                raise ValueError(f"truncated data file {data}: {info.file_size} bytes, header {header.name} "
-                                 f"needs {need}")
-            if info.file_size > need:
-                raise LimitError(f"member {name!r} declares {info.file_size} bytes ({human_bytes(info.file_size)}) "
-                                 f"but header {header.name} needs {need} ({human_bytes(need)}); not extracted")
+        _check_data_size(header, data, info.file_size)
+        need, exact = _data_file_need(header)
+        if exact and info.file_size > need:
+            raise LimitError(f"member {name!r} declares {info.file_size} bytes ({human_bytes(info.file_size)}) "
+                             f"but header {header.name} needs {need} ({human_bytes(need)}); not extracted")
         total += info.file_size
         out.append((info, parts))
     check_ceiling(f"scan {header.name} (declared sizes of its archive members)", total, max_scan_bytes)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES, LimitError, check_ceiling
 from pipeline.ingest.volume import Volume
 
-__all__ = ["check_and_cast", "resample"]
+__all__ = ["check_and_cast", "resample", "resampled_size"]
 
 INT16 = np.iinfo(np.int16)
 
@@ -47,11 +50,34 @@ def _image(arr: np.ndarray, volume: Volume) -> sitk.Image:
     return img
 
 
-def resample(volume: Volume, spacing: tuple[float, float, float]) -> Volume:
-    """Resample to `spacing` (z, y, x mm) over the same physical extent: linear for images, nearest for labels."""
+_MAX_SIDE = 2**31 - 1  # ITK's resampler takes each side as a 32-bit size
+
+
+def resampled_size(volume: Volume, spacing: tuple[float, float, float], max_scan_bytes: int) -> tuple[int, int, int]:
+    """The (z, y, x) size resampling to `spacing` makes, refused when the image and its labels
+    at that size would pass the per-scan ceiling (checked before a voxel is resampled: a fine
+    spacing on a CT asks for tens of gigabytes)."""
+    sides = [n * s / t for n, s, t in zip(volume.shape, volume.spacing, spacing)]
+    itemsize = volume.voxels.dtype.itemsize + sum(v.dtype.itemsize for v in volume.labels.values())
+    mm = "x".join(f"{t:g}" for t in spacing)
+    if not all(math.isfinite(v) and round(v) <= _MAX_SIDE for v in sides):
+        raise LimitError(f"resampling to spacing {mm} mm (z,y,x; --spacing) makes "
+                         f"{'x'.join(f'{v:.3g}' for v in sides)} voxels (about {math.prod(sides) * itemsize:.3g} bytes), a side over {_MAX_SIDE}, more "
+                         f"than ITK can address")
+    size = tuple(max(1, int(round(v))) for v in sides)
+    what = (f"resampling to spacing {mm} mm (z,y,x; --spacing) into {'x'.join(map(str, size))} voxels of "
+            f"{itemsize} bytes{' (image and labels)' if volume.labels else ''}")
+    check_ceiling(what, math.prod(size) * itemsize, max_scan_bytes)
+    return size  # type: ignore[return-value]
+
+
+def resample(volume: Volume, spacing: tuple[float, float, float],
+             max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> Volume:
+    """Resample to `spacing` (z, y, x mm) over the same physical extent: linear for images, nearest for labels.
+
+    The output size is checked against `max_scan_bytes` first (`resampled_size`)."""
+    size = list(reversed(resampled_size(volume, spacing, max_scan_bytes)))
     ref = _image(volume.voxels, volume)
-    size = [max(1, int(round(n * s / t))) for n, s, t in
-            zip(reversed(volume.shape), reversed(volume.spacing), reversed(spacing))]
     out_spacing = tuple(reversed(spacing))
     interp = sitk.sitkLinear
 

@@ -45,8 +45,9 @@ class ConvertSettings:
 
     def __post_init__(self) -> None:
         if self.spacing is not None:
-            if len(self.spacing) != 3 or any(not s > 0 for s in self.spacing):
-                raise ValueError(f"ConvertSettings.spacing must be three positive mm values (z,y,x), got {self.spacing}")
+            if len(self.spacing) != 3 or any(not (0 < s < float("inf")) for s in self.spacing):
+                raise ValueError(f"ConvertSettings.spacing must be three positive finite mm values (z,y,x), "
+                                 f"got {self.spacing}")
         if len(self.chunks) != 3 or any(c < 1 for c in self.chunks):
             raise ValueError(f"ConvertSettings.chunks must be three positive ints, got {self.chunks}")
         if self.shard_depth < 1 or self.shard_depth % self.chunks[0]:
