@@ -16,7 +16,9 @@ URIs, and what each gives:
 - `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`, read with weights_only=True); the
   architecture is read from the weights: width and input channels from the first conv, a U-Net when the state
   has the U-Net's head, an encoder classifier when it has the dense head, instance norm when it has no batch
-  statistics (otherwise the reference's batch-statistics norm).
+  statistics (otherwise the reference's batch-statistics norm). The sizes it reads must lie in
+  `pipeline.model_format.ARG_RANGES`, and the state is compared with the model built on the meta device before
+  the model's memory is allocated, so a state that only claims a large width costs nothing.
 
 The model comes back in eval mode, on `device`. Anything that cannot be loaded is a ValueError naming the URI.
 """
@@ -140,26 +142,38 @@ def _from_state_file(uri: str) -> nn.Module:
 
 def model_from_state_dict(state: dict[str, torch.Tensor], name: str = "the state dict") -> nn.Module:
     """A UNet3D or UNet3DClassifier built to fit `state` (see the module docstring) with `state` loaded."""
+    from pipeline.model_format import ARG_RANGES
     from pipeline.models import UNet3D, UNet3DClassifier
-    from pipeline.models.state_dicts import load_checked
+    from pipeline.models.state_dicts import BATCH_STAT_SUFFIXES, check_state_dict, load_checked
 
     first = state.get(FIRST_CONV)
-    if first is None or first.dim() != 5:
+    if not isinstance(first, torch.Tensor) or first.dim() != 5:
         raise ValueError(f"load_model({name}): no 5-D first conv {FIRST_CONV!r} in its state dict, so not a Genesis "
                          f"U-Net or classifier (keys: {sorted(state)[:5]}...)")
-    width, channels = int(first.shape[0]), int(first.shape[1])
-    norm = "batch_stats" if any(k.endswith("running_mean") for k in state) else "instance"
-    if UNET_HEAD in state:
-        model = UNet3D(base_channels=width, in_channels=channels, out_channels=int(state[UNET_HEAD].shape[0]),
-                       norm=norm)
-    elif CLASSIFIER_HIDDEN in state and CLASSIFIER_OUT in state:
-        model = UNet3DClassifier(base_channels=width, in_channels=channels, norm=norm,
-                                 hidden=int(state[CLASSIFIER_HIDDEN].shape[0]),
-                                 n_outputs=int(state[CLASSIFIER_OUT].shape[0]))
-    else:
+    args: dict[str, object] = {"base_channels": int(first.shape[0]), "in_channels": int(first.shape[1]),
+                               "norm": "batch_stats" if any(k.endswith("running_mean") for k in state) else "instance"}
+    heads = ({"out_channels": UNET_HEAD} if UNET_HEAD in state
+             else {"hidden": CLASSIFIER_HIDDEN, "n_outputs": CLASSIFIER_OUT})
+    if not all(isinstance(state.get(key), torch.Tensor) and state[key].dim() >= 1 for key in heads.values()):
         raise ValueError(f"load_model({name}): neither a U-Net head ({UNET_HEAD!r}) nor a classifier head "
                          f"({CLASSIFIER_HIDDEN!r}, {CLASSIFIER_OUT!r}) in its state dict")
+    args.update({arg: int(state[key].shape[0]) for arg, key in heads.items()})
+    for arg, (low, high) in ARG_RANGES.items():
+        if arg in args and not low <= args[arg] <= high:
+            raise ValueError(f"load_model({name}): its tensors give {arg}={args[arg]}, outside the allowed range "
+                             f"{low}..{high}")
+    cls = UNet3D if "out_channels" in args else UNet3DClassifier
+    # checked on the meta device first: the model's memory is allocated only once every tensor of the state
+    # has its shape, so a state that merely claims a large width costs nothing
     try:
+        with torch.device("meta"):
+            expected = cls(**args).state_dict()
+        if not any(k.endswith(BATCH_STAT_SUFFIXES) for k in expected):  # as load_checked: dropped, not compared
+            compared = {k: v for k, v in state.items() if not k.endswith(BATCH_STAT_SUFFIXES)}
+        else:
+            compared = state
+        check_state_dict(expected, compared, name)
+        model = cls(**args)
         load_checked(model, state, name)
     except ValueError as err:
         raise ValueError(f"load_model({name}): {err}") from err

@@ -14,6 +14,8 @@ import importlib.metadata as md
 import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +171,139 @@ def test_tampered_weights_raise_and_run_no_code(tmp_path):
     with pytest.raises(ValueError, match="architecture 'os.system' is not one of"):
         load_model("models:/tampered/1", tracking_uri=uri)
     assert not marker.exists()
+
+
+# --- issue 9, section 7 (hostile finding): a tampered artifact is one ModelFormatError, and costs no memory ---
+
+#: What the child below runs: under a 3 GiB address-space limit (so the old behaviour, which allocated the
+#: model a tampered config describes before checking it, fails fast instead of swapping the machine), every
+#: case through `pipeline.load_model` or MLflow's own loader, printing the error and how much the peak
+#: resident memory grew. A warm-up load of the untampered model first does every import a load needs.
+_CHILD = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+import mlflow.pyfunc
+from pipeline import load_model
+cases = json.loads(sys.argv[1])
+mlflow.pyfunc.load_model(cases.pop("clean")[1]).predict(__import__("numpy").zeros((1, 1, 16, 16, 16), "float32"))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name, (how, target) in cases.items():
+    try:
+        (mlflow.pyfunc.load_model if how == "pyfunc" else load_model)(target)
+        out = {"type": "loaded", "msg": ""}
+    except BaseException as err:  # RuntimeError, MemoryError, RecursionError: what the old code raised
+        out = {"type": type(err).__name__, "msg": (str(err).splitlines() or [""])[0]}
+    out["grew_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    print(json.dumps({name: out}), flush=True)
+"""
+
+
+def _tampered(src: Path, dest: Path, config: dict | None = None, text: str | None = None) -> str:
+    """A copy of the logged model folder `src` at `dest` with its architecture.json replaced."""
+    shutil.copytree(src, dest)
+    path = dest / "data/genesis/architecture.json"
+    path.write_text(text if text is not None else json.dumps(config), encoding="utf-8")
+    return str(dest)
+
+
+def test_tampered_architecture_is_refused_before_anything_is_allocated(registry, tmp_path):
+    """The hostile finding: base_channels 4 -> 256 (in range) used to build a 1.2 G-parameter model before
+    the weights were compared, 3000 died in torch's allocator, a deeply nested JSON raised RecursionError.
+    Now each is one error naming the field or key, through both loaders, with no memory growth to speak of;
+    a state file whose first conv claims width 256 likewise."""
+    uri, _, _, model_uri = registry
+    folder = _model_dir(uri, model_uri)
+    config = json.loads((folder / "data/genesis/architecture.json").read_text(encoding="utf-8"))
+
+    def kwargs(**changes) -> dict:
+        return {**config, "kwargs": {**config["kwargs"], **changes}}
+
+    wide = _tampered(folder, tmp_path / "wide", kwargs(base_channels=256))
+    huge = _tampered(folder, tmp_path / "huge", kwargs(base_channels=3000))
+    deep = _tampered(folder, tmp_path / "deep", text="[" * 30_000 + "]" * 30_000)  # under the size limit
+    state = tmp_path / "wide_state.pt"
+    torch.save({"down_tr64.ops.0.conv1.weight": torch.zeros(256, 1, 3, 3, 3),
+                "out_tr.final_conv.weight": torch.zeros(1, 512, 1, 1, 1)}, state)
+    cases = {"clean": ("pyfunc", str(folder)), "wide": ("load", wide), "wide_pyfunc": ("pyfunc", wide),
+             "huge": ("load", huge), "huge_pyfunc": ("pyfunc", huge), "deep": ("load", deep),
+             "deep_pyfunc": ("pyfunc", deep), "state": ("load", str(state))}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], cwd=tmp_path, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {k: v for line in proc.stdout.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+    mismatch = (r"weights\.safetensors does not match architecture\.json \(UNet3D\(base_channels=256, .*\)\): "
+                r"dtype/shape mismatches \(\d+\): down_tr64\.ops\.0\.conv1\.weight: expected F32 \[256, 1, 3, 3, 3\], "
+                r"got F32 \[4, 1, 3, 3, 3\]")
+    expected = {"wide": ("ValueError", mismatch), "wide_pyfunc": ("ModelFormatError", mismatch),
+                "huge": ("ValueError", r"architecture\.json: UNet3D argument base_channels=3000 is outside the "
+                                       r"allowed range 1\.\.256"),
+                "huge_pyfunc": ("ModelFormatError", r"base_channels=3000 is outside the allowed range"),
+                "deep": ("ValueError", r"architecture\.json is not valid JSON \(nested deeper than 8 levels\)"),
+                "deep_pyfunc": ("ModelFormatError", r"architecture\.json is not valid JSON \(nested deeper"),
+                "state": ("ValueError", r"wide_state\.pt.* does not match the model: missing keys")}
+    assert set(got) == set(expected), (got, proc.stderr[-2000:])
+    for name, (kind, pattern) in expected.items():
+        assert got[name]["type"] == kind and re.search(pattern, got[name]["msg"]), (name, got[name])
+        # the old code's peak for "wide" was the 4.9 GB model (here: the 3 GiB limit); a refusal costs ~nothing
+        assert got[name]["grew_mb"] < 64, (name, got[name])
+
+
+def test_weights_must_match_the_architecture_key_by_key_in_dtype_and_shape(registry, tmp_path):
+    """The safetensors header is compared with the model (built on the meta device) before its data is read:
+    a tensor of another dtype (which the old code silently cast), an extra tensor, a header whose length lies,
+    data offsets that overlap; and the config is strict JSON (a repeated key, which two readers could read
+    differently, and NaN). Each is one ValueError naming the key or field."""
+    from safetensors.torch import load_file, save_file
+
+    uri, _, model, model_uri = registry
+    folder = _model_dir(uri, model_uri)
+    state = load_file(str(folder / "data/genesis/weights.safetensors"))
+    first = "down_tr64.ops.0.conv1.weight"
+
+    def with_weights(name: str, tensors: dict) -> str:
+        dest = tmp_path / name
+        shutil.copytree(folder, dest)
+        save_file(tensors, str(dest / "data/genesis/weights.safetensors"))
+        return str(dest)
+
+    def with_bytes(name: str, edit) -> str:
+        dest = tmp_path / name
+        shutil.copytree(folder, dest)
+        path = dest / "data/genesis/weights.safetensors"
+        path.write_bytes(edit(path.read_bytes()))
+        return str(dest)
+
+    def overlap(data: bytes) -> bytes:  # the second tensor's range moved back over the first's, same sizes
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        key = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[1]
+        begin, end = header[key]["data_offsets"]
+        header[key]["data_offsets"] = [begin - 4, end - 4]
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8").ljust(n)
+        return data[:8] + text + data[8 + n:] if len(text) == n else pytest.fail("header grew")
+
+    config_text = (folder / "data/genesis/architecture.json").read_text(encoding="utf-8")
+    cases = {
+        with_weights("f64", {**state, first: state[first].double()}):
+            rf"does not match architecture\.json .*dtype/shape mismatches \(1\): {first}: expected F32 "
+            rf"\[4, 1, 3, 3, 3\], got F64 \[4, 1, 3, 3, 3\]",
+        with_weights("extra", {**state, "extra.weight": torch.zeros(3)}): r"unexpected keys \(1\): extra\.weight",
+        with_bytes("lie", lambda d: (2 ** 62).to_bytes(8, "little") + d[8:]):
+            r"weights\.safetensors is not a valid safetensors file.*header length 4611686018427387904 exceeds",
+        with_bytes("overlap", overlap): r"not a valid safetensors file.*overlapping or a gap",
+        _tampered(folder, tmp_path / "repeat",
+                  text=config_text.replace('"base_channels": 4,', '"base_channels": 4, "base_channels": 8,')):
+            r"architecture\.json is not valid JSON \(ValueError: repeated key 'base_channels'",
+        _tampered(folder, tmp_path / "nan", text=config_text.replace('"base_channels": 4', '"base_channels": NaN')):
+            r"architecture\.json is not valid JSON \(ValueError: NaN is not a JSON number",
+    }
+    for target, pattern in cases.items():
+        with pytest.raises(ValueError, match=pattern):
+            load_model(target)
+    # the untampered copy still loads, bit for bit
+    shutil.copytree(folder, tmp_path / "clean")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "clean"))(_cube()), model(_cube()), rtol=0, atol=0)
 
 
 def test_old_pickle_format_is_refused_and_its_payload_is_live(tmp_path):
