@@ -10,5 +10,5 @@ $SUBMIT python jobs/convert.py $S/data/luna16 --store $S/volume_store
 $SUBMIT genesis patches pretrain --store $S/volume_store --out $S/patch_stores
 $SUBMIT genesis patches task ncc --store $S/volume_store --out $S/patch_stores
 $SUBMIT python jobs/pretrain.py --patches "$(ls -d $S/patch_stores/pretrain-*)" --preset tiny --epochs 2 --workers 2 --tracking-uri $MLFLOW_TRACKING_URI --storage-path $S/ray_results --name pretrain-on-cluster
-$SUBMIT python jobs/transfer.py --patches $S/patch_stores --tasks ncc --inits scratch,models:/genesis-pretrained@best --seeds 0 --label-fractions 1 --preset tiny --epochs 1 --per-trial 1 --tracking-uri $MLFLOW_TRACKING_URI --storage-path $S/ray_results --results $S/transfer_results --name transfer-on-cluster
+$SUBMIT python jobs/transfer.py --patches $S/patch_stores --tasks ncc --inits scratch,models:/genesis-pretrained@best --seeds 0 --label-fractions 1 --preset tiny --epochs 1 --tracking-uri $MLFLOW_TRACKING_URI --storage-path $S/ray_results --results $S/transfer_results --name transfer-on-cluster
 cat $S/transfer_results/results.md
