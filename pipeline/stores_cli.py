@@ -16,7 +16,7 @@ def store_kind(path: str | os.PathLike) -> str | None:
     if not meta.is_file():
         return None
     try:
-        return json.loads(meta.read_text()).get("attributes", {}).get("genesis", {}).get("kind")
+        return json.loads(meta.read_text(encoding="utf-8")).get("attributes", {}).get("genesis", {}).get("kind")
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -125,7 +125,7 @@ def list_stores(root: str) -> str:
 
 
 def _summary_row(path: str, kind: str) -> dict:
-    meta = json.loads((Path(path) / "zarr.json").read_text())["attributes"]["genesis"]
+    meta = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))["attributes"]["genesis"]
     row = {"kind": kind, "path": path, "key": meta.get("key", ""), "size_mb": round(dir_size(path) / 1e6, 1),
            "items": "", "config": "", "created": meta.get("created_at", "")}
     if kind == "volume-store":
@@ -150,17 +150,44 @@ def _summary_row(path: str, kind: str) -> dict:
     return row
 
 
+def verify_patch_store(store: str, repair: bool) -> int:
+    """`genesis stores verify PATCH_STORE`: the index and every array (every shard present, every chunk
+    passing its CRC32C), one line each. Patch stores are derived data: nothing is repaired in place,
+    a damaged one is rebuilt from its volume store."""
+    from pipeline.patches import PatchStore
+
+    ps = PatchStore(store)
+    results = ps.verify()
+    for status, part, detail in results:
+        print(f"{status:<8}  {part}  {detail}".rstrip(), flush=True)
+    whole = all(status == "ok" for status, _, _ in results)
+    counts: dict[str, int] = {}
+    for status, _, _ in results:
+        counts[status] = counts.get(status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    rebuild = (f"remove it and rebuild it with `genesis patches {'task ' + ps.attrs['task'] if ps.is_task else 'pretrain'}"
+               f" --store {ps.attrs['volume_store']['path']} ...` (patch stores are not repaired in place)")
+    print(f"{store}: patch store, {summary}; {'whole' if whole else 'NOT whole: ' + rebuild}")
+    if repair and whole:
+        print("nothing to repair")
+    return 0 if whole else 1
+
+
 def verify_command(store: str, repair: bool, progress: bool = True) -> int:
     """`genesis stores verify STORE [--repair]`: one line per scan (`ok|damaged|missing|repaired|failed
-    <scan id>  <detail>`) and a summary; 0 only when the store is whole, 1 otherwise. Raises
-    StoreError for a path that is not a volume store."""
+    <scan id>  <detail>`) and a summary; 0 only when the store is whole, 1 otherwise. A patch store is
+    verified too (`verify_patch_store`). Raises StoreError for a path that is not a store."""
     import sys
 
     from pipeline.volume_store import StoreError, StoreLockedError
     from pipeline.volume_store.verify import verify_store
 
-    if store_kind(store) != "volume-store":
-        raise StoreError(f"{store} is not a volume store (no genesis volume-store attributes in {store}/zarr.json)")
+    kind = store_kind(store)
+    if kind == "patch-store":
+        return verify_patch_store(store, repair)
+    if kind != "volume-store":
+        raise StoreError(f"{store} is not a volume store or patch store (no genesis store attributes in "
+                         f"{store}/zarr.json)")
     try:
         checks, problems = verify_store(store, repair=repair, progress=progress)
     except StoreLockedError as exc:
@@ -189,10 +216,11 @@ if __name__ == "__main__":  # python -m pipeline.stores_cli verify STORE [--repa
     v.add_argument("--repair", action="store_true")
     v.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
+    from pipeline.patches.store import PatchStoreError
     from pipeline.volume_store import StoreError
 
     try:
         sys.exit(verify_command(args.store, args.repair, progress=not args.no_progress))
-    except StoreError as exc:
+    except (StoreError, PatchStoreError) as exc:
         print(f"genesis stores verify: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -323,8 +323,10 @@ def test_unreadable_file_with_a_scans_name_does_not_replace_the_scan(tmp_path, r
         zf.writestr("../1.2.3.mhd", "NDims = 3\n")  # refused member, same scan id
     s = convert([str(tmp_path / "src")], str(tmp_path / "s"), workers=1, progress=False)
     cat = VolumeStore(tmp_path / "s").catalog()
-    rows = cat[cat["scan_id"] == "1.2.3"]
+    assert cat["scan_id"].is_unique  # one row per id: every source of the shared name has an id of its own
+    rows = cat[cat["discovered_id"] == "1.2.3"].set_index("source_path")
     assert sorted(rows["status"]) == ["failed", "failed", "ok"], rows
     assert any("unsafe path" in e for e in rows["error"].dropna())
-    np.testing.assert_array_equal(VolumeStore(tmp_path / "s").read_scan("1.2.3"), arr)
+    sid = rows.loc[str(tmp_path / "src" / "subset0" / "1.2.3.mhd"), "scan_id"]
+    np.testing.assert_array_equal(VolumeStore(tmp_path / "s").read_scan(sid), arr)
     assert not s.ok

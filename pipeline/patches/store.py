@@ -15,6 +15,7 @@ names a new one. A store is built in `ROOT/.building-<name>` and renamed into pl
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from functools import cached_property
@@ -27,12 +28,27 @@ import zarr
 
 import storage_schemas
 from pipeline.storage.attrs import read_genesis_attrs
+from pipeline.volume_store.checked_store import CheckedStore, _array_layout, shard_problem
+from pipeline.volume_store.errors import StoreIntegrityError
 
-__all__ = ["PatchStore", "catalog_hash", "catalog_rows", "PatchStoreError"]
+__all__ = ["PatchStore", "catalog_hash", "catalog_rows", "PatchStoreError", "StoreIntegrityError",
+           "expected_shards"]
 
 
 class PatchStoreError(ValueError):
     """A path that is not a usable patch store."""
+
+
+def expected_shards(name: str, meta: dict) -> list[str]:
+    """The chunk keys (`cubes/c/0/0/0/0/0`, ...) of every shard an array's layout needs.
+
+    Patch-store arrays are written whole (every row is a cube, no fill-value rows), so each shard
+    of the grid must exist; a missing one is damage, not zeros."""
+    shape = [int(n) for n in meta["shape"]]
+    shard = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+    sep = ((meta.get("chunk_key_encoding") or {}).get("configuration") or {}).get("separator", "/")
+    grid = [range(-(-n // c)) for n, c in zip(shape, shard)]
+    return [f"{name}/c{sep}" + sep.join(map(str, idx)) for idx in itertools.product(*grid)]
 
 
 def catalog_rows(catalog: pd.DataFrame) -> list[list]:
@@ -64,7 +80,40 @@ class PatchStore:
 
     @cached_property
     def cubes(self) -> zarr.Array:
-        return zarr.open_array(str(self.path / "cubes"), mode="r")
+        """(N, C, D, H, W) as stored; reads check every CRC32C and refuse a missing shard (see `_open`)."""
+        return self._open("cubes")
+
+    def _open(self, name: str) -> zarr.Array:
+        """Array `name` read through a CheckedStore: a shard file the layout needs but the disk lacks raises
+        (Zarr alone reads it as zeros: constant cubes), a damaged chunk or index raises naming the store,
+        the array and the shard, instead of Zarr's bare checksum error."""
+        meta = self._array_meta(name)
+        store = CheckedStore(self.path, where=str(self.path), files=frozenset(expected_shards(name, meta)),
+                             hint=f"check with `genesis stores verify {self.path}` and rebuild the store with "
+                                  f"`genesis patches {'task' if self.is_task else 'pretrain'}` (remove it first)")
+        try:
+            return zarr.open_array(store=store, path=name, mode="r", zarr_format=3)
+        except StoreIntegrityError:
+            raise
+        except Exception as exc:
+            raise StoreIntegrityError(f"{self.path}: array {name}: zarr.json unreadable "
+                                      f"({type(exc).__name__}: {exc})") from None
+
+    def _array_meta(self, name: str) -> dict:
+        """The array's zarr.json, checked against the store's own count of cubes."""
+        path = self.path / name / "zarr.json"
+        try:
+            meta = json.loads(path.read_bytes())
+            rows = int(meta["shape"][0])
+        except FileNotFoundError:
+            raise StoreIntegrityError(f"{self.path}: array {name}: {name}/zarr.json is missing") from None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise StoreIntegrityError(f"{self.path}: array {name}: {name}/zarr.json unreadable "
+                                      f"({type(exc).__name__}: {exc})") from None
+        if rows != len(self):
+            raise StoreIntegrityError(f"{self.path}: array {name} has {rows} rows, the store's attributes say "
+                                      f"{len(self)} cubes")
+        return meta
 
     @property
     def purpose(self) -> str:
@@ -77,9 +126,9 @@ class PatchStore:
     @cached_property
     def masks(self) -> zarr.Array:
         """Segmentation target (N, 1, D, H, W) uint8, aligned row by row with `cubes`."""
-        if not (self.path / "masks" / "zarr.json").exists():
+        if self.purpose != "segmentation":
             raise PatchStoreError(f"{self.path} is a {self.purpose} store and has no masks")
-        return zarr.open_array(str(self.path / "masks"), mode="r")
+        return self._open("masks")
 
     @cached_property
     def index(self) -> pd.DataFrame:
@@ -144,6 +193,44 @@ class PatchStore:
         from pipeline.patches.encoding import decode_cubes
 
         return decode_cubes(self.read(rows), self.cube_encoding)
+
+    def verify(self) -> list[tuple[str, str, str]]:
+        """(ok | damaged, part, detail) for the index and each array: the index has one row per cube, and
+        every shard the array's layout needs is on disk and passes its CRC32C checks (index and every
+        inner chunk). Reads each shard once; `genesis stores verify` prints the result."""
+        results = []
+        try:
+            rows = len(self.index)
+            detail = "" if rows == len(self) else f"{rows} rows, the store's attributes say {len(self)} cubes"
+        except Exception as exc:  # any unreadable or mismatching index is damage, named
+            detail = f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        results.append(("damaged" if detail else "ok", "index.parquet", detail or f"{len(self)} rows"))
+        for name in ("cubes", "masks") if self.purpose == "segmentation" else ("cubes",):
+            try:
+                meta = self._array_meta(name)
+            except StoreIntegrityError as exc:
+                results.append(("damaged", name, str(exc).removeprefix(f"{self.path}: ")))
+                continue
+            layout = _array_layout(meta)
+            keys = expected_shards(name, meta)
+            problems = []
+            for key in keys:
+                shard = key[len(name) + 1:]
+                try:
+                    data = np.fromfile(self.path / key, dtype=np.uint8)
+                except FileNotFoundError:
+                    problems.append(f"shard {shard} is missing")
+                    continue
+                except OSError as exc:
+                    problems.append(f"shard {shard} is unreadable ({exc.strerror})")
+                    continue
+                problem = shard_problem(data, layout)
+                if problem:
+                    problems.append(f"shard {shard} {problem}")
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            results.append(("damaged", name, "; ".join(problems[:3]) + more) if problems else
+                           ("ok", name, f"{len(keys)} shards, every chunk passes its CRC32C"))
+        return results
 
     def __len__(self) -> int:
         return int(self.attrs["n_cubes"])

@@ -88,13 +88,15 @@ def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, 
         raise ValueError(f"{vstore.root} has no '{spec.sampling.table}' table: convert the {spec.dataset} data "
                          f"with its candidates file ({spec.data_layout})")
     table = table.assign(source_id=np.arange(len(table)))
-    have = set(ok["scan_id"])
-    plan.candidates_without_scan = int((~table[scan_col].isin(have)).sum())
-    table = table[table[scan_col].isin(have)]
-    rows = ok[ok["scan_id"].isin(set(table[scan_col]))]
+    scan_of, plan.skipped = _join_names(ok, set(table[scan_col]), f"{spec.sampling.table} {scan_col}", spec.dataset)
+    plan.candidates_without_scan = int((~table[scan_col].isin(scan_of)).sum())
+    table = table[table[scan_col].isin(scan_of)]
+    rows = ok[ok["scan_id"].isin({scan_of[k] for k in set(table[scan_col])})]
     attrs = _scan_attrs(vstore, sorted(rows["scan_id"]))
-    cases = pd.DataFrame([{"case_id": sid, "patient_id": patient_of(sid, g), "subset": g.get("subset")}
-                          for sid, g in attrs.items()], columns=["case_id", "patient_id", "subset"])
+    cases = pd.DataFrame([{"case_id": key, "scan_id": sid, "patient_id": patient_of(key, attrs[sid]),
+                           "subset": attrs[sid].get("subset")}
+                          for key, sid in sorted(scan_of.items()) if sid in attrs],
+                         columns=["case_id", "scan_id", "patient_id", "subset"])
     if "patient_id" in table.columns:  # PE-CAD names the patient in its table
         table_patients = table.drop_duplicates(scan_col).set_index(scan_col)["patient_id"].astype(str)
         cases["patient_id"] = cases["case_id"].map(table_patients).fillna(cases["patient_id"])
@@ -111,11 +113,34 @@ def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, 
         cands = [{"source_id": int(r["source_id"]), "xyz": [float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])],
                   "label": int(r["class"]), "direction": _direction(r)} for r in mine.to_dict("records")]
         plan.cases.append({"case_id": c.case_id, "patient_id": c.patient_id, "split": c.split,
-                           "subset": c.subset, "scan_ids": [c.case_id], "label_scan": None, "label": None,
+                           "subset": c.subset, "scan_ids": [c.scan_id], "label_scan": None, "label": None,
                            "cubes": True, "candidates": cands})
     used = chosen[["source_id", scan_col, "coordX", "coordY", "coordZ", "class"]].to_numpy().tolist()
     plan.source_digest = _digest(rows, {"table": spec.sampling.table, "rows": used})
     return plan
+
+
+def _join_names(ok: pd.DataFrame, wanted: set, what: str, dataset: str) -> tuple[dict[str, str], list[dict]]:
+    """{name a dataset table uses -> scan id} for the ok scans whose name the table has, and the scans left
+    out. A table names a scan as discovery did (LUNA16's seriesuid, PE-CAD's case id): the catalog's
+    `discovered_id`, which stays the same when the scan id got a suffix (two sources of one name);
+    catalogs of older versions lack it, their scan ids are the names. Two ok scans of one name (different
+    files of the same series name) cannot both take its rows: the one of the task's dataset, then the one
+    whose id is the name, then the first id, does; the others are reported skipped."""
+    names = ok["discovered_id"] if "discovered_id" in ok.columns else pd.Series(None, index=ok.index, dtype=object)
+    names = names.where(names.notna(), ok["scan_id"])
+    scan_of: dict[str, str] = {}
+    skipped: list[dict] = []
+    for name, sid, ds in sorted(zip(names, ok["scan_id"], ok["dataset"]),
+                                key=lambda t: (t[0], t[2] != dataset, t[1] != t[0], t[1])):
+        if name not in wanted:
+            continue
+        if name in scan_of:
+            skipped.append({"scan_id": sid, "reason": f"has the same name {name!r} as scan {scan_of[name]}, "
+                                                      f"which the {what} rows are joined to"})
+        else:
+            scan_of[name] = sid
+    return scan_of, skipped
 
 
 def _direction(r: dict) -> list[float] | None:

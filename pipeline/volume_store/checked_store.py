@@ -80,16 +80,20 @@ class CheckedStore(LocalStore):
     """A read-only LocalStore over one scan folder that verifies what it hands to Zarr."""
 
     def __init__(self, root: Path | str, *, read_only: bool = True, where: str = "",
-                 files: frozenset[str] | None = None) -> None:
+                 files: frozenset[str] | None = None,
+                 hint: str = "check and repair with `genesis stores verify`") -> None:
         super().__init__(root, read_only=read_only)
         self.where = where or str(root)
         """Prefix of every error, e.g. "STORE: scan ID"."""
         self.files = files
-        """Every file of the scan as recorded at publish time (None: an older record without a manifest)."""
+        """Every chunk file that must exist (a scan's manifest at publish time, a patch store's shards);
+        None: unknown (an older record without a manifest), a missing one then reads as the fill value."""
+        self.hint = hint
+        """What to do about it, the end of every error."""
         self._layouts: dict[str, tuple[bool, bool, int]] = {}
 
     def with_read_only(self, read_only: bool = False) -> "CheckedStore":
-        return type(self)(self.root, read_only=read_only, where=self.where, files=self.files)
+        return type(self)(self.root, read_only=read_only, where=self.where, files=self.files, hint=self.hint)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CheckedStore) and self.root == other.root
@@ -104,15 +108,14 @@ class CheckedStore(LocalStore):
         return self._layouts[array]
 
     def _fail(self, array: str, shard: str, problem: str) -> StoreIntegrityError:
-        return StoreIntegrityError(f"{self.where}: array {array or '.'}: shard {shard} {problem}; "
-                                   f"check and repair with `genesis stores verify`")
+        return StoreIntegrityError(f"{self.where}: array {array or '.'}: shard {shard} {problem}; {self.hint}")
 
     async def get(self, key, prototype=None, byte_range=None):
         buf = await super().get(key, prototype, byte_range)
         parts = chunk_key_parts(key)
         if buf is None:
             if parts and self.files is not None and key in self.files:
-                raise self._fail(*parts, "is missing (it was written when the scan was published)")
+                raise self._fail(*parts, "is missing (it was written when this was published)")
             return None
         if parts is None:
             return buf

@@ -3,14 +3,21 @@
 The driver takes the store's writer lock first (so a second conversion is refused instead of
 interleaving, and two conversions racing on a new store never see each other's half-made
 store), creates the store if absent, discovers the scans and gives each a unique, stable id
-(scan_ids.py), skips those already published with the same source and settings whose files are
-all still there (a stat-only check, so a rerun over a finished store costs almost nothing),
-hands the rest to Dask (a local cluster of worker processes, or a running scheduler) and
-rebuilds the catalog from the per-scan records at the end.
+(scan_ids.py; sources are known by their canonical absolute paths, so how a path is spelled or
+where convert runs does not matter), skips those already published with the same source and
+settings whose files are all still there at their recorded sizes, hands the rest to Dask (a
+local cluster of worker processes, or a running scheduler) and rebuilds the catalog from the
+per-scan records at the end.
+
+The skip check is deliberately a stat per file, so a rerun over a finished store costs almost
+nothing: it catches deleted and truncated files, not a flipped byte inside one. The content
+check is `genesis stores verify STORE` (every file against its recorded XXH3, every shard's
+CRC32C), and reads check the CRC32Cs of what they read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -23,7 +30,8 @@ from pipeline.cluster import dask_client
 from pipeline.ingest import ScanSource, discover
 from pipeline.ingest.read import source_files
 from pipeline.volume_store.convert_task import convert_scan, failed_record, is_current, safe_fingerprint
-from pipeline.volume_store.scan_ids import Assigned, Known, assign_scan_ids, printable
+from pipeline.volume_store.scan_ids import (Assigned, Known, assign_scan_ids, canonical_source, printable,
+                                            source_exists)
 from pipeline.volume_store.scan_ids import source_key as _source_key
 from pipeline.volume_store.settings import ConvertSettings
 from pipeline.volume_store.store import VolumeStore, check_store_path, init_store, lock_store
@@ -45,6 +53,7 @@ class ConversionSummary:
     task_peak_bytes: int = 0
     """Largest memory one task needed above its worker's RSS at the task's start."""
     source_bytes: int = 0
+    store: str = ""
 
     @property
     def ok(self) -> bool:
@@ -53,6 +62,9 @@ class ConversionSummary:
     def report(self) -> str:
         lines = [f"converted {len(self.converted)}, skipped {len(self.skipped)} (already done), "
                  f"failed {len(self.failed)} in {self.seconds:.1f} s"]
+        if self.skipped:  # the rerun's check is a stat per file (fast); say where the content check is
+            lines.append(f"  skipped scans: every stored file is there at its recorded size; "
+                         f"`genesis stores verify {printable(self.store) or 'STORE'}` checks their content")
         lines += [f"  NOTE   {printable(n)}" for n in self.notes]
         lines += [f"  FAILED {printable(sid)}  {printable(src)}: {printable(reason)}" for sid, src, reason in self.failed]
         lines += [f"  TABLE  {printable(p)}" for p in self.table_problems]
@@ -66,8 +78,28 @@ def _size(source: ScanSource) -> int:
         return 0
 
 
+def _recorded_source(rec: dict) -> ScanSource | None:
+    """The record's source with canonical paths (older records hold them relative to the folder convert
+    ran in: resolved against the current one, so they match when they name the same file)."""
+    from pipeline.volume_store.convert_task import source_from_spec
+
+    spec = rec.get("source")
+    try:
+        if spec:
+            src = source_from_spec(spec)
+        else:
+            src = ScanSource(scan_id="", kind="", dataset="", files=(), source_path=rec["source_path"])
+        src = dataclasses.replace(src, scan_id=rec.get("discovered_id") or rec["scan_id"])
+        return canonical_source(src)
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
 def known_sources(store: VolumeStore) -> tuple[dict[str, Known], dict[str, dict], list[tuple[str, str]]]:
-    """What the store holds: source_key -> Known, record key -> record, and the unreadable records."""
+    """What the store holds: source_key -> Known, record key -> record, and the unreadable records.
+
+    Each record's source key is recomputed from its canonical source path, so records of older
+    versions (relative paths, keys of those paths) are recognised by the sources they name."""
     known: dict[str, Known] = {}
     by_key: dict[str, dict] = {}
     damaged: list[tuple[str, str]] = []
@@ -76,12 +108,13 @@ def known_sources(store: VolumeStore) -> tuple[dict[str, Known], dict[str, dict]
             damaged.append((key, problem or "unreadable"))
             continue
         by_key[key] = rec
-        skey = rec.get("source_key") or _source_key(ScanSource(
-            scan_id=rec.get("discovered_id") or rec["scan_id"], kind="", dataset="", files=(),
-            source_path=rec["source_path"]))
-        rec.setdefault("source_key", skey)
-        entry = Known(scan_id=rec["scan_id"], source_key=skey, source_path=rec["source_path"],
-                      ok=rec.get("status") == "ok")
+        src = _recorded_source(rec) if rec.get("source_path") else None
+        skey = _source_key(src) if src is not None else (rec.get("source_key") or f"record:{key}")
+        rec["source_key"] = skey  # in memory only: the task writes the record again
+        entry = Known(scan_id=rec["scan_id"], source_key=skey, source_path=src.source_path if src else "",
+                      ok=rec.get("status") == "ok", discovered_id=rec.get("discovered_id") or rec["scan_id"],
+                      exists=bool(src) and source_exists(src.source_path, src.archive),
+                      source=src if src is not None and src.kind else None)
         if skey not in known or (entry.ok and not known[skey].ok):
             known[skey] = entry
     return known, by_key, damaged
@@ -95,7 +128,7 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
     root = Path(store_root)
     check_store_path(root)  # refuse a path that is not a store before anything is written there
     lock = lock_store(root)
-    summary = ConversionSummary()
+    summary = ConversionSummary(store=str(store_root))
     try:
         init_store(root)
         store = VolumeStore(root)
@@ -103,29 +136,39 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
         known, records, damaged = known_sources(store)
         summary.notes += [f"record .records/{key}.json was damaged ({why}); its source is reconverted"
                           for key, why in damaged]
-        ordered = sorted(found.scans, key=lambda s: (-_size(s), s.source_path, s.scan_id))
+        scans = [canonical_source(s) for s in found.scans]
+        assigned = assign_scan_ids(scans, known)
+        if len(assigned) < len(scans):
+            summary.notes.append(f"{len(scans) - len(assigned)} source(s) found twice (the same path given "
+                                 "twice); each converted once")
+        ids = {a.key for a in assigned}
         todo: list[Assigned] = []
-        for a in assign_scan_ids(ordered, known):
+        for a in assigned:
             for key, rec in list(records.items()):  # the source's records under other keys are stale now
                 if rec.get("source_key") == a.source_key and key != _record_file_key(store, a.key):
+                    if rec.get("status") == "ok" and rec.get("scan_id") not in ids:
+                        store.discard(rec["scan_id"])  # its folder too: no record would account for it
                     store.delete_record(key)
                     del records[key]
             src = a.source
             if a.duplicate_of is not None:
-                reason = f"duplicate scan_id {a.discovered_id!r}: also from {a.duplicate_of}"
+                reason = (f"same name {a.discovered_id!r} and same content as {a.duplicate_of}: one scan, "
+                          "stored once")
+                store.discard(src.scan_id)
                 store.write_record(failed_record(src, settings, reason, key=a.key, source_key=a.source_key,
                                                  discovered_id=a.discovered_id))
                 summary.failed.append((src.scan_id, src.source_path, reason))
                 continue
             old = records.get(_record_file_key(store, a.key))
             if not src.problem and old and old.get("source_path") == src.source_path \
-                    and old.get("fingerprint") == safe_fingerprint(src):
+                    and old.get("source_key") == a.source_key and old.get("fingerprint") == safe_fingerprint(src):
                 if is_current(store, old, settings):
                     summary.skipped.append(src.scan_id)
                     continue
                 if old.get("status") == "ok" and old.get("files") and old.get("settings_hash") == settings.hash:
                     summary.notes.append(f"scan {src.scan_id}: files missing or truncated in the store; reconverting")
             todo.append(a)
+        todo.sort(key=lambda a: -_size(a.source))  # the largest first: the last tasks are short ones
         summary.source_bytes = sum(_size(a.source) for a in todo)
         if todo:
             _run_tasks(todo, store, settings, lock.token, workers, scheduler, progress, summary)

@@ -112,7 +112,9 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
             sum_ = checksum(readable)
             old = store.read_record(key)
             if not force and old and old.get("source_checksum") == sum_ and is_current(store, old, settings):
-                old.update(fingerprint=fp, source_path=source.source_path, source=source_spec(source))
+                old.update(fingerprint=fp, source_path=source.source_path, source=source_spec(source),
+                           source_key=source_key or _source_key(source),
+                           discovered_id=discovered_id or old.get("discovered_id"))
                 store.write_record(old)
                 result.update(status="skipped")
                 return result
@@ -161,19 +163,29 @@ def safe_fingerprint(source: ScanSource) -> str:
         return h.hexdigest()
 
 
+def _shadowed_nifti(path: str) -> bool:
+    """ITK's NIfTI reader asked for `s.nii.gz` reads `s.nii` when both exist: the other file's voxels."""
+    return path.lower().endswith(".nii.gz") and os.path.exists(path[:-3])
+
+
 @contextmanager
 def readable_names(source: ScanSource):
     """The source itself, or - when a file name is not valid UTF-8, which SimpleITK cannot take (it
-    aborts the whole process) - a copy reading self-contained files through symlinks with plain
-    names in a temporary folder. Names are fixed (`f0.nii.gz`, ...), so the checksum is stable."""
+    aborts the whole process), or a `.nii.gz` sits beside a `.nii` of the same stem, which ITK would read
+    instead - a copy reading self-contained files through symlinks with plain names in a temporary
+    folder. Names are fixed (`f0.nii.gz`, ...), so the checksum is stable."""
     paths = list(source.files) + [p for _, p in source.labels] + ([source.archive] if source.archive else [])
     bad = [p for p in paths if not _utf8(p)]
-    if not bad:
+    shadowed = [p for p in paths if _shadowed_nifti(p)]
+    if not bad and not shadowed:
         yield source
         return
     self_contained = (source.kind == "dicom" or (source.kind == "image" and all(
         p.lower().endswith((".nii", ".nii.gz", ".mha", ".nrrd")) for p in paths)))
-    if not self_contained:
+    if shadowed and not self_contained:
+        raise ValueError(f"{printable(shadowed[0])} sits beside {printable(shadowed[0][:-3])}, which ITK would read "
+                         "in its place; rename one of them and convert again")
+    if bad and not self_contained:
         raise ValueError(f"file name {printable(bad[0])} is not valid UTF-8 and {source.kind} sources name other "
                          "files inside them; rename it to UTF-8 and convert again")
     tmp = tempfile.mkdtemp(prefix="genesis-utf8-")
@@ -202,7 +214,7 @@ def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, setti
     elif volume.modality == "OT" and source.kind in ("image", "image-zip", "metaimage") and _looks_like_ct(volume):
         volume.modality = "CT"
     if settings.spacing:
-        volume = resample(volume, settings.spacing)
+        volume = resample(volume, settings.spacing, settings.max_scan_bytes)
     volume = check_and_cast(volume, settings.min_side)
 
     files = source_files(readable)

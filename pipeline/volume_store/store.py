@@ -48,7 +48,7 @@ __all__ = ["VolumeStore", "StoreLockedError", "StoreError", "StoreIntegrityError
 
 CATALOG = "catalog.parquet"
 LOCK_PURPOSE = "writing the volume store"
-_CATALOG_V1_MISSING = ("source_key", "content_digest")  # columns older stores' catalogs lack
+_CATALOG_ADDED = ("source_key", "content_digest", "discovered_id")  # columns older stores' catalogs lack
 
 
 def _now() -> str:
@@ -237,7 +237,7 @@ class VolumeStore:
         except (OSError, pa.ArrowException) as exc:
             raise StoreIntegrityError(f"{path} is unreadable ({exc}); rebuild it with "
                                       f"`genesis stores verify {self.root} --repair`") from None
-        for name in _CATALOG_V1_MISSING:  # catalogs of older versions: the columns they could not have
+        for name in _CATALOG_ADDED:  # catalogs of older versions: the columns they could not have
             if name not in table.column_names:
                 table = table.append_column(name, pa.nulls(len(table), pa.string()))
         table = storage_schemas.check_table("catalog", table, str(path))
@@ -348,5 +348,6 @@ def _one_row(rec: dict, schema: pa.Schema) -> pa.Table:
             "scan_id": str(rec.get("scan_id") or rec.get("record_key") or "unknown"), "status": "failed",
             "dataset": str(rec.get("dataset") or "unknown"), "source_path": str(rec.get("source_path") or ""),
             "settings_hash": str(rec.get("settings_hash") or ""), "source_key": rec.get("source_key"),
+            "discovered_id": rec.get("discovered_id") if isinstance(rec.get("discovered_id"), str) else None,
             "error": f"record does not fit the catalog ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
                      "reconverted by the next `genesis convert` of its source"}], schema)

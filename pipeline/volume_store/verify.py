@@ -10,6 +10,7 @@ reconverted from it (`repaired`); otherwise its folder is removed and its row ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 from pipeline.volume_store.checked_store import _array_layout, shard_problem
 from pipeline.volume_store.digests import check_folder
 from pipeline.volume_store.errors import StoreError
-from pipeline.volume_store.scan_ids import printable
+from pipeline.volume_store.scan_ids import canonical_source, printable, source_key
 from pipeline.volume_store.store import VolumeStore, safe_scan_id
 
 __all__ = ["ScanCheck", "verify_store"]
@@ -110,6 +111,7 @@ def _verify(store: VolumeStore, repair: bool, progress: bool, out, lock) -> tupl
     except StoreError as exc:
         problems.append(str(exc))
         catalog_ok, catalog_rows = set(), -1
+    problems += _group_problems(store, repair, out)
     ok_records = [r for r in records if r.get("status") == "ok"]
     if catalog_rows >= 0 and (catalog_rows != len(files) or catalog_ok != {r["scan_id"] for r in ok_records}):
         problems.append(f"catalog.parquet does not match the records ({catalog_rows} rows, {len(files)} records)")
@@ -146,6 +148,34 @@ def _verify(store: VolumeStore, repair: bool, progress: bool, out, lock) -> tupl
     return checks, problems
 
 
+_GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+
+
+def _group_problems(store: VolumeStore, repair: bool, out) -> list[str]:
+    """The store's own Zarr metadata below the root (the root's was checked on opening): `scans/zarr.json`
+    makes `scans` a group, without it Zarr cannot list the store's scans. Repair writes it again (it holds
+    no attributes)."""
+    path = store.root / "scans" / "zarr.json"
+    try:
+        meta = json.loads(path.read_bytes())
+        problem = None if isinstance(meta, dict) and meta.get("node_type") == "group" and \
+            meta.get("zarr_format") == 3 else "is not a Zarr v3 group's metadata"
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError) as exc:
+        problem = f"is unreadable ({type(exc).__name__})"
+    if problem is None:
+        return []
+    if repair:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".zarr.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_GROUP, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+        print(f"repaired  scans/zarr.json: it {problem}; written again", file=out)
+        return []
+    return [f"scans/zarr.json {problem} (the group of the store's scans)"]
+
+
 def _repair(store: VolumeStore, rec: dict, found: ScanCheck, lock) -> ScanCheck:
     from pipeline.ingest import checksum
     from pipeline.volume_store.convert_task import convert_scan, readable_names, settings_from_dict, source_from_spec
@@ -157,22 +187,31 @@ def _repair(store: VolumeStore, rec: dict, found: ScanCheck, lock) -> ScanCheck:
     if not spec or not settings_dict:
         reason = "its record (an older version's) does not say how to read the source again"
     else:
-        source = source_from_spec(spec)
-        try:
-            with readable_names(source) as readable:
-                same = checksum(readable) == rec.get("source_checksum")
-        except Exception as exc:
-            same, reason = False, f"source unreadable ({type(exc).__name__}: {exc})"
+        source = canonical_source(source_from_spec(spec))  # older records: relative to the current folder
+        gone = [p for p in ([source.archive] if source.archive else list(source.files)) if not os.path.exists(p)]
+        same = False
+        if gone:
+            where = printable(rec.get("source_path") or gone[0])
+            reason = (f"its source {where} is not there" + (
+                " (recorded relative to the folder `genesis convert` ran in: run verify from that folder, or "
+                "convert the source again)" if not os.path.isabs(rec.get("source_path") or "/") else ""))
+        else:
+            try:
+                with readable_names(source) as readable:
+                    same = checksum(readable) == rec.get("source_checksum")
+            except Exception as exc:
+                reason = f"source unreadable ({type(exc).__name__}: {exc})"
         if same:
             settings = settings_from_dict(settings_dict)
-            res = convert_scan(source, str(store.root), settings, lock.token, rec.get("record_key") or sid,
-                               source_key=rec.get("source_key"), discovered_id=rec.get("discovered_id"),
-                               force=True)
+            discovered = rec.get("discovered_id") or sid
+            res = convert_scan(dataclasses.replace(source, scan_id=sid), str(store.root), settings, lock.token,
+                               rec.get("record_key") or sid, discovered_id=discovered, force=True,
+                               source_key=source_key(dataclasses.replace(source, scan_id=discovered)))
             if res["status"] == "ok":
-                return ScanCheck("repaired", sid, f"reconverted from {rec['source_path']} (was {why})")
+                return ScanCheck("repaired", sid, f"reconverted from {source.source_path} (was {why})")
             reason = f"reconversion failed: {res.get('error')}"
         elif reason is None:
-            reason = f"its source {rec['source_path']} changed since it was converted"
+            reason = f"its source {printable(source.source_path)} changed since it was converted"
     store.discard(sid)  # nothing may read damaged data: the row says why it is gone
     failed = dict(rec)
     failed.update(status="failed", files=None, content_digest=None,
