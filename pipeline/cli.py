@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 
@@ -20,13 +21,31 @@ __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 SAMPLE_DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
+_FAILURES_HELP = ("worker-group restarts after a worker or node failure; -1 retries forever (a deterministic error "
+                  "such as bad data ends the run at once either way)")
 
 
-def _triple(text: str) -> tuple[float, float, float]:
+def _numbers(text: str, expected: str) -> tuple[float, ...]:
+    """Comma-separated finite floats ("inf" and "nan" parse as floats but set nothing here); else one line
+    saying what was `expected`."""
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three numbers Z,Y,X, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected {expected} (finite), got {text!r}")
+    return vals
+
+
+def _number(text: str, expected: str) -> float:
+    vals = _numbers(text, expected)
+    if len(vals) != 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return vals[0]
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    vals = _numbers(text, "three positive numbers Z,Y,X")
     if len(vals) != 3 or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
     return vals  # type: ignore[return-value]
@@ -42,6 +61,17 @@ def _positive(text: str) -> int:
     return v
 
 
+def _non_negative(text: str) -> int:
+    """An integer >= 0: a margin, a count, or a seed (NumPy's generators take no negative seed)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def _ints3(text: str) -> tuple[int, int, int]:
     try:
         vals = tuple(int(v) for v in text.split(","))
@@ -53,10 +83,7 @@ def _ints3(text: str) -> tuple[int, int, int]:
 
 
 def _gpus(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs, got {text!r}") from None
+    v = _number(text, "a number of GPUs")
     if not v >= 0 or (v > 1 and v != int(v)):
         raise argparse.ArgumentTypeError(f"expected a GPU share in [0, 1] or a whole number of GPUs, got {text!r}")
     return v
@@ -68,18 +95,31 @@ def _failures(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if v < -1:
-        raise argparse.ArgumentTypeError(f"expected restarts >= 0, or -1 for no limit, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected restarts >= 0, or -1 to retry forever, got {text!r}")
     return v
 
 
 def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    v = _number(text, "a number in (0, 1]")
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return v
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """Comma-separated label fractions, each in (0, 1]."""
+    vals = tuple(_fraction(v.strip()) for v in text.split(",") if v.strip())
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}")
+    return vals
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """Comma-separated seeds, each an integer >= 0."""
+    vals = tuple(_non_negative(v.strip()) for v in text.split(",") if v.strip())
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return vals
 
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -94,16 +134,13 @@ def _bytes(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size in bytes such as 4G, 512M or 1000000, "
                                          f"got {text!r}") from None
-    if not v >= 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size in bytes, got {text!r}")
+    if not (v >= 1 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite size in bytes, got {text!r}")
     return int(v)
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return _numbers(text, "comma-separated numbers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "zyx: 3D crops")
     pp.add_argument("--cube-encoding", choices=("auto", "float32"), default="auto",
                     help="auto: clipped HU as int16 when exact (bit-identical floats on read), else float32")
-    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--seed", type=_non_negative, default=0)
     pp.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
     pp.add_argument("--workers", type=_positive, default=2)
     pp.add_argument("--dask-scheduler", metavar="ADDRESS")
-    pp.add_argument("--border-yx", type=int, default=100)
-    pp.add_argument("--border-z", type=int, default=30)
-    pp.add_argument("--min-slices", type=int, default=96)
+    pp.add_argument("--border-yx", type=_non_negative, default=100)
+    pp.add_argument("--border-z", type=_non_negative, default=30)
+    pp.add_argument("--min-slices", type=_non_negative, default=96)
     pp.add_argument("--no-progress", action="store_true")
     pk = psub.add_parser("task", help="a target task's patch store (cubes, masks/labels, patient splits)")
     pk.add_argument("task", help="task name (genesis tasks list): ncc, ncs, ecc, lcs, bms")
@@ -188,19 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
     pk.add_argument("--workers", type=_positive, default=2)
     pk.add_argument("--dask-scheduler", metavar="ADDRESS")
-    pk.add_argument("--seed", type=int, default=0, help="sampling seed (negatives, jitter, crops, fraction order)")
+    pk.add_argument("--seed", type=_non_negative, default=0,
+                    help="sampling seed (negatives, jitter, crops, fraction order)")
     pk.add_argument("--size", type=_ints3, metavar="D,H,W", help="cube size (default: the task's)")
     pk.add_argument("--negative-ratio", metavar="R",
                     help="classification: negatives kept per positive and split, or 'all' (default: the task's)")
     pk.add_argument("--per-scan", type=_positive, help="segmentation (pos/neg tasks): cubes per scan")
-    pk.add_argument("--split-seed", type=int, help="seed of the patient-level split (default: the task's)")
+    pk.add_argument("--split-seed", type=_non_negative, help="seed of the patient-level split (default: the task's)")
     pk.add_argument("--test-fold", type=_positive, help="fold-split tasks (ECC): the test fold")
     pk.add_argument("--channels", help="multi-channel tasks (BMS): sequences, e.g. flair,t1ce")
     pk.add_argument("--no-progress", action="store_true")
     pv2 = psub.add_parser("preview", help="PNG of sample cubes and of each corruption")
     pv2.add_argument("patch_store")
     pv2.add_argument("--out", required=True)
-    pv2.add_argument("--seed", type=int, default=0)
+    pv2.add_argument("--seed", type=_non_negative, default=0)
 
     tr = sub.add_parser("pretrain", help="Models Genesis pretraining on Ray Train, recorded in MLflow")
     tr.add_argument("--patches", required=True, help="pretraining patch store")
@@ -216,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--name", help="run name (default: genesis-pretrain-PRESET-TIME)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run --name (default: the latest run) with its own settings; --epochs extends it")
-    tr.add_argument("--max-failures", type=_failures, default=3, help="worker-group restarts allowed")
+    tr.add_argument("--max-failures", type=_failures, default=3, help=_FAILURES_HELP + " (default 3)")
 
     ft = sub.add_parser("finetune", help="fine-tune on a target task (Ray Train), evaluated on its test split")
     ft.add_argument("--task", required=True, help="ncc, ncs, ecc, lcs or bms (genesis tasks list)")
@@ -225,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scratch | models:/NAME/VERSION | models:/NAME@ALIAS | official:FILE.pt | FILE.pt")
     ft.add_argument("--freeze-encoder", action="store_true")
     ft.add_argument("--label-fraction", type=_fraction, default=1.0, help="nested, stratified share of training cubes")
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--seed", type=_non_negative, default=0)
     ft.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
     ft.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
     ft.add_argument("--workers", type=_positive, default=1)
@@ -235,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--experiment", default="genesis-finetune")
     ft.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
     ft.add_argument("--name", help="run name")
-    ft.add_argument("--max-failures", type=_failures, default=1, help="worker-group restarts allowed")
+    ft.add_argument("--max-failures", type=_failures, default=1, help=_FAILURES_HELP + " (default 1)")
 
     tf = sub.add_parser("transfer", help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, "
                                          "one MLflow parent run, the paper's table; `transfer show RUN_ID` prints it "
@@ -246,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of task stores (task-<task>-<key>), or TASK=PATH (repeatable)")
     tf.add_argument("--inits", default="scratch,models:/genesis-pretrained@best",
                     help="comma-separated inits: scratch, models:/NAME/VERSION, models:/NAME@ALIAS, official:FILE, FILE.pt")
-    tf.add_argument("--seeds", default="0", help="comma-separated seeds")
-    tf.add_argument("--label-fractions", default="1.0", help="comma-separated label fractions in (0, 1]")
+    tf.add_argument("--seeds", type=_seeds, default="0", help="comma-separated seeds")
+    tf.add_argument("--label-fractions", type=_fractions, default="1.0",
+                    help="comma-separated label fractions in (0, 1]")
     tf.add_argument("--freeze-encoder", action="store_true")
     tf.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
     tf.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
@@ -256,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--workers-per-trial", type=_positive, default=1)
     tf.add_argument("--per-trial", type=_positive,
                     help="fine-tunings of one task per trial (default: 8 for tiny, 1 for paper)")
-    tf.add_argument("--max-failures", type=_failures, default=1, help="worker-group restarts per trial")
+    tf.add_argument("--max-failures", type=_failures, default=1, help=_FAILURES_HELP + " per trial (default 1)")
     tf.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
     tf.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     tf.add_argument("--experiment", default="genesis-transfer")
@@ -272,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: sample data written under --out)")
     rp.add_argument("--out", default="reproduce_output", help="where everything goes (default reproduce_output)")
     rp.add_argument("--tasks", help="comma-separated tasks (default: every task whose dataset is there)")
-    rp.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
-    rp.add_argument("--label-fractions", default="1.0", help="comma-separated label fractions in (0, 1]")
+    rp.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
+    rp.add_argument("--label-fractions", type=_fractions, default="1.0",
+                    help="comma-separated label fractions in (0, 1]")
     rp.add_argument("--max-concurrent", type=_positive, default=2, help="transfer trials at once")
     rp.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per fine-tuning trial")
     rp.add_argument("--pretrain-workers", type=_positive, default=2, help="Ray Train workers of the pretraining")
@@ -308,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--dataset", default="luna16", choices=list(SAMPLE_DATASETS) + ["all"],
                     help="which dataset (default luna16; 'all' writes DIR/<dataset>/ for each)")
     sd.add_argument("--scans", type=_positive, help="scans (cases) per dataset (default: the dataset's)")
-    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--seed", type=_non_negative, default=0)
     sd.add_argument("--no-real", action="store_true", help="skip fetching the two real lung CT cases")
     sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
     return p
@@ -388,6 +428,7 @@ def _convert(args) -> int:
     from pipeline.volume_store import ConvertSettings, convert
 
     store = preflight.output_dir(args.store, "--store")  # before Dask starts
+    preflight.dask_scheduler(args.dask_scheduler)  # and before the store is made
     extra = {}
     if args.max_scan_bytes is not None:
         if "max_scan_bytes" not in {f.name for f in dataclasses.fields(ConvertSettings)}:
@@ -412,6 +453,10 @@ def _stores(args) -> int:
     if args.stores_command == "show":
         print(stores_cli.show_store(args.store, all_columns=args.all_columns))
     elif args.stores_command == "list":
+        root = preflight.shared_path(args.root, "ROOT")
+        if not os.path.isdir(root):
+            raise preflight.UsageError(f"ROOT {args.root}: " + ("is a file, not a folder" if os.path.exists(root)
+                                                                else "no such folder"))
         print(stores_cli.list_stores(args.root))
     else:
         from pipeline.volume_store.preview import render_preview
@@ -448,6 +493,7 @@ def _patches(args) -> int:
         print(render_patch_preview(preflight.shared_path(args.patch_store, "PATCHSTORE"), out, seed=args.seed))
         return EXIT_OK
     args.out = _patch_out(args)
+    preflight.dask_scheduler(args.dask_scheduler)
     if args.patches_command == "task":
         return _task_patches(args)
     config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
@@ -472,7 +518,9 @@ def _task_spec(args):
         try:
             ratio = None if args.negative_ratio == "all" else float(args.negative_ratio)
         except ValueError:
-            raise ValueError(f"--negative-ratio must be a number or 'all', got {args.negative_ratio!r}") from None
+            ratio = -1.0
+        if ratio is not None and not (ratio >= 0 and math.isfinite(ratio)):
+            raise ValueError(f"--negative-ratio must be a finite number >= 0 or 'all', got {args.negative_ratio!r}")
         spec = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, negatives_per_positive=ratio))
     channels = tuple(c.strip().lower() for c in args.channels.split(",")) if args.channels else None
     return spec.with_overrides(cube_size=args.size, channels=channels, **{
@@ -526,8 +574,8 @@ def _transfer(args) -> int:
                                        f"each task")
         patches = {t.strip().lower(): preflight.shared_path(v, f"--patches {t}")
                    for t, v in (p.split("=", 1) for p in args.patches)}
-    grid = GridConfig(tasks=_split(args.tasks.lower()), inits=_split(args.inits), seeds=_split(args.seeds, int),
-                      label_fractions=_split(args.label_fractions, float), freeze_encoder=args.freeze_encoder,
+    grid = GridConfig(tasks=_split(args.tasks.lower()), inits=_split(args.inits), seeds=args.seeds,
+                      label_fractions=args.label_fractions, freeze_encoder=args.freeze_encoder,
                       preset=args.preset, epochs=args.epochs, max_concurrent=args.max_concurrent,
                       workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
                       cells_per_trial=args.per_trial, max_failures=args.max_failures)
@@ -549,8 +597,8 @@ def _reproduce(args) -> int:
     config = ReproduceConfig(
         out=Path(preflight.shared_path(args.out, "--out")), preset=args.preset,
         data=Path(preflight.shared_path(args.data, "--data")) if args.data else None,
-        tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=_split(args.seeds, int),
-        label_fractions=_split(args.label_fractions, float), max_concurrent=args.max_concurrent,
+        tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=args.seeds,
+        label_fractions=args.label_fractions, max_concurrent=args.max_concurrent,
         gpus_per_trial=args.gpus_per_trial, pretrain_workers=args.pretrain_workers,
         gpus_per_worker=args.gpus_per_worker, pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs,
         workers=args.workers, tracking_uri=args.tracking_uri, ray_address=args.ray_address,

@@ -6,12 +6,17 @@ closing a thread in each worker notices) needs that thread to run: a worker stuc
 that holds the GIL, or stopped, outlives a killed driver and keeps writing into a store a rerun is
 already rebuilding. So each local worker also asks the kernel to SIGKILL it when its parent dies
 (Linux `PR_SET_PDEATHSIG`; elsewhere a thread polls the parent's pid).
+
+A local cluster's Dask logs stay quiet (critical only): a task that raises reaches the driver as that exception,
+which the command line prints as its one line; Dask's own "Compute Failed ... Traceback" record of it, printed
+first by the worker, would bury that line under a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -39,8 +44,11 @@ def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
     here, so pretraining, a fine-tuning and a transfer grid run in one process share one Ray that fits all."""
     import ray
 
+    from pipeline.preflight import ray_cluster
+
     if ray.is_initialized():
         return
+    ray_cluster(address)  # a named cluster where nothing listens: one line in seconds, not minutes of GCS retries
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
@@ -63,7 +71,15 @@ def dask_client(workers: int, scheduler: str | None):
     from distributed import Client, LocalCluster
 
     if scheduler:  # someone else's workers: their lifetime is not ours to tie
-        with Client(scheduler, security=client_security(scheduler)) as client:
+        from pipeline.preflight import PROBE_TIMEOUT_S, UsageError, dask_scheduler
+
+        dask_scheduler(scheduler)  # nothing listening: one line in seconds, not Dask's 30 s of retries
+        try:  # it listens; a handshake that does not complete (not Dask, TLS refused) is not waited on for long
+            client = Client(scheduler, security=client_security(scheduler), timeout=f"{3 * PROBE_TIMEOUT_S:g}s")
+        except (OSError, TimeoutError) as err:
+            raise UsageError(f"--dask-scheduler {scheduler}: accepts connections but does not answer as a Dask "
+                             f"scheduler ({' '.join(str(err).split())[:200]})") from None
+        with client:
             yield client
         return
     import dask
@@ -82,7 +98,7 @@ def dask_client(workers: int, scheduler: str | None):
     with (dask.config.set({"distributed.worker.multiprocessing-method": method, _DRIVER_PID: os.getpid()}),
           LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None,
                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, worker_dashboard_address="127.0.0.1:0",
-                       silence_logs=40, **loopback, **preload) as cluster,
+                       silence_logs=logging.CRITICAL, **loopback, **preload) as cluster,
           Client(cluster) as client):
         yield client
 

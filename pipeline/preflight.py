@@ -10,10 +10,15 @@ value, instead of after a Ray start-up, minutes of MLflow retries or a worker gr
 - `shared_path`: inside a Ray job (`ray job submit`), the driver runs in a temporary folder of Ray's; a relative
   path there would land in it, on one node, and vanish with the job. Relative paths are resolved against
   GENESIS_SHARED_ROOT when it is set, else refused.
-- `tracking_uri`: SQLite (its folder writable), a file store, or an HTTP server answering within seconds;
+- `tracking_uri`: SQLite (its folder writable), a file store, or an MLflow server answering within seconds (a
+  web server that answers but is no MLflow server is refused too); a scheme MLflow has no store for is refused;
   also bounds MLflow's own HTTP retries for this process (its default is 7 retries, about 4 minutes).
+  `experiment`: a name MLflow accepts.
 - `ray_resources`: workers, GPU shares and restarts in the ranges Ray accepts (a negative GPU share makes
-  Ray Train wait forever for its placement group); a GPU asked of a local Ray on a machine without one.
+  Ray Train wait forever for its placement group, -1 restarts is Ray's "retry forever"); a GPU asked of a local
+  Ray on a machine without one; a `--ray-address` (or RAY_ADDRESS) where nothing listens (`ray.init` would retry
+  the GCS for minutes): `ray_cluster`.
+- `dask_scheduler`: a `--dask-scheduler` where nothing listens (Dask's client waits 30 s by default).
 
 Errors that are deterministic (bad data, bad config, a bug: the same error again on a retry) are not retried by
 Ray Train's FailureConfig, which retries every worker error: `torch_trainer` builds a TorchTrainer whose failure
@@ -24,19 +29,25 @@ runtime errors are retried as before.
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
 import logging
+import math
 import os
+import socket
+import ssl
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 __all__ = ["UsageError", "DETERMINISTIC_ERRORS", "SHARED_ROOT_ENV", "in_ray_job", "shared_path", "output_dir",
-           "output_file", "tracking_uri", "ray_resources", "gpus", "max_failures", "deterministic_cause",
-           "failure_reason", "torch_trainer", "mlflow_http_limits", "PROBE_TIMEOUT_S"]
+           "output_file", "tracking_uri", "experiment", "ray_resources", "ray_cluster", "dask_scheduler", "gpus",
+           "max_failures", "deterministic_cause", "failure_reason", "torch_trainer", "mlflow_http_limits",
+           "PROBE_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +167,8 @@ def mlflow_http_limits() -> None:
 
 def tracking_uri(uri: str | None, option: str = "--tracking-uri", timeout: float = PROBE_TIMEOUT_S) -> str:
     """The tracking URI the stage will use (as `pipeline.tracking.resolve_uri` makes it), checked: a SQLite
-    database or file store whose folder can be written, or a server that answers HTTP within `timeout` s."""
+    database or file store whose folder can be written, an MLflow server that answers HTTP within `timeout` s,
+    or another scheme MLflow has a tracking store for."""
     from pipeline.tracking import resolve_uri
 
     mlflow_http_limits()
@@ -179,50 +191,194 @@ def tracking_uri(uri: str | None, option: str = "--tracking-uri", timeout: float
         _probe_server(uri, option, timeout)
     elif scheme in ("", "file"):
         output_dir(uri[len("file://"):] if scheme == "file" else uri, option)
+    else:
+        _check_scheme(uri, scheme, option)
     return uri
 
 
-def _probe_server(uri: str, option: str, timeout: float) -> None:
-    """Any HTTP answer (even 401/404: a proxy in front of MLflow) means the server is there."""
-    url = uri.rstrip("/") + "/health"
+def _check_scheme(uri: str, scheme: str, option: str) -> None:
+    """A scheme MLflow has no tracking store for (ftp://, a typo) fails when the first run is created, after
+    the work has started: said here instead. The schemes are MLflow's registry, plugins included."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
-    except urllib.error.HTTPError:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+        from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+    except ImportError:  # pragma: no cover - another MLflow layout: MLflow says it when the run is created
         return
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        reason = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else reason
-        raise UsageError(f"{option} {uri}: the MLflow tracking server does not answer ({reason}; waited at most "
-                         f"{timeout:g} s); start it, or give another URI") from None
+    try:
+        registry.get_store_builder(uri)
+    except UnsupportedModelRegistryStoreURIException:
+        known = ", ".join(sorted(s for s in registry._registry if s))
+        raise UsageError(f"{option} {uri}: MLflow has no tracking store for the scheme {scheme!r}; use one of "
+                         f"{known}, or a folder") from None
+
+
+def experiment(name: str | None, option: str = "--experiment") -> str:
+    """An MLflow experiment name: not empty, at most MLflow's 500 characters (MLflow would refuse it only when
+    the run is created)."""
+    if name is None or not str(name).strip():
+        raise UsageError(f"{option} {name!r}: an experiment needs a name")
+    if len(name) > 500:
+        raise UsageError(f"{option}: a name of {len(name)} characters; MLflow allows at most 500")
+    return name
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client sends (MLFLOW_TRACKING_USERNAME/PASSWORD, or MLFLOW_TRACKING_TOKEN)."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _tls_context() -> ssl.SSLContext | None:
+    """The server verification MLflow's client applies (MLFLOW_TRACKING_INSECURE_TLS, ..._SERVER_CERT_PATH)."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return ssl._create_unverified_context()  # noqa: S323 - what the user asked MLflow's client to do
+    cert = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    return ssl.create_default_context(cafile=cert) if cert else None
+
+
+HEALTH_PATH, API_PATH = "/health", "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _http_status(url: str, timeout: float) -> tuple[int, bytes]:
+    """(status, first bytes of the body) of a GET; URLError and OSError when nothing answers."""
+    req = urllib.request.Request(url, headers=_auth_headers())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=_tls_context()) as resp:
+            return resp.status, resp.read(4096)
+    except urllib.error.HTTPError as err:
+        return err.code, b""
+
+
+def _probe_server(uri: str, option: str, timeout: float) -> None:
+    """An MLflow server answers /health with 200 (unauthenticated even on a basic-auth server) or its REST API
+    with JSON; 401/403 is an authenticating server or proxy (credentials are MLflow's business). Anything else
+    that answers HTTP (404 on both: another web server, a wrong port or path) is not a tracking server."""
+    base = uri.rstrip("/")
+    seen = []
+    for path in (HEALTH_PATH, API_PATH):
+        try:
+            status, body = _http_status(base + path, timeout)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            reason = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else reason
+            raise UsageError(f"{option} {uri}: the MLflow tracking server does not answer ({reason}; waited at "
+                             f"most {timeout:g} s); start it, or give another URI") from None
+        if status in (401, 403) or (status == 200 and path == HEALTH_PATH):
+            return
+        if 200 <= status < 300 and body.lstrip().startswith(b"{"):
+            return
+        seen.append(f"GET {path.split('?')[0]}: {status}")
+    raise UsageError(f"{option} {uri}: answers HTTP but is not an MLflow tracking server ({', '.join(seen)}); "
+                     f"give the address `mlflow server` listens on")
+
+
+# --------------------------------------------------------------------------- addresses
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    """(host, port) of HOST[:PORT] or SCHEME://HOST[:PORT] (IPv6 in brackets); ValueError when it is not one."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+    host, port = parts.hostname, parts.port  # .port raises ValueError for a port out of range or not a number
+    if not host or parts.path.strip("/") or parts.query:
+        raise ValueError(address)
+    return host, port if port is not None else default_port
+
+
+def _connect(host: str, port: int, timeout: float) -> str | None:
+    """None when a TCP connection to host:port opens within `timeout` s, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except socket.gaierror as err:
+        return f"unknown host: {err.strerror or err}"
+    except OSError as err:
+        return (err.strerror or str(err)).lower()
+
+
+RAY_GCS_PORT, RAY_CLIENT_PORT = 6379, 10001
+
+
+def ray_cluster(address: str | None, option: str = "--ray-address", timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A Ray cluster where one is named (`address`, else RAY_ADDRESS) must accept a connection within `timeout`
+    s: `ray.init` would otherwise retry the GCS for minutes. "auto" and "local" are Ray's to resolve."""
+    if not address:
+        address, option = os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS"
+    if not address or address.strip().lower() in ("auto", "local"):
+        return
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    if scheme not in ("", "ray", "http", "https"):
+        raise UsageError(f"{option} {address}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto)")
+    default = {"ray": RAY_CLIENT_PORT, "http": 80, "https": 443}.get(scheme, RAY_GCS_PORT)
+    try:
+        host, port = _host_port(address, default)
+    except ValueError:
+        raise UsageError(f"{option} {address}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto)") from None
+    why = _connect(host, port, timeout)
+    if why is not None:
+        raise UsageError(f"{option} {address}: no Ray cluster answers at {host}:{port} ({why}); start it "
+                         f"(`ray start --head`), or leave {option} out for a local Ray")
+
+
+def dask_scheduler(address: str | None, option: str = "--dask-scheduler", timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A running Dask scheduler must accept a connection within `timeout` s (Dask's client waits 30 s), and be
+    one this machine may use (`pipeline.dask_tls.client_security`: TLS certificates, or plain TCP on loopback)."""
+    if not address:
+        return
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    from pipeline.dask_tls import DEFAULT_PORT, LOCAL_SCHEMES, client_security
+
+    client_security(address)  # refuses an address it cannot use safely, naming it
+    try:
+        scheme, location = parse_address(address, strict=False)
+        if scheme in LOCAL_SCHEMES:
+            return
+        host, port = parse_host_port(location, DEFAULT_PORT)
+    except (ValueError, TypeError):
+        raise UsageError(f"{option} {address!r}: not a Dask scheduler address (tls://HOST:PORT)") from None
+    why = _connect(host, int(port), timeout)
+    if why is not None:
+        raise UsageError(f"{option} {address}: no Dask scheduler answers at {host}:{port} ({why}); start it, or "
+                         f"leave {option} out for a local cluster")
 
 
 # --------------------------------------------------------------------------- numbers
 
 def gpus(value: float, option: str) -> float:
-    """A GPU share per worker as Ray accepts it: >= 0; above 1 only whole GPUs."""
-    if not value >= 0:  # also NaN
-        raise UsageError(f"{option} {value:g}: must be >= 0 (a share of one GPU, e.g. 0.25, or whole GPUs)")
+    """A GPU share per worker as Ray accepts it: finite, >= 0; above 1 only whole GPUs."""
+    if not (value >= 0 and math.isfinite(value)):  # also NaN
+        raise UsageError(f"{option} {value:g}: must be >= 0 and finite (a share of one GPU, e.g. 0.25, or "
+                         f"whole GPUs)")
     if value > 1 and value != int(value):
         raise UsageError(f"{option} {value:g}: above 1 Ray assigns whole GPUs only (use an integer, or a share <= 1)")
     return value
 
 
 def max_failures(value: int, option: str = "--max-failures") -> int:
+    """Worker-group restarts: >= 0, or -1, Ray's "retry forever" (worker and node failures only: a
+    deterministic error ends the run whatever this says)."""
     if value < -1:
-        raise UsageError(f"{option} {value}: must be >= 0 restarts, or -1 for no limit")
+        raise UsageError(f"{option} {value}: must be >= 0 restarts, or -1 to retry forever")
     return value
 
 
 def ray_resources(*, workers: int, gpus_per_worker: float, ray_address: str | None, failures: int | None = None,
                   workers_option: str = "--workers", gpus_option: str = "--gpus-per-worker") -> None:
     """Worker count, GPU share and restarts in range; a GPU asked of a local Ray (no cluster named, no
-    RAY_ADDRESS) on a machine that has none would wait forever for its placement group."""
+    RAY_ADDRESS) on a machine that has none would wait forever for its placement group; a named cluster that
+    does not answer (`ray_cluster`)."""
     if workers < 1:
         raise UsageError(f"{workers_option} {workers}: must be >= 1")
     gpus(gpus_per_worker, gpus_option)
     if failures is not None:
         max_failures(failures)
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():  # connected already: nothing to probe
+        ray_cluster(ray_address)
     if gpus_per_worker > 0 and not ray_address and not os.environ.get("RAY_ADDRESS"):
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():

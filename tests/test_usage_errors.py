@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import zarr
 from conftest import write_mhd
 
 from pipeline import preflight
@@ -305,16 +305,21 @@ def test_failure_policy_retries_worker_deaths_but_not_deterministic_errors():
 
 
 def test_deterministic_error_inside_a_worker_is_not_retried_and_fails_the_run(ray_local, patch_store, tmp_path):
-    """A store whose cube array is shorter than its index (corrupted after the preflight read the index): every
-    read fails the same way, so the run must end at the first failure, not after --max-failures restarts."""
+    """A store whose every cube shard has a flipped byte: the driver's checks (index, shapes) pass, every read in
+    a worker fails its CRC32C the same way, so the run must end at the first failure, not after --max-failures
+    restarts."""
     import shutil
 
     from pipeline.training.pretrain import pretrain
 
     broken = tmp_path / "broken"
     shutil.copytree(patch_store, broken)
-    cubes = zarr.open_array(str(broken / "cubes"), mode="r+")
-    cubes.resize((2, *cubes.shape[1:]))
+    shards = sorted(p for p in (broken / "cubes" / "c").rglob("*") if p.is_file())
+    assert shards
+    for shard in shards:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0xFF  # inside the first cube's chunk, not the shard index at the end
+        shard.write_bytes(bytes(data))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     attempts = tmp_path / "attempts.txt"
     config = tiny().with_overrides(base_channels=2, batch_size=4, steps_per_epoch=1, epochs=1, val_cubes=4,
@@ -323,9 +328,265 @@ def test_deterministic_error_inside_a_worker_is_not_retried_and_fails_the_run(ra
                    max_failures=3, system_metrics=False, register_as="genesis-usage-test",
                    fault_injection={"rank": -1, "epoch": -1, "marker": str(tmp_path / "m"), "attempts": str(attempts)})
     assert attempts.read_text(encoding="utf-8").split() == ["0"]  # one start: no restart
-    assert res.error and res.error.startswith("ValueError") and "not retried" in res.error, res.error
+    assert res.error and "not retried" in res.error, res.error
+    assert res.error.split(":")[0] in ("ValueError", "StoreIntegrityError"), res.error  # a checksum error
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(res.mlflow_run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == res.error
     meta = json.loads((tmp_path / "ray" / res.name / "genesis_run.json").read_text(encoding="utf-8"))
     assert meta["mlflow_run_id"] == res.mlflow_run_id
+
+
+# --------------------------------------------------------------------------- issue 9 section 6: hostile findings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`genesis ARGS` in a process of its own: the real exit status and everything it prints on stderr."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=timeout)
+
+
+def _usage_exit(argv: list[str], capsys, *needles: str) -> str:
+    """`main(argv)` ends with exit status 2 and one line naming `needles` (argparse's SystemExit or a return)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2, (argv, capsys.readouterr())
+    return _one_error_line(capsys.readouterr().err, *needles)
+
+
+@pytest.fixture
+def http_404(tmp_path):
+    """A web server that answers every path with 404: a wrong port or another service, not MLflow."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "www").mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(tmp_path / "www")))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_inf_and_nan_are_refused_for_every_float_option(patch_store, tmp_path, capsys):
+    """Finding 1: `--gpus-per-worker inf` was an OverflowError traceback (exit 1); every float option of every
+    subcommand now refuses inf and nan in one line naming it (exit 2)."""
+    vs = str(Path(patch_store).parents[1] / "vs")
+    cases = []
+    for bad in ("inf", "nan", "-inf"):
+        cases += [(["pretrain", "--patches", patch_store, "--gpus-per-worker", bad], "--gpus-per-worker"),
+                  (["finetune", "--task", "ecc", "--patches", patch_store, "--gpus-per-worker", bad],
+                   "--gpus-per-worker"),
+                  (["finetune", "--task", "ecc", "--patches", patch_store, "--label-fraction", bad],
+                   "--label-fraction"),
+                  (["transfer", "--patches", str(tmp_path), "--gpus-per-trial", bad], "--gpus-per-trial"),
+                  (["transfer", "--patches", str(tmp_path), "--label-fractions", f"0.5,{bad}"], "--label-fractions"),
+                  (["reproduce", "--out", str(tmp_path), "--gpus-per-trial", bad], "--gpus-per-trial"),
+                  (["reproduce", "--out", str(tmp_path), "--gpus-per-worker", bad], "--gpus-per-worker"),
+                  (["reproduce", "--out", str(tmp_path), "--label-fractions", bad], "--label-fractions"),
+                  (["convert", vs, "--store", str(tmp_path / "s"), "--max-scan-bytes", f"{bad}G"],
+                   "--max-scan-bytes"),
+                  (["patches", "pretrain", "--store", vs, "--scales", f"1,{bad}"], "--scales"),
+                  (["patches", "task", "ecc", "--store", vs, "--negative-ratio", bad], "--negative-ratio")]
+    for argv, option in cases:
+        _usage_exit(argv, capsys, option)
+    # seeds are integers >= 0 (NumPy refuses negative seeds deep inside a worker)
+    for argv, option in ((["patches", "pretrain", "--store", vs, "--seed", "-1"], "--seed"),
+                         (["transfer", "--patches", str(tmp_path), "--seeds", "0,x"], "--seeds"),
+                         (["patches", "pretrain", "--store", vs, "--border-yx", "-3"], "--border-yx")):
+        _usage_exit(argv, capsys, option)
+    assert not (tmp_path / "s").exists() and _no_ray_started()
+    # the real command: its exit status, and nothing on stderr but the one line
+    proc = _cli("pretrain", "--patches", patch_store, "--gpus-per-worker", "inf")
+    assert proc.returncode == 2, proc.stderr
+    _one_error_line(proc.stderr, "argument --gpus-per-worker", "'inf'")
+
+
+def test_max_failures_minus_one_is_documented_as_retry_forever(patch_store, tmp_path, capsys):
+    """Finding 2: -1 (Ray's unlimited restarts) was accepted undocumented; --help now says what it means, and
+    anything below it is refused in one line."""
+    for command in (["pretrain"], ["finetune"], ["transfer"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--max-failures MAX_FAILURES" in text and "-1 retries forever" in text, (command, text)
+    assert build_parser().parse_args(["pretrain", "--patches", "p", "--max-failures", "-1"]).max_failures == -1
+    _usage_exit(["pretrain", "--patches", patch_store, "--max-failures", "-2"], capsys, "argument --max-failures",
+                "-1 to retry forever")
+    assert preflight.max_failures(-1) == -1
+    with pytest.raises(preflight.UsageError, match="--max-failures -5: must be >= 0 restarts, or -1 to retry forever"):
+        preflight.ray_resources(workers=1, gpus_per_worker=0, ray_address=None, failures=-5)
+
+
+def test_ray_address_where_nothing_listens_fails_in_seconds_naming_it(patch_store, tmp_path, capsys, monkeypatch):
+    """Finding 3: `--ray-address 127.0.0.1:9` retried the GCS for minutes; the address is probed first."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    closed = _closed_port()
+    for address in (f"127.0.0.1:{closed}", f"ray://127.0.0.1:{closed}", f"localhost:{closed}"):
+        with pytest.raises(preflight.UsageError, match=f"--ray-address {address}: no Ray cluster answers"):
+            preflight.ray_resources(workers=1, gpus_per_worker=0, ray_address=address)
+    with pytest.raises(preflight.UsageError, match="not a Ray address"):
+        preflight.ray_cluster("127.0.0.1:notaport")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for argv in (["pretrain", "--patches", patch_store, "--tracking-uri", uri],
+                 ["finetune", "--task", "ecc", "--patches", patch_store, "--tracking-uri", uri],
+                 ["transfer", "--patches", str(tmp_path), "--tracking-uri", uri]):
+        t0 = time.perf_counter()
+        _usage_exit([*argv, "--ray-address", f"127.0.0.1:{closed}", "--storage-path", str(tmp_path / "r")], capsys,
+                    f"--ray-address 127.0.0.1:{closed}", "no Ray cluster answers", "connection refused")
+        assert time.perf_counter() - t0 < 15
+    # RAY_ADDRESS (what `ray job submit` sets, and users export) is probed the same way, and named
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed}")
+    _usage_exit(["pretrain", "--patches", patch_store, "--tracking-uri", uri], capsys,
+                f"RAY_ADDRESS 127.0.0.1:{closed}: no Ray cluster answers")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "r").exists() and _no_ray_started()
+    # something listening passes (a Ray head's GCS port accepts the connection)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        preflight.ray_cluster(f"127.0.0.1:{listening.getsockname()[1]}")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # Ray's to resolve
+    preflight.ray_cluster(None)
+
+
+def test_tracking_scheme_experiment_name_and_non_mlflow_server_are_usage_errors(patch_store, tmp_path, capsys,
+                                                                               http_404):
+    """Finding 4: `--tracking-uri ftp://x` and `--experiment ""` were exit 1 "failed: MlflowException" after the
+    MLflow run was attempted; a web server that is not MLflow passed the probe."""
+    with pytest.raises(preflight.UsageError, match="answers HTTP but is not an MLflow tracking server"):
+        preflight.tracking_uri(http_404)
+    with pytest.raises(preflight.UsageError, match="no tracking store for the scheme 'ftp'"):
+        preflight.tracking_uri("ftp://x")
+    common = ["--storage-path", str(tmp_path / "r")]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _usage_exit(["pretrain", "--patches", patch_store, "--tracking-uri", "ftp://x", *common], capsys,
+                "genesis pretrain: error: --tracking-uri ftp://x", "no tracking store", "sqlite")
+    for command in (["pretrain", "--patches", patch_store], ["finetune", "--task", "ecc", "--patches", patch_store],
+                    ["transfer", "--patches", str(tmp_path)]):
+        _usage_exit([*command, "--tracking-uri", uri, "--experiment", "", *common], capsys, "--experiment ''")
+        _usage_exit([*command, "--tracking-uri", uri, "--experiment", "   ", *common], capsys, "--experiment")
+    assert not (tmp_path / "mlflow.db").exists()
+    line = _usage_exit(["pretrain", "--patches", patch_store, "--tracking-uri", http_404, *common], capsys,
+                       f"--tracking-uri {http_404}", "answers HTTP but is not an MLflow tracking server")
+    assert "GET /health: 404" in line and "GET /api/2.0/mlflow/experiments/search: 404" in line
+    assert not (tmp_path / "r").exists() and _no_ray_started()
+    # registered schemes MLflow reaches otherwise pass unprobed
+    assert preflight.tracking_uri("postgresql://user@127.0.0.1:1/db") == "postgresql://user@127.0.0.1:1/db"
+
+
+def test_authenticated_mlflow_server_passes_the_probe(tmp_path, monkeypatch):
+    """An MLflow server with authentication (pipeline.services' launcher) answers 401 to its API without
+    credentials and 200 with them; /health is open. It must pass, with MLFLOW_TRACKING_USERNAME/PASSWORD or
+    without."""
+    from pipeline.services.mlflow_server import MlflowServerConfig, start_mlflow, stop_mlflow
+
+    server = start_mlflow(MlflowServerConfig(root=tmp_path / "mlflow", port=_closed_port(), workers=1,
+                                             start_timeout_s=90))
+    try:
+        assert preflight._http_status(server.url + preflight.API_PATH, 5)[0] == 401
+        assert preflight.tracking_uri(server.url) == server.url
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server.user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.password)
+        status, body = preflight._http_status(server.url + preflight.API_PATH, 5)
+        assert status == 200 and body.lstrip().startswith(b"{")
+        assert preflight.tracking_uri(server.url + "/") == server.url + "/"
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")  # the credentials are MLflow's business
+        assert preflight.tracking_uri(server.url) == server.url
+    finally:
+        stop_mlflow(tmp_path / "mlflow")
+
+
+def test_convert_spacing_must_be_finite_and_is_named_as_the_option(tmp_path, capsys):
+    """Finding 5: `--spacing inf,1,1` made a store whose every scan failed (exit 1); `nan,1,1` was reported as
+    `ConvertSettings.spacing`. Both are refused before anything, naming --spacing."""
+    src = tmp_path / "luna" / "subset0"
+    write_mhd(src / "1.2.3.mhd", np.zeros((8, 16, 16), np.int16))
+    for bad in ("inf,1,1", "nan,1,1", "1,1,-inf", "1,nan,1"):
+        line = _usage_exit(["convert", str(tmp_path / "luna"), "--store", str(tmp_path / "s"), "--workers", "1",
+                            "--no-progress", "--spacing", bad], capsys, "argument --spacing", bad)
+        assert "ConvertSettings" not in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_dask_scheduler_where_nothing_listens_fails_in_seconds_naming_it(patch_store, tmp_path, capsys):
+    """Finding 6: `convert --dask-scheduler tcp://127.0.0.1:9` waited Dask's 30 s connect timeout, then exit 1."""
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    with pytest.raises(preflight.UsageError, match=f"--dask-scheduler {address}: no Dask scheduler answers"):
+        preflight.dask_scheduler(address)
+    vs = str(Path(patch_store).parents[1] / "vs")
+    for argv in (["convert", vs, "--store", str(tmp_path / "s")],
+                 ["patches", "pretrain", "--store", vs, "--out", str(tmp_path / "ps")],
+                 ["patches", "task", "ecc", "--store", vs, "--out", str(tmp_path / "ps")]):
+        t0 = time.perf_counter()
+        _usage_exit([*argv, "--no-progress", "--dask-scheduler", address], capsys,
+                    f"--dask-scheduler {address}", "connection refused")
+        assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "s").exists() and not (tmp_path / "ps").exists()
+    # the context manager itself (callers that are not the command line) says the same
+    from pipeline.cluster import dask_client
+
+    with pytest.raises(preflight.UsageError, match="no Dask scheduler answers"):
+        with dask_client(1, address):
+            pass
+
+
+def test_stores_list_of_a_missing_folder_or_a_file_is_exit_2(tmp_path, capsys):
+    """Finding 7: `stores list nonexist` and `stores list afile` said "no stores under ..." with exit 0."""
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    _usage_exit(["stores", "list", str(tmp_path / "nonexist")], capsys, "ROOT", "nonexist", "no such folder")
+    _usage_exit(["stores", "list", str(tmp_path / "afile")], capsys, "ROOT", "afile", "is a file, not a folder")
+    assert main(["stores", "list", str(tmp_path)]) == 0
+
+
+def test_damaged_store_build_is_one_line_leaves_no_building_folder_and_a_missing_catalog_is_named(patch_store,
+                                                                                                  tmp_path, capsys):
+    """Finding 8: a build from a damaged store printed Dask's "Compute Failed ... Traceback" before the clear
+    line and left its `.building-*` folder; without catalog.parquet it said "no acceptable cubes in any of the 0
+    scans" (exit 1)."""
+    import shutil
+
+    vs = Path(patch_store).parents[1] / "vs"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(vs, damaged)
+    shard = sorted(damaged.glob("scans/*/0/c/0/0/0"))[2]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "ps"
+    size = ["--size", "16,16,16", "--per-scan", "4", "--border-yx", "4", "--border-z", "2", "--min-slices", "16"]
+    # the real command with two worker processes: all it prints on stderr (pytest would take the log records)
+    proc = _cli("patches", "pretrain", "--store", str(damaged), "--out", str(out), *size, "--workers", "2",
+                "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert "Compute Failed" not in proc.stderr
+    _one_error_line(proc.stderr, "genesis patches pretrain: error:", str(damaged), "CRC32C")
+    assert not list(out.glob(".building-*")), list(out.iterdir())  # nothing a rerun could resume
+    # a run that stops for a reason a rerun need not meet again keeps it (kills: tests/test_kill_recovery.py)
+    from pipeline.patches.extract import discard_on_deterministic_error
+
+    keep = tmp_path / ".building-keep"
+    keep.mkdir()
+    with pytest.raises(OSError):
+        with discard_on_deterministic_error(keep):
+            raise OSError("disk full")
+    assert keep.is_dir()
+    # the volume store without its catalog: named, with the repair to run (exit 2), for both kinds of build
+    (damaged / "catalog.parquet").unlink()
+    for argv in (["patches", "pretrain", "--store", str(damaged), "--out", str(out), "--workers", "1", *size],
+                 ["patches", "task", "ecc", "--store", str(damaged), "--out", str(out), "--workers", "1"]):
+        _usage_exit([*argv, "--no-progress"], capsys, f"{damaged}: its catalog.parquet is missing",
+                    f"genesis stores verify {damaged} --repair")
+    assert not list(out.glob(".building-*"))

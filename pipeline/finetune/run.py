@@ -142,6 +142,7 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
 
     preflight.ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
                             failures=max_failures)
+    preflight.experiment(experiment)
     prep = prepare(patches, task, preset=preset, freeze_encoder=freeze_encoder, label_fraction=label_fraction,
                    seed=seed, workers=workers, epochs=epochs)
     spec, config = prep.spec, prep.config

@@ -10,13 +10,17 @@ store becomes visible by one rename when complete.
 One build per store at a time: the builder holds `ROOT/.pretrain-<key>.lock` (a `FileLock`, gone
 with the builder however it dies; its workers die with it too, see `pipeline.cluster`). A run
 killed at any step leaves a state the next run resumes: finished scans are kept, a build that got
-as far as its attributes is only published (`pipeline.patches.assemble.open_building`).
+as far as its attributes is only published (`pipeline.patches.assemble.open_building`). A build that fails on
+an error a rerun would meet again (damaged data, no acceptable cube: `DETERMINISTIC_ERRORS`) removes its building
+folder instead: there is nothing worth resuming.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -38,10 +42,17 @@ from pipeline.patches.encoding import choose_encoding, encode_cubes, storage_dty
 from pipeline.patches.sampling import sample_cubes, scan_region
 from pipeline.patches.splits import scan_seed, split_of
 from pipeline.patches.store import PatchStore, catalog_hash
+from pipeline.preflight import DETERMINISTIC_ERRORS
 from pipeline.storage.locks import FileLock
-from pipeline.volume_store.store import VolumeStore
+from pipeline.volume_store.errors import StoreError
+from pipeline.volume_store.store import CATALOG, VolumeStore
 
-__all__ = ["extract_pretrain", "ExtractionResult", "extract_scan", "build_lock"]
+__all__ = ["extract_pretrain", "ExtractionResult", "extract_scan", "build_lock", "source_catalog",
+           "NoCubesError", "discard_on_deterministic_error"]
+
+
+class NoCubesError(RuntimeError):
+    """No scan (case) gave a cube: every rerun with these settings fails the same way."""
 
 
 @dataclass
@@ -127,6 +138,31 @@ def build_lock(root: Path, name: str) -> FileLock:
     return FileLock(root / f".{name}.lock", f"building patch store {name}")
 
 
+def source_catalog(vstore: VolumeStore):
+    """The volume store's catalog, refused (StoreError: exit 2) when it is missing or lists no converted scan: a
+    build over it would only say that no scan gave a cube."""
+    path = vstore.root / CATALOG
+    if not path.is_file():
+        raise StoreError(f"{vstore.root}: its {CATALOG} is missing; rebuild it from the scans' records with "
+                         f"`genesis stores verify {vstore.root} --repair`")
+    catalog = vstore.catalog()
+    if not (catalog["status"] == "ok").any():
+        raise StoreError(f"{vstore.root}: {CATALOG} lists no converted scan ({len(catalog)} rows, none ok; see "
+                         f"`genesis stores show {vstore.root}`)")
+    return catalog
+
+
+@contextlib.contextmanager
+def discard_on_deterministic_error(building: Path):
+    """Remove `building` when the build raises an error a rerun would meet again; any other failure (a lost
+    worker, a full disk) and a kill leave it for the next run to resume."""
+    try:
+        yield
+    except (NoCubesError, *DETERMINISTIC_ERRORS):
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+
+
 def _found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
     ps = PatchStore(final)
     return ExtractionResult(path=final, key=key, reused=reused, n_cubes=len(ps), counts=ps.attrs["counts"],
@@ -139,7 +175,7 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     """Build (or find) the pretraining patch store for `volume_root` and `config`."""
     t0 = time.perf_counter()
     vstore = VolumeStore(volume_root)
-    catalog = vstore.catalog()
+    catalog = source_catalog(vstore)
     source_hash = catalog_hash(catalog)
     key = content_key(source_hash, config)
     root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
@@ -154,7 +190,9 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
         if building_complete(building, key):  # a killed run had written everything but not yet renamed
             publish(building, final)
             return _found(final, key, t0, reused=False)
-        return _build(vstore, catalog, source_hash, config, key, building, final, workers, scheduler, progress, t0)
+        with discard_on_deterministic_error(building):
+            return _build(vstore, catalog, source_hash, config, key, building, final, workers, scheduler,
+                          progress, t0)
 
 
 def _parts_of(result: dict) -> list[tuple[str, int]]:
@@ -199,7 +237,7 @@ def _build(vstore, catalog, source_hash, config, key, building, final, workers, 
     skipped = [{"scan_id": r["scan_id"], "reason": r["reason"]} for r in results if r["reason"]]
     skipped.sort(key=lambda s: s["scan_id"])
     if not rows:
-        raise RuntimeError(f"no acceptable cubes in any of the {len(ok)} scans of {vstore.root}: "
+        raise NoCubesError(f"no acceptable cubes in any of the {len(ok)} scans of {vstore.root}: "
                            + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in skipped[:5]))
     schema = storage_schemas.arrow_schema("patch_index")
     table = pa.Table.from_pylist(rows, schema=schema)

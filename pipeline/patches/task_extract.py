@@ -39,7 +39,8 @@ from tqdm import tqdm
 import storage_schemas
 from pipeline.patches.assemble import (Part, assemble, building_complete, open_building, publish, save_part,
                                        stop_point)
-from pipeline.patches.extract import ExtractionResult, build_lock
+from pipeline.patches.extract import (ExtractionResult, NoCubesError, build_lock, discard_on_deterministic_error,
+                                      source_catalog)
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
 from pipeline.peak_memory import reset_peak_rss, status_kb
@@ -200,6 +201,7 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
     """Build (or find) the task patch store of `spec` over `volume_root`."""
     t0 = time.perf_counter()
     vstore = VolumeStore(volume_root)
+    source_catalog(vstore)  # a missing catalog, or one without a converted scan: said as such (exit 2)
     plan = plan_task(vstore, spec, seed)
     phases = {"plan": time.perf_counter() - t0}
     if not plan.cases:
@@ -219,7 +221,8 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
         if building_complete(building, key):  # a killed run had written everything but not yet renamed
             publish(building, final)
             return _found(final, key, t0, reused=False)
-        return _build(vstore, plan, spec, seed, key, building, final, workers, scheduler, progress, t0, phases)
+        with discard_on_deterministic_error(building):  # a kill or a lost worker leaves it to resume
+            return _build(vstore, plan, spec, seed, key, building, final, workers, scheduler, progress, t0, phases)
 
 
 def _found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
@@ -269,7 +272,7 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
         tick = time.perf_counter()
         n_total = sum(r["n"] for r in ordered)
         if n_total == 0:
-            raise RuntimeError(f"task {spec.name}: no cube from any of the {len(plan.cases)} cases: "
+            raise NoCubesError(f"task {spec.name}: no cube from any of the {len(plan.cases)} cases: "
                                + "; ".join(f"{r['case_id']}: {r['reason']}" for r in ordered if r["reason"])[:500])
         channels = spec.in_channels
         cube_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.cubes"), r["n"]) for r in ordered]

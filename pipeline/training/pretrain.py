@@ -92,6 +92,7 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
     # everything that can be wrong before Ray and the MLflow run exist, each naming its option
     preflight.ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
                             failures=max_failures)
+    preflight.experiment(experiment)
     store = PatchStore(patches)  # fails early, naming the path, when it is not a patch store
     storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
     if "://" not in storage:

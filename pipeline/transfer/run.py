@@ -164,6 +164,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     preflight.ray_resources(workers=grid.workers_per_trial, gpus_per_worker=grid.gpus_per_trial,
                             ray_address=ray_address, failures=grid.max_failures, workers_option="--workers-per-trial",
                             gpus_option="--gpus-per-trial")
+    preflight.experiment(experiment)
     storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
     results_dir = preflight.output_dir(results_dir, "--results")
     uri = preflight.tracking_uri(tracking_uri)
