@@ -12,7 +12,6 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.models import UNet3D, UNet3DClassifier, load_official_genesis, read_official_state_dict, \
     save_official_layout

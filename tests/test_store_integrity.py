@@ -446,7 +446,7 @@ def test_a_rerun_skip_is_a_size_check_and_verify_is_the_content_check(tmp_path, 
     _flip(_shard(store, "1.2.3"), -20)  # inside the shard index
     again = convert([str(tmp_path / "src")], str(store), workers=1, progress=False)
     assert again.skipped == ["1.2.3"]
-    assert f"checks their content" in again.report() and f"genesis stores verify {store}" in again.report()
+    assert "checks their content" in again.report() and f"genesis stores verify {store}" in again.report()
     out = io.StringIO()
     from pipeline.volume_store.verify import verify_store
 

@@ -14,7 +14,7 @@ from conftest import make_image, write_mhd
 from pipeline.cli import main
 from pipeline.patches import PatchStore
 from pipeline.patches.task_extract import extract_task
-from pipeline.tasks import Sampling, SplitRule, TaskSpec, get_task, register, task_names, tasks_table
+from pipeline.tasks import Sampling, SplitRule, get_task, register, task_names, tasks_table
 from pipeline.tasks.geometry import index_to_world, world_to_index
 from pipeline.tasks.sampling import crop, fraction_order, object_centres
 from pipeline.tasks.splits import assign_splits
