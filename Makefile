@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/python -m pipeline.demo --out $(DEMO)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -172,7 +172,6 @@ def tracking_uri(uri: str | None, option: str = "--tracking-uri", timeout: float
     from pipeline.tracking import resolve_uri
 
     mlflow_http_limits()
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
         uri = "sqlite:///" + shared_path(None, option, default="mlflow.db")
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to where it runs
@@ -376,9 +375,7 @@ def ray_resources(*, workers: int, gpus_per_worker: float, ray_address: str | No
     gpus(gpus_per_worker, gpus_option)
     if failures is not None:
         max_failures(failures)
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():  # connected already: nothing to probe
-        ray_cluster(ray_address)
+    ray_cluster(ray_address)  # also when this process is connected already: a named address must answer
     if gpus_per_worker > 0 and not ray_address and not os.environ.get("RAY_ADDRESS"):
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():

@@ -22,9 +22,9 @@ PRETRAINED_MODEL = "genesis-pretrained"
 
 
 def resolve_uri(uri: str | None) -> str:
-    """The tracking URI: the one given, else MLFLOW_TRACKING_URI (as MLflow itself does; a cluster's nodes export
-    it), else ./mlflow.db; a relative SQLite path is made absolute."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    """The tracking URI: the one given, else ./mlflow.db; a relative SQLite path is made absolute. (Not
+    MLFLOW_TRACKING_URI: `mlflow.set_tracking_uri` sets it, so in one process a stage would silently inherit
+    the previous stage's store.)"""
     if uri:
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())

@@ -139,7 +139,8 @@ except ImportError:
 import mlflow.pyfunc
 xy = torch.load({str(tmp_path / 'xy.pt')!r}, weights_only=True)
 out = mlflow.pyfunc.load_model({str(folder)!r}).predict(xy["x"].numpy())
-assert torch.equal(torch.from_numpy(out), xy["y"]), "outputs differ"
+# another process may sum convolutions in another thread order: equal to float32 rounding, not bit for bit
+assert torch.allclose(torch.from_numpy(out), xy["y"], rtol=1e-5, atol=1e-6), "outputs differ"
 print(sys.modules["pipeline"].__file__)
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, encoding="utf-8",

@@ -70,9 +70,28 @@ def _one_error_line(err: str, *needles: str) -> str:
     return lines[0]
 
 
+_RAY_INITS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _count_ray_inits(monkeypatch):
+    """Records every `ray.init` of the test (the calls go through to Ray unchanged). The session's own Ray may
+    already be up when this module runs, so "no Ray started" is "no ray.init called", not "Ray not running"."""
+    import ray
+
+    real = ray.init
+    _RAY_INITS.clear()
+
+    def counting(*args, **kwargs):
+        _RAY_INITS.append(kwargs.get("address"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", counting)
+    yield
+
+
 def _no_ray_started():
-    ray = sys.modules.get("ray")
-    return ray is None or not ray.is_initialized()
+    return not _RAY_INITS
 
 
 # --------------------------------------------------------------------------- paths
