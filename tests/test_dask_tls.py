@@ -29,6 +29,7 @@ import pipeline.cluster
 from conftest import ct_array, write_mhd
 from pipeline.dask_tls import client_security, ensure_certs, env, main, security
 from pipeline.preflight import UsageError
+from pipeline.services.processes import alive as _alive
 
 HOST = "127.0.0.1"
 CLUSTER_PY_HAS_TLS = hasattr(pipeline.cluster, "client_security")
@@ -52,17 +53,6 @@ def _tree(pid: int) -> list[int]:
         return []
 
 
-def _alive(pids) -> list[int]:
-    import psutil
-
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def _listening(pids) -> set[tuple[str, int]]:

@@ -25,6 +25,8 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.services.processes import alive as _alive
+
 REPO = Path(__file__).resolve().parents[1]
 WALKTHROUGH = REPO / "pipeline" / "services" / "cluster_walkthrough.sh"
 RUNTIME_ENV = REPO / "runtime_env.yaml"
@@ -75,15 +77,6 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _alive(pids) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def _all_pids(info: dict) -> set[int]:
