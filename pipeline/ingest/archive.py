@@ -10,7 +10,9 @@ by the ceiling whatever the archive claims, and the caller's TemporaryDirectory 
 from __future__ import annotations
 
 import os
+import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from pipeline.ingest.headers import HEADER_READ_BYTES, header_format, parse_header_bytes, zip_data_members
@@ -69,3 +71,14 @@ def extract_members(zf: zipfile.ZipFile, members: list[str], tmp: str, max_scan_
     except zipfile.BadZipFile as exc:
         raise ValueError(f"damaged archive member in {os.path.basename(zf.filename or '')}: {exc}") from None
     return paths
+
+
+def read_zip_scan(source, max_scan_bytes: int, read: Callable[[str, int], "object"], prefix: str) -> "object":
+    """`read(path, max_scan_bytes)` of a zipped scan's member, extracted (size-checked) into a private temporary
+    folder; the image owns its voxels once read, so the temporary copies go with the folder."""
+    try:
+        zf = zipfile.ZipFile(source.archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"not a readable zip archive {os.path.basename(str(source.archive))}: {exc}") from None
+    with zf, tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return read(extract_scan_member(zf, source.files[0], tmp, max_scan_bytes), max_scan_bytes)

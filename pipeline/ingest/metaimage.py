@@ -8,13 +8,10 @@ and hostile headers (a data file outside the scan's folder) become one-line reas
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zipfile
 
 import SimpleITK as sitk
 
-from pipeline.ingest.archive import extract_scan_member
+from pipeline.ingest.archive import read_zip_scan
 from pipeline.ingest.headers import check_header_file
 from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES
 from pipeline.ingest.sources import ScanSource
@@ -38,11 +35,4 @@ def read_metaimage_image(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_S
     """Read a MetaImage from disk, or from a zip through a private temporary folder."""
     if source.archive is None:
         return read_checked_image(source.files[0], max_scan_bytes)
-    try:
-        zf = zipfile.ZipFile(source.archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"not a readable zip archive {os.path.basename(source.archive)}: {exc}") from None
-    with zf, tempfile.TemporaryDirectory(prefix="genesis-mhd-") as tmp:
-        local = extract_scan_member(zf, source.files[0], tmp, max_scan_bytes)
-        # the image owns its voxels once read, so the temporary copies can go
-        return read_checked_image(local, max_scan_bytes)
+    return read_zip_scan(source, max_scan_bytes, read_checked_image, prefix="genesis-mhd-")

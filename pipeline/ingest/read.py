@@ -10,7 +10,7 @@ import zipfile
 import SimpleITK as sitk
 import xxhash
 
-from pipeline.ingest.archive import extract_scan_member
+from pipeline.ingest.archive import read_zip_scan
 from pipeline.ingest.dicom import read_dicom
 from pipeline.ingest.headers import check_header_file, header_format
 from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES, check_ceiling
@@ -81,15 +81,7 @@ def read_image(path: str, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES, what: st
 
 
 def _read_zip_image(source: ScanSource, max_scan_bytes: int) -> sitk.Image:
-    import tempfile
-
-    try:
-        zf = zipfile.ZipFile(source.archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"not a readable zip archive {os.path.basename(str(source.archive))}: {exc}") from None
-    with zf, tempfile.TemporaryDirectory(prefix="genesis-img-") as tmp:
-        local = extract_scan_member(zf, source.files[0], tmp, max_scan_bytes)
-        return read_image(local, max_scan_bytes)
+    return read_zip_scan(source, max_scan_bytes, read_image, prefix="genesis-img-")
 
 
 def _itk_reason(exc: Exception) -> str:

@@ -31,8 +31,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.services.mlflow_server import (ADMIN_USER, PASSWORD_FILE, MlflowServerConfig, start_mlflow,
-                                             stop_mlflow)
+from pipeline.services.mlflow_server import (ADMIN_USER, PASSWORD_FILE, MlflowServerConfig, http_status,
+                                             start_mlflow, stop_mlflow)
 from pipeline.services.private_files import ensure_secret, read_secret, write_private
 from pipeline.services.processes import ServiceError, alive, owned_process, start_detached, stop_trees
 from pipeline.services.ray_token import ensure_ray_token, ray_auth_env
@@ -102,17 +102,6 @@ def _worker_port_range(taken: set[int]) -> tuple[int, int]:
         low = random.randrange(20000, 30000, 200)
         if not any(low <= p < low + 200 for p in taken):
             return low, low + 199
-
-
-def _http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 3.0) -> int:
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0
 
 
 def _listening(port: int) -> bool:
@@ -203,10 +192,10 @@ def _wait_for_nodes(info: dict, count: int, deadline: float) -> None:
             if node["alive_expected"] and not alive([node["pid"]]):
                 raise ServiceError(f"Ray node {node['name']} (pid {node['pid']}) exited while starting; its log "
                                    f"{node['log']} ends:\n{_tail(Path(node['log']))}")
-        if _http_status(f"{dashboard}/api/version", headers) != 200:
+        if http_status(f"{dashboard}/api/version", headers) != 200:
             missing = "the dashboard"
         elif [n["name"] for n in info["nodes"] if n["alive_expected"]
-              and not _http_status(f"http://127.0.0.1:{n['ports']['agent']}/", timeout=2.0)]:
+              and not http_status(f"http://127.0.0.1:{n['ports']['agent']}/", timeout=2.0)]:
             missing = "a node's job agent"
         else:
             try:

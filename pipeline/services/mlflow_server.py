@@ -141,9 +141,13 @@ def _ini(config: MlflowServerConfig, password: str) -> str:
 
 def _probe(url: str, auth: str | None, timeout: float = 5.0) -> int:
     """HTTP status of a cheap authenticated read (0: nothing answers)."""
-    req = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
-    if auth:
-        req.add_header("Authorization", auth)
+    return http_status(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                       {"Authorization": auth} if auth else None, timeout)
+
+
+def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 3.0) -> int:
+    """HTTP status of a GET (error statuses included; 0: nothing answers)."""
+    req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status
