@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--per-scan", type=_positive, help="segmentation (pos/neg tasks): cubes per scan")
     pk.add_argument("--split-seed", type=_non_negative, help="seed of the patient-level split (default: the task's)")
     pk.add_argument("--test-fold", type=_positive, help="fold-split tasks (ECC): the test fold")
+    pk.add_argument("--splits", metavar="FILE",
+                    help="train/validation/test by case from FILE: a CSV of case_id,split (split: train, validation "
+                         "or test) or nnU-Net's splits_final.json; the file's content is part of the store's key "
+                         "(default: the task's split rule)")
     pk.add_argument("--channels", help="multi-channel tasks (BMS): sequences, e.g. flair,t1ce")
     pk.add_argument("--no-progress", action="store_true")
     pv2 = psub.add_parser("preview", help="PNG of sample cubes and of each corruption")
@@ -274,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
     ft.add_argument("--name", help="run name")
     ft.add_argument("--max-failures", type=_failures, default=1, help=_FAILURES_HELP + " (default 1)")
+    ft.add_argument("--test-fold", type=_positive, metavar="K",
+                    help="fold-based tasks (ECC): the test fold; training uses the other folds (default: the store's "
+                         "first fold, 1; `genesis transfer` runs every fold)")
 
     tf = sub.add_parser("transfer", help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, "
                                          "one MLflow parent run, the paper's table; `transfer show RUN_ID` prints it "
@@ -284,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of task stores (task-<task>-<key>), or TASK=PATH (repeatable)")
     tf.add_argument("--inits", default="scratch,models:/genesis-pretrained@best",
                     help="comma-separated inits: scratch, models:/NAME/VERSION, models:/NAME@ALIAS, official:FILE, FILE.pt")
-    tf.add_argument("--seeds", type=_seeds, default="0", help="comma-separated seeds")
+    tf.add_argument("--seeds", type=_seeds, default="0,1,2",
+                    help="comma-separated seeds (default 0,1,2: the t-test against scratch needs two a side)")
+    tf.add_argument("--test-fold", type=_positive, metavar="K",
+                    help="fold-based tasks (ECC): run test fold K only (default: every fold the task's store holds; "
+                         "the table pools folds x seeds)")
     tf.add_argument("--label-fractions", type=_fractions, default="1.0",
                     help="comma-separated label fractions in (0, 1]")
     tf.add_argument("--freeze-encoder", action="store_true")
@@ -313,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--tasks", help="comma-separated tasks (default: every task whose dataset is there)")
     rp.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
     rp.add_argument("--label-fractions", type=_fractions, default="1.0",
-                    help="comma-separated label fractions in (0, 1]")
+                    help="comma-separated label fractions in (0, 1] (default 1.0)")
+    rp.add_argument("--test-fold", type=_positive, metavar="K",
+                    help="fold-based tasks (ECC): fine-tune on test fold K only (default: every fold)")
     rp.add_argument("--max-concurrent", type=_positive, default=2, help="transfer trials at once")
     rp.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per fine-tuning trial")
     rp.add_argument("--pretrain-workers", type=_positive, default=2, help="Ray Train workers of the pretraining")
@@ -359,10 +372,23 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
-    os.environ["GENESIS_ENTRY_POINT"] = _command(args)  # run tags; Ray workers started below inherit it
+    # run tags; Ray workers started below inherit it. Restored on return: `genesis reproduce` and the demo run
+    # several commands in one process, and one command's name must not stay on the next stage's runs
+    outer = os.environ.get("GENESIS_ENTRY_POINT")
+    os.environ["GENESIS_ENTRY_POINT"] = _command(args)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
+    try:
+        return _handle(handler, args)
+    finally:
+        if outer is None:
+            os.environ.pop("GENESIS_ENTRY_POINT", None)
+        else:
+            os.environ["GENESIS_ENTRY_POINT"] = outer
+
+
+def _handle(handler, args) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -523,8 +549,17 @@ def _task_spec(args):
             raise ValueError(f"--negative-ratio must be a finite number >= 0 or 'all', got {args.negative_ratio!r}")
         spec = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, negatives_per_positive=ratio))
     channels = tuple(c.strip().lower() for c in args.channels.split(",")) if args.channels else None
-    return spec.with_overrides(cube_size=args.size, channels=channels, **{
+    spec = spec.with_overrides(cube_size=args.size, channels=channels, **{
         "sampling.per_scan": args.per_scan, "split.seed": args.split_seed, "split.test_fold": args.test_fold})
+    if getattr(args, "splits", None):
+        from pipeline import preflight
+        from pipeline.tasks import splits
+
+        with_splits_file = getattr(splits, "with_splits_file", None)  # written by another change
+        if with_splits_file is None:
+            raise preflight.UsageError("--splits: this version cannot read splits files")
+        spec = with_splits_file(spec, preflight.shared_path(args.splits, "--splits"))
+    return spec
 
 
 def _task_patches(args) -> int:
@@ -545,7 +580,8 @@ def _finetune(args) -> int:
                       freeze_encoder=args.freeze_encoder, label_fraction=args.label_fraction, seed=args.seed,
                       workers=args.workers, gpus_per_worker=args.gpus_per_worker, tracking_uri=args.tracking_uri,
                       experiment=args.experiment, storage_path=args.storage_path, name=args.name,
-                      max_failures=args.max_failures, epochs=args.epochs, ray_address=args.ray_address)
+                      max_failures=args.max_failures, epochs=args.epochs, ray_address=args.ray_address,
+                      test_fold=args.test_fold)
     print(result.report())
     return EXIT_FAILED if result.error else EXIT_OK
 
@@ -578,7 +614,7 @@ def _transfer(args) -> int:
                       label_fractions=args.label_fractions, freeze_encoder=args.freeze_encoder,
                       preset=args.preset, epochs=args.epochs, max_concurrent=args.max_concurrent,
                       workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
-                      cells_per_trial=args.per_trial, max_failures=args.max_failures)
+                      cells_per_trial=args.per_trial, max_failures=args.max_failures, test_fold=args.test_fold)
     for t in grid.tasks:
         get_task(t)
     result = transfer(grid, patches, tracking_uri=args.tracking_uri, experiment=args.experiment,
@@ -598,7 +634,7 @@ def _reproduce(args) -> int:
         out=Path(preflight.shared_path(args.out, "--out")), preset=args.preset,
         data=Path(preflight.shared_path(args.data, "--data")) if args.data else None,
         tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=args.seeds,
-        label_fractions=args.label_fractions, max_concurrent=args.max_concurrent,
+        label_fractions=args.label_fractions, test_fold=args.test_fold, max_concurrent=args.max_concurrent,
         gpus_per_trial=args.gpus_per_trial, pretrain_workers=args.pretrain_workers,
         gpus_per_worker=args.gpus_per_worker, pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs,
         workers=args.workers, tracking_uri=args.tracking_uri, ray_address=args.ray_address,

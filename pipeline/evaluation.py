@@ -276,8 +276,11 @@ def summarise(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Means over cases of every key of ``per_case`` (dicts from ``segmentation_case_metrics``).
 
     NaN values (Hausdorff with one empty mask) are left out of their mean; for each of
-    ``SEGMENTATION_CASE_METRICS`` present, ``<name>_n_nan`` says how many were; ``n_cases`` counts
-    the cases. A metric NaN in every case has mean NaN.
+    ``SEGMENTATION_CASE_METRICS`` present, ``<name>_sd`` is the sample standard deviation over the
+    cases (ddof=1, the spread a clinician reads beside the mean: Dice mean +- sd over cases; NaN
+    with fewer than two finite values) and ``<name>_n_nan`` says how many were NaN; ``n_cases``
+    counts the cases. A metric NaN in every case has mean NaN. The result does not depend on the
+    order of the cases.
     """
     if len(per_case) == 0:
         raise ValueError("per_case is empty: there are no cases to summarise")
@@ -289,10 +292,20 @@ def summarise(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
     for key in keys:
         values = np.asarray([float(case[key]) for case in per_case], dtype=np.float64)
         finite = values[~np.isnan(values)]
-        out[key] = float(finite.mean()) if finite.size else math.nan
+        out[key] = float(math.fsum(finite) / finite.size) if finite.size else math.nan  # fsum: order-free
         if key in SEGMENTATION_CASE_METRICS:
+            out[f"{key}_sd"] = _sample_sd(finite)
             out[f"{key}_n_nan"] = int(values.size - finite.size)
     return out
+
+
+def _sample_sd(values: np.ndarray) -> float:
+    """Sample standard deviation (ddof=1) of ``values``, summed exactly (independent of their order);
+    NaN with fewer than two values."""
+    if values.size < 2:
+        return math.nan
+    mean = math.fsum(values) / values.size
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (values.size - 1))
 
 
 # --------------------------------------------------------------------------- registry
@@ -340,9 +353,11 @@ def sliding_window_predict(model: torch.nn.Module, volume: ArrayLike, roi_size: 
     falling off from each window's centre, sd = ``sigma_scale`` x roi; "constant": plain mean).
 
     The model runs in eval mode under ``torch.no_grad`` on its own device, and its training flag
-    is restored afterwards. Its output is used as is (UNet3D's is a sigmoid probability). With the
-    reference's batch-statistics norm, the ``sw_batch_size`` windows of one forward share
-    statistics, so results depend on it; it is recorded.
+    is restored afterwards. Its output is used as is (UNet3D's is a sigmoid probability). Results do
+    not depend on ``sw_batch_size`` (it only sets how many windows go through one forward): a
+    "batch" or "instance" model's window output does not depend on the other windows of its batch,
+    and a "batch_stats" model (the reference's norm) predicts window by window
+    (``pipeline.models.norms.per_cube_statistics``), each normalised with its own statistics.
 
     Returns (probabilities (C_out, Z, Y, X), same kind as ``volume``: numpy in -> numpy out,
     tensor in -> tensor on the volume's device; settings dict to record: roi_size, sw_batch_size,
@@ -363,6 +378,8 @@ def sliding_window_predict(model: torch.nn.Module, volume: ArrayLike, roi_size: 
         raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
     from monai.inferers import sliding_window_inference
 
+    from pipeline.models.norms import per_cube_statistics
+
     settings = {"roi_size": list(roi), "sw_batch_size": sw_batch_size, "overlap": float(overlap), "mode": mode,
                 "sigma_scale": float(sigma_scale), "padding_mode": "constant", "cval": 0.0}
     param = next(model.parameters(), None)
@@ -370,7 +387,7 @@ def sliding_window_predict(model: torch.nn.Module, volume: ArrayLike, roi_size: 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), per_cube_statistics(model):
             out = sliding_window_inference(
                 x[None].to(device=device, dtype=torch.float32), roi_size=roi, sw_batch_size=sw_batch_size,
                 predictor=model, overlap=float(overlap), mode=mode, sigma_scale=float(sigma_scale),

@@ -16,11 +16,19 @@ URIs, and what each gives:
 - `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`, read with weights_only=True); the
   architecture is read from the weights: width and input channels from the first conv, a U-Net when the state
   has the U-Net's head, an encoder classifier when it has the dense head, instance norm when it has no batch
-  statistics (otherwise the reference's batch-statistics norm). The sizes it reads must lie in
+  statistics, otherwise the reference's batch-statistics norm ("batch_stats"; a state dict cannot tell it from
+  nn.BatchNorm3d's, so pass `norm="batch"` for a fine-tuned model saved that way). The sizes it reads must lie in
   `pipeline.model_format.ARG_RANGES`, and the state is compared with the model built on the meta device before
   the model's memory is allocated, so a state that only claims a large width costs nothing.
 
 The model comes back in eval mode, on `device`. Anything that cannot be loaded is a ValueError naming the URI.
+
+Its output for a cube does not depend on the rest of the batch: `model(batch)` equals the cubes predicted one at a
+time. Fine-tuned models ("batch" norm) use their running statistics; a model whose norm is "batch_stats"
+(pretrained restoration models, the official weights, fine-tuned models of older versions) predicts each cube of a
+batch on its own, normalised with its own statistics as the reference normalises a batch of one
+(`pipeline.models.norms.set_per_cube_statistics`; switch it off with `set_per_cube_statistics(model, False)` to
+get the reference's batch-pooled statistics).
 """
 
 from __future__ import annotations
@@ -40,25 +48,35 @@ __all__ = ["load_model", "model_from_state_dict"]
 CLASSIFIER_HIDDEN, CLASSIFIER_OUT = "fc1.weight", "fc2.weight"
 
 
-def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "cpu") -> nn.Module:
-    """The model `uri` names, in eval mode on `device` (see the module docstring for the URIs)."""
+def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "cpu", norm: str | None = None
+               ) -> nn.Module:
+    """The model `uri` names, in eval mode on `device`, predicting cube by cube (see the module docstring).
+    `norm`: for a `FILE.pt` state dict only, the norm its BatchNorm buffers belong to ("batch_stats" or
+    "batch"; None: read from the weights)."""
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"load_model: expected a model URI string, got {uri!r}")
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"load_model({uri!r}): bad device {device!r}: {err}") from None
+    is_file = not uri.startswith(("models:/", "runs:/", "official:")) and os.path.isfile(uri)
+    if norm is not None and not is_file:
+        raise ValueError(f"load_model({uri!r}): norm={norm!r} applies to a state-dict file only; a logged model "
+                         f"names its norm in architecture.json, the official weights use batch_stats")
     if uri.startswith(("models:/", "runs:/")) or _is_mlflow_folder(uri):
         model = _from_mlflow(uri, tracking_uri)
     elif uri.startswith("official:"):
         model = _from_official(uri)
     elif os.path.isfile(uri):
-        model = _from_state_file(uri)
+        model = _from_state_file(uri, norm)
     else:
         raise ValueError(f"load_model: {uri!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model, "
                          f"an MLflow model folder, official:FILE.pt or an existing state-dict file")
     if not isinstance(model, nn.Module):
         raise ValueError(f"load_model({uri!r}): the logged object is a {type(model).__name__}, not a torch module")
+    from pipeline.models.norms import set_per_cube_statistics
+
+    set_per_cube_statistics(model)
     return model.to(torch_device).eval()
 
 
@@ -128,7 +146,7 @@ def _from_official(uri: str) -> nn.Module:
         raise ValueError(f"load_model({uri!r}): {err}") from err
 
 
-def _from_state_file(uri: str) -> nn.Module:
+def _from_state_file(uri: str, norm: str | None = None) -> nn.Module:
     from pipeline.finetune.init import read_init
 
     try:
@@ -137,11 +155,13 @@ def _from_state_file(uri: str) -> nn.Module:
         raise ValueError(f"load_model({uri!r}): {err}") from err
     except Exception as err:  # not a torch file at all
         raise ValueError(f"load_model({uri!r}): cannot read it as a torch state dict: {_first_line(err)}") from err
-    return model_from_state_dict(state, name=repr(uri))
+    return model_from_state_dict(state, name=repr(uri), norm=norm)
 
 
-def model_from_state_dict(state: dict[str, torch.Tensor], name: str = "the state dict") -> nn.Module:
-    """A UNet3D or UNet3DClassifier built to fit `state` (see the module docstring) with `state` loaded."""
+def model_from_state_dict(state: dict[str, torch.Tensor], name: str = "the state dict", norm: str | None = None
+                          ) -> nn.Module:
+    """A UNet3D or UNet3DClassifier built to fit `state` (see the module docstring) with `state` loaded. `norm`
+    overrides the norm read from the weights ("batch_stats" when it has running statistics, else "instance")."""
     from pipeline.model_format import ARG_RANGES
     from pipeline.models import UNet3D, UNet3DClassifier
     from pipeline.models.state_dicts import BATCH_STAT_SUFFIXES, check_state_dict, load_checked
@@ -150,8 +170,14 @@ def model_from_state_dict(state: dict[str, torch.Tensor], name: str = "the state
     if not isinstance(first, torch.Tensor) or first.dim() != 5:
         raise ValueError(f"load_model({name}): no 5-D first conv {FIRST_CONV!r} in its state dict, so not a Genesis "
                          f"U-Net or classifier (keys: {sorted(state)[:5]}...)")
+    has_stats = any(k.endswith("running_mean") for k in state)
+    if norm is not None and norm not in ("batch_stats", "batch", "instance"):
+        raise ValueError(f"load_model({name}): norm={norm!r}; choose batch_stats, batch or instance")
+    if norm in ("batch_stats", "batch") and not has_stats:
+        raise ValueError(f"load_model({name}): norm={norm!r} needs the BatchNorm running statistics, which its "
+                         f"state dict does not hold (an instance-norm model?)")
     args: dict[str, object] = {"base_channels": int(first.shape[0]), "in_channels": int(first.shape[1]),
-                               "norm": "batch_stats" if any(k.endswith("running_mean") for k in state) else "instance"}
+                               "norm": norm or ("batch_stats" if has_stats else "instance")}
     heads = ({"out_channels": UNET_HEAD} if UNET_HEAD in state
              else {"hidden": CLASSIFIER_HIDDEN, "n_outputs": CLASSIFIER_OUT})
     if not all(isinstance(state.get(key), torch.Tensor) and state[key].dim() >= 1 for key in heads.values()):

@@ -403,10 +403,18 @@ def model_requirements() -> list[str]:
 
 
 class GenesisPyfunc:
-    """What `mlflow.pyfunc.load_model` wraps: (N, C, D, H, W) float32 arrays in, the model's output out."""
+    """What `mlflow.pyfunc.load_model` wraps: (N, C, D, H, W) float32 arrays in, the model's output out.
+
+    A cube's output does not depend on the rest of its batch, as with `pipeline.load_model`: a "batch" model uses
+    its running statistics, a "batch_stats" model (pretrained restoration models, older fine-tuned models)
+    predicts each cube on its own, normalised with its own statistics as the reference normalises a batch of one
+    (`pipeline.models.norms.set_per_cube_statistics`)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        from pipeline.models.norms import set_per_cube_statistics
+
+        set_per_cube_statistics(model)
+        self.model = model.eval()
 
     def predict(self, model_input, params=None):
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.float32)))

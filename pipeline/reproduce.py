@@ -46,6 +46,9 @@ class ReproduceConfig:
     """None: every registered task whose dataset is there."""
     seeds: tuple[int, ...] = (0, 1, 2)
     label_fractions: tuple[float, ...] = (1.0,)
+    test_fold: int | None = None
+    """Fold-based tasks (ECC): run this test fold only; None: every fold (the published ECC number pools its
+    three folds). The ECC store is built once and holds every fold either way."""
     max_concurrent: int = 2
     """Transfer trials at once."""
     gpus_per_trial: float = 0.0
@@ -91,7 +94,8 @@ class ReproduceConfig:
             get_task(task)
         GridConfig(tasks=self.tasks or ("ncc",), inits=("scratch", "pretrained"), seeds=tuple(self.seeds),
                    label_fractions=tuple(self.label_fractions), preset=self.finetune_preset,
-                   epochs=self.finetune_epochs, max_concurrent=self.max_concurrent, gpus_per_trial=self.gpus_per_trial)
+                   epochs=self.finetune_epochs, max_concurrent=self.max_concurrent, gpus_per_trial=self.gpus_per_trial,
+                   test_fold=self.test_fold)
         from pipeline.finetune.config import preset as finetune_preset
         from pipeline.training import preset as pretrain_preset
 
@@ -344,14 +348,35 @@ def pretrain_model(config: ReproduceConfig, steps: Walkthrough, stores: Stores) 
     return run_id, registered_version(config.uri, run_id)
 
 
+def _folds_note(stores: Stores, test_fold: int | None) -> str:
+    """How many test folds the grid runs per fold-based task: ", ECC on its 3 folds (test fold 1, 2, 3)", or on
+    one; "" when no task has folds."""
+    from pipeline.finetune.run import store_folds
+    from pipeline.patches import PatchStore
+
+    parts = []
+    for task, path in stores.tasks.items():
+        folds = store_folds(PatchStore(path))
+        if not folds:
+            continue
+        if test_fold is None:
+            parts.append(f"{task.upper()} on its {len(folds)} folds (test fold {', '.join(map(str, folds))} in "
+                         f"turn; the table pools folds x seeds)")
+        else:
+            parts.append(f"{task.upper()} on ONE fold only (test fold {test_fold} of {len(folds)}: not the paper's "
+                         f"protocol)")
+    return "".join(f", {p}" for p in parts)
+
+
 def transfer_grid(config: ReproduceConfig, steps: Walkthrough, stores: Stores, pretrained: str):
-    """The grid over the task stores, inits scratch and `pretrained`; returns the TransferResult."""
+    """The grid over the task stores, inits scratch and `pretrained`; returns the TransferResult. A fold-based
+    task (ECC) runs every fold of its one store, unless `config.test_fold` picks one."""
     from pipeline.transfer import GridConfig, transfer
 
     grid = GridConfig(tasks=tuple(stores.tasks), inits=("scratch", pretrained), seeds=tuple(config.seeds),
                       label_fractions=tuple(config.label_fractions), preset=config.finetune_preset,
                       epochs=config.finetune_epochs, max_concurrent=config.max_concurrent,
-                      gpus_per_trial=config.gpus_per_trial)
+                      gpus_per_trial=config.gpus_per_trial, test_fold=config.test_fold)
     storage, results = Path(config.out) / "ray_results", Path(config.out) / "transfer_results"
     argv = ["transfer", "--tasks", ",".join(grid.tasks), *(a for t, p in stores.tasks.items()
                                                           for a in ("--patches", f"{t}={p}")),
@@ -363,9 +388,11 @@ def transfer_grid(config: ReproduceConfig, steps: Walkthrough, stores: Stores, p
         argv += ["--epochs", str(grid.epochs)]
     if grid.gpus_per_trial:
         argv += ["--gpus-per-trial", f"{grid.gpus_per_trial:g}"]
+    if grid.test_fold is not None:
+        argv += ["--test-fold", str(grid.test_fold)]
     title = steps.command(f"the transfer grid: {len(grid.tasks)} tasks x scratch / the model pretrained above x "
-                          f"{len(grid.label_fractions)} label fraction(s) x {len(grid.seeds)} seed(s) on Ray Tune",
-                          argv)
+                          f"{len(grid.label_fractions)} label fraction(s) x {len(grid.seeds)} seed(s)"
+                          f"{_folds_note(stores, grid.test_fold)}, on Ray Tune", argv)
     t0 = time.perf_counter()
     result = transfer(grid, {t: str(p) for t, p in stores.tasks.items()}, tracking_uri=config.uri,
                       storage_path=str(storage), results_dir=str(results), ray_address=config.ray_address,

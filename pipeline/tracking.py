@@ -16,7 +16,7 @@ import numpy as np
 __all__ = ["resolve_uri", "RunLogger", "create_run", "register_model", "model_signature", "ui_hint", "mark_failed",
            "PRETRAINED_MODEL", "classifier_signature", "load_model_state", "register_finetuned", "run_metrics",
            "finetuned_model_name", "run_status", "artifact_location", "log_safe_model", "provenance_tags",
-           "git_state", "entry_point", "ENTRY_POINT_ENV"]
+           "git_state", "entry_point", "ENTRY_POINT_ENV", "BEST_ALIAS", "best_alias_of"]
 
 PRETRAINED_MODEL = "genesis-pretrained"
 
@@ -40,14 +40,20 @@ def _client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None, *,
+               command: str | None = None) -> str:
     """A new run (left open for the training to log into); returns its id. The run carries where it came
-    from (`provenance_tags`: git commit, user, entry point); `tags` are added to (and override) those."""
+    from (`provenance_tags`: git commit, user, entry point); `tags` are added to (and override) those.
+
+    `command`: the genesis command that makes this run (`genesis transfer`, `genesis finetune`), named by the
+    stage itself. Without it the entry point is read from the process ($GENESIS_ENTRY_POINT or argv), which in
+    a Ray worker, or in a process that ran other stages before (the demo, `genesis reproduce`), names whatever
+    set it last."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
                                                                     artifact_location=artifact_location(uri))
-    run = client.create_run(exp_id, run_name=run_name, tags={**provenance_tags(), **(tags or {})})
+    run = client.create_run(exp_id, run_name=run_name, tags={**provenance_tags(command), **(tags or {})})
     return run.info.run_id
 
 
@@ -55,15 +61,21 @@ def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | 
 ENTRY_POINT_ENV = "GENESIS_ENTRY_POINT"
 
 
-def provenance_tags() -> dict[str, str]:
+def provenance_tags(command: str | None = None) -> dict[str, str]:
     """Tags that say where a run came from: `genesis.git_commit` (the checkout this code runs from, or
     "unknown"), `genesis.git_dirty` ("true" when that tree has uncommitted changes), `genesis.user`,
-    `genesis.entry_point`; and MLflow's own `mlflow.user`, `mlflow.source.name`, `mlflow.source.type`,
-    `mlflow.source.git.commit` (only for a known commit), which the MLflow UI shows."""
+    `genesis.entry_point` (`command` when given: the command that makes the run; else `entry_point()`), and,
+    when `command` is given, `genesis.launched_by` (the process's own entry point: the same command from the
+    CLI, `genesis reproduce` or `demo.py` when those ran it); and MLflow's own `mlflow.user`,
+    `mlflow.source.name`, `mlflow.source.type`, `mlflow.source.git.commit` (only for a known commit), which the
+    MLflow UI shows."""
     commit, dirty = git_state(Path(__file__).resolve().parent.parent)
-    user, entry = _user(), entry_point()
+    user, launcher = _user(), entry_point()
+    entry = command or launcher
     tags = {"genesis.git_commit": commit, "genesis.user": user, "genesis.entry_point": entry,
             "mlflow.user": user, "mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    if command:
+        tags["genesis.launched_by"] = launcher
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
         tags["genesis.git_dirty"] = "true" if dirty else "false"
@@ -266,10 +278,66 @@ class RunLogger:
         self.mlflow.end_run(status=status)
 
 
+BEST_ALIAS = "best"
+
+
+def best_alias_of(store_key: str, preset: str, width: int | str) -> str:
+    """The alias of the best version among those pretrained on one patch store (its content key's first 8
+    characters) with one preset and U-Net width: best-1a2b3c4d-tiny-w4."""
+    return f"{BEST_ALIAS}-{store_key[:8]}-{preset}-w{width}"
+
+
+def _group(tags: dict) -> tuple[str, str, str] | None:
+    """(patch store key, preset, width) of a version's tags; None when one is unknown."""
+    group = tuple(str(tags.get(k, "") or "") for k in ("patch_store", "preset", "width"))
+    return group if all(group) else None  # type: ignore[return-value]
+
+
+def _model_width(client, name: str, version: str) -> int | None:
+    """The U-Net width (`base_channels`) of a registered version, from its architecture.json (read as JSON,
+    nothing unpickled); None when the version is not in the safe format."""
+    import tempfile
+
+    import mlflow.artifacts
+
+    from pipeline import model_format as fmt
+
+    source = client.get_model_version_download_uri(name, version).rstrip("/")
+    try:
+        with tempfile.TemporaryDirectory(prefix="genesis-arch-") as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/data/{fmt.DATA_DIR}/{fmt.CONFIG_FILE}", dst_path=tmp)
+            config = json.loads(Path(path).read_text(encoding="utf-8"))
+        return int(config["kwargs"]["base_channels"])
+    except Exception:  # noqa: BLE001 - another format: the width stays unknown (the version never joins a group)
+        return None
+
+
+def _improves(client, name: str, alias: str, metric: float, lower_is_better: bool) -> tuple[bool, object | None]:
+    """(whether `metric` beats the version holding `alias`, or no version does; that version or None)."""
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - no version holds the alias
+        return True, None
+    default = "inf" if lower_is_better else "-inf"
+    held = float(holder.tags.get("val_loss", default))
+    return ((metric < held) if lower_is_better else (metric > held)), holder
+
+
 def register_model(uri: str, model_uri: str, name: str, metric: float | None = None,
                    lower_is_better: bool = True, tags: dict | None = None, aliases: tuple[str, ...] = ()):
-    """Register `model_uri` as a new version of `name`; alias it `best` when its `metric` beats the
-    version that holds `best` (or none does), and with each of `aliases`.
+    """Register `model_uri` as a new version of `name` with `tags` (and `width`: the U-Net's base channels, read
+    from the model when not given), and alias it with each of `aliases`.
+
+    `best` compares validation losses, and a loss only means something against other versions trained on the
+    same data with the same recipe and width: another patch store or preset scores its own validation cubes.
+    So a version with a `metric` takes:
+    - `best-<store key 8>-<preset>-w<width>` (`best_alias_of`) when it beats that alias's holder, or none holds it:
+      the best version of its own (patch store, preset, width) group;
+    - `best` when no version holds it yet, or when the holder is of the same group and the new loss beats it.
+      `best` never moves to another store, preset or width: a version of another group is picked by its group
+      alias or its number (`models:/NAME@best-1a2b3c4d-tiny-w4`, `models:/NAME/7`).
+    A version whose store or preset is unknown takes `best` only when none holds it.
 
     MLflow reserves the alias name `latest`: the newest version is `models:/NAME/latest`, which
     MLflow resolves itself, so no alias is needed (or allowed) for it.
@@ -278,20 +346,27 @@ def register_model(uri: str, model_uri: str, name: str, metric: float | None = N
 
     client = _client(uri)
     version = mlflow.register_model(model_uri, name)
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(name, version.version, k, str(v))
+    tags = dict(tags or {})
+    if "width" not in tags:
+        width = _model_width(client, name, version.version)
+        if width is not None:
+            tags["width"] = width
+    group = _group({k: str(v) for k, v in tags.items()})
+    if metric is not None and group is not None:
+        tags["best_alias"] = best_alias_of(*group)
     if metric is not None:
-        client.set_model_version_tag(name, version.version, "val_loss", str(metric))
+        tags["val_loss"] = metric
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version.version, k, str(v))
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
     if metric is not None:
-        try:
-            best = client.get_model_version_by_alias(name, "best")
-            best_metric = float(best.tags.get("val_loss", "inf"))
-        except Exception:
-            best_metric = float("inf") if lower_is_better else float("-inf")
-        if (metric < best_metric) if lower_is_better else (metric > best_metric):
-            client.set_registered_model_alias(name, "best", version.version)
+        if group is not None and _improves(client, name, tags["best_alias"], metric, lower_is_better)[0]:
+            client.set_registered_model_alias(name, tags["best_alias"], version.version)
+        better, holder = _improves(client, name, BEST_ALIAS, metric, lower_is_better)
+        same_group = holder is not None and group is not None and _group(holder.tags) == group
+        if holder is None or (better and same_group):
+            client.set_registered_model_alias(name, BEST_ALIAS, version.version)
     return version
 
 

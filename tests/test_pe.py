@@ -190,3 +190,54 @@ def test_conflicting_folds_named(sample, tmp_path, capsys):
     rc = main(["convert", str(src), "--store", str(tmp_path / "store"), "--workers", "1", "--no-progress"])
     out = capsys.readouterr()
     assert rc == 1 and "patient_id in more than one fold" in out.out + out.err and str(folds) in out.out + out.err
+
+
+def test_directions_follow_the_vessels(sample, volumes):
+    """ECC's cubes are oriented by these directions: along one, an embolus or vein stays inside its vessel
+    (above 0 HU at its radius + 2 mm, either way); across it, the lung is reached."""
+    from scipy import ndimage
+
+    checked = 0
+    for scan in sample.scans:
+        hu = sitk.GetArrayFromImage(volumes[scan.case_id]).astype(np.float32)
+        spacing = np.asarray(scan.spacing_zyx_mm)
+        for c in scan.candidates:
+            if c.kind not in ("embolus", "vein"):
+                continue
+            d = np.asarray(c.direction_xyz)[::-1]  # world (x, y, z) -> (z, y, x): identity direction matrix
+            u = np.cross(d, [1.0, 0.0, 0.0])
+            u /= np.linalg.norm(u)
+            v = np.cross(d, u)
+            reach = c.radius_mm + 2.0
+
+            def at(offset_mm, c=c):
+                return float(ndimage.map_coordinates(hu, (np.asarray(c.index_zyx) + offset_mm / spacing)[:, None],
+                                                     order=1)[0])
+
+            along = [at(k * reach * d) for k in (-1, 1)]
+            across = [at(k * reach * w) for k in (-1, 1) for w in (u, v)]
+            assert min(along) > 0 and min(across) < -500, (c, along, across)
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("value, shown, why", [("0.0,0.0,0.0", "(0.0, 0.0, 0.0)", "has zero length"),
+                                                ("inf,0.0,0.0", "(inf, 0.0, 0.0)", "is not finite"),
+                                                ("nan,nan,nan", "(nan, nan, nan)", "is not finite")])
+def test_unusable_direction_is_a_usage_error_before_any_work(sample, tmp_path, capsys, value, shown, why):
+    """A direction no cube can be oriented by is exit 2, one line (file, row, value), nothing converted."""
+    src = tmp_path / "PE-CAD"
+    shutil.copytree(sample.out_dir, src)
+    bad = src / "pe_candidates.csv"
+    lines = bad.read_text(encoding="utf-8").splitlines()
+    n = next(i for i, ln in enumerate(lines) if i and not ln.endswith(",,"))  # a row with a direction
+    fields = lines[n].split(",")
+    lines[n] = ",".join(fields[:6] + [value])
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    store = tmp_path / "store"
+    rc = main(["convert", str(src), "--store", str(store), "--workers", "1", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 2
+    (line,) = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert str(bad) in line and f"line {n + 1} (case_id {fields[0]})" in line and shown in line and why in line
+    assert not store.exists()  # refused before the store is even made

@@ -29,7 +29,8 @@ def test_registry_holds_the_five_tasks_with_the_papers_cubes_and_recipes():
     assert cubes == {"ncc": (32, 64, 64), "ncs": (32, 64, 64), "ecc": (64, 64, 64), "lcs": (32, 64, 64),
                      "bms": (32, 64, 64)}
     assert get_task("bms").sampling.crop_size == (50, 100, 100) and get_task("bms").channels == ("flair",)
-    assert [get_task(n).optimisation.lr for n in ("ncc", "ncs", "ecc", "lcs", "bms")] == [1e-3, 1e-3, 1e-3, 1e-2, 1e-3]
+    # the reference's compile(optimizer='adam') never reads config.lr: Adam's 1e-3 everywhere, LCS included
+    assert [get_task(n).optimisation.lr for n in ("ncc", "ncs", "ecc", "lcs", "bms")] == [1e-3] * 5
     assert [get_task(n).optimisation.patience for n in ("ncc", "ncs", "ecc", "lcs", "bms")] == [10, 50, 38, 20, 30]
     assert get_task("NCC").published.genesis == (98.07, 0.59)
     assert {get_task(n).head for n in ("ncc", "ecc")} == {"encoder-gap-dense"}
@@ -81,9 +82,12 @@ def test_splits_are_by_patient_and_follow_each_rule():
     small = _cases([f"volume-{k}" for k in range(6)])
     got = assign_splits(small, lits)
     assert set(got) == {"train", "validation", "test"} and list(got) == list(assign_splits(small, lits))
-    # folds: fold 1 test, fold 2 validation, the rest train
+    # folds: fold 1 test; the other folds train, less one seeded validation patient (5%, at least one)
     f = _cases(["a", "b", "c", "d"], subsets=["fold1", "fold2", "fold3", "fold3"])
-    assert list(assign_splits(f, SplitRule(kind="folds", test_fold=1))) == ["test", "validation", "train", "train"]
+    got = list(assign_splits(f, SplitRule(kind="folds", test_fold=1)))
+    assert got[0] == "test" and sorted(got[1:]) == ["train", "train", "validation"]
+    with pytest.raises(ValueError, match="the data has fold1, fold2"):  # a fold-based task needs every fold
+        assign_splits(f.iloc[:2], SplitRule(kind="folds", test_fold=1))
     # patient-seeded: several scans of one patient share its split, exact counts, seeded
     ids = [f"scan{k}" for k in range(40)]
     patients = [f"p{k // 2}" for k in range(40)]
@@ -193,13 +197,14 @@ def test_classification_store_centres_candidates_and_records_splits(luna_store, 
     assert idx.groupby("patient_id")["split"].nunique().max() == 1
     assert idx.loc[idx["split"] == "train", "fraction_order"].notna().all()
     assert idx.loc[idx["split"] != "train", "fraction_order"].isna().all()
-    # negatives subsampled by a recorded ratio: all positives kept
+    # negatives subsampled by a recorded ratio in train and validation; all positives kept, the test split whole
     sub = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, negatives_per_positive=1.0))
     res2 = extract_task(str(store), sub, out_root=str(tmp_path / "ps"), workers=1, progress=False)
     idx2 = PatchStore(res2.path).index
     assert res2.key != res.key and (idx2["label"] == 1).sum() == 6
     for split, group in idx2.groupby("split"):
-        assert (group["label"] == 0).sum() == (group["label"] == 1).sum()
+        negatives = 3 * (group["label"] == 1).sum() if split == "test" else (group["label"] == 1).sum()
+        assert (group["label"] == 0).sum() == negatives
     assert PatchStore(res2.path).attrs["config"]["task"]["sampling"]["negatives_per_positive"] == 1.0
     # the same inputs reuse the store; the CLI reports the failed candidate with exit status 1
     code = main(["patches", "task", "ncc", "--store", str(store), "--out", str(tmp_path / "ps"), "--size", "8,16,16",
@@ -228,7 +233,8 @@ def test_segmentation_store_masks_equal_the_stored_labels_and_test_scans_stay_wh
         _write_pair(src, f"volume-{k}", img, lab, direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
     store = tmp_path / "vs"
     assert convert([str(src)], str(store), workers=1, progress=False).ok
-    spec = get_task("lcs").with_overrides(cube_size=(8, 16, 16), **{"sampling.per_scan": 6})
+    # on the volumes' own grid (inplane_scale 1): the masks are crops of the stored label maps
+    spec = get_task("lcs").with_overrides(cube_size=(8, 16, 16), inplane_scale=1.0, **{"sampling.per_scan": 6})
     res = extract_task(str(store), spec, out_root=str(tmp_path / "ps"), workers=2, progress=False)
     ps = PatchStore(res.path)
     idx, scans = ps.index, ps.scans

@@ -70,7 +70,8 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
     stores_root = Path(task_stores["ecc"]).parent
     args = ["--tasks", "ecc,lcs", "--patches", str(stores_root),
             "--inits", f"scratch,{tmp_path / 'pre.pt'},{tmp_path / 'missing.pt'}", "--seeds", "0",
-            "--label-fractions", "1.0", "--epochs", "2", "--max-concurrent", "2", "--tracking-uri", uri,
+            "--label-fractions", "1.0", "--test-fold", "1", "--epochs", "2", "--max-concurrent", "2",
+            "--tracking-uri", uri,
             "--storage-path", str(tmp_path / "ray"), "--results", str(tmp_path / "results")]
     address = ray_local.get_runtime_context().gcs_address
     client = _client(uri)
@@ -117,6 +118,14 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
     failed = _children(client, "FAILED")
     assert {r.data.tags["task"] for r in failed} == {"ecc", "lcs"}
     assert all(r.data.tags["init"].endswith("missing.pt") and not r.data.metrics for r in failed)
+
+    # ECC's store holds three folds; --test-fold 1 ran one: every ECC run records it, as a tag and a param
+    for r in _children(client):
+        assert r.data.tags["genesis.entry_point"] == "genesis transfer"
+        if r.data.tags["task"] == "ecc":
+            assert r.data.tags["fold"] == r.data.params["fold"] == "1"
+        else:
+            assert "fold" not in r.data.tags
 
     parent_id = finished[0].data.tags["mlflow.parentRunId"]
     parent = client.get_run(parent_id)

@@ -609,3 +609,40 @@ def test_damaged_store_build_is_one_line_leaves_no_building_folder_and_a_missing
         _usage_exit([*argv, "--no-progress"], capsys, f"{damaged}: its catalog.parquet is missing",
                     f"genesis stores verify {damaged} --repair")
     assert not list(out.glob(".building-*"))
+
+
+# --------------------------------------------------------------------------- issue 15: folds, seeds, splits files
+
+@pytest.mark.parametrize("command, option, default", [
+    (["transfer"], "--test-fold", "default: every fold the task's store holds"),
+    (["transfer"], "--seeds", "default 0,1,2"),
+    (["finetune"], "--test-fold", "default: the store's first fold, 1"),
+    (["reproduce"], "--test-fold", "default: every fold"),
+    (["patches", "task"], "--splits", "default: the task's split rule"),
+])
+def test_fold_seed_and_splits_options_have_a_help_line_with_their_default(command, option, default, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert option in text and default in text, text
+    if option == "--splits":
+        assert "case_id,split" in text and "splits_final.json" in text and "store's key" in text
+    args = build_parser().parse_args([*command, *(["--task", "ecc", "--patches", "p"] if command == ["finetune"]
+                                                  else ["ecc", "--store", "s"] if command[0] == "patches" else [])])
+    assert args.seeds == (0, 1, 2) if option == "--seeds" else True
+
+
+def test_test_fold_zero_and_a_malformed_splits_file_are_exit_2_before_anything_starts(patch_store, tmp_path, capsys):
+    for argv in (["transfer", "--patches", str(tmp_path), "--test-fold", "0"],
+                 ["finetune", "--task", "ecc", "--patches", patch_store, "--test-fold", "0"],
+                 ["reproduce", "--out", str(tmp_path), "--test-fold", "x"]):
+        line = _usage_exit(argv, capsys, "--test-fold")
+        assert "unrecognized" not in line, line
+    bad = tmp_path / "splits.csv"
+    bad.write_text("patient,fold\nx,1\n", encoding="utf-8")
+    out = tmp_path / "stores"
+    volumes = str(Path(patch_store).parents[1] / "vs")
+    assert main(["patches", "task", "ncc", "--store", volumes, "--out", str(out), "--splits", str(bad)]) == 2
+    _one_error_line(capsys.readouterr().err, "genesis patches task: error: splits file", "splits.csv", "case_id")
+    assert not any(out.glob("task-*")) and _no_ray_started()

@@ -1,7 +1,15 @@
 """`FinetuneConfig`: one fine-tuning run's settings, built from a task's `TaskSpec` by a named preset.
 
-- `paper(spec)`: the reference's recipe (Adam at the task's lr, reduce-on-plateau, early stopping with the
-  task's patience, its batch size), the full-width U-Net (32).
+- `paper(spec)`: the reference's recipe (Adam at the task's lr, reduce-on-plateau counted as Keras counts it,
+  early stopping with the task's patience, its batch size), the full-width U-Net (32).
+
+Every value of the optimiser comes from the task's `TaskSpec.optimisation` unchanged: `lr` there is the learning
+rate the reference code actually trains at (its Keras `compile(optimizer='adam')` passes a string, so Adam runs at
+its default 1e-3 and `config.lr` is never read; keras/downstream_tasks/utils.py lines 80-98).
+
+Norm: fine-tuned models use "batch" (nn.BatchNorm3d: running statistics in eval mode), as the Keras models behind
+the paper's numbers do, so a cube's prediction does not depend on the rest of its batch; a pretrained init brings
+its running statistics along (`pipeline.models.norms`).
 - `tiny(spec)`: for a CPU and for tests: U-Net width 4, at most 4 epochs, batch 4, smaller inputs.
   Segmentation cubes are centre-cropped to 16x32x32 (no resampling, so whole volumes are predicted at
   the stored resolution); classification cubes are halved (area averaging) until no side exceeds 32
@@ -18,6 +26,8 @@ from pipeline.tasks.spec import TaskSpec
 __all__ = ["FinetuneConfig", "paper", "tiny", "preset", "PRESETS", "INPUT_RULES"]
 
 INPUT_RULES = ("stored", "centre_crop", "downsample")
+#: pipeline.models.norms.NORM_KINDS, repeated so that a config is checked without importing torch.
+NORMS = ("batch_stats", "batch", "instance")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +40,9 @@ class FinetuneConfig:
     base_channels: int = 32
     """U-Net width (first conv); must match a pretrained init's."""
     in_channels: int = 1
-    norm: str = "batch_stats"
+    norm: str = "batch"
+    """batch (nn.BatchNorm3d, running statistics at inference: the Keras models' BatchNormalization) | batch_stats
+    (the PyTorch port's ContBatchNorm3d; evaluated cube by cube) | instance."""
     input_rule: str = "stored"
     """How stored cubes become network input: stored | centre_crop (to input_size) | downsample (to input_size)."""
     input_size: tuple[int, int, int] = (32, 64, 64)
@@ -40,10 +52,13 @@ class FinetuneConfig:
     crop -> cube resize, e.g. BMS 50x100x100 -> 32x64x64, times a tiny downsample) and probabilities back."""
     evaluation: str = "cubes"
     lr: float = 1e-3
+    """Adam's learning rate (TaskSpec.optimisation.lr)."""
     batch_size: int = 16
     patience: int = 10
     plateau_factor: float = 0.5
     plateau_patience: int = 6
+    """Reduce-on-plateau: cut the lr on the plateau_patience-th epoch without improvement (Keras's counting,
+    `pipeline.finetune.steps.KerasReduceLROnPlateau`)."""
     plateau_min_delta: float = 1e-4
     min_lr: float = 1e-6
     max_epochs: int = 10000
@@ -66,12 +81,15 @@ class FinetuneConfig:
         check(self.input_rule in INPUT_RULES, "input_rule", f"must be one of {INPUT_RULES}, got {self.input_rule!r}")
         check(len(self.input_size) == 3 and all(int(s) % 8 == 0 and s >= 8 for s in self.input_size), "input_size",
               f"must be three multiples of 8 (the U-Net pools three times), got {self.input_size}")
+        check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
         check(self.evaluation in ("cubes", "whole_volume"), "evaluation", f"must be cubes|whole_volume, got {self.evaluation!r}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         for name in ("batch_size", "patience", "plateau_patience", "max_epochs", "sw_batch_size"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(0 < self.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {self.label_fraction}")
         check(0 < self.plateau_factor < 1, "plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
+        check(self.plateau_min_delta >= 0, "plateau_min_delta", f"must be >= 0, got {self.plateau_min_delta}")
+        check(self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
         check(0 <= self.sw_overlap < 1, "sw_overlap", f"must be in [0, 1), got {self.sw_overlap}")
 
     def with_overrides(self, **changes) -> FinetuneConfig:

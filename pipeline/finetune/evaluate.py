@@ -2,16 +2,22 @@
 
 - Classification (NCC, ECC): every test cube -> score (sigmoid of the logit) -> AUC; predictions.csv has
   one row per candidate (case_id, candidate = source_id, label, score); a ROC curve figure.
-- Segmentation on cubes (NCS): every test cube -> probabilities; the Keras mean_iou over all test voxels
-  together, and dice / iou / hausdorff95 per cube (a cube is one nodule: predictions.csv has one row per
-  cube, its case_id and candidate).
+- Segmentation on cubes (NCS): every test cube -> probabilities; `test_keras_mean_iou` (the paper's metric) over
+  all test voxels together, and dice / iou / hausdorff95 per cube, logged as the mean over cubes (`test_dice`)
+  and its sample sd (`test_dice_sd`, ddof=1) (a cube is one nodule: predictions.csv has one row per cube, its
+  case_id and candidate).
 - Segmentation on whole volumes (LCS, BMS): every test case of `scans.parquet` is read from the volume
   store, normalised with the task's intensity rule (`pipeline.tasks.sampling`, as the patch store did),
   resized by `config.volume_scale` (the store's crop -> cube resize, e.g. BMS; 1 for LCS, whose tiny preset
   crops cubes without resampling), predicted by sliding window (roi = the network input), the
   probabilities resized back to the scan's grid, and scored against the stored label per case
-  (Hausdorff in mm with the scan's spacing); the Keras mean_iou sums the confusion counts of all cases.
+  (Hausdorff in mm with the scan's spacing); `test_keras_mean_iou` (the paper's metric) sums the confusion counts
+  of all cases (all test voxels pooled); what a clinician reads is the per-case foreground Dice, `test_dice` (mean
+  over cases) and `test_dice_sd` (sample sd over cases, ddof=1; NaN with one case).
   predictions.csv has one row per case; an overlay figure per case (the slice with most target).
+
+No number depends on the evaluation batch size, `sw_batch_size` or the order of the test rows: predictions are
+per cube (`steps.predict`, `evaluation.sliding_window_predict`), counts are integers, means are exact sums.
 """
 
 from __future__ import annotations

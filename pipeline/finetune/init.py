@@ -6,7 +6,10 @@
 - `official:FILE.pt`: the published checkpoint layout (`pipeline.models.load_official_genesis`).
 - `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`), read with weights_only=True.
 
-Classification copies the encoder only (the dense head starts random); segmentation copies the whole U-Net.
+Classification copies the encoder only (the dense head starts random); segmentation copies the whole U-Net. The
+norms' running statistics (running_mean, running_var) are copied with the weights: every pretrained model has them
+(ContBatchNorm3d keeps them, the official file holds them), so a fine-tuned "batch" model in eval mode starts from
+the pretraining data's statistics and moves them to the task's as it trains (`pipeline.models.norms`).
 A pretrained 1-channel first conv used for a C-channel task (BMS with several sequences) is repeated over
 the C input channels and divided by C, so a C-channel input whose channels are all equal gives the
 pretrained response (the usual inflation rule). Any other difference in width or channels is a ValueError
@@ -101,11 +104,15 @@ def check_init(config: FinetuneConfig, state: dict | None, init: str) -> None:
 
 
 def freeze_encoder(model: nn.Module) -> int:
-    """Stop gradients through the encoder (down_tr64..down_tr512); returns how many tensors were frozen.
-    Its batch-statistics norms still normalise with each batch's statistics (the reference's norm)."""
+    """Stop gradients through the encoder (down_tr64..down_tr512) and keep its BatchNorm layers in eval mode
+    (`GenesisNetwork.freeze_encoder_norms`), so the frozen encoder is a fixed function: "batch" norms normalise
+    with the running statistics the init brought and never update them (tf.keras 2's non-trainable
+    BatchNormalization; the reference never freezes); "batch_stats" norms keep using each batch's statistics.
+    Returns how many parameter tensors were frozen."""
     n = 0
     for name in ENCODER_NAMES:
         for p in getattr(model, name).parameters():
             p.requires_grad_(False)
             n += 1
+    model.freeze_encoder_norms()
     return n

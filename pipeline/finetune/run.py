@@ -1,11 +1,15 @@
 """`finetune`: one fine-tuning run (one task, one init, one label fraction, one seed) on Ray Train (V2),
 recorded in MLflow and registered as `genesis-<task>`.
 
-Everything that can be wrong deterministically (unknown task or preset, a store of another task, an empty
-training or validation split, an init that does not fit the model) raises ValueError here, before Ray
-starts, so it is never retried; so are the paths, tracking server and numbers `pipeline.preflight` checks. A
-deterministic error raised inside a worker ends the run at once (`preflight.torch_trainer`), the MLflow run FAILED
-with the cause; only worker failures are retried (`max_failures`, from the last epoch's checkpoint).
+Everything that can be wrong deterministically (unknown task or preset, a store of another task, a test fold
+the store lacks, an empty training or validation split, an init that does not fit the model) raises ValueError
+here, before Ray starts, so it is never retried; so are the paths, tracking server and numbers
+`pipeline.preflight` checks. A deterministic error raised inside a worker ends the run at once
+(`preflight.torch_trainer`), the MLflow run FAILED with the cause; only worker failures are retried
+(`max_failures`, from the last epoch's checkpoint).
+
+A fold-based task store (ECC) holds every fold; a fine-tuning runs one (`test_fold`, default the store's
+first) and reads the store's view of it (`PatchStore.for_fold`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "scaling"]
+__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "scaling", "store_folds",
+           "COMMAND"]
+
+COMMAND = "genesis finetune"
+"""The entry point a fine-tuning's run records (named here: the process may have run other stages before)."""
+
+
+def store_folds(store) -> tuple[int, ...]:
+    """The test folds a fold-based task store holds (ECC: (1, 2, 3)); () for any other store."""
+    return tuple(int(k) for k in (getattr(store, "folds", ()) or ()))
+
+
+def _fold_view(store, fold: int | None, path: str):
+    """The store a fine-tuning reads: test fold `fold` of a fold-based store (a ValueError naming the folds it
+    has when it lacks it), the store itself otherwise. A fold-based store needs a fold, another store takes
+    none."""
+    folds = store_folds(store)
+    if fold is None:
+        if folds:
+            raise ValueError(f"{path} holds folds {', '.join(map(str, folds))}: choose the test fold "
+                             f"(--test-fold K)")
+        return store
+    if not folds:
+        raise ValueError(f"--test-fold {fold}: {path} is not fold-based (it holds no folds)")
+    if fold not in folds:
+        raise ValueError(f"--test-fold {fold}: {path} holds folds {', '.join(map(str, folds))}, not fold {fold}")
+    return store.for_fold(fold)
 
 
 @dataclass
@@ -83,6 +113,8 @@ class Prepared:
     config: object
     train_rows: list[int]
     val_rows: list[int]
+    fold: int | None = None
+    """The test fold of a fold-based store (the worker opens `PatchStore(patches).for_fold(fold)`)."""
 
     def loop_config(self, *, init: str, tracking_uri: str, run_id: str, gpus_per_worker: float = 0,
                     fault_injection: dict | None = None) -> dict:
@@ -91,13 +123,15 @@ class Prepared:
 
         return {"finetune": self.config.to_dict(), "spec": self.spec, "patches": self.patches, "init": init,
                 "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "train_rows": self.train_rows,
-                "val_rows": self.val_rows, "register_as": finetuned_model_name(self.spec.name),
+                "val_rows": self.val_rows, "register_as": finetuned_model_name(self.spec.name), "fold": self.fold,
                 "gpus_per_worker": gpus_per_worker, "fault_injection": fault_injection}
 
 
 def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bool = False,
-            label_fraction: float = 1.0, seed: int = 0, workers: int = 1, epochs: int | None = None) -> Prepared:
-    """Everything that can be wrong deterministically about one fine-tuning, as a ValueError naming it."""
+            label_fraction: float = 1.0, seed: int = 0, workers: int = 1, epochs: int | None = None,
+            fold: int | None = None) -> Prepared:
+    """Everything that can be wrong deterministically about one fine-tuning, as a ValueError naming it. `fold`:
+    the test fold of a fold-based store (required there, refused elsewhere)."""
     import numpy as np
 
     from pipeline.finetune.config import preset as make_preset
@@ -110,6 +144,7 @@ def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bo
         raise ValueError(f"{patches} is a pretraining patch store; fine-tuning needs a task store "
                          f"(`genesis patches task {task}`)")
     spec = task_spec_of_store(task.lower(), store)
+    store = _fold_view(store, fold, patches)
     config = make_preset(preset, spec).with_overrides(freeze_encoder=freeze_encoder, label_fraction=label_fraction,
                                                       seed=seed, max_epochs=epochs)
     if workers < 1:
@@ -127,24 +162,32 @@ def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bo
     elif not len(store.rows("test")):
         raise ValueError(f"{patches}: no test cubes")
     return Prepared(patches=str(Path(patches).resolve()), store_key=store.key, spec=spec, config=config,
-                    train_rows=train_rows.tolist(), val_rows=val_rows.tolist())
+                    train_rows=train_rows.tolist(), val_rows=val_rows.tolist(), fold=fold)
 
 
 def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "tiny", freeze_encoder: bool = False,
              label_fraction: float = 1.0, seed: int = 0, workers: int = 1, gpus_per_worker: float = 0,
              tracking_uri: str | None = None, experiment: str = "genesis-finetune", storage_path: str | None = None,
              name: str | None = None, max_failures: int = 1, epochs: int | None = None,
-             ray_address: str | None = None,
+             ray_address: str | None = None, test_fold: int | None = None,
              fault_injection: dict | None = None) -> FinetuneResult:
+    """One fine-tuning. `test_fold`: a fold-based task's test fold; None: its first fold (fold 1 of ECC), so a
+    fine-tuning is one fold; `genesis transfer` runs every fold."""
     from pipeline import preflight
     from pipeline.finetune.init import check_init, read_init
+    from pipeline.patches import PatchStore
     from pipeline.tracking import create_run, mark_failed, run_metrics
 
     preflight.ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
                             failures=max_failures)
     preflight.experiment(experiment)
+    if test_fold is None and Path(patches).is_dir():
+        try:
+            test_fold = (store_folds(PatchStore(patches)) or (None,))[0]
+        except ValueError:  # not a patch store: prepare() says so
+            pass
     prep = prepare(patches, task, preset=preset, freeze_encoder=freeze_encoder, label_fraction=label_fraction,
-                   seed=seed, workers=workers, epochs=epochs)
+                   seed=seed, workers=workers, epochs=epochs, fold=test_fold)
     spec, config = prep.spec, prep.config
     storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
     uri = preflight.tracking_uri(tracking_uri)
@@ -152,9 +195,11 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     check_init(config, init_state, init)
 
     name = name or f"genesis-finetune-{spec.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = create_run(uri, experiment, name, tags={"task": spec.name, "preset": preset, "init": init,
-                                                      "label_fraction": str(label_fraction), "seed": str(seed),
-                                                      "patch_store": prep.store_key})
+    tags = {"task": spec.name, "preset": preset, "init": init, "label_fraction": str(label_fraction),
+            "seed": str(seed), "patch_store": prep.store_key}
+    if prep.fold is not None:
+        tags["fold"] = str(prep.fold)
+    run_id = create_run(uri, experiment, name, tags=tags, command=COMMAND)
     registered = prep.loop_config(init=init, tracking_uri=uri, run_id=run_id)["register_as"]
     error, path = None, str(Path(str(storage)) / name)
     try:

@@ -13,7 +13,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["train_loop_per_worker", "train_group_per_worker"]
+__all__ = ["train_loop_per_worker", "train_group_per_worker", "open_store"]
+
+
+def open_store(path: str, fold: int | None = None):
+    """The task store a fine-tuning reads: for a fold-based task (ECC) the view of test fold `fold` (its
+    training, validation and test rows: `PatchStore.for_fold`), else the store itself."""
+    from pipeline.patches import PatchStore
+
+    store = PatchStore(path)
+    return store if fold is None else store.for_fold(int(fold))
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -63,7 +72,6 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
     from pipeline.finetune.data import batches, epoch_rows
     from pipeline.finetune.init import apply_init, build_model, freeze_encoder
     from pipeline.finetune.steps import build_optimizer, build_scheduler, evaluate_loss, loss_function, train_epoch
-    from pipeline.patches import PatchStore
     from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
                                               resume_from_checkpoint, track_best)
 
@@ -84,7 +92,7 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
     model.to(device)
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
 
-    store = PatchStore(cfg["patches"])
+    store = open_store(cfg["patches"], cfg.get("fold"))
     train_rows, val_rows = np.asarray(cfg["train_rows"]), np.asarray(cfg["val_rows"])
 
     logger = None
@@ -94,7 +102,8 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
         logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", False))
         if start_epoch == 0:
             idx = store.index.set_index("row")
-            logger.log_params({"finetune": config.to_dict(), "init": cfg["init"],
+            fold = {} if cfg.get("fold") is None else {"fold": cfg["fold"]}
+            logger.log_params({**fold, "finetune": config.to_dict(), "init": cfg["init"],
                                "patches": {"path": cfg["patches"], "key": store.key},
                                "ray": {"workers": world, "gpus_per_worker": cfg.get("gpus_per_worker", 0)},
                                "data": {"train_rows": len(train_rows), "validation_rows": len(val_rows),
@@ -160,5 +169,6 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
                              "init": cfg["init"], "preset": config.preset, "label_fraction": config.label_fraction,
                              "freeze_encoder": config.freeze_encoder, "seed": config.seed,
                              "patch_store": store.key, "run_id": cfg["mlflow_run_id"],
+                             **({} if cfg.get("fold") is None else {"fold": cfg["fold"]}),
                              "output": "logits" if config.kind == "classification" else "probabilities"})
     logger.end()

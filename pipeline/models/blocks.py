@@ -1,12 +1,15 @@
 """Building blocks of the Genesis 3D U-Net, named as in the reference so that the
-official checkpoint's keys (``down_tr64.ops.0.conv1.weight`` ...) load directly."""
+official checkpoint's keys (``down_tr64.ops.0.conv1.weight`` ...) load directly, and the
+inference behaviour both networks share (``GenesisNetwork``)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from .norms import NORM_KINDS, make_norm
+from .norms import NORM_KINDS, PER_CUBE_ATTRIBUTE, make_norm
 
 #: Attribute names of the four encoder levels, shallow to deep (reference names).
 ENCODER_NAMES = ("down_tr64", "down_tr128", "down_tr256", "down_tr512")
@@ -124,3 +127,49 @@ def check_input(x: torch.Tensor, in_channels: int) -> None:
             f"input shape {shape}: every spatial side must be a positive multiple of {SIDE_MULTIPLE} "
             f"(the U-Net max-pools 3 times); sides {bad} are not; pad or crop the volume"
         )
+
+
+class GenesisNetwork(nn.Module):
+    """What UNet3D and UNet3DClassifier share beyond their layers: two switches (plain attributes, not
+    part of the state dict).
+
+    - ``per_cube_statistics`` (default False; ``pipeline.models.set_per_cube_statistics``): in eval mode a
+      ``"batch_stats"`` network predicts each cube of a batch on its own, normalised with its own
+      statistics (the reference normalises a batch of one that way), so its output for a cube does not
+      depend on the rest of the batch. Other norms are batch-independent in eval mode already.
+    - ``encoder_norms_frozen`` (``freeze_encoder_norms``): the encoder's BatchNorm layers stay in eval mode
+      whatever ``train()`` says. A frozen encoder is then a fixed function: ``"batch"`` norms use the
+      running statistics it came with (a pretrained model's) and never update them, as a non-trainable
+      BatchNormalization does in tf.keras 2 (Keras 2.2.4, which the reference used, would normalise a
+      frozen layer with batch statistics in training and its frozen moving statistics at inference, a
+      train/test mismatch; the reference never freezes an encoder). ``"batch_stats"`` norms keep
+      normalising with batch statistics, without updating their buffers.
+    """
+
+    norm: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        setattr(self, PER_CUBE_ATTRIBUTE, False)
+        self.encoder_norms_frozen = False
+
+    def each_cube(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)``, or ``fn`` on each cube of ``x`` concatenated when ``per_cube_statistics`` applies."""
+        if (getattr(self, PER_CUBE_ATTRIBUTE) and not self.training and self.norm == "batch_stats"
+                and isinstance(x, torch.Tensor) and x.dim() == 5 and x.shape[0] > 1):
+            return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
+        return fn(x)
+
+    def freeze_encoder_norms(self) -> None:
+        """Keep the encoder's BatchNorm layers in eval mode from now on (see the class docstring)."""
+        self.encoder_norms_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> GenesisNetwork:
+        super().train(mode)
+        if self.encoder_norms_frozen:
+            for name in ENCODER_NAMES:
+                for module in getattr(self, name).modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+        return self

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from .blocks import ENCODER_NAMES, build_encoder, check_input, check_settings, run_encoder
+from .blocks import ENCODER_NAMES, GenesisNetwork, build_encoder, check_input, check_settings, run_encoder
 from .state_dicts import load_checked, strip_prefix
 
 
-class UNet3DClassifier(nn.Module):
+class UNet3DClassifier(GenesisNetwork):
     """Genesis encoder -> global average pooling of the bottleneck (16*base channels,
     512 at the reference width) -> Linear(hidden) + ReLU -> Linear(n_outputs).
 
@@ -19,7 +19,9 @@ class UNet3DClassifier(nn.Module):
     ``nn.BCEWithLogitsLoss``; apply ``torch.sigmoid`` for probabilities.
     The encoder modules carry the U-Net's names (``down_tr64`` .. ``down_tr512``), so
     ``UNet3D.encoder_state_dict()`` or an official checkpoint loads with
-    ``load_encoder_from``. Input rules are the U-Net's (sides multiples of 8).
+    ``load_encoder_from``, running statistics included. Input rules are the U-Net's (sides
+    multiples of 8); norms as the U-Net's (``pipeline.models.norms``; fine-tuning uses "batch").
+    ``per_cube_statistics`` and ``freeze_encoder_norms``: see ``GenesisNetwork``.
     """
 
     def __init__(self, n_outputs: int = 1, base_channels: int = 32, norm: str = "batch_stats",
@@ -38,6 +40,9 @@ class UNet3DClassifier(nn.Module):
         self.fc2 = nn.Linear(hidden, n_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.each_cube(self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels)
         bottleneck, _ = run_encoder(self, x)
         pooled = bottleneck.mean(dim=(2, 3, 4))

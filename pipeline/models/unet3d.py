@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import (DECODER_NAMES, ENCODER_NAMES, OutputTransition, UpTransition,
+from .blocks import (DECODER_NAMES, ENCODER_NAMES, GenesisNetwork, OutputTransition, UpTransition,
                      build_encoder, check_input, check_settings, run_encoder)
 
 
-class UNet3D(nn.Module):
+class UNet3D(GenesisNetwork):
     """3D U-Net, 4 levels, 3 max-pools; at the defaults identical to the reference
     (19,073,665 trainable parameters, output = sigmoid of a 1x1x1 conv).
 
@@ -19,8 +19,10 @@ class UNet3D(nn.Module):
 
     Args:
         base_channels: width of the first conv (32 in the reference).
-        norm: "batch_stats" (reference ContBatchNorm3d: batch statistics in eval too),
-            "batch" (nn.BatchNorm3d) or "instance" (nn.InstanceNorm3d, affine).
+        norm: "batch_stats" (reference ContBatchNorm3d: batch statistics in eval too; the default,
+            as pretraining and the official weights use it), "batch" (nn.BatchNorm3d: running
+            statistics in eval; what fine-tuning uses) or "instance" (nn.InstanceNorm3d, affine).
+            See ``pipeline.models.norms``.
         out_channels: channels of the head.
         in_channels: channels of the input.
         sigmoid: apply the sigmoid in ``forward`` (reference behaviour). Set False to get
@@ -29,6 +31,8 @@ class UNet3D(nn.Module):
     Input: (N, in_channels, D, H, W) with D, H, W multiples of 8, else ValueError.
     With the batch-statistics norms the bottleneck needs more than one value per channel,
     so a single 8x8x8 volume is too small; use 16 or more.
+
+    ``per_cube_statistics`` and ``freeze_encoder_norms``: see ``GenesisNetwork``.
     """
 
     def __init__(self, base_channels: int = 32, norm: str = "batch_stats", out_channels: int = 1,
@@ -48,10 +52,13 @@ class UNet3D(nn.Module):
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Output before the sigmoid (for BCEWithLogitsLoss)."""
-        return self.out_tr.final_conv(self.decode(x))
+        return self.each_cube(lambda cube: self.out_tr.final_conv(self._decode(cube)), x)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Features before the head: (N, 2*base_channels, D, H, W)."""
+        return self.each_cube(self._decode, x)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels)
         out, skips = run_encoder(self, x)
         for name, skip in zip(DECODER_NAMES, reversed(skips)):
@@ -59,7 +66,7 @@ class UNet3D(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_tr(self.decode(x))
+        return self.each_cube(lambda cube: self.out_tr(self._decode(cube)), x)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's entries of ``state_dict()`` (keys ``down_tr64.`` .. ``down_tr512.``),

@@ -14,6 +14,7 @@ names a new one. A store is built in `ROOT/.building-<name>` and renamed into pl
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -148,6 +149,53 @@ class PatchStore:
     def shard_rows(self) -> int:
         """Cubes per shard file (older pretraining stores: one shard per scan of `per_scan` rows)."""
         return int(self.attrs.get("shard_rows") or self.attrs["config"]["per_scan"])
+
+    @property
+    def split_rule(self) -> dict:
+        """The task's split rule as the store was built with it (`config.task.split`); {} for pretraining."""
+        return ((self.attrs.get("config") or {}).get("task") or {}).get("split") or {}
+
+    @cached_property
+    def folds(self) -> tuple[int, ...]:
+        """The cross-validation folds a fold-based task store holds (its cases' `foldK` subsets); () for
+        every other store. A fold-based store holds every fold; `for_fold(k)` is run k's view."""
+        if self.split_rule.get("kind") != "folds":
+            return ()
+        from pipeline.tasks.splits import fold_of
+
+        return tuple(sorted({k for k in map(fold_of, self.scans["subset"]) if k is not None}))
+
+    def for_fold(self, k: int) -> PatchStore:
+        """This store as cross-validation run `k` sees it: fold k test, the other folds train less a seeded
+        validation draw, the fraction order over that run's training rows: `index`, `scans`, `rows(split)`,
+        `fraction_rows(f)` and the counts are fold k's, exactly as a build for test fold k writes them
+        (`pipeline.tasks.splits.fold_view`). Cubes and masks are shared."""
+        folds = self.folds
+        if not folds:
+            raise ValueError(f"{self.path} is not a fold-based task store (split rule "
+                             f"{self.split_rule.get('kind', self.purpose)!r}): it has no folds to view")
+        if not isinstance(k, (int, np.integer)) or int(k) not in folds:
+            raise ValueError(f"{self.path} has folds {', '.join(map(str, folds))}; fold {k!r} is not one of them")
+        from pipeline.tasks.splits import fold_view
+
+        rule = self.split_rule
+        index, scans = fold_view(self.index, self.scans, int(k),
+                                 validation_fraction=float(rule.get("validation_fraction", 0.05)),
+                                 seed=int(rule.get("seed", 0)), store_seed=int(self.attrs["config"].get("seed", 0)))
+        view = copy.copy(self)
+        attrs = copy.deepcopy(self.attrs)
+        attrs["counts"] = {s: int((index["split"] == s).sum()) for s in ("train", "validation", "test")}
+        attrs["label_counts"] = {s: {str(v): int(((index["split"] == s) & (index["label"] == v)).sum()) for v in (0, 1)}
+                                 for s in ("train", "validation", "test")}
+        attrs["fold"] = int(k)
+        view.attrs = attrs
+        view.__dict__.update(index=index, scans=scans)
+        return view
+
+    @property
+    def fold(self) -> int | None:
+        """The test fold of a `for_fold` view; None for the store as built."""
+        return self.attrs.get("fold")
 
     def fraction_rows(self, fraction: float) -> np.ndarray:
         """Training rows of a label fraction; nested (10% inside 25% inside 50%) and label-stratified."""

@@ -10,6 +10,20 @@ Layout (a Zarr v3 group, published by one rename when complete)::
 
 The key hashes the scans' content digests and settings, the table rows used, the TaskSpec's data
 fields and the seed: the same inputs name the same folder, anything changed names a new one.
+
+Where cubes come from:
+- classification: one cube per candidate, centred on the candidate's nearest voxel (index size // 2).
+  A candidate with a vessel direction (PE-CAD's dirX, dirY, dirZ) gets a vessel-oriented cube, the
+  paper's VOIR for ECC: resampled trilinearly in `pipeline.tasks.geometry.vessel_frame` (cube z along
+  the vessel), one step per cube axis equal to the spacing of the scan axis it stands for (z, y, x),
+  so a vessel along the scan's z axis gives exactly the axis-aligned crop, and every cube covers the
+  same extent in mm as an axis-aligned one. The row's direction_x/y/z is the cube's z axis in world
+  (x, y, z), its z/y/x and crop_* those of the axis-aligned crop with the same centre voxel, and its
+  center_*_mm the world position of that centre voxel. Without a direction: the axis-aligned crop.
+- segmentation: cubes cut from the task's grid (`pipeline.tasks.sampling.to_task_grid`: LCS halved
+  in-plane, as the reference's 256 x 256 data); rows' z/y/x are voxels of that grid and their mm
+  positions use its geometry (`pipeline.tasks.geometry.resized_geometry`).
+
 Phase 1 is one Dask task per case writing an encoded part and a result file (a rerun keeps finished
 cases); phase 2 assembles the parts into exact arrays, one writer per shard. The build holds
 `ROOT/.task-<task>-<key>.lock` and survives a kill at any step the way the pretraining build does
@@ -45,15 +59,17 @@ from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
 from pipeline.peak_memory import reset_peak_rss, status_kb
 from pipeline.tasks import sampling as S
-from pipeline.tasks.geometry import index_to_world, world_to_index
+from pipeline.tasks.geometry import (cube_steps, direction_problem, index_to_world, resized_geometry, vessel_frame,
+                                     world_to_index)
 from pipeline.tasks.spec import TaskSpec
 from pipeline.volume_store.store import VolumeStore
 
 __all__ = ["extract_task", "extract_case", "task_key", "SHARD_ROWS"]
 
 SHARD_ROWS = 16
-EXTRACTOR_VERSION = 3
-"""Part of the key: bump it when the sampling code changes what a store holds, so an old store is not reused."""
+EXTRACTOR_VERSION = 4
+"""Part of the key: bump it when the sampling code changes what a store holds, so an old store is not reused.
+4: vessel-oriented ECC cubes; segmentation cubes on the task grid (inplane_scale)."""
 
 
 def task_key(plan: TaskPlan, spec: TaskSpec, seed: int) -> str:
@@ -65,8 +81,10 @@ def task_key(plan: TaskPlan, spec: TaskSpec, seed: int) -> str:
 # ---- phase 1: one case -------------------------------------------------------------------------
 
 def _row(case: dict, scan_id: str, attrs: dict, start, crop_size, label: int, source_id: int,
-         jitter=(0, 0, 0), fg: float = 0.0, direction=None) -> dict:
-    centre_xyz = index_to_world(np.asarray(start) + (np.asarray(crop_size) - 1) / 2.0, attrs)[0]
+         jitter=(0, 0, 0), fg: float = 0.0, direction=None, centre_zyx=None) -> dict:
+    if centre_zyx is None:
+        centre_zyx = np.asarray(start) + (np.asarray(crop_size) - 1) / 2.0
+    centre_xyz = index_to_world(centre_zyx, attrs)[0]
     d = direction or [None, None, None]
     return {"case_id": case["case_id"], "scan_id": scan_id, "patient_id": case["patient_id"],
             "split": case["split"], "subset": case["subset"],
@@ -76,6 +94,19 @@ def _row(case: dict, scan_id: str, attrs: dict, start, crop_size, label: int, so
             "center_x_mm": float(centre_xyz[0]), "label": int(label), "source_id": int(source_id),
             "jitter_z": int(jitter[0]), "jitter_y": int(jitter[1]), "jitter_x": int(jitter[2]),
             "foreground_fraction": float(fg), "direction_x": d[0], "direction_y": d[1], "direction_z": d[2]}
+
+
+def _candidate_cube(level0, attrs: dict, centre: np.ndarray, direction, crop_size, bounds):
+    """(cube (1, D, H, W) in [0, 1], start, centre voxel or None, cube z axis in world or None) of one candidate:
+    vessel-oriented when it has a direction, else the axis-aligned crop (see the module docstring)."""
+    start = S.centred_start(centre, crop_size)
+    if direction is None:
+        return S.scale(S.crop(level0, start, crop_size, fill=bounds[0]), bounds)[None], start, None, None
+    frame = vessel_frame(direction, attrs)
+    steps = cube_steps(frame, np.asarray(attrs["spacing"], dtype=float), attrs)
+    voxel = np.floor(np.asarray(centre, dtype=float) + 0.5)
+    cube = S.scale(S.oriented_crop(level0, voxel, steps, crop_size, fill=bounds[0]), bounds)
+    return cube[None], start, voxel, [float(v) for v in frame[0]]
 
 
 def _classification_cubes(store: VolumeStore, case: dict, spec: TaskSpec):
@@ -95,18 +126,18 @@ def _classification_cubes(store: VolumeStore, case: dict, spec: TaskSpec):
                 f"candidate at ({', '.join(f'{v:g}' for v in cand['xyz'])}) mm (x, y, z) is voxel "
                 f"({', '.join(f'{v:.1f}' for v in centre)}) (z, y, x), outside the volume of shape {tuple(shape)}")})
             continue
-        start = S.centred_start(centre, crop_size)
-        cube = S.scale(S.crop(level0, start, crop_size, fill=bounds[0]), bounds)
-        cubes.append(S.resize(cube[None], spec.cube_size, label=False))
+        cube, start, voxel, axis = _candidate_cube(level0, attrs, centre, cand.get("direction"), crop_size, bounds)
+        cubes.append(S.resize(cube, spec.cube_size, label=False))
         rows.append(_row(case, sid, attrs, start, crop_size, cand["label"], cand["source_id"],
-                         direction=cand.get("direction")))
+                         direction=axis, centre_zyx=voxel))
     return cubes, [], rows, failed
 
 
 def _read_case(store: VolumeStore, case: dict, spec: TaskSpec):
-    """Channels as stored (C, Z, Y, X) with their intensity bounds, the label map, its binary target,
-    and the geometry attrs of the label scan. Voxels stay in their stored dtype (int16 for CT) and are
-    scaled crop by crop: a float copy of a whole case would cost several times the scan."""
+    """Channels on the task's grid (C, Z, Y, X) with their intensity bounds, the label map, its binary
+    target, and the geometry attrs of that grid. Voxels stay in their stored dtype (int16 for CT) and are
+    scaled crop by crop: a float copy of a whole case would cost several times the scan. A task resized
+    in-plane (`to_task_grid`) gets float32 channels of the smaller grid instead."""
     channels, shapes = [], []
     for sid in case["scan_ids"]:
         vol = store.open_scan(sid)["0"][...]
@@ -114,13 +145,18 @@ def _read_case(store: VolumeStore, case: dict, spec: TaskSpec):
         channels.append(vol)
     if len(set(shapes)) > 1:
         raise ValueError(f"case {case['case_id']}: channels {case['scan_ids']} have different shapes {shapes}")
-    bounds = [S.intensity_bounds(ch, spec.intensity) for ch in channels]
     group = store.open_scan(case["label_scan"])
     attrs = dict(group.attrs)["genesis"]
     label = group["labels"][case["label"]]["0"][...]
     if label.shape != shapes[0]:
         raise ValueError(f"case {case['case_id']}: label '{case['label']}' has shape {label.shape}, "
                          f"image {shapes[0]}")
+    image = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
+    image, label, _ = S.to_task_grid(image, label, attrs["spacing"], spec)
+    if image.shape[1:] != shapes[0]:
+        attrs = resized_geometry(attrs, shapes[0], image.shape[1:])
+    channels = list(image)
+    bounds = [S.intensity_bounds(ch, spec.intensity) for ch in channels]
     return channels, bounds, label, S.target_mask(label, spec.sampling.target_values), attrs
 
 
@@ -203,6 +239,7 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
     vstore = VolumeStore(volume_root)
     source_catalog(vstore)  # a missing catalog, or one without a converted scan: said as such (exit 2)
     plan = plan_task(vstore, spec, seed)
+    _check_plan(plan, spec, vstore)
     phases = {"plan": time.perf_counter() - t0}
     if not plan.cases:
         raise RuntimeError(f"task {spec.name}: no usable case in {volume_root}: "
@@ -223,6 +260,25 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
             return _found(final, key, t0, reused=False)
         with discard_on_deterministic_error(building):  # a kill or a lost worker leaves it to resume
             return _build(vstore, plan, spec, seed, key, building, final, workers, scheduler, progress, t0, phases)
+
+
+def _check_plan(plan: TaskPlan, spec: TaskSpec, vstore: VolumeStore) -> None:
+    """Refuse, before any work, what no cube can be made of: a candidate whose vessel direction is not
+    finite or has zero length (`genesis convert` refuses such a table; a store written by an older
+    version may still hold one), and an in-plane resize of a classification task (its cubes are read
+    straight from the stored chunks, at the stored resolution)."""
+    if spec.kind == "classification" and S.inplane_scale(spec) != 1.0:
+        raise ValueError(f"task {spec.name}: inplane_scale={S.inplane_scale(spec)} applies to segmentation "
+                         "tasks only (classification cubes are cut at the stored resolution)")
+    for case in plan.cases:
+        for cand in case.get("candidates") or ():
+            d = cand.get("direction")
+            problem = None if d is None else direction_problem(d)
+            if problem:
+                table = Path(vstore.root) / "tables" / f"{spec.sampling.table}.parquet"
+                raise ValueError(f"{table}: row {cand['source_id']} (case {case['case_id']}): vessel direction "
+                                 f"(dirX, dirY, dirZ) = ({', '.join(f'{float(v):g}' for v in d)}) {problem}; "
+                                 "reconvert with a unit vector along the vessel, or all three empty when unknown")
 
 
 def _found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
@@ -300,6 +356,7 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "failed_items": failed, "value_range": [0.0, 1.0],
         "candidates_without_scan": plan.candidates_without_scan,
+        "candidate_counts": _plain(getattr(plan, "candidate_counts", {}) or {}),
         "label_counts": {s: {str(k): sum(1 for r in rows if r["split"] == s and r["label"] == k) for k in (0, 1)}
                          for s in ("train", "validation", "test")},
     }}
@@ -315,13 +372,18 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
                                    for r in ordered if "seconds" in r and r["slot"] not in done])
 
 
+def _plain(value):
+    """JSON values only (numpy integers and floats become Python's), for the store's attrs."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
 def _add_fraction_order(rows: list[dict], seed: int) -> None:
-    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
-    rank = S.fraction_order(np.array([rows[i]["label"] for i in train]), np.random.default_rng([seed, 0xF4AC]))
-    for r in rows:
-        r["fraction_order"] = None
-    for i, k in zip(train, rank):
-        rows[i]["fraction_order"] = int(k)
+    """The nested label-fraction order of the training rows; the one rule `PatchStore.for_fold` recomputes."""
+    from pipeline.tasks.splits import train_fraction_order
+
+    order = train_fraction_order([r["split"] for r in rows], [r["label"] for r in rows], seed)
+    for r, k in zip(rows, order):
+        r["fraction_order"] = k
 
 
 def _write_tables(building: Path, plan: TaskPlan, rows: list[dict], results: dict) -> None:

@@ -2,8 +2,14 @@
 
 From the volume store's catalog, scan attributes and tables: the cases of the task (a scan, or
 for multi-channel tasks the sequences of one subject), their patients and splits, and for
-classification the candidates each case gets (all positives, negatives subsampled per split by
-a seeded ratio). Everything here is small metadata; extraction tasks get one case each.
+classification the candidates each case gets (all positives; negatives subsampled by a seeded ratio
+in train and validation only: the test split scores every candidate, as the reference's AUC does).
+Everything here is small metadata; extraction tasks get one case each.
+
+Bad input stops here, before anything is built (one-line ValueError): a fold-based task whose data
+lacks folds, a splits file naming unknown cases or putting a patient in two splits.
+A fold-based plan gives every case cubes (each fold is some run's test fold); its `split` is the
+view for `spec.split.test_fold` (`pipeline.tasks.splits.fold_assignment`).
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ import pandas as pd
 
 from pipeline.patches.store import catalog_rows
 from pipeline.tasks.spec import TaskSpec
-from pipeline.tasks.splits import SPLITS, assign_splits
+from pipeline.tasks.splits import SPLITS, assign_splits, left_out_reason
 from pipeline.volume_store.store import VolumeStore
 from pipeline.volume_store.tables import read_table
 
 __all__ = ["TaskPlan", "plan_task", "patient_of"]
 
 _PATIENT_KEYS = ("patient_id", "PatientID", "case")
+PLAN_VERSION = 2
+"""Part of every task store's key: bump it when planning changes what a store holds (2: NCC's test split
+keeps every candidate, fold stores hold every fold, patients without a fold are left out)."""
 
 
 @dataclass
@@ -37,6 +46,9 @@ class TaskPlan:
     source_digest: str = ""
     """Hash of everything the store is made from (scans' content, settings, the table rows used)."""
     candidates_without_scan: int = 0
+    candidate_counts: dict = field(default_factory=dict)
+    """Classification: {split: {"candidates", "positives", "negatives", "negatives_kept"}} over the candidates
+    of the split's scans, before and after the negatives are subsampled (test: all kept)."""
 
 
 def patient_of(scan_id: str, genesis: dict) -> str:
@@ -62,7 +74,7 @@ def _digest(rows: pd.DataFrame, extra: object) -> str:
     h = hashlib.sha256()
     for row in catalog_rows(rows):  # content digests too: a repaired or reconverted scan gives a new key
         h.update(json.dumps(row).encode())
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"plan_version": PLAN_VERSION, **extra}, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -74,6 +86,23 @@ def plan_task(vstore: VolumeStore, spec: TaskSpec, seed: int) -> TaskPlan:
     return _plan_segmentation(vstore, ok, spec)
 
 
+def _splits(vstore: VolumeStore, spec: TaskSpec, cases: pd.DataFrame, known: set[str]) -> pd.Series:
+    """The split rule on the cases, its errors named with the store and the task (one line, nothing built)."""
+    try:
+        return assign_splits(cases, spec.split, known)
+    except ValueError as exc:
+        raise ValueError(f"{vstore.root}: task {spec.name}: {exc}") from None
+
+
+def _left_out(plan: TaskPlan, cases: pd.DataFrame, spec: TaskSpec, scans_of) -> pd.DataFrame:
+    """Drop the cases the split rule leaves out (no fold, not in a splits CSV), each reported skipped."""
+    out = cases["split"].map(lambda v: not isinstance(v, str))
+    for c in cases[out].itertuples():
+        reason = left_out_reason(spec.split, c.case_id, c.patient_id)
+        plan.skipped.extend({"scan_id": sid, "reason": reason} for sid in scans_of(c))
+    return cases[~out]
+
+
 def _candidates_table(vstore: VolumeStore, spec: TaskSpec) -> tuple[pd.DataFrame, str]:
     name = spec.sampling.table
     table = read_table(vstore.root, name)
@@ -83,6 +112,11 @@ def _candidates_table(vstore: VolumeStore, spec: TaskSpec) -> tuple[pd.DataFrame
 
 def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, seed: int) -> TaskPlan:
     plan = TaskPlan()
+    ratio = spec.sampling.negatives_per_positive
+    if spec.split.kind == "folds" and ratio is not None:
+        raise ValueError(f"task {spec.name}: a fold-based store keeps every candidate (each fold is a test fold once, "
+                         f"and a test split scores every candidate); negatives_per_positive must be None "
+                         f"(--negative-ratio all), got {ratio:g}")
     table, scan_col = _candidates_table(vstore, spec)
     if table.empty:
         raise ValueError(f"{vstore.root} has no '{spec.sampling.table}' table: convert the {spec.dataset} data "
@@ -100,11 +134,15 @@ def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, 
     if "patient_id" in table.columns:  # PE-CAD names the patient in its table
         table_patients = table.drop_duplicates(scan_col).set_index(scan_col)["patient_id"].astype(str)
         cases["patient_id"] = cases["case_id"].map(table_patients).fillna(cases["patient_id"])
-    cases["split"] = assign_splits(cases, spec.split)
+    known = set(ok["scan_id"]) | set(ok.get("discovered_id", pd.Series(dtype=object)).dropna())
+    cases["split"] = _splits(vstore, spec, cases, known)
+    cases = _left_out(plan, cases, spec, lambda c: [c.scan_id])
     split_of_case = dict(zip(cases["case_id"], cases["split"]))
     table = table.assign(split=table[scan_col].map(split_of_case))
-    keep = _subsample_negatives(table, spec.sampling.negatives_per_positive, seed)
+    table = table[table["split"].map(lambda v: isinstance(v, str))]
+    keep = _subsample_negatives(table, ratio, seed)
     chosen = table[keep]
+    plan.candidate_counts = _candidate_counts(table, keep)
     by_case = {case_id: group for case_id, group in chosen.groupby(scan_col, sort=False)}  # one pass, not one per case
     for c in cases.itertuples():
         mine = by_case.get(c.case_id)
@@ -115,7 +153,9 @@ def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, 
         plan.cases.append({"case_id": c.case_id, "patient_id": c.patient_id, "split": c.split,
                            "subset": c.subset, "scan_ids": [c.scan_id], "label_scan": None, "label": None,
                            "cubes": True, "candidates": cands})
-    used = chosen[["source_id", scan_col, "coordX", "coordY", "coordZ", "class"]].to_numpy().tolist()
+    columns = ["source_id", scan_col, "coordX", "coordY", "coordZ", "class"]
+    columns += [c for c in ("dirX", "dirY", "dirZ") if c in chosen.columns]  # a corrected direction is a new store
+    used = chosen[columns].to_numpy().tolist()
     plan.source_digest = _digest(rows, {"table": spec.sampling.table, "rows": used})
     return plan
 
@@ -151,14 +191,17 @@ def _direction(r: dict) -> list[float] | None:
 
 
 def _subsample_negatives(table: pd.DataFrame, ratio: float | None, seed: int) -> np.ndarray:
-    """Keep every positive; per split at most ceil(ratio x positives) negatives (at least ratio when a
-    split has no positive), drawn with a seeded generator. ratio None keeps everything."""
+    """Keep every positive; in train and validation at most ceil(ratio x positives) negatives per split (at
+    least ratio when a split has no positive), drawn with a seeded generator; the test split keeps every
+    candidate (the reference's AUC is over all of them). ratio None keeps everything."""
     keep = np.ones(len(table), dtype=bool)
     if ratio is None:
         return keep
     labels = table["class"].to_numpy()
     splits = table["split"].to_numpy()
     for i, split in enumerate(SPLITS):
+        if split == "test":
+            continue
         in_split = splits == split
         neg = np.flatnonzero(in_split & (labels == 0))
         n_keep = int(math.ceil(ratio * max(int((in_split & (labels > 0)).sum()), 1)))
@@ -167,6 +210,18 @@ def _subsample_negatives(table: pd.DataFrame, ratio: float | None, seed: int) ->
             drop = np.setdiff1d(neg, rng.choice(neg, size=n_keep, replace=False))
             keep[drop] = False
     return keep
+
+
+def _candidate_counts(table: pd.DataFrame, keep: np.ndarray) -> dict:
+    labels = table["class"].to_numpy()
+    splits = table["split"].to_numpy()
+    out = {}
+    for split in SPLITS:
+        in_split = splits == split
+        out[split] = {"candidates": int(in_split.sum()), "positives": int((in_split & (labels > 0)).sum()),
+                      "negatives": int((in_split & (labels == 0)).sum()),
+                      "negatives_kept": int((in_split & (labels == 0) & keep).sum())}
+    return out
 
 
 def _plan_segmentation(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec) -> TaskPlan:
@@ -204,9 +259,11 @@ def _plan_segmentation(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec) ->
             continue
         cases.append({"case_id": case, "scan_ids": scan_ids, "label_scan": label_scan, "label": label, **info[case]})
     frame = pd.DataFrame(cases, columns=["case_id", "patient_id", "subset", "scan_ids", "label_scan", "label"])
-    frame["split"] = assign_splits(frame, spec.split)
+    frame["split"] = _splits(vstore, spec, frame, set(groups) | set(attrs))
+    frame = _left_out(plan, frame, spec, lambda c: list(c.scan_ids))
+    folds = spec.split.kind == "folds"  # every fold is some run's test fold: every case needs its cubes
     for c in frame.to_dict("records"):
-        c["cubes"] = not (spec.sampling.whole_volume_test and c["split"] == "test")
+        c["cubes"] = folds or not (spec.sampling.whole_volume_test and c["split"] == "test")
         c["candidates"] = None
         plan.cases.append(c)
     plan.source_digest = _digest(rows, {"label": label, "channels": list(spec.channels)})

@@ -11,6 +11,11 @@ false candidates are bifurcations, partial-volume vessel walls, under-enhanced v
 (+100..+180 HU) and lymph nodes (~+40 HU) beside vessels. Their HU at the centre overlap, so
 only shape and context (the cube along the vessel direction) separate them.
 
+A candidate's direction is the axis of the vessel segment it sits in (a bifurcation: the parent
+branch's), written in world (x, y, z): the scans carry the identity direction matrix, so it is the
+segment's (z, y, x) mm direction reversed. ECC's vessel-oriented cubes follow it (tests/test_pe.py
+checks that the vessel continues along it and the lung lies across it).
+
 As in `phantom`, every random choice is drawn (`draw_pe_scan`) apart from being rendered
 (`render_pe_scan`), and scan i depends only on (seed, i). The body, lungs, ribs and spine come
 from `phantom.render_phantom` (its own vessels, nodules and noise turned off). Geometry is in

@@ -9,12 +9,19 @@ Axis order is (z, y, x) throughout: the reference's 64x64x32 (x, y, z) cube is (
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-__all__ = ["Intensity", "Sampling", "SplitRule", "Optimisation", "Published", "TaskSpec", "KINDS"]
+__all__ = ["Intensity", "Sampling", "SplitRule", "Optimisation", "Published", "TaskSpec", "KINDS", "SPLIT_KINDS",
+           "INITS"]
 
 KINDS = ("classification", "segmentation")
+SPLIT_KINDS = ("luna16_subsets", "index_ranges", "patient_seeded", "folds", "reference_lists", "file")
+REFERENCE_LISTS = ("bms",)
+"""Case lists of the reference shipped in `pipeline/tasks/data/<name>/` (BMS: keras/downstream_tasks/data/bms)."""
+INITS = ("scratch", "medicalnet", "genesis")
 
 
 def _check(cond: bool, where: str, message: str) -> None:
@@ -101,36 +108,79 @@ class Sampling:
 
 @dataclass(frozen=True, kw_only=True)
 class SplitRule:
-    """How scans are assigned to train / validation / test, always by patient.
+    """How scans are assigned to train / validation / test, always by patient (`pipeline/tasks/splits.py`).
 
     - `luna16_subsets`: subsets 0-4 / 5-6 / 7-9 (the reference); scans without a subset fall back
       to the seeded draw.
     - `index_ranges`: the integer in the scan id (LiTS `volume-K`) against `ranges`; when the data
       do not cover all three ranges (a sample, a partial download), a seeded draw by patient.
     - `patient_seeded`: a seeded draw per patient against `fractions`.
-    - `folds`: `subset` = foldK per patient (PE-CAD); fold `test_fold` is test, the next one validation.
+    - `folds`: patient-level K-fold cross-validation, `subset` = foldK per patient (PE-CAD): fold
+      `test_fold` is test; the other folds train, less `validation_fraction` of their patients
+      (at least one), drawn with `seed`, for validation (the reference: 74 / 4 / 39 per fold).
+      Patients without a fold are left out. A store holds every fold; `PatchStore.for_fold(k)` views one.
+    - `reference_lists`: the reference's packaged case lists `lists` (BMS: fold_1 + fold_2 shuffled by
+      `random.Random(4)`, the first 1/8 validation, fold_3 test); cases not in the lists get the
+      seeded draw against `fractions`.
+    - `file`: a user's splits file (`with_splits_file`): a CSV `case_id,split` or nnU-Net's
+      `splits_final.json` (fold `json_fold`); its content hash `sha256` is part of the store's key.
     """
 
-    kind: Literal["luna16_subsets", "index_ranges", "patient_seeded", "folds"]
+    kind: Literal["luna16_subsets", "index_ranges", "patient_seeded", "folds", "reference_lists", "file"]
     fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
     ranges: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
     """Inclusive (first, last) per split, for `index_ranges`."""
     test_fold: int = 1
     n_folds: int = 3
+    validation_fraction: float = 0.05
+    """`folds`: share of the training folds' patients drawn for validation (at least one)."""
+    lists: str | None = None
+    """`reference_lists`: which packaged lists (`pipeline/tasks/data/<lists>/`)."""
+    path: str | None = None
+    """`file`: the splits file (not part of the store's key: its content is, by `sha256`)."""
+    sha256: str | None = None
+    """`file`: sha256 of the splits file's bytes when the spec was made; a changed file is refused."""
+    json_fold: int = 0
+    """`file`, nnU-Net `splits_final.json`: which fold's train/val lists (0-based, as nnU-Net counts)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         w = "SplitRule"
-        _check(self.kind in ("luna16_subsets", "index_ranges", "patient_seeded", "folds"), f"{w}.kind",
-               f"unknown rule {self.kind!r}")
+        _check(self.kind in SPLIT_KINDS, f"{w}.kind", f"unknown rule {self.kind!r}; one of {', '.join(SPLIT_KINDS)}")
         _check(len(self.fractions) == 3 and abs(sum(self.fractions) - 1) < 1e-6 and min(self.fractions) >= 0,
                f"{w}.fractions", f"must be three shares summing to 1, got {self.fractions}")
         if self.kind == "index_ranges":
             _check(self.ranges is not None and len(self.ranges) == 3, f"{w}.ranges",
                    "three (first, last) ranges are required for 'index_ranges'")
         if self.kind == "folds":
+            _check(self.n_folds >= 2, f"{w}.n_folds", f"must be >= 2, got {self.n_folds}")
             _check(1 <= self.test_fold <= self.n_folds, f"{w}.test_fold",
                    f"must be in 1..{self.n_folds}, got {self.test_fold}")
+            _check(0 < self.validation_fraction < 1, f"{w}.validation_fraction",
+                   f"must be in (0, 1), got {self.validation_fraction}")
+        if self.kind == "reference_lists":
+            _check(self.lists in REFERENCE_LISTS, f"{w}.lists",
+                   f"must be one of {', '.join(REFERENCE_LISTS)} for 'reference_lists', got {self.lists!r}")
+        if self.kind == "file":
+            _check(bool(self.path), f"{w}.path", "a splits file is required for 'file' (use with_splits_file)")
+            _check(isinstance(self.sha256, str) and len(self.sha256) == 64, f"{w}.sha256",
+                   f"the splits file's sha256 (64 hex digits) is required for 'file', got {self.sha256!r}")
+            _check(self.json_fold >= 0, f"{w}.json_fold", f"must be >= 0, got {self.json_fold}")
+
+    def describe(self) -> str:
+        """One short phrase for tables: the rule and its numbers."""
+        if self.kind == "luna16_subsets":
+            return "LUNA16 subsets 0-4/5-6/7-9"
+        if self.kind == "index_ranges":
+            return "ids " + "/".join(f"{lo}-{hi}" for lo, hi in self.ranges)
+        if self.kind == "patient_seeded":
+            return "patients " + "/".join(f"{f:.0%}" for f in self.fractions)
+        if self.kind == "folds":
+            return f"{self.n_folds}-fold CV, val {self.validation_fraction:.0%} of train patients"
+        if self.kind == "reference_lists":
+            return f"reference {self.lists} lists: folds 1+2 (1/8 val) / fold 3"
+        name = os.path.basename(str(self.path))
+        return f"file {name}" + (f"#{self.json_fold}" if name.endswith(".json") else "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,12 +208,37 @@ class Optimisation:
 
 @dataclass(frozen=True, kw_only=True)
 class Published:
-    """The published result (MedIA 2021 table; % , mean and sd over runs) per initialisation."""
+    """The published result per initialisation (%, mean and sd over runs), each with where it comes from.
+
+    `sources[init]` names the paper, table and row (and any second source that agrees); `unverified`
+    lists the inits whose value could not be confirmed against a source that could be read (the table
+    shows them as such). `figure` holds the values read off the repository's MICCAI 2019 figure
+    (`figures/results.png`) where it shows this task, a second source that differs slightly.
+    """
 
     metric: str
     scratch: tuple[float, float]
     medicalnet: tuple[float, float]
     genesis: tuple[float, float]
+    sources: dict[str, str] = field(default_factory=dict, hash=False)
+    """init (scratch, medicalnet, genesis) -> where the value comes from; every init needs one."""
+    unverified: tuple[str, ...] = ()
+    """Inits whose value could not be confirmed."""
+    figure: dict[str, float] = field(default_factory=dict, hash=False)
+    """init -> value read off the repository's MICCAI figure (bar tops, +-0.1), where it shows the task."""
+    figure_source: str = ""
+
+    def __post_init__(self) -> None:
+        w = f"Published({self.metric!r})"
+        missing = [i for i in INITS if not self.sources.get(i)]
+        _check(not missing, f"{w}.sources", f"every published value needs its source; none for {', '.join(missing)}")
+        for name, keys in (("sources", self.sources), ("unverified", self.unverified), ("figure", self.figure)):
+            bad = sorted(set(keys) - set(INITS))
+            _check(not bad, f"{w}.{name}", f"unknown init(s) {', '.join(bad)}; one of {', '.join(INITS)}")
+        _check(not self.figure or bool(self.figure_source), f"{w}.figure_source", "figure values need their source")
+
+    def value(self, init: str) -> tuple[float, float]:
+        return getattr(self, init)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +265,9 @@ class TaskSpec:
     metrics: tuple[str, ...] = ()
     """Reported metrics; the first is the paper's (auc or keras_mean_iou)."""
     evaluation: Literal["cubes", "whole_volume"] = "cubes"
+    inplane_scale: float = 1.0
+    """Resample volumes in-plane (y, x) by this factor before sampling and evaluation (LCS: 0.5, the
+    reference's 256x256 LiTS); part of the store's key."""
     published: Published | None = None
     notes: str = ""
 
@@ -207,6 +285,9 @@ class TaskSpec:
                                           else ("unet", "dice")), f"{w}.head/loss",
                f"{self.head}/{self.loss} does not fit a {self.kind} task")
         _check(bool(self.metrics), f"{w}.metrics", "at least one metric is required")
+        _check(isinstance(self.inplane_scale, (int, float)) and math.isfinite(self.inplane_scale)
+               and self.inplane_scale > 0, f"{w}.inplane_scale",
+               f"must be a finite number > 0, got {self.inplane_scale!r}")
 
     @property
     def in_channels(self) -> int:
@@ -232,23 +313,37 @@ class TaskSpec:
         return json.loads(json.dumps(asdict(self)))
 
     def data_dict(self) -> dict:
-        """The fields that decide what a task patch store holds (its content key); training fields excluded."""
+        """The fields that decide what a task patch store holds (its content key); training fields excluded.
+
+        A fold-based store holds every fold (each is some run's test fold), so `split.test_fold` is not
+        part of it; a splits file counts by its content (`split.sha256`), not by where it lies."""
         d = self.to_dict()
-        return {k: d[k] for k in ("name", "kind", "dataset", "modality", "intensity", "cube_size", "sampling",
-                                  "split", "channels")}
+        out = {k: d[k] for k in ("name", "kind", "dataset", "modality", "intensity", "cube_size", "sampling",
+                                 "split", "channels", "inplane_scale")}
+        if self.split.kind == "folds":
+            out["split"].pop("test_fold")
+        if self.split.kind == "file":
+            out["split"].pop("path")
+        return out
 
     def row(self) -> dict:
         """One row of `genesis tasks list` and of the README's task table."""
         d, h, w = self.cube_size
         s = self.sampling
         crop = f" from {'x'.join(map(str, s.crop_size))}" if s.crop_size else ""
+        scale = f", in-plane x{self.inplane_scale:g}" if self.inplane_scale != 1 else ""
         pub = self.published
+
+        def cell(init: str) -> str:
+            if pub is None:
+                return ""
+            mean, sd = pub.value(init)
+            return f"{mean:.2f}+-{sd:.2f}" + (" (unverified)" if init in pub.unverified else "")
+
         return {
             "task": self.name.upper(), "title": self.title, "kind": self.kind, "dataset": self.dataset,
-            "cube z,y,x": f"{d}x{h}x{w}{crop}", "channels": ",".join(self.channels) or "1",
-            "split": self.split.kind, "loss": self.loss,
+            "cube z,y,x": f"{d}x{h}x{w}{crop}{scale}", "channels": ",".join(self.channels) or "1",
+            "split": self.split.describe(), "loss": self.loss,
             "lr/patience/batch": f"{self.optimisation.lr:g}/{self.optimisation.patience}/{self.optimisation.batch_size}",
-            "metric": self.metrics[0],
-            "scratch": f"{pub.scratch[0]:.2f}+-{pub.scratch[1]:.2f}" if pub else "",
-            "genesis": f"{pub.genesis[0]:.2f}+-{pub.genesis[1]:.2f}" if pub else "",
+            "metric": self.metrics[0], "scratch": cell("scratch"), "genesis": cell("genesis"),
         }

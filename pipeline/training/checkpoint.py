@@ -81,7 +81,12 @@ def maybe_inject_fault(cfg: dict, rank: int, epoch: int) -> None:
 def track_best(model, val_loss: float, best_val: float, bad_epochs: int, best_model: dict | None
                ) -> tuple[float, int, dict | None]:
     """One epoch of early-stopping bookkeeping: a better validation loss keeps a CPU copy of the weights and
-    resets the count of epochs without improvement; returns (best_val, bad_epochs, best_model)."""
+    resets the count of epochs without improvement; returns (best_val, bad_epochs, best_model).
+
+    Counted as Keras 2.2.4's EarlyStopping(monitor='val_loss', mode='min', min_delta=0) and
+    ModelCheckpoint(save_best_only=True) count (the reference's fine-tuning callbacks,
+    keras/downstream_tasks/utils.py lines 124-134): "better" is strictly lower (a NaN never is), and a caller
+    that stops when `bad_epochs >= patience` stops on the same epoch as Keras's `wait >= patience`."""
     if val_loss < best_val:
         return val_loss, 0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return best_val, bad_epochs + 1, best_model

@@ -18,7 +18,13 @@ class PretrainConfig:
     base_channels: int = 32
     """U-Net width (32 = the reference's 19,073,665 parameters)."""
     norm: str = "batch_stats"
-    """batch_stats (reference), batch or instance."""
+    """batch_stats (the reference's ContBatchNorm3d, every preset), batch or instance.
+
+    batch_stats is the reference's pretraining (pytorch/unet3d.py, ContBatchNorm3d): each training batch and each
+    validation batch is normalised with its own statistics, in eval mode too, so the validation loss, like the
+    reference's, depends on how the validation cubes are batched. The running statistics are still updated in
+    training (momentum 0.1) and saved: a fine-tuned "batch" model starts from them. `pipeline.load_model` and the
+    logged pyfunc predict such a model cube by cube (`pipeline.models.norms`)."""
     optimizer: str = "sgd"
     """sgd | adam."""
     lr: float = 1.0
@@ -111,8 +117,9 @@ def precision(config: PretrainConfig, device_type: str) -> str:
 
 
 def paper() -> PretrainConfig:
-    """The reference: SGD lr 1.0, momentum 0.9, StepLR(40, 0.5), global batch 6, patience 50, MSE, fp32;
-    validation on the whole validation split, corrupted afresh each epoch."""
+    """The reference: SGD lr 1.0, momentum 0.9, StepLR(40, 0.5), global batch 6, patience 50, MSE, fp32,
+    batch-statistics norm (ContBatchNorm3d); validation on the whole validation split, corrupted afresh each
+    epoch."""
     return PretrainConfig(preset="paper")
 
 

@@ -1,10 +1,14 @@
-"""The transfer grid: which fine-tunings (task x init x label fraction x seed) one `genesis transfer` runs,
-their stable keys, and how they are grouped into Ray Tune trials.
+"""The transfer grid: which fine-tunings (task x init x label fraction x test fold x seed) one `genesis transfer`
+runs, their stable keys, and how they are grouped into Ray Tune trials.
 
 A cell's key depends only on what decides its result (task, the patch store's content key, init, label
-fraction, seed, encoder freezing, preset, epochs), so a rerun of the same grid finds the fine-tunings it
-already finished in MLflow and does not run them again. The grid's key (the parent run's) is the same
+fraction, test fold, seed, encoder freezing, preset, epochs), so a rerun of the same grid finds the fine-tunings
+it already finished in MLflow and does not run them again. The grid's key (the parent run's) is the same
 hash over all cells.
+
+Folds: a fold-based task (ECC: 3-fold cross-validation by patient, as the reference) is scored on every fold,
+as the paper's number is; its store holds every fold (`PatchStore.folds`), so the fold is a dimension of the grid
+for that task only. `GridConfig.test_fold` picks one fold instead.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["GridConfig", "Cell", "cells_of", "grid_key", "group_cells", "DEFAULT_GROUP", "short_init"]
+__all__ = ["GridConfig", "Cell", "cells_of", "grid_key", "group_cells", "DEFAULT_GROUP", "short_init",
+           "DEFAULT_SEEDS", "folds_of"]
+
+DEFAULT_SEEDS = (0, 1, 2)
+"""Three seeds a side by default: the table's t-test against scratch needs at least two values a side."""
 
 DEFAULT_GROUP = {"tiny": 8, "paper": 1}
 """Fine-tunings per trial when not given: a tiny fine-tuning trains for seconds, less than a Ray Train run's
@@ -26,7 +34,7 @@ trains for hours, so each is its own trial (and can take its own GPU share)."""
 class GridConfig:
     tasks: tuple[str, ...]
     inits: tuple[str, ...] = ("scratch",)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     label_fractions: tuple[float, ...] = (1.0,)
     freeze_encoder: bool = False
     preset: str = "tiny"
@@ -41,6 +49,9 @@ class GridConfig:
     """Fine-tunings of one task run one after the other in one trial; None: DEFAULT_GROUP[preset]."""
     max_failures: int = 1
     """Worker failures a trial survives (restart from the last epoch's checkpoint)."""
+    test_fold: int | None = None
+    """Fold-based tasks (ECC): score this test fold only; None: every fold the task's store holds. Tasks
+    without folds ignore it."""
 
     def __post_init__(self) -> None:
         def check(cond, name, msg):
@@ -59,6 +70,7 @@ class GridConfig:
         check(self.cells_per_trial is None or self.cells_per_trial >= 1, "cells_per_trial",
               f"must be >= 1, got {self.cells_per_trial}")
         check(self.epochs is None or self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.test_fold is None or self.test_fold >= 1, "test_fold", f"must be >= 1, got {self.test_fold}")
 
     @property
     def group_size(self) -> int:
@@ -78,11 +90,15 @@ class Cell:
     seed: int
     store_key: str = field(default="", compare=False)
     key: str = field(default="", compare=False)
+    fold: int | None = None
+    """The test fold of a fold-based task (its training uses the other folds); None for other tasks."""
 
     @property
     def name(self) -> str:
-        """A short run name: ecc-scratch-f0.5-s0, lcs-genesis-pretrained@best-f1-s2."""
-        return f"{self.task}-{short_init(self.init)}-f{self.label_fraction:g}-s{self.seed}"
+        """A short run name: ncc-scratch-f0.5-s0, lcs-genesis-pretrained@best-f1-s2, ecc-scratch-f1-s0-k2 (k: the
+        test fold)."""
+        fold = "" if self.fold is None else f"-k{self.fold}"
+        return f"{self.task}-{short_init(self.init)}-f{self.label_fraction:g}-s{self.seed}{fold}"
 
 
 def short_init(init: str) -> str:
@@ -101,17 +117,46 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cells_of(grid: GridConfig, store_keys: dict[str, str]) -> list[Cell]:
-    """Every cell in a fixed order (task, init, fraction, seed), each with its key."""
+def folds_of(grid: GridConfig, store_folds: dict[str, tuple[int, ...]],
+             stores: dict[str, str] | None = None) -> dict[str, tuple[int | None, ...]]:
+    """task -> the test folds its cells run: every fold its store holds, or `grid.test_fold` alone; (None,) for a
+    task whose store has no folds. A test fold that a fold-based store lacks is a ValueError naming the folds it
+    has; so is a test fold asked of a grid none of whose tasks has folds."""
+    out: dict[str, tuple[int | None, ...]] = {}
+    for task in grid.tasks:
+        folds = tuple(int(k) for k in store_folds.get(task, ()) or ())
+        if not folds:
+            out[task] = (None,)
+        elif grid.test_fold is None:
+            out[task] = folds
+        elif grid.test_fold in folds:
+            out[task] = (grid.test_fold,)
+        else:
+            where = f"{stores[task]}: " if stores and task in stores else ""
+            raise ValueError(f"--test-fold {grid.test_fold}: {where}the {task} store holds folds "
+                             f"{', '.join(map(str, folds))}, not fold {grid.test_fold}")
+    if grid.test_fold is not None and all(f == (None,) for f in out.values()):
+        raise ValueError(f"--test-fold {grid.test_fold}: no task of the grid ({', '.join(grid.tasks)}) has folds")
+    return out
+
+
+def cells_of(grid: GridConfig, store_keys: dict[str, str],
+             folds: dict[str, tuple[int | None, ...]] | None = None) -> list[Cell]:
+    """Every cell in a fixed order (task, init, fraction, fold, seed), each with its key. `folds`: task -> its
+    test folds (`folds_of`); a task not in it has none."""
     cells = []
     for task in grid.tasks:
         for init in grid.inits:
             for fraction in grid.label_fractions:
-                for seed in grid.seeds:
-                    ident = {"task": task, "store": store_keys[task], "init": init, "label_fraction": float(fraction),
-                             "seed": int(seed), "freeze_encoder": grid.freeze_encoder, "preset": grid.preset,
-                             "epochs": grid.epochs}
-                    cells.append(Cell(task, init, float(fraction), int(seed), store_keys[task], _hash(ident)))
+                for fold in (folds or {}).get(task, (None,)):
+                    for seed in grid.seeds:
+                        ident = {"task": task, "store": store_keys[task], "init": init,
+                                 "label_fraction": float(fraction), "seed": int(seed),
+                                 "freeze_encoder": grid.freeze_encoder, "preset": grid.preset, "epochs": grid.epochs}
+                        if fold is not None:  # only fold cells carry it: other tasks keep their keys
+                            ident["fold"] = int(fold)
+                        cells.append(Cell(task, init, float(fraction), int(seed), store_keys[task], _hash(ident),
+                                          None if fold is None else int(fold)))
     return cells
 
 

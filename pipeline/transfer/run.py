@@ -1,9 +1,10 @@
-"""`transfer`: the transfer grid (tasks x inits x label fractions x seeds) as Ray Tune trials, recorded as one
-MLflow parent run with one child run per fine-tuning, ending in the paper's table.
+"""`transfer`: the transfer grid (tasks x inits x label fractions x test folds x seeds) as Ray Tune trials,
+recorded as one MLflow parent run with one child run per fine-tuning, ending in the paper's table.
 
 Order of work, and why:
-0. The paths, the tracking server and the numbers are checked first (`pipeline.preflight`): nothing starts
-   when one is wrong.
+0. The paths, the tracking server and the numbers are checked first (`pipeline.preflight`), then the stores: a
+   fold-based task runs every fold its store holds, or the one `--test-fold` names (a fold the store lacks is
+   refused, naming the folds it has). Nothing starts when one is wrong.
 1. Every fine-tuning is checked on the driver first (`pipeline.finetune.run.prepare`, the init read once per
    init and fitted to each task's model): what is wrong deterministically becomes a FAILED child run with
    its reason and never reaches Ray, so it is reported, not retried.
@@ -27,9 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.transfer.grid import Cell, GridConfig, cells_of, grid_key, group_cells
+from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells
 
-__all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show"]
+__all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show",
+           "inspect_stores"]
 
 from pipeline.cluster import LOCAL_TRIAL_SLOTS, TRIAL_RESOURCE, ensure_ray  # noqa: F401 - LOCAL_TRIAL_SLOTS re-exported
 
@@ -98,6 +100,7 @@ def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> d
 def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str | None) -> tuple[str, int]:
     """The grid's parent run (reopened on a rerun) and this attempt's number."""
     from pipeline.tracking import _client, create_run
+    from pipeline.transfer.trial import COMMAND
 
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -112,7 +115,7 @@ def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str
             return run.info.run_id, attempt
     run_id = create_run(uri, experiment, name or f"transfer-{grid.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
                         tags={"genesis.grid_parent": key, "genesis.grid": key, "genesis.attempts": "1",
-                              "preset": grid.preset, "tasks": ",".join(grid.tasks)})
+                              "preset": grid.preset, "tasks": ",".join(grid.tasks)}, command=COMMAND)
     params = {f"grid.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else str(v))
               for k, v in grid.to_dict().items()}
     for k, v in params.items():
@@ -132,6 +135,22 @@ def _close_interrupted(uri: str, parent: str) -> int:
         mark_failed(uri, r.info.run_id, reason="interrupted: the grid was stopped; run again by the rerun",
                     status="KILLED")
     return len(runs)
+
+
+def inspect_stores(grid: GridConfig, stores: dict[str, str]) -> tuple[dict[str, str], dict, dict[str, dict]]:
+    """Each task store opened once: (task -> content key, task -> test folds to run (`folds_of`: a ValueError
+    for a fold the store lacks), task -> what its runs record about it: `store_folds` (the folds it holds),
+    `store_cases`, `store_protocol` (how it differs from the reference's data, `protocol.store_differences`))."""
+    from pipeline.finetune.run import store_folds
+    from pipeline.patches import PatchStore
+    from pipeline.transfer.protocol import store_cases, store_differences
+
+    opened = {t: PatchStore(p) for t, p in stores.items()}
+    held = {t: store_folds(s) for t, s in opened.items()}
+    folds = folds_of(grid, held, stores)
+    facts = {t: {"store_folds": ",".join(map(str, held[t])), "store_cases": store_cases(s, t) or "",
+                 "store_protocol": "; ".join(store_differences(s, t))} for t, s in opened.items()}
+    return {t: s.key for t, s in opened.items()}, folds, facts
 
 
 def _trial_resources(grid: GridConfig) -> dict:
@@ -154,10 +173,9 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
 
     from pipeline.finetune.init import check_init, read_init
     from pipeline.finetune.run import prepare
-    from pipeline.patches import PatchStore
-    from pipeline.tracking import create_run, mark_failed
+    from pipeline.tracking import entry_point, mark_failed
     from pipeline.transfer.table import cells_from_mlflow
-    from pipeline.transfer.trial import child_tags, run_trial
+    from pipeline.transfer.trial import create_child_run, run_trial
 
     from pipeline import preflight
 
@@ -169,8 +187,8 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     results_dir = preflight.output_dir(results_dir, "--results")
     uri = preflight.tracking_uri(tracking_uri)
     stores = find_task_stores(patches, grid.tasks)
-    store_keys = {t: PatchStore(p).key for t, p in stores.items()}
-    cells = cells_of(grid, store_keys)
+    store_keys, folds, facts = inspect_stores(grid, stores)
+    cells = cells_of(grid, store_keys, folds)
     key = grid_key(cells)
     parent, attempt = _parent_run(uri, experiment, key, grid, name)
     _close_interrupted(uri, parent)
@@ -181,9 +199,13 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
                 "preset": grid.preset, "freeze_encoder": grid.freeze_encoder, "gpus_per_trial": grid.gpus_per_trial,
                 "workers_per_trial": grid.workers_per_trial, "max_failures": grid.max_failures,
                 "name": f"transfer-{parent[:8]}-a{attempt}", "fault_injection": fault_injection,
-                "storage": storage}
+                "storage": storage, "epochs": grid.epochs, "stores": facts, "launched_by": entry_point()}
     print(f"genesis transfer: {len(cells)} fine-tunings, {len(cells) - len(pending)} already finished "
           f"(parent run {parent}, attempt {attempt})", flush=True)
+    for task, task_folds in folds.items():
+        if task_folds != (None,):
+            print(f"genesis transfer: {task}: test fold(s) {', '.join(map(str, task_folds))} of "
+                  f"{facts[task]['store_folds']}", flush=True)
 
     runnable: list[tuple[Cell, object]] = []
     init_states: dict[str, object] = {}
@@ -199,11 +221,11 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
                 raise ValueError(init_errors[cell.init])
             prep = prepare(stores[cell.task], cell.task, preset=grid.preset, freeze_encoder=grid.freeze_encoder,
                            label_fraction=cell.label_fraction, seed=cell.seed, workers=grid.workers_per_trial,
-                           epochs=grid.epochs)
+                           epochs=grid.epochs, fold=cell.fold)
             check_init(prep.config, init_states[cell.init], cell.init)
             runnable.append((cell, prep))
         except ValueError as err:  # deterministic: reported, never sent to Ray
-            run_id = create_run(uri, experiment, cell.name, tags={**child_tags(cell, settings), "error": str(err)})
+            run_id = create_child_run(cell, settings, {"error": str(err)})
             mark_failed(uri, run_id, reason=str(err))
             print(f"genesis transfer: {cell.name}: failed before training: {err}", flush=True)
 
@@ -251,8 +273,8 @@ def _finish(uri: str, parent: str, settings: dict, results_dir: str | None, reus
 
 def set_champions(uri: str, cells: pd.DataFrame) -> dict[str, str]:
     """Per task, the grid's best FINISHED fine-tuning (the paper's metric, higher is better) -> alias `champion`
-    of its version in genesis-<task>. An existing champion evaluated on the same patch store (so the same test
-    cases) with a better value keeps the alias; one measured on other data is replaced."""
+    of its version in genesis-<task>. An existing champion evaluated on the same patch store and test fold (so
+    the same test cases) with a better value keeps the alias; one measured on other data is replaced."""
     from pipeline.tracking import _client, finetuned_model_name
 
     client = _client(uri)
@@ -268,7 +290,7 @@ def set_champions(uri: str, cells: pd.DataFrame) -> dict[str, str]:
         metric = best["metric"]  # the version tags hold the test metrics under their logged names
         try:
             current = client.get_model_version_by_alias(name, "champion")
-            same_data = current.tags.get("patch_store") == version.tags.get("patch_store")
+            same_data = all(current.tags.get(k) == version.tags.get(k) for k in ("patch_store", "fold"))
             current_value = float(current.tags.get(metric, "nan"))
             if same_data and current_value == current_value and current_value > float(best["value"]):
                 out[task] = current.version

@@ -1,10 +1,17 @@
-"""The transfer grid's results as the paper shows them: one table (mean ± sd over seeds, in %, beside the
-published numbers, with a t-test against training from scratch) and one label-efficiency figure.
+"""The transfer grid's results as the paper shows them: one table per task (mean ± sd over runs, in %, a t-test
+against training from scratch, the published number beside ours where it is computed the same way) and one
+label-efficiency figure.
 
-A grid is one MLflow parent run with one child run per fine-tuning ("cell": task x init x label fraction x
-seed). `cells_from_mlflow` reads the children into a flat frame, one row per cell; everything after that
-is pure pandas / scipy / matplotlib on that frame, so it is tested without MLflow or Ray. Failed cells are
-never dropped silently: they are counted per group and listed with their reason.
+A grid is one MLflow parent run with one child run per fine-tuning ("cell": task x init x label fraction x test
+fold x seed). `cells_from_mlflow` reads the children into a flat frame, one row per cell (cells.csv keeps it:
+per fold and seed); everything after that is pure pandas / scipy / matplotlib on that frame, so it is tested
+without MLflow or Ray. A table row pools the folds and seeds of one (task, init, label fraction). Failed cells are
+never dropped silently: they are counted per row and listed with their reason.
+
+What each row reports: the paper's metric of the task (AUC over candidates for NCC and ECC, the reference's Keras
+mean_iou over the test cubes for NCS and over the whole test volumes, pooled, for LCS and BMS) and, where the
+test unit is a whole volume, what a clinician reads: foreground Dice per case, mean ± sd over cases. Whether
+a published value is comparable is decided by `pipeline.transfer.protocol`.
 """
 
 from __future__ import annotations
@@ -18,18 +25,27 @@ import pandas as pd
 from scipy import stats
 
 from pipeline.tasks import get_task, task_names
+from pipeline.transfer import protocol
 
 __all__ = ["CELL_COLUMNS", "TABLE_COLUMNS", "FAILURE_COLUMNS", "cells_from_mlflow", "results_table", "failures",
            "published_kind", "to_markdown", "table_figure", "label_efficiency_figure", "write_results",
-           "log_results"]
+           "log_results", "p_text", "N_LT_2"]
 
 FINISHED = "FINISHED"
-CELL_COLUMNS = ["cell", "task", "init", "label_fraction", "seed", "status", "error", "run_id", "metric", "value",
-                "start_time", "preset", "freeze_encoder"]
-TABLE_COLUMNS = ["task", "init", "label_fraction", "metric", "mean", "sd", "n", "failed", "p_vs_baseline",
-                 "published_mean", "published_sd"]
-FAILURE_COLUMNS = ["task", "init", "label_fraction", "seed", "status", "error", "run_id"]
+N_LT_2 = "n<2"
+"""What the p-value column says when a side has fewer than two finished values (no t-test)."""
+CELL_COLUMNS = ["cell", "task", "init", "label_fraction", "fold", "seed", "status", "error", "run_id", "metric",
+                "value", "dice", "dice_sd", "start_time", "preset", "freeze_encoder", "epochs", "store_folds",
+                "store_protocol"]
+TABLE_COLUMNS = ["task", "init", "label_fraction", "metric", "unit", "mean", "sd", "n", "folds", "failed",
+                 "p_vs_baseline", "n_baseline", "dice_mean", "dice_sd", "published_metric", "published_mean",
+                 "published_sd", "published_source", "published_unverified", "comparable", "not_comparable"]
+FAILURE_COLUMNS = ["task", "init", "label_fraction", "fold", "seed", "status", "error", "run_id"]
 GROUP = ["task", "init", "label_fraction"]
+_DEFAULTS = {"fold": pd.NA, "dice": math.nan, "dice_sd": math.nan, "preset": "", "freeze_encoder": False,
+             "epochs": "", "store_folds": "", "store_protocol": "unknown"}
+"""Columns a cells frame may lack (written by an older version): a cell without a protocol record is never
+comparable."""
 
 
 # --------------------------------------------------------------------------- MLflow -> cells
@@ -51,14 +67,20 @@ def _cell_row(run) -> dict | None:
     tags = run.data.tags
     if "genesis.cell" not in tags or "task" not in tags:
         return None
+    metrics = run.data.metrics
     metric = f"test_{get_task(tags['task']).metrics[0]}"
+    fold = tags.get("fold", "")
     return {
         "cell": tags["genesis.cell"], "task": tags["task"], "init": tags.get("init", ""),
-        "label_fraction": float(tags.get("label_fraction", "nan")), "seed": int(tags.get("seed", -1)),
+        "label_fraction": float(tags.get("label_fraction", "nan")),
+        "fold": int(fold) if fold.strip().isdigit() else pd.NA, "seed": int(tags.get("seed", -1)),
         "status": run.info.status, "error": tags.get("error", "") or "", "run_id": run.info.run_id,
-        "metric": metric, "value": float(run.data.metrics.get(metric, math.nan)),
+        "metric": metric, "value": float(metrics.get(metric, math.nan)),
+        "dice": float(metrics.get("test_dice", math.nan)), "dice_sd": float(metrics.get("test_dice_sd", math.nan)),
         "start_time": pd.Timestamp(run.info.start_time or 0, unit="ms", tz="UTC"),
         "preset": tags.get("preset", ""), "freeze_encoder": tags.get("freeze_encoder", "") == "True",
+        "epochs": tags.get("epochs_cap", ""), "store_folds": tags.get("store_folds", ""),
+        "store_protocol": tags.get("store_protocol", "unknown"),
     }
 
 
@@ -78,10 +100,17 @@ def cells_from_mlflow(tracking_uri: str, parent_run_id: str, *, page_size: int =
     if not rows:
         return pd.DataFrame(columns=CELL_COLUMNS)
     cells = _one_per_cell(pd.DataFrame(rows, columns=CELL_COLUMNS))
-    return cells.sort_values(["task", "init", "label_fraction", "seed"]).reset_index(drop=True)
+    cells["fold"] = cells["fold"].astype("Int64")
+    return cells.sort_values(["task", "init", "label_fraction", "fold", "seed"]).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- cells -> table
+
+def _complete(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells with every column of `CELL_COLUMNS` (defaults for what an older frame lacks)."""
+    missing = {k: v for k, v in _DEFAULTS.items() if k not in cells.columns}
+    return cells.assign(**missing) if missing else cells
+
 
 def _ok(cells: pd.DataFrame) -> pd.Series:
     """A cell counts when it finished and produced a finite test metric; anything else is a failure."""
@@ -101,17 +130,24 @@ def published_kind(init: str) -> str | None:
     return None
 
 
-def _published(task: str, init: str, label_fraction: float) -> tuple[float, float]:
-    """The paper's (mean, sd) in %, at full labels only: the published table has no other fraction."""
+def _published(task: str, init: str, label_fraction: float) -> dict:
+    """The paper's value for this row, in %, with its source and whether it is unverified; at full labels only:
+    the published table has no other fraction."""
     spec, kind = get_task(task), published_kind(init)
-    if spec.published is None or kind is None or not math.isclose(label_fraction, 1.0):
-        return math.nan, math.nan
-    return getattr(spec.published, kind)
+    none = {"published_metric": "", "published_mean": math.nan, "published_sd": math.nan, "published_source": "",
+            "published_unverified": False}
+    pub = spec.published
+    if pub is None or kind is None or not math.isclose(label_fraction, 1.0):
+        return none
+    mean, sd = getattr(pub, kind)
+    return {"published_metric": pub.metric, "published_mean": float(mean), "published_sd": float(sd),
+            "published_source": str((getattr(pub, "sources", None) or {}).get(kind, "")),
+            "published_unverified": kind in tuple(getattr(pub, "unverified", ()) or ())}
 
 
 def _metric_name(task: str) -> str:
-    spec = get_task(task)
-    return spec.published.metric if spec.published else spec.metrics[0]
+    """The paper metric's name as the published table writes it (AUC, Keras mean_iou)."""
+    return protocol.metric_label(get_task(task).metrics[0])
 
 
 def _p_value(values: np.ndarray, baseline: np.ndarray) -> float:
@@ -121,30 +157,59 @@ def _p_value(values: np.ndarray, baseline: np.ndarray) -> float:
     return float(stats.ttest_ind(values, baseline, equal_var=True).pvalue)
 
 
+def _pooled_sd(means: np.ndarray, sds: np.ndarray) -> float:
+    """The sd over cases of several runs' per-case values together, from each run's mean and sd over its cases:
+    the sd of the equal-weight mixture, sqrt(mean(sd_r^2) + mean((mean_r - mean)^2)) (runs of one row score the
+    same number of cases: the same test split, or folds of near-equal size)."""
+    keep = np.isfinite(means) & np.isfinite(sds)
+    if not keep.any():
+        return math.nan
+    m, s = means[keep], sds[keep]
+    return float(math.sqrt(np.mean(s ** 2) + np.mean((m - m.mean()) ** 2)))
+
+
 def _task_rank(task: str) -> int:
     names = task_names()
     return names.index(task) if task in names else len(names)
 
 
+def _folds_text(folds: pd.Series) -> str:
+    return ",".join(str(int(f)) for f in sorted(set(folds.dropna())))
+
+
 def results_table(cells: pd.DataFrame, baseline: str = "scratch") -> pd.DataFrame:
-    """Mean ± sample sd (%) per (task, init, label fraction) over finished seeds, failures counted,
-    p-value against `baseline` at the same task and fraction, and the published numbers beside them."""
+    """Per (task, init, label fraction), pooled over folds and seeds: mean ± sample sd (%) of the paper's metric
+    over finished runs, failures counted, Student's p against `baseline` at the same task and fraction, per-case
+    Dice (whole-volume tasks), and the published value with its source and whether ours is comparable to it."""
     if cells.empty:
         return pd.DataFrame(columns=TABLE_COLUMNS)
+    cells = _complete(cells)
     frame = cells.assign(_ok=_ok(cells), _pct=cells["value"].astype(float) * 100.0)
-    values = {key: g.loc[g["_ok"], "_pct"].to_numpy() for key, g in frame.groupby(GROUP, sort=False)}
-    failed = frame.groupby(GROUP, sort=False)["_ok"].apply(lambda ok: int((~ok).sum()))
+    groups = {key: g for key, g in frame.groupby(GROUP, sort=False)}
+    values = {key: g.loc[g["_ok"], "_pct"].to_numpy() for key, g in groups.items()}
     rows = []
-    for (task, init, fraction), v in values.items():
-        base = values.get((task, baseline, fraction), np.array([]))
-        pub_mean, pub_sd = _published(task, init, fraction)
+    for (task, init, fraction), g in groups.items():
+        v, spec = values[(task, init, fraction)], get_task(task)
+        base = values.get((task, baseline, fraction))
+        ok = g.loc[g["_ok"]]
+        whole_volume = spec.evaluation == "whole_volume"
+        pub = _published(task, init, fraction)
+        reasons = protocol.row_differences(task, spec.metrics[0], g, g["_ok"].to_numpy()) \
+            if math.isfinite(pub["published_mean"]) else []
         rows.append({
             "task": task, "init": init, "label_fraction": float(fraction), "metric": _metric_name(task),
+            "unit": protocol.our_unit(spec),
             "mean": float(np.mean(v)) if len(v) else math.nan,
             "sd": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
-            "n": len(v), "failed": int(failed[(task, init, fraction)]),
-            "p_vs_baseline": math.nan if init == baseline else _p_value(v, base),
-            "published_mean": pub_mean, "published_sd": pub_sd,
+            "n": len(v), "folds": _folds_text(g["fold"]), "failed": int((~g["_ok"]).sum()),
+            "p_vs_baseline": math.nan if init == baseline or base is None else _p_value(v, base),
+            "n_baseline": math.nan if base is None else len(base),
+            "dice_mean": float(ok["dice"].astype(float).mean() * 100) if whole_volume and len(ok) else math.nan,
+            "dice_sd": _pooled_sd(ok["dice"].to_numpy(float), ok["dice_sd"].to_numpy(float)) * 100
+            if whole_volume and len(ok) else math.nan,
+            **pub,
+            "comparable": "" if not math.isfinite(pub["published_mean"]) else ("no" if reasons else "yes"),
+            "not_comparable": "; ".join(reasons),
         })
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     order = table.assign(_t=table["task"].map(_task_rank), _b=table["init"].ne(baseline))
@@ -157,11 +222,12 @@ def failures(cells: pd.DataFrame) -> pd.DataFrame:
     (so the list matches the table's `failed` counts)."""
     if cells.empty:
         return pd.DataFrame(columns=FAILURE_COLUMNS)
+    cells = _complete(cells)
     bad = cells.loc[~_ok(cells)].copy()
     no_metric = bad["status"].eq(FINISHED) & bad["error"].fillna("").eq("")
     bad.loc[no_metric, "error"] = "finished without " + bad.loc[no_metric, "metric"].astype(str)
     bad["error"] = bad["error"].fillna("")
-    return bad[FAILURE_COLUMNS].sort_values(["task", "init", "label_fraction", "seed"]).reset_index(drop=True)
+    return bad[FAILURE_COLUMNS].sort_values(["task", "init", "label_fraction", "fold", "seed"]).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- table -> Markdown / figures
@@ -174,31 +240,78 @@ def _labels(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
-def _ours(row) -> str:
-    if row["n"] == 0 or not math.isfinite(row["mean"]):
+def _mean_sd(mean: float, sd: float, n: int) -> str:
+    if n == 0 or not math.isfinite(mean):
         return "-"
-    if row["n"] == 1 or not math.isfinite(row["sd"]):
-        return _num(row["mean"])
-    return f"{_num(row['mean'])} ± {_num(row['sd'])}"
+    if n == 1 or not math.isfinite(sd):
+        return _num(mean)
+    return f"{_num(mean)} ± {_num(sd)}"
 
 
 def _published_text(row) -> str:
+    """The published value where ours is computed the same way; "not comparable (why)" where not; "-" where
+    there is none (another init, or a label fraction the paper did not publish)."""
     if not math.isfinite(row["published_mean"]):
         return "-"
-    return f"{_num(row['published_mean'])} ± {_num(row['published_sd'])}"
+    if row["comparable"] != "yes":
+        return f"not comparable ({row['not_comparable']})"
+    text = f"{_num(row['published_mean'])} ± {_num(row['published_sd'])}"
+    return text + " (unverified)" if row["published_unverified"] else text
 
 
-def _p_text(p: float) -> str:
-    return "-" if not math.isfinite(p) else f"{p:.3g}"
+def p_text(row, baseline: str = "scratch") -> str:
+    """The p-value column: "-" for the baseline itself or a grid without it, "n<2" when either side has fewer
+    than two finished values, else the p-value."""
+    if row["init"] == baseline or not math.isfinite(float(row["n_baseline"])):
+        return "-"
+    if row["n"] < 2 or row["n_baseline"] < 2 or not math.isfinite(row["p_vs_baseline"]):
+        return N_LT_2
+    return f"{row['p_vs_baseline']:.3g}"
 
 
-def _display(table: pd.DataFrame, baseline: str) -> tuple[list[str], list[list[str]]]:
-    """Header and text rows shared by the Markdown table and its picture, so the two cannot disagree."""
-    header = ["task", "init", "labels", "metric", "ours", "n", f"p vs {baseline}", "published", "failed"]
-    rows = [[str(r["task"]), str(r["init"]), _labels(r["label_fraction"]), str(r["metric"]), _ours(r),
-             str(int(r["n"])), _p_text(r["p_vs_baseline"]), _published_text(r), str(int(r["failed"]))]
-            for _, r in table.iterrows()]
-    return header, rows
+_UNIT_TEXT = {"candidate": "over candidates", "cube": "over test cubes", "volume": "over whole volumes, pooled"}
+
+
+def _metric_header(metric: str, unit: str) -> str:
+    return f"{metric} {_UNIT_TEXT.get(unit, 'over ' + unit)} (%)"
+
+
+def _blocks(table: pd.DataFrame, baseline: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, text rows) per task: shared by the Markdown tables and their picture, so they cannot
+    disagree. Each header names its metric."""
+    blocks = []
+    for task, rows in table.groupby("task", sort=False):
+        spec, first = get_task(task), rows.iloc[0]
+        whole_volume = spec.evaluation == "whole_volume"
+        published = first["published_metric"] or (spec.published.metric if spec.published else first["metric"])
+        header = ["init", "labels", _metric_header(first["metric"], first["unit"]), "n", "folds",
+                  f"p vs {baseline}"]
+        if whole_volume:
+            header.append("Dice per case (%), mean ± sd over cases")
+        header += [f"published {published} (%)", "failed"]
+        text = []
+        for _, r in rows.iterrows():
+            line = [str(r["init"]), _labels(r["label_fraction"]), _mean_sd(r["mean"], r["sd"], r["n"]),
+                    str(int(r["n"])), r["folds"] or "-", p_text(r, baseline)]
+            if whole_volume:
+                line.append(_mean_sd(r["dice_mean"], r["dice_sd"], 2))
+            line += [_published_text(r), str(int(r["failed"]))]
+            text.append(line)
+        title = f"{task.upper()}: {spec.title}"
+        blocks.append((title, header, text))
+    return blocks
+
+
+def _sources(table: pd.DataFrame) -> list[str]:
+    """One line per published value the table refers to: task, init, value, its source, unverified or not."""
+    lines = []
+    rows = table[np.isfinite(table["published_mean"].astype(float))]
+    for _, r in rows.drop_duplicates(["task", "init"]).iterrows():
+        source = r["published_source"] or "no source recorded"
+        flag = "; unverified" if r["published_unverified"] or not r["published_source"] else ""
+        lines.append(f"{r['task'].upper()} {published_kind(r['init'])} ({r['init']}): {_num(r['published_mean'])} "
+                     f"± {_num(r['published_sd'])} {r['published_metric']} (%), {source}{flag}")
+    return lines
 
 
 def _md_cell(text: str) -> str:
@@ -209,16 +322,27 @@ def _md_failures(failed: pd.DataFrame) -> list[str]:
     lines = ["", "## Failed fine-tunings", ""]
     for _, f in failed.iterrows():
         reason = _md_cell(str(f["error"])) or "no reason recorded"
-        lines.append(f"- {f['task']} / {f['init']} / {_labels(f['label_fraction'])} labels / seed {f['seed']}: "
+        fold = "" if pd.isna(f.get("fold", pd.NA)) else f" / fold {int(f['fold'])}"
+        lines.append(f"- {f['task']} / {f['init']} / {_labels(f['label_fraction'])} labels{fold} / seed {f['seed']}: "
                      f"{f['status']} (run `{f['run_id']}`): {reason}")
     return lines
 
 
 def to_markdown(table: pd.DataFrame, failed: pd.DataFrame, baseline: str = "scratch") -> str:
-    """A GitHub Markdown table (written here: `tabulate` is not a dependency), then the failures with reasons."""
-    header, rows = _display(table, baseline)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    """One GitHub Markdown table per task (written here: `tabulate` is not a dependency), the published values'
+    sources, then the failures with reasons."""
+    lines: list[str] = []
+    for title, header, rows in _blocks(table, baseline):
+        lines += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+        lines.append("")
+    if table.empty:
+        lines += ["no fine-tunings", ""]
+    lines.append(f"Mean ± sd over the finished runs of a row (its folds x seeds; n runs); p: Student's t-test "
+                 f"against {baseline} at the same label fraction ({N_LT_2}: fewer than two runs a side).")
+    sources = _sources(table)
+    if sources:
+        lines += ["", "Published values (MedIA 2021):", ""] + [f"- {_md_cell(s)}" for s in sources]
     if len(failed):
         lines += _md_failures(failed)
     return "\n".join(lines) + "\n"
@@ -235,23 +359,36 @@ def _figure(width: float, height: float):
 
 
 def table_figure(table: pd.DataFrame, baseline: str = "scratch"):
-    """The results table drawn as a picture (for the MLflow UI, which shows PNGs inline)."""
-    header, rows = _display(table, baseline)
-    fig = _figure(11, 0.8 + 0.35 * (len(rows) + 1))
-    ax = fig.add_subplot()
-    ax.axis("off")
-    if not rows:
+    """The results tables drawn as a picture (for the MLflow UI, which shows PNGs inline): one table per task,
+    then the published values' sources."""
+    blocks, sources = _blocks(table, baseline), _sources(table)
+    if not blocks:
+        fig = _figure(11, 1.5)
+        ax = fig.add_subplot()
+        ax.axis("off")
         ax.text(0.5, 0.5, "no fine-tunings", ha="center", va="center")
         return fig
-    drawn = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
-    drawn.auto_set_font_size(False)
-    drawn.set_fontsize(8)
-    drawn.auto_set_column_width(list(range(len(header))))
+    heights = [len(rows) + 2 for _, _, rows in blocks] + [0.6 * len(sources) + 0.5]
+    fig = _figure(14, 0.8 + 0.32 * sum(heights))
+    grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+    for k, (title, header, rows) in enumerate(blocks):
+        ax = fig.add_subplot(grid[k])
+        ax.axis("off")
+        ax.set_title(title, fontsize=9, loc="left")
+        drawn = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
+        drawn.auto_set_font_size(False)
+        drawn.set_fontsize(7)
+        drawn.auto_set_column_width(list(range(len(header))))
+    ax = fig.add_subplot(grid[-1])
+    ax.axis("off")
+    notes = [f"p: Student's t-test against {baseline}; {N_LT_2}: fewer than two finished runs a side."]
+    notes += ["Published (MedIA 2021): " + s for s in sources]
+    ax.text(0, 1, "\n".join(notes), fontsize=7, va="top", ha="left", wrap=True)
     return fig
 
 
 def _efficiency_points(cells: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd (%) over finished seeds per (task, init, label fraction)."""
+    """Mean and sd (%) over finished runs (folds x seeds) per (task, init, label fraction)."""
     ok = cells.loc[_ok(cells)].assign(pct=lambda c: c["value"].astype(float) * 100.0)
     return ok.groupby(GROUP)["pct"].agg(["mean", "std"]).reset_index()
 

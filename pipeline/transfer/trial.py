@@ -10,17 +10,48 @@ and Tune moves on to the next trial.
 
 from __future__ import annotations
 
-__all__ = ["run_trial", "child_tags"]
+__all__ = ["run_trial", "child_tags", "create_child_run", "COMMAND"]
 
 NOT_FINISHED = "the trial ended before this fine-tuning finished"
+COMMAND = "genesis transfer"
+"""The command that makes a grid's runs, parent and children, wherever they are created (the driver, a trial
+in a Ray worker) and whatever the process ran before (the demo, `genesis reproduce`)."""
 
 
 def child_tags(cell, settings: dict) -> dict[str, str]:
-    """The tags that make a run one cell of one grid (read back by `pipeline.transfer.table`)."""
-    return {"mlflow.parentRunId": settings["parent_run_id"], "genesis.grid": settings["grid_key"],
+    """The tags that make a run one cell of one grid (read back by `pipeline.transfer.table`): the cell, its
+    test fold, what its store is against the reference's data (`settings["stores"][task]`: store_folds,
+    store_cases, store_protocol, from `pipeline.transfer.protocol.store_differences`), the epoch cap, and the
+    process that launched the grid (`genesis.launched_by`, read on the driver: a Ray worker's own would name
+    whatever last set the environment)."""
+    tags = {"mlflow.parentRunId": settings["parent_run_id"], "genesis.grid": settings["grid_key"],
             "genesis.cell": cell.key, "task": cell.task, "init": cell.init,
             "label_fraction": str(cell.label_fraction), "seed": str(cell.seed), "preset": settings["preset"],
-            "freeze_encoder": str(settings["freeze_encoder"]), "patch_store": cell.store_key}
+            "freeze_encoder": str(settings["freeze_encoder"]), "patch_store": cell.store_key,
+            "epochs_cap": "" if settings.get("epochs") is None else str(settings["epochs"]),
+            **{k: str(v) for k, v in settings.get("stores", {}).get(cell.task, {}).items()}}
+    if cell.fold is not None:
+        tags["fold"] = str(cell.fold)
+    if settings.get("launched_by"):
+        tags["genesis.launched_by"] = settings["launched_by"]
+    return tags
+
+
+def create_child_run(cell, settings: dict, extra_tags: dict[str, str] | None = None) -> str:
+    """The cell's MLflow run, a child of the grid's parent: its tags (`child_tags`), the entry point `genesis
+    transfer`, and the params `fold` (fold-based tasks), `seed`, `label_fraction`; returns its id."""
+    from pipeline.tracking import _client, create_run
+
+    uri = settings["tracking_uri"]
+    run_id = create_run(uri, settings["experiment"], cell.name, tags={**child_tags(cell, settings),
+                                                                       **(extra_tags or {})}, command=COMMAND)
+    client = _client(uri)
+    params = {"seed": str(cell.seed), "label_fraction": str(cell.label_fraction)}
+    if cell.fold is not None:
+        params["fold"] = str(cell.fold)
+    for k, v in params.items():
+        client.log_param(run_id, k, v)
+    return run_id
 
 
 def run_trial(config: dict, groups: list | None = None, init_refs: dict | None = None,
@@ -34,14 +65,14 @@ def run_trial(config: dict, groups: list | None = None, init_refs: dict | None =
 
     from pipeline.finetune.run import scaling
     from pipeline.finetune.worker import train_group_per_worker
-    from pipeline.tracking import create_run, mark_failed, run_status
+    from pipeline.tracking import mark_failed, run_status
 
     index = config["group"]
     group = groups[index]
     uri = settings["tracking_uri"]
     loop_cells, run_ids = [], []
     for cell, prep in group:
-        run_id = create_run(uri, settings["experiment"], cell.name, tags=child_tags(cell, settings))
+        run_id = create_child_run(cell, settings)
         run_ids.append(run_id)
         loop_cells.append(prep.loop_config(init=cell.init, tracking_uri=uri, run_id=run_id,
                                            gpus_per_worker=settings["gpus_per_trial"],

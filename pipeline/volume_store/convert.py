@@ -35,7 +35,7 @@ from pipeline.volume_store.scan_ids import (Assigned, Known, assign_scan_ids, ca
 from pipeline.volume_store.scan_ids import source_key as _source_key
 from pipeline.volume_store.settings import ConvertSettings
 from pipeline.volume_store.store import VolumeStore, check_store_path, init_store, lock_store
-from pipeline.volume_store.tables import store_tables
+from pipeline.volume_store.tables import check_table_sources, store_tables
 
 __all__ = ["ConversionSummary", "convert", "known_sources"]
 
@@ -125,6 +125,7 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
     """Convert `sources` into the volume store at `store_root`; see the module docstring."""
     t0 = time.perf_counter()
     found = discover(sources)
+    check_table_sources(found.tables)  # a table no task could use (a zero-length vessel direction) is bad usage: nothing starts
     root = Path(store_root)
     check_store_path(root)  # refuse a path that is not a store before anything is written there
     lock = lock_store(root)

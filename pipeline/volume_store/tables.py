@@ -5,16 +5,23 @@ The target tasks need them later and they are small, so they travel inside the s
 from several runs are merged (a second subset converted later adds its rows). A table that
 breaks its contract (columns, types, or the rules in `_RULES`) is left out with a one-line
 problem naming the file, and the scans still convert.
+
+One break is a usage error instead, raised by `check_table_sources` before a conversion starts
+(exit 2, nothing converted): a PE candidate whose vessel direction is not finite or has zero
+length. It is no typo in one row's length but a direction that cannot exist, and ECC's
+vessel-oriented cubes have nothing to orient by; the user fixes the file and reruns.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import uuid
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +29,7 @@ import pyarrow.parquet as pq
 import storage_schemas
 from pipeline.ingest.sources import TableSource
 
-__all__ = ["store_tables", "read_table"]
+__all__ = ["store_tables", "read_table", "check_table_sources"]
 
 _SCHEMAS = {"annotations.csv": "annotations", "candidates.csv": "candidates", "candidates_V2.csv": "candidates",
             "pe_candidates.csv": "pe_candidates", "pe_folds.csv": "pe_folds"}
@@ -36,6 +43,71 @@ def _read_csv(src: TableSource, name: str) -> pd.DataFrame:
         with zipfile.ZipFile(src.archive) as zf:
             return pd.read_csv(io.BytesIO(zf.read(src.path)), dtype=dtype)
     return pd.read_csv(src.path, dtype=dtype)
+
+
+def _text(src: TableSource) -> str:
+    if src.archive:
+        with zipfile.ZipFile(src.archive) as zf:
+            return zf.read(src.path).decode("utf-8-sig")
+    with open(src.path, encoding="utf-8-sig", newline="") as fh:
+        return fh.read()
+
+
+def _direction_problem(values: list[float]) -> str | None:
+    """The rule of `pipeline.tasks.geometry.direction_problem` (which the task build applies again);
+    restated here because the volume store sits below the tasks and never imports them."""
+    d = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(d)):
+        return "is not finite"
+    if float(np.linalg.norm(d)) < 1e-6:
+        return "has zero length"
+    return None
+
+
+def _direction_refusal(src: TableSource) -> str | None:
+    """The one line refusing `src` (a pe_candidates.csv) for a direction that is not finite or has zero
+    length, else None. Read as text, so `nan` and `inf` are seen as written (pandas would read `nan` as
+    empty, i.e. unknown); a row whose direction is empty, partial or not numbers is left to the table's
+    rules in `store_tables` (a problem line, the scans still convert)."""
+    where = f"{src.archive}!{src.path}" if src.archive else src.path
+    try:
+        reader = csv.DictReader(io.StringIO(_text(src)))
+        rows = [(reader.line_num, row) for row in reader]  # the file's own line numbers (the header is 1)
+    except (OSError, UnicodeDecodeError, csv.Error, zipfile.BadZipFile):
+        return None  # unreadable: store_tables reports it with the file's other problems
+    if not {"dirX", "dirY", "dirZ"} <= set(reader.fieldnames or ()):
+        return None
+    bad = []
+    for line, row in rows:
+        texts = [(row.get(k) or "").strip() for k in ("dirX", "dirY", "dirZ")]
+        if not all(texts):
+            continue
+        try:
+            values = [float(t) for t in texts]
+        except ValueError:
+            continue
+        problem = _direction_problem(values)
+        if problem:
+            bad.append((line, row.get("case_id"), texts, problem))
+    if not bad:
+        return None
+    line, case_id, texts, problem = bad[0]
+    more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+    return (f"{where}: line {line} (case_id {case_id}): vessel direction (dirX, dirY, dirZ) = "
+            f"({', '.join(texts)}) {problem}{more}; give a unit vector along the vessel, or leave all three "
+            "empty when it is unknown (storage_schemas/PE_CAD_LAYOUT.md)")
+
+
+def check_table_sources(sources: list[TableSource]) -> None:
+    """Raise ValueError (one line: the file, the row, the value) for a table no conversion should start
+    with: a PE candidate whose vessel direction is not finite or has zero length. Call it before any
+    work, so that nothing is converted; every other break of a table's rules stays a problem line of
+    `store_tables`."""
+    for src in sources:
+        if _SCHEMAS.get(src.name) == "pe_candidates":
+            refusal = _direction_refusal(src)
+            if refusal:
+                raise ValueError(refusal)
 
 
 def _rows(mask: pd.Series) -> str:
