@@ -14,8 +14,11 @@ moves by tens of MiB with the allocator's state, so small peaks need the absolut
 The "balance bound" is the best speed-up 2 workers can reach on these cases, from the 1-worker
 per-case seconds (total / max(total / 2, longest case)): few, uneven cases cap it below 2.
 
+`--quick` runs every step on the smallest data (each dataset's small sample, `small=True`, 3 scans, memory
+check with 4; PE 5 and 6, the fewest that hold ECC's three folds): a check that the benchmark still runs, not a measurement (its targets are not judged).
+
     .venv/bin/python benchmarks/task_patches.py [--tasks ncc,ncs,ecc,lcs,bms] [--scans 6] [--mem-scans 12]
-        [--seed 0] [--keep DIR]
+        [--seed 0] [--quick] [--work DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dataclasses
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -50,14 +54,34 @@ class Skipped(Exception):
     pass
 
 
-def volume_store(dataset: str, n_scans: int, seed: int, where: Path) -> tuple[str, float, float]:
+QUICK_SCANS, QUICK_MEM_SCANS = 3, 4
+QUICK_DATASET_SCANS = {"pe": (5, 6)}
+"""(scans, memory-check scans) of a quick run where 3 and 4 are too few: ECC's split needs patients of three folds."""
+
+
+def sample_sizes(dataset: str, args) -> tuple[int, int]:
+    """(scans, memory-check scans) of `dataset`'s samples: the options given, else the quick or the default sizes."""
+    if args.quick and args.scans is None:
+        scans, mem = QUICK_DATASET_SCANS.get(dataset, (QUICK_SCANS, QUICK_MEM_SCANS))
+    else:
+        scans = args.scans or 6
+        mem = 2 * scans
+    return scans, mem if args.mem_scans is None else args.mem_scans
+
+
+def verdict(ok: bool, quick: bool) -> str:
+    """PASS/MISS against a target; a quick run's tiny samples say nothing about a target."""
+    return "(quick: not judged)" if quick else ("PASS" if ok else "MISS")
+
+
+def volume_store(dataset: str, n_scans: int, seed: int, where: Path, small: bool = False) -> tuple[str, float, float]:
     """Sample data + volume store; returns (store path, sample seconds, convert seconds)."""
     from pipeline.sample_data.datasets import write_sample
     from pipeline.volume_store import convert
 
     t0 = time.perf_counter()
     try:
-        summary = write_sample(dataset, where / "data", n_scans=n_scans, seed=seed, include_real=False)
+        summary = write_sample(dataset, where / "data", n_scans=n_scans, seed=seed, small=small, include_real=False)
     except (ImportError, ModuleNotFoundError) as exc:
         raise Skipped(f"sample writer for {dataset} not available ({type(exc).__name__}: {exc})") from exc
     status = str(getattr(summary, "status", "") or "")
@@ -120,12 +144,14 @@ def build(vs: str, spec, seed: int, out_root: Path, workers: int) -> dict:
 def run_task(name: str, args, work: Path) -> dict:
     spec = task_spec(name)
     row = {"task": name, "dataset": spec.dataset}
-    vs, t_sample, t_conv = volume_store(spec.dataset, args.scans, args.seed, work / f"{name}-n{args.scans}")
+    scans, mem_scans = sample_sizes(spec.dataset, args)
+    vs, t_sample, t_conv = volume_store(spec.dataset, scans, args.seed, work / f"{name}-n{scans}",
+                                        small=args.quick)
     row["scans"] = n_scans(vs)
-    print(f"[{name}] {spec.dataset} sample, {args.scans} requested -> {row['scans']} scans in the store "
+    print(f"[{name}] {spec.dataset} sample, {scans} requested -> {row['scans']} scans in the store "
           f"(sample {t_sample:.1f} s, convert {t_conv:.1f} s)", flush=True)
     for w in (1, 2):
-        b = build(vs, spec, args.seed, work / f"{name}-n{args.scans}" / f"ps-w{w}", w)
+        b = build(vs, spec, args.seed, work / f"{name}-n{scans}" / f"ps-w{w}", w)
         row[w] = b
         print(f"[{name}]   {w} worker(s): {b['cubes']} cubes from {b['cases']} cases in {b['seconds']:.2f} s "
               f"= {b['cubes'] / b['seconds']:.1f} cubes/s; per-case work {b['case_seconds']:.2f} s "
@@ -137,11 +163,11 @@ def run_task(name: str, args, work: Path) -> dict:
     row["speedup"] = row[1]["seconds"] / row[2]["seconds"]
     row["overhead"] = row[1]["seconds"] - row[1]["case_seconds"]
     print(f"[{name}]   speed-up 2w/1w {row['speedup']:.2f}x (target >= 1.6, balance bound {row[1]['bound']:.2f}x) "
-          f"{'PASS' if row['speedup'] >= 1.6 else 'MISS'}; outside the cases (plan, assembly, tables) "
+          f"{verdict(row['speedup'] >= 1.6, args.quick)}; outside the cases (plan, assembly, tables) "
           f"{row['overhead']:.2f} s of the 1-worker build", flush=True)
-    if args.mem_scans:
-        where = work / f"{name}-n{args.mem_scans}"
-        vs2, t_sample, t_conv = volume_store(spec.dataset, args.mem_scans, args.seed, where)
+    if mem_scans:
+        where = work / f"{name}-n{mem_scans}"
+        vs2, t_sample, t_conv = volume_store(spec.dataset, mem_scans, args.seed, where, small=args.quick)
         b = build(vs2, spec, args.seed, where / "ps-w2", 2)
         row["mem"] = b
         row["mem_scans"] = n_scans(vs2)
@@ -151,7 +177,7 @@ def run_task(name: str, args, work: Path) -> dict:
         print(f"[{name}]   memory vs scans: {row['mem_scans']} scans, {b['cubes']} cubes, 2 workers: task peak max "
               f"{b['peak_max'] / MiB:.0f} MiB (after first tasks {b['peak_warm'] / MiB:.0f} MiB), median {b['peak_med'] / MiB:.0f} MiB; against {row['scans']} scans "
               f"{ref / MiB:.0f} MiB: ratio {row['mem_ratio']:.2f} (target flat) "
-              f"{'PASS' if row['mem_flat'] else 'MISS'}; largest case {b['scan_mib_max']:.0f} MiB against "
+              f"{verdict(row['mem_flat'], args.quick)}; largest case {b['scan_mib_max']:.0f} MiB against "
               f"{row[2]['scan_mib_max']:.0f} MiB, largest peak/case {b['rel_max']:.2f}x against {row[2]['rel_max']:.2f}x "
               f"(sample {t_sample:.1f} s, convert {t_conv:.1f} s)",
               flush=True)
@@ -161,40 +187,47 @@ def run_task(name: str, args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma-separated task names (default all five)")
-    ap.add_argument("--scans", type=int, default=6, help="scans (cases) per sample (default 6)")
+    ap.add_argument("--scans", type=int, default=None,
+                    help=f"scans (cases) per sample (default 6; --quick {QUICK_SCANS})")
     ap.add_argument("--mem-scans", type=int, default=None,
-                    help="scans for the memory-vs-scans check (default 2 x --scans; 0 skips it)")
+                    help=f"scans for the memory-vs-scans check (default 2 x --scans, --quick {QUICK_MEM_SCANS}; "
+                         f"0 skips it)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--keep", help="work in DIR and keep it (default: a temporary folder, removed)")
+    ap.add_argument("--quick", action="store_true",
+                    help="every step on each dataset's small sample: a smoke run, not figures")
+    ap.add_argument("--work", "--keep", dest="keep",
+                    help="work in DIR and keep it (default: a temporary folder, removed)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="Port 8787 is already in use")  # another cluster's dashboard
-    if args.mem_scans is None:
-        args.mem_scans = 2 * args.scans
+    if (args.scans is not None and args.scans < 1) or (args.mem_scans is not None and args.mem_scans < 0):
+        ap.error(f"--scans must be >= 1 and --mem-scans >= 0, got {args.scans} and {args.mem_scans}")
     names = [t.strip().lower() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(names) - set(ALL_TASKS))
     if unknown:
         ap.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="genesis-bench-task-patches-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows, skipped = [], []
+    rows, skipped, failed = [], [], []
     t0 = time.perf_counter()
     try:
         for name in names:
             try:
                 rows.append(run_task(name, args, work))
-            except Skipped as exc:
+            except Skipped as exc:  # the sample's material is not available here: not the benchmark's fault
                 skipped.append((name, str(exc)))
                 print(f"[{name}] skipped: {exc}", flush=True)
-            except Exception as exc:  # a task that cannot be built yet must not hide the others' figures
-                skipped.append((name, f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:  # a task that cannot be built must not hide the others' figures, nor pass
+                failed.append((name, f"{type(exc).__name__}: {exc}"))
                 print(f"[{name}] failed: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"task patch stores, {args.scans} scans per sample (memory check with {args.mem_scans}), seed {args.seed}, "
-          f"{time.perf_counter() - t0:.0f} s in all")
+    sizes = sorted({sample_sizes(task_spec(n).dataset, args) for n in names})
+    print("task patch stores, " + " or ".join(f"{n} scans" for n, _ in sizes)
+          + f" per {'small ' if args.quick else ''}sample (memory check with "
+          + " or ".join(str(m) for _, m in sizes) + f"), seed {args.seed}, {time.perf_counter() - t0:.0f} s in all")
     head = (f"{'task':<5}{'scans':>6}{'cases':>6}{'cubes':>7}{'1w s':>8}{'1w c/s':>8}{'2w s':>8}{'2w c/s':>8}{'2w/1w':>7}"
             f"{'bound':>7}{'fixed s':>8}{'load':>6}{'peak max':>10}{'median':>8}{'max/scan':>9}{'scans2':>7}{'peak2':>7}{'ratio':>7}")
     print(head)
@@ -209,16 +242,20 @@ def main() -> None:
               + (f"{r['mem_scans']:>7}{m['peak_max'] / MiB:>4.0f}MiB{r['mem_ratio']:>7.2f}" if m else f"{'-':>7}" * 3))
     for name, why in skipped:
         print(f"{name:<5} skipped: {why}")
+    for name, why in failed:
+        print(f"{name:<5} FAILED: {why}")
     if rows:
-        print("targets: 2w/1w >= 1.6 -> " + ", ".join(f"{r['task']} {'PASS' if r['speedup'] >= 1.6 else 'MISS'}"
+        print("targets: 2w/1w >= 1.6 -> " + ", ".join(f"{r['task']} {verdict(r['speedup'] >= 1.6, args.quick)}"
                                                    for r in rows)
               + "; memory flat (2N within 1.2x or 32 MiB of N) -> " + ", ".join(
-                  f"{r['task']} {'PASS' if r['mem_flat'] else 'MISS'}" for r in rows if "mem" in r))
+                  f"{r['task']} {verdict(r['mem_flat'], args.quick)}" for r in rows if "mem" in r))
         print("columns: scans = scans in the volume store, cases = cases that gave cubes; wall seconds of extract_task (Dask cluster start and assembly included); bound = best 2-worker "
               "speed-up the per-case work allows; fixed s = 1-worker wall time outside the cases; load = the machine's "
               "1-min load average during the builds (this machine has " + str(os.cpu_count()) + " cores); peak = per-case Dask task peak (VmHWM growth) in the 2-worker "
               "build's worker processes; max/scan = largest peak over its case's level-0 scans; scans2/peak2/ratio = the memory check's scans, its largest peak, and that over "
               "the largest peak with --scans")
+    if failed:
+        sys.exit(f"task_patches: {len(failed)} task(s) failed: {', '.join(n for n, _ in failed)}")
 
 
 if __name__ == "__main__":

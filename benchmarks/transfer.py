@@ -236,13 +236,14 @@ def run_timings(uri: str, parent: str) -> list[dict]:
 def trial_timings(grid, stores: dict[str, str], runs: list[dict]) -> list[dict]:
     """Per trial (the grid's groups, rebuilt from the same cells and keys `transfer` used): wall, the sum of
     its fine-tunings' times, start-up split into the Ray Train start-up and the set-up between fine-tunings."""
-    from pipeline.patches import PatchStore
     from pipeline.transfer.grid import cells_of, group_cells
+    from pipeline.transfer.run import inspect_stores
 
     by_cell: dict[str, dict] = {}
     for r in sorted(runs, key=lambda r: (r["status"] == "FINISHED", r["start"])):  # a rerun: its finished run
         by_cell[r["cell"]] = r
-    cells = cells_of(grid, {t: PatchStore(p).key for t, p in stores.items() if t in grid.tasks})
+    keys, folds, _ = inspect_stores(grid, {t: p for t, p in stores.items() if t in grid.tasks})
+    cells = cells_of(grid, keys, folds)
     trials = []
     for group in group_cells(cells, grid.group_size):
         rs = [by_cell[c.key] for c in group if c.key in by_cell and math.isfinite(by_cell[c.key]["first_epoch"])

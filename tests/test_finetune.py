@@ -29,7 +29,10 @@ def stores(task_stores):
 
 def test_presets_follow_the_task_spec():
     lcs = get_task("lcs")
-    assert paper(lcs).lr == 0.01 and paper(lcs).patience == 20 and paper(lcs).batch_size == 16
+    o = lcs.optimisation  # the values the reference's code runs at, taken unchanged
+    assert (paper(lcs).lr, paper(lcs).patience, paper(lcs).batch_size) == (o.lr, o.patience, o.batch_size)
+    assert paper(lcs).patience == 20 and paper(lcs).batch_size == 16
+    assert paper(lcs).norm == tiny(lcs).norm == "batch"  # running statistics at inference, as Keras
     assert paper(lcs).base_channels == 32 and paper(lcs).input_size == (32, 64, 64)
     assert tiny(lcs).base_channels == 4 and tiny(lcs).input_size == (16, 32, 32) and tiny(lcs).max_epochs <= 4
     assert tiny(get_task("ecc")).input_size == (32, 32, 32) and tiny(get_task("ecc")).input_rule == "downsample"

@@ -112,7 +112,8 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
         check_data(store, config, workers)  # before an MLflow run or Ray exists
         uri = preflight.tracking_uri(tracking_uri)
         name = name or f"genesis-pretrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = create_run(uri, experiment, name, tags={"preset": config.preset, "patch_store": store.key})
+        run_id = create_run(uri, experiment, name, tags={"preset": config.preset, "patch_store": store.key},
+                            command="genesis pretrain")
         try:
             if isinstance(storage, Path):
                 (storage / name).mkdir(parents=True, exist_ok=True)

@@ -204,8 +204,8 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
           f"(parent run {parent}, attempt {attempt})", flush=True)
     for task, task_folds in folds.items():
         if task_folds != (None,):
-            print(f"genesis transfer: {task}: test fold(s) {', '.join(map(str, task_folds))} of "
-                  f"{facts[task]['store_folds']}", flush=True)
+            print(f"genesis transfer: {task} runs test fold(s) {', '.join(map(str, task_folds))} (its store holds "
+                  f"folds {facts[task]['store_folds'].replace(',', ', ')})", flush=True)
 
     runnable: list[tuple[Cell, object]] = []
     init_states: dict[str, object] = {}
