@@ -95,7 +95,9 @@ def test_tiny_pretraining_two_workers_is_recorded_and_registered(ray_local, patc
     reference = UNet3D(base_channels=2)
     reference.load_state_dict(state["best_model"])
     x = torch.rand(3, 1, 16, 32, 24)  # another batch size and cube size than in training
-    assert torch.equal(loaded.eval()(x), reference.eval()(x))
+    # batch-statistics norms: load_model predicts cube by cube, so a batch gives what its cubes give alone
+    torch.testing.assert_close(loaded.eval()(x), torch.cat([reference.eval()(x[i:i + 1]) for i in range(3)]),
+                               rtol=0, atol=1e-6)
     assert math.isclose(float(version.tags["val_loss"]), min(val), rel_tol=1e-9)
 
 

@@ -24,7 +24,8 @@ def test_official_layout_is_registered_and_loads_back_identically(tmp_path, caps
     loaded = load_model("models:/genesis-official@official", tracking_uri=uri)
     expected = load_official_genesis(str(path)).eval()
     x = torch.rand(2, 1, 16, 24, 32)
-    assert torch.equal(loaded(x), expected(x))
+    # the reference's norm uses each batch's statistics: load_model predicts cube by cube (batch-independent)
+    torch.testing.assert_close(loaded(x), torch.cat([expected(x[i:i + 1]) for i in range(len(x))]), rtol=0, atol=1e-6)
     # The file is in the official (x, y, z) kernel order; the registered model in ours (z, y, x).
     stored = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     for key in ("down_tr64.ops.0.conv1.weight", "up_tr128.up_conv.weight"):

@@ -112,14 +112,24 @@ def counts_from_columns(pred: pd.DataFrame) -> np.ndarray:
 
 
 def read_case(vstore, case, spec) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(image (C, Z, Y, X) float32 in [0, 1] as the task store normalises it, binary target (Z, Y, X), scan attrs)."""
+    """(image (C, Z, Y, X) float32 in [0, 1] as the task store normalises it, binary target (Z, Y, X), scan attrs),
+    on the grid the task samples at (`pipeline.tasks.sampling.to_task_grid`: LCS halved in-plane, as the
+    reference evaluated LiTS at 256x256), so test metrics are computed where the cubes were drawn; the attrs'
+    spacing and origin are those of that grid (Hausdorff distances in mm stay right)."""
     from pipeline.tasks import sampling as S
+    from pipeline.tasks.geometry import resized_geometry
 
     channels = [vstore.open_scan(sid)["0"][...] for sid in case["scan_ids"]]
-    image = np.stack([S.scale(ch, S.intensity_bounds(ch, spec.intensity)) for ch in channels])
     group = vstore.open_scan(case["label_scan"])
+    attrs = dict(group.attrs).get("genesis", {})
     label = group["labels"][case["label"]]["0"][...]
-    return image, S.target_mask(label, spec.sampling.target_values), dict(group.attrs).get("genesis", {})
+    stored = channels[0].shape
+    image = channels[0][None] if len(channels) == 1 else np.stack(channels)
+    image, label, _ = S.to_task_grid(image, label, attrs.get("spacing", (1.0, 1.0, 1.0)), spec)
+    if tuple(image.shape[1:]) != tuple(stored):
+        attrs = resized_geometry(attrs, stored, image.shape[1:])
+    image = np.stack([S.scale(ch, S.intensity_bounds(ch, spec.intensity)) for ch in image])
+    return image, S.target_mask(label, spec.sampling.target_values), attrs
 
 
 def _resize(arr: np.ndarray, size) -> np.ndarray:
