@@ -232,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classification: negatives kept per positive and split, or 'all' (default: the task's)")
     pk.add_argument("--per-scan", type=_positive, help="segmentation (pos/neg tasks): cubes per scan")
     pk.add_argument("--split-seed", type=_non_negative, help="seed of the patient-level split (default: the task's)")
-    pk.add_argument("--test-fold", type=_positive, help="fold-split tasks (ECC): the test fold")
+    pk.add_argument("--test-fold", type=_positive, metavar="K",
+                    help="fold-split tasks (ECC): checked against the data's folds only. The store holds every fold "
+                         "(its `split` column shows fold 1's run) and its key does not depend on K; fine-tuning "
+                         "picks its fold with `genesis finetune/transfer --test-fold K`")
     pk.add_argument("--splits", metavar="FILE",
                     help="train/validation/test by case from FILE: a CSV of case_id,split (split: train, validation "
                          "or test) or nnU-Net's splits_final.json; the file's content is part of the store's key "

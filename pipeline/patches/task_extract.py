@@ -238,6 +238,11 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
     t0 = time.perf_counter()
     vstore = VolumeStore(volume_root)
     source_catalog(vstore)  # a missing catalog, or one without a converted scan: said as such (exit 2)
+    if spec.split.kind == "folds":
+        # the store holds every fold and its key ignores the test fold, so its stored `split` column is always
+        # fold 1's run (whichever --test-fold built it first); fine-tuning picks a fold with `for_fold(k)`
+        plan_task(vstore, spec, seed)  # a test fold the data lack is still bad usage (exit 2)
+        spec = spec.with_overrides(**{"split.test_fold": 1})
     plan = plan_task(vstore, spec, seed)
     _check_plan(plan, spec, vstore)
     phases = {"plan": time.perf_counter() - t0}
