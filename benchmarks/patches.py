@@ -39,7 +39,8 @@ def quick_phantom():
 
 
 def quick_cubes():
-    """Pretraining cubes that fit the quick phantom: the reference's rule on 16 x 16 x 16 cubes (the corruption needs >= 14 voxels a side), small borders."""
+    """Pretraining cubes that fit the quick phantom: the reference's rule on 16 x 16 x 16 cubes (the corruption
+    needs >= 14 voxels a side), small borders."""
     from pipeline.patches import PretrainPatchConfig
 
     return PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=10, border_yx=4, border_z=2, min_slices=16)
@@ -198,7 +199,8 @@ def main() -> None:
               f"{ps.cubes.dtype}); {per32:.3f} as float32 ({ps32.cubes.dtype}); ratio {per / per32:.2f} "
               f"(target <= 0.55) {verdict(per / per32 <= 0.55, quick)}; decoded cubes bit-identical")
         for workers, (n, s) in rates.items():
-            print(f"{f'extraction, {workers} Dask worker(s)':37s}: {n / s:8.1f} cubes/s ({s:.2f} s, incl. cluster start)")
+            label = f"extraction, {workers} Dask worker(s)"
+            print(f"{label:37s}: {n / s:8.1f} cubes/s ({s:.2f} s, incl. cluster start)")
         _one_core()
         loader_rate(path, corrupt=False)  # warm the page cache
         n, s = loader_rate(path, corrupt=False)

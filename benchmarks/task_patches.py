@@ -15,7 +15,8 @@ The "balance bound" is the best speed-up 2 workers can reach on these cases, fro
 per-case seconds (total / max(total / 2, longest case)): few, uneven cases cap it below 2.
 
 `--quick` runs every step on the smallest data (each dataset's small sample, `small=True`, 3 scans, memory
-check with 4; PE 5 and 6, the fewest that hold ECC's three folds): a check that the benchmark still runs, not a measurement (its targets are not judged).
+check with 4; PE 5 and 6, the fewest that hold ECC's three folds): a check that the benchmark still runs, not
+a measurement (its targets are not judged).
 
     .venv/bin/python benchmarks/task_patches.py [--tasks ncc,ncs,ecc,lcs,bms] [--scans 6] [--mem-scans 12]
         [--seed 0] [--quick] [--work DIR]
