@@ -26,7 +26,7 @@ Prints:
   3. Science: a tiny Models Genesis U-Net pretrained here (`pipeline.training.pretrain`, preset tiny) on the
      sample LUNA16 data, fine-tuned against scratch on every --tasks sample task at every --label-fractions,
      over --seeds. Per task at the lowest label fraction: pretrained - scratch of the task's first metric (in
-     points of %), paired by seed (one seed: the same head initialisation and batch order for both; a label
+     points of %), paired by seed and test fold (one seed: the same head initialisation and batch order for both; a label
      fraction's training rows are the same for every seed), mean and 95% t-interval over seeds (scipy.stats.t).
      Whatever it shows: these are tiny models, a handful of scans and 4 epochs.
 
@@ -299,23 +299,27 @@ def print_speed(f: dict) -> None:
 # --------------------------------------------------------------------------- science
 
 def science_figures(m: Measured, pretrained: str) -> list[dict]:
-    """Per task, at the lowest label fraction (and the others): pretrained - scratch, paired by seed."""
+    """Per task, at the lowest label fraction (and the others): pretrained - scratch, paired by seed and, for a
+    fold-based task (ECC), by test fold: each (seed, fold) pair is one replicate, so n counts pairs."""
     import numpy as np
     from scipy import stats
 
     cells = m.result.cells
     ok = cells[(cells["status"] == "FINISHED") & np.isfinite(cells["value"].astype(float))]
+    if "fold" not in ok.columns:
+        ok = ok.assign(fold=np.nan)
+    ok = ok.assign(fold=ok["fold"].astype(float).fillna(-1).astype(int))
     out = []
     for task in m.grid.tasks:
         for fraction in sorted(m.grid.label_fractions):
             sel = ok[(ok["task"] == task) & np.isclose(ok["label_fraction"], fraction)]
-            pre = sel[sel["init"] == pretrained].set_index("seed")["value"] * 100
-            scr = sel[sel["init"] == "scratch"].set_index("seed")["value"] * 100
+            pre = sel[sel["init"] == pretrained].set_index(["seed", "fold"])["value"] * 100
+            scr = sel[sel["init"] == "scratch"].set_index(["seed", "fold"])["value"] * 100
             seeds = sorted(set(pre.index) & set(scr.index))
-            d = np.array([pre[s] - scr[s] for s in seeds])
+            d = np.array([float(pre[s] - scr[s]) for s in seeds])
             metric = cells.loc[cells["task"] == task, "metric"]
             row = {"task": task, "label_fraction": fraction, "metric": str(metric.iloc[0]) if len(metric) else "",
-                   "seeds": seeds, "n": len(d),
+                   "seeds": [list(map(int, p)) for p in seeds], "n": len(d),
                    "scratch": float(scr.loc[seeds].mean()) if seeds else math.nan,
                    "pretrained": float(pre.loc[seeds].mean()) if seeds else math.nan,
                    "diff": float(d.mean()) if len(d) else math.nan, "lo": math.nan, "hi": math.nan,
@@ -522,9 +526,10 @@ def main() -> None:
         low = min(fractions)
         print(f"\n3. pretrained (Models Genesis, {pretrained_what}) minus scratch, tiny fine-tuning preset"
               f"{'' if args.epochs is None else f' (<= {args.epochs} epochs)'}, seeds {','.join(map(str, seeds))}; "
-              f"points of % of each task's metric, paired by seed, mean [95% t-interval]")
+              f"points of % of each task's metric, paired by seed (and by test fold for ECC: n counts seed x fold pairs), "
+              f"mean [95% t-interval]")
         head = (f"{'task':<5}{'labels':>7}  {'metric':<21}{'n':>3}{'scratch':>9}{'pretrained':>11}{'diff':>8}  "
-                f"{'95% CI':<18}{'failed':>7}  per seed")
+                f"{'95% CI':<18}{'failed':>7}  per pair")
         print(head)
         print("-" * len(head))
         for r in science:
