@@ -181,15 +181,23 @@ def _token_header(token_file: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {read_secret(token_file)}"}
 
 
-def _wait_for_nodes(info: dict, count: int, deadline: float) -> None:
+def _wait_for_nodes(info: dict, count: int, deadline: float, starting: set[str] | None = None) -> None:
     """Until the dashboard answers (with the token), every node's job agent listens and `count` nodes are
-    alive; raises naming the node whose process ended, or what was still missing at the deadline."""
+    alive; raises naming the node whose process ended, or what was still missing at the deadline.
+
+    `starting`: the nodes being started (None: all). A node started earlier that ends meanwhile (a node
+    killed just before its replacement is added, still exiting) is not this start's failure: it is no longer
+    expected, and one node fewer is waited for."""
     headers = _token_header(Path(info["ray"]["token_file"]))
     dashboard = info["ray"]["dashboard"]
     missing = "the dashboard"
     while time.monotonic() < deadline:
         for node in info["nodes"]:
             if node["alive_expected"] and not alive([node["pid"]]):
+                if starting is not None and node["name"] not in starting:
+                    node["alive_expected"] = False
+                    count -= 1
+                    continue
                 raise ServiceError(f"Ray node {node['name']} (pid {node['pid']}) exited while starting; its log "
                                    f"{node['log']} ends:\n{_tail(Path(node['log']))}")
         if http_status(f"{dashboard}/api/version", headers) != 200:
@@ -288,7 +296,9 @@ def add_node(root: Path, cpus: int = 1, object_store_mb: int = 256, timeout_s: f
         n["alive_expected"] = _owned(n) is not None
     info["nodes"].append({**node, "alive_expected": True})
     _write_cluster(root, info)
-    _wait_for_nodes(info, sum(n["alive_expected"] for n in info["nodes"]), time.monotonic() + timeout_s)
+    _wait_for_nodes(info, sum(n["alive_expected"] for n in info["nodes"]), time.monotonic() + timeout_s,
+                    starting={name})
+    _write_cluster(root, info)  # a node found gone while waiting is recorded as such
     return node
 
 
