@@ -556,11 +556,8 @@ def _task_spec(args):
         "sampling.per_scan": args.per_scan, "split.seed": args.split_seed, "split.test_fold": args.test_fold})
     if getattr(args, "splits", None):
         from pipeline import preflight
-        from pipeline.tasks import splits
+        from pipeline.tasks.splits import with_splits_file
 
-        with_splits_file = getattr(splits, "with_splits_file", None)  # written by another change
-        if with_splits_file is None:
-            raise preflight.UsageError("--splits: this version cannot read splits files")
         spec = with_splits_file(spec, preflight.shared_path(args.splits, "--splits"))
     return spec
 

@@ -351,12 +351,11 @@ def pretrain_model(config: ReproduceConfig, steps: Walkthrough, stores: Stores) 
 def _folds_note(stores: Stores, test_fold: int | None) -> str:
     """How many test folds the grid runs per fold-based task: ", ECC on its 3 folds (test fold 1, 2, 3)", or on
     one; "" when no task has folds."""
-    from pipeline.finetune.run import store_folds
     from pipeline.patches import PatchStore
 
     parts = []
     for task, path in stores.tasks.items():
-        folds = store_folds(PatchStore(path))
+        folds = PatchStore(path).folds
         if not folds:
             continue
         if test_fold is None:

@@ -18,23 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "scaling", "store_folds",
-           "COMMAND"]
+__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "scaling", "COMMAND"]
 
 COMMAND = "genesis finetune"
 """The entry point a fine-tuning's run records (named here: the process may have run other stages before)."""
-
-
-def store_folds(store) -> tuple[int, ...]:
-    """The test folds a fold-based task store holds (ECC: (1, 2, 3)); () for any other store."""
-    return tuple(int(k) for k in (getattr(store, "folds", ()) or ()))
 
 
 def _fold_view(store, fold: int | None, path: str):
     """The store a fine-tuning reads: test fold `fold` of a fold-based store (a ValueError naming the folds it
     has when it lacks it), the store itself otherwise. A fold-based store needs a fold, another store takes
     none."""
-    folds = store_folds(store)
+    folds = store.folds
     if fold is None:
         if folds:
             raise ValueError(f"{path} holds folds {', '.join(map(str, folds))}: choose the test fold "
@@ -183,7 +177,7 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     preflight.experiment(experiment)
     if test_fold is None and Path(patches).is_dir():
         try:
-            test_fold = (store_folds(PatchStore(patches)) or (None,))[0]
+            test_fold = (PatchStore(patches).folds or (None,))[0]
         except ValueError:  # not a patch store: prepare() says so
             pass
     prep = prepare(patches, task, preset=preset, freeze_encoder=freeze_encoder, label_fraction=label_fraction,

@@ -240,8 +240,8 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
     source_catalog(vstore)  # a missing catalog, or one without a converted scan: said as such (exit 2)
     if spec.split.kind == "folds":
         # the store holds every fold and its key ignores the test fold, so its stored `split` column is always
-        # fold 1's run (whichever --test-fold built it first); fine-tuning picks a fold with `for_fold(k)`
-        plan_task(vstore, spec, seed)  # a test fold the data lack is still bad usage (exit 2)
+        # fold 1's run (whichever --test-fold built it first); fine-tuning picks a fold with `for_fold(k)`. The
+        # plan still refuses data lacking any of folds 1..n_folds (`check_folds`), so every test fold is there
         spec = spec.with_overrides(**{"split.test_fold": 1})
     plan = plan_task(vstore, spec, seed)
     _check_plan(plan, spec, vstore)
@@ -361,7 +361,7 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "failed_items": failed, "value_range": [0.0, 1.0],
         "candidates_without_scan": plan.candidates_without_scan,
-        "candidate_counts": _plain(getattr(plan, "candidate_counts", {}) or {}),
+        "candidate_counts": plan.candidate_counts,
         "label_counts": {s: {str(k): sum(1 for r in rows if r["split"] == s and r["label"] == k) for k in (0, 1)}
                          for s in ("train", "validation", "test")},
     }}
@@ -375,11 +375,6 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
                             whole_volume=sum(1 for c in plan.cases if not c["cubes"]),
                             tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid", "started")}
                                    for r in ordered if "seconds" in r and r["slot"] not in done])
-
-
-def _plain(value):
-    """JSON values only (numpy integers and floats become Python's), for the store's attrs."""
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def _add_fraction_order(rows: list[dict], seed: int) -> None:

@@ -141,12 +141,11 @@ def inspect_stores(grid: GridConfig, stores: dict[str, str]) -> tuple[dict[str, 
     """Each task store opened once: (task -> content key, task -> test folds to run (`folds_of`: a ValueError
     for a fold the store lacks), task -> what its runs record about it: `store_folds` (the folds it holds),
     `store_cases`, `store_protocol` (how it differs from the reference's data, `protocol.store_differences`))."""
-    from pipeline.finetune.run import store_folds
     from pipeline.patches import PatchStore
     from pipeline.transfer.protocol import store_cases, store_differences
 
     opened = {t: PatchStore(p) for t, p in stores.items()}
-    held = {t: store_folds(s) for t, s in opened.items()}
+    held = {t: s.folds for t, s in opened.items()}
     folds = folds_of(grid, held, stores)
     facts = {t: {"store_folds": ",".join(map(str, held[t])), "store_cases": store_cases(s, t) or "",
                  "store_protocol": "; ".join(store_differences(s, t))} for t, s in opened.items()}
