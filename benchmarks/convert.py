@@ -30,7 +30,8 @@ from numcodecs import Blosc
 
 from pipeline.sample_data import make_sample_data
 from pipeline.sample_data.phantom import tiny_config
-from pipeline.volume_store import ConvertSettings, convert
+from pipeline.volume_store.convert import convert
+from pipeline.volume_store.settings import ConvertSettings
 
 
 def floor_seconds(mhds: list[Path], settings: ConvertSettings) -> float:

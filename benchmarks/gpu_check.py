@@ -81,8 +81,8 @@ def install_blocker() -> None:
 
 
 def _models() -> dict:
-    from pipeline.models import (REFERENCE_PARAMETER_COUNT, UNet3D, count_trainable_parameters,
-                                 load_official_genesis, save_official_layout)
+    from pipeline.model_io.official import load_official_genesis, save_official_layout
+    from pipeline.models import REFERENCE_PARAMETER_COUNT, UNet3D, count_trainable_parameters
 
     return dict(REFERENCE_PARAMETER_COUNT=REFERENCE_PARAMETER_COUNT, UNet3D=UNet3D,
                 count_trainable_parameters=count_trainable_parameters, load_official_genesis=load_official_genesis,

@@ -41,7 +41,7 @@ def quick_phantom():
 def quick_cubes():
     """Pretraining cubes that fit the quick phantom: the reference's rule on 16 x 16 x 16 cubes (the corruption
     needs >= 14 voxels a side), small borders."""
-    from pipeline.patches import PretrainPatchConfig
+    from pipeline.patches.config import PretrainPatchConfig
 
     return PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=10, border_yx=4, border_z=2, min_slices=16)
 
@@ -97,7 +97,7 @@ def grow_store(src: Path, dst: Path, factor: int) -> None:
     import zarr
 
     import storage_schemas
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
     from pipeline.patches.assemble import assemble, save_part
 
     if factor < 1:
@@ -163,9 +163,11 @@ def main() -> None:
     if scans < 1:
         ap.error(f"--scans must be >= 1, got {scans}")
 
-    from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
+    from pipeline.patches.config import PretrainPatchConfig
+    from pipeline.patches.extract import extract_pretrain
+    from pipeline.patches.store import PatchStore
     from pipeline.sample_data import make_sample_data
-    from pipeline.volume_store import convert
+    from pipeline.volume_store.convert import convert
 
     quick = args.quick
     if args.work:

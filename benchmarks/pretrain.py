@@ -89,7 +89,7 @@ def _digest(cube) -> str:
 
 def served_scans_per_batch(patches: str, served: list[list[int]]) -> np.ndarray:
     """Distinct scans in each served batch, each cube identified by its bytes."""
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     store = PatchStore(patches)
     idx = store.index
@@ -182,16 +182,17 @@ def main() -> None:
     try:
         patches = args.patches
         if not patches:
-            from pipeline.patches import PretrainPatchConfig, extract_pretrain
+            from pipeline.patches.config import PretrainPatchConfig
+            from pipeline.patches.extract import extract_pretrain
             from pipeline.sample_data import make_sample_data
-            from pipeline.volume_store import convert
+            from pipeline.volume_store.convert import convert
 
             make_sample_data(work / "data", n_scans=scans, seed=0, include_real=False,
                              config=quick_phantom() if quick else None)
             convert([str(work / "data")], str(work / "vs"), workers=2, progress=False)
             patches = str(extract_pretrain(str(work / "vs"), quick_cubes() if quick else PretrainPatchConfig(),
                                            out_root=str(work / "ps"), progress=False).path)
-        from pipeline.patches import PatchStore
+        from pipeline.patches.store import PatchStore
 
         store = PatchStore(patches)
         train = store.index[store.index["split"] == "train"]

@@ -78,7 +78,7 @@ def verdict(ok: bool, quick: bool) -> str:
 def volume_store(dataset: str, n_scans: int, seed: int, where: Path, small: bool = False) -> tuple[str, float, float]:
     """Sample data + volume store; returns (store path, sample seconds, convert seconds)."""
     from pipeline.sample_data.datasets import write_sample
-    from pipeline.volume_store import convert
+    from pipeline.volume_store.convert import convert
 
     t0 = time.perf_counter()
     try:
@@ -99,7 +99,7 @@ def case_bytes(vs: str, patch_store: Path) -> dict[str, int]:
     """Level-0 bytes (voxels x itemsize) of every scan each case reads, by case_id."""
     import pyarrow.parquet as pq
 
-    from pipeline.volume_store import VolumeStore
+    from pipeline.volume_store.store import VolumeStore
 
     cat = VolumeStore(vs).catalog()
     size = {r.scan_id: int(np.prod(list(r.shape))) * np.dtype(r.dtype).itemsize for r in cat.itertuples()}
@@ -108,7 +108,7 @@ def case_bytes(vs: str, patch_store: Path) -> dict[str, int]:
 
 
 def n_scans(vs: str) -> int:
-    from pipeline.volume_store import VolumeStore
+    from pipeline.volume_store.store import VolumeStore
 
     return len(VolumeStore(vs).catalog())
 

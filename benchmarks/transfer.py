@@ -64,7 +64,8 @@ SAMPLES = {"luna16": (4, False), "lidc": (3, True), "pe": (6, True), "lits": (6,
 def sample_store(work: Path, dataset: str, seed: int) -> str:
     """Sample data of `dataset` and its volume store under `work`, built once."""
     from pipeline.sample_data.datasets import write_sample
-    from pipeline.volume_store import VolumeStore, convert
+    from pipeline.volume_store.convert import convert
+    from pipeline.volume_store.store import VolumeStore
 
     n, small = SAMPLES[dataset]
     data = work / "data" / f"{dataset}-n{n}-s{seed}"
@@ -111,7 +112,7 @@ def task_stores(work: Path, tasks: list[str], seed: int) -> tuple[dict[str, str]
 
 
 def store_summary(path: str, fractions: list[float]) -> str:
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     ps = PatchStore(path)
     split = ps.index["split"].value_counts()
@@ -126,8 +127,8 @@ def pretrained_weights(work: Path, seed: int, epochs: int | None) -> tuple[str, 
     fresh tracking database can read); (path, how it was made)."""
     import torch
 
-    from pipeline.patches import extract_pretrain
-    from pipeline.tracking import load_model_state
+    from pipeline.patches.extract import extract_pretrain
+    from pipeline.model_io.load import load_model_state
     from pipeline.training.config import tiny
     from pipeline.training.pretrain import pretrain
 
@@ -176,7 +177,7 @@ def fresh_place(work: Path, label: str) -> Path:
 def measure(work: Path, label: str, grid, stores: dict[str, str], verbose: int, place: Path | None = None) -> Measured:
     """Run `grid` into a fresh tracking database and storage path (or rerun it in `place`, where the finished
     fine-tunings are reused and the failed ones run again); its wall time and per-run timings."""
-    from pipeline.transfer import transfer
+    from pipeline.transfer.run import transfer
 
     rerun = place is not None
     place = place or fresh_place(work, label)
@@ -394,7 +395,7 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.transfer import GridConfig
+    from pipeline.transfer.grid import GridConfig
     from pipeline.transfer.run import TRIAL_RESOURCE
 
     work = args.work

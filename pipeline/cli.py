@@ -1,25 +1,31 @@
 """`genesis`: the one command line of the pipeline. Thin: parse, check, call the stage, report, exit.
 
 Exit status: 0 success; 1 some items failed (the rest done), or the work failed; 2 bad usage or input (a path
-that cannot be written, an unreachable tracking server, an option out of range, a store too small: checked by
-`pipeline.preflight` before anything expensive starts); 3 the store is busy (another conversion holds its lock).
+that cannot be written, an unreachable tracking server, an option out of range, a store too small: checked before
+anything expensive starts); 3 the store is busy (another conversion holds its lock).
 
 Errors are one line on stderr, never a traceback: `main` turns a user error (ValueError and its kin, an
 unwritable path) into exit 2, a failure of the work (RuntimeError, OSError, MLflow, Ray) into exit 1, and anything
-else into exit 1 naming the exception and asking for a rerun with `--debug`, which prints the traceback too.
+else into exit 1 naming the exception and asking for a rerun with `--debug`, which prints the traceback too
+(`pipeline.console`, which `genesis reproduce` and the demo share).
+
+This module is the top of the package: nothing in `pipeline` imports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
 import sys
 
-__all__ = ["main", "build_parser"]
+from pipeline.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, classify, ended, tolerant_streams
+from pipeline.runtime.errors import UsageError
+from pipeline.runtime.net import non_negative_int, positive_int
+from pipeline.runtime.paths import output_dir, output_file, shared_path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+__all__ = ["main", "build_parser", "classify"]
+
 SAMPLE_DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
 _FAILURES_HELP = ("worker-group restarts after a worker or node failure; -1 retries forever (a deterministic error "
                   "such as bad data ends the run at once either way)")
@@ -49,27 +55,6 @@ def _triple(text: str) -> tuple[float, float, float]:
     if len(vals) != 3 or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected three positive numbers Z,Y,X, got {text!r}")
     return vals  # type: ignore[return-value]
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    """An integer >= 0: a margin, a count, or a seed (NumPy's generators take no negative seed)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
 
 
 def _ints3(text: str) -> tuple[int, int, int]:
@@ -115,8 +100,8 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    """Comma-separated seeds, each an integer >= 0."""
-    vals = tuple(_non_negative(v.strip()) for v in text.split(",") if v.strip())
+    """Comma-separated seeds, each an integer >= 0 (NumPy's generators take no negative seed)."""
+    vals = tuple(non_negative_int(v.strip()) for v in text.split(",") if v.strip())
     if not vals:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
     return vals
@@ -163,23 +148,82 @@ class _Parser(argparse.ArgumentParser):
         return action
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models")
-    p.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too")
-    sub = p.add_subparsers(dest="command", required=True)
+# --------------------------------------------------------------------------- options several commands share
+# Each is a parent parser (argparse copies its options into the subcommand), built afresh per subcommand: a
+# parent's actions are shared objects, so one subcommand's default must never be set on another's.
 
-    c = sub.add_parser("convert", help="convert CT/MRI archives into a volume store (Dask)")
+def _options() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def _dask() -> argparse.ArgumentParser:
+    """Every Dask step: local workers, or a running scheduler; a progress bar."""
+    p = _options()
+    p.add_argument("--workers", type=positive_int, default=2, help="local Dask worker processes (default 2)")
+    p.add_argument("--dask-scheduler", metavar="ADDRESS", help="use a running Dask scheduler instead")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _patch_source() -> argparse.ArgumentParser:
+    """The volume store a patch store is cut from, and where patch stores go."""
+    p = _options()
+    p.add_argument("--store", required=True, help="volume store")
+    p.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
+    return p
+
+
+def _tracking() -> argparse.ArgumentParser:
+    p = _options()
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    return p
+
+
+def _ray_run(*, experiment: str, failures: int, storage_help: str, name_help: str,
+             failures_per: str = "") -> argparse.ArgumentParser:
+    """A run on Ray recorded in MLflow: where Ray is, where the run is recorded and checkpointed, its name, and
+    the restarts it may take (`failures_per`: " per trial" where each trial restarts on its own)."""
+    p = argparse.ArgumentParser(add_help=False, parents=[_tracking()])
+    p.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
+    p.add_argument("--experiment", default=experiment)
+    p.add_argument("--storage-path", help=storage_help)
+    p.add_argument("--name", help=name_help)
+    p.add_argument("--max-failures", type=_failures, default=failures,
+                   help=f"{_FAILURES_HELP}{failures_per} (default {failures})")
+    return p
+
+
+def _ray_workers(workers: int) -> argparse.ArgumentParser:
+    """The Ray Train workers of one run."""
+    p = _options()
+    p.add_argument("--workers", type=positive_int, default=workers)
+    p.add_argument("--gpus-per-worker", type=_gpus, default=0.0)
+    return p
+
+
+def _recipe() -> argparse.ArgumentParser:
+    """How each fine-tuning trains (`genesis finetune`, and every cell of `genesis transfer`)."""
+    p = _options()
+    p.add_argument("--freeze-encoder", action="store_true")
+    p.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
+    p.add_argument("--epochs", type=positive_int, help="cap the preset's maximum epochs")
+    return p
+
+
+# --------------------------------------------------------------------------- the subcommands
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", parents=[_dask()], help="convert CT/MRI archives into a volume store (Dask)")
     c.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, files or zip archives")
     c.add_argument("--store", required=True, help="volume store folder (created if missing)")
-    c.add_argument("--workers", type=_positive, default=2, help="local Dask worker processes (default 2)")
-    c.add_argument("--dask-scheduler", metavar="ADDRESS", help="use a running Dask scheduler instead")
     c.add_argument("--spacing", type=_triple, metavar="Z,Y,X", help="resample to this spacing in mm")
     c.add_argument("--modality", help="force the modality (e.g. CT) for sources without one")
-    c.add_argument("--min-side", type=_positive, default=8, help="refuse volumes with a side under this (voxels)")
+    c.add_argument("--min-side", type=positive_int, default=8, help="refuse volumes with a side under this (voxels)")
     c.add_argument("--max-scan-bytes", type=_bytes, metavar="N",
                    help="refuse a scan whose decoded voxels would exceed N bytes (e.g. 4G, 512M)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_stores(sub) -> None:
     s = sub.add_parser("stores", help="list and inspect stores")
     ssub = s.add_subparsers(dest="stores_command", required=True)
     sh = ssub.add_parser("show", help="print a store's catalog / index as a table")
@@ -195,15 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     vf = ssub.add_parser("verify", help="check every array and table of a store (--repair: fix what can be fixed)")
     vf.add_argument("store")
     vf.add_argument("--repair", action="store_true")
-    vf.add_argument("--no-progress", action="store_true")
+    vf.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_patches(sub) -> None:
     pt = sub.add_parser("patches", help="build and inspect patch stores")
     psub = pt.add_subparsers(dest="patches_command", required=True)
-    pp = psub.add_parser("pretrain", help="Models Genesis pretraining cubes from a volume store")
-    pp.add_argument("--store", required=True, help="volume store")
+    _add_patches_pretrain(psub)
+    _add_patches_task(psub)
+    pv = psub.add_parser("preview", help="PNG of sample cubes and of each corruption")
+    pv.add_argument("patch_store")
+    pv.add_argument("--out", required=True)
+    pv.add_argument("--seed", type=non_negative_int, default=0)
+
+
+def _add_patches_pretrain(psub) -> None:
+    pp = psub.add_parser("pretrain", parents=[_patch_source(), _dask()],
+                         help="Models Genesis pretraining cubes from a volume store")
     pp.add_argument("--size", type=_ints3, default=(32, 64, 64), metavar="D,H,W",
                     help="cube (slices, rows, columns); default 32,64,64 = the reference's 64x64x32 (x,y,z)")
-    pp.add_argument("--per-scan", type=_positive, default=32)
+    pp.add_argument("--per-scan", type=positive_int, default=32)
     pp.add_argument("--scales", type=_floats, default=(1.0,), metavar="S1,S2,...",
                     help="crop side multipliers >= 1 (larger crops are resized to the cube)")
     pp.add_argument("--scale-axes", choices=("yx", "zyx"), default="yx",
@@ -211,28 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "zyx: 3D crops")
     pp.add_argument("--cube-encoding", choices=("auto", "float32"), default="auto",
                     help="auto: clipped HU as int16 when exact (bit-identical floats on read), else float32")
-    pp.add_argument("--seed", type=_non_negative, default=0)
-    pp.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
-    pp.add_argument("--workers", type=_positive, default=2)
-    pp.add_argument("--dask-scheduler", metavar="ADDRESS")
-    pp.add_argument("--border-yx", type=_non_negative, default=100)
-    pp.add_argument("--border-z", type=_non_negative, default=30)
-    pp.add_argument("--min-slices", type=_non_negative, default=96)
-    pp.add_argument("--no-progress", action="store_true")
-    pk = psub.add_parser("task", help="a target task's patch store (cubes, masks/labels, patient splits)")
+    pp.add_argument("--seed", type=non_negative_int, default=0)
+    pp.add_argument("--border-yx", type=non_negative_int, default=100)
+    pp.add_argument("--border-z", type=non_negative_int, default=30)
+    pp.add_argument("--min-slices", type=non_negative_int, default=96)
+
+
+def _add_patches_task(psub) -> None:
+    pk = psub.add_parser("task", parents=[_patch_source(), _dask()],
+                         help="a target task's patch store (cubes, masks/labels, patient splits)")
     pk.add_argument("task", help="task name (genesis tasks list): ncc, ncs, ecc, lcs, bms")
-    pk.add_argument("--store", required=True, help="volume store")
-    pk.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
-    pk.add_argument("--workers", type=_positive, default=2)
-    pk.add_argument("--dask-scheduler", metavar="ADDRESS")
-    pk.add_argument("--seed", type=_non_negative, default=0,
+    pk.add_argument("--seed", type=non_negative_int, default=0,
                     help="sampling seed (negatives, jitter, crops, fraction order)")
     pk.add_argument("--size", type=_ints3, metavar="D,H,W", help="cube size (default: the task's)")
     pk.add_argument("--negative-ratio", metavar="R",
                     help="classification: negatives kept per positive and split, or 'all' (default: the task's)")
-    pk.add_argument("--per-scan", type=_positive, help="segmentation (pos/neg tasks): cubes per scan")
-    pk.add_argument("--split-seed", type=_non_negative, help="seed of the patient-level split (default: the task's)")
-    pk.add_argument("--test-fold", type=_positive, metavar="K",
+    pk.add_argument("--per-scan", type=positive_int, help="segmentation (pos/neg tasks): cubes per scan")
+    pk.add_argument("--split-seed", type=non_negative_int,
+                    help="seed of the patient-level split (default: the task's)")
+    pk.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-split tasks (ECC): checked against the data's folds only. The store holds every fold "
                          "(its `split` column shows fold 1's run) and its key does not depend on K; fine-tuning "
                          "picks its fold with `genesis finetune/transfer --test-fold K`")
@@ -241,82 +293,69 @@ def build_parser() -> argparse.ArgumentParser:
                          "or test) or nnU-Net's splits_final.json; the file's content is part of the store's key "
                          "(default: the task's split rule)")
     pk.add_argument("--channels", help="multi-channel tasks (BMS): sequences, e.g. flair,t1ce")
-    pk.add_argument("--no-progress", action="store_true")
-    pv2 = psub.add_parser("preview", help="PNG of sample cubes and of each corruption")
-    pv2.add_argument("patch_store")
-    pv2.add_argument("--out", required=True)
-    pv2.add_argument("--seed", type=_non_negative, default=0)
 
-    tr = sub.add_parser("pretrain", help="Models Genesis pretraining on Ray Train, recorded in MLflow")
+
+def _add_pretrain(sub) -> None:
+    ray = _ray_run(experiment="genesis-pretraining", failures=3,
+                   storage_help="where Ray Train keeps checkpoints (default ./ray_results)",
+                   name_help="run name (default: genesis-pretrain-PRESET-TIME)")
+    tr = sub.add_parser("pretrain", parents=[_ray_workers(2), ray],
+                        help="Models Genesis pretraining on Ray Train, recorded in MLflow")
     tr.add_argument("--patches", required=True, help="pretraining patch store")
     tr.add_argument("--preset", default="tiny", choices=["tiny", "stable", "paper"])
-    tr.add_argument("--workers", type=_positive, default=2)
-    tr.add_argument("--gpus-per-worker", type=_gpus, default=0.0)
-    tr.add_argument("--epochs", type=_positive)
-    tr.add_argument("--batch-size", type=_positive, help="global batch: cubes per step over all workers, split evenly (preset's by default)")
-    tr.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
-    tr.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
-    tr.add_argument("--experiment", default="genesis-pretraining")
-    tr.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
-    tr.add_argument("--name", help="run name (default: genesis-pretrain-PRESET-TIME)")
+    tr.add_argument("--epochs", type=positive_int)
+    tr.add_argument("--batch-size", type=positive_int,
+                    help="global batch: cubes per step over all workers, split evenly (preset's by default)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run --name (default: the latest run) with its own settings; --epochs extends it")
-    tr.add_argument("--max-failures", type=_failures, default=3, help=_FAILURES_HELP + " (default 3)")
 
-    ft = sub.add_parser("finetune", help="fine-tune on a target task (Ray Train), evaluated on its test split")
+
+def _add_finetune(sub) -> None:
+    ray = _ray_run(experiment="genesis-finetune", failures=1,
+                   storage_help="where Ray Train keeps checkpoints (default ./ray_results)", name_help="run name")
+    ft = sub.add_parser("finetune", parents=[_recipe(), _ray_workers(1), ray],
+                        help="fine-tune on a target task (Ray Train), evaluated on its test split")
     ft.add_argument("--task", required=True, help="ncc, ncs, ecc, lcs or bms (genesis tasks list)")
     ft.add_argument("--patches", required=True, help="the task's patch store (genesis patches task T)")
     ft.add_argument("--init", default="scratch",
                     help="scratch | models:/NAME/VERSION | models:/NAME@ALIAS | official:FILE.pt | FILE.pt")
-    ft.add_argument("--freeze-encoder", action="store_true")
     ft.add_argument("--label-fraction", type=_fraction, default=1.0, help="nested, stratified share of training cubes")
-    ft.add_argument("--seed", type=_non_negative, default=0)
-    ft.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
-    ft.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
-    ft.add_argument("--workers", type=_positive, default=1)
-    ft.add_argument("--gpus-per-worker", type=_gpus, default=0.0)
-    ft.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
-    ft.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
-    ft.add_argument("--experiment", default="genesis-finetune")
-    ft.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results)")
-    ft.add_argument("--name", help="run name")
-    ft.add_argument("--max-failures", type=_failures, default=1, help=_FAILURES_HELP + " (default 1)")
-    ft.add_argument("--test-fold", type=_positive, metavar="K",
+    ft.add_argument("--seed", type=non_negative_int, default=0)
+    ft.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-based tasks (ECC): the test fold; training uses the other folds (default: the store's "
                          "first fold, 1; `genesis transfer` runs every fold)")
 
-    tf = sub.add_parser("transfer", help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, "
-                                         "one MLflow parent run, the paper's table; `transfer show RUN_ID` prints it "
-                                         "again")
+
+def _add_transfer(sub) -> None:
+    ray = _ray_run(experiment="genesis-transfer", failures=1, failures_per=" per trial",
+                   storage_help="where Ray keeps trials and checkpoints (default ./ray_results)",
+                   name_help="parent run name")
+    tf = sub.add_parser("transfer", parents=[_recipe(), ray],
+                        help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, one MLflow "
+                             "parent run, the paper's table; `transfer show RUN_ID` prints it again")
     tf.add_argument("show", nargs="*", metavar="show RUN_ID", help="print a finished grid's table from MLflow")
     tf.add_argument("--tasks", default="ncc,ncs,ecc,lcs,bms", help="comma-separated tasks (default: all five)")
     tf.add_argument("--patches", action="append",
                     help="folder of task stores (task-<task>-<key>), or TASK=PATH (repeatable)")
     tf.add_argument("--inits", default="scratch,models:/genesis-pretrained@best",
-                    help="comma-separated inits: scratch, models:/NAME/VERSION, models:/NAME@ALIAS, official:FILE, FILE.pt")
+                    help="comma-separated inits: scratch, models:/NAME/VERSION, models:/NAME@ALIAS, official:FILE, "
+                         "FILE.pt")
     tf.add_argument("--seeds", type=_seeds, default="0,1,2",
                     help="comma-separated seeds (default 0,1,2: the t-test against scratch needs two a side)")
-    tf.add_argument("--test-fold", type=_positive, metavar="K",
+    tf.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-based tasks (ECC): run test fold K only (default: every fold the task's store holds; "
                          "the table pools folds x seeds)")
     tf.add_argument("--label-fractions", type=_fractions, default="1.0",
                     help="comma-separated label fractions in (0, 1]")
-    tf.add_argument("--freeze-encoder", action="store_true")
-    tf.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
-    tf.add_argument("--epochs", type=_positive, help="cap the preset's maximum epochs")
-    tf.add_argument("--max-concurrent", type=_positive, default=2, help="trials at once")
+    tf.add_argument("--max-concurrent", type=positive_int, default=2, help="trials at once")
     tf.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per trial worker (e.g. 0.25)")
-    tf.add_argument("--workers-per-trial", type=_positive, default=1)
-    tf.add_argument("--per-trial", type=_positive,
+    tf.add_argument("--workers-per-trial", type=positive_int, default=1)
+    tf.add_argument("--per-trial", type=positive_int,
                     help="fine-tunings of one task per trial (default: 8 for tiny, 1 for paper)")
-    tf.add_argument("--max-failures", type=_failures, default=1, help=_FAILURES_HELP + " per trial (default 1)")
-    tf.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
-    tf.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
-    tf.add_argument("--experiment", default="genesis-transfer")
-    tf.add_argument("--storage-path", help="where Ray keeps trials and checkpoints (default ./ray_results)")
     tf.add_argument("--results", help="folder for results.md/.csv/.png (default: under --storage-path)")
-    tf.add_argument("--name", help="parent run name")
 
+
+def _add_reproduce(sub) -> None:
     rp = sub.add_parser("reproduce", help="end to end: data -> stores -> pretraining -> transfer grid (scratch vs the "
                                           "model pretrained here) -> the table")
     rp.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
@@ -328,19 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
     rp.add_argument("--label-fractions", type=_fractions, default="1.0",
                     help="comma-separated label fractions in (0, 1] (default 1.0)")
-    rp.add_argument("--test-fold", type=_positive, metavar="K",
+    rp.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-based tasks (ECC): fine-tune on test fold K only (default: every fold)")
-    rp.add_argument("--max-concurrent", type=_positive, default=2, help="transfer trials at once")
+    rp.add_argument("--max-concurrent", type=positive_int, default=2, help="transfer trials at once")
     rp.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per fine-tuning trial")
-    rp.add_argument("--pretrain-workers", type=_positive, default=2, help="Ray Train workers of the pretraining")
+    rp.add_argument("--pretrain-workers", type=positive_int, default=2, help="Ray Train workers of the pretraining")
     rp.add_argument("--gpus-per-worker", type=_gpus, default=0.0, help="GPUs per pretraining worker")
-    rp.add_argument("--pretrain-epochs", type=_positive, help="override the pretraining preset's epochs")
-    rp.add_argument("--epochs", type=_positive, help="cap each fine-tuning's epochs")
-    rp.add_argument("--workers", type=_positive, default=2, help="Dask workers of conversion and extraction")
+    rp.add_argument("--pretrain-epochs", type=positive_int, help="override the pretraining preset's epochs")
+    rp.add_argument("--epochs", type=positive_int, help="cap each fine-tuning's epochs")
+    rp.add_argument("--workers", type=positive_int, default=2, help="Dask workers of conversion and extraction")
     rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
     rp.add_argument("--ray-address", help="running Ray cluster (default: RAY_ADDRESS, else a local one)")
     rp.add_argument("--worker-logs", action="store_true", help="print the Ray workers' logs")
 
+
+def _add_tasks(sub) -> None:
     tk = sub.add_parser("tasks", help="the target tasks (task registry)")
     tksub = tk.add_subparsers(dest="tasks_command", required=True)
     tl = tksub.add_parser("list", help="print the task table")
@@ -348,63 +389,66 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tksub.add_parser("show", help="print one task's full spec as JSON")
     ts.add_argument("task")
 
+
+def _add_weights(sub) -> None:
     wt = sub.add_parser("weights", help="model weights in the MLflow registry")
     wsub = wt.add_subparsers(dest="weights_command", required=True)
-    wi = wsub.add_parser("import", help="register an external checkpoint (e.g. Genesis_Chest_CT.pt)")
+    wi = wsub.add_parser("import", parents=[_tracking()],
+                         help="register an external checkpoint (e.g. Genesis_Chest_CT.pt)")
     wi.add_argument("file")
     wi.add_argument("--name", required=True, help="registered model name")
     wi.add_argument("--alias", default="imported")
     wi.add_argument("--axes", choices=["xyz", "zyx"], default="xyz",
                     help="kernel axis order in FILE: xyz = the published Genesis weights (permuted to our z,y,x), "
                          "zyx = already ours")
-    wi.add_argument("--tracking-uri")
 
+
+def _add_sample_data(sub) -> None:
     sd = sub.add_parser("sample-data", help="write offline sample data in the real layouts of the task datasets")
     sd.add_argument("dir")
     sd.add_argument("--dataset", default="luna16", choices=list(SAMPLE_DATASETS) + ["all"],
                     help="which dataset (default luna16; 'all' writes DIR/<dataset>/ for each)")
-    sd.add_argument("--scans", type=_positive, help="scans (cases) per dataset (default: the dataset's)")
-    sd.add_argument("--seed", type=_non_negative, default=0)
+    sd.add_argument("--scans", type=positive_int, help="scans (cases) per dataset (default: the dataset's)")
+    sd.add_argument("--seed", type=non_negative_int, default=0)
     sd.add_argument("--no-real", action="store_true", help="skip fetching the two real lung CT cases")
     sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
+
+
+_SUBCOMMANDS = (_add_convert, _add_stores, _add_patches, _add_pretrain, _add_finetune, _add_transfer, _add_reproduce,
+                _add_tasks, _add_weights, _add_sample_data)
+"""In the order `genesis --help` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models")
+    p.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    for stream in (sys.stdout, sys.stderr):  # tables print "±": never crash on an ASCII-only terminal or log
-        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
-            stream.reconfigure(errors="replace")
+    from pipeline.runtime.tracking import ENTRY_POINT_ENV
+
+    tolerant_streams()
     args = build_parser().parse_args(argv)
-    # run tags; Ray workers started below inherit it. Restored on return: `genesis reproduce` and the demo run
-    # several commands in one process, and one command's name must not stay on the next stage's runs
-    outer = os.environ.get("GENESIS_ENTRY_POINT")
-    os.environ["GENESIS_ENTRY_POINT"] = _command(args)
+    # run tags; Ray workers started below inherit it. Restored on return: a process that runs several commands
+    # (tests, scripts) must not leave one command's name on the next one's runs
+    outer = os.environ.get(ENTRY_POINT_ENV)
+    os.environ[ENTRY_POINT_ENV] = _command(args)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
     try:
-        return _handle(handler, args)
+        return handler(args)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every error is one line and an exit status
+        return ended(_command(args), exc, debug=getattr(args, "debug", False))
     finally:
         if outer is None:
-            os.environ.pop("GENESIS_ENTRY_POINT", None)
+            os.environ.pop(ENTRY_POINT_ENV, None)
         else:
-            os.environ["GENESIS_ENTRY_POINT"] = outer
-
-
-def _handle(handler, args) -> int:
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - every error is one line and an exit status (--debug: a traceback)
-        if getattr(args, "debug", False) or os.environ.get("GENESIS_DEBUG"):
-            import traceback
-
-            traceback.print_exc()
-        code, line = classify(exc)
-        print(f"{_command(args)}: {line}", file=sys.stderr)
-        return code
+            os.environ[ENTRY_POINT_ENV] = outer
 
 
 def _command(args) -> str:
@@ -413,57 +457,15 @@ def _command(args) -> str:
     return f"genesis {args.command}" + (f" {sub}" if sub else "")
 
 
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and exc.args:
-        text = str(exc.args[0])
-    else:
-        text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _work_failure_types() -> tuple[type[BaseException], ...]:
-    """Failures of the work (exit 1), as opposed to bad input: runtime errors, the filesystem, MLflow, Ray."""
-    kinds: list[type[BaseException]] = [RuntimeError, OSError]
-    for module, name in (("mlflow.exceptions", "MlflowException"), ("ray.exceptions", "RayError"),
-                         ("ray.train", "TrainingFailedError")):
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(getattr(mod, name, None), type):
-            kinds.append(getattr(mod, name))
-    return tuple(kinds)
-
-
-def classify(exc: BaseException) -> tuple[int, str]:
-    """(exit status, the one line to print) for an exception that reached `main`."""
-    from pipeline.preflight import UsageError
-
-    locked = [getattr(sys.modules.get(m), n, None) for m, n in (("pipeline.volume_store.store", "StoreLockedError"),
-                                                                 ("pipeline.storage.locks", "LockBusyError"))]
-    if any(isinstance(t, type) and isinstance(exc, t) for t in locked):
-        return EXIT_BUSY, _one_line(exc)
-    user_os = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
-    if isinstance(exc, (UsageError, ValueError, *user_os)) or \
-            (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EACCES)):
-        return EXIT_USAGE, f"error: {_one_line(exc)}"
-    if isinstance(exc, _work_failure_types()):
-        return EXIT_FAILED, f"failed: {type(exc).__name__}: {_one_line(exc)}"
-    return EXIT_FAILED, (f"unexpected error {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
-                         f"traceback)")
-
-
 def _convert(args) -> int:
-    import dataclasses
+    from pipeline.cluster import dask_scheduler
+    from pipeline.volume_store.convert import convert
+    from pipeline.volume_store.settings import ConvertSettings
 
-    from pipeline import preflight
-    from pipeline.volume_store import ConvertSettings, convert
-
-    store = preflight.output_dir(args.store, "--store")  # before Dask starts
-    preflight.dask_scheduler(args.dask_scheduler)  # and before the store is made
-    extra = {}
-    if args.max_scan_bytes is not None:
-        if "max_scan_bytes" not in {f.name for f in dataclasses.fields(ConvertSettings)}:
-            raise preflight.UsageError("--max-scan-bytes: this version's conversion has no scan size limit")
-        extra["max_scan_bytes"] = args.max_scan_bytes
-    settings = ConvertSettings(spacing=args.spacing, modality=args.modality, min_side=args.min_side, **extra)
+    store = output_dir(args.store, "--store")  # before Dask starts
+    dask_scheduler(args.dask_scheduler)  # and before the store is made
+    limit = {} if args.max_scan_bytes is None else {"max_scan_bytes": args.max_scan_bytes}
+    settings = ConvertSettings(spacing=args.spacing, modality=args.modality, min_side=args.min_side, **limit)
     summary = convert(args.sources, store, settings, workers=args.workers, scheduler=args.dask_scheduler,
                       progress=not args.no_progress)
     print(summary.report())
@@ -472,29 +474,26 @@ def _convert(args) -> int:
 
 
 def _stores(args) -> int:
-    from pipeline import preflight, stores_cli
+    from pipeline import stores_cli
 
     if args.stores_command == "verify":
-        verify = getattr(stores_cli, "verify_command", None)  # written by another change; absent before it lands
-        if verify is None:
-            raise preflight.UsageError("this version has no store verification")
-        return verify(preflight.shared_path(args.store, "STORE"), args.repair, not args.no_progress)
+        return stores_cli.verify_command(shared_path(args.store, "STORE"), args.repair, not args.no_progress)
     if args.stores_command == "show":
         print(stores_cli.show_store(args.store, all_columns=args.all_columns))
     elif args.stores_command == "list":
-        root = preflight.shared_path(args.root, "ROOT")
+        root = shared_path(args.root, "ROOT")
         if not os.path.isdir(root):
-            raise preflight.UsageError(f"ROOT {args.root}: " + ("is a file, not a folder" if os.path.exists(root)
-                                                                else "no such folder"))
+            raise UsageError(f"ROOT {args.root}: " + ("is a file, not a folder" if os.path.exists(root)
+                                                      else "no such folder"))
         print(stores_cli.list_stores(args.root))
     else:
         from pipeline.volume_store.preview import render_preview
 
-        out = preflight.output_file(args.out, "--out")
+        out = output_file(args.out, "--out")
         try:
             print(render_preview(args.store, args.scan_id, out, window=args.window))
         except KeyError as exc:  # a scan id the store does not hold: bad input
-            raise preflight.UsageError(exc.args[0] if exc.args else f"no scan {args.scan_id!r}") from exc
+            raise UsageError(exc.args[0] if exc.args else f"no scan {args.scan_id!r}") from exc
     return EXIT_OK
 
 
@@ -502,29 +501,33 @@ def _patch_out(args) -> str:
     """--out (default: patch_stores beside the volume store), checked before Dask starts."""
     from pathlib import Path
 
-    from pipeline import preflight
-
-    args.store = preflight.shared_path(args.store, "--store")
+    args.store = shared_path(args.store, "--store")
     if args.out:
-        return preflight.output_dir(args.out, "--out")
-    return preflight.output_dir(str(Path(args.store).resolve().parent / "patch_stores"),
-                                "--out (default: patch_stores beside the volume store)")
+        return output_dir(args.out, "--out")
+    return output_dir(str(Path(args.store).resolve().parent / "patch_stores"),
+                      "--out (default: patch_stores beside the volume store)")
 
 
 def _patches(args) -> int:
-    from pipeline import preflight
-    from pipeline.patches import PretrainPatchConfig, extract_pretrain
+    from pipeline.cluster import dask_scheduler
 
     if args.patches_command == "preview":
         from pipeline.patches.preview import render_patch_preview
 
-        out = preflight.output_file(args.out, "--out")
-        print(render_patch_preview(preflight.shared_path(args.patch_store, "PATCHSTORE"), out, seed=args.seed))
+        out = output_file(args.out, "--out")
+        print(render_patch_preview(shared_path(args.patch_store, "PATCHSTORE"), out, seed=args.seed))
         return EXIT_OK
     args.out = _patch_out(args)
-    preflight.dask_scheduler(args.dask_scheduler)
+    dask_scheduler(args.dask_scheduler)
     if args.patches_command == "task":
         return _task_patches(args)
+    return _pretrain_patches(args)
+
+
+def _pretrain_patches(args) -> int:
+    from pipeline.patches.config import PretrainPatchConfig
+    from pipeline.patches.extract import extract_pretrain
+
     config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
                                  scale_axes=args.scale_axes, cube_encoding=args.cube_encoding,
                                  border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices)
@@ -538,7 +541,7 @@ def _task_spec(args):
     """The task's spec with the command line's overrides (None leaves a field as the task has it)."""
     import dataclasses
 
-    from pipeline.tasks import get_task
+    from pipeline.tasks.registry import get_task
 
     spec = get_task(args.task)
     if args.negative_ratio is not None:
@@ -555,10 +558,9 @@ def _task_spec(args):
     spec = spec.with_overrides(cube_size=args.size, channels=channels, **{
         "sampling.per_scan": args.per_scan, "split.seed": args.split_seed, "split.test_fold": args.test_fold})
     if getattr(args, "splits", None):
-        from pipeline import preflight
         from pipeline.tasks.splits import with_splits_file
 
-        spec = with_splits_file(spec, preflight.shared_path(args.splits, "--splits"))
+        spec = with_splits_file(spec, shared_path(args.splits, "--splits"))
     return spec
 
 
@@ -573,10 +575,9 @@ def _task_patches(args) -> int:
 
 
 def _finetune(args) -> int:
-    from pipeline import preflight
-    from pipeline.finetune import finetune
+    from pipeline.finetune.run import finetune
 
-    result = finetune(preflight.shared_path(args.patches, "--patches"), args.task, args.init, preset=args.preset,
+    result = finetune(shared_path(args.patches, "--patches"), args.task, args.init, preset=args.preset,
                       freeze_encoder=args.freeze_encoder, label_fraction=args.label_fraction, seed=args.seed,
                       workers=args.workers, gpus_per_worker=args.gpus_per_worker, tracking_uri=args.tracking_uri,
                       experiment=args.experiment, storage_path=args.storage_path, name=args.name,
@@ -591,24 +592,23 @@ def _split(text: str, cast=str) -> tuple:
 
 
 def _transfer(args) -> int:
-    from pipeline import preflight
-    from pipeline.tasks import get_task
-    from pipeline.transfer import GridConfig, show, transfer
+    from pipeline.tasks.registry import get_task
+    from pipeline.transfer.grid import GridConfig
+    from pipeline.transfer.run import show, transfer
 
     if args.show:
         if len(args.show) != 2 or args.show[0] != "show":
-            raise preflight.UsageError(f"unexpected arguments {args.show}; use `genesis transfer show RUN_ID`")
+            raise UsageError(f"unexpected arguments {args.show}; use `genesis transfer show RUN_ID`")
         print(show(args.show[1], args.tracking_uri))
         return EXIT_OK
     if not args.patches:
-        raise preflight.UsageError("--patches is required (a folder of task stores, or TASK=PATH)")
+        raise UsageError("--patches is required (a folder of task stores, or TASK=PATH)")
     if len(args.patches) == 1 and "=" not in args.patches[0]:
-        patches = preflight.shared_path(args.patches[0], "--patches")
+        patches = shared_path(args.patches[0], "--patches")
     else:
         if any("=" not in p for p in args.patches):
-            raise preflight.UsageError(f"--patches {args.patches}: give one folder of task stores, or TASK=PATH for "
-                                       f"each task")
-        patches = {t.strip().lower(): preflight.shared_path(v, f"--patches {t}")
+            raise UsageError(f"--patches {args.patches}: give one folder of task stores, or TASK=PATH for each task")
+        patches = {t.strip().lower(): shared_path(v, f"--patches {t}")
                    for t, v in (p.split("=", 1) for p in args.patches)}
     grid = GridConfig(tasks=_split(args.tasks.lower()), inits=_split(args.inits), seeds=args.seeds,
                       label_fractions=args.label_fractions, freeze_encoder=args.freeze_encoder,
@@ -627,12 +627,11 @@ def _transfer(args) -> int:
 def _reproduce(args) -> int:
     from pathlib import Path
 
-    from pipeline import preflight
     from pipeline.reproduce import ReproduceConfig, reproduce
 
     config = ReproduceConfig(
-        out=Path(preflight.shared_path(args.out, "--out")), preset=args.preset,
-        data=Path(preflight.shared_path(args.data, "--data")) if args.data else None,
+        out=Path(shared_path(args.out, "--out")), preset=args.preset,
+        data=Path(shared_path(args.data, "--data")) if args.data else None,
         tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=args.seeds,
         label_fractions=args.label_fractions, test_fold=args.test_fold, max_concurrent=args.max_concurrent,
         gpus_per_trial=args.gpus_per_trial, pretrain_workers=args.pretrain_workers,
@@ -647,7 +646,7 @@ def _reproduce(args) -> int:
 def _tasks(args) -> int:
     import json
 
-    from pipeline.tasks import get_task, tasks_table
+    from pipeline.tasks.registry import get_task, tasks_table
 
     if args.tasks_command == "list":
         print(tasks_table(markdown=args.markdown))
@@ -657,12 +656,11 @@ def _tasks(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from pipeline import preflight
-    from pipeline.training import preset
+    from pipeline.training.config import preset
     from pipeline.training.pretrain import pretrain
 
     config = preset(args.preset).with_overrides(epochs=args.epochs, batch_size=args.batch_size)
-    result = pretrain(preflight.shared_path(args.patches, "--patches"), config, workers=args.workers,
+    result = pretrain(shared_path(args.patches, "--patches"), config, workers=args.workers,
                       gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address,
                       tracking_uri=args.tracking_uri, experiment=args.experiment, storage_path=args.storage_path,
                       name=args.name, resume=args.resume, max_failures=args.max_failures, resume_epochs=args.epochs)
@@ -671,10 +669,10 @@ def _pretrain(args) -> int:
 
 
 def _weights(args) -> int:
-    from pipeline import preflight
-    from pipeline.weights import import_weights
+    from pipeline.model_io.weights import import_weights
+    from pipeline.runtime.tracking import check_uri
 
-    tracking = preflight.tracking_uri(args.tracking_uri)
+    tracking = check_uri(args.tracking_uri)
     uri = import_weights(args.file, args.name, alias=args.alias, tracking_uri=tracking, axes=args.axes)
     print(f"registered {args.file} as {uri}")
     return EXIT_OK
@@ -683,10 +681,9 @@ def _weights(args) -> int:
 def _sample_data(args) -> int:
     from pathlib import Path
 
-    from pipeline import preflight
     from pipeline.sample_data.datasets import write_sample
 
-    args.dir = preflight.output_dir(args.dir, "DIR")
+    args.dir = output_dir(args.dir, "DIR")
     datasets = SAMPLE_DATASETS if args.dataset == "all" else (args.dataset,)
     for name in datasets:
         out = Path(args.dir) / name if args.dataset == "all" else Path(args.dir)

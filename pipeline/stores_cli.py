@@ -43,7 +43,8 @@ def _fmt_list(v) -> str:
 
 def show_store(path: str, all_columns: bool = False) -> str:
     """The catalog of a volume store as a table, with a one-line header."""
-    from pipeline.volume_store import StoreError, VolumeStore
+    from pipeline.volume_store.errors import StoreError
+    from pipeline.volume_store.store import VolumeStore
 
     kind = store_kind(path)
     if kind == "volume-store":
@@ -68,7 +69,7 @@ def show_store(path: str, all_columns: bool = False) -> str:
         with pd.option_context("display.max_rows", None, "display.max_colwidth", 70, "display.width", 250):
             return head + "\n" + cat.to_string(index=False)
     if kind == "patch-store":
-        from pipeline.patches import PatchStore
+        from pipeline.patches.store import PatchStore
 
         ps = PatchStore(path)
         a = ps.attrs
@@ -129,14 +130,14 @@ def _summary_row(path: str, kind: str) -> dict:
     row = {"kind": kind, "path": path, "key": meta.get("key", ""), "size_mb": round(dir_size(path) / 1e6, 1),
            "items": "", "config": "", "created": meta.get("created_at", "")}
     if kind == "volume-store":
-        from pipeline.volume_store import VolumeStore
+        from pipeline.volume_store.store import VolumeStore
 
         cat = VolumeStore(path).catalog()
         row["items"] = f"{int((cat['status'] == 'ok').sum())} scans"
         row["config"] = ",".join(sorted(set(cat["dataset"].dropna())))
     elif kind == "patch-store":
-        from pipeline.patches import PatchStore
         from pipeline.patches.config import PretrainPatchConfig
+        from pipeline.patches.store import PatchStore
 
         ps = PatchStore(path)
         row["items"] = f"{ps.attrs['n_cubes']} cubes"
@@ -154,7 +155,7 @@ def verify_patch_store(store: str, repair: bool) -> int:
     """`genesis stores verify PATCH_STORE`: the index and every array (every shard present, every chunk
     passing its CRC32C), one line each. Patch stores are derived data: nothing is repaired in place,
     a damaged one is rebuilt from its volume store."""
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     ps = PatchStore(store)
     results = ps.verify()
@@ -179,7 +180,7 @@ def verify_command(store: str, repair: bool, progress: bool = True) -> int:
     verified too (`verify_patch_store`). Raises StoreError for a path that is not a store."""
     import sys
 
-    from pipeline.volume_store import StoreError, StoreLockedError
+    from pipeline.volume_store.errors import StoreError, StoreLockedError
     from pipeline.volume_store.verify import verify_store
 
     kind = store_kind(store)
@@ -217,7 +218,7 @@ if __name__ == "__main__":  # python -m pipeline.stores_cli verify STORE [--repa
     v.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     from pipeline.patches.store import PatchStoreError
-    from pipeline.volume_store import StoreError
+    from pipeline.volume_store.errors import StoreError
 
     try:
         sys.exit(verify_command(args.store, args.repair, progress=not args.no_progress))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+# the test-only hooks (pipeline.runtime.hooks: kill points, fault injection) act only with this set; the Ray
+# workers and the processes the tests start inherit it
+os.environ["GENESIS_TEST_HOOKS"] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -109,7 +114,7 @@ def task_stores(tmp_path_factory):
     from pipeline.patches.task_extract import extract_task
     from pipeline.sample_data.datasets import write_sample
     from pipeline.tasks import get_task
-    from pipeline.volume_store import convert
+    from pipeline.volume_store.convert import convert
 
     root = tmp_path_factory.mktemp("task_data")
     out = {}
@@ -124,7 +129,7 @@ def task_stores(tmp_path_factory):
 
 def assert_no_test_patient_in_training(store_path, rows: dict) -> None:
     """`rows`: a fine-tuning run's data/training_rows.json; none of its rows or patients is a test patient."""
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     store = PatchStore(store_path)
     idx = store.index.set_index("row")

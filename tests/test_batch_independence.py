@@ -18,13 +18,16 @@ from conftest import TASK_CUBE
 
 from pipeline import evaluation as E
 from pipeline import load_model
-from pipeline.finetune import paper, tiny
+from pipeline.finetune.config import paper, tiny
 from pipeline.finetune.init import apply_init, build_model, freeze_encoder, read_init
 from pipeline.finetune.steps import (KERAS_ADAM_EPSILON, build_optimizer, build_scheduler, evaluate_loss,
                                      loss_function, predict, train_epoch)
-from pipeline.models import UNet3D, UNet3DClassifier, save_official_layout
+from pipeline.model_io.official import save_official_layout
+from pipeline.models.classifier import UNet3DClassifier
 from pipeline.models.norms import per_cube_statistics, set_per_cube_statistics
-from pipeline.tasks import get_task
+from pipeline.models.unet3d import UNet3D
+from pipeline.runtime.tracking import Tracker
+from pipeline.tasks.registry import get_task
 
 CPU = torch.device("cpu")
 TOL = dict(rtol=0, atol=1e-5)
@@ -162,7 +165,7 @@ def test_sliding_window_does_not_depend_on_sw_batch_size(norm):
 def _store_model(store_path: str, task: str, **overrides):
     """(store, config, model trained a few steps on the store's training rows)."""
     from pipeline.finetune.data import batches
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     store = PatchStore(store_path)
     config = tiny(get_task(task).with_overrides(cube_size=TASK_CUBE)).with_overrides(**overrides)
@@ -244,8 +247,6 @@ def test_summarise_reports_the_sample_sd_over_cases():
 def logged(tmp_path_factory):
     """(tracking URI, {name: (model URI, original model)}): a pretrained-style batch_stats U-Net and a
     fine-tuned "batch" classifier, both trained a few steps, logged in the safe format."""
-    from pipeline.tracking import RunLogger, create_run
-
     tmp = tmp_path_factory.mktemp("batch-independence")
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.MlflowClient(tracking_uri=uri).create_experiment("bi", artifact_location=str(tmp / "artifacts"))
@@ -253,8 +254,9 @@ def logged(tmp_path_factory):
     classifier = _trained(tiny(get_task("ecc")), seed=2)
     assert isinstance(unet, UNet3D) and unet.norm == "batch_stats"
     assert isinstance(classifier, UNet3DClassifier) and classifier.norm == "batch"
-    run_id = create_run(uri, "bi", "models")
-    logger = RunLogger(uri, run_id, system_metrics=False)
+    tracker = Tracker(uri)
+    run_id = tracker.create_run("bi", "models")
+    logger = tracker.logger(run_id, system_metrics=False)
     try:
         out = {"unet": (logger.log_model(unet).model_uri, unet),
                "classifier": (logger.log_finetuned_model(classifier, kind="classification").model_uri, classifier)}

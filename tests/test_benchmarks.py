@@ -57,9 +57,10 @@ def load_script(name: str):
 def test_grown_store_is_a_valid_patch_store(tmp_path):
     """The 10x store is assembled through the build path: every shard passes verify, rows repeat the source."""
     from pipeline.cli import main
-    from pipeline.patches import PatchStore, extract_pretrain
+    from pipeline.patches.extract import extract_pretrain
+    from pipeline.patches.store import PatchStore
     from pipeline.sample_data import make_sample_data
-    from pipeline.volume_store import convert
+    from pipeline.volume_store.convert import convert
 
     bench = load_script("patches")
     make_sample_data(tmp_path / "data", n_scans=2, seed=0, include_real=False, config=bench.quick_phantom())

@@ -1,18 +1,21 @@
 """ray_cluster.yaml checked the way `ray up` checks it, and its node scripts run as Ray's launcher runs them.
 
-The file goes through the installed Ray's own `prepare_config` and `validate_config` (what
-`create_or_update_cluster` -> `_bootstrap_config` calls), then the security properties of issue 11 are
-asserted on the prepared config. deploy/ray/genesis-env.sh is sourced by real bash, and `ray down`'s
-`ray stop` is run through Ray's own login-shell wrapper (`_with_interactive`); only the two programs the
+Ray has no public dry run of `ray up`, so the file is prepared and validated here as the installed Ray's
+launcher does it (`create_or_update_cluster` -> `_bootstrap_config` -> `prepare_config`, `validate_config`),
+with Ray's own shipped defaults (ray/autoscaler/local/defaults.yaml) and JSON schema
+(ray/autoscaler/ray-schema.json), then the security properties of issue 11 are asserted on the prepared config.
+deploy/ray/genesis-env.sh is sourced by real bash, and `ray down`'s `ray stop` is run through the login-shell
+wrapper Ray's SSH command runner puts around every node command; only the two programs the
 scripts call (`ray`, `python`) are stand-ins that record their arguments, so no Ray, MLflow or Dask is
 started (tests/test_dask_tls.py runs the Dask processes those arguments start). The Dask certificates are made
-by the real `python -m pipeline.dask_tls certs`, as `ray up` makes them on the head.
+by the real `python -m pipeline.services.dask_tls certs`, as `ray up` makes them on the head.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from importlib.resources import files
 import shlex
 import stat
 import subprocess
@@ -23,9 +26,6 @@ import jsonschema
 import pytest
 import yaml
 
-from ray.autoscaler._private.command_runner import _with_interactive
-from ray.autoscaler._private.util import prepare_config, validate_config
-
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "ray_cluster.yaml"
 ENV_SH = REPO / "deploy" / "ray" / "genesis-env.sh"
@@ -35,6 +35,65 @@ SOURCE_ENV = ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && "
 
 def _load() -> dict:
     return yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
+
+
+# --- what `ray up` does to the file before launching anything (mirrors Ray 2.60's autoscaler) ------------
+
+LOCAL_NODE_TYPE = "local.cluster.node"  # the one node type Ray gives an on-premise (provider: local) cluster
+
+
+def prepare_config(config: dict) -> dict:
+    """The config as `ray up` prepares a manually managed on-premise cluster's (head_ip + worker_ips):
+    Ray's `prepare_config` -> `prepare_local`/`prepare_manual` (one node type, min/max workers capped at the
+    number of worker IPs), `fillout_defaults` (the provider's shipped defaults.yaml under the file's keys),
+    `merge_setup_commands` and `fill_node_type_min_max_workers`. Only that path is mirrored: anything else fails."""
+    config = copy.deepcopy(config)
+    provider = config["provider"]
+    assert provider["type"] == "local" and "coordinator_address" not in provider, provider
+    for field in ("head_node", "worker_nodes", "available_node_types"):
+        if config.get(field):
+            raise ValueError(f"The field {field} is not supported for on-premise clusters.")
+    num_ips = len(provider["worker_ips"])
+    max_workers = config.setdefault("max_workers", num_ips)
+    node_type = {"node_config": {}, "resources": {},
+                 "min_workers": min(config.pop("min_workers", num_ips), num_ips),
+                 "max_workers": min(max_workers, num_ips)}
+    config["max_workers"] = min(max_workers, num_ips)
+    config["available_node_types"] = {LOCAL_NODE_TYPE: node_type}
+    config["head_node_type"] = LOCAL_NODE_TYPE
+
+    merged = copy.deepcopy({**yaml.safe_load(_ray_data("ray.autoscaler.local", "defaults.yaml")), **config})
+    merged["auth"] = merged.get("auth", {})
+    for legacy in ("head_node", "worker_nodes"):  # empty deprecated fields are dropped
+        if legacy in merged and not merged[legacy]:
+            del merged[legacy]
+    merged["head_setup_commands"] = merged["setup_commands"] + merged["head_setup_commands"]
+    merged["worker_setup_commands"] = merged["setup_commands"] + merged["worker_setup_commands"]
+    return merged
+
+
+def validate_config(config: dict) -> None:
+    """Ray's `validate_config`: the prepared config against the installed Ray's JSON schema (raises
+    jsonschema.ValidationError), then its own checks on what the schema cannot say."""
+    jsonschema.validate(config, json.loads(_ray_data("ray.autoscaler", "ray-schema.json")))
+    if "cluster_synced_files" not in config:  # Ray's "prepared by an older Ray" check
+        raise RuntimeError("Missing 'cluster_synced_files' field in the cluster configuration.")
+    if config["head_node_type"] not in config["available_node_types"]:
+        raise ValueError("`head_node_type` must be one of `available_node_types`.")
+    if sum(t.get("min_workers", 0) for t in config["available_node_types"].values()) > config["max_workers"]:
+        raise ValueError("The specified global `max_workers` is smaller than the sum of `min_workers`.")
+
+
+def _ray_data(package: str, name: str) -> str:
+    """A data file shipped inside the installed ray package."""
+    return (files(package) / name).read_text(encoding="utf-8")
+
+
+def _with_interactive(cmd: str) -> list[str]:
+    """The argv Ray's SSH command runner runs a node command as (Ray 2.60's command_runner `_with_interactive`):
+    an interactive login bash that sources ~/.bashrc first, so genesis-env.sh's hook there defines `ray stop`."""
+    force_interactive = f"source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore && ({cmd})"
+    return ["bash", "--login", "-c", "-i", shlex.quote(force_interactive)]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +133,7 @@ def test_nothing_binds_to_all_interfaces_and_dask_is_tls_only(prepared):
     for c in commands:
         assert "0.0.0.0" not in c, c
         assert "nohup" not in c and "&" not in c.replace("&&", ""), f"unsupervised background process: {c}"
-        # Dask starts only through pipeline.dask_tls (TLS, private address, pid file), never a bare CLI
+        # Dask starts only through pipeline.services.dask_tls (TLS, private address, pid file), never a bare CLI
         assert "dask scheduler" not in c and "dask worker" not in c and "dask-scheduler" not in c, c
         assert "tcp://" not in c, c
     env = ENV_SH.read_text(encoding="utf-8")
@@ -227,15 +286,16 @@ def test_dask_scheduler_and_workers_start_with_tls_on_private_addresses(node_hom
     r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_start_dask_scheduler")
     assert r.returncode == 0, r.stderr
     assert [shlex.split(c) for c in _calls(node_home)] == [
-        ["python", "-m", "pipeline.dask_tls", "start-scheduler", "--root", state, "--host", head_ip, "--port", "8786"]]
+        ["python", "-m", "pipeline.services.dask_tls", "start-scheduler", "--root", state, "--host", head_ip,
+         "--port", "8786"]]
 
     (node_home / "calls.log").unlink()  # a worker node: the autoscaler sets RAY_HEAD_IP
     r = _bash(node_home, ". ~/genesis-pipeline/deploy/ray/genesis-env.sh && genesis_start_dask_worker",
               RAY_HEAD_IP="10.9.8.7")
     assert r.returncode == 0, r.stderr
     assert [shlex.split(c) for c in _calls(node_home)] == [
-        ["python", "-m", "pipeline.dask_tls", "start-worker", "--root", state, "--scheduler", "tls://10.9.8.7:8786",
-         "--nworkers", "4"]]
+        ["python", "-m", "pipeline.services.dask_tls", "start-worker", "--root", state, "--scheduler",
+         "tls://10.9.8.7:8786", "--nworkers", "4"]]
 
     (node_home / "ray_bootstrap_config.yaml").unlink()  # no head address: refuse, start nothing
     (node_home / "calls.log").unlink()
@@ -289,14 +349,14 @@ def test_ray_down_stops_mlflow_and_dask_then_ray(node_home):
     r = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8", stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert _calls(node_home) == [f"python -m pipeline.services stop-mlflow --root {state}",
-                                 f"python -m pipeline.dask_tls stop --root {state}", "ray stop"]
+                                 f"python -m pipeline.services.dask_tls stop --root {state}", "ray stop"]
 
     (state / "mlflow.pid").unlink()  # a worker node: its Dask workers
     (state / "dask-scheduler.pid").unlink()
     (state / "dask-worker.pid").write_text("12347", encoding="utf-8")
     (node_home / "calls.log").unlink()
     r = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8", stdin=subprocess.DEVNULL)
-    assert r.returncode == 0 and _calls(node_home) == [f"python -m pipeline.dask_tls stop --root {state}",
+    assert r.returncode == 0 and _calls(node_home) == [f"python -m pipeline.services.dask_tls stop --root {state}",
                                                        "ray stop"]
 
     (state / "dask-worker.pid").unlink()  # nothing of ours to stop

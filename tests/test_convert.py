@@ -19,7 +19,10 @@ import zarr
 from conftest import ct_array, make_image, write_dicom_series, write_mhd
 
 from pipeline.cli import main
-from pipeline.volume_store import ConvertSettings, VolumeStore, convert, read_table
+from pipeline.volume_store.convert import convert
+from pipeline.volume_store.settings import ConvertSettings
+from pipeline.volume_store.store import VolumeStore
+from pipeline.volume_store.tables import read_table
 
 SPACING_XYZ = (0.7, 0.8, 2.5)
 ORIGIN_XYZ = (-120.0, -110.0, -300.0)

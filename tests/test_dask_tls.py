@@ -1,6 +1,6 @@
 """Mutual-TLS Dask (issue 11): the scheduler and workers of a `ray up` cluster, as real processes on 127.0.0.1.
 
-`python -m pipeline.dask_tls` makes the certificates and starts a real `dask scheduler` and `dask worker`
+`python -m pipeline.services.dask_tls` makes the certificates and starts a real `dask scheduler` and `dask worker`
 (detached, each in its own session with a pid file) as deploy/ray/genesis-env.sh does on the head and on a
 worker node, with 127.0.0.1 as the private address and the worker's copy of the certificates in a folder of its
 own (what cluster_synced_files makes). A client holding the certificate runs tasks; a plain-TCP client, a TLS
@@ -27,15 +27,16 @@ import pytest
 
 import pipeline.cluster
 from conftest import ct_array, write_mhd
-from pipeline.dask_tls import client_security, ensure_certs, env, main, security
-from pipeline.preflight import UsageError
+from pipeline.runtime.errors import UsageError
+from pipeline.services.dask_tls import client_security, ensure_certs, env, main, security
 from pipeline.services.processes import alive as _alive
 
 HOST = "127.0.0.1"
 CLUSTER_PY_HAS_TLS = hasattr(pipeline.cluster, "client_security")
 NEEDS_CLUSTER_PY = pytest.mark.skipif(
-    not CLUSTER_PY_HAS_TLS, reason="pipeline/cluster.py's dask_client does not use pipeline.dask_tls.client_security "
-                                   "yet (issue 11: the change is in the Dask TLS helper's report)")
+    not CLUSTER_PY_HAS_TLS, reason="pipeline/cluster.py's dask_client does not use "
+                                   "pipeline.services.dask_tls.client_security yet (issue 11: the change is in the "
+                                   "Dask TLS helper's report)")
 
 
 def _free_port() -> int:
@@ -184,7 +185,7 @@ def test_env_gives_dask_the_same_settings_as_security(tmp_path, capsys):
     assert ours.require_encryption is True and ours.tls_ca_file == str(root.resolve() / "ca.pem")
     assert ours.get_listen_args("scheduler")["ssl_context"].verify_mode == ssl.CERT_REQUIRED
 
-    assert main(["env", "--root", str(root)]) == 0  # eval "$(python -m pipeline.dask_tls env --root DIR)"
+    assert main(["env", "--root", str(root)]) == 0  # eval "$(python -m pipeline.services.dask_tls env --root DIR)"
     lines = capsys.readouterr().out.splitlines()
     exported = dict(shlex.split(line)[1].split("=", 1) for line in lines)
     assert exported == {**variables, "GENESIS_DASK_TLS_DIR": str(root.resolve())}
@@ -267,7 +268,7 @@ def test_clients_without_the_certificate_are_refused_by_the_scheduler(cluster, t
 @NEEDS_CLUSTER_PY
 def test_genesis_convert_through_the_tls_scheduler(cluster, tmp_path, monkeypatch, capsys):
     from pipeline.cli import main as genesis
-    from pipeline.volume_store import VolumeStore
+    from pipeline.volume_store.store import VolumeStore
 
     rng = np.random.default_rng(11)
     arrays = {}

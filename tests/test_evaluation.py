@@ -16,7 +16,7 @@ from pipeline.evaluation import (KERAS_MEAN_IOU_THRESHOLDS, METRICS, dice, foreg
                                  keras_mean_iou, keras_mean_iou_counts, keras_mean_iou_from_counts,
                                  metric_table_name, roc_auc, roc_curve_points, segmentation_case_metrics,
                                  sliding_window_predict, summarise)
-from pipeline.models import UNet3D
+from pipeline.models.unet3d import UNet3D
 from pipeline.tasks.builtin import BUILTIN_TASKS
 
 # --------------------------------------------------------------------------- Keras mean_iou

@@ -12,12 +12,13 @@ import pytest
 import torch
 from conftest import TASK_CUBE, assert_no_test_patient_in_training
 
-from pipeline.finetune import finetune, paper, tiny
+from pipeline.finetune.config import paper, tiny
 from pipeline.finetune.init import FIRST_CONV, apply_init, build_model, check_init, read_init
+from pipeline.finetune.run import finetune
 from pipeline.finetune.steps import soft_dice_loss
-from pipeline.models import UNet3D
-from pipeline.patches import PatchStore
-from pipeline.tasks import get_task
+from pipeline.models.unet3d import UNet3D
+from pipeline.patches.store import PatchStore
+from pipeline.tasks.registry import get_task
 
 CUBE = TASK_CUBE
 
@@ -62,7 +63,7 @@ def test_init_width_mismatch_and_channel_expansion(tmp_path):
     assert torch.allclose(model.state_dict()[FIRST_CONV], w.repeat(1, 2, 1, 1, 1) / 2)
     clf = apply_init(build_model(tiny(get_task("ecc"))), read_init(str(path)), str(path))
     assert torch.equal(clf.state_dict()[FIRST_CONV], w)
-    from pipeline.models import save_official_layout
+    from pipeline.model_io.official import save_official_layout
 
     save_official_layout(unet, tmp_path / "official.pt")  # kernels written (x, y, z), read back (z, y, x)
     seg = apply_init(build_model(tiny(get_task("lcs"))), read_init(f"official:{tmp_path / 'official.pt'}"), "official")
@@ -130,14 +131,14 @@ def test_classification_ecc_end_to_end(ray_local, stores, tmp_path):
 
 
 def test_whole_volume_segmentation_lcs_from_a_registered_model(ray_local, stores, tmp_path):
-    from pipeline.tracking import PRETRAINED_MODEL, RunLogger, create_run, register_model
+    from pipeline.runtime.tracking import PRETRAINED_MODEL, RunLogger, Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     torch.manual_seed(1)
     pretrained = UNet3D(base_channels=4).eval()
-    run_id = create_run(uri, "genesis-pretraining", "fake-pretraining")
+    run_id = Tracker.at(uri).create_run("genesis-pretraining", "fake-pretraining")
     logger = RunLogger(uri, run_id, system_metrics=False)
-    register_model(uri, logger.log_model(pretrained).model_uri, PRETRAINED_MODEL, metric=0.1)
+    Tracker.at(uri).register_model(logger.log_model(pretrained).model_uri, PRETRAINED_MODEL, metric=0.1)
     logger.end()
     res = finetune(stores["lcs"], "lcs", f"models:/{PRETRAINED_MODEL}/1", preset="tiny", epochs=2,
                    tracking_uri=uri, storage_path=str(tmp_path / "ray"), name="lcs-test")

@@ -19,7 +19,8 @@ from conftest import ct_array, make_image, write_mhd, zip_folder
 from pipeline.cli import main
 from pipeline.ingest import discover, read_source
 from pipeline.ingest.limits import LimitError
-from pipeline.volume_store import ConvertSettings, VolumeStore
+from pipeline.volume_store.settings import ConvertSettings
+from pipeline.volume_store.store import VolumeStore
 
 SECRET = bytes(range(256)) * 2  # 512 bytes: an 8x8x8 uint8 image's worth
 

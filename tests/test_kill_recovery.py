@@ -10,7 +10,7 @@ Kills are timed by what the run shows, never by sleeping: conversions by files o
 source scans that are FIFOs while the run is killed (a worker hashing one blocks, like a worker
 stuck on a dead disk, so the run cannot finish before the kill; they are NIfTI files because the
 driver opens MetaImage files while discovering them); extractions by `GENESIS_STOP_AT`, which makes
-the driver stop itself at a named step (`pipeline.patches.assemble.stop_point`).
+the driver stop itself at a named step (`pipeline.runtime.hooks.stop_point`, active with GENESIS_TEST_HOOKS=1).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import pytest
 from conftest import write_mhd
 
 from pipeline.cli import main
-from pipeline.patches import PretrainPatchConfig, extract_pretrain
+from pipeline.patches.config import PretrainPatchConfig
+from pipeline.patches.extract import extract_pretrain
 from pipeline.storage.locks import FileLock, LockBusyError
-from pipeline.volume_store import convert
+from pipeline.volume_store.convert import convert
 
 REPO = Path(__file__).resolve().parent.parent
 N_SCANS = 8

@@ -21,7 +21,8 @@ from matplotlib.path import Path as MplPath
 from pipeline.ingest.dicom import group_series
 from pipeline.ingest.lidc import (ConsensusConfig, SeriesGrid, lidc_header, lidc_labels, parse_lidc_text,
                                   parse_lidc_xml, polygon_interior)
-from pipeline.volume_store import VolumeStore, convert
+from pipeline.volume_store.convert import convert
+from pipeline.volume_store.store import VolumeStore
 
 SERIES = "1.3.6.1.4.1.14519.5.2.1.6279.6001.90000000001"
 NZ, NY, NX = 16, 64, 64

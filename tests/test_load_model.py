@@ -1,4 +1,4 @@
-"""`from pipeline import load_model`: a tiny U-Net logged and registered through pipeline.tracking in a real
+"""`from pipeline import load_model`: a tiny U-Net logged and registered through the Tracker in a real
 MLflow SQLite store, loaded back by version, alias, run and folder, and from state files; outputs must equal the
 original model's on the same cubes, each predicted on its own (a batch-statistics model is loaded to predict cube
 by cube). No Ray."""
@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from pipeline import load_model
-from pipeline.models import UNet3D, UNet3DClassifier, save_official_layout
-from pipeline.tracking import RunLogger, create_run, register_model
+from pipeline.model_io.official import save_official_layout
+from pipeline.models.classifier import UNet3DClassifier
+from pipeline.models.unet3d import UNet3D
+from pipeline.runtime.tracking import Tracker
 
 NAME = "genesis-load-test"
 
@@ -28,11 +30,12 @@ def registry(tmp_path_factory):
     mlflow.MlflowClient(tracking_uri=uri).create_experiment("load-test", artifact_location=str(tmp / "artifacts"))
     torch.manual_seed(3)
     model = UNet3D(base_channels=4).eval()
-    run_id = create_run(uri, "load-test", "tiny-unet")
-    logger = RunLogger(uri, run_id, system_metrics=False)
+    tracker = Tracker(uri)
+    run_id = tracker.create_run("load-test", "tiny-unet")
+    logger = tracker.logger(run_id, system_metrics=False)
     try:
         info = logger.log_model(model)
-        register_model(uri, info.model_uri, NAME, aliases=("champion",), tags={"run_id": run_id})
+        tracker.register_model(info.model_uri, NAME, aliases=("champion",), tags={"run_id": run_id})
     finally:
         logger.end()
     return uri, run_id, model

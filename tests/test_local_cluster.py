@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -233,10 +234,16 @@ def _cmdline(proc: psutil.Process) -> list[str]:
 # --------------------------------------------------------------------------- fast: no cluster
 
 
+def _update_envs(env_vars: dict[str, str]) -> None:
+    """What a Ray worker does to a runtime_env's env_vars before it starts (Ray 2.60's `update_envs`, called by
+    RuntimeEnvContext.exec_worker): ${X} and $X are replaced by this environment's value, an unset ${X} by ""."""
+    for key, value in env_vars.items():
+        os.environ[key] = re.sub(r"\$\{[A-Z0-9_]+\}", "", os.path.expandvars(value))
+
+
 def test_runtime_env_file_is_what_ray_accepts_and_finds_the_project_interpreter(tmp_path):
     """runtime_env.yaml passes Ray's own validation; on a node with GENESIS_HOME its interpreter and `python` are
     that checkout's .venv, and without it ~/genesis-pipeline's (ray_cluster.yaml's checkout)."""
-    from ray._private.utils import update_envs
     from ray.runtime_env import RuntimeEnv
 
     spec = yaml.safe_load(RUNTIME_ENV.read_text(encoding="utf-8"))
@@ -254,7 +261,7 @@ def test_runtime_env_file_is_what_ray_accepts_and_finds_the_project_interpreter(
         try:  # the node-side expansion Ray applies to env_vars
             os.environ.clear()
             os.environ.update(env)
-            update_envs({"PATH": spec["env_vars"]["PATH"]})
+            _update_envs({"PATH": spec["env_vars"]["PATH"]})
             first = next(p for p in os.environ["PATH"].split(os.pathsep) if p and p != "/.venv/bin")
         finally:
             os.environ.clear()

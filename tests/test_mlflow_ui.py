@@ -1,7 +1,7 @@
 """The MLflow UI, seen in a real browser (issue 11, section 5).
 
-A small tracking store is written the way the pipeline writes one (pipeline.tracking's create_run / RunLogger /
-register_model; the restoration figure of pipeline.training.pictures): one pretraining run with three epochs of
+A small tracking store is written the way the pipeline writes one (pipeline.runtime.tracking's Tracker: create_run /
+logger / register_model; the restoration figure of pipeline.training.pictures): one pretraining run with three epochs of
 loss metrics and a restoration PNG, its model registered as `genesis-pretrained` with an alias. `mlflow server`
 serves it on 127.0.0.1; headless Chromium (the system's `chromium`, driven by Playwright) opens the pages a
 person checks after `make demo` - the experiment's run list, the run's loss charts, the PNG in the artifact
@@ -73,11 +73,12 @@ def _log_run(uri: str, run_id: str) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    from pipeline.models import UNet3D
-    from pipeline.tracking import RunLogger, register_model
+    from pipeline.models.unet3d import UNet3D
+    from pipeline.runtime.tracking import Tracker
     from pipeline.training.pictures import figure_pairs, restoration_figure
 
-    logger = RunLogger(uri, run_id, system_metrics=False)
+    tracker = Tracker(uri)
+    logger = tracker.logger(run_id, system_metrics=False)
     try:
         logger.log_params({"pretrain": {"preset": "tiny", "epochs": 3}})
         for epoch in range(3):
@@ -88,8 +89,8 @@ def _log_run(uri: str, run_id: str) -> int:
         plt.close(fig)
         torch.manual_seed(0)
         info = logger.log_model(UNet3D(base_channels=4).eval())
-        version = register_model(uri, info.model_uri, MODEL, metric=LOSSES["val_loss"][-1], aliases=(ALIAS,),
-                                 tags={"run_id": run_id, "preset": "tiny"})
+        version = tracker.register_model(info.model_uri, MODEL, metric=LOSSES["val_loss"][-1], aliases=(ALIAS,),
+                                         tags={"run_id": run_id, "preset": "tiny"})
     finally:
         logger.end()
     return int(version.version)
@@ -158,7 +159,7 @@ def test_mlflow_ui_shows_run_losses_picture_and_aliases(tmp_path, monkeypatch):
 
     import mlflow
 
-    from pipeline.tracking import create_run
+    from pipeline.runtime.tracking import Tracker
 
     for k, v in QUIET.items():
         monkeypatch.setenv(k, v)
@@ -166,7 +167,7 @@ def test_mlflow_ui_shows_run_losses_picture_and_aliases(tmp_path, monkeypatch):
     store.mkdir()
     print(f"\nMLflow UI screenshots: {shots}")
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    run_id = create_run(uri, EXPERIMENT, RUN_NAME, tags={"preset": "tiny"})  # the database exists from here
+    run_id = Tracker(uri).create_run(EXPERIMENT, RUN_NAME, tags={"preset": "tiny"})  # the database exists from here
     log = tmp_path / "mlflow_server.log"
     proc, base = _start_server(uri, store, log)  # it boots while the run is logged and the browser starts
     try:

@@ -11,9 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models import (REFERENCE_PARAMETER_COUNT, CheckpointError, CheckpointMismatchError,
-                             ContBatchNorm3d, UNet3D, UNet3DClassifier, count_trainable_parameters,
-                             load_official_genesis, read_official_state_dict, save_official_layout)
+from pipeline.model_io.official import load_official_genesis, read_official_state_dict, save_official_layout
+from pipeline.model_io.state_dicts import CheckpointError, CheckpointMismatchError
+from pipeline.models import REFERENCE_PARAMETER_COUNT
+from pipeline.models.classifier import UNet3DClassifier
+from pipeline.models.norms import ContBatchNorm3d
+from pipeline.models.unet3d import UNet3D, count_trainable_parameters
 
 ENCODER = ("down_tr64", "down_tr128", "down_tr256", "down_tr512")
 DECODER = ("up_tr256", "up_tr128", "up_tr64")

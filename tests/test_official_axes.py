@@ -13,9 +13,10 @@ import pathlib
 import pytest
 import torch
 
-from pipeline.models import UNet3D, UNet3DClassifier, load_official_genesis, read_official_state_dict, \
-    save_official_layout
-from pipeline.models.official import convert_kernel_axes
+from pipeline.model_io.official import (convert_kernel_axes, load_official_genesis, read_official_state_dict,
+                                        save_official_layout)
+from pipeline.models.classifier import UNet3DClassifier
+from pipeline.models.unet3d import UNet3D
 from test_models import DECODER, ENCODER, functional_forward
 
 BASE = 4

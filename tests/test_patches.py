@@ -12,11 +12,14 @@ from conftest import write_mhd
 
 from pipeline.cli import main
 from pipeline.data import CubeStreamConfig, PatchCubes
-from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
+from pipeline.patches.config import PretrainPatchConfig
+from pipeline.patches.extract import extract_pretrain
+from pipeline.patches.store import PatchStore
 from pipeline.patches.encoding import choose_encoding, decode_cubes, encode_cubes
 from pipeline.patches.sampling import hu_to_unit, sample_cubes, voxel_scores
 from pipeline.patches.splits import split_of
-from pipeline.volume_store import VolumeStore, convert
+from pipeline.volume_store.convert import convert
+from pipeline.volume_store.store import VolumeStore
 
 TINY = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=6, border_yx=4, border_z=2, min_slices=16)
 

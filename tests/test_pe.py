@@ -14,7 +14,8 @@ from pipeline.cli import main
 from pipeline.ingest import discover
 from pipeline.sample_data.pe import (CANDIDATE_KINDS, PE_CANDIDATES_HEADER, PE_FOLDS_HEADER, PeConfig,
                                      centre_mean_hu, read_pe_manifest, write_pe_sample)
-from pipeline.volume_store import VolumeStore, read_table
+from pipeline.volume_store.store import VolumeStore
+from pipeline.volume_store.tables import read_table
 
 
 def _files(root: Path) -> dict[str, bytes]:

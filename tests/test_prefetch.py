@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.data.prefetch import prefetch
-from pipeline.transforms import GenesisConfig, corrupt_batch
+from pipeline.transforms.batched import corrupt_batch
+from pipeline.transforms.config import GenesisConfig
 
 
 def _slow_items(n: int, fail_at: int | None = None):

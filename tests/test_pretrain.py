@@ -10,14 +10,16 @@ import pytest
 import torch
 from conftest import write_mhd
 
-from pipeline import load_model
-from pipeline.models import UNet3D
-from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
+from pipeline.model_io.load import load_model
+from pipeline.models.unet3d import UNet3D
+from pipeline.patches.config import PretrainPatchConfig
+from pipeline.patches.extract import extract_pretrain
+from pipeline.patches.store import PatchStore
 from pipeline.training.checkpoint import load_state
 from pipeline.training.config import preset, tiny
 from pipeline.training.pretrain import pretrain
 from pipeline.training.steps import build_model, build_optimizer, train_epoch
-from pipeline.volume_store import convert
+from pipeline.volume_store.convert import convert
 
 CUBE = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=8, border_yx=4, border_z=2, min_slices=16)
 

@@ -11,11 +11,13 @@ from conftest import write_mhd
 
 from pipeline.data import (FIXED_CORRUPTION, CubeStreamConfig, PatchCubes, ValidationCubes, distinct_scans_per_batch,
                            epoch_order, rank_share)
-from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
+from pipeline.patches.config import PretrainPatchConfig
+from pipeline.patches.extract import extract_pretrain
+from pipeline.patches.store import PatchStore
 from pipeline.training.config import PretrainConfig, paper, per_worker_batch, precision, stable, tiny
 from pipeline.training.pictures import CORRUPTIONS, figure_pairs, restoration_figure
 from pipeline.training.steps import build_model, validation_sums
-from pipeline.volume_store import convert
+from pipeline.volume_store.convert import convert
 
 CUBE = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=8, border_yx=4, border_z=2, min_slices=16)
 TRAIN_SCANS, VAL_SCANS = 12, 3
@@ -112,14 +114,14 @@ def test_global_batch_is_split_across_workers_at_the_reference_lr():
 
 def test_indivisible_split_is_refused_before_ray_or_mlflow(many_scans, tmp_path, monkeypatch):
     import pipeline.cluster
-    import pipeline.tracking
+    from pipeline.runtime.tracking import Tracker
     from pipeline.training.pretrain import pretrain
 
     def must_not_run(*a, **k):
         raise AssertionError("reached Ray or MLflow")
 
     monkeypatch.setattr(pipeline.cluster, "ensure_ray", must_not_run)
-    monkeypatch.setattr(pipeline.tracking, "create_run", must_not_run)
+    monkeypatch.setattr(Tracker, "create_run", must_not_run)
     with pytest.raises(ValueError, match="global batch of 6 cubes does not split evenly across 4 Ray workers"):
         pretrain(many_scans, paper(), workers=4, tracking_uri=f"sqlite:///{tmp_path}/m.db",
                  storage_path=str(tmp_path / "ray"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.patches import PretrainPatchConfig
+from pipeline.patches.config import PretrainPatchConfig
 from pipeline.patches.sampling import (Candidates, box_sums, draw_candidates, hu_to_unit, resize_in_plane,
                                        sample_cubes, scan_region, voxel_scores)
 from pipeline.sample_data.phantom import generate_phantom, tiny_config

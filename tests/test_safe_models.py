@@ -27,8 +27,7 @@ import yaml
 
 from pipeline import load_model
 from pipeline.models import UNet3D, UNet3DClassifier
-from pipeline.tracking import (RunLogger, artifact_location, create_run, entry_point, git_state, register_model,
-                               register_finetuned)
+from pipeline.runtime.tracking import Tracker, artifact_location, entry_point, git_state
 
 NAME = "genesis-safe-test"
 REPO = Path(__file__).resolve().parent.parent
@@ -46,8 +45,9 @@ class Payload:
 
 def _log(uri: str, model: torch.nn.Module, experiment: str = "safe", kind: str | None = None) -> tuple[str, str]:
     """(run id, model URI) of `model` logged through RunLogger."""
-    run_id = create_run(uri, experiment, "tiny")
-    logger = RunLogger(uri, run_id, system_metrics=False)
+    tracker = Tracker(uri)
+    run_id = tracker.create_run(experiment, "tiny")
+    logger = tracker.logger(run_id, system_metrics=False)
     try:
         info = logger.log_model(model) if kind is None else logger.log_finetuned_model(model, kind=kind)
     finally:
@@ -74,7 +74,7 @@ def registry(tmp_path_factory):
     torch.manual_seed(1)
     model = UNet3D(base_channels=4, norm="instance").eval()
     run_id, model_uri = _log(uri, model)
-    register_model(uri, model_uri, NAME, aliases=("champion",))
+    Tracker(uri).register_model(model_uri, NAME, aliases=("champion",))
     return uri, run_id, model, model_uri
 
 
@@ -89,7 +89,7 @@ def test_loads_by_version_alias_and_run_with_identical_outputs(registry, tmp_pat
     # a fine-tuned classifier (logits head, 2 input channels) goes through the same format
     classifier = UNet3DClassifier(base_channels=4, in_channels=2, hidden=8, norm="instance").eval()
     _, clf_uri = _log(uri, classifier, experiment="finetune", kind="classification")
-    register_finetuned(uri, clf_uri, "genesis-safe-clf")
+    Tracker(uri).register_finetuned(clf_uri, "genesis-safe-clf")
     loaded = load_model("models:/genesis-safe-clf/1", tracking_uri=uri)
     assert isinstance(loaded, UNet3DClassifier) and loaded.fc1.out_features == 8
     torch.testing.assert_close(loaded(_cube(2)), classifier(_cube(2)), rtol=0, atol=0)
@@ -152,7 +152,7 @@ print(sys.modules["pipeline"].__file__)
 def test_tampered_weights_raise_and_run_no_code(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     _, model_uri = _log(uri, UNet3D(base_channels=4))
-    register_model(uri, model_uri, "tampered")
+    Tracker(uri).register_model(model_uri, "tampered")
     weights = _model_dir(uri, model_uri) / "data/genesis/weights.safetensors"
     marker = tmp_path / "PAYLOAD_RAN"
     weights.write_bytes(pickle.dumps(Payload(marker)))
@@ -333,7 +333,7 @@ def test_runs_carry_commit_user_entry_point_and_an_explicit_artifact_location(tm
     (tmp_path / "sub").mkdir()
     monkeypatch.setenv("GENESIS_ENTRY_POINT", "genesis pretrain")
     client = mlflow.MlflowClient(tracking_uri=uri)
-    run = client.get_run(create_run(uri, "prov", "r", tags={"preset": "tiny"}))
+    run = client.get_run(Tracker(uri).create_run("prov", "r", tags={"preset": "tiny"}))
     tags = run.data.tags
     commit, dirty = git_state(REPO)
     assert tags["genesis.git_commit"] == commit and len(commit) == 40

@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.sample_data.brats import SEQUENCES, write_brats_sample
 from pipeline.sample_data.lits import (draw_lits, render_lits, small_lits_config, write_lits_sample)
 from pipeline.sample_data.registry_files import NILEARN_WHEEL, PYRADIOMICS_SDIST, fetch
-from pipeline.volume_store import VolumeStore
+from pipeline.volume_store.store import VolumeStore
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -22,13 +22,14 @@ import SimpleITK as sitk
 from conftest import make_image, write_mhd
 
 from pipeline.cli import main
-from pipeline.patches import PatchStore
+from pipeline.patches.store import PatchStore
 from pipeline.patches.task_extract import extract_task, task_key
 from pipeline.patches.task_plan import plan_task
 from pipeline.sample_data.pe import write_pe_sample
 from pipeline.tasks import Published, SplitRule, get_task, tasks_table
 from pipeline.tasks.splits import assign_splits, fold_assignment, reference_list_splits, with_splits_file
-from pipeline.volume_store import VolumeStore, convert
+from pipeline.volume_store.convert import convert
+from pipeline.volume_store.store import VolumeStore
 
 CUBE = (8, 16, 16)
 DATA = Path(__file__).parent.parent / "pipeline" / "tasks" / "data"

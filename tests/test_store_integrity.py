@@ -19,8 +19,9 @@ from conftest import ct_array, make_image, write_mhd
 from pipeline.cli import main
 from pipeline.patches.store import catalog_hash
 from pipeline.stores_cli import show_store, verify_command
-from pipeline.volume_store import (ScanNotFoundError, StoreError, StoreIntegrityError, StoreLockedError, VolumeStore,
-                                   convert)
+from pipeline.volume_store.convert import convert
+from pipeline.volume_store.errors import ScanNotFoundError, StoreError, StoreIntegrityError, StoreLockedError
+from pipeline.volume_store.store import VolumeStore
 from pipeline.volume_store.store import init_store
 
 BAD_NAME = b"scan\xff\xfe.nii.gz"  # not UTF-8
@@ -388,7 +389,9 @@ def test_candidates_join_scans_by_their_discovered_name(tmp_path, rng):
 def test_patch_store_damage_is_named_and_verified(tmp_path, rng, capsys):
     """Finding 3: a deleted cubes shard read back as constant cubes, a flipped byte raised a bare checksum
     error, and `stores verify` refused patch stores."""
-    from pipeline.patches import PatchStore, PretrainPatchConfig, extract_pretrain
+    from pipeline.patches.config import PretrainPatchConfig
+    from pipeline.patches.extract import extract_pretrain
+    from pipeline.patches.store import PatchStore
 
     for i in range(2):
         vol = np.full((24, 48, 48), 40, dtype=np.int16)

@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.cli import main
-from pipeline.patches import PatchStore
+from pipeline.patches.store import PatchStore
 from pipeline.sample_data.datasets import write_sample
 from pipeline.tasks.sampling import object_centres
-from pipeline.volume_store import VolumeStore
+from pipeline.volume_store.store import VolumeStore
 
 
 def _build(tmp_path, dataset: str, task: str, scans: int, *extra: str):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.patches import PatchStore
+from pipeline.patches.store import PatchStore
 from pipeline.sample_data.lits import write_lits_sample
-from pipeline.tasks import get_task
 from pipeline.tasks import sampling as S
 from pipeline.tasks.geometry import index_to_world, resized_geometry
-from pipeline.volume_store import VolumeStore
+from pipeline.tasks.registry import get_task
+from pipeline.volume_store.store import VolumeStore
 
 LCS = get_task("lcs")
 

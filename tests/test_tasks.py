@@ -12,13 +12,15 @@ import SimpleITK as sitk
 from conftest import make_image, write_mhd
 
 from pipeline.cli import main
-from pipeline.patches import PatchStore
+from pipeline.patches.store import PatchStore
 from pipeline.patches.task_extract import extract_task
-from pipeline.tasks import Sampling, SplitRule, get_task, register, task_names, tasks_table
 from pipeline.tasks.geometry import index_to_world, world_to_index
+from pipeline.tasks.registry import get_task, register, task_names, tasks_table
 from pipeline.tasks.sampling import crop, fraction_order, object_centres
+from pipeline.tasks.spec import Sampling, SplitRule
 from pipeline.tasks.splits import assign_splits
-from pipeline.volume_store import VolumeStore, convert
+from pipeline.volume_store.convert import convert
+from pipeline.volume_store.store import VolumeStore
 
 # ---- registry ------------------------------------------------------------------------------------
 

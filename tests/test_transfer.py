@@ -18,10 +18,9 @@ import pytest
 import torch
 from conftest import assert_no_test_patient_in_training
 
-from pipeline.models import UNet3D
-from pipeline.patches import PatchStore
-from pipeline.transfer import GridConfig
-from pipeline.transfer.grid import cells_of, group_cells, grid_key
+from pipeline.models.unet3d import UNet3D
+from pipeline.patches.store import PatchStore
+from pipeline.transfer.grid import GridConfig, cells_of, group_cells, grid_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

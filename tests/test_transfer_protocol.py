@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.tasks import get_task
-from pipeline.transfer import GridConfig
-from pipeline.transfer.grid import cells_of, folds_of, grid_key
+from pipeline.tasks.registry import get_task
+from pipeline.transfer.grid import GridConfig, cells_of, folds_of, grid_key
 from pipeline.transfer.table import cells_from_mlflow, failures, results_table, to_markdown, write_results
 
 TASK_CUBE = (16, 32, 32)
@@ -27,7 +26,7 @@ def ecc_store(tmp_path_factory) -> str:
     """One ECC task store of the PE sample (6 scans, 4 patients): it holds folds 1, 2 and 3."""
     from pipeline.patches.task_extract import extract_task
     from pipeline.sample_data.datasets import write_sample
-    from pipeline.volume_store import convert
+    from pipeline.volume_store.convert import convert
 
     root = tmp_path_factory.mktemp("ecc_folds")
     write_sample("pe", root / "pe", n_scans=6, small=True, seed=0)
@@ -92,7 +91,7 @@ def test_test_fold_the_store_lacks_is_exit_2_naming_its_folds_and_nothing_is_rec
 
 def test_prepare_opens_the_fold_view_and_refuses_a_fold_the_store_lacks(ecc_store):
     from pipeline.finetune.run import prepare
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     store = PatchStore(ecc_store)
     assert store.folds == (1, 2, 3)
@@ -152,7 +151,7 @@ def test_finetune_run_names_genesis_finetune_and_defaults_to_fold_1(ecc_store, t
     """`genesis finetune` of a fold-based store: one fine-tuning, test fold 1 unless --test-fold says another.
     Ray is replaced by a failure so that only the MLflow run is made."""
     import pipeline.cluster
-    from pipeline.finetune import finetune
+    from pipeline.finetune.run import finetune
 
     def no_ray(*args, **kwargs):
         raise RuntimeError("no Ray in this test")
@@ -174,7 +173,7 @@ def test_cli_restores_the_entry_point_after_each_command(monkeypatch, capsys):
     """One process running several commands (the demo, `genesis reproduce`) keeps its own entry point between
     them: no command's name leaks into the next stage's runs."""
     from pipeline.cli import main
-    from pipeline.tracking import ENTRY_POINT_ENV
+    from pipeline.runtime.tracking import ENTRY_POINT_ENV
 
     monkeypatch.setenv(ENTRY_POINT_ENV, "genesis reproduce")
     assert main(["tasks", "list"]) == 0
@@ -307,7 +306,7 @@ def test_whole_volume_rows_report_the_paper_metric_and_per_case_dice():
 
 
 def test_store_differences_split_cubes_and_dataset(ecc_store, tmp_path):
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
     from pipeline.transfer.protocol import store_cases, store_differences
 
     store = PatchStore(ecc_store)
@@ -331,14 +330,14 @@ def test_store_differences_split_cubes_and_dataset(ecc_store, tmp_path):
 # --------------------------------------------------------------------------- the best alias
 
 def test_best_moves_only_within_one_store_preset_and_width(tmp_path):
-    from pipeline.models import UNet3D
-    from pipeline.tracking import RunLogger, best_alias_of, create_run, register_model
+    from pipeline.models.unet3d import UNet3D
+    from pipeline.runtime.tracking import RunLogger, Tracker, best_alias_of
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = _client(uri)
     uris = {}
     for width in (4, 8):
-        run_id = create_run(uri, "genesis-pretraining", f"w{width}")
+        run_id = Tracker.at(uri).create_run("genesis-pretraining", f"w{width}")
         logger = RunLogger(uri, run_id, system_metrics=False)
         torch.manual_seed(0)
         uris[width] = logger.log_model(UNet3D(base_channels=width).eval()).model_uri
@@ -347,8 +346,8 @@ def test_best_moves_only_within_one_store_preset_and_width(tmp_path):
     name = "genesis-pretrained"
 
     def register(width, store, preset, loss):
-        return register_model(uri, uris[width], name, metric=loss,
-                              tags={"patch_store": store, "preset": preset}).version
+        return Tracker.at(uri).register_model(uris[width], name, metric=loss,
+                                              tags={"patch_store": store, "preset": preset}).version
 
     def alias(a_name):
         return client.get_model_version_by_alias(name, a_name).version

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pipeline.tasks import get_task
+from pipeline.tasks.registry import get_task
 from pipeline.transfer.table import (CELL_COLUMNS, TABLE_COLUMNS, cells_from_mlflow, failures, label_efficiency_figure,
                                      log_results, published_kind, results_table, to_markdown, write_results)
 

@@ -17,11 +17,15 @@ import pandas as pd
 import pytest
 from conftest import write_mhd
 
-from pipeline import preflight
 from pipeline.cli import build_parser, classify, main
-from pipeline.patches import PretrainPatchConfig, extract_pretrain
+from pipeline.patches.config import PretrainPatchConfig
+from pipeline.patches.extract import extract_pretrain
+from pipeline.cluster import dask_scheduler, max_failures, ray_cluster, ray_resources
+from pipeline.runtime.errors import UsageError, deterministic_cause, failure_reason
+from pipeline.runtime.paths import SHARED_ROOT_ENV, in_ray_job, output_dir, shared_path
+from pipeline.runtime.tracking import MLFLOW_HTTP_RETRIES, PROBE_PATH, check_uri
 from pipeline.training.config import tiny
-from pipeline.volume_store import convert
+from pipeline.volume_store.convert import convert
 
 CUBE = PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=4, border_yx=4, border_z=2, min_slices=16)
 
@@ -145,14 +149,14 @@ def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(patch_store
     _one_error_line(capsys.readouterr().err, f"--tracking-uri {uri}", "does not answer")
     assert not (tmp_path / "r").exists() and _no_ray_started()
     # MLflow's own retries are bounded for our processes (its default: 7 retries, about 4 minutes)
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == preflight.MLFLOW_HTTP_RETRIES
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == MLFLOW_HTTP_RETRIES
     # a server that accepts the connection and never answers: refused after the probe's timeout
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
         t0 = time.perf_counter()
-        with pytest.raises(preflight.UsageError, match="does not answer"):
-            preflight.tracking_uri(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+        with pytest.raises(UsageError, match="does not answer"):
+            check_uri(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
         assert time.perf_counter() - t0 < 5
     # the same check for the commands that only talk to MLflow
     assert main(["transfer", "show", "0" * 32, "--tracking-uri", uri]) == 2
@@ -176,13 +180,13 @@ def test_numbers_out_of_range_are_refused_before_ray(patch_store, tmp_path, caps
     # the stage functions check the same, for callers that are not the command line
     from pipeline.training.pretrain import pretrain
 
-    with pytest.raises(preflight.UsageError, match="--gpus-per-worker -1: must be >= 0"):
+    with pytest.raises(UsageError, match="--gpus-per-worker -1: must be >= 0"):
         pretrain(patch_store, tiny(), gpus_per_worker=-1, tracking_uri=f"sqlite:///{tmp_path}/m.db")
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(preflight.UsageError, match="local Ray would have 0 GPU"):
-            preflight.ray_resources(workers=1, gpus_per_worker=1, ray_address=None)
+        with pytest.raises(UsageError, match="local Ray would have 0 GPU"):
+            ray_resources(workers=1, gpus_per_worker=1, ray_address=None)
     assert not (tmp_path / "m.db").exists() and _no_ray_started()
 
 
@@ -213,39 +217,39 @@ def test_empty_or_too_small_patch_store_is_refused_before_ray(patch_store, tmp_p
 def test_relative_paths_inside_a_ray_job_are_refused_or_resolved_against_the_shared_root(patch_store, tmp_path,
                                                                                          monkeypatch, capsys):
     monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_test")
-    monkeypatch.delenv(preflight.SHARED_ROOT_ENV, raising=False)
-    assert preflight.in_ray_job()
+    monkeypatch.delenv(SHARED_ROOT_ENV, raising=False)
+    assert in_ray_job()
     for argv, option in ((["pretrain", "--patches", patch_store, "--storage-path", "results"], "--storage-path 'results'"),
                          (["pretrain", "--patches", patch_store, "--storage-path", str(tmp_path)],
                           "--tracking-uri (default"),
                          (["convert", str(tmp_path), "--store", "vs"], "--store 'vs'"),
                          (["reproduce", "--out", "out"], "--out 'out'")):
         assert main(argv) == 2, argv
-        _one_error_line(capsys.readouterr().err, option, "inside a Ray job", preflight.SHARED_ROOT_ENV)
-    monkeypatch.setenv(preflight.SHARED_ROOT_ENV, str(tmp_path))
-    assert preflight.output_dir("results", "--storage-path") == str(tmp_path / "results")
-    assert preflight.tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
-    assert preflight.tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
-    assert preflight.shared_path("/abs/store", "--store") == "/abs/store"
-    monkeypatch.setenv(preflight.SHARED_ROOT_ENV, "relative/root")
-    with pytest.raises(preflight.UsageError, match="must be an absolute path"):
-        preflight.shared_path("x", "--out")
+        _one_error_line(capsys.readouterr().err, option, "inside a Ray job", SHARED_ROOT_ENV)
+    monkeypatch.setenv(SHARED_ROOT_ENV, str(tmp_path))
+    assert output_dir("results", "--storage-path") == str(tmp_path / "results")
+    assert check_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert check_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert shared_path("/abs/store", "--store") == "/abs/store"
+    monkeypatch.setenv(SHARED_ROOT_ENV, "relative/root")
+    with pytest.raises(UsageError, match="must be an absolute path"):
+        shared_path("x", "--out")
     monkeypatch.delenv("RAY_JOB_SUBMISSION_ID")
-    assert not preflight.in_ray_job()
+    assert not in_ray_job()
     monkeypatch.chdir(tmp_path)
-    assert preflight.shared_path("x", "--out") == str(tmp_path / "x")  # outside a job: the current folder
+    assert shared_path("x", "--out") == str(tmp_path / "x")  # outside a job: the current folder
 
 
 # --------------------------------------------------------------------------- the command line
 
 
 def test_exit_statuses_one_line_and_debug_traceback(tmp_path, capsys):
-    assert classify(preflight.UsageError("--out x: bad")) == (2, "error: --out x: bad")
+    assert classify(UsageError("--out x: bad")) == (2, "error: --out x: bad")
     assert classify(ValueError("bad value\nsecond line")) == (2, "error: bad value")
     assert classify(RuntimeError("the work failed")) == (1, "failed: RuntimeError: the work failed")
     code, line = classify(TypeError("a bug"))
     assert code == 1 and "TypeError: a bug" in line and "--debug" in line
-    from pipeline.volume_store.store import StoreLockedError
+    from pipeline.volume_store.errors import StoreLockedError
 
     assert classify(StoreLockedError("busy"))[0] == 3
     empty = tmp_path / "empty"
@@ -280,47 +284,37 @@ def test_wiring_for_store_verification_and_scan_size_limit():
 # --------------------------------------------------------------------------- inside Ray Train
 
 
-def test_failure_policy_retries_worker_deaths_but_not_deterministic_errors():
+def test_failure_policy_retries_worker_deaths_but_not_deterministic_errors(tmp_path):
+    """Through Ray Train's public WorkerGroupError (`worker_failures`: rank -> error): a deterministic worker error
+    is named with its rank and "not retried"; a runtime error or a worker death is not deterministic. The train
+    function's wrapper raises what Ray should retry, and returns (the run ends) when a peer has written a
+    deterministic error; that it ends the run at once is the real Ray test below."""
     from ray.exceptions import RayActorError
-    from ray.train import FailureConfig
-    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
-    from ray.train.v2._internal.execution.failure_handling import FailureDecision
-    from ray.train.v2.api.exceptions import WorkerGroupError
+    from ray.train import WorkerGroupError
 
-    trainer_cls = preflight._trainer_class()
-    policy_cls = trainer_cls._initialize_and_run_controller.__code__  # the override exists (Ray's layout held)
-    assert policy_cls and trainer_cls.__name__ == "GenesisTorchTrainer"
+    from pipeline.runtime.driver import FAILURE_KEY, EndOnDeterministicError
 
     def group_error(exc):
-        return WorkerGroupError("boom", {1: UserExceptionWithTraceback(exc, "Traceback ...")})
+        wrapper = RuntimeError("Traceback ...")  # Ray's wrapper of a worker's error keeps it as the cause
+        wrapper.__cause__ = exc
+        return WorkerGroupError("boom", {1: wrapper})
 
     deterministic = group_error(ValueError("train split has 0 cubes"))
-    assert preflight.deterministic_cause(deterministic)[0] == 1
-    reason = preflight.failure_reason(deterministic)
+    assert deterministic_cause(deterministic)[0] == 1
+    reason = failure_reason(deterministic)
     assert reason == "ValueError: train split has 0 cubes (worker rank 1); a deterministic error: not retried"
-    assert preflight.deterministic_cause(group_error(RuntimeError("NCCL timeout"))) is None
-    assert preflight.deterministic_cause(WorkerGroupError("dead", {0: RayActorError()})) is None
-    # the policy the trainer hands its controller
-    from pipeline import preflight as pf
+    assert deterministic_cause(group_error(RuntimeError("NCCL timeout"))) is None
+    assert deterministic_cause(WorkerGroupError("dead", {0: RayActorError()})) is None
+    assert failure_reason(group_error(OSError("disk"))).startswith("OSError: disk (worker rank 1; after the")
 
-    captured = {}
+    def nccl_timeout(config):
+        raise RuntimeError("NCCL timeout")
 
-    class Probe(trainer_cls):
-        def __init__(self):  # no Ray needed: only the controller arguments are looked at
-            self.run_config = type("RC", (), {"failure_config": FailureConfig(max_failures=3)})()
-
-    import ray.train.torch
-
-    base = ray.train.torch.TorchTrainer._initialize_and_run_controller
-    try:
-        ray.train.torch.TorchTrainer._initialize_and_run_controller = lambda self, **kw: captured.update(kw)
-        Probe()._initialize_and_run_controller(failure_policy=None, other=1)
-    finally:
-        ray.train.torch.TorchTrainer._initialize_and_run_controller = base
-    policy = captured["failure_policy"]
-    assert policy.make_decision(deterministic) == FailureDecision.RAISE
-    assert policy.make_decision(group_error(RuntimeError("NCCL timeout"))) == FailureDecision.RETRY
-    assert pf.failure_reason(group_error(OSError("disk"))).startswith("OSError: disk (worker rank 1; after the")
+    failure_file = tmp_path / "failure.json"
+    with pytest.raises(RuntimeError, match="NCCL timeout"):  # raised: Ray Train retries it
+        EndOnDeterministicError(nccl_timeout)({FAILURE_KEY: str(failure_file)})
+    failure_file.write_text(json.dumps({"reason": reason}), encoding="utf-8")
+    EndOnDeterministicError(nccl_timeout)({FAILURE_KEY: str(failure_file)})  # a peer's echo: the run ends
 
 
 def test_deterministic_error_inside_a_worker_is_not_retried_and_fails_the_run(ray_local, patch_store, tmp_path):
@@ -445,9 +439,9 @@ def test_max_failures_minus_one_is_documented_as_retry_forever(patch_store, tmp_
     assert build_parser().parse_args(["pretrain", "--patches", "p", "--max-failures", "-1"]).max_failures == -1
     _usage_exit(["pretrain", "--patches", patch_store, "--max-failures", "-2"], capsys, "argument --max-failures",
                 "-1 to retry forever")
-    assert preflight.max_failures(-1) == -1
-    with pytest.raises(preflight.UsageError, match="--max-failures -5: must be >= 0 restarts, or -1 to retry forever"):
-        preflight.ray_resources(workers=1, gpus_per_worker=0, ray_address=None, failures=-5)
+    assert max_failures(-1) == -1
+    with pytest.raises(UsageError, match="--max-failures -5: must be >= 0 restarts, or -1 to retry forever"):
+        ray_resources(workers=1, gpus_per_worker=0, ray_address=None, failures=-5)
 
 
 def test_ray_address_where_nothing_listens_fails_in_seconds_naming_it(patch_store, tmp_path, capsys, monkeypatch):
@@ -455,10 +449,10 @@ def test_ray_address_where_nothing_listens_fails_in_seconds_naming_it(patch_stor
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     closed = _closed_port()
     for address in (f"127.0.0.1:{closed}", f"ray://127.0.0.1:{closed}", f"localhost:{closed}"):
-        with pytest.raises(preflight.UsageError, match=f"--ray-address {address}: no Ray cluster answers"):
-            preflight.ray_resources(workers=1, gpus_per_worker=0, ray_address=address)
-    with pytest.raises(preflight.UsageError, match="not a Ray address"):
-        preflight.ray_cluster("127.0.0.1:notaport")
+        with pytest.raises(UsageError, match=f"--ray-address {address}: no Ray cluster answers"):
+            ray_resources(workers=1, gpus_per_worker=0, ray_address=address)
+    with pytest.raises(UsageError, match="not a Ray address"):
+        ray_cluster("127.0.0.1:notaport")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     for argv in (["pretrain", "--patches", patch_store, "--tracking-uri", uri],
                  ["finetune", "--task", "ecc", "--patches", patch_store, "--tracking-uri", uri],
@@ -476,19 +470,19 @@ def test_ray_address_where_nothing_listens_fails_in_seconds_naming_it(patch_stor
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen(1)
-        preflight.ray_cluster(f"127.0.0.1:{listening.getsockname()[1]}")
+        ray_cluster(f"127.0.0.1:{listening.getsockname()[1]}")
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # Ray's to resolve
-    preflight.ray_cluster(None)
+    ray_cluster(None)
 
 
 def test_tracking_scheme_experiment_name_and_non_mlflow_server_are_usage_errors(patch_store, tmp_path, capsys,
                                                                                http_404):
     """Finding 4: `--tracking-uri ftp://x` and `--experiment ""` were exit 1 "failed: MlflowException" after the
     MLflow run was attempted; a web server that is not MLflow passed the probe."""
-    with pytest.raises(preflight.UsageError, match="answers HTTP but is not an MLflow tracking server"):
-        preflight.tracking_uri(http_404)
-    with pytest.raises(preflight.UsageError, match="no tracking store for the scheme 'ftp'"):
-        preflight.tracking_uri("ftp://x")
+    with pytest.raises(UsageError, match="answers HTTP but is not an MLflow tracking server"):
+        check_uri(http_404)
+    with pytest.raises(UsageError, match="no tracking store for the scheme 'ftp'"):
+        check_uri("ftp://x")
     common = ["--storage-path", str(tmp_path / "r")]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     _usage_exit(["pretrain", "--patches", patch_store, "--tracking-uri", "ftp://x", *common], capsys,
@@ -500,10 +494,30 @@ def test_tracking_scheme_experiment_name_and_non_mlflow_server_are_usage_errors(
     assert not (tmp_path / "mlflow.db").exists()
     line = _usage_exit(["pretrain", "--patches", patch_store, "--tracking-uri", http_404, *common], capsys,
                        f"--tracking-uri {http_404}", "answers HTTP but is not an MLflow tracking server")
-    assert "GET /health: 404" in line and "GET /api/2.0/mlflow/experiments/search: 404" in line
+    assert f"GET {PROBE_PATH}: 404" in line  # the MLflow REST path the probe asks
     assert not (tmp_path / "r").exists() and _no_ray_started()
     # registered schemes MLflow reaches otherwise pass unprobed
-    assert preflight.tracking_uri("postgresql://user@127.0.0.1:1/db") == "postgresql://user@127.0.0.1:1/db"
+    assert check_uri("postgresql://user@127.0.0.1:1/db") == "postgresql://user@127.0.0.1:1/db"
+
+
+SEARCH_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _http_status(url: str, credentials: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    """(HTTP status, body) of a GET, with Basic credentials when given."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if credentials:
+        token = base64.b64encode(":".join(credentials).encode("utf-8")).decode("ascii")
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
 
 
 def test_authenticated_mlflow_server_passes_the_probe(tmp_path, monkeypatch):
@@ -515,15 +529,15 @@ def test_authenticated_mlflow_server_passes_the_probe(tmp_path, monkeypatch):
     server = start_mlflow(MlflowServerConfig(root=tmp_path / "mlflow", port=_closed_port(), workers=1,
                                              start_timeout_s=90))
     try:
-        assert preflight._http_status(server.url + preflight.API_PATH, 5)[0] == 401
-        assert preflight.tracking_uri(server.url) == server.url
+        assert _http_status(server.url + SEARCH_PATH)[0] == 401
+        assert check_uri(server.url) == server.url
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server.user)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.password)
-        status, body = preflight._http_status(server.url + preflight.API_PATH, 5)
+        status, body = _http_status(server.url + SEARCH_PATH, (server.user, server.password))
         assert status == 200 and body.lstrip().startswith(b"{")
-        assert preflight.tracking_uri(server.url + "/") == server.url + "/"
+        assert check_uri(server.url + "/") == server.url + "/"
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")  # the credentials are MLflow's business
-        assert preflight.tracking_uri(server.url) == server.url
+        assert check_uri(server.url) == server.url
     finally:
         stop_mlflow(tmp_path / "mlflow")
 
@@ -543,8 +557,8 @@ def test_convert_spacing_must_be_finite_and_is_named_as_the_option(tmp_path, cap
 def test_dask_scheduler_where_nothing_listens_fails_in_seconds_naming_it(patch_store, tmp_path, capsys):
     """Finding 6: `convert --dask-scheduler tcp://127.0.0.1:9` waited Dask's 30 s connect timeout, then exit 1."""
     address = f"tcp://127.0.0.1:{_closed_port()}"
-    with pytest.raises(preflight.UsageError, match=f"--dask-scheduler {address}: no Dask scheduler answers"):
-        preflight.dask_scheduler(address)
+    with pytest.raises(UsageError, match=f"--dask-scheduler {address}: no Dask scheduler answers"):
+        dask_scheduler(address)
     vs = str(Path(patch_store).parents[1] / "vs")
     for argv in (["convert", vs, "--store", str(tmp_path / "s")],
                  ["patches", "pretrain", "--store", vs, "--out", str(tmp_path / "ps")],
@@ -557,7 +571,7 @@ def test_dask_scheduler_where_nothing_listens_fails_in_seconds_naming_it(patch_s
     # the context manager itself (callers that are not the command line) says the same
     from pipeline.cluster import dask_client
 
-    with pytest.raises(preflight.UsageError, match="no Dask scheduler answers"):
+    with pytest.raises(UsageError, match="no Dask scheduler answers"):
         with dask_client(1, address):
             pass
 
@@ -594,7 +608,7 @@ def test_damaged_store_build_is_one_line_leaves_no_building_folder_and_a_missing
     _one_error_line(proc.stderr, "genesis patches pretrain: error:", str(damaged), "CRC32C")
     assert not list(out.glob(".building-*")), list(out.iterdir())  # nothing a rerun could resume
     # a run that stops for a reason a rerun need not meet again keeps it (kills: tests/test_kill_recovery.py)
-    from pipeline.patches.extract import discard_on_deterministic_error
+    from pipeline.patches.site import discard_on_deterministic_error
 
     keep = tmp_path / ".building-keep"
     keep.mkdir()

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.cli import main
-from pipeline.patches import PatchStore
+from pipeline.patches.store import PatchStore
 from pipeline.patches.task_extract import _candidate_cube
 from pipeline.sample_data.pe import write_pe_sample
 from pipeline.tasks import sampling as S

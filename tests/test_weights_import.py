@@ -9,7 +9,8 @@ import torch
 
 from pipeline import load_model
 from pipeline.cli import main
-from pipeline.models import UNet3D, load_official_genesis, save_official_layout
+from pipeline.model_io.official import load_official_genesis, save_official_layout
+from pipeline.models.unet3d import UNet3D
 
 
 def test_official_layout_is_registered_and_loads_back_identically(tmp_path, capsys, monkeypatch):
@@ -59,7 +60,7 @@ def test_mismatched_or_unsafe_files_are_refused_with_the_reason(tmp_path, capsys
 def test_state_dict_in_our_order_imports_any_architecture(tmp_path, capsys):
     """`--axes zyx`: the architecture is read from the weights (here an instance-norm classifier, which the
     official-layout reader cannot build), the remedy the loader names for models of the old pickle format."""
-    from pipeline.models import UNet3DClassifier
+    from pipeline.models.classifier import UNet3DClassifier
 
     torch.manual_seed(2)
     classifier = UNet3DClassifier(base_channels=4, in_channels=2, hidden=8, norm="instance").eval()

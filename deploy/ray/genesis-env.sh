@@ -26,9 +26,9 @@ export GENESIS_MLFLOW_USER="${GENESIS_MLFLOW_USER:-admin}"
 
 # Dask for `genesis convert` / `genesis patches` (--dask-scheduler tls://HEAD:8786): a scheduler on the head's
 # private address and GENESIS_DASK_WORKERS single-threaded worker processes on each worker node, all with mutual
-# TLS (python -m pipeline.dask_tls). The head generates ca.pem, dask.pem and dask-key.pem (0600) at `ray up` into
-# GENESIS_DASK_TLS_DIR, next to the Ray token; cluster_synced_files copies them to the workers. Only processes
-# holding dask-key.pem can connect; our clients find it through GENESIS_DASK_TLS_DIR.
+# TLS (python -m pipeline.services.dask_tls). The head generates ca.pem, dask.pem and dask-key.pem (0600) at
+# `ray up` into GENESIS_DASK_TLS_DIR, next to the Ray token; cluster_synced_files copies them to the workers. Only
+# processes holding dask-key.pem can connect; our clients find it through GENESIS_DASK_TLS_DIR.
 export GENESIS_DASK_PORT="${GENESIS_DASK_PORT:-8786}"
 export GENESIS_DASK_WORKERS="${GENESIS_DASK_WORKERS:-4}"
 export GENESIS_DASK_TLS_DIR="$GENESIS_STATE"   # the paths ray_cluster.yaml's cluster_synced_files names
@@ -98,14 +98,14 @@ genesis_make_dask_certs() {
     # Head only, at `ray up` (head_setup_commands): the cluster's CA and the one certificate it signs, kept
     # when present so the workers' copies stay valid.
     genesis_require_head_ip || return
-    python -m pipeline.dask_tls certs --root "$GENESIS_DASK_TLS_DIR" --hosts "$GENESIS_HEAD_IP"
+    python -m pipeline.services.dask_tls certs --root "$GENESIS_DASK_TLS_DIR" --hosts "$GENESIS_HEAD_IP"
 }
 
 genesis_start_dask_scheduler() {
     # Head only: the TLS scheduler on the private address (its HTTP server on 127.0.0.1), detached, pid in
     # $GENESIS_DASK_TLS_DIR/dask-scheduler.pid.
     genesis_require_head_ip || return
-    python -m pipeline.dask_tls start-scheduler --root "$GENESIS_DASK_TLS_DIR" \
+    python -m pipeline.services.dask_tls start-scheduler --root "$GENESIS_DASK_TLS_DIR" \
         --host "$GENESIS_HEAD_IP" --port "$GENESIS_DASK_PORT"
 }
 
@@ -114,7 +114,7 @@ genesis_start_dask_worker() {
     # toward the head; they exit by themselves when the scheduler stops (`ray down`), at most a minute after
     # losing it.
     genesis_require_head_ip || return
-    python -m pipeline.dask_tls start-worker --root "$GENESIS_DASK_TLS_DIR" \
+    python -m pipeline.services.dask_tls start-worker --root "$GENESIS_DASK_TLS_DIR" \
         --scheduler "tls://$GENESIS_HEAD_IP:$GENESIS_DASK_PORT" --nworkers "$GENESIS_DASK_WORKERS"
 }
 
@@ -125,7 +125,7 @@ genesis_stop_services() {
         python -m pipeline.services stop-mlflow --root "$GENESIS_STATE"
     fi
     if [ -e "$GENESIS_DASK_TLS_DIR/dask-scheduler.pid" ] || [ -e "$GENESIS_DASK_TLS_DIR/dask-worker.pid" ]; then
-        python -m pipeline.dask_tls stop --root "$GENESIS_DASK_TLS_DIR"
+        python -m pipeline.services.dask_tls stop --root "$GENESIS_DASK_TLS_DIR"
     fi
 }
 

@@ -2,10 +2,7 @@
 
 config.py (typed presets from the TaskSpec), init.py (scratch / MLflow / official / state file),
 data.py (seeded batches from a task patch store), steps.py (plain train/eval functions),
-worker.py (the Ray Train loop), evaluate.py (test split), run.py (the driver).
+worker.py (the Ray Train loop), evaluate.py (test split), run.py (the driver: `pipeline.finetune.run.finetune`).
+
+Nothing is imported here: import from the submodule that defines a name.
 """
-
-from pipeline.finetune.config import FinetuneConfig, paper, preset, tiny
-from pipeline.finetune.run import FinetuneResult, finetune
-
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "paper", "preset", "tiny"]

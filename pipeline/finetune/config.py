@@ -3,9 +3,12 @@
 - `paper(spec)`: the reference's recipe (Adam at the task's lr, reduce-on-plateau counted as Keras counts it,
   early stopping with the task's patience, its batch size), the full-width U-Net (32).
 
-Every value of the optimiser comes from the task's `TaskSpec.optimisation` unchanged: `lr` there is the learning
-rate the reference code actually trains at (its Keras `compile(optimizer='adam')` passes a string, so Adam runs at
-its default 1e-3 and `config.lr` is never read; keras/downstream_tasks/utils.py lines 80-98).
+The optimiser's settings are the task's `TaskSpec.optimisation` object itself, held by the config (not copied
+field by field, so none is dropped or drifts): `paper` takes it unchanged, `tiny` shortens it with
+`dataclasses.replace`, and its fields read as the config's own (`config.lr`, `config.optimizer`, ...). `lr` there is
+the learning rate the reference code actually trains at (its Keras `compile(optimizer='adam')` passes a string, so
+Adam runs at its default 1e-3 and `config.lr` is never read; keras/downstream_tasks/utils.py lines 80-98). Fine-tuning
+builds Adam only (`pipeline.finetune.steps.build_optimizer`), so a config naming another optimiser is refused.
 
 Norm: fine-tuned models use "batch" (nn.BatchNorm3d: running statistics in eval mode), as the Keras models behind
 the paper's numbers do, so a cube's prediction does not depend on the rest of its batch; a pretrained init brings
@@ -19,15 +22,19 @@ its running statistics along (`pipeline.models.norms`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
-from pipeline.tasks.spec import TaskSpec
+from pipeline.tasks.spec import Optimisation, TaskSpec
 
-__all__ = ["FinetuneConfig", "paper", "tiny", "preset", "PRESETS", "INPUT_RULES"]
+__all__ = ["FinetuneConfig", "paper", "tiny", "preset", "PRESETS", "INPUT_RULES", "OPTIMIZERS"]
 
 INPUT_RULES = ("stored", "centre_crop", "downsample")
 #: pipeline.models.norms.NORM_KINDS, repeated so that a config is checked without importing torch.
 NORMS = ("batch_stats", "batch", "instance")
+#: The optimisers `pipeline.finetune.steps.build_optimizer` builds: the reference fine-tunes with Adam only.
+OPTIMIZERS = ("adam",)
+#: `Optimisation`'s fields: a config reads, overrides (`with_overrides(lr=...)`) and flattens them by these names.
+OPTIMISATION_FIELDS = tuple(f.name for f in fields(Optimisation))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,17 +58,9 @@ class FinetuneConfig:
     """Whole-volume evaluation: volumes are resized by this factor before the sliding window (the store's
     crop -> cube resize, e.g. BMS 50x100x100 -> 32x64x64, times a tiny downsample) and probabilities back."""
     evaluation: str = "cubes"
-    lr: float = 1e-3
-    """Adam's learning rate (TaskSpec.optimisation.lr)."""
-    batch_size: int = 16
-    patience: int = 10
-    plateau_factor: float = 0.5
-    plateau_patience: int = 6
-    """Reduce-on-plateau: cut the lr on the plateau_patience-th epoch without improvement (Keras's counting,
-    `pipeline.finetune.steps.KerasReduceLROnPlateau`)."""
-    plateau_min_delta: float = 1e-4
-    min_lr: float = 1e-6
-    max_epochs: int = 10000
+    optimisation: Optimisation = field(default_factory=Optimisation)
+    """The task's `TaskSpec.optimisation` (optimiser, lr, batch size, early stopping, reduce-on-plateau, epochs),
+    held as it is; `Optimisation` checks its values. Its fields read as the config's own (`__getattr__`)."""
     freeze_encoder: bool = False
     label_fraction: float = 1.0
     seed: int = 0
@@ -83,31 +82,55 @@ class FinetuneConfig:
               f"must be three multiples of 8 (the U-Net pools three times), got {self.input_size}")
         check(self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}")
         check(self.evaluation in ("cubes", "whole_volume"), "evaluation", f"must be cubes|whole_volume, got {self.evaluation!r}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        for name in ("batch_size", "patience", "plateau_patience", "max_epochs", "sw_batch_size"):
-            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(isinstance(self.optimisation, Optimisation), "optimisation",
+              f"must be an Optimisation (a TaskSpec's optimisation), got {type(self.optimisation).__name__}")
+        check(self.optimizer in OPTIMIZERS, "optimizer",
+              f"fine-tuning builds {'|'.join(OPTIMIZERS)} (the reference's optimiser), got {self.optimizer!r}")
+        check(self.sw_batch_size >= 1, "sw_batch_size", f"must be >= 1, got {self.sw_batch_size}")
         check(0 < self.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {self.label_fraction}")
-        check(0 < self.plateau_factor < 1, "plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
-        check(self.plateau_min_delta >= 0, "plateau_min_delta", f"must be >= 0, got {self.plateau_min_delta}")
-        check(self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
         check(0 <= self.sw_overlap < 1, "sw_overlap", f"must be in [0, 1), got {self.sw_overlap}")
 
+    def __getattr__(self, name: str):
+        """The optimisation's fields read as the config's own (`config.lr` is `config.optimisation.lr`), so the
+        training code reads the task's values without this class re-declaring them; any other name is missing."""
+        if name in OPTIMISATION_FIELDS:
+            return getattr(self.optimisation, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def settable(cls) -> tuple[str, ...]:
+        """The names `with_overrides` and `from_dict` take: the config's fields and the optimisation's."""
+        return tuple(sorted({*cls.__dataclass_fields__, *OPTIMISATION_FIELDS}))
+
     def with_overrides(self, **changes) -> FinetuneConfig:
-        """A copy with the given fields changed (None leaves a field as it is)."""
-        bad = [k for k in changes if k not in self.__dataclass_fields__]
+        """A copy with the given fields changed (None leaves a field as it is); an optimisation field by its own
+        name (`lr=...`) changes the held `optimisation`, whose checks the new value passes."""
+        bad = [k for k in changes if k not in self.settable()]
         if bad:
-            raise ValueError(f"FinetuneConfig has no field(s) {bad}; fields: {sorted(self.__dataclass_fields__)}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+            raise ValueError(f"FinetuneConfig has no field(s) {bad}; fields: {list(self.settable())}")
+        own = {k: v for k, v in changes.items() if v is not None and k not in OPTIMISATION_FIELDS}
+        tuned = {k: v for k, v in changes.items() if v is not None and k in OPTIMISATION_FIELDS}
+        if tuned:
+            own["optimisation"] = replace(own.get("optimisation", self.optimisation), **tuned)
+        return replace(self, **own)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat, in field order: the optimisation's fields sit where `optimisation` is declared, under their own
+        names (the MLflow params `finetune.lr`, ... and the checkpoints' `config` keep their keys)."""
+        out: dict = {}
+        for name, value in asdict(self).items():
+            out.update(value if name == "optimisation" else {name: value})
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneConfig:
+        """The inverse of `to_dict`; an optimisation field it lacks takes `Optimisation`'s default (a dict
+        written before `optimizer` was kept reads as Adam, the only optimiser fine-tuning ever built)."""
         d = dict(d)
         for k in ("input_size", "volume_scale"):
             d[k] = tuple(d[k])
-        return cls(**d)
+        optimisation = Optimisation(**{k: d.pop(k) for k in OPTIMISATION_FIELDS if k in d})
+        return cls(**d, optimisation=optimisation)
 
 
 def _crop_scale(spec: TaskSpec) -> tuple[float, float, float]:
@@ -116,11 +139,8 @@ def _crop_scale(spec: TaskSpec) -> tuple[float, float, float]:
 
 
 def _common(spec: TaskSpec, name: str) -> dict:
-    o = spec.optimisation
     return dict(task=spec.name, kind=spec.kind, preset=name, in_channels=spec.in_channels, evaluation=spec.evaluation,
-                lr=o.lr, batch_size=o.batch_size, patience=o.patience, plateau_factor=o.plateau_factor,
-                plateau_patience=o.plateau_patience, plateau_min_delta=o.plateau_min_delta, min_lr=o.min_lr,
-                max_epochs=o.max_epochs, input_size=tuple(spec.cube_size), volume_scale=_crop_scale(spec))
+                optimisation=spec.optimisation, input_size=tuple(spec.cube_size), volume_scale=_crop_scale(spec))
 
 
 def paper(spec: TaskSpec) -> FinetuneConfig:
@@ -147,8 +167,10 @@ def tiny(spec: TaskSpec) -> FinetuneConfig:
     scale = base.pop("volume_scale")
     if rule == "downsample":
         scale = tuple(sc * n / s for sc, n, s in zip(scale, size, stored))
-    base.update(input_size=size, max_epochs=min(base["max_epochs"], 4), batch_size=4,
-                patience=min(base["patience"], 4), plateau_patience=min(base["plateau_patience"], 2))
+    o = spec.optimisation
+    short = replace(o, max_epochs=min(o.max_epochs, 4), batch_size=4, patience=min(o.patience, 4),
+                    plateau_patience=min(o.plateau_patience, 2))
+    base.update(input_size=size, optimisation=short)
     return FinetuneConfig(**base, base_channels=4, input_rule=rule, volume_scale=scale)
 
 

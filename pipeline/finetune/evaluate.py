@@ -153,7 +153,7 @@ def predict_volume(model, image: np.ndarray, config: FinetuneConfig, device) -> 
 
 
 def _whole_volume(model, store, config, spec, device, n_figures) -> TestResult:
-    from pipeline.volume_store import VolumeStore
+    from pipeline.volume_store.store import VolumeStore
 
     cases = store.scans[store.scans["split"] == "test"]
     if not len(cases):

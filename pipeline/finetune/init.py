@@ -2,9 +2,10 @@
 
 - `scratch`: the seeded random initialisation.
 - `models:/NAME/VERSION` or `models:/NAME@ALIAS`: a U-Net logged by `genesis pretrain` or
-  `genesis weights import`, loaded back through `pipeline.tracking.load_model_state`.
-- `official:FILE.pt`: the published checkpoint layout (`pipeline.models.load_official_genesis`).
-- `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`), read with weights_only=True.
+  `genesis weights import`, loaded back through `pipeline.model_io.load.load_model_state`.
+- `official:FILE.pt`: the published checkpoint layout (`pipeline.model_io.official.load_official_genesis`).
+- `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`), read with weights_only=True
+  (`pipeline.model_io.state_dicts.read_state_file`).
 
 Classification copies the encoder only (the dense head starts random); segmentation copies the whole U-Net. The
 norms' running statistics (running_mean, running_var) are copied with the weights: every pretrained model has them
@@ -24,11 +25,16 @@ import torch
 import torch.nn as nn
 
 from pipeline.finetune.config import FinetuneConfig
-from pipeline.models import ENCODER_NAMES, UNet3D, UNet3DClassifier
+from pipeline.model_io.load import load_model_state
+from pipeline.model_io.official import FIRST_CONV_KEY as FIRST_CONV
+from pipeline.model_io.official import load_official_genesis
+from pipeline.model_io.state_dicts import load_checked, read_state_file
+from pipeline.models.blocks import ENCODER_NAMES
+from pipeline.models.classifier import UNet3DClassifier
+from pipeline.models.unet3d import UNet3D
+from pipeline.runtime.tracking import Tracker
 
 __all__ = ["build_model", "read_init", "apply_init", "FIRST_CONV", "check_init", "freeze_encoder"]
-
-FIRST_CONV = "down_tr64.ops.0.conv1.weight"
 
 
 def build_model(config: FinetuneConfig) -> nn.Module:
@@ -38,28 +44,20 @@ def build_model(config: FinetuneConfig) -> nn.Module:
     return UNet3D(base_channels=config.base_channels, in_channels=config.in_channels, norm=config.norm, sigmoid=True)
 
 
-def read_init(init: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor] | None:
-    """The U-Net state dict (this project's (z, y, x) kernel order) that `init` names; None for scratch."""
+def read_init(init: str, tracking: Tracker | str | None = None) -> dict[str, torch.Tensor] | None:
+    """The U-Net state dict (this project's (z, y, x) kernel order) that `init` names; None for scratch.
+    `tracking`: the registry a `models:/` init is read from (a Tracker or a tracking URI; None: the default)."""
     if init == "scratch":
         return None
     if init.startswith("models:/"):
-        from pipeline.tracking import load_model_state, resolve_uri
-
-        return load_model_state(resolve_uri(tracking_uri), init)
+        return load_model_state(tracking, init)
     if init.startswith("official:"):
-        from pipeline.models import load_official_genesis
-
         path = init[len("official:"):]
         return {k: v.detach().cpu() for k, v in load_official_genesis(path).state_dict().items()}
     if not os.path.isfile(init):
         raise ValueError(f"--init {init!r}: not 'scratch', 'models:/NAME/VERSION', 'models:/NAME@ALIAS', "
                          f"'official:FILE.pt' or an existing state-dict file")
-    state = torch.load(init, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--init {init!r}: expected a state dict of tensors (torch.save(model.state_dict()))")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    return read_state_file(init)
 
 
 def _adapt_channels(state: dict, model: nn.Module, init: str) -> dict:
@@ -90,8 +88,6 @@ def apply_init(model: nn.Module, state: dict[str, torch.Tensor] | None, init: st
         if isinstance(model, UNet3DClassifier):
             model.load_encoder_from(state, name=f"--init {init!r}")
         else:
-            from pipeline.models.state_dicts import load_checked
-
             load_checked(model, state, f"--init {init!r}")
     except ValueError as err:
         raise ValueError(str(err)) from err

@@ -3,10 +3,10 @@ recorded in MLflow and registered as `genesis-<task>`.
 
 Everything that can be wrong deterministically (unknown task or preset, a store of another task, a test fold
 the store lacks, an empty training or validation split, an init that does not fit the model) raises ValueError
-here, before Ray starts, so it is never retried; so are the paths, tracking server and numbers
-`pipeline.preflight` checks. A deterministic error raised inside a worker ends the run at once
-(`preflight.torch_trainer`), the MLflow run FAILED with the cause; only worker failures are retried
-(`max_failures`, from the last epoch's checkpoint).
+here, before Ray starts, so it is never retried; so are the paths, tracking server and numbers. Ray, the fit and
+the run's record are `pipeline.runtime.driver`'s (shared with pretraining and the transfer grid): a deterministic
+error raised inside a worker ends the run at once, the MLflow run FAILED with the cause; only worker failures are
+retried (`max_failures`, from the last epoch's checkpoint).
 
 A fold-based task store (ECC) holds every fold; a fine-tuning runs one (`test_fold`, default the store's
 first) and reads the store's view of it (`PatchStore.for_fold`).
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "scaling", "COMMAND"]
+__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "COMMAND"]
 
 COMMAND = "genesis finetune"
 """The entry point a fine-tuning's run records (named here: the process may have run other stages before)."""
@@ -54,7 +54,7 @@ class FinetuneResult:
     error: str | None
 
     def report(self) -> str:
-        from pipeline.tracking import ui_hint
+        from pipeline.runtime.tracking import Tracker
 
         m = self.metrics or {}
         test = {k[5:]: v for k, v in sorted(m.items()) if k.startswith("test_") and not k.endswith("_n_nan")}
@@ -64,7 +64,7 @@ class FinetuneResult:
                  "  test: " + (", ".join(f"{k} {_fmt(v)}" for k, v in test.items()) or "-"),
                  f"  model: {self.registered_as} (models:/{self.registered_as}/latest)",
                  f"  checkpoints: {self.path}",
-                 f"  MLflow run: {ui_hint(self.tracking_uri, self.mlflow_run_id)}"]
+                 f"  MLflow run: {Tracker.at(self.tracking_uri).ui_hint(self.mlflow_run_id)}"]
         return "\n".join(lines)
 
 
@@ -75,7 +75,7 @@ def _fmt(v: float) -> str:
 def task_spec_of_store(task: str, store):
     """The registry's TaskSpec with the data fields the store was built with (cube size, channels,
     intensity, crop size, target values), so a store built with overrides is read as it is."""
-    from pipeline.tasks import get_task
+    from pipeline.tasks.registry import get_task
 
     spec = get_task(task)
     stored_task = store.attrs.get("task")
@@ -113,7 +113,7 @@ class Prepared:
     def loop_config(self, *, init: str, tracking_uri: str, run_id: str, gpus_per_worker: float = 0,
                     fault_injection: dict | None = None) -> dict:
         """What the Ray Train loop reads (without the init's weights, which travel separately)."""
-        from pipeline.tracking import finetuned_model_name
+        from pipeline.runtime.tracking import finetuned_model_name
 
         return {"finetune": self.config.to_dict(), "spec": self.spec, "patches": self.patches, "init": init,
                 "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "train_rows": self.train_rows,
@@ -129,7 +129,7 @@ def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bo
     import numpy as np
 
     from pipeline.finetune.config import preset as make_preset
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     if not Path(patches).is_dir():
         raise ValueError(f"{patches}: no such patch store")
@@ -167,14 +167,15 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
              fault_injection: dict | None = None) -> FinetuneResult:
     """One fine-tuning. `test_fold`: a fold-based task's test fold; None: its first fold (fold 1 of ECC), so a
     fine-tuning is one fold; `genesis transfer` runs every fold."""
-    from pipeline import preflight
+    from pipeline.cluster import ray_resources
     from pipeline.finetune.init import check_init, read_init
-    from pipeline.patches import PatchStore
-    from pipeline.tracking import create_run, mark_failed, run_metrics
+    from pipeline.patches.store import PatchStore
+    from pipeline.runtime import driver
+    from pipeline.runtime.paths import output_dir
+    from pipeline.runtime.tracking import Tracker, check_experiment, check_uri
 
-    preflight.ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
-                            failures=max_failures)
-    preflight.experiment(experiment)
+    ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address, failures=max_failures)
+    check_experiment(experiment)
     if test_fold is None and Path(patches).is_dir():
         try:
             test_fold = (PatchStore(patches).folds or (None,))[0]
@@ -183,53 +184,29 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     prep = prepare(patches, task, preset=preset, freeze_encoder=freeze_encoder, label_fraction=label_fraction,
                    seed=seed, workers=workers, epochs=epochs, fold=test_fold)
     spec, config = prep.spec, prep.config
-    storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
-    uri = preflight.tracking_uri(tracking_uri)
+    storage = output_dir(storage_path, "--storage-path", default="ray_results")
+    uri = check_uri(tracking_uri)
     init_state = read_init(init, uri)
     check_init(config, init_state, init)
+    tracker = Tracker(uri)  # the store is opened once nothing deterministic is left to refuse
 
     name = name or f"genesis-finetune-{spec.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"task": spec.name, "preset": preset, "init": init, "label_fraction": str(label_fraction),
             "seed": str(seed), "patch_store": prep.store_key}
     if prep.fold is not None:
         tags["fold"] = str(prep.fold)
-    run_id = create_run(uri, experiment, name, tags=tags, command=COMMAND)
-    registered = prep.loop_config(init=init, tracking_uri=uri, run_id=run_id)["register_as"]
-    error, path = None, str(Path(str(storage)) / name)
-    try:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    run_id = tracker.create_run(experiment, name, tags=tags, command=COMMAND)
+    loop_config = prep.loop_config(init=init, tracking_uri=tracker.uri, run_id=run_id,
+                                   gpus_per_worker=gpus_per_worker, fault_injection=fault_injection)
 
-        from pipeline.cluster import ensure_ray
+    def work() -> driver.Outcome:
         from pipeline.finetune.worker import train_loop_per_worker
 
-        ensure_ray(ray_address)
-        loop_config = {**prep.loop_config(init=init, tracking_uri=uri, run_id=run_id, gpus_per_worker=gpus_per_worker,
-                                          fault_injection=fault_injection), "init_state": init_state}
-        trainer = preflight.torch_trainer(
-            train_loop_per_worker, train_loop_config=loop_config,
-            scaling_config=scaling(workers, gpus_per_worker),
-            run_config=RunConfig(name=name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        )
-        result = trainer.fit()
-        path = str(result.path)
-        if result.error:
-            error = preflight.failure_reason(result.error)
-    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed, with its cause
-        error = preflight.failure_reason(exc)
-    except BaseException as exc:  # interrupted: the run is not left RUNNING
-        mark_failed(uri, run_id, reason=f"interrupted: {type(exc).__name__}", status="KILLED")
-        raise
-    if error:
-        mark_failed(uri, run_id, reason=error)
-    return FinetuneResult(name=name, task=spec.name, init=init, path=path, mlflow_run_id=run_id, tracking_uri=uri,
-                          registered_as=registered, metrics=run_metrics(uri, run_id), error=error)
+        return driver.fit(train_loop_per_worker, {**loop_config, "init_state": init_state}, name=name,
+                          storage=storage, workers=workers, gpus_per_worker=gpus_per_worker,
+                          max_failures=max_failures)
 
-
-def scaling(workers: int, gpus_per_worker: float):
-    """Ray Train's ScalingConfig: `workers` workers of 1 CPU (plus a GPU share each when asked)."""
-    from ray.train import ScalingConfig
-
-    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
-    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
+    outcome = driver.recorded(tracker, run_id, work, ray_address)
+    return FinetuneResult(name=name, task=spec.name, init=init, path=outcome.path or str(Path(str(storage)) / name),
+                          mlflow_run_id=run_id, tracking_uri=tracker.uri, registered_as=loop_config["register_as"],
+                          metrics=tracker.run_metrics(run_id), error=outcome.error)

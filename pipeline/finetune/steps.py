@@ -16,16 +16,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from pipeline.epoch_stats import EpochStats
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.models.norms import per_cube_statistics
 
 __all__ = ["loss_function", "soft_dice_loss", "build_optimizer", "build_scheduler", "KerasReduceLROnPlateau",
-           "train_epoch", "evaluate_loss", "predict", "EpochStats", "DICE_SMOOTH", "KERAS_ADAM_EPSILON"]
+           "train_epoch", "evaluate_loss", "predict", "DICE_SMOOTH", "KERAS_ADAM_EPSILON"]
 
 #: Keras's `K.epsilon()`, the epsilon of `Adam()` when none is given (PyTorch's default is 1e-8).
 KERAS_ADAM_EPSILON = 1e-7
@@ -126,17 +126,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig) ->
     `.step(val_loss)` once per epoch."""
     return KerasReduceLROnPlateau(optimizer, factor=config.plateau_factor, patience=config.plateau_patience,
                                   min_delta=config.plateau_min_delta, min_lr=config.min_lr)
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    cubes: int
-    seconds: float
-
-    @property
-    def cubes_per_s(self) -> float:
-        return self.cubes / self.seconds if self.seconds else 0.0
 
 
 def train_epoch(model: nn.Module, batches: Iterable, optimizer, loss_fn, device: torch.device) -> EpochStats:

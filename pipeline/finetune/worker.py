@@ -19,7 +19,7 @@ __all__ = ["train_loop_per_worker", "train_group_per_worker", "open_store"]
 def open_store(path: str, fold: int | None = None):
     """The task store a fine-tuning reads: for a fold-based task (ECC) the view of test fold `fold` (its
     training, validation and test rows: `PatchStore.for_fold`), else the store itself."""
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     store = PatchStore(path)
     return store if fold is None else store.for_fold(int(fold))
@@ -34,17 +34,20 @@ def train_group_per_worker(cfg: dict) -> None:
     `mlflow_run_id`); `cfg["init_states"]`: init name -> state dict or an object ref to one (shared by cells).
 
     With one worker an exception in one fine-tuning fails only that fine-tuning (its run is marked FAILED
-    with the reason, not retried) and the group goes on. With several workers it propagates: a peer's
-    collective would otherwise hang, and Ray Train restarts the group (`max_failures`)."""
+    with the reason, not retried) and the group goes on. With several workers it propagates (a peer's
+    collective would otherwise hang): a deterministic error ends the group at once (`pipeline.runtime.driver`),
+    any other makes Ray Train restart the group (`max_failures`)."""
     import ray
     import ray.train
 
-    from pipeline.tracking import run_status
+    from pipeline.runtime.errors import one_line
+    from pipeline.runtime.tracking import RunLogger, Tracker
 
     world = ray.train.get_context().get_world_size()
     states = cfg.get("init_states", {})
     for cell in cfg["cells"]:
-        if run_status(cell["tracking_uri"], cell["mlflow_run_id"]) == "FINISHED":
+        tracker = Tracker.at(cell["tracking_uri"])
+        if tracker.run_status(cell["mlflow_run_id"]) == "FINISHED":
             continue
         state = states.get(cell["init"])
         if isinstance(state, ray.ObjectRef):
@@ -54,14 +57,8 @@ def train_group_per_worker(cfg: dict) -> None:
         except Exception as exc:  # noqa: BLE001 - reported on the fine-tuning's run, the group goes on
             if world > 1:
                 raise
-            import mlflow
-
-            from pipeline.tracking import mark_failed
-
-            if mlflow.active_run() is not None:  # else the next fine-tuning's start_run finds this one active
-                mlflow.end_run(status="FAILED")
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            mark_failed(cell["tracking_uri"], cell["mlflow_run_id"], reason=reason)
+            RunLogger.end_active("FAILED")  # else the next fine-tuning's logger finds this one active
+            tracker.mark_failed(cell["mlflow_run_id"], reason=one_line(exc))
 
 
 def _run_one(cfg: dict, init_state: dict | None) -> None:
@@ -72,8 +69,8 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
     from pipeline.finetune.data import batches, epoch_rows
     from pipeline.finetune.init import apply_init, build_model, freeze_encoder
     from pipeline.finetune.steps import build_optimizer, build_scheduler, evaluate_loss, loss_function, train_epoch
-    from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
-                                              resume_from_checkpoint, track_best)
+    from pipeline.runtime import hooks
+    from pipeline.training.checkpoint import mean_across_ranks, report_epoch, resume_from_checkpoint, track_best
 
     config = FinetuneConfig.from_dict(cfg["finetune"])
     ctx = ray.train.get_context()
@@ -97,9 +94,10 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
 
     logger = None
     if rank == 0:
-        from pipeline.tracking import RunLogger
+        from pipeline.runtime.tracking import Tracker
 
-        logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", False))
+        logger = Tracker.at(cfg["tracking_uri"]).logger(cfg["mlflow_run_id"],
+                                                        system_metrics=cfg.get("system_metrics", False))
         if start_epoch == 0:
             idx = store.index.set_index("row")
             fold = {} if cfg.get("fold") is None else {"fold": cfg["fold"]}
@@ -135,7 +133,7 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
         report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                      best_val=best_val, bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
                      stopped_early=stopped_early, cell=cfg["mlflow_run_id"])
-        maybe_inject_fault(cfg, rank, epoch)
+        hooks.after_epoch(cfg.get("fault_injection"), rank, epoch)
         if stop:
             break
 
@@ -149,7 +147,7 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
 
     from pipeline.finetune.evaluate import evaluate_test
     from pipeline.finetune.init import build_model
-    from pipeline.tracking import register_finetuned
+    from pipeline.runtime.tracking import Tracker
 
     final = build_model(config)
     final.load_state_dict(best_model)
@@ -164,11 +162,11 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
         plt.close(fig)
     final.cpu()
     info = logger.log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind)
-    register_finetuned(cfg["tracking_uri"], info.model_uri, cfg["register_as"],
-                       tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, "task": config.task,
-                             "init": cfg["init"], "preset": config.preset, "label_fraction": config.label_fraction,
-                             "freeze_encoder": config.freeze_encoder, "seed": config.seed,
-                             "patch_store": store.key, "run_id": cfg["mlflow_run_id"],
-                             **({} if cfg.get("fold") is None else {"fold": cfg["fold"]}),
-                             "output": "logits" if config.kind == "classification" else "probabilities"})
+    Tracker.at(cfg["tracking_uri"]).register_finetuned(
+        info.model_uri, cfg["register_as"],
+        tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, "task": config.task, "init": cfg["init"],
+              "preset": config.preset, "label_fraction": config.label_fraction, "freeze_encoder": config.freeze_encoder,
+              "seed": config.seed, "patch_store": store.key, "run_id": cfg["mlflow_run_id"],
+              **({} if cfg.get("fold") is None else {"fold": cfg["fold"]}),
+              "output": "logits" if config.kind == "classification" else "probabilities"})
     logger.end()

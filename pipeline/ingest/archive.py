@@ -10,6 +10,7 @@ by the ceiling whatever the archive claims, and the caller's TemporaryDirectory 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -17,9 +18,14 @@ from pathlib import PurePosixPath
 
 from pipeline.ingest.headers import HEADER_READ_BYTES, header_format, parse_header_bytes, zip_data_members
 from pipeline.ingest.limits import check_ceiling, copy_member
-from pipeline.ingest.sources import safe_member
 
-__all__ = ["extract_scan_member", "extract_members"]
+__all__ = ["safe_member", "extract_scan_member", "extract_members", "read_zip_scan"]
+
+
+def safe_member(name: str) -> bool:
+    """A zip member may be extracted only if its path stays inside the target folder."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    return not p.is_absolute() and ".." not in p.parts and not re.match(r"^[A-Za-z]:", name)
 
 
 def _member(zf: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:

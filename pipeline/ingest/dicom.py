@@ -23,7 +23,7 @@ from pipeline.ingest.archive import extract_members
 from pipeline.ingest.dicom_header import check_pixel_data, check_series_size, read_slice_header
 from pipeline.ingest.lidc import ConsensusConfig, lidc_header, read_lidc_labels
 from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES, check_ceiling
-from pipeline.ingest.sources import ScanSource
+from pipeline.ingest.scan_source import ScanSource
 from pipeline.ingest.volume import Volume, check_geometry, volume_from_image
 
 __all__ = ["group_series", "group_series_in_zip", "read_dicom", "order_slices"]

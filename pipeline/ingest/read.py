@@ -14,9 +14,8 @@ from pipeline.ingest.archive import read_zip_scan
 from pipeline.ingest.dicom import read_dicom
 from pipeline.ingest.headers import check_header_file, header_format
 from pipeline.ingest.limits import DEFAULT_MAX_SCAN_BYTES, check_ceiling
-from pipeline.ingest.metaimage import read_metaimage_image
 from pipeline.ingest.nifti import check_nifti_header, nifti_nonfinite_count
-from pipeline.ingest.sources import ScanSource
+from pipeline.ingest.scan_source import ScanSource
 from pipeline.ingest.volume import Volume, check_geometry, volume_from_image
 
 __all__ = ["read_source", "read_image", "source_files", "fingerprint", "checksum"]
@@ -33,7 +32,7 @@ def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
     if source.kind in ("dicom", "dicom-zip"):
         return read_dicom(source, max_scan_bytes)
     if source.kind in ("metaimage", "metaimage-zip"):
-        image = read_metaimage_image(source, max_scan_bytes)
+        image = _read_metaimage(source, max_scan_bytes)
     elif source.kind == "image":
         image = read_image(source.files[0], max_scan_bytes)
     elif source.kind == "image-zip":
@@ -78,6 +77,19 @@ def read_image(path: str, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES, what: st
         raise ValueError(f"cannot read {name}: {_itk_reason(exc)}") from None
     check_geometry(image, what)
     return image
+
+
+def _read_metaimage(source: ScanSource, max_scan_bytes: int) -> sitk.Image:
+    """MetaImage (.mhd + .raw), the LUNA16 format, from disk or from a zip through a private temporary folder.
+
+    SimpleITK's own errors for a bad MetaImage are long ITK traces, and it opens whatever data file a
+    header names; `read_image` parses the header as ITK does first (`headers.check_header_file`), so
+    the usual archive damage (a truncated .raw, a missing data file, a header that is not MetaImage)
+    and hostile headers (a data file outside the scan's folder) become one-line reasons.
+    """
+    if source.archive is None:
+        return read_image(source.files[0], max_scan_bytes)
+    return read_zip_scan(source, max_scan_bytes, read_image, prefix="genesis-mhd-")
 
 
 def _read_zip_image(source: ScanSource, max_scan_bytes: int) -> sitk.Image:

@@ -17,7 +17,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-__all__ = ["ScanSource", "TableSource", "Discovery", "discover", "SourceError", "is_dicom_file"]
+from pipeline.ingest.archive import safe_member
+from pipeline.ingest.dicom import group_series, group_series_in_zip
+from pipeline.ingest.scan_source import ScanSource
+
+__all__ = ["TableSource", "Discovery", "discover", "SourceError", "is_dicom_file"]
 
 IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")
 # Files that travel beside images and are read through them (or are documentation).
@@ -36,27 +40,6 @@ LUNA16_LUNG_MASKS = "seg-lungs-LUNA16"
 
 class SourceError(ValueError):
     """An input path that cannot be used at all (bad usage rather than a bad scan)."""
-
-
-@dataclass(frozen=True)
-class ScanSource:
-    """Where one scan comes from, and how to read it.
-
-    `kind` is one of: metaimage, image (NIfTI/NRRD/MHA), dicom, and the zip variants
-    metaimage-zip and dicom-zip where `archive` is the zip and `files` are member names.
-    """
-
-    scan_id: str
-    kind: str
-    dataset: str
-    files: tuple[str, ...]
-    source_path: str
-    archive: str | None = None
-    subset: str | None = None
-    modality: str | None = None
-    labels: tuple[tuple[str, str], ...] = ()
-    identifiers: tuple[tuple[str, str], ...] = ()
-    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,8 +153,6 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
             _classify(str(path), found, dicom_files, image_files, explicit=True, root=None)
     found.scans.extend(_image_scans(image_files))
     if dicom_files:
-        from pipeline.ingest.dicom import group_series
-
         found.scans.extend(group_series(dicom_files))
     return found
 
@@ -320,12 +301,6 @@ def _pe_index(folder: str) -> _PeIndex | None:
     return _PeIndex(patients=_csv_column_map(candidates, "case_id", "patient_id"), folds=folds)
 
 
-def safe_member(name: str) -> bool:
-    """A zip member may be extracted only if its path stays inside the target folder."""
-    p = PurePosixPath(name.replace("\\", "/"))
-    return not p.is_absolute() and ".." not in p.parts and not re.match(r"^[A-Za-z]:", name)
-
-
 def _zip_scans(path: str, found: Discovery) -> list[ScanSource]:
     try:
         with zipfile.ZipFile(path) as zf:
@@ -362,7 +337,5 @@ def _zip_scans(path: str, found: Discovery) -> list[ScanSource]:
             dicom_members.append(name)
     del names
     if dicom_members:
-        from pipeline.ingest.dicom import group_series_in_zip
-
         scans.extend(group_series_in_zip(path, dicom_members))
     return scans

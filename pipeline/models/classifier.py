@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import ENCODER_NAMES, GenesisNetwork, build_encoder, check_input, check_settings, run_encoder
-from .state_dicts import load_checked, strip_prefix
+from pipeline.model_io.state_dicts import load_checked, strip_prefix
 
 
 class UNet3DClassifier(GenesisNetwork):

@@ -12,8 +12,9 @@ in index order, with no empty rows for scans that gave nothing.
 A store is built in a hidden folder and published by one rename; a kill can stop a build at any
 step, so every state of that folder is either resumed or discarded here (`open_building`,
 `building_complete`, `publish`): parts and results are written to a temporary name and renamed,
-a result counts only when its parts are whole, and a folder whose arrays, index and attributes
-are all written is published without redoing anything.
+a result counts only when its parts are whole (`save_part`, then `save_result`), and a folder whose
+arrays, index and attributes are all written is published without redoing anything. `pipeline.patches.site`
+offers these to the one build protocol, `pipeline.runtime.build`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline.runtime.hooks import stop_point
 from pipeline.storage.shard_writer import blosc_codec, chunk_codecs, write_encoded_shard
 
-__all__ = ["Part", "save_part", "plan_shards", "create_array", "write_assembled_shard", "assemble", "CODEC",
-           "open_building", "building_complete", "publish", "stop_point"]
+__all__ = ["Part", "save_part", "save_result", "plan_shards", "create_array", "write_assembled_shard", "assemble",
+           "CODEC", "open_building", "building_complete", "publish"]
 
 CODEC = ("zstd", 1, "shuffle")
 
@@ -66,6 +66,16 @@ def save_part(path: str | os.PathLike, items: np.ndarray) -> Part:
         np.save(fh, np.array([len(d) for d in encoded], dtype=np.int64))
     os.replace(tmp, f"{path}.len.npy")
     return Part(str(path), len(items))
+
+
+def save_result(building: str | os.PathLike, result: dict) -> dict:
+    """Leave a task's `result` (a dict with its `slot`) in the build's `results/`, whole or not at all, after its
+    parts: it is what vouches that the task is done (`open_building`). Returns it."""
+    path = Path(building) / "results" / f"{result['slot']:06d}.json"
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
 
 
 def part_is_whole(path: str | os.PathLike, n: int) -> bool:
@@ -142,15 +152,6 @@ def assemble(group_path: str | os.PathLike, name: str, parts: list[Part], item_s
     written = futures[0].result() if futures else 0
     stop_point("assemble")  # one shard written, the others on their way
     return written + sum(f.result() for f in futures[1:])
-
-
-def stop_point(name: str) -> None:
-    """A named step where kill tests freeze a build: with GENESIS_STOP_AT=name in its environment the
-    process says so on stderr and stops itself (SIGSTOP), so the test can record its process tree and
-    kill it at exactly this step. Otherwise one environment lookup."""
-    if os.environ.get("GENESIS_STOP_AT") == name:
-        print(f"genesis: stopped at {name} (GENESIS_STOP_AT)", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _is_group(path: Path) -> bool:

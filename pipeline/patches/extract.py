@@ -7,24 +7,19 @@ are then assembled into a cubes array that holds exactly the cubes of the index 
 fewer or none leave no empty rows), one writer per shard (`pipeline.patches.assemble`). The
 store becomes visible by one rename when complete.
 
-One build per store at a time: the builder holds `ROOT/.pretrain-<key>.lock` (a `FileLock`, gone
-with the builder however it dies; its workers die with it too, see `pipeline.cluster`). A run
-killed at any step leaves a state the next run resumes: finished scans are kept, a build that got
-as far as its attributes is only published (`pipeline.patches.assemble.open_building`). A build that fails on
-an error a rerun would meet again (damaged data, no acceptable cube: `DETERMINISTIC_ERRORS`) removes its building
-folder instead: there is nothing worth resuming.
+The publish-once protocol is `pipeline.runtime.build.build_once` (the one every store build runs): one build
+per store at a time: the builder holds `ROOT/.pretrain-<key>.lock` (a `FileLock`, gone with the builder however
+it dies; its workers die with it too, see `pipeline.cluster`). A run killed at any step leaves a state the next
+run resumes: finished scans are kept, a build that got as far as its attributes is only published
+(`pipeline.patches.assemble.open_building`). A build that fails on an error a rerun would meet again (damaged
+data, no acceptable cube: `DETERMINISTIC_ERRORS`) removes its building folder instead: there is nothing worth
+resuming.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import sys
+import dataclasses
 import time
-import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,57 +27,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import (Part, assemble, building_complete, open_building, publish, save_part,
-                                       stop_point)
+from pipeline.patches.assemble import Part, assemble, save_part, save_result
 from pipeline.patches.config import STORE_FORMAT, PretrainPatchConfig, content_key
 from pipeline.patches.encoding import choose_encoding, encode_cubes, storage_dtype
+from pipeline.patches.outcome import ExtractionResult, NoCubesError, found
 from pipeline.patches.sampling import sample_cubes, scan_region
+from pipeline.patches.site import PatchStoreSite
+from pipeline.patches.source import source_catalog
 from pipeline.patches.splits import scan_seed, split_of
-from pipeline.patches.store import PatchStore, catalog_hash
-from pipeline.preflight import DETERMINISTIC_ERRORS
-from pipeline.storage.locks import FileLock
-from pipeline.volume_store.errors import StoreError
-from pipeline.volume_store.store import CATALOG, VolumeStore
+from pipeline.patches.store import catalog_hash
+from pipeline.runtime.build import Built, BuildSpec, Item, build_once
+from pipeline.volume_store.store import VolumeStore
 
-__all__ = ["extract_pretrain", "ExtractionResult", "extract_scan", "build_lock", "source_catalog",
-           "NoCubesError", "discard_on_deterministic_error"]
-
-
-class NoCubesError(RuntimeError):
-    """No scan (case) gave a cube: every rerun with these settings fails the same way."""
-
-
-@dataclass
-class ExtractionResult:
-    path: Path
-    key: str
-    reused: bool
-    n_cubes: int = 0
-    counts: dict = field(default_factory=dict)
-    skipped: list = field(default_factory=list)  # [{"scan_id", "reason"}]
-    seconds: float = 0.0
-    failed: list = field(default_factory=list)  # [{"scan_id", "item", "reason"}]: candidates that gave no cube
-    tasks: list = field(default_factory=list)  # per case/scan extracted by this run: n, seconds, task_peak_bytes,
-    # pid, started (a worker's first task also pays its one-time set-up: imports, thread pools)
-    whole_volume: int = 0  # task stores: test cases kept whole (in scans.parquet) for sliding-window evaluation
-    phases: dict = field(default_factory=dict)  # seconds: plan, cluster start, cases, assemble, finish
-
-    def report(self) -> str:
-        verb = "reused existing" if self.reused else "built"
-        lines = [f"{verb} patch store {self.path} (key {self.key}): {self.n_cubes} cubes "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-                 + (f" (+ {self.whole_volume} whole test scans)" if self.whole_volume else "")
-                 + f" in {self.seconds:.1f} s"]
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} scans:")
-            lines += [f"  {s['scan_id']}: {s['reason']}" for s in self.skipped]
-        if self.failed:
-            lines.append(f"failed {len(self.failed)} items:")
-            lines += [f"  {f['scan_id']} {f['item']}: {f['reason']}" for f in self.failed]
-        return "\n".join(lines)
+__all__ = ["extract_pretrain", "extract_scan"]
 
 
 def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, building: str,
@@ -125,48 +84,7 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
                 })
             if n < config.per_scan:
                 result["short"] = f"only {n} of {config.per_scan} cubes accepted in {sample.attempts} attempts"
-    path = Path(building) / "results" / f"{slot:06d}.json"
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
-    return result
-
-
-def build_lock(root: Path, name: str) -> FileLock:
-    """The lock of the one build of store `name` under `root` allowed at a time; `acquire()` raises
-    LockBusyError (a RuntimeError) naming the run that holds it."""
-    return FileLock(root / f".{name}.lock", f"building patch store {name}")
-
-
-def source_catalog(vstore: VolumeStore):
-    """The volume store's catalog, refused (StoreError: exit 2) when it is missing or lists no converted scan: a
-    build over it would only say that no scan gave a cube."""
-    path = vstore.root / CATALOG
-    if not path.is_file():
-        raise StoreError(f"{vstore.root}: its {CATALOG} is missing; rebuild it from the scans' records with "
-                         f"`genesis stores verify {vstore.root} --repair`")
-    catalog = vstore.catalog()
-    if not (catalog["status"] == "ok").any():
-        raise StoreError(f"{vstore.root}: {CATALOG} lists no converted scan ({len(catalog)} rows, none ok; see "
-                         f"`genesis stores show {vstore.root}`)")
-    return catalog
-
-
-@contextlib.contextmanager
-def discard_on_deterministic_error(building: Path):
-    """Remove `building` when the build raises an error a rerun would meet again; any other failure (a lost
-    worker, a full disk) and a kill leave it for the next run to resume."""
-    try:
-        yield
-    except (NoCubesError, *DETERMINISTIC_ERRORS):
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-
-
-def _found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
-    ps = PatchStore(final)
-    return ExtractionResult(path=final, key=key, reused=reused, n_cubes=len(ps), counts=ps.attrs["counts"],
-                            skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0)
+    return save_result(building, result)
 
 
 def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPatchConfig(),
@@ -179,20 +97,28 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     source_hash = catalog_hash(catalog)
     key = content_key(source_hash, config)
     root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
-    final = root / f"pretrain-{key}"
-    if (final / "zarr.json").exists():
-        return _found(final, key, t0, reused=True)
-    root.mkdir(parents=True, exist_ok=True)
-    with build_lock(root, final.name):
-        if (final / "zarr.json").exists():  # published by a run that held the lock until just now
-            return _found(final, key, t0, reused=True)
-        building = root / f".building-{final.name}"
-        if building_complete(building, key):  # a killed run had written everything but not yet renamed
-            publish(building, final)
-            return _found(final, key, t0, reused=False)
-        with discard_on_deterministic_error(building):
-            return _build(vstore, catalog, source_hash, config, key, building, final, workers, scheduler,
-                          progress, t0)
+    site = PatchStoreSite(root, f"pretrain-{key}", key, _parts_of)
+    ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
+    encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
+    # a scan without a subset reads back from the catalog as NaN when others have one
+    items = [Item(slot, (str(vstore.root), r.scan_id, r.subset if isinstance(r.subset, str) else None, slot,
+                         str(site.building), config), {"encoding": encoding})
+             for slot, r in enumerate(ok.itertuples())]
+
+    def assemble_cubes(client, built: Built) -> None:
+        parts = [Part(str(site.building / "parts" / f"{r['slot']:06d}"), len(r["rows"])) for r in built.ordered()]
+        if any(p.n for p in parts):
+            assemble(site.building, "cubes", parts, (1,) + tuple(config.cube_size), storage_dtype(encoding),
+                     config.per_scan, ("cube", "c", "z", "y", "x"), client=client)
+
+    def complete(built: Built) -> ExtractionResult:
+        return _complete(site, built.ordered(), vstore, len(ok), config, source_hash, encoding)
+
+    return build_once(BuildSpec(
+        site=site, items=items, task=extract_scan, found=lambda reused: found(site.final, key, t0, reused),
+        assemble=assemble_cubes, complete=complete,
+        published=lambda r: dataclasses.replace(r, seconds=time.perf_counter() - t0),
+        workers=workers, scheduler=scheduler, desc="patches", unit="scan", progress=progress))
 
 
 def _parts_of(result: dict) -> list[tuple[str, int]]:
@@ -200,44 +126,18 @@ def _parts_of(result: dict) -> list[tuple[str, int]]:
     return [(f"{result['slot']:06d}", len(result["rows"]))] if result["rows"] else []
 
 
-def _build(vstore, catalog, source_hash, config, key, building, final, workers, scheduler, progress,
-           t0) -> ExtractionResult:
-    ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
-    cube = tuple(config.cube_size)
-    done = open_building(building, _parts_of)
-    encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
-    # a scan without a subset reads back from the catalog as NaN when others have one
-    todo = [(slot, r.scan_id, r.subset if isinstance(r.subset, str) else None)
-            for slot, r in enumerate(ok.itertuples()) if slot not in done]
-    results = list(done.values())
-    from distributed import as_completed
-
-    from pipeline.cluster import dask_client
-
-    with dask_client(workers, scheduler) as client:
-        stop_point("patches:started")
-        if todo:
-            bar = tqdm(total=len(ok), initial=len(done), desc="patches", unit="scan", file=sys.stderr,
-                       disable=not progress)
-            futures = [client.submit(extract_scan, str(vstore.root), sid, subset, slot, str(building), config,
-                                     encoding=encoding, pure=False) for slot, sid, subset in todo]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update(1)
-                stop_point("patches:result")
-            bar.close()
-        results.sort(key=lambda r: r["slot"])
-        parts = [Part(str(building / "parts" / f"{r['slot']:06d}"), len(r["rows"])) for r in results]
-        if any(p.n for p in parts):
-            assemble(building, "cubes", parts, (1,) + cube, storage_dtype(encoding), config.per_scan,
-                     ("cube", "c", "z", "y", "x"), client=client)
+def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_scans: int,
+              config: PretrainPatchConfig, source_hash: str, encoding: dict) -> ExtractionResult:
+    """The index and, last, the attributes that mark the build complete; the result (its time is set once
+    published)."""
+    building, key = site.building, site.key
     rows = [row for r in results for row in r["rows"]]
     for i, row in enumerate(rows):
         row["row"] = i
     skipped = [{"scan_id": r["scan_id"], "reason": r["reason"]} for r in results if r["reason"]]
     skipped.sort(key=lambda s: s["scan_id"])
     if not rows:
-        raise NoCubesError(f"no acceptable cubes in any of the {len(ok)} scans of {vstore.root}: "
+        raise NoCubesError(f"no acceptable cubes in any of the {n_scans} scans of {vstore.root}: "
                            + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in skipped[:5]))
     schema = storage_schemas.arrow_schema("patch_index")
     table = pa.Table.from_pylist(rows, schema=schema)
@@ -248,14 +148,12 @@ def _build(vstore, catalog, source_hash, config, key, building, final, workers, 
         "kind": "patch-store", "schema_version": 2, "store_format": STORE_FORMAT, "key": key, "purpose": "pretrain",
         "config": config.to_dict(), "cube_encoding": encoding,
         "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": source_hash},
-        "cube_shape": list(cube), "n_cubes": len(rows), "counts": counts, "shard_rows": config.per_scan,
+        "cube_shape": list(config.cube_size), "n_cubes": len(rows), "counts": counts, "shard_rows": config.per_scan,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "value_range": [0.0, 1.0],
         "short_scans": [{"scan_id": r["scan_id"], "reason": r["short"]} for r in results if r.get("short")],
     }}
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
     zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
-    stop_point("patches:publish")
-    publish(building, final)
-    return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
-                            seconds=time.perf_counter() - t0)
+    return ExtractionResult(path=site.final, key=key, reused=False, n_cubes=len(rows), counts=counts,
+                            skipped=skipped)

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -33,7 +34,7 @@ from pipeline.volume_store.checked_store import CheckedStore, _array_layout, sha
 from pipeline.volume_store.errors import StoreIntegrityError
 
 __all__ = ["PatchStore", "catalog_hash", "catalog_rows", "PatchStoreError", "StoreIntegrityError",
-           "expected_shards"]
+           "expected_shards", "fraction_rows"]
 
 
 class PatchStoreError(ValueError):
@@ -60,6 +61,15 @@ def catalog_rows(catalog: pd.DataFrame) -> list[list]:
     digests = ok["content_digest"] if "content_digest" in ok else pd.Series([None] * len(ok), index=ok.index)
     return [[r.scan_id, r.source_checksum, r.settings_hash, r.subset, None if pd.isna(d) else d]
             for r, d in zip(ok.itertuples(), digests)]
+
+
+def fraction_rows(index: pd.DataFrame, fraction: float) -> np.ndarray:
+    """Training rows of a label fraction (nested: a smaller fraction is inside a larger one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    train = index[index["split"] == "train"]
+    n = int(math.ceil(fraction * len(train)))
+    return train.loc[train["fraction_order"] < n, "row"].to_numpy()
 
 
 def catalog_hash(catalog: pd.DataFrame) -> str:
@@ -199,8 +209,6 @@ class PatchStore:
 
     def fraction_rows(self, fraction: float) -> np.ndarray:
         """Training rows of a label fraction; nested (10% inside 25% inside 50%) and label-stratified."""
-        from pipeline.patches.task_extract import fraction_rows
-
         return fraction_rows(self.index, fraction)
 
     def rows(self, split: str | None = None) -> np.ndarray:

@@ -26,19 +26,17 @@ Where cubes come from:
 
 Phase 1 is one Dask task per case writing an encoded part and a result file (a rerun keeps finished
 cases); phase 2 assembles the parts into exact arrays, one writer per shard. The build holds
-`ROOT/.task-<task>-<key>.lock` and survives a kill at any step the way the pretraining build does
-(`pipeline.patches.extract`).
+`ROOT/.task-<task>-<key>.lock` and survives a kill at any step the way the pretraining build does: both run
+the one publish-once protocol, `pipeline.runtime.build.build_once`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
 import os
-import sys
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,16 +46,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
-from tqdm import tqdm
 
 import storage_schemas
-from pipeline.patches.assemble import (Part, assemble, building_complete, open_building, publish, save_part,
-                                       stop_point)
-from pipeline.patches.extract import (ExtractionResult, NoCubesError, build_lock, discard_on_deterministic_error,
-                                      source_catalog)
+from pipeline.patches.assemble import Part, assemble, save_part, save_result
+from pipeline.patches.outcome import ExtractionResult, NoCubesError, found
+from pipeline.patches.site import PatchStoreSite
+from pipeline.patches.source import source_catalog
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
 from pipeline.peak_memory import reset_peak_rss, status_kb
+from pipeline.runtime.build import Built, BuildSpec, Item, build_once
 from pipeline.tasks import sampling as S
 from pipeline.tasks.geometry import (cube_steps, direction_problem, index_to_world, resized_geometry, vessel_frame,
                                      world_to_index)
@@ -223,11 +221,7 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
         save_part(parts / f"{slot:06d}.masks", np.stack(masks).astype(np.uint8))
     result.update(rows=rows, failed=failed, n=len(rows), seconds=time.perf_counter() - t0,
                   task_peak_bytes=max(0, status_kb("VmHWM") * 1024 - rss_start), pid=os.getpid(), started=started)
-    path = Path(building) / "results" / f"{slot:06d}.json"
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
-    return result
+    return save_result(building, result)
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -251,20 +245,21 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
                            + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in plan.skipped[:5]))
     key = task_key(plan, spec, seed)
     root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
-    name = f"task-{spec.name}-{key}"
-    final = root / name
-    if (final / "zarr.json").exists():
-        return _found(final, key, t0, reused=True)
-    root.mkdir(parents=True, exist_ok=True)
-    with build_lock(root, name):
-        if (final / "zarr.json").exists():  # published by a run that held the lock until just now
-            return _found(final, key, t0, reused=True)
-        building = root / f".building-{name}"
-        if building_complete(building, key):  # a killed run had written everything but not yet renamed
-            publish(building, final)
-            return _found(final, key, t0, reused=False)
-        with discard_on_deterministic_error(building):  # a kill or a lost worker leaves it to resume
-            return _build(vstore, plan, spec, seed, key, building, final, workers, scheduler, progress, t0, phases)
+    arrays = ("cubes", "masks") if spec.kind == "segmentation" else ("cubes",)
+
+    def parts_of(r: dict) -> list[tuple[str, int]]:  # what extract_case leaves for a case with cubes
+        return [(f"{r['slot']:06d}.{a}", r["n"]) for a in arrays] if r.get("n") else []
+
+    site = PatchStoreSite(root, f"task-{spec.name}-{key}", key, parts_of)
+    items = [Item(slot, (str(vstore.root), c, spec, seed, slot, str(site.building)))
+             for slot, c in enumerate(plan.cases) if c["cubes"]]
+    return build_once(BuildSpec(
+        site=site, items=items, task=extract_case, found=lambda reused: found(site.final, key, t0, reused),
+        assemble=lambda client, built: _assemble(client, built, site, plan, spec),
+        complete=lambda built: _complete(built, site, vstore, plan, spec, seed),
+        published=lambda r: dataclasses.replace(r, seconds=time.perf_counter() - t0),
+        workers=workers, scheduler=scheduler, desc=f"{spec.name} cubes", unit="case", progress=progress,
+        phases=phases))
 
 
 def _check_plan(plan: TaskPlan, spec: TaskSpec, vstore: VolumeStore) -> None:
@@ -286,70 +281,31 @@ def _check_plan(plan: TaskPlan, spec: TaskSpec, vstore: VolumeStore) -> None:
                                  "reconvert with a unit vector along the vessel, or all three empty when unknown")
 
 
-def _found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
-    from pipeline.patches.store import PatchStore
-
-    ps = PatchStore(final)
-    return ExtractionResult(path=final, key=key, reused=reused, n_cubes=len(ps), counts=ps.attrs["counts"],
-                            skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
-                            failed=ps.attrs.get("failed_items", []),
-                            whole_volume=int((ps.scans["n_cubes"] == 0).sum()))
-
-
-def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, final: Path, workers, scheduler,
-           progress, t0, phases: dict) -> ExtractionResult:
-    """Phase 1 (cases, on Dask), phase 2 (assembly, on Dask), then the tables and the rename; `phases`
-    collects the seconds of each, for the benchmark."""
-    def parts_of(r: dict) -> list[tuple[str, int]]:  # what extract_case leaves for a case with cubes
-        if not r.get("n"):
-            return []
-        arrays = ("cubes", "masks") if spec.kind == "segmentation" else ("cubes",)
-        return [(f"{r['slot']:06d}.{a}", r["n"]) for a in arrays]
-
-    done = open_building(building, parts_of)
-    todo = [(slot, c) for slot, c in enumerate(plan.cases) if c["cubes"] and slot not in done]
-    results = dict(done)
-    from distributed import as_completed
-
-    from pipeline.cluster import dask_client
-
-    tick = time.perf_counter()
-    with dask_client(workers, scheduler) as client:
-        phases["cluster"] = time.perf_counter() - tick
-        stop_point("patches:started")
-        if todo:
-            bar = tqdm(total=sum(c["cubes"] for c in plan.cases), initial=len(done), desc=f"{spec.name} cubes",
-                       unit="case", file=sys.stderr, disable=not progress)
-            futures = [client.submit(extract_case, str(vstore.root), c, spec, seed, slot, str(building), pure=False)
-                       for slot, c in todo]
-            for fut in as_completed(futures):
-                r = fut.result()
-                results[r["slot"]] = r
-                bar.update(1)
-                stop_point("patches:result")
-            bar.close()
-        ordered = [results[s] for s in sorted(results)]
-        phases["cases"] = time.perf_counter() - tick - phases["cluster"]
-        tick = time.perf_counter()
-        n_total = sum(r["n"] for r in ordered)
-        if n_total == 0:
-            raise NoCubesError(f"task {spec.name}: no cube from any of the {len(plan.cases)} cases: "
-                               + "; ".join(f"{r['case_id']}: {r['reason']}" for r in ordered if r["reason"])[:500])
-        channels = spec.in_channels
-        cube_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.cubes"), r["n"]) for r in ordered]
-        assemble(building, "cubes", cube_parts, (channels,) + tuple(spec.cube_size), "float32", SHARD_ROWS,
+def _assemble(client, built: Built, site: PatchStoreSite, plan: TaskPlan, spec: TaskSpec) -> None:
+    """Phase 2: the cases' parts into the exact `cubes` (and `masks`) arrays, on the build's cluster."""
+    ordered = built.ordered()
+    if sum(r["n"] for r in ordered) == 0:
+        raise NoCubesError(f"task {spec.name}: no cube from any of the {len(plan.cases)} cases: "
+                           + "; ".join(f"{r['case_id']}: {r['reason']}" for r in ordered if r["reason"])[:500])
+    arrays = [("cubes", spec.in_channels, "float32")]
+    if spec.kind == "segmentation":
+        arrays.append(("masks", 1, "uint8"))
+    for array, channels, dtype in arrays:
+        parts = [Part(str(site.building / "parts" / f"{r['slot']:06d}.{array}"), r["n"]) for r in ordered]
+        assemble(site.building, array, parts, (channels,) + tuple(spec.cube_size), dtype, SHARD_ROWS,
                  ("cube", "c", "z", "y", "x"), client=client)
-        if spec.kind == "segmentation":
-            mask_parts = [Part(str(building / "parts" / f"{r['slot']:06d}.masks"), r["n"]) for r in ordered]
-            assemble(building, "masks", mask_parts, (1,) + tuple(spec.cube_size), "uint8", SHARD_ROWS,
-                     ("cube", "c", "z", "y", "x"), client=client)
-        phases["assemble"] = time.perf_counter() - tick
-    tick = time.perf_counter()
+
+
+def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: TaskPlan, spec: TaskSpec,
+              seed: int) -> ExtractionResult:
+    """The tables and, last, the attributes that mark the build complete; the result (its time is set once
+    published; `built.phases` is its `phases`, which the build fills to the end)."""
+    building, key, ordered = site.building, site.key, built.ordered()
     rows = [row for r in ordered for row in r["rows"]]
     for i, row in enumerate(rows):
         row["row"] = i
     _add_fraction_order(rows, seed)
-    _write_tables(building, plan, rows, results)
+    _write_tables(building, plan, rows, built.results)
     failed = [f for r in ordered for f in r["failed"]]
     skipped = plan.skipped + [{"scan_id": r["case_id"], "reason": r["reason"]} for r in ordered if r["reason"]]
     counts = {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "validation", "test")}
@@ -367,14 +323,11 @@ def _build(vstore, plan: TaskPlan, spec: TaskSpec, seed, key, building: Path, fi
     }}
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
     zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
-    stop_point("patches:publish")
-    publish(building, final)
-    phases["finish"] = time.perf_counter() - tick
-    return ExtractionResult(path=final, key=key, reused=False, n_cubes=len(rows), counts=counts, skipped=skipped,
-                            seconds=time.perf_counter() - t0, failed=failed, phases=phases,
+    return ExtractionResult(path=site.final, key=key, reused=False, n_cubes=len(rows), counts=counts,
+                            skipped=skipped, failed=failed, phases=built.phases,
                             whole_volume=sum(1 for c in plan.cases if not c["cubes"]),
                             tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid", "started")}
-                                   for r in ordered if "seconds" in r and r["slot"] not in done])
+                                   for r in ordered if "seconds" in r and r["slot"] not in built.resumed])
 
 
 def _add_fraction_order(rows: list[dict], seed: int) -> None:
@@ -397,12 +350,3 @@ def _write_tables(building: Path, plan: TaskPlan, rows: list[dict], results: dic
     t = pa.Table.from_pylist(scans, schema=storage_schemas.arrow_schema("task_scans"))
     pq.write_table(storage_schemas.check_table("task_scans", t, str(building / "scans.parquet")),
                    building / "scans.parquet")
-
-
-def fraction_rows(index, fraction: float) -> np.ndarray:
-    """Training rows of a label fraction (nested: a smaller fraction is inside a larger one)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    train = index[index["split"] == "train"]
-    n = int(math.ceil(fraction * len(train)))
-    return train.loc[train["fraction_order"] < n, "row"].to_numpy()

@@ -276,17 +276,3 @@ def publish(build_dir: Path, out_dir: Path) -> None:
 
 def phantom_request(n_scans: int, seed: int, config: PhantomConfig, n_subsets: int) -> dict:
     return {"n_scans": n_scans, "seed": seed, "n_subsets": n_subsets, "config": config.to_dict()}
-
-
-def write_luna16_sample(out_dir, *, n_scans: int = 4, seed: int = 0,
-                        config: PhantomConfig | None = None, n_subsets: int = 10,
-                        overwrite: bool = False) -> SampleSummary:
-    """Write n_scans procedural chest CTs to out_dir in the LUNA16 layout.
-
-    Reruns with the same arguments reuse the finished sample; other arguments need overwrite=True
-    (and out_dir must hold a sample made here, so no user folder is ever deleted).
-    """
-    from .make import make_sample_data  # the same build, without the real cases
-
-    return make_sample_data(out_dir, n_scans=n_scans, seed=seed, include_real=False, config=config,
-                            n_subsets=n_subsets, overwrite=overwrite)

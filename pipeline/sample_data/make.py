@@ -1,4 +1,5 @@
-"""`make_sample_data`: the entry behind `genesis sample-data DIR [--scans N] [--seed S]`."""
+"""`make_sample_data`: the entry behind `genesis sample-data DIR [--scans N] [--seed S]`, and
+`write_luna16_sample`, the same build with phantoms only."""
 
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ def make_sample_data(out_dir, n_scans: int = 4, seed: int = 0, include_real: boo
         raise
     return SampleSummary(out_dir=out_dir, scans=tuple(scans), request=request,
                          real_status=real_status)
+
+
+def write_luna16_sample(out_dir, *, n_scans: int = 4, seed: int = 0,
+                        config: PhantomConfig | None = None, n_subsets: int = 10,
+                        overwrite: bool = False) -> SampleSummary:
+    """Write n_scans procedural chest CTs to out_dir in the LUNA16 layout.
+
+    Reruns with the same arguments reuse the finished sample; other arguments need overwrite=True
+    (and out_dir must hold a sample made here, so no user folder is ever deleted). The same build as
+    `make_sample_data`, without the real cases.
+    """
+    return make_sample_data(out_dir, n_scans=n_scans, seed=seed, include_real=False, config=config,
+                            n_subsets=n_subsets, overwrite=overwrite)

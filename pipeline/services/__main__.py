@@ -20,27 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.runtime.net import port, positive_int
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("start-mlflow", help="the authenticated MLflow server, detached")
     s.add_argument("--root", required=True, type=Path, help="folder of its database, auth files, artifacts, pid, log")
     s.add_argument("--host", required=True, help="interface to listen on (a private address; 0.0.0.0 needs --public)")
-    s.add_argument("--port", required=True, type=_port)
+    s.add_argument("--port", required=True, type=port)
     s.add_argument("--backend-store-uri", help="runs and models (default sqlite:///ROOT/mlflow.db)")
     s.add_argument("--artifacts-destination", help="artifact store, path or URI (default ROOT/artifacts)")
     s.add_argument("--allowed-hosts", default="", help="Host headers accepted besides HOST:PORT and localhost:PORT")
     s.add_argument("--public", action="store_true", help="allow --host 0.0.0.0 (every interface)")
-    s.add_argument("--workers", type=_positive, default=2, help="server worker processes (default 2)")
+    s.add_argument("--workers", type=positive_int, default=2, help="server worker processes (default 2)")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for it to answer")
     t = sub.add_parser("stop-mlflow", help="stop the server ROOT/mlflow.pid names")
     t.add_argument("--root", required=True, type=Path)
@@ -69,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--dir", type=Path, default=Path(os.environ.get("GENESIS_CLUSTER") or "cluster"),
                        help="the cluster folder (default: $GENESIS_CLUSTER, else ./cluster)")
         if name == "cluster-up":
-            c.add_argument("--head-cpus", type=_positive, default=1)
-            c.add_argument("--node-cpus", type=_positive, default=1)
-            c.add_argument("--object-store-mb", type=_positive, default=256)
-            c.add_argument("--mlflow-port", type=_port)
-            c.add_argument("--dashboard-port", type=_port)
+            c.add_argument("--head-cpus", type=positive_int, default=1)
+            c.add_argument("--node-cpus", type=positive_int, default=1)
+            c.add_argument("--object-store-mb", type=positive_int, default=256)
+            c.add_argument("--mlflow-port", type=port)
+            c.add_argument("--dashboard-port", type=port)
         if name == "add-node":
-            c.add_argument("--cpus", type=_positive, default=1)
+            c.add_argument("--cpus", type=positive_int, default=1)
     return p
 
 

@@ -31,10 +31,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.runtime.net import connect
 from pipeline.services.mlflow_server import (ADMIN_USER, PASSWORD_FILE, MlflowServerConfig, http_status,
                                              start_mlflow, stop_mlflow)
 from pipeline.services.private_files import ensure_secret, read_secret, write_private
-from pipeline.services.processes import ServiceError, alive, owned_process, start_detached, stop_trees
+from pipeline.services.processes import ServiceError, alive, log_tail, owned_process, start_detached, stop_trees
 from pipeline.services.ray_token import ensure_ray_token, ray_auth_env
 
 __all__ = ["LocalClusterConfig", "cluster_up", "cluster_down", "add_node", "read_cluster", "cluster_env",
@@ -105,9 +106,7 @@ def _worker_port_range(taken: set[int]) -> tuple[int, int]:
 
 
 def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1.0)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    return connect("127.0.0.1", port, timeout=1.0) is None
 
 
 def _json(url: str, headers: dict[str, str], timeout: float = 5.0):
@@ -199,7 +198,7 @@ def _wait_for_nodes(info: dict, count: int, deadline: float, starting: set[str] 
                     count -= 1
                     continue
                 raise ServiceError(f"Ray node {node['name']} (pid {node['pid']}) exited while starting; its log "
-                                   f"{node['log']} ends:\n{_tail(Path(node['log']))}")
+                                   f"{node['log']} ends:\n{log_tail(Path(node['log']))}")
         if http_status(f"{dashboard}/api/version", headers) != 200:
             missing = "the dashboard"
         elif [n["name"] for n in info["nodes"] if n["alive_expected"]
@@ -217,13 +216,6 @@ def _wait_for_nodes(info: dict, count: int, deadline: float, starting: set[str] 
         time.sleep(1.0)
     raise ServiceError(f"the local Ray cluster did not come up in time (waiting for {missing}); logs in "
                        f"{Path(info['dir']) / 'logs'}")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
 
 
 # --------------------------------------------------------------------------- commands

@@ -25,14 +25,13 @@ import base64
 import json
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.services.private_files import ensure_secret, read_secret, write_private
-from pipeline.services.processes import ServiceError, owned_process, read_pid, start_detached, stop_tree
+from pipeline.services.processes import ServiceError, running_pid, start_until_ready, stop_recorded
 
 __all__ = ["MlflowServerConfig", "MlflowServer", "start_mlflow", "stop_mlflow", "server_info", "ADMIN_USER",
            "PUBLIC_HOSTS"]
@@ -123,7 +122,12 @@ class MlflowServer:
         return read_secret(Path(self.password_file))
 
     def auth_header(self) -> str:
-        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        return basic_auth(self.user, self.password)
+
+
+def basic_auth(user: str, password: str) -> str:
+    """The Authorization header of HTTP basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _ini(config: MlflowServerConfig, password: str) -> str:
@@ -157,19 +161,12 @@ def http_status(url: str, headers: dict[str, str] | None = None, timeout: float 
         return 0
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
 def server_info(root: Path) -> MlflowServer | None:
     """The server ROOT/mlflow.json describes, if its process is still the one recorded; else None."""
     root = Path(root).resolve()
-    info_file, pid_file = root / INFO_FILE, root / PID_FILE
-    pid = read_pid(pid_file)
-    if pid is None or not info_file.exists() or owned_process(pid, pid_file.stat().st_mtime) is None:
+    info_file = root / INFO_FILE
+    pid = running_pid(root / PID_FILE) if info_file.exists() else None
+    if pid is None:
         return None
     info = MlflowServer(**json.loads(info_file.read_text(encoding="utf-8")))
     return info if info.pid == pid else None
@@ -205,30 +202,21 @@ def start_mlflow(config: MlflowServerConfig) -> MlflowServer:
             "--host", config.host, "--port", str(config.port), "--workers", str(config.workers),
             "--backend-store-uri", config.backend, "--serve-artifacts",
             "--artifacts-destination", config.artifacts, "--allowed-hosts", ",".join(config.hosts())]
-    proc = start_detached(argv, log=root / LOG_FILE, pid_file=root / PID_FILE, env=env, cwd=root)
+    auth = basic_auth(ADMIN_USER, password)
+
+    def ready(_proc) -> bool | str:
+        status = _probe(config.url, auth)
+        if status == 401:
+            return (f"refuses the admin password of {root / PASSWORD_FILE}: {root / AUTH_DB} holds an admin made "
+                    f"with another one (remove {root / AUTH_DB} to start over, or restore the password file)")
+        return status == 200
+
+    proc = start_until_ready(argv, name=f"MLflow server at {config.url}", log=root / LOG_FILE,
+                             pid_file=root / PID_FILE, ready=ready, timeout_s=config.start_timeout_s, env=env,
+                             cwd=root, every=0.5, late="did not answer within")
     server = MlflowServer(url=config.url, user=ADMIN_USER, password_file=str(root / PASSWORD_FILE), pid=proc.pid,
                           log=str(root / LOG_FILE), backend_store_uri=config.backend,
                           artifacts_destination=config.artifacts)
-    auth = server.auth_header()
-    deadline = time.monotonic() + config.start_timeout_s
-    while True:
-        status = _probe(config.url, auth)
-        if status == 200:
-            break
-        failed = None
-        if proc.poll() is not None:
-            failed = f"exited with status {proc.returncode}"
-        elif status == 401:
-            failed = (f"refuses the admin password of {root / PASSWORD_FILE}: {root / AUTH_DB} holds an admin made "
-                      f"with another one (remove {root / AUTH_DB} to start over, or restore the password file)")
-        elif time.monotonic() > deadline:
-            failed = f"did not answer within {config.start_timeout_s:.0f} s"
-        if failed:
-            stop_tree(proc.pid, grace_s=5)
-            (root / PID_FILE).unlink(missing_ok=True)
-            raise ServiceError(f"MLflow server at {config.url} {failed}; its log {root / LOG_FILE} ends:\n"
-                               f"{_tail(root / LOG_FILE)}")
-        time.sleep(0.5)
     (root / INFO_FILE).write_text(json.dumps(asdict(server), indent=1) + "\n", encoding="utf-8")
     return server
 
@@ -237,13 +225,8 @@ def stop_mlflow(root: Path, grace_s: float = 15.0) -> list[int]:
     """Stop the server ROOT/mlflow.pid names (its process group and descendants); returns the pids stopped
     (empty when none was running)."""
     root = Path(root).resolve()
-    pid_file = root / PID_FILE
-    pid = read_pid(pid_file)
-    if pid is None:
+    if not (root / PID_FILE).exists():
         return []
-    stopped = []
-    if owned_process(pid, pid_file.stat().st_mtime) is not None:
-        stopped = stop_tree(pid, grace_s=grace_s)
-    pid_file.unlink(missing_ok=True)
+    stopped = stop_recorded(root / PID_FILE, grace_s=grace_s)
     (root / INFO_FILE).unlink(missing_ok=True)
     return stopped

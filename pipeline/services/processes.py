@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["start_detached", "read_pid", "owned_process", "process_tree", "stop_tree", "stop_trees", "alive",
-           "ServiceError"]
+__all__ = ["start_detached", "start_until_ready", "read_pid", "owned_process", "running_pid", "stop_recorded",
+           "process_tree", "stop_tree", "stop_trees", "alive", "log_tail", "ServiceError"]
 
 
 class ServiceError(RuntimeError):
@@ -35,6 +35,41 @@ def start_detached(argv: list[str], *, log: Path, pid_file: Path | None = None,
     if pid_file is not None:
         pid_file.write_text(f"{proc.pid}\n", encoding="utf-8")
     return proc
+
+
+def start_until_ready(argv: list[str], *, name: str, log: Path, pid_file: Path,
+                      ready: Callable[[subprocess.Popen], bool | str], timeout_s: float,
+                      env: Mapping[str, str] | None = None, cwd: Path | None = None, every: float = 0.2,
+                      late: str = "was not ready within") -> subprocess.Popen:
+    """`start_detached`, then wait until `ready(proc)` is True; a str from it says why the service can never
+    become ready (a refused password). When it exits, refuses or is late, what was started is stopped, its pid
+    file removed, and ServiceError names `name`, what went wrong and the end of its log."""
+    proc = start_detached(argv, log=log, pid_file=pid_file, env=env, cwd=cwd)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = ready(proc)
+        if answer is True:
+            return proc
+        failed = None
+        if proc.poll() is not None:
+            failed = f"exited with status {proc.returncode}"
+        elif isinstance(answer, str):
+            failed = answer
+        elif time.monotonic() > deadline:
+            failed = f"{late} {timeout_s:.0f} s"
+        if failed:
+            stop_tree(proc.pid, grace_s=5)
+            pid_file.unlink(missing_ok=True)
+            raise ServiceError(f"{name} {failed}; its log {log} ends:\n{log_tail(log)}")
+        time.sleep(every)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a service's log, for the error that says it failed."""
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
 
 
 def read_pid(pid_file: Path) -> int | None:
@@ -59,6 +94,24 @@ def owned_process(pid: int, written_at: float):
         return proc
     except psutil.NoSuchProcess:
         return None
+
+
+def running_pid(pid_file: Path) -> int | None:
+    """The pid `pid_file` records if that process still runs and is the one started when the file was written
+    (not a later process that reuses the pid); else None."""
+    pid = read_pid(pid_file)
+    if pid is None or owned_process(pid, pid_file.stat().st_mtime) is None:
+        return None
+    return pid
+
+
+def stop_recorded(pid_file: Path, *, grace_s: float = 15.0) -> list[int]:
+    """`stop_tree` of the process `pid_file` records (when it is still that process), then remove the file.
+    Returns the pids stopped (empty when none was running)."""
+    pid = running_pid(pid_file)
+    stopped = stop_tree(pid, grace_s=grace_s) if pid is not None else []
+    pid_file.unlink(missing_ok=True)
+    return stopped
 
 
 def process_tree(pid: int) -> list[int]:

@@ -185,25 +185,35 @@ class SplitRule:
 
 @dataclass(frozen=True, kw_only=True)
 class Optimisation:
-    """The reference's fine-tuning recipe (keras/downstream_tasks): Adam, reduce-on-plateau, early stop."""
+    """The reference's fine-tuning recipe (keras/downstream_tasks): Adam, reduce-on-plateau, early stop.
+
+    Fine-tuning holds this object itself (`FinetuneConfig.optimisation`), so every value here is checked here,
+    once, and reaches the training code unchanged."""
 
     optimizer: str = "adam"
+    """The optimiser's name; fine-tuning builds the ones `pipeline.finetune.config.OPTIMIZERS` lists."""
     lr: float = 1e-3
     batch_size: int = 16
     patience: int = 10
     """Early stopping on validation loss (epochs without improvement)."""
     plateau_factor: float = 0.5
     plateau_patience: int = 6
+    """Reduce-on-plateau: cut the lr on the plateau_patience-th epoch without improvement (Keras's counting,
+    `pipeline.finetune.steps.KerasReduceLROnPlateau`)."""
     plateau_min_delta: float = 1e-4
     min_lr: float = 1e-6
     max_epochs: int = 10000
 
     def __post_init__(self) -> None:
         w = "Optimisation"
+        _check(isinstance(self.optimizer, str) and bool(self.optimizer), f"{w}.optimizer",
+               f"must be an optimiser's name, got {self.optimizer!r}")
         _check(self.lr > 0, f"{w}.lr", f"must be > 0, got {self.lr}")
         for name in ("batch_size", "patience", "plateau_patience", "max_epochs"):
             _check(getattr(self, name) >= 1, f"{w}.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(0 < self.plateau_factor < 1, f"{w}.plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
+        _check(self.plateau_min_delta >= 0, f"{w}.plateau_min_delta", f"must be >= 0, got {self.plateau_min_delta}")
+        _check(self.min_lr >= 0, f"{w}.min_lr", f"must be >= 0, got {self.min_lr}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,6 @@
 """Everything a run needs to continue exactly: model, optimizer, scheduler, counters, RNG states; and the
-per-epoch steps every Ray Train loop of the project shares (report with a checkpoint, fault injection)."""
+per-epoch steps every Ray Train loop of the project shares (report with a checkpoint, early stopping, means and
+sums over the ranks). Test faults are `pipeline.runtime.hooks`'."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 import numpy as np
 import torch
 
-__all__ = ["save_state", "load_state", "restore_rng", "STATE_FILE", "report_epoch", "maybe_inject_fault",
+__all__ = ["save_state", "load_state", "restore_rng", "STATE_FILE", "report_epoch",
            "mean_across_ranks", "sum_across_ranks", "resume_from_checkpoint"]
 
 STATE_FILE = "state.pt"
@@ -59,23 +60,6 @@ def report_epoch(rank: int, metrics: dict, **state) -> None:
             save_state(tmp, **state)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
-
-
-def maybe_inject_fault(cfg: dict, rank: int, epoch: int) -> None:
-    """Tests only: `cfg["fault_injection"] = {"rank", "epoch", "marker"}` SIGKILLs that worker once, after
-    `epoch`'s checkpoint (the marker file makes it happen once across restarts). It first waits until Ray Train
-    has committed every report made so far: the controller polls workers every 2 s, so a worker killed right
-    after reporting could take unregistered checkpoints with it and the test would see a restart from epoch 0
-    (seen once in CI). A real crash mid-epoch comes long after the last report was committed."""
-    import ray.train
-
-    fault = cfg.get("fault_injection")
-    if not fault or rank != fault["rank"] or epoch != fault["epoch"] or os.path.exists(fault["marker"]):
-        return
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
-                                           timeout_s=120)
-    open(fault["marker"], "w").close()
-    os.kill(os.getpid(), 9)
 
 
 def track_best(model, val_loss: float, best_val: float, bad_epochs: int, best_model: dict | None

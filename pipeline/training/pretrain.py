@@ -6,9 +6,10 @@ run may take. A killed worker restarts the worker group from the last checkpoint
 MLflow run; `--resume` continues a stopped run the same way. The config's batch is the global
 batch, split evenly across the workers at the reference's lr; a split that does not divide, or a
 train split smaller than one batch, is refused here before an MLflow run or Ray exists, as are the paths,
-tracking server and numbers `pipeline.preflight` checks. A deterministic error inside a worker (bad data, a bug)
-ends the run at once, named in its report and in the MLflow run's `error` tag (FAILED); only worker and node
-failures take the restarts `max_failures` allows.
+tracking server and numbers the runtime and cluster checks cover. Ray, the fit and the run's FAILED/KILLED record
+are `pipeline.runtime.driver`'s, shared with fine-tuning and the transfer grid: a deterministic error inside a
+worker (bad data, a bug) ends the run at once, named in its report and in the MLflow run's `error` tag (FAILED);
+only worker and node failures take the restarts `max_failures` allows.
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ class PretrainResult:
     error: str | None
 
     def report(self) -> str:
-        from pipeline.tracking import ui_hint
+        from pipeline.runtime.tracking import Tracker
 
         m = self.metrics or {}
         lines = [f"run {self.name}: {'FAILED: ' + self.error if self.error else 'finished'}",
                  f"  epochs {int(m.get('epoch', -1)) + 1}, train loss {m.get('train_loss', float('nan')):.5f}, "
                  f"validation loss {m.get('val_loss', float('nan')):.5f} (best {m.get('best_val_loss', float('nan')):.5f})",
                  f"  checkpoints: {self.path}",
-                 f"  MLflow run: {ui_hint(self.tracking_uri, self.mlflow_run_id)}"]
+                 f"  MLflow run: {Tracker.at(self.tracking_uri).ui_hint(self.mlflow_run_id)}"]
         return "\n".join(lines)
 
 
@@ -56,7 +57,7 @@ def check_data(store, config: PretrainConfig, workers: int) -> None:
     cannot pool three times, a global batch that does not split across the workers, a train split smaller than
     one global batch, or a worker whose share of it is smaller than its batch (each rank's share computed as
     the worker computes it)."""
-    from pipeline.data import CubeStreamConfig, PatchCubes
+    from pipeline.data.cubes import CubeStreamConfig, PatchCubes
 
     if store.is_task:
         raise ValueError(f"{store.path} is a {store.purpose} patch store; pretraining needs a pretraining store "
@@ -85,16 +86,18 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
              resume: bool = False, max_failures: int = 3, register_as: str | None = None,
              system_metrics: bool = True, fault_injection: dict | None = None,
              resume_epochs: int | None = None) -> PretrainResult:
-    from pipeline import preflight
-    from pipeline.patches import PatchStore
-    from pipeline.tracking import PRETRAINED_MODEL, create_run, mark_failed
+    from pipeline.cluster import ray_resources
+    from pipeline.patches.store import PatchStore
+    from pipeline.runtime import driver
+    from pipeline.runtime.errors import failure_reason
+    from pipeline.runtime.paths import output_dir
+    from pipeline.runtime.tracking import PRETRAINED_MODEL, Tracker, check_experiment, check_uri
 
     # everything that can be wrong before Ray and the MLflow run exist, each naming its option
-    preflight.ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
-                            failures=max_failures)
-    preflight.experiment(experiment)
+    ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address, failures=max_failures)
+    check_experiment(experiment)
     store = PatchStore(patches)  # fails early, naming the path, when it is not a patch store
-    storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
+    storage = output_dir(storage_path, "--storage-path", default="ray_results")
     if "://" not in storage:
         storage = Path(storage)
     if resume:
@@ -104,59 +107,40 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
         meta = json.loads((Path(storage) / name / RUN_FILE).read_text())
         if meta["patches_key"] != store.key:
             raise ValueError(f"--resume: run {name} trained on patch store {meta['patches_key']}, not {store.key}")
-        run_id, uri = meta["mlflow_run_id"], preflight.tracking_uri(meta["tracking_uri"])
+        run_id, uri = meta["mlflow_run_id"], check_uri(meta["tracking_uri"])
         # the run continues with its own settings; only a longer schedule may be asked for
         config = PretrainConfig.from_dict(meta["config"]).with_overrides(epochs=resume_epochs)
         check_data(store, config, workers)
+        tracker = Tracker(uri)
     else:
         check_data(store, config, workers)  # before an MLflow run or Ray exists
-        uri = preflight.tracking_uri(tracking_uri)
+        tracker = Tracker.open(tracking_uri)
         name = name or f"genesis-pretrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = create_run(uri, experiment, name, tags={"preset": config.preset, "patch_store": store.key},
-                            command="genesis pretrain")
+        run_id = tracker.create_run(experiment, name, tags={"preset": config.preset, "patch_store": store.key},
+                                    command="genesis pretrain")
         try:
             if isinstance(storage, Path):
                 (storage / name).mkdir(parents=True, exist_ok=True)
                 (storage / name / RUN_FILE).write_text(json.dumps({
-                    "mlflow_run_id": run_id, "tracking_uri": uri, "patches": str(Path(patches).resolve()),
+                    "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "patches": str(Path(patches).resolve()),
                     "patches_key": store.key, "config": config.to_dict()}, indent=1))
         except BaseException as exc:  # the run exists now: never leave it RUNNING
-            mark_failed(uri, run_id, reason=preflight.failure_reason(exc))
+            tracker.mark_failed(run_id, reason=failure_reason(exc))
             raise
 
-    error = None
-    try:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": tracker.uri,
+                   "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
+                   "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics,
+                   # tests only (pipeline.runtime.hooks): {"rank": 1, "epoch": 1, "marker": path} kills that worker
+                   # once; {"attempts": path} counts the worker starts
+                   "fault_injection": fault_injection}
 
-        from pipeline.cluster import ensure_ray
-
-        ensure_ray(ray_address)
-        loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": uri,
-                       "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
-                       "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics,
-                       # tests only: {"rank": 1, "epoch": 1, "marker": path} kills that worker once
-                       "fault_injection": fault_injection}
+    def work() -> driver.Outcome:
         from pipeline.training.worker import train_loop_per_worker
 
-        resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
-        trainer = preflight.torch_trainer(
-            train_loop_per_worker, train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=name, storage_path=str(storage),
-                                 failure_config=FailureConfig(max_failures=max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        )
-        result = trainer.fit()
-        metrics = dict(result.metrics or {})
-        path = str(result.path)
-        if result.error:
-            error = preflight.failure_reason(result.error)
-    except Exception as exc:  # TrainingFailedError and friends: the run is recorded as failed, with its cause
-        metrics, path, error = {}, str(Path(str(storage)) / name), preflight.failure_reason(exc)
-    except BaseException as exc:  # interrupted: the run is not left RUNNING
-        mark_failed(uri, run_id, reason=f"interrupted: {type(exc).__name__}", status="KILLED")
-        raise
-    if error:
-        mark_failed(uri, run_id, reason=error)
-    return PretrainResult(name=name, path=path, mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, error=error)
+        return driver.fit(train_loop_per_worker, loop_config, name=name, storage=str(storage), workers=workers,
+                          gpus_per_worker=gpus_per_worker, max_failures=max_failures)
+
+    outcome = driver.recorded(tracker, run_id, work, ray_address)
+    return PretrainResult(name=name, path=outcome.path or str(Path(str(storage)) / name), mlflow_run_id=run_id,
+                          tracking_uri=tracker.uri, metrics=outcome.metrics, error=outcome.error)

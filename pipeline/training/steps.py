@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from pipeline.epoch_stats import EpochStats
 from pipeline.models import UNet3D
 from pipeline.training.config import PretrainConfig
 
-__all__ = ["build_model", "build_optimizer", "build_scheduler", "train_epoch", "validation_sums", "restore",
-           "EpochStats"]
+__all__ = ["build_model", "build_optimizer", "build_scheduler", "train_epoch", "validation_sums", "restore"]
 
 
 def build_model(config: PretrainConfig) -> UNet3D:
@@ -34,23 +33,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: PretrainConfig):
     if config.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.gamma, patience=config.step_size)
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    cubes: int
-    seconds: float
-    data_seconds: float
-
-    @property
-    def cubes_per_s(self) -> float:
-        return self.cubes / self.seconds if self.seconds else 0.0
-
-    @property
-    def data_share(self) -> float:
-        """Share of the epoch's step time spent waiting for the next (corrupted) batch."""
-        return self.data_seconds / self.seconds if self.seconds else 0.0
 
 
 def _autocast(device: torch.device, bf16: bool):

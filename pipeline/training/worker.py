@@ -14,10 +14,13 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.data import FIXED_CORRUPTION, CubeStreamConfig, PatchCubes, ValidationCubes, genesis_pairs
-    from pipeline.patches import PatchStore
-    from pipeline.training.checkpoint import (maybe_inject_fault, mean_across_ranks, report_epoch,
-                                              resume_from_checkpoint, sum_across_ranks, track_best)
+    from pipeline.data.cubes import CubeStreamConfig, PatchCubes
+    from pipeline.data.genesis_batches import genesis_pairs
+    from pipeline.data.validation import FIXED_CORRUPTION, ValidationCubes
+    from pipeline.patches.store import PatchStore
+    from pipeline.runtime import hooks
+    from pipeline.training.checkpoint import (mean_across_ranks, report_epoch, resume_from_checkpoint,
+                                              sum_across_ranks, track_best)
     from pipeline.training.config import PretrainConfig, per_worker_batch, precision
     from pipeline.training.steps import (build_model, build_optimizer, build_scheduler, restore, train_epoch,
                                          validation_sums)
@@ -26,10 +29,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    attempts = (cfg.get("fault_injection") or {}).get("attempts")
-    if attempts:  # tests only: one line per worker start, so a test can count the restarts of a run
-        with open(attempts, "a", encoding="utf-8") as f:
-            f.write(f"{rank}\n")
+    hooks.worker_started(cfg.get("fault_injection"), rank)
     batch = per_worker_batch(config.batch_size, world)
     torch.manual_seed(config.seed)  # the model's initial weights; every other draw has its own generator
 
@@ -48,14 +48,15 @@ def train_loop_per_worker(cfg: dict) -> None:
     val = ValidationCubes(cfg["patches"], batch_size=config.batch_size, cubes=config.val_cubes, seed=config.seed,
                           rank=rank, world_size=world)
 
-    logger = fig_x = fig_y = None
+    logger = tracker = fig_x = fig_y = None
     if rank == 0:
-        from pipeline.tracking import RunLogger
+        from pipeline.runtime.tracking import Tracker
         from pipeline.training.pictures import figure_pairs
 
         store = PatchStore(cfg["patches"])
         fig_x, fig_y = figure_pairs(store.read_cubes(val.first(config.figure_cubes))[:, 0], config.seed)
-        logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", True))
+        tracker = Tracker.at(cfg["tracking_uri"])
+        logger = tracker.logger(cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", True))
         logger.log_params({
             "pretrain": config.to_dict(), "patches": {"path": cfg["patches"], "key": store.key},
             "ray": {"workers": world, "gpus_per_worker": cfg.get("gpus_per_worker", 0)},
@@ -100,20 +101,20 @@ def train_loop_per_worker(cfg: dict) -> None:
         report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                      best_val=best_val, bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
                      stopped_early=stopped_early)
-        maybe_inject_fault(cfg, rank, epoch)
+        hooks.after_epoch(cfg.get("fault_injection"), rank, epoch)
         if stop:
             break
 
     if logger:
-        from pipeline.tracking import PRETRAINED_MODEL, register_model
+        from pipeline.runtime.tracking import PRETRAINED_MODEL
 
         final = build_model(config)
         final.load_state_dict(best_model)
         final.eval()
         info = logger.log_model(final)
         logger.log_metrics({"final_best_val_loss": best_val}, step=epoch)
-        register_model(cfg["tracking_uri"], info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
-                       tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"]})
+        tracker.register_model(info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
+                               tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"]})
         logger.end()
 
 

@@ -3,12 +3,10 @@ with a child run per fine-tuning, and the paper's table (mean ± sd over folds x
 the published numbers beside ours where they are computed the same way).
 
 grid.py (which fine-tunings, their test folds, keys, trial groups), trial.py (one Tune trial = one TorchTrainer
-running a group; the child runs and their tags), run.py (the driver: checks, reuse of finished fine-tunings, Tune,
-champions), table.py (the table and figures from MLflow alone), protocol.py (whether a row is computed as the
-published value: metric, unit, protocol).
+running a group, fitted through `pipeline.runtime.driver`; the child runs and their tags), run.py (the driver:
+checks, reuse of finished fine-tunings, Tune, champions), table.py (the table and figures from MLflow alone),
+protocol.py (whether a row is computed as the published value: metric, unit, protocol).
+
+Nothing is imported here: import from the submodule that defines a name (`pipeline.transfer.run.transfer`,
+`pipeline.transfer.grid.GridConfig`).
 """
-
-from pipeline.transfer.grid import GridConfig
-from pipeline.transfer.run import TransferResult, show, transfer
-
-__all__ = ["GridConfig", "TransferResult", "show", "transfer"]

@@ -114,7 +114,7 @@ def _split_difference(stored: dict, reference: dict) -> str | None:
 def store_differences(store, task: str) -> list[str]:
     """How a task store differs from the data behind the published number (split rule, cube size, dataset size);
     [] when it does not. Read once per task on the driver and recorded on each of the task's runs."""
-    from pipeline.tasks import get_task
+    from pipeline.tasks.registry import get_task
 
     spec = get_task(task)
     out = []
@@ -157,7 +157,7 @@ def row_differences(task: str, metric: str, runs, finished) -> list[str]:
     value); `metric`: our paper metric (as logged, without `test_`)."""
     import pandas as pd
 
-    from pipeline.tasks import get_task
+    from pipeline.tasks.registry import get_task
 
     spec = get_task(task)
     reasons: list[str] = []

@@ -2,7 +2,8 @@
 recorded as one MLflow parent run with one child run per fine-tuning, ending in the paper's table.
 
 Order of work, and why:
-0. The paths, the tracking server and the numbers are checked first (`pipeline.preflight`), then the stores: a
+0. The paths, the tracking server and the numbers are checked first (`pipeline.runtime`, `pipeline.cluster`), then
+   the stores: a
    fold-based task runs every fold its store holds, or the one `--test-fold` names (a fold the store lacks is
    refused, naming the folds it has). Nothing starts when one is wrong.
 1. Every fine-tuning is checked on the driver first (`pipeline.finetune.run.prepare`, the init read once per
@@ -28,12 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.cluster import TRIAL_RESOURCE, ensure_ray, ray_resources
 from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells
 
 __all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show",
            "inspect_stores"]
-
-from pipeline.cluster import LOCAL_TRIAL_SLOTS, TRIAL_RESOURCE, ensure_ray  # noqa: F401 - LOCAL_TRIAL_SLOTS re-exported
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TransferResult:
         return self.failed.empty
 
     def report(self) -> str:
-        from pipeline.tracking import ui_hint
+        from pipeline.runtime.tracking import Tracker
 
         n = len(self.cells)
         return "\n".join([
@@ -62,13 +62,13 @@ class TransferResult:
             f"earlier attempt, {self.ran} run now), {len(self.failed)} failed",
             f"  results: {self.results_dir} (results.md, results.csv, results.png, label_efficiency.png)",
             f"  show again: genesis transfer show {self.parent_run_id} --tracking-uri {self.tracking_uri}",
-            f"  MLflow parent run: {ui_hint(self.tracking_uri, self.parent_run_id)}"])
+            f"  MLflow parent run: {Tracker.at(self.tracking_uri).ui_hint(self.parent_run_id)}"])
 
 
 def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> dict[str, str]:
     """task -> task patch store. `patches` is a mapping, or a folder holding `task-<task>-<key>` stores (one
     per task; several of one task is ambiguous and refused: name the one you mean with task=PATH)."""
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
 
     if isinstance(patches, dict):
         missing = [t for t in tasks if t not in patches]
@@ -99,13 +99,14 @@ def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> d
 
 def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str | None) -> tuple[str, int]:
     """The grid's parent run (reopened on a rerun) and this attempt's number."""
-    from pipeline.tracking import _client, create_run
+    from pipeline.runtime.tracking import Tracker
     from pipeline.transfer.trial import COMMAND
 
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`genesis.grid_parent` = '{key}'",
+    tracker = Tracker.at(uri)
+    client = tracker.client
+    exp_id = tracker.experiment_id(experiment)
+    if exp_id is not None:
+        runs = client.search_runs([exp_id], filter_string=f"tags.`genesis.grid_parent` = '{key}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
             run = runs[0]
@@ -113,27 +114,26 @@ def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str
             client.set_tag(run.info.run_id, "genesis.attempts", str(attempt))
             client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id, attempt
-    run_id = create_run(uri, experiment, name or f"transfer-{grid.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-                        tags={"genesis.grid_parent": key, "genesis.grid": key, "genesis.attempts": "1",
-                              "preset": grid.preset, "tasks": ",".join(grid.tasks)}, command=COMMAND)
+    run_id = tracker.create_run(experiment, name or f"transfer-{grid.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                tags={"genesis.grid_parent": key, "genesis.grid": key, "genesis.attempts": "1",
+                                      "preset": grid.preset, "tasks": ",".join(grid.tasks)}, command=COMMAND)
     params = {f"grid.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else str(v))
               for k, v in grid.to_dict().items()}
-    for k, v in params.items():
-        client.log_param(run_id, k, v[:6000])
+    tracker.log_params(run_id, {k: v[:6000] for k, v in params.items()})
     return run_id, 1
 
 
 def _close_interrupted(uri: str, parent: str) -> int:
     """Child runs still RUNNING belong to an attempt that was stopped: close them as KILLED."""
-    from pipeline.tracking import _client, mark_failed
+    from pipeline.runtime.tracking import Tracker
 
-    client = _client(uri)
-    exp_id = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
-                                                      f"attributes.status = 'RUNNING'", max_results=10000)
+    tracker = Tracker.at(uri)
+    exp_id = tracker.run(parent).info.experiment_id
+    runs = tracker.client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
+                                                              f"attributes.status = 'RUNNING'", max_results=10000)
     for r in runs:
-        mark_failed(uri, r.info.run_id, reason="interrupted: the grid was stopped; run again by the rerun",
-                    status="KILLED")
+        tracker.mark_failed(r.info.run_id, reason="interrupted: the grid was stopped; run again by the rerun",
+                            status="KILLED")
     return len(runs)
 
 
@@ -141,7 +141,7 @@ def inspect_stores(grid: GridConfig, stores: dict[str, str]) -> tuple[dict[str, 
     """Each task store opened once: (task -> content key, task -> test folds to run (`folds_of`: a ValueError
     for a fold the store lacks), task -> what its runs record about it: `store_folds` (the folds it holds),
     `store_cases`, `store_protocol` (how it differs from the reference's data, `protocol.store_differences`))."""
-    from pipeline.patches import PatchStore
+    from pipeline.patches.store import PatchStore
     from pipeline.transfer.protocol import store_cases, store_differences
 
     opened = {t: PatchStore(p) for t, p in stores.items()}
@@ -172,21 +172,20 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
 
     from pipeline.finetune.init import check_init, read_init
     from pipeline.finetune.run import prepare
-    from pipeline.tracking import entry_point, mark_failed
+    from pipeline.runtime.paths import output_dir
+    from pipeline.runtime.tracking import Tracker, check_experiment, check_uri, entry_point
     from pipeline.transfer.table import cells_from_mlflow
     from pipeline.transfer.trial import create_child_run, run_trial
 
-    from pipeline import preflight
-
-    preflight.ray_resources(workers=grid.workers_per_trial, gpus_per_worker=grid.gpus_per_trial,
-                            ray_address=ray_address, failures=grid.max_failures, workers_option="--workers-per-trial",
-                            gpus_option="--gpus-per-trial")
-    preflight.experiment(experiment)
-    storage = preflight.output_dir(storage_path, "--storage-path", default="ray_results")
-    results_dir = preflight.output_dir(results_dir, "--results")
-    uri = preflight.tracking_uri(tracking_uri)
+    ray_resources(workers=grid.workers_per_trial, gpus_per_worker=grid.gpus_per_trial, ray_address=ray_address,
+                  failures=grid.max_failures, workers_option="--workers-per-trial", gpus_option="--gpus-per-trial")
+    check_experiment(experiment)
+    storage = output_dir(storage_path, "--storage-path", default="ray_results")
+    results_dir = output_dir(results_dir, "--results")
+    uri = check_uri(tracking_uri)
     stores = find_task_stores(patches, grid.tasks)
     store_keys, folds, facts = inspect_stores(grid, stores)
+    tracker = Tracker(uri)  # the store is opened once the task stores are known to be right
     cells = cells_of(grid, store_keys, folds)
     key = grid_key(cells)
     parent, attempt = _parent_run(uri, experiment, key, grid, name)
@@ -211,7 +210,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     init_errors: dict[str, str] = {}
     for init in dict.fromkeys(c.init for c in pending):
         try:
-            init_states[init] = read_init(init, uri)
+            init_states[init] = read_init(init, tracker)
         except ValueError as err:
             init_errors[init] = str(err)
     for cell in pending:
@@ -225,7 +224,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
             runnable.append((cell, prep))
         except ValueError as err:  # deterministic: reported, never sent to Ray
             run_id = create_child_run(cell, settings, {"error": str(err)})
-            mark_failed(uri, run_id, reason=str(err))
+            tracker.mark_failed(run_id, reason=str(err))
             print(f"genesis transfer: {cell.name}: failed before training: {err}", flush=True)
 
     ran = len(runnable)
@@ -252,7 +251,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
 
 
 def _finish(uri: str, parent: str, settings: dict, results_dir: str | None, reused: int, ran: int) -> TransferResult:
-    from pipeline.tracking import _client
+    from pipeline.runtime.tracking import Tracker
     from pipeline.transfer import table as T
 
     cells = T.cells_from_mlflow(uri, parent)
@@ -262,7 +261,7 @@ def _finish(uri: str, parent: str, settings: dict, results_dir: str | None, reus
     T.write_results(table, failed, cells, out)
     T.log_results(uri, parent, out)
     champions = set_champions(uri, cells)
-    client = _client(uri)
+    client = Tracker.at(uri).client
     for task, version in champions.items():
         client.set_tag(parent, f"champion.{task}", version)
     client.set_terminated(parent, status="FINISHED")
@@ -274,15 +273,16 @@ def set_champions(uri: str, cells: pd.DataFrame) -> dict[str, str]:
     """Per task, the grid's best FINISHED fine-tuning (the paper's metric, higher is better) -> alias `champion`
     of its version in genesis-<task>. An existing champion evaluated on the same patch store and test fold (so
     the same test cases) with a better value keeps the alias; one measured on other data is replaced."""
-    from pipeline.tracking import _client, finetuned_model_name
+    from pipeline.runtime.tracking import Tracker, finetuned_model_name
 
-    client = _client(uri)
+    tracker = Tracker.at(uri)
+    client = tracker.client
     out = {}
     ok = cells[(cells["status"] == "FINISHED") & cells["value"].notna()]
     for task, rows in ok.groupby("task", sort=False):
         best = rows.loc[rows["value"].idxmax()]
         name = finetuned_model_name(task)
-        versions = client.search_model_versions(f"name = '{name}' and tags.run_id = '{best['run_id']}'")
+        versions = tracker.search_model_versions(f"name = '{name}' and tags.run_id = '{best['run_id']}'")
         if not versions:
             continue
         version = max(versions, key=lambda v: int(v.version))
@@ -303,12 +303,12 @@ def set_champions(uri: str, cells: pd.DataFrame) -> dict[str, str]:
 
 def show(run_id: str, tracking_uri: str | None = None) -> str:
     """The table of a transfer grid's parent run, rebuilt from MLflow alone."""
-    from pipeline import preflight
+    from pipeline.runtime.tracking import check_uri
     from pipeline.transfer import table as T
 
     if not re.fullmatch(r"[0-9a-f]{32}", run_id):
         raise ValueError(f"{run_id!r} is not an MLflow run id (32 hex digits)")
-    uri = preflight.tracking_uri(tracking_uri)
+    uri = check_uri(tracking_uri)
     cells = T.cells_from_mlflow(uri, run_id)
     if cells.empty:
         raise ValueError(f"run {run_id} at {uri} has no child fine-tuning runs (not a transfer grid's parent run?)")

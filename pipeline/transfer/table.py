@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pipeline.tasks import get_task, task_names
+from pipeline.tasks.registry import get_task, task_names
 from pipeline.transfer import protocol
 
 __all__ = ["CELL_COLUMNS", "TABLE_COLUMNS", "FAILURE_COLUMNS", "cells_from_mlflow", "results_table", "failures",
@@ -49,18 +49,6 @@ comparable."""
 
 
 # --------------------------------------------------------------------------- MLflow -> cells
-
-def _child_runs(client, experiment_id: str, parent_run_id: str, page_size: int) -> list:
-    """All child runs of the parent; MLflow caps one search page, so follow the page tokens."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  max_results=page_size, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
 
 def _cell_row(run) -> dict | None:
     """One child run as a cell row; None for a child that is not a grid cell (no cell or task tag)."""
@@ -92,11 +80,13 @@ def _one_per_cell(cells: pd.DataFrame) -> pd.DataFrame:
 
 def cells_from_mlflow(tracking_uri: str, parent_run_id: str, *, page_size: int = 1000) -> pd.DataFrame:
     """Every grid cell under the parent run, one row per `genesis.cell` (columns `CELL_COLUMNS`)."""
-    from mlflow import MlflowClient
+    from pipeline.runtime.tracking import Tracker
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    rows = [r for r in map(_cell_row, _child_runs(client, experiment_id, parent_run_id, page_size)) if r]
+    tracker = Tracker.at(tracking_uri)
+    experiment_id = tracker.run(parent_run_id).info.experiment_id
+    children = tracker.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                   max_results=page_size)  # every page: MLflow caps one
+    rows = [r for r in map(_cell_row, children) if r]
     if not rows:
         return pd.DataFrame(columns=CELL_COLUMNS)
     cells = _one_per_cell(pd.DataFrame(rows, columns=CELL_COLUMNS))
@@ -449,7 +439,6 @@ def write_results(table: pd.DataFrame, failed: pd.DataFrame, cells: pd.DataFrame
 
 def log_results(tracking_uri: str, parent_run_id: str, directory: str | Path) -> None:
     """The directory's files as artifacts of the parent run under `results/` (by run id: no active run needed)."""
-    from mlflow import MlflowClient
+    from pipeline.runtime.tracking import Tracker
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    client.log_artifacts(parent_run_id, str(directory), artifact_path="results")
+    Tracker.at(tracking_uri).client.log_artifacts(parent_run_id, str(directory), artifact_path="results")

@@ -21,7 +21,7 @@ from .config import GenesisConfig
 from .flip import flip_parity, sample_flip
 from .local_shuffle import _NO_KEYS, ShuffleBlocks, check_blocks, sample_local_shuffle
 from .nonlinear import TABLE_CELLS, BezierParams, sample_nonlinear
-from .paint import Box, sample_inpainting, sample_outpainting
+from .paint import Box, inpaint_into, outpaint_into, paint_noise, sample_inpainting, sample_outpainting
 from .shapes import spatial_shape
 
 PAINT_MODES = ("none", "inpaint", "outpaint")
@@ -108,25 +108,8 @@ def apply_arrays(image: np.ndarray, flips, shuffle, bezier, paint: int, boxes, n
         _kernels.table_lookup(x.reshape(-1), table, TABLE_CELLS, out.reshape(-1))
         x = out
     if paint and boxes is not None:
-        if isinstance(noise, (int, np.integer)):
-            field = np.empty((d, h, w), np.float32)
-            _kernels.noise_field(int(noise), field.reshape(-1))
-        else:
-            field = noise
-        slices = [tuple(slice(int(o), int(o) + int(z)) for o, z in zip(org, size)) for org, size in boxes]
-        if paint == 1:
-            if x is not out:
-                np.copyto(out, x)
-            for sl in slices:
-                out[sl] = field[sl]
-        else:
-            if x is out:
-                kept = [out[sl].copy() for sl in slices]
-            else:
-                kept = [x[sl] for sl in slices]
-            np.copyto(out, field)
-            for sl, k in zip(slices, kept):
-                out[sl] = k
+        field = paint_noise(noise, (d, h, w)) if isinstance(noise, (int, np.integer)) else noise
+        (inpaint_into if paint == 1 else outpaint_into)(out, x, boxes, field)
         x = out
     if x is not out:
         np.copyto(out, x)

@@ -78,17 +78,43 @@ def box_mask(shape, boxes) -> np.ndarray:
     return mask
 
 
-def apply_inpainting(cube: np.ndarray, boxes, noise: np.ndarray) -> np.ndarray:
-    out = np.array(cube, dtype=np.float32, copy=True)
+def _slices(box) -> tuple[slice, slice, slice]:
+    """A `Box`, or a plain (origin, size) pair as the batched path passes them, as index slices."""
+    origin, size = (box.origin, box.size) if isinstance(box, Box) else box
+    return tuple(slice(int(o), int(o) + int(s)) for o, s in zip(origin, size))  # type: ignore[return-value]
+
+
+def inpaint_into(out: np.ndarray, image: np.ndarray, boxes, noise: np.ndarray) -> None:
+    """In-paint in place: ``out`` becomes ``image`` with every box filled from ``noise``. ``out`` may be
+    ``image``; the one in-painting of `apply_inpainting` and of the per-cube kernels (`genesis.apply_arrays`)."""
+    if image is not out:
+        np.copyto(out, image, casting="unsafe")
     for box in boxes:
-        out[box.slices] = noise[box.slices]
+        sl = _slices(box)
+        out[sl] = noise[sl]
+
+
+def outpaint_into(out: np.ndarray, image: np.ndarray, boxes, noise: np.ndarray) -> None:
+    """Out-paint in place: ``out`` becomes ``noise`` with every box kept from ``image``. ``out`` may be
+    ``image`` (the kept boxes are copied before the noise covers them); the one out-painting of
+    `apply_outpainting` and of the per-cube kernels (`genesis.apply_arrays`)."""
+    slices = [_slices(box) for box in boxes]
+    shared = np.may_share_memory(out, image)
+    kept = [image[sl].copy() if shared else image[sl] for sl in slices]
+    np.copyto(out, noise, casting="unsafe")
+    for sl, k in zip(slices, kept):
+        out[sl] = k
+
+
+def apply_inpainting(cube: np.ndarray, boxes, noise: np.ndarray) -> np.ndarray:
+    out = np.empty(np.shape(cube), np.float32)
+    inpaint_into(out, cube, boxes, noise)
     return out
 
 
 def apply_outpainting(cube: np.ndarray, boxes, noise: np.ndarray) -> np.ndarray:
-    out = np.array(noise, dtype=np.float32, copy=True)
-    for box in boxes:
-        out[box.slices] = cube[box.slices]
+    out = np.empty(np.shape(noise), np.float32)
+    outpaint_into(out, cube, boxes, noise)
     return out
 
 

@@ -1,10 +1,6 @@
-"""The volume store: scans as OME-Zarr images plus a Parquet catalog (see storage_schemas/)."""
+"""The volume store: scans as OME-Zarr images plus a Parquet catalog (see storage_schemas/).
 
-from pipeline.volume_store.convert import ConversionSummary, convert
-from pipeline.volume_store.settings import ConvertSettings
-from pipeline.volume_store.store import (ScanNotFoundError, StoreError, StoreIntegrityError, StoreLockedError,
-                                         VolumeStore)
-from pipeline.volume_store.tables import read_table
-
-__all__ = ["ConversionSummary", "ConvertSettings", "ScanNotFoundError", "StoreError", "StoreIntegrityError",
-           "StoreLockedError", "VolumeStore", "convert", "read_table"]
+Import from the defining module (nothing is re-exported here): `pipeline.volume_store.store` (VolumeStore and
+its errors), `pipeline.volume_store.convert` (convert, ConversionSummary), `pipeline.volume_store.settings`
+(ConvertSettings), `pipeline.volume_store.tables` (read_table), `pipeline.volume_store.errors`.
+"""

@@ -17,11 +17,12 @@ handshake with a peer that shows no certificate or one ca.pem did not sign, and 
 refuse to listen or connect on plain TCP. Distributed turns `check_hostname` off (a cluster CA, peers addressed
 by IP): the names in dask.pem are informational, the key is what counts.
 
-    python -m pipeline.dask_tls certs --root DIR [--hosts H1,H2] [--days N]   make the three files when absent
-    python -m pipeline.dask_tls env --root DIR                                 exports for `dask` CLIs: eval "$(...)"
-    python -m pipeline.dask_tls start-scheduler --root DIR --host IP [--port 8786]
-    python -m pipeline.dask_tls start-worker --root DIR --scheduler tls://IP:PORT [--host IP] [--nworkers N]
-    python -m pipeline.dask_tls stop --root DIR                                the processes of DIR's pid files
+    python -m pipeline.services.dask_tls COMMAND --root DIR [options]
+        certs [--hosts H1,H2] [--days N]                       make the three files when absent
+        env                                                    exports for `dask` CLIs: eval "$(...)"
+        start-scheduler --host IP [--port 8786]
+        start-worker --scheduler tls://IP:PORT [--host IP] [--nworkers N]
+        stop                                                   the processes of DIR's pid files
 
 Exit status: 0 done; 1 a process failed to start or stop; 2 bad usage or input (missing or unsafe files).
 Our own processes find DIR through GENESIS_DASK_TLS_DIR (`client_security`, which `pipeline.cluster.dask_client`
@@ -38,14 +39,16 @@ import secrets
 import socket
 import stat
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.preflight import UsageError
+from pipeline.runtime.errors import UsageError
+from pipeline.runtime.net import connect, port as port_number
+from pipeline.services.processes import ServiceError, log_tail, running_pid, start_until_ready, stop_recorded
 
-__all__ = ["TLS_DIR_ENV", "ALLOW_INSECURE_ENV", "DEFAULT_PORT", "TlsFiles", "tls_files", "ensure_certs",
-           "security", "env", "client_security", "start_scheduler", "start_worker", "stop", "main"]
+__all__ = ["TLS_DIR_ENV", "ALLOW_INSECURE_ENV", "DEFAULT_PORT", "LOCAL_SCHEMES", "TlsFiles", "tls_files",
+           "ensure_certs", "security", "env", "scheduler_address", "client_security", "start_scheduler",
+           "start_worker", "stop", "main"]
 
 TLS_DIR_ENV = "GENESIS_DASK_TLS_DIR"
 """Names DIR (the three files) for our processes: clients of `--dask-scheduler tls://...`."""
@@ -89,8 +92,8 @@ def tls_files(root: str | os.PathLike) -> TlsFiles:
     missing = [p.name for p in files.all() if not p.is_file()]
     if missing:
         raise UsageError(f"{files.ca.parent}: no Dask TLS {', '.join(missing)}; make them with "
-                         f"`python -m pipeline.dask_tls certs --root {files.ca.parent}` (on a `ray up` cluster the "
-                         f"head makes them and syncs them to the workers)")
+                         f"`python -m pipeline.services.dask_tls certs --root {files.ca.parent}` (on a `ray up` "
+                         f"cluster the head makes them and syncs them to the workers)")
     mode = files.key.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UsageError(f"{files.key}: readable by others (mode {stat.filemode(mode)}): whoever read it can run "
@@ -248,21 +251,19 @@ def env(root: str | os.PathLike) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- clients
 
-def _split(address: str) -> tuple[str, str]:
-    """(scheme, host) of a Dask address; one line naming the option when it is not one."""
-    import dask
+def scheduler_address(address: str, option: str = "--dask-scheduler") -> tuple[str, str, int]:
+    """(scheme, host, port) of a Dask scheduler address (host "" and port 0 for an in-process one); one line
+    naming `option` when it is not one. No scheme: Dask's default (distributed.comm.default-scheme)."""
     from distributed.comm.addressing import parse_address, parse_host_port
 
     try:
         scheme, loc = parse_address(address, strict=False)
         if scheme in LOCAL_SCHEMES:
-            return scheme, ""
-        host, _ = parse_host_port(loc, DEFAULT_PORT)
+            return scheme, "", 0
+        host, port = parse_host_port(loc, DEFAULT_PORT)
     except (ValueError, TypeError):
-        raise UsageError(f"--dask-scheduler {address!r}: not a Dask scheduler address (tls://HOST:PORT)") from None
-    if "://" not in address:
-        scheme = dask.config.get("distributed.comm.default-scheme")
-    return scheme, host
+        raise UsageError(f"{option} {address!r}: not a Dask scheduler address (tls://HOST:PORT)") from None
+    return scheme, host, int(port)
 
 
 def _loopback(host: str) -> bool:
@@ -289,7 +290,7 @@ def client_security(address: str):
     GENESIS_ALLOW_INSECURE_DASK=1: it runs whatever code anyone who reaches it sends."""
     import dask
 
-    scheme, host = _split(address)
+    scheme, host, _ = scheduler_address(address)
     if scheme in LOCAL_SCHEMES:
         return None
     if scheme in ENCRYPTED_SCHEMES:
@@ -309,27 +310,14 @@ def client_security(address: str):
         return None
     raise UsageError(f"--dask-scheduler {address}: a plain-TCP Dask scheduler on another machine runs any code "
                      f"anyone who reaches it sends; use the cluster's TLS scheduler (tls://HEAD:{DEFAULT_PORT}, "
-                     f"certificates from `python -m pipeline.dask_tls certs`, {TLS_DIR_ENV} naming their folder), or "
-                     f"set {ALLOW_INSECURE_ENV}=1 to accept the risk")
+                     f"certificates from `python -m pipeline.services.dask_tls certs`, {TLS_DIR_ENV} naming their "
+                     f"folder), or set {ALLOW_INSECURE_ENV}=1 to accept the risk")
 
 
 # --------------------------------------------------------------------------- the cluster's processes
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
 def _running(root: Path, name: str) -> int | None:
-    from pipeline.services.processes import owned_process, read_pid
-
-    pid_file = root / f"{name}.pid"
-    pid = read_pid(pid_file)
-    if pid is None or owned_process(pid, pid_file.stat().st_mtime) is None:
-        return None
-    return pid
+    return running_pid(root / f"{name}.pid")
 
 
 def _check_host(host: str, option: str) -> None:
@@ -340,37 +328,21 @@ def _check_host(host: str, option: str) -> None:
 
 def _start(root: Path, name: str, argv: list[str], ready, timeout_s: float) -> int:
     """Start `argv` detached with DIR's TLS settings; wait until `ready(proc)` holds; the pid."""
-    from pipeline.services.processes import ServiceError, start_detached, stop_tree
-
-    log, pid_file = root / f"{name}.log", root / f"{name}.pid"
-    proc = start_detached(argv, log=log, pid_file=pid_file, env={**os.environ, **env(root)}, cwd=root)
-    deadline = time.monotonic() + timeout_s
-    while not ready(proc):
-        failed = None
-        if proc.poll() is not None:
-            failed = f"exited with status {proc.returncode}"
-        elif time.monotonic() > deadline:
-            failed = f"was not ready within {timeout_s:.0f} s"
-        if failed:
-            stop_tree(proc.pid, grace_s=5)
-            pid_file.unlink(missing_ok=True)
-            raise ServiceError(f"{name} {failed}; its log {log} ends:\n{_tail(log)}")
-        time.sleep(0.2)
+    proc = start_until_ready(argv, name=name, log=root / f"{name}.log", pid_file=root / f"{name}.pid", ready=ready,
+                             timeout_s=timeout_s, env={**os.environ, **env(root)}, cwd=root)
     return proc.pid
 
 
 def start_scheduler(root: str | os.PathLike, host: str, port: int = DEFAULT_PORT, timeout_s: float = 60.0) -> str:
     """`dask scheduler` on tls://HOST:PORT, no dashboard, detached (pid in DIR/dask-scheduler.pid); returns
     its address once it completes a TLS handshake with DIR's certificate. Already running: its address."""
-    from pipeline.services.processes import ServiceError
-
     _check_host(host, "--host")
     files = tls_files(root)
     root = files.ca.parent
     address = f"tls://{f'[{host}]' if ':' in host else host}:{port}"
     if _running(root, SCHEDULER) is not None:
         return address
-    if _answers(host, port):
+    if connect(host, port, timeout=1) is None:
         raise ServiceError(f"{host}:{port}: something already listens there; choose another --port")
     context = security(root).get_connection_args("client")["ssl_context"]
 
@@ -387,14 +359,6 @@ def start_scheduler(root: str | os.PathLike, host: str, port: int = DEFAULT_PORT
             "--no-dashboard", "--dashboard-address", f"127.0.0.1:{HTTP_PORT}"]
     _start(root, SCHEDULER, argv, ready, timeout_s)
     return address
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def start_worker(root: str | os.PathLike, scheduler: str, host: str | None = None, nworkers: int = 1,
@@ -421,10 +385,10 @@ def start_worker(root: str | os.PathLike, scheduler: str, host: str | None = Non
     if running is not None:
         return running
     log = root / f"{WORKER}.log"
-    registered_before = _tail(log, 10**9).count("Registered to:")
+    registered_before = log_tail(log, 10**9).count("Registered to:")
 
     def ready(_proc) -> bool:
-        return _tail(log, 10**9).count("Registered to:") - registered_before >= nworkers
+        return log_tail(log, 10**9).count("Registered to:") - registered_before >= nworkers
 
     argv = [sys.executable, "-m", "dask", "worker", scheduler, "--protocol", "tls", "--host", host,
             "--nworkers", str(nworkers), "--nthreads", "1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
@@ -435,32 +399,17 @@ def start_worker(root: str | os.PathLike, scheduler: str, host: str | None = Non
 def stop(root: str | os.PathLike, grace_s: float = 15.0) -> list[int]:
     """Stop the worker and the scheduler DIR's pid files name (each process group and its descendants; a pid
     reused by another process since is left alone). Returns the pids stopped."""
-    from pipeline.services.processes import stop_tree
-
     root = Path(root).expanduser().resolve()
     stopped: list[int] = []
     for name in (WORKER, SCHEDULER):
-        pid = _running(root, name)
-        if pid is not None:
-            stopped += stop_tree(pid, grace_s=grace_s)
-        (root / f"{name}.pid").unlink(missing_ok=True)
+        stopped += stop_recorded(root / f"{name}.pid", grace_s=grace_s)
     return stopped
 
 
 # --------------------------------------------------------------------------- command line
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.dask_tls", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m pipeline.services.dask_tls", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("certs", help="make DIR/ca.pem, dask.pem, dask-key.pem when absent")
@@ -469,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="shell exports that give `dask` CLIs and clients DIR's TLS settings")
     s = sub.add_parser("start-scheduler", help="the TLS scheduler, detached")
     s.add_argument("--host", required=True, help="this node's private address")
-    s.add_argument("--port", type=_port, default=DEFAULT_PORT)
+    s.add_argument("--port", type=port_number, default=DEFAULT_PORT)
     w = sub.add_parser("start-worker", help="this node's TLS workers, detached")
     w.add_argument("--scheduler", required=True, help="tls://HEAD:PORT")
     w.add_argument("--host", help="address to listen on (default: this node's address toward the scheduler)")
@@ -507,16 +456,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.services.processes import ServiceError
-
     args = build_parser().parse_args(argv)
     try:
         run(args)
     except ValueError as err:  # UsageError: bad option values, missing or unsafe files
-        print(f"python -m pipeline.dask_tls {args.command}: error: {err}", file=sys.stderr)
+        print(f"python -m pipeline.services.dask_tls {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (ServiceError, OSError) as err:
-        print(f"python -m pipeline.dask_tls {args.command}: failed: {str(err).strip()}", file=sys.stderr)
+        print(f"python -m pipeline.services.dask_tls {args.command}: failed: {str(err).strip()}", file=sys.stderr)
         return 1
     return 0
 

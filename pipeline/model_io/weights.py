@@ -13,7 +13,7 @@ architecture (U-Net or encoder classifier, width, channels, norm) is read from t
 state dict of this project's models imports (e.g. one saved from a model of the old pickle format).
 A `state.pt` of our pretraining is always in our order and is loaded unchanged.
 
-The registered model is in the safe logged form of `pipeline.model_format` (architecture JSON and
+The registered model is in the safe logged form of `pipeline.model_io.model_format` (architecture JSON and
 safetensors weights, the model code bundled, requirements pinned): what is read with `weights_only=True`
 is never re-published as a pickle.
 """
@@ -24,6 +24,12 @@ import os
 from pathlib import Path
 
 import torch
+
+from pipeline.model_io.load import model_from_state_dict
+from pipeline.model_io.official import AXES_CHOICES, load_official_genesis, read_official_state_dict
+from pipeline.model_io.state_dicts import CheckpointError
+from pipeline.models.unet3d import UNet3D
+from pipeline.runtime.tracking import Tracker
 
 __all__ = ["import_weights", "load_any_checkpoint"]
 
@@ -37,9 +43,6 @@ def load_any_checkpoint(path: str, axes: str = "xyz"):
 
 def _load(path: str, axes: str):
     """(model, the layout the file's kernels were read in: "zyx" for our own state.pt)."""
-    from pipeline.models import CheckpointError, UNet3D, load_official_genesis
-    from pipeline.models.official import AXES_CHOICES
-
     if axes not in AXES_CHOICES:
         raise ValueError(f"axes={axes!r}: expected one of {AXES_CHOICES} (the file's kernel layout)")
     if not os.path.isfile(path):
@@ -55,9 +58,6 @@ def _load(path: str, axes: str):
         model.load_state_dict(raw.get("best_model") or raw["model"])
         return model.eval(), "zyx"
     if axes == "zyx":  # already in our order: any of our state dicts (U-Net or classifier, any norm)
-        from pipeline.load import model_from_state_dict
-        from pipeline.models import read_official_state_dict
-
         return model_from_state_dict(read_official_state_dict(path, axes="zyx"), name=repr(path)).eval(), "zyx"
     return load_official_genesis(path, axes=axes).eval(), axes
 
@@ -68,20 +68,20 @@ def import_weights(path: str, name: str, alias: str = "imported", tracking_uri: 
 
     The registered model takes this project's (N, 1, z, y, x) cubes: an official-layout file
     (`axes="xyz"`, the default) has its kernels' spatial axes reversed on import; see the
-    module docstring. The run records `kernel_axes_in_file` (the file's layout) as a param."""
-    from pipeline.tracking import RunLogger, create_run, register_model, resolve_uri
-
+    module docstring. The run records `kernel_axes_in_file` (the file's layout) as a param. `tracking_uri`:
+    the registry, already checked (`pipeline.runtime.tracking.check_uri`); None: the default."""
     if alias == "latest":
         raise ValueError("alias 'latest' is reserved by MLflow; models:/NAME/latest already names the newest version")
     model, file_axes = _load(path, axes)
-    uri = resolve_uri(tracking_uri)
-    run_id = create_run(uri, experiment, f"import-{Path(path).name}", tags={"source_file": str(Path(path).resolve())})
-    logger = RunLogger(uri, run_id, system_metrics=False)
+    tracker = Tracker.at(tracking_uri)
+    run_id = tracker.create_run(experiment, f"import-{Path(path).name}",
+                                tags={"source_file": str(Path(path).resolve())})
+    logger = tracker.logger(run_id, system_metrics=False)
     try:
         logger.log_params({"source_file": str(Path(path).resolve()), "base_channels": model.base_channels,
                            "norm": model.norm, "kernel_axes_in_file": file_axes})
         info = logger.log_model(model)
-        register_model(uri, info.model_uri, name, aliases=(alias,), tags={"source_file": Path(path).name})
+        tracker.register_model(info.model_uri, name, aliases=(alias,), tags={"source_file": Path(path).name})
     finally:
         logger.end()
     return f"models:/{name}@{alias}"

@@ -9,17 +9,17 @@ URIs, and what each gives:
 - `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`, or a local MLflow model folder (one
   holding an `MLmodel` file): the logged model (U-Net or classifier), from the registry at `tracking_uri`
   (default: `sqlite:///mlflow.db` here), rebuilt from its architecture JSON with its safetensors weights
-  (`pipeline.model_format`): nothing in a logged model is unpickled or executed, and a tampered weights file
-  is a ValueError. Models logged in MLflow's pickle format (pytorch flavor, older genesis) are refused.
+  (`pipeline.model_io.model_format`): nothing in a logged model is unpickled or executed, and a tampered weights
+  file is a ValueError. Models logged in MLflow's pickle format (pytorch flavor, older genesis) are refused.
 - `official:FILE.pt`: the published checkpoint layout (e.g. `Genesis_Chest_CT.pt`), kernels permuted to this
-  project's (z, y, x) axes (`pipeline.models.load_official_genesis`).
+  project's (z, y, x) axes (`pipeline.model_io.official.load_official_genesis`).
 - `FILE.pt`: one of our state dicts (`torch.save(model.state_dict())`, read with weights_only=True); the
   architecture is read from the weights: width and input channels from the first conv, a U-Net when the state
   has the U-Net's head, an encoder classifier when it has the dense head, instance norm when it has no batch
   statistics, otherwise the reference's batch-statistics norm ("batch_stats"; a state dict cannot tell it from
   nn.BatchNorm3d's, so pass `norm="batch"` for a fine-tuned model saved that way). The sizes it reads must lie in
-  `pipeline.model_format.ARG_RANGES`, and the state is compared with the model built on the meta device before
-  the model's memory is allocated, so a state that only claims a large width costs nothing.
+  `pipeline.model_io.model_format.ARG_RANGES`, and the state is compared with the model built on the meta device
+  before the model's memory is allocated, so a state that only claims a large width costs nothing.
 
 The model comes back in eval mode, on `device`. Anything that cannot be loaded is a ValueError naming the URI.
 
@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline.models.official import FIRST_CONV_KEY as FIRST_CONV
-from pipeline.models.official import HEAD_CONV_KEY as UNET_HEAD
+from pipeline.model_io.official import FIRST_CONV_KEY as FIRST_CONV
+from pipeline.model_io.official import HEAD_CONV_KEY as UNET_HEAD
+from pipeline.runtime.tracking import Tracker
 
-__all__ = ["load_model", "model_from_state_dict"]
+__all__ = ["load_model", "load_model_state", "model_from_state_dict"]
 
 CLASSIFIER_HIDDEN, CLASSIFIER_OUT = "fc1.weight", "fc2.weight"
 
@@ -80,6 +81,16 @@ def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "cpu"
     return model.to(torch_device).eval()
 
 
+def load_model_state(tracking: Tracker | str | None, model_uri: str) -> dict[str, torch.Tensor]:
+    """The state dict (CPU tensors) of a logged model, e.g. `models:/genesis-pretrained/3` or
+    `models:/genesis-official@official`, from the registry of `tracking` (a Tracker or a tracking URI; None: the
+    default), read in the safe format (`load_model`, nothing unpickled); a ValueError naming the URI when it
+    cannot be loaded."""
+    uri = tracking.uri if isinstance(tracking, Tracker) else tracking
+    model = load_model(model_uri, tracking_uri=uri)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def _is_mlflow_folder(uri: str) -> bool:
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     return (path / "MLmodel").is_file()
@@ -92,10 +103,11 @@ def _first_line(err: Exception) -> str:
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
     """Download the logged model folder (or use a local one) and read it with
-    `pipeline.model_format.read_model_folder`: architecture JSON + safetensors, nothing unpickled or run."""
+    `pipeline.model_io.model_format.read_model_folder`: architecture JSON + safetensors, nothing unpickled or
+    run."""
     import tempfile
 
-    from pipeline.model_format import ModelFormatError, read_model_folder
+    from pipeline.model_io.model_format import ModelFormatError, read_model_folder
 
     if _is_mlflow_folder(uri):
         folder = uri[len("file://"):] if uri.startswith("file://") else uri
@@ -103,16 +115,12 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
             return read_model_folder(folder, repr(uri))
         except ModelFormatError as err:
             raise ValueError(f"load_model: {err}") from None
-    import mlflow.artifacts
-
-    from pipeline.tracking import _client, resolve_uri
-
-    where = resolve_uri(tracking_uri)
-    _client(where)  # sets the tracking and registry URI that models:/ and runs:/ resolve against
+    tracker = Tracker.at(tracking_uri)  # the tracking and registry URI that models:/ and runs:/ resolve against
+    where = tracker.uri
     with tempfile.TemporaryDirectory(prefix="genesis-load-") as tmp:
         try:
             with _no_progress_bars():
-                folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+                folder = tracker.download_artifacts(uri, tmp)
         except Exception as err:  # MlflowException: no such model / version / alias / run
             raise ValueError(f"load_model: cannot load {uri!r} (registry {where}): {_first_line(err)}") from err
         if not (Path(folder) / "MLmodel").is_file():
@@ -138,7 +146,7 @@ def _no_progress_bars():
 
 
 def _from_official(uri: str) -> nn.Module:
-    from pipeline.models import load_official_genesis
+    from pipeline.model_io.official import load_official_genesis
 
     try:
         return load_official_genesis(uri[len("official:"):])
@@ -147,10 +155,10 @@ def _from_official(uri: str) -> nn.Module:
 
 
 def _from_state_file(uri: str, norm: str | None = None) -> nn.Module:
-    from pipeline.finetune.init import read_init
+    from pipeline.model_io.state_dicts import read_state_file
 
     try:
-        state = read_init(uri)
+        state = read_state_file(uri)
     except ValueError as err:
         raise ValueError(f"load_model({uri!r}): {err}") from err
     except Exception as err:  # not a torch file at all
@@ -162,9 +170,10 @@ def model_from_state_dict(state: dict[str, torch.Tensor], name: str = "the state
                           ) -> nn.Module:
     """A UNet3D or UNet3DClassifier built to fit `state` (see the module docstring) with `state` loaded. `norm`
     overrides the norm read from the weights ("batch_stats" when it has running statistics, else "instance")."""
-    from pipeline.model_format import ARG_RANGES
-    from pipeline.models import UNet3D, UNet3DClassifier
-    from pipeline.models.state_dicts import BATCH_STAT_SUFFIXES, check_state_dict, load_checked
+    from pipeline.model_io.model_format import ARG_RANGES
+    from pipeline.model_io.state_dicts import BATCH_STAT_SUFFIXES, check_state_dict, load_checked
+    from pipeline.models.classifier import UNet3DClassifier
+    from pipeline.models.unet3d import UNet3D
 
     first = state.get(FIRST_CONV)
     if not isinstance(first, torch.Tensor) or first.dim() != 5:

@@ -1,5 +1,5 @@
-"""State-dict checks shared by the checkpoint loaders: prefix stripping and a strict
-comparison that reports every difference at once."""
+"""State-dict checks shared by the checkpoint loaders: prefix stripping, a strict comparison that reports every
+difference at once, and reading one of our bare state-dict files (`torch.save(model.state_dict())`)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,16 @@ def load_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(BATCH_STAT_SUFFIXES)}
     check_state_dict(expected, state_dict, source)
     module.load_state_dict(state_dict, strict=False)
+
+
+def read_state_file(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in `path` (`torch.save(model.state_dict())`, or a dict holding one under `state_dict`),
+    ``module.`` prefix removed, read with weights_only=True so the file cannot run code. The message of the
+    ValueError for anything else names the file as the `--init` it was given as (fine-tuning's init and
+    `load_model` both read state-dict files through here)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init {path!r}: expected a state dict of tensors (torch.save(model.state_dict()))")
+    return strip_prefix(state)

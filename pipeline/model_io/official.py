@@ -22,12 +22,15 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from .state_dicts import CheckpointError, CheckpointMismatchError, load_checked, strip_prefix
-from .unet3d import UNet3D
+from pipeline.model_io.state_dicts import CheckpointError, CheckpointMismatchError, load_checked, strip_prefix
+
+if TYPE_CHECKING:
+    from pipeline.models.unet3d import UNet3D
 
 FIRST_CONV_KEY = "down_tr64.ops.0.conv1.weight"
 HEAD_CONV_KEY = "out_tr.final_conv.weight"
@@ -142,6 +145,8 @@ def load_official_genesis(path: str | os.PathLike, model: UNet3D | None = None,
     CheckpointMismatchError (a ValueError) lists missing keys, unexpected keys and shape
     differences. The model is returned in its current mode (train for a new one).
     """
+    from pipeline.models.unet3d import UNet3D  # the file format needs no model; building one does
+
     state = read_official_state_dict(path, axes=axes)
     source = repr(os.fspath(path))
     if model is None:

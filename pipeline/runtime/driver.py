@@ -1,0 +1,156 @@
+"""The one Ray Train driver: every stage that trains (pretrain, finetune, a transfer trial) fits through here.
+
+The shape every stage shares: its own checks and MLflow run first (cheap, before Ray), then `recorded(...)`
+starts Ray, fits a TorchTrainer (`fit`) and records the outcome on the run: FAILED with the cause in one line
+(`pipeline.runtime.errors.failure_reason`), KILLED when interrupted, never left RUNNING.
+
+Deterministic errors end the run at once, through public API only. Ray Train retries every worker error up to
+`FailureConfig.max_failures` and offers no public hook to tell them apart, so the train function is wrapped
+(`EndOnDeterministicError`): a worker that raises one of `DETERMINISTIC_ERRORS` writes the reason to a small
+file under the run's storage folder (through pyarrow's filesystem, so a bucket works as a shared folder does),
+releases its peers (their collectives fail instead of hanging), and returns. Its peers, failing in turn, find the
+file and return too; Ray Train sees a finished run, and the driver reads the file and marks the run FAILED with
+"...; a deterministic error: not retried". Worker deaths, lost nodes and other runtime errors are raised, and
+retried as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.runtime.errors import DETERMINISTIC_ERRORS, failure_reason, one_line
+
+__all__ = ["Outcome", "EndOnDeterministicError", "scaling", "fit", "recorded", "FAILURE_KEY"]
+
+log = logging.getLogger(__name__)
+
+FAILURE_KEY = "_genesis_failure_file"
+"""The loop-config key through which the driver tells the workers where a deterministic error is written."""
+
+
+@dataclass
+class Outcome:
+    """What a fit left: Ray Train's run folder, the last reported metrics, and the cause when it failed."""
+
+    path: str
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def _open(uri: str):
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(uri)
+
+
+def _read_failure(uri: str) -> str | None:
+    try:
+        filesystem, path = _open(uri)
+        with filesystem.open_input_stream(path) as f:
+            return json.loads(f.read().decode("utf-8"))["reason"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_failure(uri: str, reason: str) -> None:
+    filesystem, path = _open(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as f:
+        f.write(json.dumps({"reason": reason}).encode("utf-8"))
+
+
+def _release_peers() -> None:
+    """Tear down this worker's process group, so a peer waiting in a collective fails now instead of hanging."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort: the peers then fail on their own timeout
+        pass
+
+
+class EndOnDeterministicError:
+    """A train function that ends the run, instead of raising, when it meets a deterministic error."""
+
+    def __init__(self, train_fn: Callable[[dict], None]):
+        self.train_fn = train_fn
+
+    def __call__(self, config: dict) -> None:
+        import ray.train
+
+        failure_file = config.get(FAILURE_KEY)
+        try:
+            self.train_fn(config)
+        except DETERMINISTIC_ERRORS as err:
+            if not failure_file:
+                raise
+            rank = ray.train.get_context().get_world_rank()
+            reason = f"{one_line(err)} (worker rank {rank}); a deterministic error: not retried"
+            log.warning("genesis: %s", reason)
+            if _read_failure(failure_file) is None:
+                _write_failure(failure_file, reason)
+            _release_peers()
+        except Exception:
+            if failure_file and _read_failure(failure_file) is not None:
+                return  # a peer met a deterministic error: this worker's failure is its echo
+            raise
+
+
+def scaling(workers: int, gpus_per_worker: float):
+    """Ray Train's ScalingConfig: `workers` workers of 1 CPU (plus a GPU share each when asked)."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": 1, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": 1}
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
+
+
+def fit(train_fn: Callable[[dict], None], loop_config: dict, *, name: str, storage: str, workers: int,
+        gpus_per_worker: float, max_failures: int, callbacks: list | None = None, keep: int = 2) -> Outcome:
+    """Fit a TorchTrainer of `workers` workers on `train_fn(loop_config)`; never raises an Exception: what ended
+    the fit is `Outcome.error`, one line."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = str(storage)
+    folder = f"{storage.rstrip('/')}/{name}"
+    failure_file = f"{folder}/genesis-failure-{uuid.uuid4().hex[:12]}.json"
+    try:
+        trainer = TorchTrainer(
+            EndOnDeterministicError(train_fn), train_loop_config={**loop_config, FAILURE_KEY: failure_file},
+            scaling_config=scaling(workers, gpus_per_worker),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks))
+        result = trainer.fit()
+        outcome = Outcome(path=str(result.path), metrics=dict(result.metrics or {}))
+        if result.error:
+            outcome.error = failure_reason(result.error)
+    except Exception as exc:  # noqa: BLE001 - TrainingFailedError and friends: recorded as the run's cause
+        outcome = Outcome(path=folder, error=failure_reason(exc))
+    deterministic = _read_failure(failure_file)
+    if deterministic is not None:
+        outcome.error = deterministic
+    return outcome
+
+
+def recorded(tracker, run_id: str, work: Callable[[], Outcome], ray_address: str | None = None) -> Outcome:
+    """Start (or join) Ray, run `work` (which fits) and record its outcome on MLflow run `run_id`: FAILED with the
+    cause, or KILLED (re-raised) when interrupted; a run is never left RUNNING by the driver."""
+    try:
+        from pipeline.cluster import ensure_ray
+
+        ensure_ray(ray_address)
+        outcome = work()
+    except Exception as exc:  # noqa: BLE001 - Ray would not start, or the work failed before fitting
+        outcome = Outcome(path="", error=failure_reason(exc))
+    except BaseException as exc:  # interrupted: the run is not left RUNNING
+        tracker.mark_failed(run_id, reason=f"interrupted: {type(exc).__name__}", status="KILLED")
+        raise
+    if outcome.error:
+        tracker.mark_failed(run_id, reason=outcome.error)
+    return outcome

@@ -1,0 +1,63 @@
+"""Addresses and ports: parsing HOST[:PORT], the TCP probe every service check uses, and the argparse types
+shared by the command lines (`genesis`, `python -m pipeline.services`, the Dask TLS launcher)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import urllib.parse
+
+__all__ = ["host_port", "connect", "positive_int", "non_negative_int", "port"]
+
+
+def host_port(address: str, default_port: int) -> tuple[str, int]:
+    """(host, port) of HOST[:PORT] or SCHEME://HOST[:PORT] (IPv6 in brackets); ValueError when it is not one."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+    host, port = parts.hostname, parts.port  # .port raises ValueError for a port out of range or not a number
+    if not host or parts.path.strip("/") or parts.query:
+        raise ValueError(address)
+    return host, port if port is not None else default_port
+
+
+def connect(host: str, port: int, timeout: float) -> str | None:
+    """None when a TCP connection to host:port opens within `timeout` s, else why not, in a few words."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except socket.gaierror as err:
+        return f"unknown host: {err.strerror or err}"
+    except OSError as err:
+        return (err.strerror or str(err)).lower()
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _integer(text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _integer(text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    value = _integer(text, "a port number")
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value

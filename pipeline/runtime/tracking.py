@@ -1,0 +1,619 @@
+"""The one module that talks to MLflow (besides the logged-model format, `pipeline.model_format`).
+
+A `Tracker` is built once from a tracking URI (`Tracker.open` checks it first: a SQLite file whose folder can be
+written, a file store, an MLflow server answering its REST API within seconds, or another scheme MLflow has a
+store for) and then called: create a run, log into it, register models, mark runs failed, read runs back.
+Training calls it on rank 0 only; nothing happens at import.
+
+Default tracking URI: a SQLite file `mlflow.db` in the working directory (absolute, so Ray workers started
+elsewhere write to the same file); `--tracking-uri` for an MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.runtime.errors import UsageError
+from pipeline.runtime.paths import output_dir, shared_path
+
+__all__ = ["Tracker", "resolve_uri", "RunLogger", "model_signature", "classifier_signature", "PRETRAINED_MODEL",
+           "finetuned_model_name", "artifact_location", "log_safe_model", "provenance_tags", "git_state",
+           "entry_point", "ENTRY_POINT_ENV", "COMMANDS", "BEST_ALIAS", "best_alias_of", "check_experiment",
+           "mlflow_http_limits", "MLFLOW_HTTP_RETRIES", "PROBE_TIMEOUT_S"]
+
+PROBE_TIMEOUT_S = 5.0
+MLFLOW_HTTP_RETRIES = "5"
+"""MLflow's backoff doubles from 2 s: 5 retries ride out about a minute of server trouble during a long run;
+its default 7 is about 4 minutes of waiting before the first error is seen."""
+MLFLOW_HTTP_TIMEOUT_S = "30"
+
+PRETRAINED_MODEL = "genesis-pretrained"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: the one given, else ./mlflow.db; a relative SQLite path is made absolute. (Not
+    MLFLOW_TRACKING_URI: `mlflow.set_tracking_uri` sets it, so in one process a stage would silently inherit
+    the previous stage's store.)"""
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        return uri
+    return "sqlite:///" + str(Path("mlflow.db").resolve())
+
+
+COMMANDS: dict[str, dict] = {
+    "convert": {}, "stores": {"show": {}, "preview": {}, "list": {}, "verify": {}},
+    "patches": {"pretrain": {}, "task": {}, "preview": {}}, "pretrain": {}, "finetune": {},
+    "transfer": {}, "reproduce": {}, "tasks": {"list": {}, "show": {}}, "weights": {"import": {}},
+    "sample-data": {}}
+"""The genesis command line's (sub)commands, so a run names the command that made it without importing the CLI
+(the CLI sits on top; `tests/test_cli_layering.py` checks that its parser has exactly these)."""
+
+#: Set by the CLI (and inherited by the Ray workers it starts) to the command that started the work.
+ENTRY_POINT_ENV = "GENESIS_ENTRY_POINT"
+
+
+def provenance_tags(command: str | None = None) -> dict[str, str]:
+    """Tags that say where a run came from: `genesis.git_commit` (the checkout this code runs from, or
+    "unknown"), `genesis.git_dirty` ("true" when that tree has uncommitted changes), `genesis.user`,
+    `genesis.entry_point` (`command` when given: the command that makes the run; else `entry_point()`), and,
+    when `command` is given, `genesis.launched_by` (the process's own entry point: the same command from the
+    CLI, `genesis reproduce` or `demo.py` when those ran it); and MLflow's own `mlflow.user`,
+    `mlflow.source.name`, `mlflow.source.type`, `mlflow.source.git.commit` (only for a known commit), which the
+    MLflow UI shows."""
+    commit, dirty = git_state(Path(__file__).resolve().parents[2])
+    user, launcher = _user(), entry_point()
+    entry = command or launcher
+    tags = {"genesis.git_commit": commit, "genesis.user": user, "genesis.entry_point": entry,
+            "mlflow.user": user, "mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    if command:
+        tags["genesis.launched_by"] = launcher
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+        tags["genesis.git_dirty"] = "true" if dirty else "false"
+    return tags
+
+
+def git_state(folder: str | Path) -> tuple[str, bool | None]:
+    """(HEAD commit of the git checkout whose top folder is `folder`, whether its tree has changes, untracked
+    files included); ("unknown", None) when `folder` is not the top of a checkout (e.g. the package installed
+    into a virtual environment that happens to sit inside some other checkout) or git is not installed."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, encoding="utf-8",
+                              errors="replace", timeout=20, check=True).stdout
+
+    try:
+        top, commit = (git("rev-parse", "--show-toplevel", "HEAD").splitlines() + ["", ""])[:2]
+        if not top or Path(top).resolve() != Path(folder).resolve() or len(commit) < 40:
+            return "unknown", None
+        return commit, bool(git("status", "--porcelain").strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def entry_point(argv: list[str] | None = None) -> str:
+    """The command that started this work: $GENESIS_ENTRY_POINT when set (the CLI sets it, so Ray workers
+    inherit it), else from `argv` (default sys.argv): `genesis` and its subcommands (`genesis weights
+    import`, options and paths left out) for the CLI, the script's (or `python -m` package's) name for
+    anything else."""
+    import sys
+
+    if argv is None:
+        if os.environ.get(ENTRY_POINT_ENV):
+            return os.environ[ENTRY_POINT_ENV]
+        argv = sys.argv
+    if not argv or not argv[0]:
+        return "python"
+    path = Path(argv[0])
+    if path.name == "genesis" or path.as_posix().endswith("pipeline/cli.py"):
+        words, tree = ["genesis"], COMMANDS
+        for word in argv[1:]:
+            if word not in tree:
+                break
+            words.append(word)
+            tree = tree[word]
+        return " ".join(words)
+    return path.parent.name if path.name == "__main__.py" else path.name  # python -m pytest: "pytest"
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):  # no passwd entry and no $USER (some containers)
+        return "unknown"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database (`<db folder>/mlartifacts/`), so
+    models and figures land with the runs wherever the process runs (without one MLflow writes `./mlruns` of the
+    current folder: inside a Ray job, Ray's temporary working folder). An MLflow server (http, https) keeps
+    them in its proxied artifact store (`mlflow-artifacts:/`, the server's default): None leaves it to the
+    server, so clients never write to a path of their own machine."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def model_signature(channels: int = 1):
+    """Any batch size and any cube size: (-1, C, -1, -1, -1) float32 in and out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
+    return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]))
+
+
+def log_safe_model(model, name: str = "model", signature=None):
+    """Log `model` into the active run as an MLflow pyfunc model in `pipeline.model_format`'s form:
+    architecture JSON + safetensors weights, the model code bundled (`code_paths`), every requirement
+    pinned; the project's version and git commit in the model's metadata. Returns MLflow's ModelInfo."""
+    import importlib.metadata as md
+    import tempfile
+    import warnings
+
+    import mlflow.pyfunc
+
+    from pipeline.model_io import model_format as fmt
+
+    try:
+        version = md.version("genesis-pipeline")
+    except md.PackageNotFoundError:  # running from a copied source tree (e.g. a Ray job's working_dir)
+        version = "unknown"
+    commit, dirty = git_state(Path(__file__).resolve().parents[2])
+    with tempfile.TemporaryDirectory(prefix="genesis-model-") as tmp, warnings.catch_warnings():
+        # the signature says it all (any batch and cube size); an example would make MLflow run the model here
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        data = fmt.write_model_data(model, Path(tmp) / fmt.DATA_DIR)
+        code = fmt.bundle_code(Path(tmp) / "code")
+        return mlflow.pyfunc.log_model(
+            name=name, loader_module=fmt.LOADER_MODULE, data_path=str(data), code_paths=[str(code)],
+            pip_requirements=fmt.model_requirements(), signature=signature,
+            metadata={"genesis_format": fmt.FORMAT, "genesis_format_version": fmt.FORMAT_VERSION,
+                      "genesis_pipeline_version": version, "genesis_git_commit": commit,
+                      "genesis_git_dirty": dirty, "genesis_architecture": type(model).__name__})
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+class RunLogger:
+    """Logging into one MLflow run (resumable by id after a restart)."""
+
+    def __init__(self, uri: str, run_id: str, system_metrics: bool = True):
+        import mlflow
+
+        self.uri, self.run_id = uri, run_id
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        if system_metrics:
+            os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+        self._run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+        self.mlflow = mlflow
+
+    def log_params(self, params: dict) -> None:
+        flat = _flat(params)
+        existing = self.mlflow.get_run(self.run_id).data.params
+        new = {k: v[:6000] for k, v in flat.items() if k not in existing}
+        if new:
+            self.mlflow.log_params(new)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v}, step=step)
+
+    def log_figure(self, fig, name: str) -> None:
+        self.mlflow.log_figure(fig, name)
+
+    def log_patch_store(self, path: str, key: str, index, context: str = "pretraining") -> None:
+        """The patch store as the run's input dataset, named and digested by its content key."""
+        import mlflow.data
+
+        ds = mlflow.data.from_pandas(index, source=str(path), name=f"patch-store-{key}", digest=key[:8])
+        for attempt in range(3):
+            try:
+                self.mlflow.log_input(ds, context=context)
+                return
+            except Exception as err:  # noqa: BLE001
+                # two runs of one experiment logging the same store at the same moment: one insert of the
+                # dataset row loses the unique-constraint race; the row exists now, so the retry only links it
+                if ("UNIQUE constraint" not in str(err) and "IntegrityError" not in str(err)) or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def log_dict(self, d: dict, name: str) -> None:
+        """A JSON artifact (`name` ends in .json)."""
+        self.mlflow.log_dict(d, name)
+
+    def log_table_csv(self, df, name: str) -> None:
+        """A pandas DataFrame as a CSV artifact `name` (e.g. predictions.csv at the run's artifact root)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            df.to_csv(path, index=False)
+            parent = str(Path(name).parent)
+            self.mlflow.log_artifact(str(path), artifact_path=None if parent == "." else parent)
+
+    def log_finetuned_model(self, model, in_channels: int = 1, kind: str = "segmentation", name: str = "model"):
+        """A fine-tuned model: the U-Net (probabilities (-1, 1, D, H, W)) or the classifier (logits (-1, 1))."""
+        sig = model_signature(in_channels) if kind == "segmentation" else classifier_signature(in_channels)
+        return log_safe_model(model, name=name, signature=sig)
+
+    def log_model(self, model, name: str = "model"):
+        """A pretrained U-Net (or an imported classifier), in the safe logged form (`pipeline.model_format`)."""
+        from pipeline.models.classifier import UNet3DClassifier
+
+        sig = (classifier_signature if isinstance(model, UNet3DClassifier) else model_signature)(model.in_channels)
+        return log_safe_model(model, name=name, signature=sig)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+    @staticmethod
+    def end_active(status: str = "FAILED") -> None:
+        """End this process's active run, if any (a logger that raised before `end`): the next logger of the
+        same process would otherwise find that run still active."""
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
+
+
+BEST_ALIAS = "best"
+
+
+def best_alias_of(store_key: str, preset: str, width: int | str) -> str:
+    """The alias of the best version among those pretrained on one patch store (its content key's first 8
+    characters) with one preset and U-Net width: best-1a2b3c4d-tiny-w4."""
+    return f"{BEST_ALIAS}-{store_key[:8]}-{preset}-w{width}"
+
+
+def _group(tags: dict) -> tuple[str, str, str] | None:
+    """(patch store key, preset, width) of a version's tags; None when one is unknown."""
+    group = tuple(str(tags.get(k, "") or "") for k in ("patch_store", "preset", "width"))
+    return group if all(group) else None  # type: ignore[return-value]
+
+
+def _model_width(tracker: "Tracker", name: str, version: str) -> int | None:
+    """The U-Net width (`base_channels`) of a registered version, from its architecture.json (read as JSON,
+    nothing unpickled); None when the version is not in the safe format."""
+    import tempfile
+
+    from pipeline.model_io import model_format as fmt
+
+    source = tracker.client.get_model_version_download_uri(name, version).rstrip("/")
+    try:
+        with tempfile.TemporaryDirectory(prefix="genesis-arch-") as tmp:
+            path = tracker.download_artifacts(f"{source}/data/{fmt.DATA_DIR}/{fmt.CONFIG_FILE}", tmp)
+            config = json.loads(Path(path).read_text(encoding="utf-8"))
+        return int(config["kwargs"]["base_channels"])
+    except Exception:  # noqa: BLE001 - another format: the width stays unknown (the version never joins a group)
+        return None
+
+
+def _improves(client, name: str, alias: str, metric: float, lower_is_better: bool) -> tuple[bool, object | None]:
+    """(whether `metric` beats the version holding `alias`, or no version does; that version or None)."""
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - no version holds the alias
+        return True, None
+    default = "inf" if lower_is_better else "-inf"
+    held = float(holder.tags.get("val_loss", default))
+    return ((metric < held) if lower_is_better else (metric > held)), holder
+
+
+def classifier_signature(channels: int = 1):
+    """Any batch and cube size in, one logit per cube out: (-1, C, -1, -1, -1) -> (-1, 1)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
+    return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]))
+
+
+def finetuned_model_name(task: str) -> str:
+    """The registered name of a task's fine-tuned models: genesis-<task>, lower case."""
+    return f"genesis-{task.lower()}"
+
+
+
+
+# --------------------------------------------------------------------------- checks, before any run exists
+
+def mlflow_http_limits() -> None:
+    """Bound MLflow's HTTP retries and timeout for this process and the local Ray it starts (their
+    environment is inherited), unless the user set them."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", MLFLOW_HTTP_RETRIES)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", MLFLOW_HTTP_TIMEOUT_S)
+
+
+def check_experiment(name: str | None, option: str = "--experiment") -> str:
+    """An MLflow experiment name: not empty, at most MLflow's 500 characters (MLflow would refuse it only when
+    the run is created)."""
+    if name is None or not str(name).strip():
+        raise UsageError(f"{option} {name!r}: an experiment needs a name")
+    if len(name) > 500:
+        raise UsageError(f"{option}: a name of {len(name)} characters; MLflow allows at most 500")
+    return name
+
+
+def check_uri(uri: str | None, option: str = "--tracking-uri", timeout: float = PROBE_TIMEOUT_S) -> str:
+    """The tracking URI a stage will use (as `resolve_uri` makes it), checked: a SQLite database or file store
+    whose folder can be written, an MLflow server that answers its REST API within `timeout` s, or another scheme
+    MLflow has a tracking store for. Also bounds MLflow's own HTTP retries for this process."""
+    mlflow_http_limits()
+    if uri is None:
+        uri = "sqlite:///" + shared_path(None, option, default="mlflow.db")
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to where it runs
+        uri = "sqlite:///" + shared_path(uri[len("sqlite:///"):], option)
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if db.is_dir():
+            raise UsageError(f"{option} {uri}: {db} is a folder, not a SQLite database file")
+        output_dir(str(db.parent), option)
+        if db.exists() and not os.access(db, os.W_OK):
+            raise UsageError(f"{option} {uri}: {db} is not writable")
+        return uri
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        _probe_server(uri, option, timeout)
+    elif scheme in ("", "file"):
+        output_dir(uri[len("file://"):] if scheme == "file" else uri, option)
+    else:
+        _check_scheme(uri, scheme, option)
+    return uri
+
+
+def _check_scheme(uri: str, scheme: str, option: str) -> None:
+    """A scheme MLflow has no store for (ftp://, a typo) fails when the first run is created, after the work has
+    started: said here instead. MLflow's client refuses such a URI when it is built (a public exception that
+    lists the schemes it knows, plugins included); any other trouble (a database driver not installed) is left
+    for MLflow to say when the run is created, as before."""
+    from mlflow import MlflowClient
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    try:
+        MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except UnsupportedModelRegistryStoreURIException as err:
+        listed = re.search(r"\[([^\]]*)\]", str(err))
+        known = ", ".join(sorted(k.strip(" '\"") for k in listed.group(1).split(",") if k.strip(" '\""))) \
+            if listed else "sqlite, http, https, file"
+        raise UsageError(f"{option} {uri}: MLflow has no tracking store for the scheme {scheme!r}; use one of "
+                         f"{known}, or a folder") from None
+    except Exception:  # noqa: BLE001 - e.g. postgresql:// without its driver: MLflow says so when it is used
+        return
+
+
+PROBE_PATH = "/api/2.0/mlflow/experiments/get-by-name"
+
+
+def _probe_server(uri: str, option: str, timeout: float) -> None:
+    """Ask the server for the Default experiment (a GET) through MLflow's own client (its credentials and TLS settings, from
+    MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, ..._INSECURE_TLS, ..._SERVER_CERT_PATH), with no retry and a
+    `timeout` s limit. An answer, or 401/403 (an authenticating server or proxy: credentials are MLflow's
+    business), passes; nothing answering, or an answer that is not MLflow's REST API (a wrong port or path,
+    another web server), is a UsageError naming the URI."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException, RestException
+
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout)))}
+    saved = {k: os.environ.get(k) for k in limits}
+    os.environ.update(limits)
+    try:
+        MlflowClient(tracking_uri=uri).get_experiment_by_name("Default")
+        return
+    except RestException:  # MLflow's REST API answered with one of its JSON errors: an MLflow server
+        return
+    except MlflowException as err:
+        text = str(err)
+        code = re.search(r"error code (\d+)", text)
+        if code and code.group(1) in ("401", "403"):
+            return
+        if code:
+            raise UsageError(f"{option} {uri}: answers HTTP but is not an MLflow tracking server (GET "
+                             f"{PROBE_PATH}: {code.group(1)}); give the address `mlflow server` listens on") from None
+        if "failed with" in text and "exception" in text:
+            reason = "timed out" if "timeout" in text.lower() or "timed out" in text.lower() else \
+                _connection_reason(text)
+            raise UsageError(f"{option} {uri}: the MLflow tracking server does not answer ({reason}; waited at "
+                             f"most {timeout:g} s); start it, or give another URI") from None
+        raise UsageError(f"{option} {uri}: answers HTTP but is not an MLflow tracking server ({text[:120]}); "
+                         f"give the address `mlflow server` listens on") from None
+    except ValueError as err:  # a body that is not JSON at all
+        raise UsageError(f"{option} {uri}: answers HTTP but is not an MLflow tracking server ({err}); give the "
+                         f"address `mlflow server` listens on") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _connection_reason(text: str) -> str:
+    for needle in ("Connection refused", "Name or service not known", "No route to host", "Connection reset"):
+        if needle.lower() in text.lower():
+            return needle.lower()
+    return "no connection"
+
+
+# --------------------------------------------------------------------------- the tracker
+
+class Tracker:
+    """One tracking store, built once from its URI; every stage logs, registers and reads runs through it.
+
+    MLflow's fluent API (`mlflow.start_run`, `log_model`), which `RunLogger` needs for system metrics and logged
+    models, reads a process-wide tracking URI: it is set once here, when the Tracker is built."""
+
+    def __init__(self, uri: str):
+        import mlflow
+
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    @classmethod
+    def open(cls, uri: str | None, option: str = "--tracking-uri", timeout: float = PROBE_TIMEOUT_S) -> "Tracker":
+        """The tracker of a stage that is about to start: `uri` checked (`check_uri`) before anything runs."""
+        return cls(check_uri(uri, option, timeout))
+
+    @classmethod
+    def at(cls, uri: str | None) -> "Tracker":
+        """The tracker of a URI already checked (a Ray worker, a reader): `resolve_uri`, no probe."""
+        return cls(resolve_uri(uri))
+
+    # runs
+    def create_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None, *,
+                   command: str | None = None) -> str:
+        """A new run (left open for the training to log into); returns its id. The run carries where it came
+        from (`provenance_tags`: git commit, user, entry point); `tags` are added to (and override) those.
+
+        `command`: the genesis command that makes this run (`genesis transfer`, `genesis finetune`), named by the
+        stage itself. Without it the entry point is read from the process ($GENESIS_ENTRY_POINT or argv), which
+        in a Ray worker, or in a process that ran other stages before (the demo, `genesis reproduce`), names
+        whatever set it last."""
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(self.uri))
+        run = self.client.create_run(exp_id, run_name=run_name, tags={**provenance_tags(command), **(tags or {})})
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        """Params of a run that is not this process's active one."""
+        for k, v in params.items():
+            self.client.log_param(run_id, k, str(v))
+
+    def logger(self, run_id: str, system_metrics: bool = True) -> "RunLogger":
+        """Logging into run `run_id` as this process's active run (resumable by id after a restart)."""
+        return RunLogger(self.uri, run_id, system_metrics=system_metrics)
+
+    def mark_failed(self, run_id: str, reason: str | None = None, status: str = "FAILED") -> None:
+        """End a run that is still RUNNING as FAILED (or KILLED); `reason` goes into its `error` tag, which the
+        transfer table shows beside the failed fine-tuning."""
+        if reason:
+            self.client.set_tag(run_id, "error", reason[:5000])
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, status=status)
+
+    def run(self, run_id: str):
+        """MLflow's Run: `.info` (status, experiment id, times) and `.data` (params, metrics, tags)."""
+        return self.client.get_run(run_id)
+
+    def run_status(self, run_id: str) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(run_id).info.status
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of a run."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def experiment_id(self, name: str) -> str | None:
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else None
+
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "", **kwargs):
+        """All runs matching `filter_string`, every page."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(experiment_ids, filter_string=filter_string, page_token=token, **kwargs)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def ui_hint(self, run_id: str) -> str:
+        """The run's URL in the MLflow UI and the command that serves that UI."""
+        run = self.client.get_run(run_id)
+        if self.uri.startswith("http"):
+            base, cmd = self.uri.rstrip("/"), None
+        else:
+            base, cmd = "http://127.0.0.1:5000", f"mlflow ui --backend-store-uri {self.uri} --port 5000"
+        url = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return url if cmd is None else f"{url}\n  open the UI with: {cmd}"
+
+    # artifacts and models
+    def download_artifacts(self, artifact_uri: str, dst_path: str) -> str:
+        """A local copy of `artifact_uri` (runs:/, models:/, a server's artifacts) under `dst_path`."""
+        import mlflow.artifacts
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst_path,
+                                                   tracking_uri=self.uri)
+
+    def search_model_versions(self, filter_string: str):
+        return self.client.search_model_versions(filter_string)
+
+    def register_model(self, model_uri: str, name: str, metric: float | None = None, lower_is_better: bool = True,
+                       tags: dict | None = None, aliases: tuple[str, ...] = ()):
+        """Register `model_uri` as a new version of `name` with `tags` (and `width`: the U-Net's base channels,
+        read from the model when not given), and alias it with each of `aliases`.
+
+        `best` compares validation losses, and a loss only means something against other versions trained on the
+        same data with the same recipe and width: another patch store or preset scores its own validation cubes.
+        So a version with a `metric` takes:
+        - `best-<store key 8>-<preset>-w<width>` (`best_alias_of`) when it beats that alias's holder, or none
+          holds it: the best version of its own (patch store, preset, width) group;
+        - `best` when no version holds it yet, or when the holder is of the same group and the new loss beats it.
+          `best` never moves to another store, preset or width: a version of another group is picked by its group
+          alias or its number (`models:/NAME@best-1a2b3c4d-tiny-w4`, `models:/NAME/7`).
+        A version whose store or preset is unknown takes `best` only when none holds it.
+
+        MLflow reserves the alias name `latest`: the newest version is `models:/NAME/latest`, which MLflow
+        resolves itself, so no alias is needed (or allowed) for it.
+        """
+        import mlflow
+
+        client = self.client
+        version = mlflow.register_model(model_uri, name)
+        tags = dict(tags or {})
+        if "width" not in tags:
+            width = _model_width(self, name, version.version)
+            if width is not None:
+                tags["width"] = width
+        group = _group({k: str(v) for k, v in tags.items()})
+        if metric is not None and group is not None:
+            tags["best_alias"] = best_alias_of(*group)
+        if metric is not None:
+            tags["val_loss"] = metric
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version.version, k, str(v))
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version.version)
+        if metric is not None:
+            if group is not None and _improves(client, name, tags["best_alias"], metric, lower_is_better)[0]:
+                client.set_registered_model_alias(name, tags["best_alias"], version.version)
+            better, holder = _improves(client, name, BEST_ALIAS, metric, lower_is_better)
+            same_group = holder is not None and group is not None and _group(holder.tags) == group
+            if holder is None or (better and same_group):
+                client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+        return version
+
+    def register_finetuned(self, model_uri: str, name: str, tags: dict | None = None):
+        """Register a fine-tuned model as a new version of `name`, with `tags` (the run's test metrics, init,
+        preset, ...) on the version. No alias is set (`latest` is reserved by MLflow: use `models:/NAME/latest`);
+        choosing a `best` version by test metrics is left to the user."""
+        import mlflow
+
+        version = mlflow.register_model(model_uri, name)
+        for k, v in (tags or {}).items():
+            self.client.set_model_version_tag(name, version.version, k, str(v))
+        return version
