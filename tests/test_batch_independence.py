@@ -254,12 +254,14 @@ def logged(tmp_path_factory):
     classifier = _trained(tiny(get_task("ecc")), seed=2)
     assert isinstance(unet, UNet3D) and unet.norm == "batch_stats"
     assert isinstance(classifier, UNet3DClassifier) and classifier.norm == "batch"
+    from pipeline.model_io.model_format import log_finetuned_model, log_model
+
     tracker = Tracker(uri)
     run_id = tracker.create_run("bi", "models")
     logger = tracker.logger(run_id, system_metrics=False)
     try:
-        out = {"unet": (logger.log_model(unet).model_uri, unet),
-               "classifier": (logger.log_finetuned_model(classifier, kind="classification").model_uri, classifier)}
+        out = {"unet": (log_model(unet).model_uri, unet),
+               "classifier": (log_finetuned_model(classifier, kind="classification").model_uri, classifier)}
     finally:
         logger.end()
     return uri, out

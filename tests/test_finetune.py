@@ -132,13 +132,14 @@ def test_classification_ecc_end_to_end(ray_local, stores, tmp_path):
 
 def test_whole_volume_segmentation_lcs_from_a_registered_model(ray_local, stores, tmp_path):
     from pipeline.runtime.tracking import PRETRAINED_MODEL, RunLogger, Tracker
+    from pipeline.model_io.model_format import log_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     torch.manual_seed(1)
     pretrained = UNet3D(base_channels=4).eval()
     run_id = Tracker.at(uri).create_run("genesis-pretraining", "fake-pretraining")
     logger = RunLogger(uri, run_id, system_metrics=False)
-    Tracker.at(uri).register_model(logger.log_model(pretrained).model_uri, PRETRAINED_MODEL, metric=0.1)
+    Tracker.at(uri).register_model(log_model(pretrained).model_uri, PRETRAINED_MODEL, metric=0.1)
     logger.end()
     res = finetune(stores["lcs"], "lcs", f"models:/{PRETRAINED_MODEL}/1", preset="tiny", epochs=2,
                    tracking_uri=uri, storage_path=str(tmp_path / "ray"), name="lcs-test")

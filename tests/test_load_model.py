@@ -17,6 +17,7 @@ from pipeline.model_io.official import save_official_layout
 from pipeline.models.classifier import UNet3DClassifier
 from pipeline.models.unet3d import UNet3D
 from pipeline.runtime.tracking import Tracker
+from pipeline.model_io.model_format import log_model
 
 NAME = "genesis-load-test"
 
@@ -34,7 +35,7 @@ def registry(tmp_path_factory):
     run_id = tracker.create_run("load-test", "tiny-unet")
     logger = tracker.logger(run_id, system_metrics=False)
     try:
-        info = logger.log_model(model)
+        info = log_model(model)
         tracker.register_model(info.model_uri, NAME, aliases=("champion",), tags={"run_id": run_id})
     finally:
         logger.end()

@@ -76,6 +76,7 @@ def _log_run(uri: str, run_id: str) -> int:
     from pipeline.models.unet3d import UNet3D
     from pipeline.runtime.tracking import Tracker
     from pipeline.training.pictures import figure_pairs, restoration_figure
+    from pipeline.model_io.model_format import log_model
 
     tracker = Tracker(uri)
     logger = tracker.logger(run_id, system_metrics=False)
@@ -88,7 +89,7 @@ def _log_run(uri: str, run_id: str) -> int:
         logger.log_figure(fig, PICTURE)
         plt.close(fig)
         torch.manual_seed(0)
-        info = logger.log_model(UNet3D(base_channels=4).eval())
+        info = log_model(UNet3D(base_channels=4).eval())
         version = tracker.register_model(info.model_uri, MODEL, metric=LOSSES["val_loss"][-1], aliases=(ALIAS,),
                                          tags={"run_id": run_id, "preset": "tiny"})
     finally:

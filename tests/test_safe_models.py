@@ -28,6 +28,7 @@ import yaml
 from pipeline import load_model
 from pipeline.models import UNet3D, UNet3DClassifier
 from pipeline.runtime.tracking import Tracker, artifact_location, entry_point, git_state
+from pipeline.model_io.model_format import log_finetuned_model, log_model
 
 NAME = "genesis-safe-test"
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +50,7 @@ def _log(uri: str, model: torch.nn.Module, experiment: str = "safe", kind: str |
     run_id = tracker.create_run(experiment, "tiny")
     logger = tracker.logger(run_id, system_metrics=False)
     try:
-        info = logger.log_model(model) if kind is None else logger.log_finetuned_model(model, kind=kind)
+        info = log_model(model) if kind is None else log_finetuned_model(model, kind=kind)
     finally:
         logger.end()
     return run_id, info.model_uri

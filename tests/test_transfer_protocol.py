@@ -332,6 +332,7 @@ def test_store_differences_split_cubes_and_dataset(ecc_store, tmp_path):
 def test_best_moves_only_within_one_store_preset_and_width(tmp_path):
     from pipeline.models.unet3d import UNet3D
     from pipeline.runtime.tracking import RunLogger, Tracker, best_alias_of
+    from pipeline.model_io.model_format import log_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = _client(uri)
@@ -340,7 +341,7 @@ def test_best_moves_only_within_one_store_preset_and_width(tmp_path):
         run_id = Tracker.at(uri).create_run("genesis-pretraining", f"w{width}")
         logger = RunLogger(uri, run_id, system_metrics=False)
         torch.manual_seed(0)
-        uris[width] = logger.log_model(UNet3D(base_channels=width).eval()).model_uri
+        uris[width] = log_model(UNet3D(base_channels=width).eval()).model_uri
         logger.end()
     a, b = "a" * 64, "b" * 64
     name = "genesis-pretrained"

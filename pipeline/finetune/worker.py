@@ -148,6 +148,7 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
     from pipeline.finetune.evaluate import evaluate_test
     from pipeline.finetune.init import build_model
     from pipeline.runtime.tracking import Tracker
+    from pipeline.model_io.model_format import log_finetuned_model
 
     final = build_model(config)
     final.load_state_dict(best_model)
@@ -161,7 +162,7 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
         logger.log_figure(fig, name)
         plt.close(fig)
     final.cpu()
-    info = logger.log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind)
+    info = log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind)
     Tracker.at(cfg["tracking_uri"]).register_finetuned(
         info.model_uri, cfg["register_as"],
         tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, "task": config.task, "init": cfg["init"],

@@ -47,8 +47,8 @@ import torch.nn as nn
 __all__ = ["FORMAT", "FORMAT_VERSION", "ARG_RANGES", "CONFIG_FILE", "WEIGHTS_FILE", "DATA_DIR", "LOADER_MODULE",
            "architecture_config", "build_from_config", "check_config", "write_model_data", "read_model_data",
            "read_weights_header", "read_model_folder", "bundle_code", "BUNDLED_FILES", "model_requirements",
-           "ModelFormatError",
-           "GenesisPyfunc"]
+           "ModelFormatError", "GenesisPyfunc", "model_signature", "classifier_signature", "log_safe_model",
+           "log_model", "log_finetuned_model"]
 
 FORMAT, FORMAT_VERSION = "genesis-safetensors", 1
 CONFIG_FILE, WEIGHTS_FILE = "architecture.json", "weights.safetensors"
@@ -438,3 +438,65 @@ class GenesisPyfunc:
 def _load_pyfunc(data_path: str, model_config=None) -> GenesisPyfunc:
     """MLflow's entry point for the python_function flavor (loader_module)."""
     return GenesisPyfunc(read_model_data(data_path))
+
+
+# --------------------------------------------------------------------------- logging into an MLflow run
+
+def model_signature(channels: int = 1):
+    """Any batch size and any cube size: (-1, C, -1, -1, -1) float32 in and out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
+    return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]))
+
+
+def log_safe_model(model, name: str = "model", signature=None):
+    """Log `model` into the active run (the one a `pipeline.runtime.tracking.RunLogger` holds open) as an MLflow
+    pyfunc model in this form: architecture JSON + safetensors weights, the model code bundled (`code_paths`),
+    every requirement pinned; the project's version, git commit and U-Net width (`genesis_width`, which
+    `Tracker.register_model` reads to group versions) in the model's metadata. Returns MLflow's ModelInfo."""
+    import tempfile
+    import warnings
+
+    import mlflow.pyfunc
+
+    from pipeline.runtime.tracking import git_state, project_version
+
+    version = project_version()
+    commit, dirty = git_state(Path(__file__).resolve().parents[2])
+    with tempfile.TemporaryDirectory(prefix="genesis-model-") as tmp, warnings.catch_warnings():
+        # the signature says it all (any batch and cube size); an example would make MLflow run the model here
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        data = write_model_data(model, Path(tmp) / DATA_DIR)
+        code = bundle_code(Path(tmp) / "code")
+        return mlflow.pyfunc.log_model(
+            name=name, loader_module=LOADER_MODULE, data_path=str(data), code_paths=[str(code)],
+            pip_requirements=model_requirements(), signature=signature,
+            metadata={"genesis_format": FORMAT, "genesis_format_version": FORMAT_VERSION,
+                      "genesis_pipeline_version": version, "genesis_git_commit": commit,
+                      "genesis_git_dirty": dirty, "genesis_architecture": type(model).__name__,
+                      "genesis_width": getattr(model, "base_channels", None)})
+
+
+def classifier_signature(channels: int = 1):
+    """Any batch and cube size in, one logit per cube out: (-1, C, -1, -1, -1) -> (-1, 1)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
+    return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]))
+
+
+def log_finetuned_model(model, in_channels: int = 1, kind: str = "segmentation", name: str = "model"):
+    """A fine-tuned model: the U-Net (probabilities (-1, 1, D, H, W)) or the classifier (logits (-1, 1))."""
+    sig = model_signature(in_channels) if kind == "segmentation" else classifier_signature(in_channels)
+    return log_safe_model(model, name=name, signature=sig)
+
+
+def log_model(model, name: str = "model"):
+    """A pretrained U-Net (or an imported classifier) into the active run, in the safe logged form."""
+    from pipeline.models.classifier import UNet3DClassifier
+
+    sig = (classifier_signature if isinstance(model, UNet3DClassifier) else model_signature)(model.in_channels)
+    return log_safe_model(model, name=name, signature=sig)

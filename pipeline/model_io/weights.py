@@ -30,6 +30,7 @@ from pipeline.model_io.official import AXES_CHOICES, load_official_genesis, read
 from pipeline.model_io.state_dicts import CheckpointError
 from pipeline.models.unet3d import UNet3D
 from pipeline.runtime.tracking import Tracker
+from pipeline.model_io.model_format import log_model
 
 __all__ = ["import_weights", "load_any_checkpoint"]
 
@@ -80,7 +81,7 @@ def import_weights(path: str, name: str, alias: str = "imported", tracking_uri: 
     try:
         logger.log_params({"source_file": str(Path(path).resolve()), "base_channels": model.base_channels,
                            "norm": model.norm, "kernel_axes_in_file": file_axes})
-        info = logger.log_model(model)
+        info = log_model(model)
         tracker.register_model(info.model_uri, name, aliases=(alias,), tags={"source_file": Path(path).name})
     finally:
         logger.end()

@@ -1,4 +1,5 @@
-"""The one module that talks to MLflow (besides the logged-model format, `pipeline.model_format`).
+"""The one module that talks to MLflow (besides the logged-model format, `pipeline.model_io.model_format`, which
+logs models into the run a `RunLogger` holds open).
 
 A `Tracker` is built once from a tracking URI (`Tracker.open` checks it first: a SQLite file whose folder can be
 written, a file store, an MLflow server answering its REST API within seconds, or another scheme MLflow has a
@@ -18,13 +19,12 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 
 from pipeline.runtime.errors import UsageError
 from pipeline.runtime.paths import output_dir, shared_path
 
-__all__ = ["Tracker", "resolve_uri", "RunLogger", "model_signature", "classifier_signature", "PRETRAINED_MODEL",
-           "finetuned_model_name", "artifact_location", "log_safe_model", "provenance_tags", "git_state",
+__all__ = ["Tracker", "resolve_uri", "RunLogger", "PRETRAINED_MODEL", "project_version",
+           "finetuned_model_name", "artifact_location", "provenance_tags", "git_state",
            "entry_point", "ENTRY_POINT_ENV", "COMMANDS", "BEST_ALIAS", "best_alias_of", "check_experiment",
            "mlflow_http_limits", "MLFLOW_HTTP_RETRIES", "PROBE_TIMEOUT_S"]
 
@@ -145,43 +145,15 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def model_signature(channels: int = 1):
-    """Any batch size and any cube size: (-1, C, -1, -1, -1) float32 in and out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
-    return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]))
-
-
-def log_safe_model(model, name: str = "model", signature=None):
-    """Log `model` into the active run as an MLflow pyfunc model in `pipeline.model_format`'s form:
-    architecture JSON + safetensors weights, the model code bundled (`code_paths`), every requirement
-    pinned; the project's version and git commit in the model's metadata. Returns MLflow's ModelInfo."""
+def project_version() -> str:
+    """The installed genesis-pipeline version, or "unknown" when running from a copied source tree (a Ray job's
+    working_dir)."""
     import importlib.metadata as md
-    import tempfile
-    import warnings
-
-    import mlflow.pyfunc
-
-    from pipeline.model_io import model_format as fmt
 
     try:
-        version = md.version("genesis-pipeline")
-    except md.PackageNotFoundError:  # running from a copied source tree (e.g. a Ray job's working_dir)
-        version = "unknown"
-    commit, dirty = git_state(Path(__file__).resolve().parents[2])
-    with tempfile.TemporaryDirectory(prefix="genesis-model-") as tmp, warnings.catch_warnings():
-        # the signature says it all (any batch and cube size); an example would make MLflow run the model here
-        warnings.filterwarnings("ignore", message=".*input example was not provided")
-        data = fmt.write_model_data(model, Path(tmp) / fmt.DATA_DIR)
-        code = fmt.bundle_code(Path(tmp) / "code")
-        return mlflow.pyfunc.log_model(
-            name=name, loader_module=fmt.LOADER_MODULE, data_path=str(data), code_paths=[str(code)],
-            pip_requirements=fmt.model_requirements(), signature=signature,
-            metadata={"genesis_format": fmt.FORMAT, "genesis_format_version": fmt.FORMAT_VERSION,
-                      "genesis_pipeline_version": version, "genesis_git_commit": commit,
-                      "genesis_git_dirty": dirty, "genesis_architecture": type(model).__name__})
+        return md.version("genesis-pipeline")
+    except md.PackageNotFoundError:
+        return "unknown"
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, str]:
@@ -252,18 +224,6 @@ class RunLogger:
             parent = str(Path(name).parent)
             self.mlflow.log_artifact(str(path), artifact_path=None if parent == "." else parent)
 
-    def log_finetuned_model(self, model, in_channels: int = 1, kind: str = "segmentation", name: str = "model"):
-        """A fine-tuned model: the U-Net (probabilities (-1, 1, D, H, W)) or the classifier (logits (-1, 1))."""
-        sig = model_signature(in_channels) if kind == "segmentation" else classifier_signature(in_channels)
-        return log_safe_model(model, name=name, signature=sig)
-
-    def log_model(self, model, name: str = "model"):
-        """A pretrained U-Net (or an imported classifier), in the safe logged form (`pipeline.model_format`)."""
-        from pipeline.models.classifier import UNet3DClassifier
-
-        sig = (classifier_signature if isinstance(model, UNet3DClassifier) else model_signature)(model.in_channels)
-        return log_safe_model(model, name=name, signature=sig)
-
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
 
@@ -292,23 +252,6 @@ def _group(tags: dict) -> tuple[str, str, str] | None:
     return group if all(group) else None  # type: ignore[return-value]
 
 
-def _model_width(tracker: "Tracker", name: str, version: str) -> int | None:
-    """The U-Net width (`base_channels`) of a registered version, from its architecture.json (read as JSON,
-    nothing unpickled); None when the version is not in the safe format."""
-    import tempfile
-
-    from pipeline.model_io import model_format as fmt
-
-    source = tracker.client.get_model_version_download_uri(name, version).rstrip("/")
-    try:
-        with tempfile.TemporaryDirectory(prefix="genesis-arch-") as tmp:
-            path = tracker.download_artifacts(f"{source}/data/{fmt.DATA_DIR}/{fmt.CONFIG_FILE}", tmp)
-            config = json.loads(Path(path).read_text(encoding="utf-8"))
-        return int(config["kwargs"]["base_channels"])
-    except Exception:  # noqa: BLE001 - another format: the width stays unknown (the version never joins a group)
-        return None
-
-
 def _improves(client, name: str, alias: str, metric: float, lower_is_better: bool) -> tuple[bool, object | None]:
     """(whether `metric` beats the version holding `alias`, or no version does; that version or None)."""
     try:
@@ -318,15 +261,6 @@ def _improves(client, name: str, alias: str, metric: float, lower_is_better: boo
     default = "inf" if lower_is_better else "-inf"
     held = float(holder.tags.get("val_loss", default))
     return ((metric < held) if lower_is_better else (metric > held)), holder
-
-
-def classifier_signature(channels: int = 1):
-    """Any batch and cube size in, one logit per cube out: (-1, C, -1, -1, -1) -> (-1, 1)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    spec = TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1))
-    return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]))
 
 
 def finetuned_model_name(task: str) -> str:
@@ -559,6 +493,16 @@ class Tracker:
         return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst_path,
                                                    tracking_uri=self.uri)
 
+    def logged_width(self, model_uri: str) -> int | None:
+        """The U-Net width (`base_channels`) that the safe format wrote into a logged model's metadata
+        (`genesis_width`, read from its MLmodel: nothing unpickled); None when the model does not say."""
+        from mlflow.models import get_model_info
+
+        try:
+            return int(get_model_info(model_uri).metadata["genesis_width"])
+        except Exception:  # noqa: BLE001 - another format, or a model logged without it: the width stays unknown
+            return None
+
     def search_model_versions(self, filter_string: str):
         return self.client.search_model_versions(filter_string)
 
@@ -586,7 +530,7 @@ class Tracker:
         version = mlflow.register_model(model_uri, name)
         tags = dict(tags or {})
         if "width" not in tags:
-            width = _model_width(self, name, version.version)
+            width = self.logged_width(model_uri)
             if width is not None:
                 tags["width"] = width
         group = _group({k: str(v) for k, v in tags.items()})

@@ -107,11 +107,12 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     if logger:
         from pipeline.runtime.tracking import PRETRAINED_MODEL
+        from pipeline.model_io.model_format import log_model
 
         final = build_model(config)
         final.load_state_dict(best_model)
         final.eval()
-        info = logger.log_model(final)
+        info = log_model(final)
         logger.log_metrics({"final_best_val_loss": best_val}, step=epoch)
         tracker.register_model(info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
                                tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"]})
