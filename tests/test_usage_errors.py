@@ -317,10 +317,13 @@ def test_failure_policy_retries_worker_deaths_but_not_deterministic_errors(tmp_p
     EndOnDeterministicError(nccl_timeout)({FAILURE_KEY: str(failure_file)})  # a peer's echo: the run ends
 
 
-def test_deterministic_error_inside_a_worker_is_not_retried_and_fails_the_run(ray_local, patch_store, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_deterministic_error_inside_a_worker_is_not_retried_and_fails_the_run(ray_local, patch_store, tmp_path,
+                                                                              workers):
     """A store whose every cube shard has a flipped byte: the driver's checks (index, shapes) pass, every read in
     a worker fails its CRC32C the same way, so the run must end at the first failure, not after --max-failures
-    restarts."""
+    restarts. With two workers the group is torn down (no peer left waiting in a collective) and a restarted
+    group ends at once: each rank trained once."""
     import shutil
 
     from pipeline.training.pretrain import pretrain
@@ -337,10 +340,11 @@ def test_deterministic_error_inside_a_worker_is_not_retried_and_fails_the_run(ra
     attempts = tmp_path / "attempts.txt"
     config = tiny().with_overrides(base_channels=2, batch_size=4, steps_per_epoch=1, epochs=1, val_cubes=4,
                                    figure_cubes=1, read_block=4)
-    res = pretrain(str(broken), config, workers=1, tracking_uri=uri, storage_path=str(tmp_path / "ray"),
+    res = pretrain(str(broken), config, workers=workers, tracking_uri=uri, storage_path=str(tmp_path / "ray"),
                    max_failures=3, system_metrics=False, register_as="genesis-usage-test",
                    fault_injection={"rank": -1, "epoch": -1, "marker": str(tmp_path / "m"), "attempts": str(attempts)})
-    assert attempts.read_text(encoding="utf-8").split() == ["0"]  # one start: no restart
+    # one start of each rank: nothing trained again
+    assert sorted(attempts.read_text(encoding="utf-8").split()) == [str(r) for r in range(workers)]
     assert res.error and "not retried" in res.error, res.error
     assert res.error.split(":")[0] in ("ValueError", "StoreIntegrityError"), res.error  # a checksum error
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(res.mlflow_run_id)

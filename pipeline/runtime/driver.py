@@ -7,11 +7,12 @@ starts Ray, fits a TorchTrainer (`fit`) and records the outcome on the run: FAIL
 Deterministic errors end the run at once, through public API only. Ray Train retries every worker error up to
 `FailureConfig.max_failures` and offers no public hook to tell them apart, so the train function is wrapped
 (`EndOnDeterministicError`): a worker that raises one of `DETERMINISTIC_ERRORS` writes the reason to a small
-file under the run's storage folder (through pyarrow's filesystem, so a bucket works as a shared folder does),
-releases its peers (their collectives fail instead of hanging), and returns. Its peers, failing in turn, find the
-file and return too; Ray Train sees a finished run, and the driver reads the file and marks the run FAILED with
-"...; a deterministic error: not retried". Worker deaths, lost nodes and other runtime errors are raised, and
-retried as before.
+file under the run's storage folder (through pyarrow's filesystem, so a bucket works as a shared folder does).
+Alone, it then returns: Ray Train sees a finished run. With peers it raises: Ray tears down the whole group
+(a peer waiting in a collective is killed, never left hanging), and the workers of a restarted group find the
+file and return at once. Either way the driver reads the file and marks the run FAILED with "...; a
+deterministic error: not retried", and no training is repeated. Worker deaths, lost nodes and other runtime
+errors are raised, and retried as before.
 """
 
 from __future__ import annotations
@@ -63,19 +64,8 @@ def _write_failure(uri: str, reason: str) -> None:
         f.write(json.dumps({"reason": reason}).encode("utf-8"))
 
 
-def _release_peers() -> None:
-    """Tear down this worker's process group, so a peer waiting in a collective fails now instead of hanging."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - best effort: the peers then fail on their own timeout
-        pass
-
-
 class EndOnDeterministicError:
-    """A train function that ends the run, instead of raising, when it meets a deterministic error."""
+    """A train function that ends the run, instead of being retried, when it meets a deterministic error."""
 
     def __init__(self, train_fn: Callable[[dict], None]):
         self.train_fn = train_fn
@@ -84,17 +74,25 @@ class EndOnDeterministicError:
         import ray.train
 
         failure_file = config.get(FAILURE_KEY)
+        if failure_file and _read_failure(failure_file) is not None:
+            return  # a worker of this run met a deterministic error: nothing is left to do
         try:
             self.train_fn(config)
         except DETERMINISTIC_ERRORS as err:
             if not failure_file:
                 raise
-            rank = ray.train.get_context().get_world_rank()
-            reason = f"{one_line(err)} (worker rank {rank}); a deterministic error: not retried"
+            context = ray.train.get_context()
+            reason = f"{one_line(err)} (worker rank {context.get_world_rank()}); a deterministic error: not retried"
             log.warning("genesis: %s", reason)
-            if _read_failure(failure_file) is None:
-                _write_failure(failure_file, reason)
-            _release_peers()
+            try:
+                if _read_failure(failure_file) is None:
+                    _write_failure(failure_file, reason)
+            except Exception:  # noqa: BLE001 - the cause cannot be recorded: Ray retries it as any error
+                log.exception("genesis: could not write %s", failure_file)
+                raise err from None
+            if context.get_world_size() > 1:
+                raise  # Ray tears down the whole group (no peer is left waiting in a collective); a restarted
+                # group finds the failure file and returns at once
         except Exception:
             if failure_file and _read_failure(failure_file) is not None:
                 return  # a peer met a deterministic error: this worker's failure is its echo

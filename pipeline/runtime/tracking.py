@@ -317,24 +317,24 @@ def check_uri(uri: str | None, option: str = "--tracking-uri", timeout: float = 
     return uri
 
 
+BUILT_IN_SCHEMES = ("", "file", "sqlite", "http", "https", "databricks", "databricks-uc", "uc")
+"""The tracking-store schemes MLflow knows itself, besides its SQL databases (`DATABASE_ENGINES`)."""
+
+
 def _check_scheme(uri: str, scheme: str, option: str) -> None:
     """A scheme MLflow has no store for (ftp://, a typo) fails when the first run is created, after the work has
-    started: said here instead. MLflow's client refuses such a URI when it is built (a public exception that
-    lists the schemes it knows, plugins included); any other trouble (a database driver not installed) is left
-    for MLflow to say when the run is created, as before."""
-    from mlflow import MlflowClient
-    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+    started: said here instead, without opening anything. Known: MLflow's own schemes, its SQL databases
+    (`postgresql+psycopg2://` counts as `postgresql`) and the schemes of installed tracking-store plugins (the
+    `mlflow.tracking_store` entry points, MLflow's documented plugin interface)."""
+    import importlib.metadata
 
-    try:
-        MlflowClient(tracking_uri=uri, registry_uri=uri)
-    except UnsupportedModelRegistryStoreURIException as err:
-        listed = re.search(r"\[([^\]]*)\]", str(err))
-        known = ", ".join(sorted(k.strip(" '\"") for k in listed.group(1).split(",") if k.strip(" '\""))) \
-            if listed else "sqlite, http, https, file"
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    known = {*BUILT_IN_SCHEMES, *DATABASE_ENGINES,
+             *(ep.name for ep in importlib.metadata.entry_points(group="mlflow.tracking_store"))}
+    if scheme.split("+", 1)[0] not in known:
         raise UsageError(f"{option} {uri}: MLflow has no tracking store for the scheme {scheme!r}; use one of "
-                         f"{known}, or a folder") from None
-    except Exception:  # noqa: BLE001 - e.g. postgresql:// without its driver: MLflow says so when it is used
-        return
+                         f"{', '.join(sorted(k for k in known if k))}, or a folder")
 
 
 PROBE_PATH = "/api/2.0/mlflow/experiments/get-by-name"
@@ -355,8 +355,11 @@ def _probe_server(uri: str, option: str, timeout: float) -> None:
     try:
         MlflowClient(tracking_uri=uri).get_experiment_by_name("Default")
         return
-    except RestException:  # MLflow's REST API answered with one of its JSON errors: an MLflow server
-        return
+    except RestException as err:  # a JSON error: MLflow's own (it names an error_code), else another service's
+        if isinstance(err.json, dict) and err.json.get("error_code"):
+            return
+        raise UsageError(f"{option} {uri}: answers HTTP but is not an MLflow tracking server (GET {PROBE_PATH}: "
+                         f"{str(err.json)[:80]}); give the address `mlflow server` listens on") from None
     except MlflowException as err:
         text = str(err)
         code = re.search(r"error code (\d+)", text)
@@ -402,9 +405,16 @@ class Tracker:
         import mlflow
 
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        self._use()
         self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def _use(self) -> None:
+        """Point MLflow's process-wide URIs at this store, before a fluent call (`mlflow.register_model`,
+        `get_model_info`) that reads them: another Tracker built since may have pointed them elsewhere."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
 
     @classmethod
     def open(cls, uri: str | None, option: str = "--tracking-uri", timeout: float = PROBE_TIMEOUT_S) -> "Tracker":
@@ -490,6 +500,7 @@ class Tracker:
         """A local copy of `artifact_uri` (runs:/, models:/, a server's artifacts) under `dst_path`."""
         import mlflow.artifacts
 
+        self._use()  # models:/ resolves against the process-wide registry URI
         return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst_path,
                                                    tracking_uri=self.uri)
 
@@ -498,6 +509,7 @@ class Tracker:
         (`genesis_width`, read from its MLmodel: nothing unpickled); None when the model does not say."""
         from mlflow.models import get_model_info
 
+        self._use()
         try:
             return int(get_model_info(model_uri).metadata["genesis_width"])
         except Exception:  # noqa: BLE001 - another format, or a model logged without it: the width stays unknown
@@ -527,6 +539,7 @@ class Tracker:
         import mlflow
 
         client = self.client
+        self._use()
         version = mlflow.register_model(model_uri, name)
         tags = dict(tags or {})
         if "width" not in tags:
@@ -557,6 +570,7 @@ class Tracker:
         choosing a `best` version by test metrics is left to the user."""
         import mlflow
 
+        self._use()
         version = mlflow.register_model(model_uri, name)
         for k, v in (tags or {}).items():
             self.client.set_model_version_tag(name, version.version, k, str(v))
