@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,8 @@ from pipeline.sample_data import make_sample_data
 from pipeline.sample_data.phantom import tiny_config
 from pipeline.volume_store.convert import convert
 from pipeline.volume_store.settings import ConvertSettings
+
+from bench_common import verdict, work_folder  # benchmarks/: run as scripts, their folder is on sys.path
 
 
 def floor_seconds(mhds: list[Path], settings: ConvertSettings) -> float:
@@ -78,11 +79,6 @@ def floor_with_store_work_seconds(mhds: list[Path], settings: ConvertSettings) -
 QUICK_SCANS = 2
 
 
-def verdict(ok: bool, quick: bool) -> str:
-    """PASS/MISS against a target; a quick run's tiny scans say nothing about a target."""
-    return "(quick: not judged)" if quick else ("PASS" if ok else "MISS")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=int, default=None, help=f"phantom scans (default 8; --quick {QUICK_SCANS})")
@@ -95,12 +91,7 @@ def main() -> None:
     if scans < 1 or args.repeat < 1:
         ap.error(f"--scans and --repeat must be >= 1, got {scans} and {args.repeat}")
     quick = args.quick
-    if args.work:
-        work = args.work
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="genesis-bench-convert-"))
-    try:
+    with work_folder(args.work, "genesis-bench-convert-") as work:
         data = Path(args.data) if args.data else work / "data"
         if not args.data:
             make_sample_data(data, n_scans=scans, seed=0, include_real=False,
@@ -150,9 +141,6 @@ def main() -> None:
         print(f"peak memory of one task above its worker's idle RSS: {mem / 1e6:.1f} MB = "
               f"{mem / largest:.2f} x the largest scan (target < 3) {verdict(mem / largest < 3, quick)}; "
               f"worker peak RSS incl. libraries {max(s.peak_rss_bytes for s in summaries.values()) / 1e6:.0f} MB")
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

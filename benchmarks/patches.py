@@ -24,9 +24,10 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from bench_common import verdict, work_folder  # benchmarks/: run as scripts, their folder is on sys.path
 
 QUICK_SCANS = 2
 
@@ -44,11 +45,6 @@ def quick_cubes():
     from pipeline.patches.config import PretrainPatchConfig
 
     return PretrainPatchConfig(cube_size=(16, 16, 16), per_scan=10, border_yx=4, border_z=2, min_slices=16)
-
-
-def verdict(ok: bool, quick: bool) -> str:
-    """PASS/MISS against a target; a quick run's tiny sizes say nothing about a target."""
-    return "(quick: not judged)" if quick else ("PASS" if ok else "MISS")
 
 
 def _one_core() -> None:
@@ -170,12 +166,7 @@ def main() -> None:
     from pipeline.volume_store.convert import convert
 
     quick = args.quick
-    if args.work:
-        work = args.work
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="genesis-bench-patches-"))
-    try:
+    with work_folder(args.work, "genesis-bench-patches-") as work:
         make_sample_data(work / "data", n_scans=scans, seed=0, include_real=False,
                          config=quick_phantom() if quick else None)
         assert convert([str(work / "data")], str(work / "vs"), workers=2, progress=False).ok
@@ -226,9 +217,6 @@ def main() -> None:
         print(f"loader peak RSS, whole store streamed: {mem['1x']['cubes']} cubes {mem['1x']['peak_rss'] / 1e6:.0f} MB; "
               f"{mem['10x']['cubes']} cubes {mem['10x']['peak_rss'] / 1e6:.0f} MB; ratio {r:.2f} "
               f"(target: flat) {verdict(r < 1.2, quick)}")
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

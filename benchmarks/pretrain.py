@@ -25,7 +25,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -172,14 +171,10 @@ def main() -> None:
     if scans < 1 or steps < 1:
         ap.error(f"--scans and --steps must be >= 1, got {scans} and {steps}")
     sys.path.insert(0, str(Path(__file__).parent))
-    from patches import grow_store, quick_cubes, quick_phantom, verdict
+    from bench_common import verdict, work_folder
+    from patches import grow_store, quick_cubes, quick_phantom
 
-    if args.work:
-        work = args.work
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="genesis-bench-pretrain-"))
-    try:
+    with work_folder(args.work, "genesis-bench-pretrain-") as work:
         patches = args.patches
         if not patches:
             from pipeline.patches.config import PretrainPatchConfig
@@ -247,9 +242,6 @@ def main() -> None:
                   f"{100 * r['data_ms'] / r['step_ms']:.1f}% (target < 10%) {verdict(ok, quick)}")
         else:
             print("GPU: not available on this machine (full-model bf16 figure and the <10% data target need one)")
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

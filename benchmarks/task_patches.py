@@ -30,13 +30,14 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from bench_common import verdict, work_folder  # benchmarks/: run as scripts, their folder is on sys.path
 
 MiB = 1024 * 1024
 ALL_TASKS = ("ncc", "ncs", "ecc", "lcs", "bms")
@@ -68,11 +69,6 @@ def sample_sizes(dataset: str, args) -> tuple[int, int]:
         scans = args.scans or 6
         mem = 2 * scans
     return scans, mem if args.mem_scans is None else args.mem_scans
-
-
-def verdict(ok: bool, quick: bool) -> str:
-    """PASS/MISS against a target; a quick run's tiny samples say nothing about a target."""
-    return "(quick: not judged)" if quick else ("PASS" if ok else "MISS")
 
 
 def volume_store(dataset: str, n_scans: int, seed: int, where: Path, small: bool = False) -> tuple[str, float, float]:
@@ -206,11 +202,9 @@ def main() -> None:
     unknown = sorted(set(names) - set(ALL_TASKS))
     if unknown:
         ap.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="genesis-bench-task-patches-"))
-    work.mkdir(parents=True, exist_ok=True)
     rows, skipped, failed = [], [], []
     t0 = time.perf_counter()
-    try:
+    with work_folder(args.keep, "genesis-bench-task-patches-") as work:
         for name in names:
             try:
                 rows.append(run_task(name, args, work))
@@ -221,9 +215,6 @@ def main() -> None:
                 failed.append((name, f"{type(exc).__name__}: {exc}"))
                 print(f"[{name}] failed: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     print()
     sizes = sorted({sample_sizes(task_spec(n).dataset, args) for n in names})
     print("task patch stores, " + " or ".join(f"{n} scans" for n, _ in sizes)
