@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from pipeline.model_io.official import FIRST_CONV_KEY as FIRST_CONV
 from pipeline.model_io.official import HEAD_CONV_KEY as UNET_HEAD
+from pipeline.runtime.errors import one_line
 from pipeline.runtime.tracking import Tracker
 
 __all__ = ["load_model", "load_model_state", "model_from_state_dict"]
@@ -86,19 +87,13 @@ def load_model_state(tracking: Tracker | str | None, model_uri: str) -> dict[str
     `models:/genesis-official@official`, from the registry of `tracking` (a Tracker or a tracking URI; None: the
     default), read in the safe format (`load_model`, nothing unpickled); a ValueError naming the URI when it
     cannot be loaded."""
-    uri = tracking.uri if isinstance(tracking, Tracker) else tracking
-    model = load_model(model_uri, tracking_uri=uri)
+    model = load_model(model_uri, tracking_uri=Tracker.at(tracking).uri)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _is_mlflow_folder(uri: str) -> bool:
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     return (path / "MLmodel").is_file()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
@@ -122,7 +117,7 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
             with _no_progress_bars():
                 folder = tracker.download_artifacts(uri, tmp)
         except Exception as err:  # MlflowException: no such model / version / alias / run
-            raise ValueError(f"load_model: cannot load {uri!r} (registry {where}): {_first_line(err)}") from err
+            raise ValueError(f"load_model: cannot load {uri!r} (registry {where}): {one_line(err)}") from err
         if not (Path(folder) / "MLmodel").is_file():
             raise ValueError(f"load_model: {uri!r} (registry {where}) is not an MLflow model (no MLmodel file)")
         try:
@@ -162,7 +157,7 @@ def _from_state_file(uri: str, norm: str | None = None) -> nn.Module:
     except ValueError as err:
         raise ValueError(f"load_model({uri!r}): {err}") from err
     except Exception as err:  # not a torch file at all
-        raise ValueError(f"load_model({uri!r}): cannot read it as a torch state dict: {_first_line(err)}") from err
+        raise ValueError(f"load_model({uri!r}): cannot read it as a torch state dict: {one_line(err)}") from err
     return model_from_state_dict(state, name=repr(uri), norm=norm)
 
 

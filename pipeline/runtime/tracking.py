@@ -422,9 +422,10 @@ class Tracker:
         return cls(check_uri(uri, option, timeout))
 
     @classmethod
-    def at(cls, uri: str | None) -> "Tracker":
-        """The tracker of a URI already checked (a Ray worker, a reader): `resolve_uri`, no probe."""
-        return cls(resolve_uri(uri))
+    def at(cls, uri: "Tracker | str | None") -> "Tracker":
+        """The tracker of a URI already checked (a Ray worker, a reader): `resolve_uri`, no probe. A Tracker is
+        returned as it is, so a function may take either and build nothing twice."""
+        return uri if isinstance(uri, Tracker) else cls(resolve_uri(uri))
 
     # runs
     def create_run(self, experiment: str, run_name: str, tags: dict[str, str] | None = None, *,

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.cluster import TRIAL_RESOURCE, ensure_ray, ray_resources
+from pipeline.runtime.tracking import Tracker
 from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells
 
 __all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show",
@@ -53,8 +54,6 @@ class TransferResult:
         return self.failed.empty
 
     def report(self) -> str:
-        from pipeline.runtime.tracking import Tracker
-
         n = len(self.cells)
         return "\n".join([
             self.markdown, "",
@@ -97,12 +96,12 @@ def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> d
     return found
 
 
-def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str | None) -> tuple[str, int]:
+def _parent_run(tracking: Tracker | str, experiment: str, key: str, grid: GridConfig,
+                name: str | None) -> tuple[str, int]:
     """The grid's parent run (reopened on a rerun) and this attempt's number."""
-    from pipeline.runtime.tracking import Tracker
     from pipeline.transfer.trial import COMMAND
 
-    tracker = Tracker.at(uri)
+    tracker = Tracker.at(tracking)
     client = tracker.client
     exp_id = tracker.experiment_id(experiment)
     if exp_id is not None:
@@ -123,14 +122,10 @@ def _parent_run(uri: str, experiment: str, key: str, grid: GridConfig, name: str
     return run_id, 1
 
 
-def _close_interrupted(uri: str, parent: str) -> int:
+def _close_interrupted(tracker: Tracker, parent: str) -> int:
     """Child runs still RUNNING belong to an attempt that was stopped: close them as KILLED."""
-    from pipeline.runtime.tracking import Tracker
-
-    tracker = Tracker.at(uri)
     exp_id = tracker.run(parent).info.experiment_id
-    runs = tracker.client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
-                                                              f"attributes.status = 'RUNNING'", max_results=10000)
+    runs = tracker.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
     for r in runs:
         tracker.mark_failed(r.info.run_id, reason="interrupted: the grid was stopped; run again by the rerun",
                             status="KILLED")
@@ -173,7 +168,7 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     from pipeline.finetune.init import check_init, read_init
     from pipeline.finetune.run import prepare
     from pipeline.runtime.paths import output_dir
-    from pipeline.runtime.tracking import Tracker, check_experiment, check_uri, entry_point
+    from pipeline.runtime.tracking import check_experiment, check_uri, entry_point
     from pipeline.transfer.table import cells_from_mlflow
     from pipeline.transfer.trial import create_child_run, run_trial
 
@@ -188,9 +183,9 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     tracker = Tracker(uri)  # the store is opened once the task stores are known to be right
     cells = cells_of(grid, store_keys, folds)
     key = grid_key(cells)
-    parent, attempt = _parent_run(uri, experiment, key, grid, name)
-    _close_interrupted(uri, parent)
-    done = cells_from_mlflow(uri, parent)
+    parent, attempt = _parent_run(tracker, experiment, key, grid, name)
+    _close_interrupted(tracker, parent)
+    done = cells_from_mlflow(tracker, parent)
     finished_keys = set(done.loc[done["status"] == "FINISHED", "cell"]) if len(done) else set()
     pending = [c for c in cells if c.key not in finished_keys]
     settings = {"tracking_uri": uri, "parent_run_id": parent, "grid_key": key, "experiment": experiment,
@@ -247,35 +242,34 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
             run_config=tune.RunConfig(name=settings["name"], storage_path=settings["storage"], verbose=verbose),
         )
         tuner.fit()
-    return _finish(uri, parent, settings, results_dir, reused=len(cells) - len(pending), ran=ran)
+    return _finish(tracker, parent, settings, results_dir, reused=len(cells) - len(pending), ran=ran)
 
 
-def _finish(uri: str, parent: str, settings: dict, results_dir: str | None, reused: int, ran: int) -> TransferResult:
-    from pipeline.runtime.tracking import Tracker
+def _finish(tracker: Tracker, parent: str, settings: dict, results_dir: str | None, reused: int,
+            ran: int) -> TransferResult:
     from pipeline.transfer import table as T
 
-    cells = T.cells_from_mlflow(uri, parent)
+    cells = T.cells_from_mlflow(tracker, parent)
     table, failed = T.results_table(cells), T.failures(cells)
     out = Path(results_dir) if results_dir else Path(settings["storage"]) / settings["name"] / "results"
     out.mkdir(parents=True, exist_ok=True)
     T.write_results(table, failed, cells, out)
-    T.log_results(uri, parent, out)
-    champions = set_champions(uri, cells)
-    client = Tracker.at(uri).client
+    T.log_results(tracker, parent, out)
+    champions = set_champions(tracker, cells)
     for task, version in champions.items():
-        client.set_tag(parent, f"champion.{task}", version)
-    client.set_terminated(parent, status="FINISHED")
-    return TransferResult(parent_run_id=parent, tracking_uri=uri, table=table, failed=failed, cells=cells,
+        tracker.client.set_tag(parent, f"champion.{task}", version)
+    tracker.client.set_terminated(parent, status="FINISHED")
+    return TransferResult(parent_run_id=parent, tracking_uri=tracker.uri, table=table, failed=failed, cells=cells,
                           markdown=T.to_markdown(table, failed), results_dir=out, reused=reused, ran=ran)
 
 
-def set_champions(uri: str, cells: pd.DataFrame) -> dict[str, str]:
+def set_champions(tracking: Tracker | str, cells: pd.DataFrame) -> dict[str, str]:
     """Per task, the grid's best FINISHED fine-tuning (the paper's metric, higher is better) -> alias `champion`
     of its version in genesis-<task>. An existing champion evaluated on the same patch store and test fold (so
     the same test cases) with a better value keeps the alias; one measured on other data is replaced."""
-    from pipeline.runtime.tracking import Tracker, finetuned_model_name
+    from pipeline.runtime.tracking import finetuned_model_name
 
-    tracker = Tracker.at(uri)
+    tracker = Tracker.at(tracking)
     client = tracker.client
     out = {}
     ok = cells[(cells["status"] == "FINISHED") & cells["value"].notna()]

@@ -78,11 +78,12 @@ def _one_per_cell(cells: pd.DataFrame) -> pd.DataFrame:
     return order.drop_duplicates("cell", keep="last").drop(columns="_done")
 
 
-def cells_from_mlflow(tracking_uri: str, parent_run_id: str, *, page_size: int = 1000) -> pd.DataFrame:
-    """Every grid cell under the parent run, one row per `genesis.cell` (columns `CELL_COLUMNS`)."""
+def cells_from_mlflow(tracking, parent_run_id: str, *, page_size: int = 1000) -> pd.DataFrame:
+    """Every grid cell under the parent run, one row per `genesis.cell` (columns `CELL_COLUMNS`); `tracking`: a
+    Tracker or a tracking URI."""
     from pipeline.runtime.tracking import Tracker
 
-    tracker = Tracker.at(tracking_uri)
+    tracker = Tracker.at(tracking)
     experiment_id = tracker.run(parent_run_id).info.experiment_id
     children = tracker.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                    max_results=page_size)  # every page: MLflow caps one
@@ -437,8 +438,9 @@ def write_results(table: pd.DataFrame, failed: pd.DataFrame, cells: pd.DataFrame
     return paths
 
 
-def log_results(tracking_uri: str, parent_run_id: str, directory: str | Path) -> None:
-    """The directory's files as artifacts of the parent run under `results/` (by run id: no active run needed)."""
+def log_results(tracking, parent_run_id: str, directory: str | Path) -> None:
+    """The directory's files as artifacts of the parent run under `results/` (by run id: no active run needed);
+    `tracking`: a Tracker or a tracking URI."""
     from pipeline.runtime.tracking import Tracker
 
-    Tracker.at(tracking_uri).client.log_artifacts(parent_run_id, str(directory), artifact_path="results")
+    Tracker.at(tracking).client.log_artifacts(parent_run_id, str(directory), artifact_path="results")
