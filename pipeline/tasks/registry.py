@@ -6,7 +6,7 @@ import pandas as pd
 
 from pipeline.tasks.spec import TaskSpec
 
-__all__ = ["register", "get_task", "task_names", "all_tasks", "tasks_table"]
+__all__ = ["register", "get_task", "task_names", "all_tasks", "tasks_table", "builtin_names"]
 
 _TASKS: dict[str, TaskSpec] = {}
 
@@ -17,6 +17,13 @@ def _ensure_builtin() -> None:
 
         for spec in BUILTIN_TASKS:
             _TASKS[spec.name] = spec
+
+
+def builtin_names() -> tuple[str, ...]:
+    """The names of the built-in tasks (a task file may not reuse one)."""
+    from pipeline.tasks.builtin import BUILTIN_TASKS
+
+    return tuple(spec.name for spec in BUILTIN_TASKS)
 
 
 def register(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:

@@ -1,0 +1,227 @@
+"""Task files: a `TaskSpec` as YAML, read strictly and written with comments where a person should look.
+
+A task is data, so it lives in a file a person can read, diff and hand to `genesis finetune --task FILE`; the
+five built-in tasks are such files too. Reading is strict in the way a config a run depends on should be: an
+unknown key (a typo would otherwise fall back to a default silently) or a value of the wrong type is an error that
+names the file, the key and the value. The spec's own checks (`TaskSpec.__post_init__` and its parts) then check
+what the values mean together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from pipeline.tasks.spec import TaskSpec
+
+__all__ = ["TaskFileError", "task_from_dict", "task_to_dict", "task_to_yaml", "load_task_file", "resolve_task",
+           "task_file_text", "task_file_sha256", "is_task_file", "TASK_FILE_SUFFIXES"]
+
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be read as a TaskSpec; the message names the file, the key and the value."""
+
+
+def is_task_file(ref: str) -> bool:
+    """A task reference that names a file rather than a built-in task."""
+    return str(ref).lower().endswith(TASK_FILE_SUFFIXES) or "/" in str(ref) or Path(str(ref)).is_file()
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    """`value` (from YAML/JSON) as annotation `tp` wants it: lists become tuples, nested dicts dataclasses.
+    Raises TaskFileError naming `key` and the value when it cannot be."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except TaskFileError as exc:
+                errors.append(str(exc))
+        raise TaskFileError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid value "
+                            f"(expected {' or '.join(_type_name(a) for a in args)})")
+    if origin is typing.Literal:
+        if value not in args:
+            raise TaskFileError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_from(value, tp, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TaskFileError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise TaskFileError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TaskFileError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args or (str, object)
+        return {_convert(k, kt, f"{key} key"): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TaskFileError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise TaskFileError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TaskFileError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TaskFileError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is object:
+        return value
+    raise TaskFileError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _dataclass_from(value, cls, where: str):
+    if not isinstance(value, dict):
+        raise TaskFileError(f"{where}: expected a mapping of {cls.__name__}'s keys, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, value)) - set(fields))
+    if unknown:
+        raise TaskFileError(f"unknown key {_join(where, unknown[0])!r} (value {value[unknown[0]]!r}); "
+                            f"{cls.__name__} has {', '.join(fields)}")
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in value]
+    if missing:
+        raise TaskFileError(f"missing key {_join(where, missing[0])!r} ({cls.__name__} needs "
+                            f"{', '.join(required)})")
+    hints = _hints(cls)
+    kwargs = {name: _convert(v, hints[name], _join(where, name)) for name, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise TaskFileError(str(exc)) from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def task_from_dict(d: dict, where: str = "task") -> TaskSpec:
+    """A TaskSpec from plain data (a parsed task file); `where` prefixes every message (the file's name).
+
+    Every key must be a TaskSpec field (nested: `sampling.label`); a wrong type or an unknown key is a
+    TaskFileError naming the key and the value, and TaskSpec's own checks run last."""
+    try:
+        return _dataclass_from(d, TaskSpec, "")
+    except TaskFileError as exc:
+        raise TaskFileError(f"{where}: {exc}") from None
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def task_to_dict(spec: TaskSpec) -> dict:
+    """The spec as plain data (lists, not tuples) in field order; `task_from_dict` reads it back equal."""
+    return _plain(dataclasses.asdict(spec))
+
+
+def _scalar(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True, sort_keys=False).strip()
+    return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text
+
+
+def _emit(d: dict, comments: dict[str, str], prefix: str, indent: int, out: list[str]) -> None:
+    pad = "  " * indent
+    for key, value in d.items():
+        dotted = _join(prefix, key)
+        for line in (comments.get(dotted) or "").splitlines():
+            out.append(f"{pad}# {line}".rstrip())
+        if isinstance(value, dict) and value:
+            out.append(f"{pad}{key}:")
+            _emit(value, comments, dotted, indent + 1, out)
+        else:
+            out.append(f"{pad}{key}: {_scalar(value)}")
+
+
+def task_to_yaml(spec: TaskSpec | dict, comments: dict[str, str] | None = None, header: str = "") -> str:
+    """The spec as a YAML task file. `comments` maps a key (dotted for nested keys: "sampling.label") to a comment
+    written above it (where a person should check a value); `header` is a comment block at the top. Lists are
+    written inline ([32, 64, 64]) so that a cube size reads as one value."""
+    data = task_to_dict(spec) if isinstance(spec, TaskSpec) else _plain(spec)
+    out = [f"# {line}".rstrip() for line in header.splitlines()]
+    _emit(data, comments or {}, "", 0, out)
+    return "\n".join(out) + "\n"
+
+
+def task_file_text(spec: TaskSpec) -> str:
+    """The canonical task file of a spec (no comments): what stores and MLflow runs record."""
+    return task_to_yaml(spec)
+
+
+def task_file_sha256(spec: TaskSpec) -> str:
+    return hashlib.sha256(task_file_text(spec).encode()).hexdigest()
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    """Read a YAML task file; every error names the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskFileError(f"{p}: no such task file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskFileError(f"{p}: cannot read the task file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise TaskFileError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise TaskFileError(f"{p}: a task file is a mapping of TaskSpec keys (name, kind, ...), got "
+                            f"{type(data).__name__}")
+    return task_from_dict(data, where=str(p))
+
+
+def resolve_task(ref: str) -> TaskSpec:
+    """A built-in task by name (case-insensitive) or a task file by path (.yaml/.yml).
+
+    A task file's task is registered for this process, so later look-ups by its name find it; a file may not
+    reuse a built-in task's name (its models and stores would mix with the built-in task's)."""
+    from pipeline.tasks.registry import builtin_names, get_task, register
+
+    text = str(ref)
+    if not is_task_file(text):
+        return get_task(text)
+    spec = load_task_file(text)
+    if spec.name in builtin_names():
+        raise TaskFileError(f"{text}: name {spec.name!r} is a built-in task's; give the task file's task its own "
+                            f"name (models are registered as genesis-<name>)")
+    return register(spec, replace=True)
