@@ -7,6 +7,7 @@ import mmap
 import os
 import zipfile
 
+import numpy as np
 import SimpleITK as sitk
 import xxhash
 
@@ -18,7 +19,7 @@ from pipeline.ingest.nifti import check_nifti_header, nifti_nonfinite_count
 from pipeline.ingest.scan_source import ScanSource
 from pipeline.ingest.volume import Volume, check_geometry, volume_from_image
 
-__all__ = ["read_source", "read_image", "source_files", "fingerprint", "checksum"]
+__all__ = ["read_source", "read_image", "source_files", "fingerprint", "checksum", "check_label_values"]
 
 
 def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> Volume:
@@ -35,6 +36,8 @@ def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
         image = _read_metaimage(source, max_scan_bytes)
     elif source.kind == "image":
         image = read_image(source.files[0], max_scan_bytes)
+        if source.channel is not None:
+            image = _channel(image, source)
     elif source.kind == "image-zip":
         image = _read_zip_image(source, max_scan_bytes)
     else:
@@ -43,8 +46,55 @@ def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
     if xml:  # LIDC XML contours are placed by DICOM slice UIDs/positions: only a DICOM series has them
         raise ValueError(f"label {os.path.basename(xml[0])} is an XML annotation, readable only with a DICOM series")
     labels = {name: read_image(path, max_scan_bytes, what=f"label map '{name}'") for name, path in source.labels}
+    label_attrs = {}
+    if source.label_names:  # an nnU-Net/MSD label map: only the values dataset.json names, on every read
+        for name, path in source.labels:
+            check_label_values(labels[name], source.label_values, _dataset_relative(path))
+        label_attrs = {name: {"labels": source.dataset_description()["labels"]} for name, _ in source.labels}
     modality = source.modality or "OT"
-    return volume_from_image(image, modality=modality, labels=labels, identifiers=dict(source.identifiers))
+    return volume_from_image(image, modality=modality, labels=labels, identifiers=dict(source.identifiers),
+                             label_attrs=label_attrs)
+
+
+def _dataset_relative(path: str) -> str:
+    """`labelsTr/x.nii.gz`: how a file of a dataset root is named in its failed rows."""
+    return "/".join((os.path.basename(os.path.dirname(path)), os.path.basename(path)))
+
+
+def check_label_values(label: sitk.Image, allowed: tuple[int, ...], what: str) -> None:
+    """Refuse a label map holding values that dataset.json does not name (np.unique over the voxels)."""
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    extra = [v for v in values.tolist() if v not in allowed]
+    if extra:
+        shown = ", ".join(f"{v:g}" for v in extra[:10]) + (f" (and {len(extra) - 10} more)" if len(extra) > 10 else "")
+        raise ValueError(f"{what} holds label value{'s' if len(extra) > 1 else ''} {shown} that dataset.json does "
+                         f"not name ({', '.join(map(str, allowed))})")
+
+
+def _channel(image: sitk.Image, source: ScanSource) -> sitk.Image:
+    """Channel `source.channel` of an MSD image: the 4th axis of a 4-D NIfTI (or a vector image's
+    component); a 3-D image is the one channel of a dataset naming one modality."""
+    what = _dataset_relative(source.files[0])
+    n = source.n_channels
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if n is not None and size[3] != n:
+            raise ValueError(f"{what} has {size[3]} channels on its 4th axis but dataset.json names {n} "
+                             f"modalit{'y' if n == 1 else 'ies'}")
+        if not 0 <= source.channel < size[3]:
+            raise ValueError(f"{what} has no channel {source.channel} (it has {size[3]})")
+        return sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, source.channel])
+    components = image.GetNumberOfComponentsPerPixel()
+    if dim == 3 and components > 1:
+        if n is not None and components != n:
+            raise ValueError(f"{what} has {components} components per voxel but dataset.json names {n} "
+                             f"modalit{'y' if n == 1 else 'ies'}")
+        return sitk.VectorIndexSelectionCast(image, source.channel)
+    if dim == 3 and source.channel == 0 and n in (None, 1):
+        return image
+    raise ValueError(f"{what} is a {dim}-D image with one channel but dataset.json names {n} modalities "
+                     f"(expected a 4-D image, channels on its 4th axis)")
 
 
 def read_image(path: str, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES, what: str | None = None) -> sitk.Image:
@@ -122,10 +172,20 @@ def source_files(source: ScanSource) -> list[str]:
     return files
 
 
+def _dataset_json_identity(source: ScanSource) -> bytes:
+    """What dataset.json adds to a scan (its channel of a 4-D file, the names stored with it, the label
+    values it is checked against): part of its identity, so an edited dataset.json reconverts. Empty for
+    every other source, whose checksums stay as they were."""
+    if source.channel is None and not source.channel_names and not source.label_names:
+        return b""
+    return repr((source.channel, source.n_channels, source.channel_names, source.label_names)).encode()
+
+
 def fingerprint(source: ScanSource) -> str:
     """Cheap identity (names, sizes, mtimes): equal fingerprints mean no need to re-hash the bytes."""
     h = hashlib.sha256()
     h.update(repr((source.kind, source.files, source.labels)).encode("utf-8", "surrogateescape"))
+    h.update(_dataset_json_identity(source))
     for f in source_files(source):
         try:
             st = os.stat(f)
@@ -158,6 +218,7 @@ def checksum(source: ScanSource) -> str:
                             pass
         return "zipcrc-sha256:" + h.hexdigest()
     h = xxhash.xxh3_128()
+    h.update(_dataset_json_identity(source))
     for f in source_files(source):
         h.update(os.fsencode(os.path.basename(f)))
         try:

@@ -17,6 +17,13 @@ class ScanSource:
 
     `kind` is one of: metaimage, image (NIfTI/NRRD/MHA), dicom, and the zip variants
     metaimage-zip and dicom-zip where `archive` is the zip and `files` are member names.
+
+    The last four fields come from an nnU-Net v2 / MSD `dataset.json` (`pipeline.ingest.nnunet`) and
+    travel with the source so that repair reads and checks it exactly as the first conversion did:
+    `channel` picks one channel out of a 4-D (MSD) image whose 4th axis must hold `n_channels`;
+    `channel_names` (index -> name) and `label_names` (name -> value, or values for a region) are
+    what dataset.json says, stored on the scan; a label map holding a value `label_names` does not
+    name is refused when it is read.
     """
 
     scan_id: str
@@ -30,3 +37,22 @@ class ScanSource:
     labels: tuple[tuple[str, str], ...] = ()
     identifiers: tuple[tuple[str, str], ...] = ()
     problem: str | None = None
+    channel: int | None = None
+    n_channels: int | None = None
+    channel_names: tuple[tuple[str, str], ...] = ()
+    label_names: tuple[tuple[str, int | tuple[int, ...]], ...] = ()
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        """Every label value dataset.json names (regions contribute each of theirs); () = unchecked."""
+        values: set[int] = set()
+        for _, v in self.label_names:
+            values.update(v if isinstance(v, tuple) else (v,))
+        return tuple(sorted(values))
+
+    def dataset_description(self) -> dict | None:
+        """What dataset.json says about this scan, as JSON for the scan's attributes; None for other sources."""
+        if not self.channel_names and not self.label_names:
+            return None
+        return {"channel_names": dict(self.channel_names),
+                "labels": {k: list(v) if isinstance(v, tuple) else v for k, v in self.label_names}}

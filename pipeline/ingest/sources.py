@@ -9,6 +9,7 @@ the catalog instead of stopping the run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 import stat
@@ -19,9 +20,12 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.ingest.archive import safe_member
 from pipeline.ingest.dicom import group_series, group_series_in_zip
+from pipeline.ingest.nnunet import (CANDIDATES, DATASET_JSON, IMAGE_FOLDERS, LABELS_FOLDER, dataset_sources,
+                                    looks_like_dataset_root)
 from pipeline.ingest.scan_source import ScanSource
 
-__all__ = ["TableSource", "Discovery", "discover", "SourceError", "is_dicom_file"]
+__all__ = ["TableSource", "Discovery", "discover", "SourceError", "is_dicom_file", "is_case_candidates",
+           "CASE_CANDIDATE_COLUMNS"]
 
 IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")
 # Files that travel beside images and are read through them (or are documentation).
@@ -42,14 +46,23 @@ class SourceError(ValueError):
     """An input path that cannot be used at all (bad usage rather than a bad scan)."""
 
 
+CASE_CANDIDATE_COLUMNS = ("case_id", "x", "y", "z", "label")
+"""A candidates CSV of one's own cases (world x/y/z in mm, LPS as LUNA16's coordX/Y/Z; label 0/1)."""
+
+
 @dataclass(frozen=True)
 class TableSource:
     """A table kept with the store: LUNA16's annotations.csv / candidates.csv (on disk or inside a
-    zip) or PE-CAD's pe_candidates.csv / pe_folds.csv (on disk)."""
+    zip), PE-CAD's pe_candidates.csv / pe_folds.csv (on disk), or a case candidates CSV
+    (`CASE_CANDIDATE_COLUMNS`, any file name given explicitly, or candidates.csv in a dataset root).
+
+    `case_scans` is set for a case candidates CSV only: case_id -> the discovered name of the case's
+    (channel-0) scan, which the stored `candidates` table names as its seriesuid."""
 
     name: str
     path: str
     archive: str | None = None
+    case_scans: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass
@@ -121,11 +134,15 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
     found = Discovery()
     dicom_files: list[str] = []
     image_files: list[str] = []
+    case_scans: dict[str, str] = {}
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise SourceError(f"source {str(raw)!r} does not exist")
-        if path.is_dir():
+        inside = _inside_dataset(str(path))
+        if inside is not None:
+            _dataset(inside[0], found, case_scans, os.path.realpath(inside[0]), inside[1], inside[2])
+        elif path.is_dir():
             root = os.path.realpath(path)
             before = (len(found.scans), len(dicom_files), len(image_files), len(found.tables))
             for dirpath, dirnames, filenames in os.walk(path):
@@ -141,7 +158,13 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
                     elif not os.path.islink(full):
                         kept.append(d)
                 dirnames[:] = kept
+                dataset_root = looks_like_dataset_root(dirpath)
+                if dataset_root:  # nnU-Net / MSD: its image folders are read as cases, not file by file
+                    _dataset(dirpath, found, case_scans, root)
+                    dirnames[:] = [d for d in kept if d not in IMAGE_FOLDERS + (LABELS_FOLDER,)]
                 for name in sorted(filenames):
+                    if dataset_root and name in (DATASET_JSON, CANDIDATES):
+                        continue
                     if not name.startswith("."):
                         _classify(os.path.join(dirpath, name), found, dicom_files, image_files, explicit=False,
                                   root=root)
@@ -154,7 +177,84 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
     found.scans.extend(_image_scans(image_files))
     if dicom_files:
         found.scans.extend(group_series(dicom_files))
+    _attach_case_tables(found, case_scans)
     return found
+
+
+def _inside_dataset(path: str) -> tuple[str, tuple[str, ...], set[str] | None] | None:
+    """(dataset root, image folders, cases or None) when `path` is an image folder of an nnU-Net/MSD dataset
+    or a file in one, so that it converts as its cases (with their label maps); None otherwise."""
+    path = os.path.normpath(path)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        if os.path.basename(path) in IMAGE_FOLDERS + (LABELS_FOLDER,) and looks_like_dataset_root(parent):
+            return parent, _folders(os.path.basename(path)), None
+        return None
+    folder = os.path.basename(parent)
+    if folder in IMAGE_FOLDERS + (LABELS_FOLDER,) and looks_like_dataset_root(os.path.dirname(parent)):
+        name = os.path.basename(path)
+        stem = _stem(name)
+        case = re.sub(r"_\d{4}$", "", stem) if folder != LABELS_FOLDER else stem
+        # an MSD case keeps its name; an nnU-Net channel file drops _XXXX: both forms are asked for
+        return os.path.dirname(parent), _folders(folder), {stem, case}
+    return None
+
+
+def _folders(folder: str) -> tuple[str, ...]:
+    """A label map is converted with its case, from imagesTr."""
+    return ("imagesTr",) if folder == LABELS_FOLDER else (folder,)
+
+
+def _dataset(root: str, found: Discovery, case_scans: dict[str, str], tree: str,
+             parts: tuple[str, ...] = IMAGE_FOLDERS, cases: set[str] | None = None) -> None:
+    """The scans of one nnU-Net/MSD dataset, each file held to the source tree's link rules."""
+    got = dataset_sources(root, parts, cases)
+    for scan in got.scans:
+        problem = None
+        for f in list(scan.files) + [p for _, p in scan.labels]:
+            problem = problem or _link_problem(f, tree) or _outside(f, tree)
+        found.scans.append(dataclasses.replace(scan, problem=problem) if problem and not scan.problem else scan)
+    for case, scan in got.case_scans.items():
+        case_scans.setdefault(case, scan)
+    if got.candidates and cases is None and parts == IMAGE_FOLDERS:  # the whole dataset: its cases, its table
+        found.tables.append(TableSource(name=CANDIDATES, path=got.candidates,
+                                        case_scans=tuple(sorted(got.case_scans.items()))))
+
+
+def _outside(path: str, tree: str) -> str | None:
+    """A file reached through a symlinked folder that leads out of the tree (the walk does not enter those)."""
+    real = os.path.realpath(path)
+    return None if _inside(real, tree) else f"{path} resolves outside the source tree {tree} (to {real}); not read"
+
+
+def _csv_header(path: str) -> tuple[str, ...]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return tuple(c.strip() for c in next(csv.reader(fh), []))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return ()
+
+
+def is_case_candidates(path: str) -> bool:
+    """A CSV whose header has the case candidates columns (case_id, x, y, z, label)."""
+    return set(CASE_CANDIDATE_COLUMNS) <= set(_csv_header(path))
+
+
+def _attach_case_tables(found: Discovery, case_scans: dict[str, str]) -> None:
+    """Case candidates CSVs that are not a dataset's own join the cases found in this run: each nnU-Net/MSD
+    case by its channel-0 scan, and any other scan by its own name."""
+    names = dict(case_scans)
+    for scan in found.scans:
+        if not scan.problem and scan.scan_id not in names:
+            names[scan.scan_id] = scan.scan_id
+    tables = []
+    for t in found.tables:
+        if t.case_scans is None and t.archive is None and t.name == CANDIDATES and is_case_candidates(t.path):
+            t = dataclasses.replace(t, case_scans=tuple(sorted(names.items())))
+        elif t.case_scans == ():  # an explicitly given case candidates CSV
+            t = dataclasses.replace(t, case_scans=tuple(sorted(names.items())))
+        tables.append(t)
+    found.tables = tables
 
 
 def _classify(path: str, found: Discovery, dicom_files: list[str], image_files: list[str], explicit: bool,
@@ -169,6 +269,8 @@ def _classify(path: str, found: Discovery, dicom_files: list[str], image_files: 
         found.scans.extend(_zip_scans(path, found))
     elif name in TABLE_NAMES:
         found.tables.append(TableSource(name=name, path=path))
+    elif explicit and name.lower().endswith(".csv") and is_case_candidates(path):
+        found.tables.append(TableSource(name=name, path=path, case_scans=()))  # joined to the run's cases at the end
     elif _has_suffix(name, IMAGE_SUFFIXES):
         image_files.append(path)
     elif is_dicom_file(path) or name.lower().endswith(".dcm"):
@@ -181,7 +283,8 @@ def _classify(path: str, found: Discovery, dicom_files: list[str], image_files: 
 
 
 def _image_scans(files: list[str]) -> list[ScanSource]:
-    """Pair images with their label maps (LiTS, BraTS, MSD, `X` + `X_seg`) and name the datasets."""
+    """Pair images with their label maps (LiTS, BraTS, `X` + `X_seg`) and name the datasets (nnU-Net and MSD
+    datasets are read as cases by `pipeline.ingest.nnunet`, never here)."""
     by_dir: dict[str, list[str]] = defaultdict(list)
     for f in files:
         by_dir[os.path.dirname(f)].append(f)
@@ -233,11 +336,6 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
                 if stems[g] == stem + s:
                     labels.append((s.strip("_-"), g))
         problem = None
-        if os.path.basename(folder) == "imagesTr":  # Medical Segmentation Decathlon layout
-            msd_label = os.path.join(os.path.dirname(folder), "labelsTr", os.path.basename(f))
-            if os.path.exists(msd_label):
-                labels.append(("label", msd_label))
-                problem = _link_problem(msd_label, os.path.realpath(os.path.dirname(folder)))
         low = f.lower()
         if folder not in pe_folders:
             pe_folders[folder] = _pe_index(folder)

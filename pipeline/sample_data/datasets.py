@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["write_sample", "DATASETS"]
 
-DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
+DATASETS = ("luna16", "lidc", "pe", "lits", "brats", "nnunet", "msd", "nnunet-ct")
 
 
 def write_sample(name: str, out_dir: str | Path, *, n_scans: int | None = None, seed: int = 0, small: bool = False,
@@ -42,4 +42,9 @@ def write_sample(name: str, out_dir: str | Path, *, n_scans: int | None = None, 
         from pipeline.sample_data.brats import write_brats_sample
 
         return write_brats_sample(out_dir, include_real=include_real, **kwargs)
+    if name in ("nnunet", "msd", "nnunet-ct"):  # your own data's layouts: nnU-Net v2 raw, MSD, with candidates
+        from pipeline.sample_data.nnunet import write_msd_sample, write_nnunet_ct_sample, write_nnunet_sample
+
+        writer = {"nnunet": write_nnunet_sample, "msd": write_msd_sample, "nnunet-ct": write_nnunet_ct_sample}[name]
+        return writer(out_dir, **kwargs)
     raise ValueError(f"unknown sample dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -230,6 +230,9 @@ def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, setti
         "dtype": str(volume.voxels.dtype), "labels": sorted(volume.labels),
         "value_range": [float(volume.voxels.min()), float(volume.voxels.max())],
     }
+    description = source.dataset_description()
+    if description is not None:  # nnU-Net/MSD: the channel names and label values, readable without the source
+        genesis["dataset_json"] = description
     store.staging_dir.mkdir(exist_ok=True)
     staged = store.staging_dir / f"{safe_scan_id(source.scan_id)}.{uuid.uuid4().hex}"
     group = zarr.open_group(str(staged), mode="w")

@@ -1,5 +1,6 @@
 """Dataset tables kept with the volume store as Parquet: LUNA16's annotations.csv and
-candidates.csv, PE-CAD's pe_candidates.csv and pe_folds.csv (storage_schemas/PE_CAD_LAYOUT.md).
+candidates.csv, PE-CAD's pe_candidates.csv and pe_folds.csv (storage_schemas/PE_CAD_LAYOUT.md),
+and a case candidates CSV (case_id, x, y, z, label) of one's own dataset, stored as `candidates`.
 
 The target tasks need them later and they are small, so they travel inside the store; rows
 from several runs are merged (a second subset converted later adds its rows). A table that
@@ -162,15 +163,51 @@ def _checked(name: str, df: pd.DataFrame, where: str) -> pd.DataFrame:
     return df
 
 
+def _case_candidates(src: TableSource) -> pd.DataFrame:
+    """A case candidates CSV (case_id, x, y, z, label) as rows of the `candidates` table: seriesuid is the
+    name of the case's (channel-0) scan, coordX/Y/Z the world mm as given (LPS, as LUNA16's), class the label.
+    Case ids that no scan of the conversion has refuse the whole table (a typo or another dataset's file)."""
+    df = pd.read_csv(src.path, dtype={"case_id": str}, encoding="utf-8-sig")
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in ("case_id", "x", "y", "z", "label") if c not in df.columns]
+    if missing:
+        raise ValueError(f"missing columns {missing} (has {list(df.columns)})")
+    if df["case_id"].isna().any():
+        raise ValueError(f"case_id is empty ({_rows(df['case_id'].isna())})")
+    case_ids = df["case_id"].str.strip()
+    scans = dict(src.case_scans or ())
+    unknown = sorted(set(case_ids) - set(scans))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        known = f": {', '.join(sorted(scans)[:3])}, ..." if scans else ""
+        raise ValueError(f"case_id {shown} {'is' if len(unknown) == 1 else 'are'} not among the cases converted "
+                         f"with it ({len(scans)} known{known})")
+    coords = df[["x", "y", "z"]].apply(pd.to_numeric, errors="coerce")
+    bad = ~np.isfinite(coords.to_numpy(dtype=float)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"x, y, z must be finite numbers in mm ({_rows(pd.Series(bad, index=df.index))})")
+    label = pd.to_numeric(df["label"], errors="coerce")
+    bad = ~label.isin([0, 1])
+    if bad.any():
+        raise ValueError(f"label must be 0 or 1 ({_rows(bad)}: {df['label'][bad].tolist()[:5]})")
+    return pd.DataFrame({"seriesuid": case_ids.map(scans), "coordX": coords["x"].astype(float),
+                         "coordY": coords["y"].astype(float), "coordZ": coords["z"].astype(float),
+                         "class": label.astype("int64")})
+
+
 def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[str]:
-    """Validate and merge each table into `tables/<name>.parquet`; return problems as one-line reasons."""
+    """Validate and merge each table into `tables/<name>.parquet`; return problems as one-line reasons.
+
+    A case candidates CSV (`TableSource.case_scans` set) is stored as the `candidates` table, beside
+    LUNA16's own rows if the store has them."""
     problems: list[str] = []
     frames: dict[str, list[pd.DataFrame]] = {}
     for src in sources:
-        name = _SCHEMAS[src.name]
+        name = "candidates" if src.case_scans is not None else _SCHEMAS[src.name]
         where = f"{src.archive}!{src.path}" if src.archive else src.path
         try:
-            checked = _checked(name, _read_csv(src, name), where)
+            raw = _case_candidates(src) if src.case_scans is not None else _read_csv(src, name)
+            checked = _checked(name, raw, where)
             frames.setdefault(name, []).append(checked)
         except Exception as exc:
             problems.append(f"{where}: {' '.join(str(exc).split())}")
