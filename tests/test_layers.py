@@ -16,8 +16,8 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("models", {"models", "model_io", "model_format"}),
     ("data and tasks", {"ingest", "volume_store", "patches", "data", "tasks", "transforms", "sample_data",
                         "evaluation"}),
-    ("stages", {"training", "finetune", "transfer"}),
-    ("top", {"cli", "console", "reproduce", "demo", "stores_cli", "__init__"}),
+    ("stages", {"training", "finetune", "transfer", "predict"}),
+    ("top", {"cli", "console", "reproduce", "demo", "stores_cli", "predict_cli", "__init__"}),
 ]
 FLOOR = {group: level for level, (_, groups) in enumerate(FLOORS) for group in groups}
 MLFLOW_ALLOWED = {"runtime/tracking.py", "model_io/model_format.py"}

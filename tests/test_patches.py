@@ -128,7 +128,8 @@ def test_extraction_store_index_and_cubes(volume_store, tmp_path):
     store, arrays = volume_store
     res = extract_pretrain(str(store), TINY, out_root=str(tmp_path / "ps"), workers=1, progress=False)
     assert not res.reused and res.n_cubes == 4 * TINY.per_scan
-    assert res.skipped == [{"scan_id": "1.2.840.thin", "reason": "10 slices, fewer than min_slices=16"}]
+    assert [s["scan_id"] for s in res.skipped] == ["1.2.840.thin"]
+    assert res.skipped[0]["reason"].startswith("10 slices, fewer than min_slices=16; lower --min-slices")
     assert res.counts == {"train": 12, "validation": 6, "test": 6}
     ps = PatchStore(res.path)
     assert res.path.name == f"pretrain-{ps.key}" and ps.cubes.shape[1:] == (1, 16, 16, 16)

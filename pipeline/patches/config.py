@@ -1,4 +1,5 @@
-"""The Models Genesis cube-sampling recipe as a typed config (defaults = the reference's values)."""
+"""The pretraining cube-sampling recipes as one typed config: "ct" = the Models Genesis reference (its defaults
+are the reference's values), "mr" = ours, for MR and every other non-CT modality (`pipeline.patches.mr_sampling`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-__all__ = ["PretrainPatchConfig", "SPLITS", "STORE_FORMAT"]
+__all__ = ["PretrainPatchConfig", "SPLITS", "STORE_FORMAT", "RECIPES", "content_key", "recipe_of_modality",
+           "preprocessing_of"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -14,6 +16,13 @@ STORE_FORMAT = 2
 """Version of the pretraining store layout and sampling rule, part of every store's key: 2 = the
 reference's look-ahead acceptance score and start ranges, cubes stored encoded (`cube_encoding`);
 1 = the dense-fraction rule, float32 cubes. Stores of another format are never reused for this one."""
+
+RECIPES = ("auto", "ct", "mr")
+_CT_ONLY = ("hu_window", "lookahead", "min_slices", "dense_hu", "max_dense_fraction", "cube_encoding")
+_MR_ONLY = ("percentiles", "foreground_threshold", "min_foreground", "border_fraction")
+_NOT_IN_KEY = ("recipe", "modality")
+"""`modality` picks scans, and the picked scans are in the key through the catalog hash; `recipe` is in an MR
+key (as "mr") and absent from a CT key, so every CT store keeps the key it had before recipes existed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +67,28 @@ class PretrainPatchConfig:
     decoded float32 is bit-identical), else float32 in [0, 1]; "float32" = always float32 (format-1 layout)."""
     seed: int = 0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    """Seeded scan-level split for datasets without LUNA16 subsets (train, validation, test)."""
+    """Seeded scan-level split for datasets without LUNA16 subsets (train, validation, test). A store whose
+    scans' own tags leave no validation scan gets a seeded validation share of split_fractions[1] of its
+    training scans instead (`pipeline.patches.splits.pretrain_splits`)."""
+    recipe: str = "auto"
+    """"ct": the reference's recipe above (HU window, look-ahead density rule, fixed borders, min_slices).
+    "mr": ours, for MR and any other non-CT modality (the fields below; `pipeline.patches.mr_sampling`).
+    "auto": from the store's `modality` catalog column, CT -> ct, anything else -> mr (resolved by the build)."""
+    modality: str | None = None
+    """Only the scans of this modality (catalog `modality`, case-insensitive); None = the store's one modality.
+    A store that mixes modalities is refused unless this picks one."""
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    """mr: per scan, these percentiles of its non-zero voxels map to 0 and 1 (clipped): a scan's gain and offset
+    do not change its cubes."""
+    foreground_threshold: float = 0.0
+    """mr: a voxel is foreground when its normalised value is above this (0: above the low percentile)."""
+    min_foreground: float = 0.5
+    """mr: a crop is accepted when at least this share of its voxels is foreground. 0.5 keeps crops inside the
+    body or head and at its edge (where the restoration task learns the boundary), and rejects crops that are
+    mostly air, whose restoration is trivial; a 64x64 crop of a 112x112 head slice passes it."""
+    border_fraction: float = 0.1
+    """mr: a border is min(border_yx or border_z, this share of the axis), so small volumes yield cubes (112x112
+    in-plane: 11 voxels); min_slices does not apply (a scan needs only room for the cube)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -79,25 +109,78 @@ class PretrainPatchConfig:
         if not self.hu_window[0] < self.hu_window[1]:
             raise ValueError(f"{name}.hu_window must be (low, high) with low < high, got {self.hu_window}")
         if not 0.0 <= self.max_dense_fraction <= 1.0:
-            raise ValueError(f"{name}.max_dense_fraction must be in [0, 1], got {self.max_dense_fraction}")
+            raise ValueError(f"{name}.max_dense_fraction (--max-dense-fraction) must be in [0, 1], got {self.max_dense_fraction}")
         if not self.scales or any(not s >= 1.0 for s in self.scales):
             raise ValueError(f"{name}.scales must be non-empty multipliers >= 1, got {self.scales}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"{name}.recipe (--recipe) must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.modality is not None and (not isinstance(self.modality, str) or not self.modality.strip()):
+            raise ValueError(f"{name}.modality (--modality) must be a non-empty name (e.g. CT, T2) or None, got {self.modality!r}")
+        lo, hi = self.percentiles if len(self.percentiles) == 2 else (None, None)
+        if lo is None or not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"{name}.percentiles (--percentiles) must be (low, high) with 0 <= low < high <= 100, "
+                             f"got {self.percentiles}")
+        if not 0.0 <= self.foreground_threshold < 1.0:
+            raise ValueError(f"{name}.foreground_threshold must be in [0, 1), got {self.foreground_threshold}")
+        if not 0.0 <= self.min_foreground <= 1.0:
+            raise ValueError(f"{name}.min_foreground (--min-foreground) must be in [0, 1], got {self.min_foreground}")
+        if not 0.0 <= self.border_fraction < 0.5:
+            raise ValueError(f"{name}.border_fraction (--border-fraction) must be in [0, 0.5), got {self.border_fraction}")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
             raise ValueError(f"{name}.split_fractions must be three shares summing to 1, got {self.split_fractions}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def key_material(self) -> str:
-        return json.dumps({"purpose": "pretrain", "store_format": STORE_FORMAT, **self.to_dict()}, sort_keys=True)
+    def key_material(self, validation_drawn: bool = False) -> str:
+        """What the store's key hashes: the fields the resolved recipe uses. A "ct" key is exactly the key of
+        the same config before recipes existed; `validation_drawn` (the build drew a validation share because
+        the scans' tags left none) adds one entry, so such a store never reuses one built without the draw."""
+        if self.recipe == "auto":
+            raise ValueError("PretrainPatchConfig.recipe 'auto' must be resolved from the store's modality before "
+                             "a key is made (pipeline.patches.source.resolve_recipe)")
+        drop = set(_NOT_IN_KEY) | set(_MR_ONLY if self.recipe == "ct" else _CT_ONLY)
+        material = {k: v for k, v in self.to_dict().items() if k not in drop}
+        if self.recipe == "mr":
+            material["recipe"] = "mr"
+        if validation_drawn:
+            material["validation_drawn"] = True
+        return json.dumps({"purpose": "pretrain", "store_format": STORE_FORMAT, **material}, sort_keys=True)
+
+    def intensity(self) -> dict:
+        """The intensity rule of the (resolved) recipe, as a model's preprocessing records it."""
+        if self.recipe == "mr":
+            return {"rule": "percentiles", "percentiles": list(self.percentiles), "of": "non-zero voxels, per scan",
+                    "range": [0.0, 1.0], "clip": True}
+        return {"rule": "hu_window", "window": list(self.hu_window), "range": [0.0, 1.0], "clip": True}
 
     def summary(self) -> str:
         d, h, w = self.cube_size
         scales = ",".join(f"{s:g}" for s in self.scales)
         if any(s != 1 for s in self.scales):
             scales += f" ({self.scale_axes})"
-        return f"{d}x{h}x{w} x{self.per_scan}/scan scales {scales} seed {self.seed}"
+        recipe = "" if self.recipe == "auto" else f" recipe {self.recipe}"
+        return f"{d}x{h}x{w} x{self.per_scan}/scan scales {scales} seed {self.seed}{recipe}"
 
 
-def content_key(catalog_hash: str, config: PretrainPatchConfig) -> str:
-    return hashlib.sha256(f"{catalog_hash}\n{config.key_material()}".encode()).hexdigest()[:16]
+def content_key(catalog_hash: str, config: PretrainPatchConfig, validation_drawn: bool = False) -> str:
+    return hashlib.sha256(f"{catalog_hash}\n{config.key_material(validation_drawn)}".encode()).hexdigest()[:16]
+
+
+def recipe_of_modality(modality: str) -> str:
+    """CT -> "ct" (the reference); MR, PT, US, OT, T2, ADC, ... -> "mr" (ours)."""
+    return "ct" if str(modality).strip().upper() == "CT" else "mr"
+
+
+def preprocessing_of(store_attrs: dict) -> dict:
+    """How a pretraining store's cubes were made from a scan: recipe, intensity rule, cube size, modality (what a
+    pretrained model logs as its preprocessing). Stores built before recipes existed are the CT recipe."""
+    recipe = store_attrs.get("recipe")
+    if recipe:
+        return {"recipe": recipe["name"], "intensity": recipe["intensity"], "cube_size": recipe["cube_size"],
+                "modality": recipe.get("modality")}
+    config = dict(store_attrs.get("config") or {})
+    window = config.get("hu_window", [-1000.0, 1000.0])
+    return {"recipe": "ct", "intensity": {"rule": "hu_window", "window": list(window), "range": [0.0, 1.0],
+                                          "clip": True},
+            "cube_size": list(store_attrs.get("cube_shape") or config.get("cube_size") or []), "modality": "CT"}

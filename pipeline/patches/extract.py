@@ -1,5 +1,11 @@
 """`genesis patches pretrain`: Models Genesis cubes from a volume store into a reusable patch store.
 
+Cubes are drawn by one of two recipes (`PretrainPatchConfig.recipe`, "auto" = from the store's modality): "ct",
+the reference's (`pipeline.patches.sampling`, clipped HU, cubes stored as int16 when exact), or "mr", ours for MR
+and every other modality (`pipeline.patches.mr_sampling`, per-scan percentiles, cubes stored as float32 in
+[0, 1]). A store that mixes modalities is refused unless `modality` picks one (`pipeline.patches.source`); a
+store whose scans' tags give no validation scan gets a seeded validation share (`pipeline.patches.splits`).
+
 One Dask task per scan leaves its accepted cubes as an encoded part and a small result file (cubes
 held as the store's `cube_encoding`: clipped int16 HU when that is exact, see `pipeline.patches.encoding`); a
 rerun of an interrupted extraction keeps the finished scans and does only the rest. The parts
@@ -31,12 +37,13 @@ import zarr
 import storage_schemas
 from pipeline.patches.assemble import Part, assemble, save_part, save_result
 from pipeline.patches.config import STORE_FORMAT, PretrainPatchConfig, content_key
-from pipeline.patches.encoding import choose_encoding, encode_cubes, storage_dtype
+from pipeline.patches.encoding import UNIT_FLOAT32, choose_encoding, encode_cubes, storage_dtype
+from pipeline.patches.mr_sampling import mr_scan_region, normalise, percentile_window, sample_mr_cubes
 from pipeline.patches.outcome import ExtractionResult, NoCubesError, found
-from pipeline.patches.sampling import sample_cubes, scan_region
+from pipeline.patches.sampling import crop_sizes, sample_cubes, scan_region
 from pipeline.patches.site import PatchStoreSite
-from pipeline.patches.source import source_catalog
-from pipeline.patches.splits import scan_seed, split_of
+from pipeline.patches.source import resolve_recipe, source_catalog
+from pipeline.patches.splits import PretrainSplits, pretrain_splits, scan_seed, split_of
 from pipeline.patches.store import catalog_hash
 from pipeline.runtime.build import Built, BuildSpec, Item, build_once
 from pipeline.volume_store.store import VolumeStore
@@ -45,8 +52,9 @@ __all__ = ["extract_pretrain", "extract_scan"]
 
 
 def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, building: str,
-                 config: PretrainPatchConfig, *, encoding: dict) -> dict:
-    """Sample one scan's cubes, leave them (in the store's `encoding`) as a part and a result file; returns the result."""
+                 config: PretrainPatchConfig, *, encoding: dict, split: str | None = None) -> dict:
+    """Sample one scan's cubes, leave them (in the store's `encoding`) as a part and a result file; returns the
+    result. `split`: the scan's split as the build decided it (`pretrain_splits`); None: by `split_of`."""
     import numcodecs
 
     numcodecs.blosc.set_nthreads(1)
@@ -54,20 +62,42 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
     group = store.open_scan(scan_id)
     meta = dict(group.attrs)["genesis"]
     level0 = group["0"]
-    region, reason = scan_region(level0.shape, config)
+    mr = config.recipe == "mr"
+    if mr:
+        region, reason = mr_scan_region(level0.shape, config)
+    else:
+        region, reason = scan_region(level0.shape, config)
+        reason = reason and f"{reason}; {_ct_shape_hint(level0.shape, config)}"
     result = {"scan_id": scan_id, "slot": slot, "rows": [], "reason": reason}
     if reason is None:
         rng = np.random.default_rng([config.seed, scan_seed(scan_id)])
-        sample = sample_cubes(level0[region], rng, config)  # reads only the chunks crop windows can touch
-        if sample is None or len(sample.cubes) == 0:
-            result["reason"] = f"no acceptable crop in {sample.attempts if sample else 0} attempts (too dense)"
+        if mr:
+            volume = level0[:]  # the percentiles are the whole scan's
+            window, why = percentile_window(volume, config.percentiles)
+            sample = sample_mr_cubes(normalise(volume, window)[region], rng, config) if window else None
+            result["intensity_window"] = list(window) if window else None
+        else:
+            why = None
+            sample = sample_cubes(level0[region], rng, config)  # reads only the chunks crop windows can touch
+        if why:
+            result["reason"] = why
+        elif sample is None or len(sample.cubes) == 0:
+            attempts = sample.attempts if sample else 0
+            result["reason"] = (
+                f"no crop in {attempts} attempts has {config.min_foreground:g} of its voxels foreground (above "
+                f"{config.foreground_threshold:g} after percentile normalisation); lower --min-foreground "
+                f"(now {config.min_foreground:g})" if mr else
+                f"no acceptable crop in {attempts} attempts (too dense: each had more than "
+                f"max_dense_fraction={config.max_dense_fraction:g} of its voxels at or above {config.dense_hu:g} HU, "
+                f"the reference's lung rule); raise --max-dense-fraction, or use --recipe mr for a scan that is not "
+                f"chest CT")
         else:
             n = len(sample.cubes)
             save_part(Path(building) / "parts" / f"{slot:06d}", encode_cubes(sample.cubes, encoding)[:, None])
             spacing = np.asarray(meta["spacing"])
             origin = np.asarray(meta["origin"])
             direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
-            split = split_of(scan_id, subset, config.seed, config.split_fractions)
+            split = split or split_of(scan_id, subset, config.seed, config.split_fractions)
             starts = sample.starts + np.array([r.start for r in region])
             centres_idx = starts + (sample.sizes - 1) / 2.0
             # world = origin + D @ (spacing * index) in (x, y, z); reversed into (z, y, x)
@@ -87,23 +117,49 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
     return save_result(building, result)
 
 
+def _ct_shape_hint(shape: tuple[int, int, int], config: PretrainPatchConfig) -> str:
+    """Which option lets the reference's recipe take a scan that its borders or min_slices leave without a crop."""
+    z, y, x = shape
+    if z < config.min_slices:
+        return f"lower --min-slices (now {config.min_slices}), or use --recipe mr for a small or non-CT volume"
+    d, h, w = (int(v) for v in crop_sizes(config).min(axis=0))
+    options = []
+    if z - d - config.lookahead - 1 - config.border_z < config.border_z:
+        options.append(f"--border-z (now {config.border_z})")
+    if y - h - 1 - config.border_yx < config.border_yx or x - w - 1 - config.border_yx < config.border_yx:
+        options.append(f"--border-yx (now {config.border_yx})")
+    return f"{y}x{x} in-plane and {z} slices are too small for the borders and a {d}x{h}x{w} crop: lower " \
+           f"{' or '.join(options + ['--size'])}, or use --recipe mr (borders scaled to the volume)"
+
+
 def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPatchConfig(),
                      out_root: str | None = None, workers: int = 2, scheduler: str | None = None,
                      progress: bool = True) -> ExtractionResult:
-    """Build (or find) the pretraining patch store for `volume_root` and `config`."""
+    """Build (or find) the pretraining patch store for `volume_root` and `config`.
+
+    The scans and the recipe come first (`resolve_recipe`: one modality, "auto" -> ct for CT, mr otherwise),
+    then the splits (`pretrain_splits`: a seeded validation share when the scans' tags give none); the key
+    covers the picked scans, the resolved recipe's fields and whether a validation share was drawn, so a CT
+    store keeps the key it had before recipes existed."""
     t0 = time.perf_counter()
     vstore = VolumeStore(volume_root)
-    catalog = source_catalog(vstore)
+    catalog, config = resolve_recipe(vstore, source_catalog(vstore), config)
     source_hash = catalog_hash(catalog)
-    key = content_key(source_hash, config)
+    ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
+    # a scan without a subset reads back from the catalog as NaN when others have one
+    subsets = [r.subset if isinstance(r.subset, str) else None for r in ok.itertuples()]
+    splits = pretrain_splits(list(zip(ok["scan_id"], subsets)), config.seed, config.split_fractions,
+                             where=str(vstore.root))
+    key = content_key(source_hash, config, validation_drawn=bool(splits.drawn))
     root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
     site = PatchStoreSite(root, f"pretrain-{key}", key, _parts_of)
-    ok = catalog[catalog["status"] == "ok"].sort_values("scan_id").reset_index(drop=True)
-    encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
-    # a scan without a subset reads back from the catalog as NaN when others have one
-    items = [Item(slot, (str(vstore.root), r.scan_id, r.subset if isinstance(r.subset, str) else None, slot,
-                         str(site.building), config), {"encoding": encoding})
-             for slot, r in enumerate(ok.itertuples())]
+    if config.recipe == "mr":
+        encoding = dict(UNIT_FLOAT32)  # percentile-normalised values: no exact integer form
+    else:
+        encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
+    items = [Item(slot, (str(vstore.root), r.scan_id, subset, slot, str(site.building), config),
+                  {"encoding": encoding, "split": splits.splits[r.scan_id]})
+             for slot, (r, subset) in enumerate(zip(ok.itertuples(), subsets))]
 
     def assemble_cubes(client, built: Built) -> None:
         parts = [Part(str(site.building / "parts" / f"{r['slot']:06d}"), len(r["rows"])) for r in built.ordered()]
@@ -112,7 +168,7 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
                      config.per_scan, ("cube", "c", "z", "y", "x"), client=client)
 
     def complete(built: Built) -> ExtractionResult:
-        return _complete(site, built.ordered(), vstore, len(ok), config, source_hash, encoding)
+        return _complete(site, built.ordered(), vstore, len(ok), config, source_hash, encoding, splits)
 
     return build_once(BuildSpec(
         site=site, items=items, task=extract_scan, found=lambda reused: found(site.final, key, t0, reused),
@@ -127,7 +183,8 @@ def _parts_of(result: dict) -> list[tuple[str, int]]:
 
 
 def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_scans: int,
-              config: PretrainPatchConfig, source_hash: str, encoding: dict) -> ExtractionResult:
+              config: PretrainPatchConfig, source_hash: str, encoding: dict,
+              splits: PretrainSplits) -> ExtractionResult:
     """The index and, last, the attributes that mark the build complete; the result (its time is set once
     published)."""
     building, key = site.building, site.key
@@ -137,13 +194,24 @@ def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_
     skipped = [{"scan_id": r["scan_id"], "reason": r["reason"]} for r in results if r["reason"]]
     skipped.sort(key=lambda s: s["scan_id"])
     if not rows:
-        raise NoCubesError(f"no acceptable cubes in any of the {n_scans} scans of {vstore.root}: "
-                           + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in skipped[:5]))
+        by_reason: dict[str, list[str]] = {}
+        for s in skipped:
+            by_reason.setdefault(s["reason"], []).append(s["scan_id"])
+        raise NoCubesError(f"no acceptable cubes in any of the {n_scans} scans of {vstore.root}: " + "; ".join(
+            f"{', '.join(ids[:3])}{f' and {len(ids) - 3} more' if len(ids) > 3 else ''}: {reason}"
+            for reason, ids in list(by_reason.items())[:3]))
     schema = storage_schemas.arrow_schema("patch_index")
     table = pa.Table.from_pylist(rows, schema=schema)
     table = storage_schemas.check_table("patch_index", table, str(building / "index.parquet"))
     pq.write_table(table, building / "index.parquet")
     counts = {s: int(sum(1 for r in rows if r["split"] == s)) for s in ("train", "validation", "test")}
+    note = splits.note
+    if note is None and not counts["validation"]:
+        note = (f"{vstore.root}: no validation scan gave a cube (validation scans: "
+                f"{', '.join(s for s, v in sorted(splits.splits.items()) if v == 'validation')}): pretraining will "
+                f"validate on its training cubes")
+    validation = {"rule": "seeded share of the training scans" if splits.drawn else "the scans' own tags",
+                  "scans": sorted(s for s, v in splits.splits.items() if v == "validation"), "note": note}
     attrs = {"genesis": {
         "kind": "patch-store", "schema_version": 2, "store_format": STORE_FORMAT, "key": key, "purpose": "pretrain",
         "config": config.to_dict(), "cube_encoding": encoding,
@@ -152,8 +220,28 @@ def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "value_range": [0.0, 1.0],
         "short_scans": [{"scan_id": r["scan_id"], "reason": r["short"]} for r in results if r.get("short")],
+        "recipe": _recipe_attrs(config), "validation": validation,
     }}
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
     zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
     return ExtractionResult(path=site.final, key=key, reused=False, n_cubes=len(rows), counts=counts,
-                            skipped=skipped)
+                            skipped=skipped, notes=[note] if note else [])
+
+
+def _recipe_attrs(config: PretrainPatchConfig) -> dict:
+    """What the store's attributes say about how its cubes were made (`preprocessing_of` reads it back)."""
+    out = {"name": config.recipe, "modality": config.modality, "intensity": config.intensity(),
+           "cube_size": list(config.cube_size)}
+    if config.recipe == "mr":
+        out["origin"] = "ours (pipeline.patches.mr_sampling), not the reference's"
+        out["acceptance"] = {"min_foreground": config.min_foreground,
+                             "foreground_threshold": config.foreground_threshold}
+        out["borders"] = {"border_z": config.border_z, "border_yx": config.border_yx,
+                          "border_fraction": config.border_fraction}
+    else:
+        out["origin"] = "the Models Genesis reference (infinite_generator_3D.py)"
+        out["acceptance"] = {"dense_hu": config.dense_hu, "max_dense_fraction": config.max_dense_fraction,
+                             "lookahead": config.lookahead}
+        out["borders"] = {"border_z": config.border_z, "border_yx": config.border_yx,
+                          "min_slices": config.min_slices}
+    return out

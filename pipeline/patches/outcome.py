@@ -29,6 +29,8 @@ class ExtractionResult:
     # pid, started (a worker's first task also pays its one-time set-up: imports, thread pools)
     whole_volume: int = 0  # task stores: test cases kept whole (in scans.parquet) for sliding-window evaluation
     phases: dict = field(default_factory=dict)  # seconds: plan, cluster start, cases, assemble, finish
+    notes: list = field(default_factory=list)  # what a user must know about the store (pretraining: validation
+    # on training cubes), printed as warnings
 
     def report(self) -> str:
         verb = "reused existing" if self.reused else "built"
@@ -39,6 +41,7 @@ class ExtractionResult:
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} scans:")
             lines += [f"  {s['scan_id']}: {s['reason']}" for s in self.skipped]
+        lines += [f"WARNING: {n}" for n in self.notes]
         if self.failed:
             lines.append(f"failed {len(self.failed)} items:")
             lines += [f"  {f['scan_id']} {f['item']}: {f['reason']}" for f in self.failed]
@@ -52,4 +55,5 @@ def found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
     return ExtractionResult(path=final, key=key, reused=reused, n_cubes=len(ps), counts=ps.attrs["counts"],
                             skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
                             failed=ps.attrs.get("failed_items", []),
-                            whole_volume=int((ps.scans["n_cubes"] == 0).sum()) if ps.is_task else 0)
+                            whole_volume=int((ps.scans["n_cubes"] == 0).sum()) if ps.is_task else 0,
+                            notes=[n for n in [(ps.attrs.get("validation") or {}).get("note")] if n])

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from pipeline.patches.config import preprocessing_of
 from pipeline.patches.store import PatchStore
 
 __all__ = ["render_patch_preview"]
@@ -61,7 +62,8 @@ def render_patch_preview(path: str, out: str, n_cubes: int = 8, seed: int = 0) -
         axes[2, i].imshow(img[d], cmap="gray", vmin=0, vmax=1)
         axes[2, i].set_title(name, color="white", fontsize=7)
     D, H, W = store.attrs["cube_shape"]
-    fig.suptitle(f"patch store {store.key}: {len(store)} cubes {D}x{H}x{W} (z,y,x), middle axial slices; "
+    recipe = preprocessing_of(store.attrs)["recipe"]
+    fig.suptitle(f"patch store {store.key} ({recipe} recipe): {len(store)} cubes {D}x{H}x{W} (z,y,x), middle axial slices; "
                  f"rows 2-3: one cube and each Models Genesis corruption", color="white", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

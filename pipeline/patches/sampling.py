@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pipeline.patches.config import PretrainPatchConfig
 
 __all__ = ["Candidates", "hu_to_unit", "crop_sizes", "scan_region", "draw_candidates", "voxel_scores",
-           "box_sums", "linear_resize_matrix", "resize_in_plane", "sample_cubes", "CubeSample"]
+           "box_sums", "linear_resize_matrix", "resize_in_plane", "resize_trilinear", "sample_cubes", "CubeSample"]
 
 
 def hu_to_unit(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -81,12 +81,13 @@ def scan_region(shape: tuple[int, int, int], config: PretrainPatchConfig) -> tup
 
 
 def draw_candidates(rng: np.random.Generator, region_shape: tuple[int, int, int], config: PretrainPatchConfig,
-                    n: int) -> Candidates | None:
-    """`n` random crops whose windows (lookahead slices deeper than the crop) fit in the region, uniform over
-    the starts; draws of a scale whose window does not fit are dropped; None when no scale fits at all."""
+                    n: int, lookahead: int | None = None) -> Candidates | None:
+    """`n` random crops whose windows (`lookahead` slices deeper than the crop; default the config's, the MR
+    recipe passes 0) fit in the region, uniform over the starts; draws of a scale whose window does not fit
+    are dropped; None when no scale fits at all."""
     sizes_per_scale = crop_sizes(config)
     scales = np.asarray(config.scales, dtype=np.float64)
-    window = sizes_per_scale + np.array([config.lookahead, 0, 0])
+    window = sizes_per_scale + np.array([config.lookahead if lookahead is None else lookahead, 0, 0])
     room = np.asarray(region_shape)[None, :] - window + 1  # valid starts per axis (<= 0 when too big)
     fits = np.all(room >= 1, axis=1)
     if not fits.any():
@@ -139,7 +140,7 @@ def box_sums(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.nd
             + s[z0, y0, x1] + s[z0, y1, x0] + s[z1, y0, x0] - s[z0, y0, x0])
 
 
-def _resize(unit: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+def resize_trilinear(unit: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     """3D scales: trilinear (align_corners=False) resize of a whole crop to the cube."""
     t = torch.from_numpy(np.ascontiguousarray(unit))[None, None]
     return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
@@ -226,7 +227,7 @@ def sample_cubes(hu_region: np.ndarray, rng: np.random.Generator, config: Pretra
             continue
         (z, y, x), (d, h, w) = cands.starts[k], cands.sizes[k]
         crop = hu_to_unit(hu_region[z:z + d, y:y + h, x:x + w], window)
-        cubes[j] = crop if crop.shape == cube else _resize(crop, cube)
+        cubes[j] = crop if crop.shape == cube else resize_trilinear(crop, cube)
     fractions = totals[keep] / np.prod(judged[keep], axis=1) if len(keep) else np.zeros(0)
     return CubeSample(cubes=cubes, starts=cands.starts[keep], sizes=cands.sizes[keep], scales=cands.scales[keep],
                       fractions=fractions, attempts=n, candidates=cands, accepted=keep, n_tried=n_tried)

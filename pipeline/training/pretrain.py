@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.training.config import PretrainConfig, per_worker_batch
 
-__all__ = ["pretrain", "check_data", "PretrainResult", "RUN_FILE"]
+__all__ = ["pretrain", "check_data", "validation_warning", "PretrainResult", "RUN_FILE"]
 
 RUN_FILE = "genesis_run.json"
 
@@ -34,12 +34,15 @@ class PretrainResult:
     tracking_uri: str
     metrics: dict
     error: str | None
+    warnings: tuple[str, ...] = ()
+    """What the user must know about the run (validation on training cubes), printed first by `report`."""
 
     def report(self) -> str:
         from pipeline.runtime.tracking import Tracker
 
         m = self.metrics or {}
-        lines = [f"run {self.name}: {'FAILED: ' + self.error if self.error else 'finished'}",
+        lines = [f"WARNING: {w}" for w in self.warnings]
+        lines += [f"run {self.name}: {'FAILED: ' + self.error if self.error else 'finished'}",
                  f"  epochs {int(m.get('epoch', -1)) + 1}, train loss {m.get('train_loss', float('nan')):.5f}, "
                  f"validation loss {m.get('val_loss', float('nan')):.5f} (best {m.get('best_val_loss', float('nan')):.5f})",
                  f"  checkpoints: {self.path}",
@@ -50,6 +53,16 @@ class PretrainResult:
 def _latest_run(storage: Path) -> str | None:
     runs = sorted((p.stat().st_mtime, p.parent.name) for p in storage.glob(f"*/{RUN_FILE}") if p.is_file())
     return runs[-1][1] if runs else None
+
+
+def validation_warning(store) -> str | None:
+    """Why this store's pretraining would validate on its training cubes (no validation cube), None when it
+    would not: said in the run's report and its MLflow tag `validation`, never silently."""
+    if (store.index["split"] == "validation").any():
+        return None
+    note = (store.attrs.get("validation") or {}).get("note")
+    return note or (f"{store.path} has no validation cubes: pretraining validates on its training cubes (rebuild "
+                    f"it with `genesis patches pretrain`, which draws a validation share of the scans)")
 
 
 def check_data(store, config: PretrainConfig, workers: int) -> None:
@@ -87,6 +100,7 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
              system_metrics: bool = True, fault_injection: dict | None = None,
              resume_epochs: int | None = None) -> PretrainResult:
     from pipeline.cluster import ray_resources
+    from pipeline.patches.config import preprocessing_of
     from pipeline.patches.store import PatchStore
     from pipeline.runtime import driver
     from pipeline.runtime.errors import failure_reason
@@ -97,6 +111,7 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
     ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address, failures=max_failures)
     check_experiment(experiment)
     store = PatchStore(patches)  # fails early, naming the path, when it is not a patch store
+    warning = None if store.is_task else validation_warning(store)
     storage = output_dir(storage_path, "--storage-path", default="ray_results")
     if "://" not in storage:
         storage = Path(storage)
@@ -116,8 +131,11 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
         check_data(store, config, workers)  # before an MLflow run or Ray exists
         tracker = Tracker.open(tracking_uri)
         name = name or f"genesis-pretrain-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = tracker.create_run(experiment, name, tags={"preset": config.preset, "patch_store": store.key},
-                                    command="genesis pretrain")
+        tags = {"preset": config.preset, "patch_store": store.key,
+                "recipe": preprocessing_of(store.attrs)["recipe"]}
+        if warning:
+            tags["validation"] = f"on training cubes: {warning}"
+        run_id = tracker.create_run(experiment, name, tags=tags, command="genesis pretrain")
         try:
             if isinstance(storage, Path):
                 (storage / name).mkdir(parents=True, exist_ok=True)
@@ -143,4 +161,5 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
 
     outcome = driver.recorded(tracker, run_id, work, ray_address)
     return PretrainResult(name=name, path=outcome.path or str(Path(str(storage)) / name), mlflow_run_id=run_id,
-                          tracking_uri=tracker.uri, metrics=outcome.metrics, error=outcome.error)
+                          tracking_uri=tracker.uri, metrics=outcome.metrics, error=outcome.error,
+                          warnings=(warning,) if warning else ())

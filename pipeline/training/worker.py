@@ -17,6 +17,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from pipeline.data.cubes import CubeStreamConfig, PatchCubes
     from pipeline.data.genesis_batches import genesis_pairs
     from pipeline.data.validation import FIXED_CORRUPTION, ValidationCubes
+    from pipeline.patches.config import preprocessing_of
     from pipeline.patches.store import PatchStore
     from pipeline.runtime import hooks
     from pipeline.training.checkpoint import (mean_across_ranks, report_epoch, resume_from_checkpoint,
@@ -54,16 +55,19 @@ def train_loop_per_worker(cfg: dict) -> None:
         from pipeline.training.pictures import figure_pairs
 
         store = PatchStore(cfg["patches"])
+        preprocessing = preprocessing_of(store.attrs)
         fig_x, fig_y = figure_pairs(store.read_cubes(val.first(config.figure_cubes))[:, 0], config.seed)
         tracker = Tracker.at(cfg["tracking_uri"])
         logger = tracker.logger(cfg["mlflow_run_id"], system_metrics=cfg.get("system_metrics", True))
         logger.log_params({
             "pretrain": config.to_dict(), "patches": {"path": cfg["patches"], "key": store.key},
+            "recipe": preprocessing["recipe"], "modality": preprocessing.get("modality") or "",
             "ray": {"workers": world, "gpus_per_worker": cfg.get("gpus_per_worker", 0)},
             "batch": {"global": config.batch_size, "per_worker": batch, "lr": config.lr,
                       "lr_rule": "the global batch is split across workers; lr unscaled"},
             "precision": precision(config, device.type),
             "validation": {"split": val.split, "cubes": len(val), "batches": val.n_batches,
+                           "rule": (store.attrs.get("validation") or {}).get("rule", "the scans' own tags"),
                            "corruption": "afresh each epoch from (seed, epoch)" if config.val_recorrupt
                            else "the same every epoch"}})
         if start_epoch == 0:
@@ -112,10 +116,12 @@ def train_loop_per_worker(cfg: dict) -> None:
         final = build_model(config)
         final.load_state_dict(best_model)
         final.eval()
-        info = log_model(final)
+        # how a scan becomes the model's input: recipe, intensity rule, cube size, modality, and the store
+        info = log_model(final, preprocessing={**preprocessing, "patch_store": store.key})
         logger.log_metrics({"final_best_val_loss": best_val}, step=epoch)
         tracker.register_model(info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
-                               tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"]})
+                               tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"],
+                                     "recipe": preprocessing["recipe"]})
         logger.end()
 
 
