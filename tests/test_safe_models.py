@@ -370,3 +370,46 @@ def test_entry_point_and_git_state_rules(tmp_path, monkeypatch):
     assert git_state(tmp_path) == (head, True)
     (tmp_path / "sub").mkdir()  # a folder inside a checkout is not that checkout's code (an installed copy)
     assert git_state(tmp_path / "sub") == ("unknown", None)
+
+
+def test_task_file_and_preprocessing_travel_as_plain_data_and_tampered_ones_are_refused(tmp_path):
+    """A model's card (task.yaml, preprocessing.json beside the weights) is read with bounded reads,
+    `yaml.safe_load` and strict JSON: a YAML tag that would build a Python object, a preprocessing that is not a
+    JSON object, and an oversized file are each one error naming the file; nothing is constructed or run."""
+    from pipeline.model_io.model_format import ModelFormatError, read_model_card
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    run_id = tracker.create_run("safe", "card")
+    logger = tracker.logger(run_id, system_metrics=False)
+    try:
+        info = log_finetuned_model(UNet3D(base_channels=4, norm="instance").eval(), kind="segmentation",
+                                   task_file="name: spheres\nkind: segmentation\n",
+                                   preprocessing={"orientation": "LPS", "threshold": 0.5, "roi": [16, 16, 16]})
+    finally:
+        logger.end()
+    folder = _model_dir(uri, info.model_uri)
+    data = folder / "data/genesis"
+    assert (data / "task.yaml").read_text(encoding="utf-8") == "name: spheres\nkind: segmentation\n"
+    assert yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))["metadata"]["genesis_task"] == "spheres"
+    model = load_model(str(folder))
+    assert model.genesis_task_file.startswith("name: spheres")
+    assert model.genesis_preprocessing == {"orientation": "LPS", "threshold": 0.5, "roi": [16, 16, 16]}
+
+    marker = tmp_path / "ran"
+    cases = {"task.yaml": f"!!python/object/apply:os.system ['touch {marker}']\n",
+             "preprocessing.json": "[1, 2, 3]"}
+    for name, text in cases.items():
+        bad = Path(shutil.copytree(folder, tmp_path / f"bad_{name}"))
+        (bad / "data/genesis" / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ModelFormatError, match=re.escape(name)):
+            read_model_card(bad / "data/genesis")
+        with pytest.raises(ValueError, match=re.escape(name)):
+            load_model(str(bad))
+    big = Path(shutil.copytree(folder, tmp_path / "big"))
+    (big / "data/genesis/preprocessing.json").write_text('{"a": "' + "x" * 300_000 + '"}', encoding="utf-8")
+    with pytest.raises(ModelFormatError, match=r"preprocessing\.json.*over the \d+-byte limit"):
+        read_model_card(big / "data/genesis")
+    assert not marker.exists()
+    with pytest.raises(ModelFormatError, match="task_file must be the task file's text"):
+        log_finetuned_model(UNet3D(base_channels=4).eval(), task_file={"name": "x"})

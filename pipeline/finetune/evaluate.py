@@ -34,7 +34,14 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.data import batches
 from pipeline.finetune.steps import predict
 
-__all__ = ["TestResult", "evaluate_test", "count_columns", "counts_from_columns"]
+__all__ = ["TestResult", "evaluate_test", "count_columns", "counts_from_columns", "model_preprocessing",
+           "PREPROCESSING_FORMAT", "DECISION_THRESHOLD", "SW_MODE", "SW_SIGMA_SCALE"]
+
+PREPROCESSING_FORMAT, PREPROCESSING_VERSION = "genesis-preprocessing", 1
+#: Foreground is `probability > 0.5` (`pipeline.evaluation`: strict), a positive candidate `sigmoid(logit) > 0.5`.
+DECISION_THRESHOLD = 0.5
+#: `evaluation.sliding_window_predict`'s blending, as `predict_volume` calls it.
+SW_MODE, SW_SIGMA_SCALE = "gaussian", 0.125
 
 
 @dataclass
@@ -144,7 +151,7 @@ def predict_volume(model, image: np.ndarray, config: FinetuneConfig, device) -> 
     x = image if scaled == tuple(shape) else _resize(image, scaled)
     prob, settings = E.sliding_window_predict(model, torch.from_numpy(np.ascontiguousarray(x)).to(device),
                                               roi_size=config.input_size, sw_batch_size=config.sw_batch_size,
-                                              overlap=config.sw_overlap)
+                                              overlap=config.sw_overlap, mode=SW_MODE, sigma_scale=SW_SIGMA_SCALE)
     prob = prob.float().cpu().numpy()
     if scaled != tuple(shape):
         prob = _resize(prob, shape)
@@ -176,6 +183,63 @@ def _whole_volume(model, store, config, spec, device, n_figures) -> TestResult:
     metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts)}
     metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_case).items() if "@" not in k})
     return TestResult(metrics, pred, figs, settings)
+
+
+def model_preprocessing(spec, config: FinetuneConfig, store=None) -> dict:
+    """How a fine-tuned model is applied to a new scan, as `preprocessing.json` beside its weights
+    (`pipeline.model_io.model_format.write_model_card`); `pipeline.predict` follows it step by step, so a model
+    is applied as its test split was evaluated, not as a user guesses.
+
+    Every scan is reoriented to LPS (`pipeline.ingest.volume.to_lps`, as the volume store stores it), resampled
+    only where the store's conversion did (`spacing`), resized in-plane by `inplane_scale` (the task grid),
+    normalised by the intensity rule, resized by `volume_scale`, predicted by sliding window over windows of
+    `network_input_size`, and the probabilities taken back the same way; foreground is `probability > threshold`,
+    written with `output_value`."""
+    target = spec.sampling.target_values
+    labels = dict(getattr(spec, "labels", {}) or {})
+    output_value = int(target[0]) if target is not None and len(target) == 1 else 1
+    classification = spec.kind == "classification"
+    out = {
+        "format": PREPROCESSING_FORMAT, "format_version": PREPROCESSING_VERSION,
+        "task": spec.name, "kind": spec.kind, "modality": spec.modality,
+        "orientation": "LPS", "axes": "zyx",
+        "channels": list(spec.channels) or ["image"], "in_channels": int(config.in_channels),
+        "intensity": {"kind": spec.intensity.kind, "low": float(spec.intensity.low),
+                      "high": float(spec.intensity.high),
+                      "rule": ("clip to [low, high] and scale to [0, 1]" if spec.intensity.kind == "window" else
+                               "per channel, clip to the [low, high] percentiles of the non-zero voxels and scale "
+                               "to [0, 1]")},
+        "spacing": {"resampled_to": _store_spacing(store), "inplane_scale": float(getattr(spec, "inplane_scale", 1.0)),
+                    "volume_scale": [float(v) for v in config.volume_scale]},
+        "cube_size": [int(v) for v in spec.cube_size],
+        "crop_size": [int(v) for v in (spec.sampling.crop_size or spec.cube_size)],
+        "network_input_size": [int(v) for v in config.input_size], "input_rule": config.input_rule,
+        "labels": {"names": {k: (list(v) if isinstance(v, tuple) else v) for k, v in labels.items()},
+                   "target_values": None if target is None else [int(v) for v in target],
+                   "output_value": output_value},
+        "threshold": DECISION_THRESHOLD,
+        "output": "logits" if classification else "probabilities",
+        "score": "sigmoid(logit)" if classification else None,
+        "sliding_window": None if classification else {
+            "roi_size": [int(v) for v in config.input_size], "sw_batch_size": int(config.sw_batch_size),
+            "overlap": float(config.sw_overlap), "mode": SW_MODE, "sigma_scale": SW_SIGMA_SCALE},
+        "patch_store": None if store is None else {"key": getattr(store, "key", None)},
+    }
+    return out
+
+
+def _store_spacing(store) -> list[float] | None:
+    """The spacing (z, y, x mm) the volume store under `store` resampled its scans to; None when it kept the
+    source voxels (or cannot say)."""
+    try:
+        from pipeline.volume_store.store import VolumeStore
+
+        records = VolumeStore(store.attrs["volume_store"]["path"]).records()
+    except Exception:  # noqa: BLE001 - no store, or one moved since: the record says "not known"
+        return None
+    spacings = {tuple((r.get("settings") or {}).get("spacing") or ()) for r in records if r.get("status") == "ok"}
+    spacings.discard(())
+    return [float(v) for v in next(iter(spacings))] if len(spacings) == 1 else None
 
 
 def _roc_figure(fpr, tpr, auc):

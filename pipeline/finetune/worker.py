@@ -145,10 +145,11 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
     """Rank 0: the best weights on the test split; metrics, predictions.csv, figures, the registered model."""
     import matplotlib.pyplot as plt
 
-    from pipeline.finetune.evaluate import evaluate_test
+    from pipeline.finetune.evaluate import evaluate_test, model_preprocessing
     from pipeline.finetune.init import build_model
     from pipeline.runtime.tracking import Tracker
     from pipeline.model_io.model_format import log_finetuned_model
+    from pipeline.tasks.task_file import task_file_text
 
     final = build_model(config)
     final.load_state_dict(best_model)
@@ -162,7 +163,9 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
         logger.log_figure(fig, name)
         plt.close(fig)
     final.cpu()
-    info = log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind)
+    spec = cfg["spec"]  # the model carries its task file and how to apply it (`genesis predict` reads both)
+    info = log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind,
+                               task_file=task_file_text(spec), preprocessing=model_preprocessing(spec, config, store))
     Tracker.at(cfg["tracking_uri"]).register_finetuned(
         info.model_uri, cfg["register_as"],
         tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, "task": config.task, "init": cfg["init"],

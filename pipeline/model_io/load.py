@@ -21,6 +21,12 @@ URIs, and what each gives:
   `pipeline.model_io.model_format.ARG_RANGES`, and the state is compared with the model built on the meta device
   before the model's memory is allocated, so a state that only claims a large width costs nothing.
 
+A logged model carries how it is applied (`pipeline.model_io.model_format.write_model_card`):
+`model.genesis_task_file` (its task file's YAML text; `pipeline.tasks.task_file` reads it into a TaskSpec) and
+`model.genesis_preprocessing` (a dict: orientation, intensity rule, input size, label values, threshold, sliding
+window); both None for models logged without them, official weights and state-dict files.
+`pipeline.predict.model_card.load_model_card(uri)` reads the same without the weights, as a TaskSpec.
+
 The model comes back in eval mode, on `device`. Anything that cannot be loaded is a ValueError naming the URI.
 
 Its output for a cube does not depend on the rest of the batch: `model(batch)` equals the cubes predicted one at a
@@ -79,6 +85,9 @@ def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "cpu"
     from pipeline.models.norms import set_per_cube_statistics
 
     set_per_cube_statistics(model)
+    for attr in ("genesis_task_file", "genesis_preprocessing"):  # a logged model's card; None for the others
+        if not hasattr(model, attr):
+            setattr(model, attr, None)
     return model.to(torch_device).eval()
 
 

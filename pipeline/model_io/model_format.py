@@ -14,6 +14,11 @@ under that name because every model logged so far names it as its loader):
                                  genesis_pipeline_version, genesis_git_commit
     data/genesis/architecture.json   {"architecture": "UNet3D", "kwargs": {"base_channels": 32, ...}}
     data/genesis/weights.safetensors the state dict
+    data/genesis/task.yaml       (optional) the task file of a fine-tuned model (`pipeline.tasks.task_file`'s
+                                 canonical text), read as YAML with `yaml.safe_load` (plain data, nothing built)
+    data/genesis/preprocessing.json  (optional) how to apply the model: orientation, intensity rule, input size,
+                                 label values, threshold, sliding window (`pipeline.predict` reads it); models
+                                 logged before these files existed load as before, without them
     code/pipeline/...            the model code it was logged with (pipeline/__init__.py, model_format.py,
                                  model_io/ (this module and the state-dict and checkpoint readers the models
                                  use), models/), so `mlflow.pyfunc.load_model` works without this project
@@ -48,10 +53,13 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "ARG_RANGES", "CONFIG_FILE", "WEIGHTS_FIL
            "architecture_config", "build_from_config", "check_config", "write_model_data", "read_model_data",
            "read_weights_header", "read_model_folder", "bundle_code", "BUNDLED_FILES", "model_requirements",
            "ModelFormatError", "GenesisPyfunc", "model_signature", "classifier_signature", "log_safe_model",
-           "log_model", "log_finetuned_model"]
+           "log_model", "log_finetuned_model", "TASK_FILE", "PREPROCESSING_FILE", "write_model_card",
+           "read_model_card", "read_model_card_folder", "model_data_folder"]
 
 FORMAT, FORMAT_VERSION = "genesis-safetensors", 1
 CONFIG_FILE, WEIGHTS_FILE = "architecture.json", "weights.safetensors"
+#: How a model is applied, beside its architecture and weights (optional: older models have neither).
+TASK_FILE, PREPROCESSING_FILE = "task.yaml", "preprocessing.json"
 #: The data folder's name; MLflow copies it to `data/<name>` in the model.
 DATA_DIR = "genesis"
 #: The pyfunc loader module a logged model names: the shim `pipeline/model_format.py` (already-logged models name
@@ -65,6 +73,8 @@ BUNDLED_FILES = ("__init__.py", "model_format.py", "model_io/__init__.py", "mode
 #: Size limits of what is read before anything is checked: a file over its limit is refused unread, so a
 #: tampered file cannot make the reader allocate more than this (the weights' data is bounded by the model).
 MAX_CONFIG_BYTES = 64 * 1024
+#: A task file and a preprocessing record are a few kB; a label list of a few hundred names fits easily.
+MAX_CARD_BYTES = 256 * 1024
 MAX_MLMODEL_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 #: Deepest nesting of JSON arrays/objects accepted (the config needs 2, a safetensors header 3): deeper is
@@ -204,7 +214,79 @@ def read_model_data(folder: str | Path, source: str | None = None) -> nn.Module:
     left = [name for name, tensor in chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
     if left:
         raise ModelFormatError(f"{source}: {WEIGHTS_FILE} leaves {len(left)} tensors unset: {', '.join(left[:4])}")
+    model.genesis_task_file, model.genesis_preprocessing = read_model_card(folder, source)
     return model.eval()
+
+
+def write_model_card(folder: str | Path, task_file: str | None = None, preprocessing: dict | None = None) -> None:
+    """Write how the model is applied beside its weights: `task.yaml` (the task file's text) and
+    `preprocessing.json` (a JSON object of plain values); either may be None (not written). Checked here as the
+    reader checks them, so a model is never logged with a card that would not load."""
+    folder = Path(folder)
+    if task_file is not None:
+        if not isinstance(task_file, str):
+            raise ModelFormatError(f"task_file must be the task file's text (a str), got {type(task_file).__name__}")
+        _check_task_text(task_file.encode("utf-8"), f"the task file logged with the model")
+        (folder / TASK_FILE).write_text(task_file, encoding="utf-8")
+    if preprocessing is not None:
+        if not isinstance(preprocessing, dict):
+            raise ModelFormatError(f"preprocessing must be a dict, got {type(preprocessing).__name__}")
+        try:
+            raw = json.dumps(preprocessing, indent=1, allow_nan=False, sort_keys=False) + "\n"
+        except (TypeError, ValueError) as err:
+            raise ModelFormatError(f"preprocessing is not plain JSON data ({_first_line(err)})") from None
+        _parse_json(raw.encode("utf-8"), lambda problem: ModelFormatError(f"preprocessing: {problem}"))
+        if len(raw.encode("utf-8")) > MAX_CARD_BYTES:
+            raise ModelFormatError(f"preprocessing: {len(raw)} bytes, over the {MAX_CARD_BYTES}-byte limit")
+        (folder / PREPROCESSING_FILE).write_text(raw, encoding="utf-8")
+
+
+def read_model_card(folder: str | Path, source: str | None = None) -> tuple[str | None, dict | None]:
+    """(task file text, preprocessing dict) of a model's data folder; None for a file the model does not have
+    (models logged before these files existed). Bounded reads, `yaml.safe_load` and strict JSON: nothing is
+    built or run; a file that is there but not what it should be is a ModelFormatError."""
+    folder = Path(folder)
+    source = source or str(folder)
+    task_path, pre_path = folder / TASK_FILE, folder / PREPROCESSING_FILE
+    task_text = None
+    if task_path.exists():
+        raw = _read_bounded(task_path, MAX_CARD_BYTES, f"{source}: {TASK_FILE}")
+        task_text = _check_task_text(raw, f"{source}: {TASK_FILE}")
+    preprocessing = None
+    if pre_path.exists():
+        preprocessing = _read_json(pre_path, MAX_CARD_BYTES, f"{source}: {PREPROCESSING_FILE}")
+        if not isinstance(preprocessing, dict):
+            raise ModelFormatError(f"{source}: {PREPROCESSING_FILE} is a {type(preprocessing).__name__}, "
+                                   f"not a JSON object")
+    return task_text, preprocessing
+
+
+def _check_task_text(raw: bytes, what: str) -> str:
+    """The task file's text when it is UTF-8 YAML of one mapping (its keys are checked by the task layer)."""
+    import yaml
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ModelFormatError(f"{what}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ModelFormatError(f"{what}: not valid YAML ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{what}: a task file is a mapping, got {type(data).__name__}")
+    return text
+
+
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as err:
+        raise ModelFormatError(f"{what}: cannot read it ({_first_line(err)})") from None
+    if len(raw) > limit:
+        raise ModelFormatError(f"{what}: over the {limit}-byte limit, refusing to read it")
+    return raw
 
 
 def read_weights_header(path: str | Path, source: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -355,6 +437,21 @@ def _first_line(err: BaseException) -> str:
 def read_model_folder(folder: str | Path, source: str | None = None) -> nn.Module:
     """The model of a logged MLflow model folder (one holding `MLmodel`), read with `read_model_data`.
     A model in MLflow's pickle format (pytorch flavor) is refused, not unpickled."""
+    folder = Path(folder)
+    source = source or str(folder)
+    return read_model_data(model_data_folder(folder, source), source)
+
+
+def read_model_card_folder(folder: str | Path, source: str | None = None) -> tuple[str | None, dict | None]:
+    """`read_model_card` of a logged MLflow model folder: its task file and preprocessing, weights unread."""
+    folder = Path(folder)
+    source = source or str(folder)
+    return read_model_card(model_data_folder(folder, source), source)
+
+
+def model_data_folder(folder: str | Path, source: str | None = None) -> Path:
+    """The data folder (architecture, weights, card) of a logged MLflow model folder, from its MLmodel file;
+    a ModelFormatError when it is not a Genesis model in this format."""
     import yaml
 
     folder = Path(folder)
@@ -390,7 +487,7 @@ def read_model_folder(folder: str | Path, source: str | None = None) -> nn.Modul
     data = folder / str(pyfunc.get("data") or f"data/{DATA_DIR}")
     if not data.resolve().is_relative_to(folder.resolve()):
         raise ModelFormatError(f"{source}: its MLmodel points the model data outside the model folder ({data})")
-    return read_model_data(data, source)
+    return data
 
 
 def bundle_code(dest: str | Path) -> Path:
@@ -451,11 +548,14 @@ def model_signature(channels: int = 1):
     return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]))
 
 
-def log_safe_model(model, name: str = "model", signature=None):
+def log_safe_model(model, name: str = "model", signature=None, task_file: str | None = None,
+                   preprocessing: dict | None = None):
     """Log `model` into the active run (the one a `pipeline.runtime.tracking.RunLogger` holds open) as an MLflow
     pyfunc model in this form: architecture JSON + safetensors weights, the model code bundled (`code_paths`),
     every requirement pinned; the project's version, git commit and U-Net width (`genesis_width`, which
-    `Tracker.register_model` reads to group versions) in the model's metadata. Returns MLflow's ModelInfo."""
+    `Tracker.register_model` reads to group versions) in the model's metadata. `task_file` (the task file's
+    text) and `preprocessing` (how to apply the model) go beside the weights (`write_model_card`), so whoever
+    applies the model need not guess them. Returns MLflow's ModelInfo."""
     import tempfile
     import warnings
 
@@ -469,6 +569,7 @@ def log_safe_model(model, name: str = "model", signature=None):
         # the signature says it all (any batch and cube size); an example would make MLflow run the model here
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         data = write_model_data(model, Path(tmp) / DATA_DIR)
+        write_model_card(data, task_file, preprocessing)
         code = bundle_code(Path(tmp) / "code")
         return mlflow.pyfunc.log_model(
             name=name, loader_module=LOADER_MODULE, data_path=str(data), code_paths=[str(code)],
@@ -476,7 +577,8 @@ def log_safe_model(model, name: str = "model", signature=None):
             metadata={"genesis_format": FORMAT, "genesis_format_version": FORMAT_VERSION,
                       "genesis_pipeline_version": version, "genesis_git_commit": commit,
                       "genesis_git_dirty": dirty, "genesis_architecture": type(model).__name__,
-                      "genesis_width": getattr(model, "base_channels", None)})
+                      "genesis_width": getattr(model, "base_channels", None),
+                      "genesis_task": _task_name(task_file)})
 
 
 def classifier_signature(channels: int = 1):
@@ -488,15 +590,30 @@ def classifier_signature(channels: int = 1):
     return ModelSignature(inputs=Schema([spec]), outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]))
 
 
-def log_finetuned_model(model, in_channels: int = 1, kind: str = "segmentation", name: str = "model"):
-    """A fine-tuned model: the U-Net (probabilities (-1, 1, D, H, W)) or the classifier (logits (-1, 1))."""
+def log_finetuned_model(model, in_channels: int = 1, kind: str = "segmentation", name: str = "model",
+                        task_file: str | None = None, preprocessing: dict | None = None):
+    """A fine-tuned model: the U-Net (probabilities (-1, 1, D, H, W)) or the classifier (logits (-1, 1)), with
+    its task file's text (`pipeline.tasks.task_file.task_file_text(spec)`: this floor does not read TaskSpecs)
+    and its preprocessing (`pipeline.finetune.worker` writes both)."""
     sig = model_signature(in_channels) if kind == "segmentation" else classifier_signature(in_channels)
-    return log_safe_model(model, name=name, signature=sig)
+    return log_safe_model(model, name=name, signature=sig, task_file=task_file, preprocessing=preprocessing)
 
 
-def log_model(model, name: str = "model"):
-    """A pretrained U-Net (or an imported classifier) into the active run, in the safe logged form."""
+def log_model(model, name: str = "model", preprocessing: dict | None = None, task_file: str | None = None):
+    """A pretrained U-Net (or an imported classifier) into the active run, in the safe logged form; its
+    `preprocessing` (the pretraining recipe: orientation, intensity normalisation) beside the weights."""
     from pipeline.models.classifier import UNet3DClassifier
 
     sig = (classifier_signature if isinstance(model, UNet3DClassifier) else model_signature)(model.in_channels)
-    return log_safe_model(model, name=name, signature=sig)
+    return log_safe_model(model, name=name, signature=sig, task_file=task_file, preprocessing=preprocessing)
+
+
+def _task_name(task_file: str | None) -> str | None:
+    """The `name:` of a task file's text, for the model's metadata (None without one)."""
+    if task_file is None:
+        return None
+    import yaml
+
+    data = yaml.safe_load(task_file)
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
