@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "prepare", "Prepared", "COMMAND"]
+__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "task_of_store", "prepare", "Prepared", "COMMAND"]
 
 COMMAND = "genesis finetune"
 """The entry point a fine-tuning's run records (named here: the process may have run other stages before)."""
@@ -72,13 +72,29 @@ def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:.4f}"
 
 
-def task_spec_of_store(task: str, store):
-    """The registry's TaskSpec with the data fields the store was built with (cube size, channels,
-    intensity, crop size, target values), so a store built with overrides is read as it is."""
-    from pipeline.tasks.registry import get_task
+def task_of_store(task: str, store) -> tuple[object, str]:
+    """(TaskSpec, where it came from) of a fine-tuning on `store`: `task` is a built-in (or this process's
+    registered) task's name, a task file's path, or the name of a user's task whose store recorded its task file
+    (`PatchStore.task_spec`). The data fields the store was built with (cube size, channels, intensity, crop size,
+    target values) override the task's, so a store built with overrides is read as it is. The source is `builtin`,
+    the task file's path, or `patch store <path>`."""
+    from pipeline.tasks.registry import get_task, resolve_task, task_names, task_source
+    from pipeline.tasks.task_file import is_task_file
 
-    spec = get_task(task)
     stored_task = store.attrs.get("task")
+    if is_task_file(task):
+        spec = resolve_task(task)
+        source = task_source(spec.name)
+    elif task.lower() in task_names():
+        spec, source = get_task(task), task_source(task)
+    else:
+        spec = store.task_spec() if stored_task == task.lower() else None
+        if spec is None:
+            if stored_task != task.lower():
+                raise ValueError(f"{store.path} is a patch store of task {stored_task!r}, not {task.lower()!r}")
+            raise ValueError(f"unknown task {task!r}: not a built-in task, and {store.path} records no task file; "
+                             f"give the task file's path (--task FILE.yaml)")
+        source = f"patch store {store.path}"
     if stored_task != spec.name:
         raise ValueError(f"{store.path} is a patch store of task {stored_task!r}, not {spec.name!r}")
     data = store.attrs.get("config", {}).get("task", {})
@@ -93,9 +109,14 @@ def task_spec_of_store(task: str, store):
     if data.get("intensity"):
         changes.update({f"intensity.{k}": v for k, v in data["intensity"].items()})
     try:
-        return spec.with_overrides(**changes)
+        return spec.with_overrides(**changes), source
     except (ValueError, TypeError):
-        return spec.with_overrides(cube_size=changes["cube_size"])
+        return spec.with_overrides(cube_size=changes["cube_size"]), source
+
+
+def task_spec_of_store(task: str, store):
+    """The TaskSpec a fine-tuning on `store` runs with (`task_of_store` without its source)."""
+    return task_of_store(task, store)[0]
 
 
 @dataclass
@@ -109,6 +130,14 @@ class Prepared:
     val_rows: list[int]
     fold: int | None = None
     """The test fold of a fold-based store (the worker opens `PatchStore(patches).for_fold(fold)`)."""
+    task_source: str = "builtin"
+    """Where the task came from (`task_of_store`): recorded on the run with its task file."""
+
+    def task_record(self):
+        """The task file, digest and source that the run records (`pipeline.tasks.task_file.TaskRecord`)."""
+        from pipeline.tasks.task_file import task_record
+
+        return task_record(self.spec, self.task_source)
 
     def loop_config(self, *, init: str, tracking_uri: str, run_id: str, gpus_per_worker: float = 0,
                     fault_injection: dict | None = None) -> dict:
@@ -131,13 +160,18 @@ def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bo
     from pipeline.finetune.config import preset as make_preset
     from pipeline.patches.store import PatchStore
 
+    from pipeline.tasks.registry import resolve_task
+    from pipeline.tasks.task_file import is_task_file
+
+    if is_task_file(task):
+        resolve_task(task)  # a task file is checked first: its errors name the file, the key and the value
     if not Path(patches).is_dir():
         raise ValueError(f"{patches}: no such patch store")
     store = PatchStore(patches)
     if not store.is_task:
         raise ValueError(f"{patches} is a pretraining patch store; fine-tuning needs a task store "
                          f"(`genesis patches task {task}`)")
-    spec = task_spec_of_store(task.lower(), store)
+    spec, source = task_of_store(task, store)
     store = _fold_view(store, fold, patches)
     config = make_preset(preset, spec).with_overrides(freeze_encoder=freeze_encoder, label_fraction=label_fraction,
                                                       seed=seed, max_epochs=epochs)
@@ -156,7 +190,7 @@ def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bo
     elif not len(store.rows("test")):
         raise ValueError(f"{patches}: no test cubes")
     return Prepared(patches=str(Path(patches).resolve()), store_key=store.key, spec=spec, config=config,
-                    train_rows=train_rows.tolist(), val_rows=val_rows.tolist(), fold=fold)
+                    train_rows=train_rows.tolist(), val_rows=val_rows.tolist(), fold=fold, task_source=source)
 
 
 def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "tiny", freeze_encoder: bool = False,
@@ -195,7 +229,10 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
             "seed": str(seed), "patch_store": prep.store_key}
     if prep.fold is not None:
         tags["fold"] = str(prep.fold)
-    run_id = tracker.create_run(experiment, name, tags=tags, command=COMMAND)
+    record = prep.task_record()
+    run_id = tracker.create_run(experiment, name, tags={**tags, **record.tags()}, command=COMMAND)
+    tracker.log_params(run_id, record.tags())
+    tracker.log_text(run_id, record.text, record.artifact_file)  # the whole task, as the run used it
     loop_config = prep.loop_config(init=init, tracking_uri=tracker.uri, run_id=run_id,
                                    gpus_per_worker=gpus_per_worker, fault_injection=fault_injection)
 

@@ -160,6 +160,20 @@ class PatchStore:
         """Cubes per shard file (older pretraining stores: one shard per scan of `per_scan` rows)."""
         return int(self.attrs.get("shard_rows") or self.attrs["config"]["per_scan"])
 
+    def task_spec(self):
+        """The whole TaskSpec a task store was built with (its recorded task file, `task_file`), checked against
+        its digest; None for a pretraining store or a task store built before stores recorded their task file."""
+        from pipeline.tasks.task_file import task_from_text
+
+        text = self.attrs.get("task_file")
+        if not self.is_task or not text:
+            return None
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if self.attrs.get("task_file_sha256") not in (None, digest):
+            raise StoreIntegrityError(f"{self.path}: its task file does not match its task_file_sha256 "
+                                      f"({digest[:12]} != {str(self.attrs['task_file_sha256'])[:12]})")
+        return task_from_text(text, f"{self.path} (its recorded task file)")
+
     @property
     def split_rule(self) -> dict:
         """The task's split rule as the store was built with it (`config.task.split`); {} for pretraining."""

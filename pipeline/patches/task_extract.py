@@ -9,7 +9,11 @@ Layout (a Zarr v3 group, published by one rename when complete)::
     ROOT/task-<task>-<key>/scans.parquet  storage_schemas/task_scans.arrow.json (whole-volume evaluation)
 
 The key hashes the scans' content digests and settings, the table rows used, the TaskSpec's data
-fields and the seed: the same inputs name the same folder, anything changed names a new one.
+fields and the seed: the same inputs name the same folder, anything changed names a new one. The store keeps its
+whole task too: the canonical task file (`task_file`, `pipeline.tasks.task_file.task_file_text`) and its sha256 in
+its attributes, so a fine-tuning finds a user's task by name once its store exists. Only the data fields are in the
+key: a task file that changes a training field (lr, patience, batch size) reuses the store, and the store's
+recorded task file keeps the fields it was built with (fine-tune with the file's path to use the new ones).
 
 Where cubes come from:
 - classification: one cube per candidate, centred on the candidate's nearest voxel (index size // 2).
@@ -60,6 +64,7 @@ from pipeline.tasks import sampling as S
 from pipeline.tasks.geometry import (cube_steps, direction_problem, index_to_world, resized_geometry, vessel_frame,
                                      world_to_index)
 from pipeline.tasks.spec import TaskSpec
+from pipeline.tasks.task_file import task_record
 from pipeline.volume_store.store import VolumeStore
 
 __all__ = ["extract_task", "extract_case", "task_key", "SHARD_ROWS"]
@@ -239,6 +244,7 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
         spec = spec.with_overrides(**{"split.test_fold": 1})
     plan = plan_task(vstore, spec, seed)
     _check_plan(plan, spec, vstore)
+    _check_cube_fits(plan, spec, vstore)
     phases = {"plan": time.perf_counter() - t0}
     if not plan.cases:
         raise RuntimeError(f"task {spec.name}: no usable case in {volume_root}: "
@@ -281,6 +287,37 @@ def _check_plan(plan: TaskPlan, spec: TaskSpec, vstore: VolumeStore) -> None:
                                  "reconvert with a unit vector along the vessel, or all three empty when unknown")
 
 
+def _task_grid_shape(shape, spec: TaskSpec) -> tuple[int, int, int]:
+    """A stored volume's shape on the task's grid (`sampling.to_task_grid`: y and x resized to round(n s))."""
+    z, y, x = (int(v) for v in shape)
+    s = S.inplane_scale(spec) if spec.kind == "segmentation" else 1.0
+    return (z, y, x) if s == 1.0 else (z, max(1, round(y * s)), max(1, round(x * s)))
+
+
+def _check_cube_fits(plan: TaskPlan, spec: TaskSpec, vstore: VolumeStore) -> None:
+    """Refuse, before any work, a cube (or crop) larger than every volume of the task along every axis: each of
+    its cubes would hold a whole volume and padding (a task file's cube size is easily written for another
+    dataset's volumes). A cube larger along some axes only is cut with padding there, as before. Volumes are read
+    from the catalog's `shape` column, on the task's grid."""
+    crop = tuple(int(v) for v in (spec.sampling.crop_size or spec.cube_size))
+    scan_ids = {sid for case in plan.cases for sid in case["scan_ids"]}
+    catalog = vstore.catalog()
+    if not scan_ids or "shape" not in catalog:
+        return
+    rows = catalog[catalog["scan_id"].isin(scan_ids)]
+    shapes = {r.scan_id: _task_grid_shape(r.shape, spec) for r in rows.itertuples() if r.shape is not None
+              and len(r.shape) == 3}
+    if not shapes or any(any(c <= v for c, v in zip(crop, shape)) for shape in shapes.values()):
+        return  # some volume is at least as large as the cube along some axis: its cubes are not all padding
+    largest, shape = max(shapes.items(), key=lambda kv: (int(np.prod(kv[1])), kv[0]))
+    what = "crop_size" if spec.sampling.crop_size else "cube_size"
+    scaled = spec.kind == "segmentation" and S.inplane_scale(spec) != 1.0
+    grid = f" on the task's grid (inplane_scale {S.inplane_scale(spec):g})" if scaled else ""
+    raise ValueError(f"task {spec.name}: {what} {'x'.join(map(str, crop))} (z, y, x) is larger than every volume of "
+                     f"{vstore.root} ({len(shapes)} scans); the largest is {largest} with "
+                     f"{'x'.join(map(str, shape))}{grid}: use a smaller {what} in the task file (or --size)")
+
+
 def _assemble(client, built: Built, site: PatchStoreSite, plan: TaskPlan, spec: TaskSpec) -> None:
     """Phase 2: the cases' parts into the exact `cubes` (and `masks`) arrays, on the build's cluster."""
     ordered = built.ordered()
@@ -309,9 +346,11 @@ def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: Tas
     failed = [f for r in ordered for f in r["failed"]]
     skipped = plan.skipped + [{"scan_id": r["case_id"], "reason": r["reason"]} for r in ordered if r["reason"]]
     counts = {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "validation", "test")}
+    record = task_record(spec, "")
     attrs = {"genesis": {
         "kind": "patch-store", "schema_version": 1, "key": key, "purpose": spec.kind, "task": spec.name,
         "config": {"task": spec.data_dict(), "seed": seed}, "channels": list(spec.channels) or ["image"],
+        "task_file": record.text, "task_file_sha256": record.sha256,
         "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": plan.source_digest},
         "cube_shape": list(spec.cube_size), "n_cubes": len(rows), "counts": counts, "shard_rows": SHARD_ROWS,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

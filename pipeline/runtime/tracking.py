@@ -51,7 +51,7 @@ def resolve_uri(uri: str | None) -> str:
 COMMANDS: dict[str, dict] = {
     "convert": {}, "stores": {"show": {}, "preview": {}, "list": {}, "verify": {}},
     "patches": {"pretrain": {}, "task": {}, "preview": {}}, "pretrain": {}, "finetune": {},
-    "transfer": {}, "reproduce": {}, "tasks": {"list": {}, "show": {}}, "weights": {"import": {}},
+    "transfer": {}, "reproduce": {}, "tasks": {"list": {}, "show": {}, "init": {}}, "weights": {"import": {}},
     "sample-data": {}}
 """The genesis command line's (sub)commands, so a run names the command that made it without importing the CLI
 (the CLI sits on top; `tests/test_cli_layering.py` checks that its parser has exactly these)."""
@@ -497,6 +497,29 @@ class Tracker:
         return url if cmd is None else f"{url}\n  open the UI with: {cmd}"
 
     # artifacts and models
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """`text` as the artifact `artifact_file` (e.g. `task/<name>.yaml`) of a run that is not this process's
+        active one."""
+        self.client.log_text(run_id, text, artifact_file)
+
+    def read_text(self, run_id: str, artifact_file: str) -> str | None:
+        """The text of a run's artifact `artifact_file`; None when the run has no such artifact."""
+        import tempfile
+
+        import mlflow.artifacts
+
+        folder = str(Path(artifact_file).parent) if Path(artifact_file).parent != Path(".") else None
+        try:
+            listed = {f.path for f in self.client.list_artifacts(run_id, folder)}
+        except Exception:  # noqa: BLE001 - a run whose artifact store cannot be listed has none to read
+            return None
+        if artifact_file not in listed:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_file, dst_path=tmp,
+                                                        tracking_uri=self.uri)
+            return Path(local).read_text(encoding="utf-8")
+
     def download_artifacts(self, artifact_uri: str, dst_path: str) -> str:
         """A local copy of `artifact_uri` (runs:/, models:/, a server's artifacts) under `dst_path`."""
         import mlflow.artifacts

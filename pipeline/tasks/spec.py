@@ -1,8 +1,10 @@
 """`TaskSpec`: everything that makes a Models Genesis target task, as data.
 
 The reference has five copied notebooks, one per task; here a task is one frozen value that the
-CLI, the patch-store builder, fine-tuning, the docs table and the tests all read. Adding a sixth
-task is one new entry in `pipeline/tasks/builtin.py` (plus a reader when its data layout is new).
+CLI, the patch-store builder, fine-tuning, the docs table and the tests all read. A task is written as a YAML
+task file (`pipeline/tasks/task_file.py`, schema `storage_schemas/task_spec.schema.json`): the five built-in tasks
+are the files in `pipeline/tasks/builtin_tasks/`, and a sixth task is one more file (`genesis tasks init` drafts one
+from an nnU-Net dataset), plus a reader when its data layout is new.
 Axis order is (z, y, x) throughout: the reference's 64x64x32 (x, y, z) cube is (32, 64, 64).
 """
 
@@ -269,6 +271,10 @@ class TaskSpec:
     split: SplitRule
     channels: tuple[str, ...] = ()
     """Sequences stacked as input channels (BraTS); empty = the scan itself, one channel."""
+    labels: dict[str, int | tuple[int, ...]] = field(default_factory=dict, hash=False)
+    """The dataset's label names -> values (nnU-Net's dataset.json `labels`; a region-based label is a tuple of
+    values): what a prediction's values mean and which values a label map may hold. Not part of the store's key
+    (`data_dict`): the target is `sampling.target_values`."""
     head: Literal["encoder-gap-dense", "unet"] = "unet"
     loss: Literal["bce", "dice"] = "dice"
     optimisation: Optimisation = field(default_factory=Optimisation)
@@ -298,6 +304,11 @@ class TaskSpec:
         _check(isinstance(self.inplane_scale, (int, float)) and math.isfinite(self.inplane_scale)
                and self.inplane_scale > 0, f"{w}.inplane_scale",
                f"must be a finite number > 0, got {self.inplane_scale!r}")
+        for label, value in self.labels.items():
+            values = value if isinstance(value, tuple) else (value,)
+            _check(isinstance(label, str) and bool(label) and bool(values)
+                   and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values),
+                   f"{w}.labels", f"{label!r}: {value!r} must be a label value >= 0 or a non-empty list of them")
 
     @property
     def in_channels(self) -> int:

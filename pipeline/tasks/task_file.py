@@ -20,8 +20,8 @@ import yaml
 
 from pipeline.tasks.spec import TaskSpec
 
-__all__ = ["TaskFileError", "task_from_dict", "task_to_dict", "task_to_yaml", "load_task_file", "resolve_task",
-           "task_file_text", "task_file_sha256", "is_task_file", "TASK_FILE_SUFFIXES"]
+__all__ = ["TaskFileError", "task_from_dict", "task_to_dict", "task_to_yaml", "load_task_file", "task_from_text",
+           "task_file_text", "task_file_sha256", "is_task_file", "TASK_FILE_SUFFIXES", "TaskRecord", "task_record"]
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
@@ -157,6 +157,10 @@ def _scalar(value) -> str:
     return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text
 
 
+LONG_TEXT = 100
+"""A string longer than this is wrapped over several lines (a note reads as a paragraph, not one long line)."""
+
+
 def _emit(d: dict, comments: dict[str, str], prefix: str, indent: int, out: list[str]) -> None:
     pad = "  " * indent
     for key, value in d.items():
@@ -166,6 +170,10 @@ def _emit(d: dict, comments: dict[str, str], prefix: str, indent: int, out: list
         if isinstance(value, dict) and value:
             out.append(f"{pad}{key}:")
             _emit(value, comments, dotted, indent + 1, out)
+        elif isinstance(value, str) and len(value) > LONG_TEXT:
+            # PyYAML folds the quoted string itself (continuation lines indented under the key): it reads back equal
+            text = yaml.safe_dump({key: value}, width=LONG_TEXT + 10, allow_unicode=True, sort_keys=False)
+            out.extend(f"{pad}{line}" for line in text.rstrip("\n").splitlines())
         else:
             out.append(f"{pad}{key}: {_scalar(value)}")
 
@@ -189,39 +197,53 @@ def task_file_sha256(spec: TaskSpec) -> str:
     return hashlib.sha256(task_file_text(spec).encode()).hexdigest()
 
 
+def task_from_text(text: str, where: str) -> TaskSpec:
+    """A TaskSpec from a task file's text (a file, a store's attributes, an MLflow artifact); `where` names it."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise TaskFileError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise TaskFileError(f"{where}: a task file is a mapping of TaskSpec keys (name, kind, ...), got "
+                            f"{type(data).__name__}")
+    return task_from_dict(data, where=where)
+
+
 def load_task_file(path: str | Path) -> TaskSpec:
     """Read a YAML task file; every error names the file."""
     p = Path(path)
+    if p.is_dir():
+        raise TaskFileError(f"{p}: is a folder, not a task file (.yaml)")
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TaskFileError(f"{p}: no such task file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskFileError(f"{p}: cannot read the task file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise TaskFileError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
-    if not isinstance(data, dict):
-        raise TaskFileError(f"{p}: a task file is a mapping of TaskSpec keys (name, kind, ...), got "
-                            f"{type(data).__name__}")
-    return task_from_dict(data, where=str(p))
+    return task_from_text(text, str(p))
 
 
-def resolve_task(ref: str) -> TaskSpec:
-    """A built-in task by name (case-insensitive) or a task file by path (.yaml/.yml).
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """What a run or a store records about the task it used: the canonical task file, its digest, and where the
+    task came from (`builtin`, the task file's path, or the patch store whose attributes held it)."""
 
-    A task file's task is registered for this process, so later look-ups by its name find it; a file may not
-    reuse a built-in task's name (its models and stores would mix with the built-in task's)."""
-    from pipeline.tasks.registry import builtin_names, get_task, register
+    name: str
+    text: str
+    sha256: str
+    source: str
 
-    text = str(ref)
-    if not is_task_file(text):
-        return get_task(text)
-    spec = load_task_file(text)
-    if spec.name in builtin_names():
-        raise TaskFileError(f"{text}: name {spec.name!r} is a built-in task's; give the task file's task its own "
-                            f"name (models are registered as genesis-<name>)")
-    return register(spec, replace=True)
+    @property
+    def artifact_file(self) -> str:
+        """Where an MLflow run keeps the task file."""
+        return f"task/{self.name}.yaml"
+
+    def tags(self) -> dict[str, str]:
+        return {"task_file_sha256": self.sha256, "task_source": self.source}
+
+
+def task_record(spec: TaskSpec, source: str) -> TaskRecord:
+    text = task_file_text(spec)
+    return TaskRecord(name=spec.name, text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), source=source)

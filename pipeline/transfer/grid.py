@@ -141,9 +141,12 @@ def folds_of(grid: GridConfig, store_folds: dict[str, tuple[int, ...]],
 
 
 def cells_of(grid: GridConfig, store_keys: dict[str, str],
-             folds: dict[str, tuple[int | None, ...]] | None = None) -> list[Cell]:
+             folds: dict[str, tuple[int | None, ...]] | None = None,
+             task_files: dict[str, str] | None = None) -> list[Cell]:
     """Every cell in a fixed order (task, init, fraction, fold, seed), each with its key. `folds`: task -> its
-    test folds (`folds_of`); a task not in it has none."""
+    test folds (`folds_of`); a task not in it has none. `task_files`: task -> its task file's sha256, for the
+    tasks whose training fields may change without changing their store (a user's task file: its lr or patience
+    changes the result, so the cell); built-in tasks are not in it and keep their keys."""
     cells = []
     for task in grid.tasks:
         for init in grid.inits:
@@ -155,6 +158,8 @@ def cells_of(grid: GridConfig, store_keys: dict[str, str],
                                  "freeze_encoder": grid.freeze_encoder, "preset": grid.preset, "epochs": grid.epochs}
                         if fold is not None:  # only fold cells carry it: other tasks keep their keys
                             ident["fold"] = int(fold)
+                        if task in (task_files or {}):
+                            ident["task_file"] = task_files[task]
                         cells.append(Cell(task, init, float(fraction), int(seed), store_keys[task], _hash(ident),
                                           None if fold is None else int(fold)))
     return cells

@@ -31,10 +31,11 @@ import pandas as pd
 
 from pipeline.cluster import TRIAL_RESOURCE, ensure_ray, ray_resources
 from pipeline.runtime.tracking import Tracker
+from pipeline.tasks.registry import BUILTIN_SOURCE
 from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells
 
 __all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show",
-           "inspect_stores"]
+           "inspect_stores", "register_store_tasks", "task_files_of"]
 
 
 @dataclass
@@ -122,6 +123,15 @@ def _parent_run(tracking: Tracker | str, experiment: str, key: str, grid: GridCo
     return run_id, 1
 
 
+def _log_task_files(tracker: Tracker, parent: str, task_files: dict[str, dict[str, str]]) -> None:
+    """The parent run keeps every task file of the grid (`task/<name>.yaml`) and, per task, tags
+    `task_file_sha256.<task>` and `task_source.<task>` (tags: a rerun reopens the parent)."""
+    for task, f in task_files.items():
+        tracker.client.set_tag(parent, f"task_file_sha256.{task}", f["sha256"])
+        tracker.client.set_tag(parent, f"task_source.{task}", f["source"][:5000])
+        tracker.log_text(parent, f["text"], f"task/{f['name']}.yaml")
+
+
 def _close_interrupted(tracker: Tracker, parent: str) -> int:
     """Child runs still RUNNING belong to an attempt that was stopped: close them as KILLED."""
     exp_id = tracker.run(parent).info.experiment_id
@@ -130,6 +140,33 @@ def _close_interrupted(tracker: Tracker, parent: str) -> int:
         tracker.mark_failed(r.info.run_id, reason="interrupted: the grid was stopped; run again by the rerun",
                             status="KILLED")
     return len(runs)
+
+
+def register_store_tasks(stores: dict[str, str]) -> None:
+    """A user's task named by its name alone (no task file given in this process) is read from its store's
+    recorded task file and registered, so every step of the grid (the protocol, the table) finds it by name."""
+    from pipeline.patches.store import PatchStore
+    from pipeline.tasks.registry import register, task_names
+
+    for task, path in stores.items():
+        if task not in task_names():
+            spec = PatchStore(path).task_spec()
+            if spec is None:
+                raise ValueError(f"unknown task {task!r}: not a built-in task, and {path} records no task file; "
+                                 f"give the task file's path in --tasks")
+            register(spec, replace=True, source=f"patch store {path}")
+
+
+def task_files_of(stores: dict[str, str]) -> dict[str, dict[str, str]]:
+    """task -> the task file its fine-tunings use (`pipeline.finetune.run.task_of_store`: the task with its store's
+    data fields): {"name", "text", "sha256", "source"}, recorded on the parent run and on every child run."""
+    from dataclasses import asdict
+
+    from pipeline.finetune.run import task_of_store
+    from pipeline.patches.store import PatchStore
+    from pipeline.tasks.task_file import task_record
+
+    return {t: asdict(task_record(*task_of_store(t, PatchStore(p)))) for t, p in stores.items()}
 
 
 def inspect_stores(grid: GridConfig, stores: dict[str, str]) -> tuple[dict[str, str], dict, dict[str, dict]]:
@@ -179,11 +216,15 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     results_dir = output_dir(results_dir, "--results")
     uri = check_uri(tracking_uri)
     stores = find_task_stores(patches, grid.tasks)
+    register_store_tasks(stores)
     store_keys, folds, facts = inspect_stores(grid, stores)
+    task_files = task_files_of(stores)
     tracker = Tracker(uri)  # the store is opened once the task stores are known to be right
-    cells = cells_of(grid, store_keys, folds)
+    cells = cells_of(grid, store_keys, folds,
+                     {t: f["sha256"] for t, f in task_files.items() if f["source"] != BUILTIN_SOURCE})
     key = grid_key(cells)
     parent, attempt = _parent_run(tracker, experiment, key, grid, name)
+    _log_task_files(tracker, parent, task_files)
     _close_interrupted(tracker, parent)
     done = cells_from_mlflow(tracker, parent)
     finished_keys = set(done.loc[done["status"] == "FINISHED", "cell"]) if len(done) else set()
@@ -192,7 +233,8 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
                 "preset": grid.preset, "freeze_encoder": grid.freeze_encoder, "gpus_per_trial": grid.gpus_per_trial,
                 "workers_per_trial": grid.workers_per_trial, "max_failures": grid.max_failures,
                 "name": f"transfer-{parent[:8]}-a{attempt}", "fault_injection": fault_injection,
-                "storage": storage, "epochs": grid.epochs, "stores": facts, "launched_by": entry_point()}
+                "storage": storage, "epochs": grid.epochs, "stores": facts, "launched_by": entry_point(),
+                "task_files": task_files}
     print(f"genesis transfer: {len(cells)} fine-tunings, {len(cells) - len(pending)} already finished "
           f"(parent run {parent}, attempt {attempt})", flush=True)
     for task, task_folds in folds.items():

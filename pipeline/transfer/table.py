@@ -72,6 +72,31 @@ def _cell_row(run) -> dict | None:
     }
 
 
+def _register_logged_tasks(tracker, parent_run_id: str, children) -> None:
+    """A user's task is not in a fresh process's registry (`genesis transfer show`): read its task file from the
+    runs that used it (the parent's `task/<name>.yaml`, else a child's) and register it, so the table names its
+    metric and title; a user's task has no published values (the table shows "-")."""
+    from pipeline.tasks.registry import register, task_names
+    from pipeline.tasks.task_file import task_from_text
+
+    known = set(task_names())
+    runs_of: dict[str, list[str]] = {}
+    for run in children:
+        task = run.data.tags.get("task")
+        if "genesis.cell" in run.data.tags and task and task not in known:
+            runs_of.setdefault(task, []).append(run.info.run_id)
+    for task, run_ids in runs_of.items():
+        for run_id in [parent_run_id, *run_ids]:
+            text = tracker.read_text(run_id, f"task/{task}.yaml")
+            if text is not None:
+                register(task_from_text(text, f"task/{task}.yaml of MLflow run {run_id}"), replace=True,
+                         source=f"MLflow run {run_id}")
+                break
+        else:
+            raise ValueError(f"task {task!r} of MLflow run {run_ids[0]} is not a built-in task and no run of the grid "
+                             f"holds its task file (task/{task}.yaml)")
+
+
 def _one_per_cell(cells: pd.DataFrame) -> pd.DataFrame:
     """A rerun grid leaves several runs per cell: keep the newest FINISHED one, else the newest attempt."""
     order = cells.assign(_done=cells["status"].eq(FINISHED)).sort_values(["_done", "start_time", "run_id"])
@@ -87,6 +112,7 @@ def cells_from_mlflow(tracking, parent_run_id: str, *, page_size: int = 1000) ->
     experiment_id = tracker.run(parent_run_id).info.experiment_id
     children = tracker.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                    max_results=page_size)  # every page: MLflow caps one
+    _register_logged_tasks(tracker, parent_run_id, children)
     rows = [r for r in map(_cell_row, children) if r]
     if not rows:
         return pd.DataFrame(columns=CELL_COLUMNS)

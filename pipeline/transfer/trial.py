@@ -39,16 +39,24 @@ def child_tags(cell, settings: dict) -> dict[str, str]:
 
 def create_child_run(cell, settings: dict, extra_tags: dict[str, str] | None = None) -> str:
     """The cell's MLflow run, a child of the grid's parent: its tags (`child_tags`), the entry point `genesis
-    transfer`, and the params `fold` (fold-based tasks), `seed`, `label_fraction`; returns its id."""
+    transfer`, the params `fold` (fold-based tasks), `seed`, `label_fraction`, and its task: the artifact
+    `task/<name>.yaml` with params and tags `task_file_sha256` and `task_source` (`settings["task_files"]`);
+    returns its id."""
     from pipeline.runtime.tracking import Tracker
 
     tracker = Tracker.at(settings["tracking_uri"])
+    task_file = (settings.get("task_files") or {}).get(cell.task)
+    provenance = {"task_file_sha256": task_file["sha256"], "task_source": task_file["source"][:5000]} \
+        if task_file else {}
     run_id = tracker.create_run(settings["experiment"], cell.name,
-                                tags={**child_tags(cell, settings), **(extra_tags or {})}, command=COMMAND)
-    params = {"seed": str(cell.seed), "label_fraction": str(cell.label_fraction)}
+                                tags={**child_tags(cell, settings), **provenance, **(extra_tags or {})},
+                                command=COMMAND)
+    params = {"seed": str(cell.seed), "label_fraction": str(cell.label_fraction), **provenance}
     if cell.fold is not None:
         params["fold"] = str(cell.fold)
     tracker.log_params(run_id, params)
+    if task_file:
+        tracker.log_text(run_id, task_file["text"], f"task/{task_file['name']}.yaml")
     return run_id
 
 
