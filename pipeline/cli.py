@@ -26,7 +26,7 @@ from pipeline.runtime.paths import output_dir, output_file, shared_path
 
 __all__ = ["main", "build_parser", "classify"]
 
-SAMPLE_DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
+SAMPLE_DATASETS = ("luna16", "lidc", "pe", "lits", "brats", "nnunet", "msd", "nnunet-ct")
 _FAILURES_HELP = ("worker-group restarts after a worker or node failure; -1 retries forever (a deterministic error "
                   "such as bad data ends the run at once either way)")
 
@@ -88,6 +88,13 @@ def _fraction(text: str) -> float:
     v = _number(text, "a number in (0, 1]")
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
+def _share(text: str) -> float:
+    v = _number(text, "a number in [0, 1]")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return v
 
 
@@ -269,13 +276,31 @@ def _add_patches_pretrain(psub) -> None:
     pp.add_argument("--seed", type=non_negative_int, default=0)
     pp.add_argument("--border-yx", type=non_negative_int, default=100)
     pp.add_argument("--border-z", type=non_negative_int, default=30)
-    pp.add_argument("--min-slices", type=non_negative_int, default=96)
+    pp.add_argument("--min-slices", type=non_negative_int, default=96,
+                    help="ct recipe: scans with fewer slices are skipped (default 96, the reference's)")
+    pp.add_argument("--recipe", choices=("auto", "ct", "mr"), default="auto",
+                    help="auto (default): from the store's modality, CT -> ct, any other -> mr; ct: the reference's "
+                         "(HU window, -150 HU look-ahead, fixed borders, --min-slices); mr: ours (per-scan "
+                         "percentiles, foreground acceptance, borders scaled to the volume)")
+    pp.add_argument("--modality", metavar="NAME",
+                    help="only the scans of this modality (catalog column modality, e.g. CT, T2; default: the store's "
+                         "one modality; a store that mixes modalities needs it)")
+    pp.add_argument("--percentiles", type=_floats, default=(0.5, 99.5), metavar="LO,HI",
+                    help="mr recipe: these percentiles of each scan's non-zero voxels map to 0 and 1 (default 0.5,99.5)")
+    pp.add_argument("--min-foreground", type=_share, default=0.5, metavar="F",
+                    help="mr recipe: a crop is kept when at least this share of its voxels is foreground (default 0.5)")
+    pp.add_argument("--border-fraction", type=_share, default=0.1, metavar="F",
+                    help="mr recipe: each border is min(--border-yx or --border-z, this share of the axis) (default 0.1)")
+    pp.add_argument("--max-dense-fraction", type=_share, default=0.15, metavar="F",
+                    help="ct recipe: a crop is rejected when its look-ahead density score exceeds this share of its "
+                         "voxels (default 0.15, the reference's lung_max)")
 
 
 def _add_patches_task(psub) -> None:
     pk = psub.add_parser("task", parents=[_patch_source(), _dask()],
                          help="a target task's patch store (cubes, masks/labels, patient splits)")
-    pk.add_argument("task", help="task name (genesis tasks list): ncc, ncs, ecc, lcs, bms")
+    pk.add_argument("task", help="a built-in task (genesis tasks list: ncc, ncs, ecc, lcs, bms) or a task file "
+                                 "(FILE.yaml; genesis tasks init drafts one)")
     pk.add_argument("--seed", type=non_negative_int, default=0,
                     help="sampling seed (negatives, jitter, crops, fraction order)")
     pk.add_argument("--size", type=_ints3, metavar="D,H,W", help="cube size (default: the task's)")
@@ -315,7 +340,9 @@ def _add_finetune(sub) -> None:
                    storage_help="where Ray Train keeps checkpoints (default ./ray_results)", name_help="run name")
     ft = sub.add_parser("finetune", parents=[_recipe(), _ray_workers(1), ray],
                         help="fine-tune on a target task (Ray Train), evaluated on its test split")
-    ft.add_argument("--task", required=True, help="ncc, ncs, ecc, lcs or bms (genesis tasks list)")
+    ft.add_argument("--task", required=True,
+                    help="a built-in task (ncc, ncs, ecc, lcs, bms), a task file (FILE.yaml), or the name of a task "
+                         "file's task whose store --patches is (the store records its task file)")
     ft.add_argument("--patches", required=True, help="the task's patch store (genesis patches task T)")
     ft.add_argument("--init", default="scratch",
                     help="scratch | models:/NAME/VERSION | models:/NAME@ALIAS | official:FILE.pt | FILE.pt")
@@ -334,7 +361,9 @@ def _add_transfer(sub) -> None:
                         help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, one MLflow "
                              "parent run, the paper's table; `transfer show RUN_ID` prints it again")
     tf.add_argument("show", nargs="*", metavar="show RUN_ID", help="print a finished grid's table from MLflow")
-    tf.add_argument("--tasks", default="ncc,ncs,ecc,lcs,bms", help="comma-separated tasks (default: all five)")
+    tf.add_argument("--tasks", default="ncc,ncs,ecc,lcs,bms",
+                    help="comma-separated tasks: built-in names, task files (FILE.yaml) or the names of task files' "
+                         "tasks whose stores are in --patches (default: the five built-in tasks)")
     tf.add_argument("--patches", action="append",
                     help="folder of task stores (task-<task>-<key>), or TASK=PATH (repeatable)")
     tf.add_argument("--inits", default="scratch,models:/genesis-pretrained@best",
@@ -387,7 +416,17 @@ def _add_tasks(sub) -> None:
     tl = tksub.add_parser("list", help="print the task table")
     tl.add_argument("--markdown", action="store_true")
     ts = tksub.add_parser("show", help="print one task's full spec as JSON")
-    ts.add_argument("task")
+    ts.add_argument("task", help="a built-in task's name or a task file (FILE.yaml)")
+    ts.add_argument("--yaml", action="store_true", help="print it as its canonical task file instead")
+    ti = tksub.add_parser("init", help="draft a task file from an nnU-Net v2 or MSD dataset folder (dataset.json)")
+    ti.add_argument("dataset", metavar="DATASET_DIR", help="the dataset folder (dataset.json, imagesTr, labelsTr)")
+    ti.add_argument("--out", required=True, metavar="FILE.yaml", help="the task file to write")
+    ti.add_argument("--candidates", metavar="FILE.csv",
+                    help="a classification task over these candidates (columns case_id,x,y,z,label; world mm)")
+    ti.add_argument("--name", help="the task's name (default: from the folder: Dataset501_Phantom -> phantom)")
+    ti.add_argument("--label", metavar="NAME|all",
+                    help="segmentation target: one label of dataset.json, or all labels > 0 (default: all)")
+    ti.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
 def _add_weights(sub) -> None:
@@ -414,8 +453,14 @@ def _add_sample_data(sub) -> None:
     sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
 
 
-_SUBCOMMANDS = (_add_convert, _add_stores, _add_patches, _add_pretrain, _add_finetune, _add_transfer, _add_reproduce,
-                _add_tasks, _add_weights, _add_sample_data)
+def _add_predict(sub) -> None:
+    from pipeline.predict_cli import add_predict_parser
+
+    add_predict_parser(sub, [_tracking()])
+
+
+_SUBCOMMANDS = (_add_convert, _add_stores, _add_patches, _add_pretrain, _add_finetune, _add_transfer, _add_predict,
+                _add_reproduce, _add_tasks, _add_weights, _add_sample_data)
 """In the order `genesis --help` lists them."""
 
 
@@ -438,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     outer = os.environ.get(ENTRY_POINT_ENV)
     os.environ[ENTRY_POINT_ENV] = _command(args)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
-               "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks,
+               "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks, "predict": _predict,
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
     try:
         return handler(args)
@@ -530,7 +575,10 @@ def _pretrain_patches(args) -> int:
 
     config = PretrainPatchConfig(cube_size=args.size, per_scan=args.per_scan, scales=args.scales, seed=args.seed,
                                  scale_axes=args.scale_axes, cube_encoding=args.cube_encoding,
-                                 border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices)
+                                 border_yx=args.border_yx, border_z=args.border_z, min_slices=args.min_slices,
+                                 recipe=args.recipe, modality=args.modality, percentiles=args.percentiles,
+                                 min_foreground=args.min_foreground, border_fraction=args.border_fraction,
+                                 max_dense_fraction=args.max_dense_fraction)
     result = extract_pretrain(args.store, config, out_root=args.out, workers=args.workers,
                               scheduler=args.dask_scheduler, progress=not args.no_progress)
     print(result.report())
@@ -541,9 +589,9 @@ def _task_spec(args):
     """The task's spec with the command line's overrides (None leaves a field as the task has it)."""
     import dataclasses
 
-    from pipeline.tasks.registry import get_task
+    from pipeline.tasks.registry import resolve_task
 
-    spec = get_task(args.task)
+    spec = resolve_task(args.task)
     if args.negative_ratio is not None:
         if spec.kind != "classification":
             raise ValueError(f"--negative-ratio applies to classification tasks; {spec.name} is {spec.kind}")
@@ -591,8 +639,15 @@ def _split(text: str, cast=str) -> tuple:
     return tuple(cast(v.strip()) for v in text.split(",") if v.strip())
 
 
+def _task_names(text: str) -> tuple[str, ...]:
+    """--tasks: built-in names (any case) and task files (registered for this process, named by their task)."""
+    from pipeline.tasks.registry import resolve_task
+    from pipeline.tasks.task_file import is_task_file
+
+    return tuple(resolve_task(t).name if is_task_file(t) else t.lower() for t in _split(text))
+
+
 def _transfer(args) -> int:
-    from pipeline.tasks.registry import get_task
     from pipeline.transfer.grid import GridConfig
     from pipeline.transfer.run import show, transfer
 
@@ -610,13 +665,11 @@ def _transfer(args) -> int:
             raise UsageError(f"--patches {args.patches}: give one folder of task stores, or TASK=PATH for each task")
         patches = {t.strip().lower(): shared_path(v, f"--patches {t}")
                    for t, v in (p.split("=", 1) for p in args.patches)}
-    grid = GridConfig(tasks=_split(args.tasks.lower()), inits=_split(args.inits), seeds=args.seeds,
+    grid = GridConfig(tasks=_task_names(args.tasks), inits=_split(args.inits), seeds=args.seeds,
                       label_fractions=args.label_fractions, freeze_encoder=args.freeze_encoder,
                       preset=args.preset, epochs=args.epochs, max_concurrent=args.max_concurrent,
                       workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
                       cells_per_trial=args.per_trial, max_failures=args.max_failures, test_fold=args.test_fold)
-    for t in grid.tasks:
-        get_task(t)
     result = transfer(grid, patches, tracking_uri=args.tracking_uri, experiment=args.experiment,
                       storage_path=args.storage_path, ray_address=args.ray_address, name=args.name,
                       results_dir=args.results)
@@ -646,13 +699,29 @@ def _reproduce(args) -> int:
 def _tasks(args) -> int:
     import json
 
-    from pipeline.tasks.registry import get_task, tasks_table
+    from pipeline.tasks.registry import resolve_task, tasks_table
 
     if args.tasks_command == "list":
         print(tasks_table(markdown=args.markdown))
+    elif args.tasks_command == "init":
+        from pipeline.tasks.task_init import init_task
+
+        result = init_task(shared_path(args.dataset, "DATASET_DIR"), output_file(args.out, "--out"), name=args.name,
+                           label=args.label, force=args.force,
+                           candidates=shared_path(args.candidates, "--candidates") if args.candidates else None)
+        print(result.report())
     else:
-        print(json.dumps(get_task(args.task).to_dict(), indent=2))
+        from pipeline.tasks.task_file import task_file_text
+
+        spec = resolve_task(args.task)
+        print(task_file_text(spec).rstrip("\n") if args.yaml else json.dumps(spec.to_dict(), indent=2))
     return EXIT_OK
+
+
+def _predict(args) -> int:
+    from pipeline.predict_cli import run_predict
+
+    return run_predict(args)
 
 
 def _pretrain(args) -> int:

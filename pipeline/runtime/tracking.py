@@ -51,7 +51,7 @@ def resolve_uri(uri: str | None) -> str:
 COMMANDS: dict[str, dict] = {
     "convert": {}, "stores": {"show": {}, "preview": {}, "list": {}, "verify": {}},
     "patches": {"pretrain": {}, "task": {}, "preview": {}}, "pretrain": {}, "finetune": {},
-    "transfer": {}, "reproduce": {}, "tasks": {"list": {}, "show": {}, "init": {}}, "weights": {"import": {}},
+    "transfer": {}, "predict": {}, "reproduce": {}, "tasks": {"list": {}, "show": {}, "init": {}}, "weights": {"import": {}},
     "sample-data": {}}
 """The genesis command line's (sub)commands, so a run names the command that made it without importing the CLI
 (the CLI sits on top; `tests/test_cli_layering.py` checks that its parser has exactly these)."""
