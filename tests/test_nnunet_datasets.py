@@ -318,3 +318,107 @@ def test_case_candidates_beside_plain_images_join_the_file_names(tmp_path):
     assert summary.ok, summary.report()
     assert read_table(tmp_path / "store", "candidates")[["seriesuid", "class"]].values.tolist() == [["lung_b", 0],
                                                                                                    ["lung_a", 1]]
+
+
+def _write_label(path: Path, edit) -> None:
+    """Rewrite the label map at `path` after `edit(image, array)` changed its voxels or geometry in place."""
+    label = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(label)
+    out = sitk.GetImageFromArray(edit(label, arr) if edit else arr)
+    out.CopyInformation(label)
+    if edit is None:
+        out.SetOrigin(tuple(v + 5.0 for v in label.GetOrigin()))
+    sitk.WriteImage(out, str(path))
+
+
+def test_labels_ts_label_the_test_cases_and_are_never_scans(tmp_path):
+    sample = write_nnunet_sample(tmp_path / "src", n_scans=2, small=True, test_labels=True)
+    root = sample.root
+    assert sorted(p.name for p in (root / "labelsTs").iterdir()) == ["phantom_100.nii.gz", "phantom_101.nii.gz"]
+    store = tmp_path / "store"
+    summary, cat = _convert([tmp_path / "src"], store)
+    assert summary.ok, summary.report()
+    assert len(cat) == 8 and set(cat["scan_id"]) == {f"phantom_{c}_{x:04d}" for c in ("000", "001", "100", "101")
+                                                     for x in (0, 1)}
+    by_id = cat.set_index("scan_id")
+    for case in (c for c in sample.cases if c.subset == "test"):
+        assert by_id.loc[f"{case.case}_0000", "subset"] == "test"
+        assert list(by_id.loc[f"{case.case}_0000", "labels"]) == ["label"]
+        assert list(by_id.loc[f"{case.case}_0001", "labels"]) == []
+        group = VolumeStore(store).open_scan(f"{case.case}_0000")
+        np.testing.assert_array_equal(group["labels/label/0"][...], _lps(root / "labelsTs" / f"{case.case}.nii.gz"))
+        assert dict(group["labels/label"].attrs)["genesis"] == {"labels": LABELS}
+        counts = {str(v): int(n) for v, n in zip(*np.unique(group["labels/label/0"][...], return_counts=True)) if v}
+        assert counts == case.label_voxels and counts
+    # a labelsTs folder or file given alone converts the test cases it labels, with their labels
+    got = {s.scan_id: (s.subset, [n for n, _ in s.labels]) for s in discover([str(root / "labelsTs")]).scans}
+    assert got == {"phantom_100_0000": ("test", ["label"]), "phantom_100_0001": ("test", []),
+                   "phantom_101_0000": ("test", ["label"]), "phantom_101_0001": ("test", [])}
+    got = {s.scan_id: s.subset for s in discover([str(root / "labelsTs" / "phantom_101.nii.gz")]).scans}
+    assert got == {"phantom_101_0000": "test", "phantom_101_0001": "test"}
+
+
+def test_labels_ts_are_checked_as_labels_tr_are(tmp_path):
+    root = write_nnunet_sample(tmp_path / "src", n_scans=1, small=True, test_labels=True).root
+
+    def bad_values(_, arr):
+        arr[0, 0, 0] = 7
+        return arr
+    _write_label(root / "labelsTs" / "phantom_100.nii.gz", bad_values)
+    _write_label(root / "labelsTs" / "phantom_101.nii.gz", None)  # moved 5 mm: another grid
+    shutil.copy(root / "labelsTs" / "phantom_100.nii.gz", root / "labelsTs" / "phantom_999.nii.gz")
+    (root / "imagesTs" / "phantom_102_0000.nii.gz").write_bytes((root / "imagesTs" / "phantom_100_0000.nii.gz")
+                                                                .read_bytes())
+    (root / "imagesTs" / "phantom_102_0001.nii.gz").write_bytes((root / "imagesTs" / "phantom_100_0001.nii.gz")
+                                                                .read_bytes())
+    summary, cat = _convert([tmp_path / "src"], tmp_path / "store")
+    failed = _failed(cat)
+    assert set(failed) == {"phantom_100_0000", "phantom_101_0000", "phantom_999", "phantom_102"}
+    assert failed["phantom_100_0000"] == ("labelsTs/phantom_100.nii.gz holds label value 7 that dataset.json does "
+                                          "not name (0, 1, 2)")
+    assert "label map 'label' is not on the image's grid: origin" in failed["phantom_101_0000"]
+    assert failed["phantom_999"] == "labelsTs/phantom_999.nii.gz has no image: imagesTs/phantom_999_0000.nii.gz is missing"
+    assert failed["phantom_102"] == "labelsTs/phantom_102.nii.gz is missing: imagesTs case phantom_102 has no label map"
+    ok = cat[cat["status"] == "ok"].set_index("scan_id")
+    assert list(ok.loc["phantom_102_0000", "labels"]) == [] and ok.loc["phantom_102_0000", "subset"] == "test"
+    # phantom_000's two channels, the test cases' unlabelled channels 0001, phantom_102 without a label
+    assert sorted(ok.index) == ["phantom_000_0000", "phantom_000_0001", "phantom_100_0001", "phantom_101_0001",
+                                "phantom_102_0000", "phantom_102_0001"]
+
+
+def test_msd_labels_ts_label_the_test_cases(tmp_path):
+    sample = write_msd_sample(tmp_path / "src", n_scans=1, small=True, test_labels=True)
+    root = sample.root
+    assert (root / "labelsTs" / "._phantom_100.nii.gz").exists()  # MSD's AppleDouble files, there too
+    summary, cat = _convert([tmp_path / "src"], tmp_path / "store")
+    assert summary.ok, summary.report()
+    assert len(cat) == 6 and set(cat["subset"]) == {"train", "test"}
+    labels = cat.set_index("scan_id")["labels"]
+    assert {s: list(v) for s, v in labels.items()} == {
+        "phantom_000_0000": ["label"], "phantom_000_0001": [], "phantom_100_0000": ["label"],
+        "phantom_100_0001": [], "phantom_101_0000": ["label"], "phantom_101_0001": []}
+    group = VolumeStore(tmp_path / "store").open_scan("phantom_101_0000")
+    np.testing.assert_array_equal(group["labels/label/0"][...], _lps(root / "labelsTs" / "phantom_101.nii.gz"))
+    (root / "labelsTs" / "phantom_100.nii.gz").rename(root / "labelsTs" / "phantom_107.nii.gz")
+    _, cat = _convert([tmp_path / "src"], tmp_path / "store2")
+    assert _failed(cat) == {
+        "phantom_100": "labelsTs/phantom_100.nii.gz is missing: imagesTs case phantom_100 has no label map",
+        "phantom_107": "labelsTs/phantom_107.nii.gz has no image: imagesTs/phantom_107.nii.gz is missing"}
+
+
+def test_nnunet_v1_task_folder_converts_as_cases(tmp_path):
+    """nnU-Net v1: MSD's dataset.json (modality, labels value -> name) over v2's one-file-per-channel names."""
+    root = write_nnunet_sample(tmp_path / "src", n_scans=2, small=True).root
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Phantom", "tensorImageSize": "4D", "modality": {"0": "T2", "1": "ADC"},
+        "labels": {str(v): k for k, v in LABELS.items()}, "numTraining": 2, "numTest": 2,
+        "training": [{"image": f"./imagesTr/phantom_00{i}.nii.gz", "label": f"./labelsTr/phantom_00{i}.nii.gz"}
+                     for i in range(2)],
+        "test": ["./imagesTs/phantom_100.nii.gz", "./imagesTs/phantom_101.nii.gz"]}))
+    summary, cat = _convert([tmp_path / "src"], tmp_path / "store")
+    assert summary.ok, summary.report()
+    by_id = cat.set_index("scan_id")
+    assert sorted(by_id.index) == [f"phantom_{c}_{x:04d}" for c in ("000", "001", "100", "101") for x in (0, 1)]
+    assert list(by_id.loc["phantom_001_0000", "labels"]) == ["label"] and by_id.loc["phantom_001_0001", "modality"] == "ADC"
+    np.testing.assert_array_equal(VolumeStore(tmp_path / "store").open_scan("phantom_001_0001")["0"][...],
+                                  _lps(root / "imagesTr" / "phantom_001_0001.nii.gz"))

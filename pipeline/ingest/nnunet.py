@@ -1,7 +1,7 @@
 """nnU-Net v2 raw datasets and Medical Segmentation Decathlon (MSD) task folders, read as cases.
 
 A dataset root is a folder holding `imagesTr/` and `dataset.json` (and maybe `labelsTr/`,
-`imagesTs/`). Both layouts store a case as several channels; each channel becomes one scan
+`imagesTs/`). The layouts store a case as several channels; each channel becomes one scan
 (as BraTS sequences are), named `<case>_<XXXX>` and identified by `case`, `sequence` (the
 channel's name, lower-cased) and `channel` (XXXX), so the task plans group them by case:
 
@@ -10,16 +10,22 @@ channel's name, lower-cased) and `channel` (XXXX), so the task plans group them 
   (name -> value, or values for a region), `numTraining`, `file_ending`;
 - MSD: `imagesTr/<case>.nii.gz` is 4-D, its 4th axis the channels named by `modality`
   {"0": "T2"}; `labels` maps value -> name; the label map has the image's name. MSD archives
-  ship macOS `._*` files beside each image: they are not images and are ignored.
+  ship macOS `._*` files beside each image: they are not images and are ignored;
+- nnU-Net v1 task folders (`Task005_Prostate`, still on many disks): MSD's dataset.json (`modality`, value -> name
+  labels) with v2's names, one 3-D `imagesTr/<case>_<XXXX>.nii.gz` per channel and `labelsTr/<case>.nii.gz`;
+  recognised by those names and read as v2 is.
 
-The label map goes to the case's channel-0 scan only; `imagesTs` cases convert without labels
-as subset "test". Whatever dataset.json and the folders disagree on (numTraining, a missing
+The label map goes to the case's channel-0 scan only. `imagesTs` cases convert as subset "test",
+without labels, or with `labelsTs/<case><file_ending>` (MSD: the image's name) when the dataset ships
+that folder (many do, for their held-out cases): checked as labelsTr maps are, and never a scan of its
+own. Whatever dataset.json and the folders disagree on (numTraining, a missing
 label or channel, a channel dataset.json does not name) is a failed row naming the file; only
 names are looked at here, the voxels are checked when a scan is read (`read.read_source`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,14 +34,21 @@ from dataclasses import dataclass, field
 from pipeline.ingest.scan_source import ScanSource
 
 __all__ = ["DatasetJson", "DatasetSources", "read_dataset_json", "dataset_sources", "is_dataset_root",
-           "looks_like_dataset_root", "DATASET_JSON", "IMAGE_FOLDERS", "LABELS_FOLDER", "CANDIDATES"]
+           "looks_like_dataset_root", "DATASET_JSON", "IMAGE_FOLDERS", "LABELS_FOLDER", "LABEL_FOLDERS",
+           "DATASET_FOLDERS", "CANDIDATES"]
 
 DATASET_JSON = "dataset.json"
 IMAGE_FOLDERS = ("imagesTr", "imagesTs")
 LABELS_FOLDER = "labelsTr"
+LABEL_FOLDERS = {"imagesTr": LABELS_FOLDER, "imagesTs": "labelsTs"}
+"""Each image folder's label maps; labelsTs is optional (a missing labelsTr map is a failed row)."""
+DATASET_FOLDERS = IMAGE_FOLDERS + tuple(LABEL_FOLDERS.values())
+"""The folders a dataset root reads as cases: never walked file by file."""
 CANDIDATES = "candidates.csv"
 FILE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 """3-D formats genesis reads; nnU-Net's 2-D ones (.png, .tif) are not scans."""
+V1_FILE_ENDING = ".nii.gz"
+"""nnU-Net v1 read NIfTI only."""
 _SUBSET = {"imagesTr": "train", "imagesTs": "test"}
 _CHANNEL = re.compile(r"(.+)_(\d{4})")
 
@@ -46,14 +59,14 @@ class DatasetJson:
 
     path: str
     layout: str
-    """"nnunet" (v2) or "msd"."""
+    """"nnunet" (v2), "msd", or "nnunet-v1" (MSD's dataset.json, one file per channel as v2)."""
     channels: tuple[tuple[str, str], ...]
     """(key as written, e.g. "0", name) in channel order."""
     labels: tuple[tuple[str, int | tuple[int, ...]], ...]
     """name -> value (nnU-Net's region-based labels: a tuple of values), MSD's value -> name turned round."""
     num_training: int | None
     file_ending: str | None
-    """nnU-Net's file_ending; None for MSD (its images are NIfTI, named as listed)."""
+    """nnU-Net's file_ending (v1: always .nii.gz); None for MSD (its images are NIfTI, named as listed)."""
 
     def modality(self, name: str) -> str:
         """"CT" (in any case) is CT; every other channel name is kept as written (T2, ADC, MRI, ...)."""
@@ -209,26 +222,39 @@ def dataset_sources(root: str, parts: tuple[str, ...] = IMAGE_FOLDERS, cases: se
     except ValueError as exc:
         out.scans.append(_failed(dataset, dataset, json_path, str(exc)))
         return out
+    if meta.layout == "msd" and _v1_names(root):
+        meta = dataclasses.replace(meta, layout="nnunet-v1", file_ending=V1_FILE_ENDING)
     dataset_problems: list[str] = []
     for part in parts:
         folder = os.path.join(root, part)
         if not os.path.isdir(folder):
             continue
-        found = _nnunet_cases(root, part, meta, dataset, out) if meta.layout == "nnunet" else \
+        found = _nnunet_cases(root, part, meta, dataset, out) if meta.layout != "msd" else \
             _msd_cases(root, part, meta, dataset, out)
         if cases is not None:
             found = {c: v for c, v in found.items() if c in cases}
-        labelled = part == "imagesTr"
+        # labelsTr is required; labelsTs labels the test cases only where the dataset ships it
+        labelled = part == "imagesTr" or os.path.isdir(os.path.join(root, LABEL_FOLDERS[part]))
         for case, files in sorted(found.items()):
             out.scans.extend(_case_scans(root, part, meta, dataset, case, files, labelled, out))
+        if part == "imagesTr" and cases is None and meta.num_training is not None \
+                and meta.num_training != len(found):
+            dataset_problems.append(f"numTraining is {meta.num_training} but imagesTr holds {len(found)} "
+                                    f"case{'s' if len(found) != 1 else ''}")
         if labelled and cases is None:
-            if meta.num_training is not None and meta.num_training != len(found):
-                dataset_problems.append(f"numTraining is {meta.num_training} but imagesTr holds {len(found)} "
-                                        f"case{'s' if len(found) != 1 else ''}")
-            out.scans.extend(_orphan_labels(root, meta, dataset, set(found)))
+            out.scans.extend(_orphan_labels(root, part, meta, dataset, set(found)))
     if dataset_problems:
         out.scans.append(_failed(dataset, dataset, json_path, f"{DATASET_JSON}: " + "; ".join(dataset_problems)))
     return out
+
+
+def _v1_names(root: str) -> bool:
+    """An MSD-style dataset.json over nnU-Net v1 files: every imagesTr image is named `<case>_<XXXX>.nii.gz` and
+    none has a label map of its own name (an MSD image does: labelsTr/<image name>)."""
+    names = [n for n in _listing(os.path.join(root, "imagesTr")) if _image_name(n)]
+    return bool(names) and all(
+        n.endswith(V1_FILE_ENDING) and _CHANNEL.fullmatch(n[: -len(V1_FILE_ENDING)])
+        and not os.path.lexists(os.path.join(root, LABELS_FOLDER, n)) for n in names)
 
 
 def _key(meta: DatasetJson, index: int) -> str | None:
@@ -284,15 +310,16 @@ def _case_scans(root: str, part: str, meta: DatasetJson, dataset: str, case: str
     out.case_scans.setdefault(case, f"{case}_{first:04d}")
     labels: tuple[tuple[str, str], ...] = ()
     if labelled:
-        if meta.layout == "nnunet":
+        if meta.layout != "msd":
             label_name = case + (meta.file_ending or "")
         else:
             label_name = os.path.basename(files[first])
-        label_path = os.path.join(root, LABELS_FOLDER, label_name)
+        folder = LABEL_FOLDERS[part]
+        label_path = os.path.join(root, folder, label_name)
         if os.path.lexists(label_path):
             labels = (("label", label_path),)
         else:
-            scans.append(_failed(case, dataset, label_path, f"{LABELS_FOLDER}/{label_name} is missing: {part} case "
+            scans.append(_failed(case, dataset, label_path, f"{folder}/{label_name} is missing: {part} case "
                                                             f"{case} has no label map"))
     for key, name in meta.channels:
         index = int(key)
@@ -316,21 +343,23 @@ def _case_scans(root: str, part: str, meta: DatasetJson, dataset: str, case: str
     return scans
 
 
-def _orphan_labels(root: str, meta: DatasetJson, dataset: str, cases: set[str]) -> list[ScanSource]:
-    """labelsTr files that belong to no imagesTr case: never scans, but worth a row (a case lost its images)."""
+def _orphan_labels(root: str, part: str, meta: DatasetJson, dataset: str, cases: set[str]) -> list[ScanSource]:
+    """Label maps (labelsTr, labelsTs) that belong to no case of their image folder (`part`): never scans,
+    but worth a row (a case lost its images)."""
+    folder = LABEL_FOLDERS[part]
     out = []
-    for name in _listing(os.path.join(root, LABELS_FOLDER)):
-        if meta.layout == "nnunet":
+    for name in _listing(os.path.join(root, folder)):
+        if meta.layout != "msd":
             if not name.endswith(meta.file_ending or ""):
                 continue
             case = name[: -len(meta.file_ending or "")]
-            expected = f"imagesTr/{case}_0000{meta.file_ending}"
+            expected = f"{part}/{case}_0000{meta.file_ending}"
         else:
             case = _msd_stem(name)
             if case is None:
                 continue
-            expected = f"imagesTr/{name}"
+            expected = f"{part}/{name}"
         if case not in cases:
-            out.append(_failed(case, dataset, os.path.join(root, LABELS_FOLDER, name),
-                               f"{LABELS_FOLDER}/{name} has no image: {expected} is missing"))
+            out.append(_failed(case, dataset, os.path.join(root, folder, name),
+                               f"{folder}/{name} has no image: {expected} is missing"))
     return out

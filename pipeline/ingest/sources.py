@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.ingest.archive import safe_member
 from pipeline.ingest.dicom import group_series, group_series_in_zip
-from pipeline.ingest.nnunet import (CANDIDATES, DATASET_JSON, IMAGE_FOLDERS, LABELS_FOLDER, dataset_sources,
-                                    looks_like_dataset_root)
+from pipeline.ingest.nnunet import (CANDIDATES, DATASET_FOLDERS, DATASET_JSON, IMAGE_FOLDERS, LABEL_FOLDERS,
+                                    dataset_sources, looks_like_dataset_root)
 from pipeline.ingest.scan_source import ScanSource
 
 __all__ = ["TableSource", "Discovery", "discover", "SourceError", "is_dicom_file", "is_case_candidates",
@@ -161,7 +161,7 @@ def discover(paths: list[str | os.PathLike]) -> Discovery:
                 dataset_root = looks_like_dataset_root(dirpath)
                 if dataset_root:  # nnU-Net / MSD: its image folders are read as cases, not file by file
                     _dataset(dirpath, found, case_scans, root)
-                    dirnames[:] = [d for d in kept if d not in IMAGE_FOLDERS + (LABELS_FOLDER,)]
+                    dirnames[:] = [d for d in kept if d not in DATASET_FOLDERS]
                 for name in sorted(filenames):
                     if dataset_root and name in (DATASET_JSON, CANDIDATES):
                         continue
@@ -187,22 +187,22 @@ def _inside_dataset(path: str) -> tuple[str, tuple[str, ...], set[str] | None] |
     path = os.path.normpath(path)
     parent = os.path.dirname(path)
     if os.path.isdir(path):
-        if os.path.basename(path) in IMAGE_FOLDERS + (LABELS_FOLDER,) and looks_like_dataset_root(parent):
+        if os.path.basename(path) in DATASET_FOLDERS and looks_like_dataset_root(parent):
             return parent, _folders(os.path.basename(path)), None
         return None
     folder = os.path.basename(parent)
-    if folder in IMAGE_FOLDERS + (LABELS_FOLDER,) and looks_like_dataset_root(os.path.dirname(parent)):
+    if folder in DATASET_FOLDERS and looks_like_dataset_root(os.path.dirname(parent)):
         name = os.path.basename(path)
         stem = _stem(name)
-        case = re.sub(r"_\d{4}$", "", stem) if folder != LABELS_FOLDER else stem
+        case = re.sub(r"_\d{4}$", "", stem) if folder in IMAGE_FOLDERS else stem
         # an MSD case keeps its name; an nnU-Net channel file drops _XXXX: both forms are asked for
         return os.path.dirname(parent), _folders(folder), {stem, case}
     return None
 
 
 def _folders(folder: str) -> tuple[str, ...]:
-    """A label map is converted with its case, from imagesTr."""
-    return ("imagesTr",) if folder == LABELS_FOLDER else (folder,)
+    """A label map is converted with its case, from the image folder it labels (labelsTs: imagesTs)."""
+    return next(((images,) for images, labels in LABEL_FOLDERS.items() if labels == folder), (folder,))
 
 
 def _dataset(root: str, found: Discovery, case_scans: dict[str, str], tree: str,

@@ -4,7 +4,8 @@ Three samples, each `OUT/<dataset>/` with a correct dataset.json (and `OUT/sampl
 manifest of the ground truth):
 
 - "nnunet": `Dataset501_Phantom`, MR-like with two channels (T2, ADC): imagesTr/<case>_0000.nii.gz,
-  _0001.nii.gz, labelsTr/<case>.nii.gz (0 background, 1 lesion, 2 edema), imagesTs/ without labels;
+  _0001.nii.gz, labelsTr/<case>.nii.gz (0 background, 1 lesion, 2 edema), imagesTs/ without labels (or, with
+  `test_labels=True`, with labelsTs/<case>.nii.gz, as many datasets ship their held-out cases);
 - "msd": `Task99_Phantom`, the same cases as 4-D two-channel NIfTI (channels on the 4th axis), MSD's
   dataset.json (modality, labels value -> name, training/test lists), and the macOS `._*` files MSD
   archives carry;
@@ -56,7 +57,7 @@ _APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(54)
 class NnunetCaseRecord:
     case: str
     subset: str
-    """"train" (imagesTr, with a label map) or "test" (imagesTs)."""
+    """"train" (imagesTr, with a label map) or "test" (imagesTs; a label map in labelsTs when asked for)."""
     files: tuple[str, ...]
     """Image files relative to out_dir (one per channel; one 4-D file for MSD)."""
     label_file: str | None
@@ -94,6 +95,7 @@ class NnunetSampleSummary:
         lines = [f"{'reused' if self.reused else 'wrote'} {self.dataset} ({layout} layout) under {self.out_dir}: "
                  f"{len(train)} imagesTr cases with labels, "
                  f"{len(self.cases) - len(train)} imagesTs cases"
+                 + (" with labels (labelsTs)" if any(c.label_file for c in self.cases if c.subset == "test") else "")
                  + (f", candidates.csv with {self.candidates} rows" if self.candidates else "")]
         for c in self.cases:
             counts = ", ".join(f"{k}: {v}" for k, v in sorted(c.label_voxels.items())) or "no labels"
@@ -224,7 +226,8 @@ def _case_names(n_scans: int, prefix: str) -> list[tuple[str, str]]:
            [(f"{prefix}_{100 + i:03d}", "test") for i in range(N_TEST)]
 
 
-def _write_mr(build: Path, root: str, layout: str, n_scans: int, seed: int, small: bool) -> list[NnunetCaseRecord]:
+def _write_mr(build: Path, root: str, layout: str, n_scans: int, seed: int, small: bool,
+              test_labels: bool = False) -> list[NnunetCaseRecord]:
     shape = SMALL_SIZE_ZYX if small else SIZE_ZYX
     records = []
     for i, (case, subset) in enumerate(_case_names(n_scans, "phantom")):
@@ -246,12 +249,13 @@ def _write_mr(build: Path, root: str, layout: str, n_scans: int, seed: int, smal
             (build / root / folder / f"._{case}.nii.gz").write_bytes(_APPLE_DOUBLE)
             files = [rel]
         label_rel = None
-        if subset == "train":
-            label_rel = f"{root}/labelsTr/{case}.nii.gz"
-            (build / root / "labelsTr").mkdir(exist_ok=True)
+        if subset == "train" or test_labels:
+            labels_folder = "labelsTr" if subset == "train" else "labelsTs"
+            label_rel = f"{root}/{labels_folder}/{case}.nii.gz"
+            (build / root / labels_folder).mkdir(exist_ok=True)
             sitk.WriteImage(_image(label, grid), str(build / label_rel), useCompression=True)
             if layout == "msd":
-                (build / root / "labelsTr" / f"._{case}.nii.gz").write_bytes(_APPLE_DOUBLE)
+                (build / root / labels_folder / f"._{case}.nii.gz").write_bytes(_APPLE_DOUBLE)
         world = tuple(_world(grid, _sphere_index(c, shape, MR_SPACING_ZYX)) for c in centres)
         records.append(_record(case, subset, files, label_rel, grid, shape, label if label_rel else None, world))
     return records
@@ -319,13 +323,16 @@ def read_nnunet_manifest(out_dir, which: str = "nnunet") -> NnunetSampleSummary 
                                candidates=body["candidates"], reused=True)
 
 
-def _write(which: str, out_dir, n_scans: int, seed: int, small: bool, overwrite: bool) -> NnunetSampleSummary:
+def _write(which: str, out_dir, n_scans: int, seed: int, small: bool, overwrite: bool,
+           test_labels: bool = False) -> NnunetSampleSummary:
     for name, value in (("n_scans", n_scans), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 - (name == "seed"):
             raise ValueError(f"{name}={value!r}: must be an int >= {1 - (name == 'seed')}")
     out_dir = Path(out_dir)
     request = {"dataset": which, "n_scans": n_scans, "seed": seed, "small": bool(small),
                "size_zyx": list(SMALL_SIZE_ZYX if small else SIZE_ZYX)}
+    if test_labels:  # only when asked for, so that samples written before the option are still reused
+        request["test_labels"] = True
     existing = existing_sample(out_dir, request, overwrite, lambda d: read_nnunet_manifest(d, which),
                                {"nnunet": "nnU-Net", "msd": "MSD", "nnunet-ct": "nnU-Net CT"}[which])
     if existing is not None:
@@ -335,12 +342,12 @@ def _write(which: str, out_dir, n_scans: int, seed: int, small: bool, overwrite:
     channels = {str(i): n for i, n in enumerate(MR_CHANNELS)}
     if which == "nnunet":
         root, layout = MR_DATASET, "nnunet"
-        cases = _write_mr(build, root, layout, n_scans, seed, small)
+        cases = _write_mr(build, root, layout, n_scans, seed, small, test_labels)
         _write_json(build / root / "dataset.json",
                     _nnunet_json(channels, LABELS, n_scans, "Phantom", "MR-like head with lesions (T2, ADC)"))
     elif which == "msd":
         root, layout = MSD_DATASET, "msd"
-        cases = _write_mr(build, root, layout, n_scans, seed, small)
+        cases = _write_mr(build, root, layout, n_scans, seed, small, test_labels)
         train = [c for c in cases if c.subset == "train"]
         _write_json(build / root / "dataset.json", {
             "name": "Phantom", "description": "MR-like head with lesions (T2, ADC); procedural",
@@ -365,17 +372,18 @@ def _write(which: str, out_dir, n_scans: int, seed: int, small: bool, overwrite:
 
 
 def write_nnunet_sample(out_dir, *, n_scans: int = 8, seed: int = 0, small: bool = False,
-                        overwrite: bool = False) -> NnunetSampleSummary:
+                        overwrite: bool = False, test_labels: bool = False) -> NnunetSampleSummary:
     """`out_dir/Dataset501_Phantom`: a two-channel (T2, ADC) nnU-Net v2 raw dataset, n_scans imagesTr cases
-    with labels (1 lesion, 2 edema) and 2 imagesTs cases. Built in a hidden sibling and renamed into place;
-    the same arguments give the same voxels."""
-    return _write("nnunet", out_dir, n_scans, seed, small, overwrite)
+    with labels (1 lesion, 2 edema) and 2 imagesTs cases (labelled in labelsTs with `test_labels`). Built in
+    a hidden sibling and renamed into place; the same arguments give the same voxels."""
+    return _write("nnunet", out_dir, n_scans, seed, small, overwrite, test_labels)
 
 
 def write_msd_sample(out_dir, *, n_scans: int = 8, seed: int = 0, small: bool = False,
-                     overwrite: bool = False) -> NnunetSampleSummary:
-    """`out_dir/Task99_Phantom`: the same kind of cases as an MSD task (4-D two-channel NIfTI)."""
-    return _write("msd", out_dir, n_scans, seed, small, overwrite)
+                     overwrite: bool = False, test_labels: bool = False) -> NnunetSampleSummary:
+    """`out_dir/Task99_Phantom`: the same kind of cases as an MSD task (4-D two-channel NIfTI); `test_labels`
+    adds labelsTs/<case>.nii.gz for the imagesTs cases (rare in MSD, but found)."""
+    return _write("msd", out_dir, n_scans, seed, small, overwrite, test_labels)
 
 
 def write_nnunet_ct_sample(out_dir, *, n_scans: int = 8, seed: int = 0, small: bool = False,
