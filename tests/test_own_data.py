@@ -75,3 +75,39 @@ def test_readme_own_data_walkthrough_runs_verbatim(tmp_path):
 
     logged = Tracker.at(f"sqlite:///{own / 'mlflow.db'}").read_text(record["model"]["run_id"], "task/phantom.yaml")
     assert logged is not None and "name: phantom" in logged
+
+
+def test_classification_from_a_candidates_csv(tmp_path):
+    """nnU-Net CT dataset + candidates.csv (case_id,x,y,z,label; test cases' candidates too) -> a store whose
+    `candidates` table feeds a drafted classification task's store, one cube per candidate."""
+    import pandas as pd
+
+    from pipeline.cli import main
+    from pipeline.patches.store import PatchStore
+    from pipeline.sample_data.datasets import write_sample
+
+    write_sample("nnunet-ct", tmp_path / "data", small=True)
+    root = tmp_path / "data" / "Dataset502_PhantomCT"
+    table = pd.read_csv(root / "candidates.csv", dtype={"case_id": str})
+    assert main(["convert", str(root), "--store", str(tmp_path / "vol"), "--workers", "1", "--no-progress"]) == 0
+    assert main(["tasks", "init", str(root), "--out", str(tmp_path / "ct.yaml"),
+                 "--candidates", str(root / "candidates.csv")]) == 0
+    assert main(["patches", "task", str(tmp_path / "ct.yaml"), "--store", str(tmp_path / "vol"), "--out",
+                 str(tmp_path / "ps"), "--size", "8,16,16", "--negative-ratio", "all", "--workers", "1",
+                 "--no-progress"]) == 0
+    store = PatchStore(str(next((tmp_path / "ps").glob("task-phantomct-*"))))
+    index = store.index
+    assert len(index) == len(table)
+    assert int((index["label"] > 0).sum()) == int(table["label"].sum())
+    assert store.cubes.shape[1:] == (1, 8, 16, 16)
+
+
+def test_tasks_init_leaves_the_ignore_label_out_of_the_target(tmp_path):
+    from pipeline.tasks.task_init import draft_task
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2, "ignore": 3},
+        "numTraining": 0, "file_ending": ".nii.gz"}), encoding="utf-8")
+    spec, comments, _ = draft_task(tmp_path, name="organ")
+    assert spec.sampling.target_values == (1, 2)

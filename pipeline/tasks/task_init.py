@@ -67,22 +67,22 @@ class DatasetJson:
         return all(c.strip().upper() == "CT" for c in self.channels)
 
     def case_ids(self) -> set[str]:
-        """The training cases in imagesTr (`<case>_<XXXX><ending>`; MSD: `<case><ending>`)."""
-        folder = self.folder / "imagesTr"
-        if not folder.is_dir():
-            return set()
-        ending = self.file_ending
+        """The cases of imagesTr and imagesTs (`<case>_<XXXX><ending>`; MSD: `<case><ending>`; an nnU-Net v1 folder
+        has an MSD dataset.json with v2's file names, so a `_XXXX` suffix also names its case there)."""
         out = set()
-        for f in folder.iterdir():
-            if f.name.startswith(".") or not f.name.endswith(ending):
+        for part in ("imagesTr", "imagesTs"):
+            folder = self.folder / part
+            if not folder.is_dir():
                 continue
-            stem = f.name[: -len(ending)]
-            if self.form == "nnunet_v2":
+            for f in folder.iterdir():
+                if f.name.startswith(".") or not f.name.endswith(self.file_ending):
+                    continue
+                stem = f.name[: -len(self.file_ending)]
                 m = re.fullmatch(r"(.+)_(\d{4})", stem)
+                if self.form != "nnunet_v2" or not m:
+                    out.add(stem)
                 if m:
                     out.add(m.group(1))
-            else:
-                out.add(stem)
         return out
 
 
@@ -180,6 +180,12 @@ def _target(ds: DatasetJson, label: str | None) -> tuple[tuple[int, ...] | None,
     """(sampling.target_values, what the target is): one label's value(s), or None for every value > 0."""
     listed = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in ds.labels.items())
     if label is None or label == "all":
+        if "ignore" in ds.labels:  # nnU-Net v2's "ignore" label marks unannotated voxels: never a target
+            ignored = ds.labels["ignore"]
+            ignored = set(ignored) if isinstance(ignored, tuple) else {ignored}
+            values = sorted({v for name, value in ds.labels.items() if name != "ignore"
+                             for v in (value if isinstance(value, tuple) else (value,)) if v > 0} - ignored)
+            return tuple(values), f"every label > 0 but 'ignore' (dataset.json labels: {listed})"
         return None, f"every label > 0 (dataset.json labels: {listed})"
     if label not in ds.labels:
         raise DatasetJsonError(f"{ds.path}: --label {label!r} is not one of its labels ({listed})")
@@ -192,7 +198,7 @@ def _target(ds: DatasetJson, label: str | None) -> tuple[tuple[int, ...] | None,
 
 def check_candidates(path: str | Path, case_ids: set[str]) -> dict[str, int]:
     """Check a candidates CSV (case_id, x, y, z in world mm, label 0/1): its header, numbers, labels, that each
-    case is in imagesTr and that there is a positive. Errors name the file and the row; returns the counts."""
+    case is in imagesTr or imagesTs and that there is a positive. Errors name the file and the row; returns the counts."""
     p = Path(path)
     try:
         handle = p.open(newline="", encoding="utf-8")
@@ -222,7 +228,7 @@ def check_candidates(path: str | Path, case_ids: set[str]) -> dict[str, int]:
             if label not in ("0", "1"):
                 raise ValueError(f"{p}: line {line}: label = {label!r} must be 0 or 1")
             if case not in case_ids:
-                raise ValueError(f"{p}: line {line}: case_id {case!r} is not a case of imagesTr "
+                raise ValueError(f"{p}: line {line}: case_id {case!r} is not a case of imagesTr or imagesTs "
                                  f"({len(case_ids)} cases)")
             counts["rows"] += 1
             counts["positives" if label == "1" else "negatives"] += 1
