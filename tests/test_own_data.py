@@ -111,3 +111,27 @@ def test_tasks_init_leaves_the_ignore_label_out_of_the_target(tmp_path):
         "numTraining": 0, "file_ending": ".nii.gz"}), encoding="utf-8")
     spec, comments, _ = draft_task(tmp_path, name="organ")
     assert spec.sampling.target_values == (1, 2)
+
+
+def test_a_channel_on_another_grid_fails_its_case_in_the_task_store(tmp_path):
+    """nnU-Net's rule: the channels of a case share one grid. A second channel shifted by 5 mm converts (each scan is
+    fine alone) but its case is a failed row of the task store, named, instead of misaligned cubes."""
+    from pipeline.cli import main
+    from pipeline.patches.store import PatchStore
+    from pipeline.patches.task_extract import extract_task
+    from pipeline.sample_data.datasets import write_sample
+    from pipeline.tasks.task_init import draft_task
+
+    write_sample("nnunet", tmp_path / "data", small=True)
+    root = tmp_path / "data" / "Dataset501_Phantom"
+    moved = root / "imagesTr" / "phantom_002_0001.nii.gz"
+    image = sitk.ReadImage(str(moved))
+    image.SetOrigin(tuple(v + 5.0 for v in image.GetOrigin()))
+    sitk.WriteImage(image, str(moved))
+    assert main(["convert", str(root), "--store", str(tmp_path / "vol"), "--workers", "1", "--no-progress"]) == 0
+    spec, _, _ = draft_task(root)
+    spec = spec.with_overrides(cube_size=(8, 16, 16))
+    result = extract_task(str(tmp_path / "vol"), spec, out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    skipped = [s for s in result.skipped if "phantom_002" in s["scan_id"]]
+    assert len(skipped) == 2 and all("different grids" in s["reason"] for s in skipped), result.skipped
+    assert not any("phantom_002" in str(c) for c in PatchStore(result.path).index["case_id"])

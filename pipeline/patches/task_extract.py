@@ -141,13 +141,20 @@ def _read_case(store: VolumeStore, case: dict, spec: TaskSpec):
     target, and the geometry attrs of that grid. Voxels stay in their stored dtype (int16 for CT) and are
     scaled crop by crop: a float copy of a whole case would cost several times the scan. A task resized
     in-plane (`to_task_grid`) gets float32 channels of the smaller grid instead."""
-    channels, shapes = [], []
+    channels, shapes, grids = [], [], []
     for sid in case["scan_ids"]:
-        vol = store.open_scan(sid)["0"][...]
+        group = store.open_scan(sid)
+        vol = group["0"][...]
         shapes.append(vol.shape)
         channels.append(vol)
+        genesis = dict(group.attrs).get("genesis") or {}
+        grids.append(tuple(tuple(np.round(np.asarray(genesis.get(k) or (), dtype=float), 3).tolist())
+                           for k in ("spacing", "origin", "direction")))
     if len(set(shapes)) > 1:
         raise ValueError(f"case {case['case_id']}: channels {case['scan_ids']} have different shapes {shapes}")
+    if len(set(grids)) > 1:  # nnU-Net's rule: every channel of a case on one grid; else cubes would not align
+        raise ValueError(f"case {case['case_id']}: channels {case['scan_ids']} lie on different grids (spacing, "
+                         f"origin, direction {grids})")
     group = store.open_scan(case["label_scan"])
     attrs = dict(group.attrs)["genesis"]
     label = group["labels"][case["label"]]["0"][...]

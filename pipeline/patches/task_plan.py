@@ -70,6 +70,11 @@ def _scan_attrs(vstore: VolumeStore, scan_ids: list[str]) -> dict[str, dict]:
     return out
 
 
+def _grid(genesis: dict) -> tuple:
+    """A scan's grid (spacing, origin, direction) rounded to 1e-3, to compare the channels of one case."""
+    return tuple(tuple(round(float(v), 3) for v in genesis.get(k) or ()) for k in ("spacing", "origin", "direction"))
+
+
 def _digest(rows: pd.DataFrame, extra: object) -> str:
     h = hashlib.sha256()
     for row in catalog_rows(rows):  # content digests too: a repaired or reconverted scan gives a new key
@@ -250,6 +255,12 @@ def _plan_segmentation(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec) ->
                                          f"sequence (task {spec.name} reads {','.join(spec.channels)})"})
                 continue
             scan_ids = [members[c] for c in spec.channels]
+            grids = {sid: _grid(attrs[sid]) for sid in scan_ids}
+            if len(set(grids.values())) > 1:  # nnU-Net's rule; else the channels' cubes would not align
+                for sid in members.values():
+                    plan.skipped.append({"scan_id": sid, "reason": f"case {case}: channels {', '.join(scan_ids)} "
+                                         f"lie on different grids (spacing, origin or direction differ)"})
+                continue
         else:
             scan_ids = [members[""]]
         label_scan = next((s for s in scan_ids if label in (attrs[s].get("labels") or [])),
