@@ -1,5 +1,5 @@
-"""Pretraining cubes from MR (the "mr" recipe, ours): percentile intensities per scan, foreground acceptance,
-borders scaled to small volumes; the recipe chosen from the store's modality, mixed stores refused; a seeded
+"""Pretraining cubes from MR (the "mr" recipe, ours): percentile intensities per scan, Otsu foreground
+acceptance (a noise background included), borders scaled to small volumes and short axes padded; the recipe chosen from the store's modality, mixed stores refused; a seeded
 validation share when the scans' tags give none; the CT recipe's keys unchanged. Real NIfTI written with
 SimpleITK, real volume and patch stores."""
 
@@ -15,7 +15,8 @@ from conftest import write_mhd
 
 from pipeline.patches.config import PretrainPatchConfig, content_key, preprocessing_of
 from pipeline.patches.extract import extract_pretrain
-from pipeline.patches.mr_sampling import normalise, percentile_window
+from pipeline.patches.mr_sampling import (foreground_threshold, mr_scan_region, normalise, otsu_threshold, pad,
+                                          percentile_window, sample_mr_cubes)
 from pipeline.patches.outcome import NoCubesError
 from pipeline.patches.splits import pretrain_splits
 from pipeline.patches.store import PatchStore, catalog_hash
@@ -32,9 +33,12 @@ GAINS = {"mr0": 1.0, "mr1": 3.0, "mr2": 1.0, "mr4": 0.5}
 
 
 def mr_volume(rng: np.random.Generator, gain: float, shape=(24, 112, 112)) -> np.ndarray:
-    """A head-like ellipsoid of intensities 200..1500 (brighter inside) on a 0 background, times `gain`."""
+    """A head-like ellipsoid of intensities 200..1500 (brighter inside) on a 0 background, times `gain`; its
+    semi-axes are 15/24, 50/112 and 46/112 of the sides."""
     z, y, x = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]]
-    r = ((z - 11.5) / 15) ** 2 + ((y - 55.5) / 50) ** 2 + ((x - 55.5) / 46) ** 2
+    cz, cy, cx = ((n - 1) / 2 for n in shape)
+    r = ((z - cz) / (15 * shape[0] / 24)) ** 2 + ((y - cy) / (50 * shape[1] / 112)) ** 2 \
+        + ((x - cx) / (46 * shape[2] / 112)) ** 2
     tissue = 200 + 1300 * np.clip(1 - r, 0, 1) + rng.normal(0, 40, shape)
     return np.clip(np.where(r < 1, tissue, 0) * gain, 0, 32767).astype(np.int16)
 
@@ -102,15 +106,24 @@ def test_mr_recipe_yields_cubes_from_a_112_by_112_volume_where_ct_yields_none(mr
 
 
 def test_mr_cubes_intensity_spread_and_acceptance(mr_store, tmp_path):
-    strict = dataclasses.replace(MR, min_foreground=0.93, attempts_per_cube=200)
+    """With each scan's Otsu threshold (this phantom's dim rim falls below it: the share is 0.8 at most)."""
+    strict = dataclasses.replace(MR, min_foreground=0.8, attempts_per_cube=200)
     res = extract_pretrain(str(mr_store), strict, out_root=str(tmp_path / "ps"), workers=1, progress=False)
     ps = PatchStore(res.path)
     cubes = ps.read_cubes(np.arange(len(ps)))[:, 0]
     assert cubes.min() >= 0.0 and cubes.max() <= 1.0
-    foreground = (cubes > 0).mean(axis=(1, 2, 3))
-    assert (foreground >= 0.93).all()  # every accepted cube passes the rule
-    np.testing.assert_allclose(foreground, ps.index.sort_values("row")["dense_fraction"], rtol=0, atol=1e-12)
-    assert ((cubes == 0).mean(axis=(1, 2, 3)) <= 1 - 0.93).all()  # the near-0 background share is bounded
+    index = ps.index.sort_values("row")
+    thresholds = ps.attrs["recipe"]["foreground_thresholds"]
+    vs = VolumeStore(mr_store)
+    for scan, t in thresholds.items():  # each scan's Otsu threshold, recomputed here from the scan
+        volume = vs.open_scan(scan)["0"][:]
+        assert t == otsu_threshold(normalise(volume, percentile_window(volume, (0.5, 99.5))[0]))
+        assert 0.05 < t < 0.6
+    cut = index["scan_id"].map(thresholds).to_numpy()[:, None, None, None]
+    foreground = (cubes > cut).mean(axis=(1, 2, 3))
+    assert (foreground >= 0.8).all()  # every accepted cube passes the rule
+    np.testing.assert_allclose(foreground, index["dense_fraction"], rtol=0, atol=1e-12)
+    assert ((cubes == 0).mean(axis=(1, 2, 3)) <= 1 - 0.8).all()  # the near-0 background share is bounded
     assert 0.4 < cubes.mean() < 0.7 and cubes.std() > 0.1  # spread over the unit range, not squashed
     # per-scan percentiles: scans of gain 0.5, 1 and 3 give cubes of the same statistics
     means = {s: float(cubes[(ps.index.sort_values("row")["scan_id"] == s).to_numpy()].mean()) for s in GAINS}
@@ -123,10 +136,115 @@ def test_mr_cubes_intensity_spread_and_acceptance(mr_store, tmp_path):
     # the rule is enforced, not just met: some draws were rejected
     lax = extract_pretrain(str(mr_store), dataclasses.replace(strict, min_foreground=0.0),
                            out_root=str(tmp_path / "ps"), workers=1, progress=False)
-    assert PatchStore(lax.path).index["dense_fraction"].min() < 0.93
+    assert PatchStore(lax.path).index["dense_fraction"].min() < 0.8
     with pytest.raises(NoCubesError, match=r"lower --min-foreground \(now 1\)"):
         extract_pretrain(str(mr_store), dataclasses.replace(MR, min_foreground=1.0, attempts_per_cube=2),
                          out_root=str(tmp_path / "ps"), workers=1, progress=False)
+
+
+SMALL = {"s36": (36, 112, 112), "s24": (24, 112, 112), "s24n": (24, 48, 48)}
+"""Typical small MR volumes (z, y, x) against the default 32 x 64 x 64 cube."""
+
+
+def test_small_mr_volumes_yield_cubes_of_the_default_size(tmp_path):
+    """Borders shrink so the crop fits (36 slices: z border min(30, 3, (36 - 32) // 2) = 2); an axis shorter than
+    the cube is padded evenly with the normalised background (0), the crop then covering it whole."""
+    rng = np.random.default_rng(7)
+    volumes = {scan: mr_volume(rng, 1.0, shape) for scan, shape in SMALL.items() if scan != "s24n"}
+    volumes["s24n"] = mr_volume(rng, 1.0, (24, 96, 96))[:, 24:72, 24:72]  # a field of view cropped to the anatomy
+    for scan, volume in volumes.items():
+        write_nifti(tmp_path / "src" / f"{scan}.nii.gz", volume)
+    assert convert([str(tmp_path / "src")], str(tmp_path / "vs"), workers=1, progress=False).ok
+    config = PretrainPatchConfig(per_scan=4)  # the CLI's defaults: cube 32x64x64, borders 100 and 30
+    res = extract_pretrain(str(tmp_path / "vs"), config, out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    assert res.n_cubes == 3 * 4 and not res.skipped
+    padded = [{"scan_id": "s24", "padding": [[4, 4], [0, 0], [0, 0]]},
+              {"scan_id": "s24n", "padding": [[4, 4], [8, 8], [8, 8]]}]
+    ps = PatchStore(res.path)
+    assert ps.attrs["recipe"]["padded_scans"] == padded and res.padded == padded
+    assert "padded 2 scans shorter than the crop" in res.report() and "s24n: [[4, 4], [8, 8], [8, 8]]" in res.report()
+    thresholds = ps.attrs["recipe"]["foreground_thresholds"]
+    for row in ps.index.itertuples():
+        volume = volumes[row.scan_id]
+        unit = normalise(volume, percentile_window(volume, (0.5, 99.5))[0])
+        (pz, _), (py, _), (px, _) = {"s36": [(0, 0)] * 3, **{p["scan_id"]: p["padding"] for p in padded}}[row.scan_id]
+        cube = ps.read_cubes([row.row])[0, 0]
+        expected = pad(unit, ((pz, pz), (py, py), (px, px)))[row.z + pz:row.z + pz + 32, row.y + py:row.y + py + 64,
+                                                              row.x + px:row.x + px + 64]
+        assert cube.tobytes() == expected.tobytes()
+        if row.scan_id == "s36":
+            assert row.z == 2 and 11 <= row.y <= 112 - 11 - 64 and 11 <= row.x <= 112 - 11 - 64
+        elif row.scan_id == "s24":
+            assert row.z == -4 and 11 <= row.y <= 112 - 11 - 64  # the crop reaches 4 slices into the padding
+            assert not cube[:4].any() and not cube[-4:].any()
+        else:  # the one crop there is: the scan in the middle of the cube; judged on the scan's voxels alone
+            assert (row.z, row.y, row.x) == (-4, -8, -8)
+            assert not cube[:, :8].any() and not cube[:, :, -8:].any()
+            assert row.dense_fraction == pytest.approx((unit > thresholds["s24n"]).mean(), abs=1e-12)
+            assert row.dense_fraction >= config.min_foreground
+
+
+def test_otsu_foreground_finds_a_small_head_in_a_noisy_field_of_view():
+    """A background of |N(0, 15)| noise, not 0: the low percentile falls inside the noise, so "above 0 after
+    normalising" counted 99% of the background as foreground; each scan's Otsu threshold separates them."""
+    rng = np.random.default_rng(0)
+    shape = (64, 160, 160)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    head = (zz ** 2 + (yy / 0.4) ** 2 + (xx / 0.4) ** 2) < 1
+    volume = np.where(head, 400 + 50 * rng.normal(size=shape), np.abs(rng.normal(0, 15, shape))).astype(np.float32)
+    config = PretrainPatchConfig(recipe="mr")  # default cube and min_foreground 0.5
+    unit = normalise(volume, percentile_window(volume, config.percentiles)[0])
+    assert unit.min() == 0.0 and unit.max() == 1.0
+    threshold = foreground_threshold(unit, config)
+    from skimage.filters import threshold_otsu
+
+    assert threshold == pytest.approx(float(threshold_otsu(unit)), abs=1e-6)  # an independent Otsu
+    assert (unit[~head] > threshold).mean() < 1e-4 and (unit[head] > threshold).mean() > 0.999
+
+    def head_shares(config, threshold):
+        layout = mr_scan_region(shape, config)
+        sample = sample_mr_cubes(pad(unit, layout.padding)[layout.region], np.random.default_rng(1), config,
+                                 threshold, layout)
+        starts = sample.starts + layout.offset()
+        return np.array([head[z:z + d, y:y + h, x:x + w].mean() for (z, y, x), (d, h, w) in zip(starts, sample.sizes)])
+
+    shares = head_shares(config, threshold)
+    assert len(shares) == config.per_scan and shares.min() >= config.min_foreground
+    fixed = dataclasses.replace(config, foreground_threshold=0.0)  # the first rule: above the low percentile
+    assert foreground_threshold(unit, fixed) == 0.0 and (unit[~head] > 0).mean() > 0.9
+    assert head_shares(fixed, 0.0).min() < config.min_foreground
+
+
+def test_the_validation_share_is_drawn_among_scans_that_gave_cubes(tmp_path):
+    """The scan the share would draw among all scans gives no cube here: the share comes from the others."""
+    scans = [(s, None) for s in GAINS]
+    fractions = (0.7, 0.15, 0.15)
+    (blank,) = pretrain_splits(scans, 0, fractions).drawn
+    rng = np.random.default_rng(4)
+    for scan, gain in GAINS.items():
+        volume = mr_volume(rng, gain)
+        if scan == blank:  # a few equal voxels: no intensity window, no cube
+            volume = np.zeros_like(volume)
+            volume[10:12, 50:52, 50:52] = 500
+        write_nifti(tmp_path / "src" / f"{scan}.nii.gz", volume)
+    assert convert([str(tmp_path / "src")], str(tmp_path / "vs"), workers=1, progress=False).ok
+    with_cubes = set(GAINS) - {blank}
+    expected = pretrain_splits(scans, 0, fractions, eligible=with_cubes).drawn
+    assert len(expected) == 1 and blank not in expected
+    stores = []
+    for out in ("ps", "again"):
+        res = extract_pretrain(str(tmp_path / "vs"), MR, out_root=str(tmp_path / out), workers=1, progress=False)
+        assert [s["scan_id"] for s in res.skipped] == [blank] and "percentiles of its non-zero" in res.skipped[0]["reason"]
+        assert res.counts["validation"] == MR.per_scan and not res.notes
+        ps = PatchStore(res.path)
+        assert ps.attrs["validation"]["scans"] == list(expected)
+        assert ps.attrs["validation"]["rule"] == "seeded share of the training scans"
+        assert set(ps.index.loc[ps.index["split"] == "validation", "scan_id"]) == set(expected)
+        stores.append(ps.index.sort_values("row")[["scan_id", "split", "z", "y", "x"]].reset_index(drop=True))
+    assert stores[0].equals(stores[1])  # same seed, same scans, same cubes
+    # one training scan with cubes: nothing to draw, said openly
+    one = pretrain_splits(scans, 0, fractions, eligible={"mr0"})
+    assert one.drawn == () and "1 training scan and no validation scan among the scans that gave cubes" in one.note
 
 
 def test_auto_picks_ct_for_ct_and_the_ct_key_is_unchanged(ct_source, tmp_path):

@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-__all__ = ["PretrainPatchConfig", "SPLITS", "STORE_FORMAT", "RECIPES", "content_key", "recipe_of_modality",
+__all__ = ["PretrainPatchConfig", "SPLITS", "STORE_FORMAT", "RECIPES", "MR_RULE", "content_key", "recipe_of_modality",
            "preprocessing_of"]
 
 SPLITS = ("train", "validation", "test")
@@ -18,6 +18,10 @@ reference's look-ahead acceptance score and start ranges, cubes stored encoded (
 1 = the dense-fraction rule, float32 cubes. Stores of another format are never reused for this one."""
 
 RECIPES = ("auto", "ct", "mr")
+MR_RULE = 2
+"""Version of the mr recipe's sampling rule, in every mr key (never in a ct key): 2 = borders capped so the crop
+fits, short axes padded, Otsu foreground; stores of the first rule (borders capped at border_fraction only, no
+padding) are never reused for it."""
 _CT_ONLY = ("hu_window", "lookahead", "min_slices", "dense_hu", "max_dense_fraction", "cube_encoding")
 _MR_ONLY = ("percentiles", "foreground_threshold", "min_foreground", "border_fraction")
 _NOT_IN_KEY = ("recipe", "modality")
@@ -80,15 +84,18 @@ class PretrainPatchConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     """mr: per scan, these percentiles of its non-zero voxels map to 0 and 1 (clipped): a scan's gain and offset
     do not change its cubes."""
-    foreground_threshold: float = 0.0
-    """mr: a voxel is foreground when its normalised value is above this (0: above the low percentile)."""
+    foreground_threshold: float | None = None
+    """mr: a voxel is foreground when its normalised value is above this; None: above the scan's own Otsu
+    threshold (between the background, exact 0 or noise, and the tissue); 0: above the low percentile (for a
+    background that is exactly 0)."""
     min_foreground: float = 0.5
     """mr: a crop is accepted when at least this share of its voxels is foreground. 0.5 keeps crops inside the
     body or head and at its edge (where the restoration task learns the boundary), and rejects crops that are
     mostly air, whose restoration is trivial; a 64x64 crop of a 112x112 head slice passes it."""
     border_fraction: float = 0.1
-    """mr: a border is min(border_yx or border_z, this share of the axis), so small volumes yield cubes (112x112
-    in-plane: 11 voxels); min_slices does not apply (a scan needs only room for the cube)."""
+    """mr: a border is min(border_yx or border_z, this share of the axis, (axis - crop) // 2), so small volumes
+    yield cubes (112x112 in-plane: 11 voxels; 36 slices for 32: 2); an axis shorter than the crop is padded with
+    the normalised background (0) to the crop's length; min_slices does not apply."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -120,8 +127,9 @@ class PretrainPatchConfig:
         if lo is None or not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"{name}.percentiles (--percentiles) must be (low, high) with 0 <= low < high <= 100, "
                              f"got {self.percentiles}")
-        if not 0.0 <= self.foreground_threshold < 1.0:
-            raise ValueError(f"{name}.foreground_threshold must be in [0, 1), got {self.foreground_threshold}")
+        if self.foreground_threshold is not None and not 0.0 <= self.foreground_threshold < 1.0:
+            raise ValueError(f"{name}.foreground_threshold must be None (Otsu per scan) or in [0, 1), got "
+                             f"{self.foreground_threshold}")
         if not 0.0 <= self.min_foreground <= 1.0:
             raise ValueError(f"{name}.min_foreground (--min-foreground) must be in [0, 1], got {self.min_foreground}")
         if not 0.0 <= self.border_fraction < 0.5:
@@ -143,8 +151,9 @@ class PretrainPatchConfig:
         material = {k: v for k, v in self.to_dict().items() if k not in drop}
         if self.recipe == "mr":
             material["recipe"] = "mr"
-        if validation_drawn:
-            material["validation_drawn"] = True
+            material["mr_rule"] = MR_RULE
+        if validation_drawn:  # drawn among the scans that gave cubes (a first rule drew among all: True)
+            material["validation_drawn"] = "among scans with cubes"
         return json.dumps({"purpose": "pretrain", "store_format": STORE_FORMAT, **material}, sort_keys=True)
 
     def intensity(self) -> dict:

@@ -4,7 +4,8 @@ Cubes are drawn by one of two recipes (`PretrainPatchConfig.recipe`, "auto" = fr
 the reference's (`pipeline.patches.sampling`, clipped HU, cubes stored as int16 when exact), or "mr", ours for MR
 and every other modality (`pipeline.patches.mr_sampling`, per-scan percentiles, cubes stored as float32 in
 [0, 1]). A store that mixes modalities is refused unless `modality` picks one (`pipeline.patches.source`); a
-store whose scans' tags give no validation scan gets a seeded validation share (`pipeline.patches.splits`).
+store whose scans' tags give no validation scan gets a seeded validation share (`pipeline.patches.splits`), drawn
+once every scan is sampled, among the scans that gave cubes (the index's `split` column is written then).
 
 One Dask task per scan leaves its accepted cubes as an encoded part and a small result file (cubes
 held as the store's `cube_encoding`: clipped int16 HU when that is exact, see `pipeline.patches.encoding`); a
@@ -38,12 +39,13 @@ import storage_schemas
 from pipeline.patches.assemble import Part, assemble, save_part, save_result
 from pipeline.patches.config import STORE_FORMAT, PretrainPatchConfig, content_key
 from pipeline.patches.encoding import UNIT_FLOAT32, choose_encoding, encode_cubes, storage_dtype
-from pipeline.patches.mr_sampling import mr_scan_region, normalise, percentile_window, sample_mr_cubes
+from pipeline.patches.mr_sampling import (foreground_threshold, mr_scan_region, normalise, pad, percentile_window,
+                                          sample_mr_cubes)
 from pipeline.patches.outcome import ExtractionResult, NoCubesError, found
 from pipeline.patches.sampling import crop_sizes, sample_cubes, scan_region
 from pipeline.patches.site import PatchStoreSite
 from pipeline.patches.source import resolve_recipe, source_catalog
-from pipeline.patches.splits import PretrainSplits, pretrain_splits, scan_seed, split_of
+from pipeline.patches.splits import pretrain_splits, scan_seed, split_of
 from pipeline.patches.store import catalog_hash
 from pipeline.runtime.build import Built, BuildSpec, Item, build_once
 from pipeline.volume_store.store import VolumeStore
@@ -54,7 +56,8 @@ __all__ = ["extract_pretrain", "extract_scan"]
 def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, building: str,
                  config: PretrainPatchConfig, *, encoding: dict, split: str | None = None) -> dict:
     """Sample one scan's cubes, leave them (in the store's `encoding`) as a part and a result file; returns the
-    result. `split`: the scan's split as the build decided it (`pretrain_splits`); None: by `split_of`."""
+    result. `split`: the scan's split as the build decided it; None: by `split_of` (the build's `_complete`
+    sets the final one, a drawn validation share included)."""
     import numcodecs
 
     numcodecs.blosc.set_nthreads(1)
@@ -64,7 +67,8 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
     level0 = group["0"]
     mr = config.recipe == "mr"
     if mr:
-        region, reason = mr_scan_region(level0.shape, config)
+        layout = mr_scan_region(level0.shape, config)  # padding and borders leave every scan room for a crop
+        region, reason = layout.region, None
     else:
         region, reason = scan_region(level0.shape, config)
         reason = reason and f"{reason}; {_ct_shape_hint(level0.shape, config)}"
@@ -72,21 +76,27 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
     if reason is None:
         rng = np.random.default_rng([config.seed, scan_seed(scan_id)])
         if mr:
-            volume = level0[:]  # the percentiles are the whole scan's
+            volume = level0[:]  # the percentiles and the foreground threshold are the whole scan's
             window, why = percentile_window(volume, config.percentiles)
-            sample = sample_mr_cubes(normalise(volume, window)[region], rng, config) if window else None
             result["intensity_window"] = list(window) if window else None
+            sample = None
+            if window:
+                unit = normalise(volume, window)
+                threshold = foreground_threshold(unit, config)
+                result["foreground_threshold"] = threshold
+                if layout.padded:
+                    result["padding"] = [list(p) for p in layout.padding]
+                sample = sample_mr_cubes(pad(unit, layout.padding)[region], rng, config, threshold, layout)
+            offset = layout.offset()
         else:
             why = None
             sample = sample_cubes(level0[region], rng, config)  # reads only the chunks crop windows can touch
+            offset = np.array([r.start for r in region])
         if why:
             result["reason"] = why
         elif sample is None or len(sample.cubes) == 0:
             attempts = sample.attempts if sample else 0
-            result["reason"] = (
-                f"no crop in {attempts} attempts has {config.min_foreground:g} of its voxels foreground (above "
-                f"{config.foreground_threshold:g} after percentile normalisation); lower --min-foreground "
-                f"(now {config.min_foreground:g})" if mr else
+            result["reason"] = (_mr_no_cube(attempts, result, level0.shape, config) if mr else
                 f"no acceptable crop in {attempts} attempts (too dense: each had more than "
                 f"max_dense_fraction={config.max_dense_fraction:g} of its voxels at or above {config.dense_hu:g} HU, "
                 f"the reference's lung rule); raise --max-dense-fraction, or use --recipe mr for a scan that is not "
@@ -98,7 +108,7 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
             origin = np.asarray(meta["origin"])
             direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
             split = split or split_of(scan_id, subset, config.seed, config.split_fractions)
-            starts = sample.starts + np.array([r.start for r in region])
+            starts = sample.starts + offset  # a padded mr scan's starts can be < 0 (the crop reaches its padding)
             centres_idx = starts + (sample.sizes - 1) / 2.0
             # world = origin + D @ (spacing * index) in (x, y, z); reversed into (z, y, x)
             centres_mm = (origin[::-1][None, :] + (direction @ (centres_idx[:, ::-1] * spacing[::-1]).T).T)[:, ::-1]
@@ -115,6 +125,19 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
             if n < config.per_scan:
                 result["short"] = f"only {n} of {config.per_scan} cubes accepted in {sample.attempts} attempts"
     return save_result(building, result)
+
+
+def _mr_no_cube(attempts: int, result: dict, shape: tuple[int, int, int], config: PretrainPatchConfig) -> str:
+    """Why an mr scan gave no cube, naming the options that change it."""
+    threshold = result["foreground_threshold"]
+    rule = "the scan's Otsu threshold" if config.foreground_threshold is None else "foreground_threshold"
+    reason = (f"no crop in {attempts} attempts has {config.min_foreground:g} of its voxels foreground (above "
+              f"{threshold:.3g}, {rule}, after percentile normalisation)")
+    if result.get("padding"):
+        padded = "x".join(str(n + a + b) for n, (a, b) in zip(shape, result["padding"]))
+        reason += f"; the {'x'.join(map(str, shape))} scan was padded with background to {padded}"
+    options = f"lower --min-foreground (now {config.min_foreground:g})"
+    return reason + "; " + options + (", or a smaller --size" if result.get("padding") else "")
 
 
 def _ct_shape_hint(shape: tuple[int, int, int], config: PretrainPatchConfig) -> str:
@@ -138,9 +161,9 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     """Build (or find) the pretraining patch store for `volume_root` and `config`.
 
     The scans and the recipe come first (`resolve_recipe`: one modality, "auto" -> ct for CT, mr otherwise),
-    then the splits (`pretrain_splits`: a seeded validation share when the scans' tags give none); the key
-    covers the picked scans, the resolved recipe's fields and whether a validation share was drawn, so a CT
-    store keeps the key it had before recipes existed."""
+    then whether the scans' tags leave a validation share to draw (`pretrain_splits`; the share itself is drawn
+    after sampling, among the scans that gave cubes); the key covers the picked scans, the resolved recipe's
+    fields and whether a validation share is drawn, so a CT store keeps the key it had before recipes existed."""
     t0 = time.perf_counter()
     vstore = VolumeStore(volume_root)
     catalog, config = resolve_recipe(vstore, source_catalog(vstore), config)
@@ -158,7 +181,7 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     else:
         encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
     items = [Item(slot, (str(vstore.root), r.scan_id, subset, slot, str(site.building), config),
-                  {"encoding": encoding, "split": splits.splits[r.scan_id]})
+                  {"encoding": encoding})
              for slot, (r, subset) in enumerate(zip(ok.itertuples(), subsets))]
 
     def assemble_cubes(client, built: Built) -> None:
@@ -168,7 +191,8 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
                      config.per_scan, ("cube", "c", "z", "y", "x"), client=client)
 
     def complete(built: Built) -> ExtractionResult:
-        return _complete(site, built.ordered(), vstore, len(ok), config, source_hash, encoding, splits)
+        return _complete(site, built.ordered(), vstore, len(ok), config, source_hash, encoding,
+                         list(zip(ok["scan_id"], subsets)))
 
     return build_once(BuildSpec(
         site=site, items=items, task=extract_scan, found=lambda reused: found(site.final, key, t0, reused),
@@ -184,13 +208,17 @@ def _parts_of(result: dict) -> list[tuple[str, int]]:
 
 def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_scans: int,
               config: PretrainPatchConfig, source_hash: str, encoding: dict,
-              splits: PretrainSplits) -> ExtractionResult:
-    """The index and, last, the attributes that mark the build complete; the result (its time is set once
-    published)."""
+              scans: list[tuple[str, str | None]]) -> ExtractionResult:
+    """The splits (a drawn validation share only among the scans that gave cubes, so it never ends empty while
+    another scan could serve), the index and, last, the attributes that mark the build complete; the result
+    (its time is set once published)."""
     building, key = site.building, site.key
+    splits = pretrain_splits(scans, config.seed, config.split_fractions, where=str(vstore.root),
+                             eligible={r["scan_id"] for r in results if r["rows"]})
     rows = [row for r in results for row in r["rows"]]
     for i, row in enumerate(rows):
         row["row"] = i
+        row["split"] = splits.splits[row["scan_id"]]
     skipped = [{"scan_id": r["scan_id"], "reason": r["reason"]} for r in results if r["reason"]]
     skipped.sort(key=lambda s: s["scan_id"])
     if not rows:
@@ -220,24 +248,32 @@ def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "value_range": [0.0, 1.0],
         "short_scans": [{"scan_id": r["scan_id"], "reason": r["short"]} for r in results if r.get("short")],
-        "recipe": _recipe_attrs(config), "validation": validation,
+        "recipe": _recipe_attrs(config, results), "validation": validation,
     }}
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
     zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
     return ExtractionResult(path=site.final, key=key, reused=False, n_cubes=len(rows), counts=counts,
-                            skipped=skipped, notes=[note] if note else [])
+                            skipped=skipped, notes=[note] if note else [],
+                            padded=attrs["genesis"]["recipe"].get("padded_scans", []))
 
 
-def _recipe_attrs(config: PretrainPatchConfig) -> dict:
-    """What the store's attributes say about how its cubes were made (`preprocessing_of` reads it back)."""
+def _recipe_attrs(config: PretrainPatchConfig, results: list[dict]) -> dict:
+    """What the store's attributes say about how its cubes were made (`preprocessing_of` reads it back); for the
+    mr recipe also each scan's foreground threshold and the scans padded to the crop's size."""
     out = {"name": config.recipe, "modality": config.modality, "intensity": config.intensity(),
            "cube_size": list(config.cube_size)}
     if config.recipe == "mr":
         out["origin"] = "ours (pipeline.patches.mr_sampling), not the reference's"
         out["acceptance"] = {"min_foreground": config.min_foreground,
-                             "foreground_threshold": config.foreground_threshold}
+                             "foreground_threshold": ("otsu per scan" if config.foreground_threshold is None
+                                                      else config.foreground_threshold)}
         out["borders"] = {"border_z": config.border_z, "border_yx": config.border_yx,
-                          "border_fraction": config.border_fraction}
+                          "border_fraction": config.border_fraction, "rule": "min(border, border_fraction x axis, "
+                                                                            "(axis - crop) // 2)"}
+        out["foreground_thresholds"] = {r["scan_id"]: r["foreground_threshold"] for r in results
+                                        if r.get("foreground_threshold") is not None}
+        out["padding"] = "axes shorter than the crop padded evenly with 0 (the normalised background)"
+        out["padded_scans"] = [{"scan_id": r["scan_id"], "padding": r["padding"]} for r in results if r.get("padding")]
     else:
         out["origin"] = "the Models Genesis reference (infinite_generator_3D.py)"
         out["acceptance"] = {"dense_hu": config.dense_hu, "max_dense_fraction": config.max_dense_fraction,

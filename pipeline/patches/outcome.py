@@ -31,6 +31,8 @@ class ExtractionResult:
     phases: dict = field(default_factory=dict)  # seconds: plan, cluster start, cases, assemble, finish
     notes: list = field(default_factory=list)  # what a user must know about the store (pretraining: validation
     # on training cubes), printed as warnings
+    padded: list = field(default_factory=list)  # mr pretraining: [{"scan_id", "padding"}], scans shorter than the
+    # crop on some axis, padded with the normalised background
 
     def report(self) -> str:
         verb = "reused existing" if self.reused else "built"
@@ -41,6 +43,10 @@ class ExtractionResult:
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} scans:")
             lines += [f"  {s['scan_id']}: {s['reason']}" for s in self.skipped]
+        if self.padded:
+            lines.append(f"padded {len(self.padded)} scans shorter than the crop with background (0), (before, "
+                         f"after) voxels per axis z, y, x:")
+            lines += [f"  {p['scan_id']}: {p['padding']}" for p in self.padded]
         lines += [f"WARNING: {n}" for n in self.notes]
         if self.failed:
             lines.append(f"failed {len(self.failed)} items:")
@@ -56,4 +62,5 @@ def found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
                             skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
                             failed=ps.attrs.get("failed_items", []),
                             whole_volume=int((ps.scans["n_cubes"] == 0).sum()) if ps.is_task else 0,
-                            notes=[n for n in [(ps.attrs.get("validation") or {}).get("note")] if n])
+                            notes=[n for n in [(ps.attrs.get("validation") or {}).get("note")] if n],
+                            padded=(ps.attrs.get("recipe") or {}).get("padded_scans", []))

@@ -33,20 +33,25 @@ class PretrainSplits:
 
 
 def pretrain_splits(scans: list[tuple[str, str | None]], seed: int, fractions: tuple[float, float, float],
-                    where: str = "the store") -> PretrainSplits:
+                    where: str = "the store", eligible: set[str] | None = None) -> PretrainSplits:
     """Splits of (scan id, subset) pairs by `split_of`; when none is validation (every scan in one LUNA16
     subset, an nnU-Net dataset tagged train/test), a seeded share of the training scans becomes validation:
     round(fractions[1] x n) of them, at least one, leaving at least one to train; which ones depends only on
-    the sorted ids and `seed`. With a single training scan nothing can be drawn: the note says so (the build
-    reports it, the store's attributes and the pretraining run carry it) and pretraining validates on its
-    training cubes, openly."""
+    the sorted ids and `seed`.
+
+    `eligible`: the scans the share may be drawn from (the build passes those that gave cubes, so the share
+    never lands on a scan without cubes); None: every training scan. With fewer than two eligible training
+    scans nothing can be drawn: the note says so (the build reports it, the store's attributes and the
+    pretraining run carry it) and pretraining validates on its training cubes, openly."""
     splits = {scan: split_of(scan, subset, seed, fractions) for scan, subset in scans}
     if "validation" in splits.values():
         return PretrainSplits(splits)
-    train = sorted(s for s, split in splits.items() if split == "train")
+    train = sorted(s for s, split in splits.items() if split == "train" and (eligible is None or s in eligible))
     if len(train) < 2:
-        note = (f"{where} has {len(train)} training scan{'s' if len(train) != 1 else ''} and no validation scan: "
-                f"pretraining will validate on its training cubes; convert more scans for a real validation split")
+        among = "" if eligible is None else " among the scans that gave cubes"
+        note = (f"{where} has {len(train)} training scan{'s' if len(train) != 1 else ''} and no validation "
+                f"scan{among}: pretraining will validate on its training cubes; convert more scans for a real "
+                f"validation split")
         return PretrainSplits(splits, note=note)
     n_val = min(max(1, int(np.floor(fractions[1] * len(train) + 0.5))), len(train) - 1)
     order = np.random.default_rng([seed, _SHARE_SALT]).permutation(len(train))
