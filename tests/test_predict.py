@@ -109,6 +109,8 @@ def registry(tmp_path_factory):
                     _spec("brains", ("t1", "t2"), modality="MR"), "genesis-brains", in_channels=2),
         "cls": _log(tracker, UNet3DClassifier(base_channels=4, hidden=8, norm="batch").eval(),
                     _spec("nodules", kind="classification"), "genesis-nodules", kind="classification"),
+        "phantom": _log(tracker, UNet3D(base_channels=4, norm="batch", in_channels=2).eval(),
+                        _spec("phantom", ("t2", "adc"), modality="MR"), "genesis-phantom", in_channels=2),
     }
     return uri, models
 
@@ -273,3 +275,137 @@ def test_model_card_and_attributes(registry, tmp_path):
     assert old.genesis_task_file is None and old.genesis_preprocessing is None
     old_card = load_model_card(models["old"], tracking_uri=uri)
     assert old_card.task is None and old_card.preprocessing is None
+
+
+# ---- review fixes: stores, names, outputs, candidates, 4-D files, modality, bounded reads -----------------
+
+
+def _predict_cpu(uri: str, *argv: str) -> int:
+    return _predict(*argv, "--tracking-uri", uri, "--device", "cpu")
+
+
+def test_a_two_channel_nnunet_volume_store_is_predicted_and_a_ct_model_refuses_its_mr_scans(registry, tmp_path):
+    """The store's scans carry `channel` "0000"/"0001" and `sequence` "t2"/"adc" (modality T2/ADC): grouped by
+    the task's channel names; the CT model is refused before any work (T2 and ADC are not CT)."""
+    from pipeline.sample_data.datasets import write_sample
+    from pipeline.volume_store.convert import convert
+
+    uri, models = registry
+    write_sample("nnunet", tmp_path / "raw", n_scans=2, small=True)
+    convert([str(tmp_path / "raw")], str(tmp_path / "vs"), workers=1, progress=False)
+    assert _predict_cpu(uri, "--model", models["phantom"], "--input", str(tmp_path / "vs"),
+                        "--out", str(tmp_path / "out")) == 0
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert summary["cases"] and all(c["status"] == "ok" for c in summary["cases"])
+    for case in summary["cases"]:
+        assert [i["path"].rsplit("::", 1)[1] for i in case["inputs"]] == [f"{case['case_id']}_0000",
+                                                                         f"{case['case_id']}_0001"]
+        assert all(i["content_digest"].startswith("xxh3-128:") and "sha256" not in i for i in case["inputs"])
+        assert (tmp_path / "out" / f"{case['case_id']}.nii.gz").is_file()
+    with pytest.raises(UsageError, match=r"modality T2 but the model's task 'spheres' is CT"):
+        scan = f"{tmp_path / 'vs'}::{summary['cases'][0]['case_id']}_0000"
+        _predict_cpu(uri, "--model", models["seg"], "--input", scan, "--out", str(tmp_path / "ct"))
+    assert not (tmp_path / "ct").exists()  # nothing written: the check is a pre-pass
+
+
+def test_out_in_the_inputs_folder_is_refused_before_the_input_is_overwritten(registry, tmp_path):
+    uri, models = registry
+    src = tmp_path / "s.nii.gz"
+    sitk.WriteImage(_oblique(shape_xyz=(20, 18, 16))[0], str(src))
+    before = src.read_bytes()
+    with pytest.raises(UsageError, match=r"would overwrite the input .*s\.nii\.gz; give another --out"):
+        _predict_cpu(uri, "--model", models["seg"], "--input", str(src), "--out", str(tmp_path))
+    assert src.read_bytes() == before and not (tmp_path / "predictions.json").exists()
+
+
+def test_one_channel_names_with_digits_and_equal_stems_from_two_folders(registry, tmp_path):
+    """`patient_0042`, `CT_2019` are cases of a one-channel task (only `_0000` is a channel suffix); two `x`
+    from two folders give `x` and `x-2`, neither overwriting the other; `y_0000` is case `y`."""
+    uri, models = registry
+    image, mask = _oblique(shape_xyz=(24, 20, 16), centre_xyz=(12, 10, 8), radius=5)
+    names = ["a/patient_0042.nii.gz", "a/CT_2019.nii.gz", "a/x.nii.gz", "b/x.nii.gz", "b/y_0000.nii.gz"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        sitk.WriteImage(image, str(tmp_path / name))
+    assert _predict_cpu(uri, "--model", models["seg"], "--input", str(tmp_path / "a"), str(tmp_path / "b"),
+                        "--out", str(tmp_path / "out")) == 0
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    got = {c["case_id"]: c["inputs"][0]["path"] for c in summary["cases"]}
+    assert got == {"CT_2019": str(tmp_path / "a/CT_2019.nii.gz"),
+                   "patient_0042": str(tmp_path / "a/patient_0042.nii.gz"),
+                   "x": str(tmp_path / "a/x.nii.gz"), "x-2": str(tmp_path / "b/x.nii.gz"),
+                   "y": str(tmp_path / "b/y_0000.nii.gz")}
+    for case in got:
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz")))
+        assert _dice(label == 2, mask) > 0.8
+
+
+def test_msd_four_d_input_is_one_case_of_its_channels(registry, tmp_path):
+    """An MSD imagesTs file holds the channels on its 4th axis: one case, the label map on its 3-D grid."""
+    uri, models = registry
+    three, _ = _oblique(shape_xyz=(20, 18, 16), centre_xyz=(9, 9, 8), radius=4)
+    four = sitk.JoinSeries([three, three * 2])
+    four.SetOrigin(three.GetOrigin() + (0.0,))
+    four.SetSpacing(three.GetSpacing() + (1.0,))
+    direction = np.eye(4)
+    direction[:3, :3] = np.reshape(three.GetDirection(), (3, 3))
+    four.SetDirection(tuple(direction.ravel()))
+    src = tmp_path / "BRATS_001.nii.gz"
+    sitk.WriteImage(four, str(src))
+    assert _predict_cpu(uri, "--model", models["two"], "--input", str(src), "--out", str(tmp_path / "out")) == 0
+    _same_geometry(sitk.ReadImage(str(tmp_path / "out" / "BRATS_001.nii.gz")), three)
+    case = json.loads((tmp_path / "out" / "predictions.json").read_text())["cases"][0]
+    assert len(case["inputs"]) == 2 and case["inputs"][1]["path"].endswith("(channel 1 of its 4th axis)")
+    with pytest.raises(UsageError, match=r"4-D image with 2 channels on its 4th axis, but the task takes 1"):
+        _predict_cpu(uri, "--model", models["seg"], "--input", str(src), "--out", str(tmp_path / "o2"))
+
+
+def test_candidates_keep_numeric_case_ids_and_int_labels_and_an_unreadable_input_is_exit_1(registry, tmp_path):
+    uri, models = registry
+    image, _ = _oblique(seed=4)
+    sitk.WriteImage(image, str(tmp_path / "001.nii.gz"))
+    inside = image.TransformContinuousIndexToPhysicalPoint((20.0, 18.0, 10.0))
+    (tmp_path / "cands.csv").write_text(f"case_id,x,y,z,label\n001,{inside[0]},{inside[1]},{inside[2]},1\n"
+                                        f"002,{inside[0]},{inside[1]},{inside[2]},0\n")
+    assert _predict_cpu(uri, "--model", models["cls"], "--input", str(tmp_path / "001.nii.gz"),
+                        str(tmp_path / "002.nii.gz"), "--out", str(tmp_path / "out"),
+                        "--candidates", str(tmp_path / "cands.csv")) == 1  # 002.nii.gz does not exist
+    lines = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "case_id,x,y,z,label,score" and len(lines) == 2
+    assert lines[1].startswith("001,") and lines[1].split(",")[4] == "1"
+    cases = {c["case_id"]: c for c in json.loads((tmp_path / "out" / "predictions.json").read_text())["cases"]}
+    assert cases["001"]["status"] == "ok" and cases["001"]["candidates"] == 1
+    assert cases["002"]["status"] == "failed" and "no such file" in cases["002"]["error"]
+
+
+def test_resampling_pads_with_the_scan_minimum_as_the_store_does():
+    from pipeline.predict.run import _resampled
+
+    arr = np.full((1, 4, 4, 4), 500.0, np.float32)
+    lps = sitk.GetImageFromArray(arr[0])
+    _, out = _resampled(lps, arr, (0.6, 0.6, 0.6))  # 7 voxels a side reach past the last input voxel
+    assert out.shape == (1, 7, 7, 7) and out.min() == 500.0
+
+
+def test_spacing_the_model_cannot_name_is_said():
+    from pipeline.predict.run import _spacing_warnings
+
+    assert _spacing_warnings({"spacing": {"resampled_to": [1.0, 1.0, 1.0]}}, True) == []
+    assert _spacing_warnings({"spacing": {"resampled_to": None}}, True) == []  # the store kept source voxels
+    moved = _spacing_warnings({"spacing": {"resampled_to": None, "resampled_to_unknown": "store moved"}}, True)
+    assert len(moved) == 1 and "(store moved)" in moved[0]
+    assert "no preprocessing.json" in _spacing_warnings({"spacing": {"resampled_to": None}}, False)[0]
+
+
+def test_a_runs_task_artifact_is_read_bounded_and_without_aliases(registry, tmp_path):
+    from pipeline.predict.model_card import parse_task_text
+
+    uri, _ = registry
+    model = _log(Tracker(uri), UNet3D(base_channels=4, norm="batch").eval(), None, "genesis-huge-task")
+    run_id = load_model_card(model, tracking_uri=uri).run_id
+    mlflow.MlflowClient(tracking_uri=uri).log_text(run_id, "name: x\nnotes: '" + "y" * 300_000 + "'\n",
+                                                   "task/huge.yaml")
+    with pytest.raises(ValueError, match=r"task/huge\.yaml: over the \d+-byte limit"):
+        load_model_card(model, tracking_uri=uri)
+    with pytest.raises(ValueError, match=r"m\.yaml: not valid YAML at line 2: anchor &a is not allowed"):
+        parse_task_text("name: x\na: &a [1, 2]\nb: [*a, *a]\n", "m.yaml")

@@ -413,3 +413,20 @@ def test_task_file_and_preprocessing_travel_as_plain_data_and_tampered_ones_are_
     assert not marker.exists()
     with pytest.raises(ModelFormatError, match="task_file must be the task file's text"):
         log_finetuned_model(UNet3D(base_channels=4).eval(), task_file={"name": "x"})
+
+
+def test_a_task_file_with_yaml_aliases_is_refused_in_the_card(tmp_path):
+    """A few hundred bytes of aliases stand for 10**7 strings: refused on read and on write, before anything
+    could expand them."""
+    from pipeline.model_io.model_format import ModelFormatError, read_model_card, write_model_card
+
+    laughs = "name: spheres\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 7))
+    (tmp_path / "task.yaml").write_text(laughs, encoding="utf-8")
+    with pytest.raises(ModelFormatError, match=r"task\.yaml: not valid YAML \(ComposerError: anchor &a0 is not "
+                                               r"allowed in a task file\)"):
+        read_model_card(tmp_path, "m")
+    with pytest.raises(ModelFormatError, match=r"anchor &a0 is not allowed"):
+        write_model_card(tmp_path / "w", task_file=laughs)
+    (tmp_path / "task.yaml").write_text("name: spheres\ntitle: plain\n", encoding="utf-8")
+    assert read_model_card(tmp_path, "m") == ("name: spheres\ntitle: plain\n", None)

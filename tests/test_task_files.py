@@ -424,3 +424,46 @@ def test_a_finetuning_from_a_task_file_logs_it(ray_local, lits_store, tmp_path):
         assert res.registered_as == "genesis-liver_ft" and run.data.tags["task"] == "liver_ft"
     finally:
         _forget("liver_ft")
+
+
+# ---- hostile task files: no YAML anchors or aliases, values in messages capped ------------------------
+
+
+def _laughs(depth: int) -> str:
+    """A few hundred bytes of YAML that aliases expand to 10**(depth+1) strings ("billion laughs")."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, depth + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_task_file_with_anchors_or_aliases_is_refused_naming_the_file_and_line(tmp_path):
+    import time
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(task_file_text(get_task("ncc")) + _laughs(6))
+    start = time.perf_counter()
+    with pytest.raises(TaskFileError) as err:
+        load_task_file(path)
+    assert time.perf_counter() - start < 1.0
+    message = str(err.value)
+    assert message.startswith(f"{path}: not valid YAML at line ") and "anchor &a0 is not allowed" in message
+    assert len(message) < 300
+    # an alias of a scalar: refused too, though it expands nothing
+    text = task_file_text(get_task("ncc")).replace("title:", "x_title: &t t\ntitle:", 1) + "notes_copy: *t\n"
+    with pytest.raises(TaskFileError, match=r"anchor &t is not allowed"):
+        task_from_text(text, "aliased.yaml")
+
+
+def test_a_huge_value_is_shown_capped_in_the_error():
+    data = task_to_dict(get_task("ncc"))
+    data["title"] = [[f"word{i}" for i in range(1000)] for _ in range(1000)]  # a million strings, no alias
+    with pytest.raises(TaskFileError) as err:
+        task_from_dict(data, where="big.yaml")
+    message = str(err.value)
+    assert message.startswith("big.yaml: title: expected a string, got [['word0', 'word1'")
+    assert len(message) < 250 and "..." in message
+    data = task_to_dict(get_task("ncc"))
+    data["x" * 5000] = "y" * 5000
+    with pytest.raises(TaskFileError, match=r"unknown key 'xxxx") as err:
+        task_from_dict(data, where="key.yaml")
+    assert len(str(err.value)) < 600

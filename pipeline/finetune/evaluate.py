@@ -198,6 +198,7 @@ def model_preprocessing(spec, config: FinetuneConfig, store=None) -> dict:
     target = spec.sampling.target_values
     labels = dict(getattr(spec, "labels", {}) or {})
     output_value = int(target[0]) if target is not None and len(target) == 1 else 1
+    spacing, spacing_unknown = _store_spacing(store)
     classification = spec.kind == "classification"
     out = {
         "format": PREPROCESSING_FORMAT, "format_version": PREPROCESSING_VERSION,
@@ -209,7 +210,8 @@ def model_preprocessing(spec, config: FinetuneConfig, store=None) -> dict:
                       "rule": ("clip to [low, high] and scale to [0, 1]" if spec.intensity.kind == "window" else
                                "per channel, clip to the [low, high] percentiles of the non-zero voxels and scale "
                                "to [0, 1]")},
-        "spacing": {"resampled_to": _store_spacing(store), "inplane_scale": float(getattr(spec, "inplane_scale", 1.0)),
+        "spacing": {"resampled_to": spacing, "resampled_to_unknown": spacing_unknown,
+                    "inplane_scale": float(getattr(spec, "inplane_scale", 1.0)),
                     "volume_scale": [float(v) for v in config.volume_scale]},
         "cube_size": [int(v) for v in spec.cube_size],
         "crop_size": [int(v) for v in (spec.sampling.crop_size or spec.cube_size)],
@@ -228,18 +230,22 @@ def model_preprocessing(spec, config: FinetuneConfig, store=None) -> dict:
     return out
 
 
-def _store_spacing(store) -> list[float] | None:
-    """The spacing (z, y, x mm) the volume store under `store` resampled its scans to; None when it kept the
-    source voxels (or cannot say)."""
+def _store_spacing(store) -> tuple[list[float] | None, str | None]:
+    """(the spacing (z, y, x mm) the volume store under `store` resampled its scans to, or None when it kept the
+    source voxels; why that cannot be told, or None). Predict warns with the reason instead of guessing."""
+    if store is None:
+        return None, None
     try:
         from pipeline.volume_store.store import VolumeStore
 
         records = VolumeStore(store.attrs["volume_store"]["path"]).records()
-    except Exception:  # noqa: BLE001 - no store, or one moved since: the record says "not known"
-        return None
+    except Exception as exc:  # noqa: BLE001 - no store, or one moved since: the record says "not known"
+        return None, f"its volume store cannot be read ({type(exc).__name__}; moved?)"
     spacings = {tuple((r.get("settings") or {}).get("spacing") or ()) for r in records if r.get("status") == "ok"}
     spacings.discard(())
-    return [float(v) for v in next(iter(spacings))] if len(spacings) == 1 else None
+    if len(spacings) > 1:
+        return None, f"its volume store mixes spacings {sorted(spacings)}"
+    return ([float(v) for v in next(iter(spacings))] if spacings else None), None
 
 
 def _roc_figure(fpr, tpr, auc):

@@ -15,7 +15,7 @@ under that name because every model logged so far names it as its loader):
     data/genesis/architecture.json   {"architecture": "UNet3D", "kwargs": {"base_channels": 32, ...}}
     data/genesis/weights.safetensors the state dict
     data/genesis/task.yaml       (optional) the task file of a fine-tuned model (`pipeline.tasks.task_file`'s
-                                 canonical text), read as YAML with `yaml.safe_load` (plain data, nothing built)
+                                 canonical text), read as YAML by a SafeLoader that refuses anchors/aliases
     data/genesis/preprocessing.json  (optional) how to apply the model: orientation, intensity rule, input size,
                                  label values, threshold, sliding window (`pipeline.predict` reads it); models
                                  logged before these files existed load as before, without them
@@ -243,7 +243,7 @@ def write_model_card(folder: str | Path, task_file: str | None = None, preproces
 
 def read_model_card(folder: str | Path, source: str | None = None) -> tuple[str | None, dict | None]:
     """(task file text, preprocessing dict) of a model's data folder; None for a file the model does not have
-    (models logged before these files existed). Bounded reads, `yaml.safe_load` and strict JSON: nothing is
+    (models logged before these files existed). Bounded reads, YAML without anchors/aliases and strict JSON: nothing is
     built or run; a file that is there but not what it should be is a ModelFormatError."""
     folder = Path(folder)
     source = source or str(folder)
@@ -270,12 +270,37 @@ def _check_task_text(raw: bytes, what: str) -> str:
     except UnicodeDecodeError as err:
         raise ModelFormatError(f"{what}: not UTF-8 ({err.reason} at byte {err.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = _task_yaml(text)
     except (yaml.YAMLError, RecursionError) as err:
-        raise ModelFormatError(f"{what}: not valid YAML ({type(err).__name__})") from None
+        why = getattr(err, "problem", None) if isinstance(err, yaml.YAMLError) else None
+        raise ModelFormatError(f"{what}: not valid YAML ({type(err).__name__}{': ' + why if why else ''})"
+                               ) from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{what}: a task file is a mapping, got {type(data).__name__}")
     return text
+
+
+def _task_yaml(text: str):
+    """Plain data of a task file's text, read by `yaml.SafeLoader` refusing anchors and aliases: a task file has no
+    use for them, and aliases let a few hundred bytes stand for millions of nodes. (The task layer's
+    `task_file.safe_yaml` does the same; model_io may not import the task layer, and this module travels alone
+    with every logged model.)"""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+                raise yaml.composer.ComposerError(None, None, f"{kind}{event.anchor} is not allowed in a task file",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+
+    loader = NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
@@ -612,8 +637,6 @@ def _task_name(task_file: str | None) -> str | None:
     """The `name:` of a task file's text, for the model's metadata (None without one)."""
     if task_file is None:
         return None
-    import yaml
-
-    data = yaml.safe_load(task_file)
+    data = _task_yaml(task_file)  # checked by write_model_card first: one mapping, no aliases
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) else None

@@ -14,12 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from pipeline.runtime.errors import one_line
 from pipeline.runtime.tracking import Tracker
 from pipeline.tasks.spec import TaskSpec
-from pipeline.tasks.task_file import task_from_dict
+from pipeline.tasks.task_file import task_from_text
 
 __all__ = ["ModelCard", "load_model_card", "card_of_model", "parse_task_text", "resolve_model_uri", "ModelRef"]
 
@@ -54,14 +52,9 @@ class ModelCard:
 
 
 def parse_task_text(text: str, where: str) -> TaskSpec:
-    """The TaskSpec of a task file's text; a ValueError naming `where`, the key and the value when it is not one."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{where}: not valid YAML ({one_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: a task file is a mapping, got {type(data).__name__}")
-    return task_from_dict(data, where=where)
+    """The TaskSpec of a task file's text; a ValueError (TaskFileError) naming `where`, the key and the value when
+    it is not one. Read as every task file is (`task_from_text`: no YAML anchors or aliases, values capped)."""
+    return task_from_text(text, where)
 
 
 def resolve_model_uri(uri: str, tracker: Tracker | None) -> ModelRef:
@@ -91,19 +84,34 @@ def resolve_model_uri(uri: str, tracker: Tracker | None) -> ModelRef:
 
 
 def _run_task(tracker: Tracker, run_id: str | None) -> tuple[str | None, str | None]:
-    """(text, artifact path) of the task file the model's run logged (`task/<name>.yaml`), or (None, None)."""
+    """(text, artifact path) of the task file the model's run logged (`task/<name>.yaml`), or (None, None).
+    Read with the model card's size limit (`MAX_CARD_BYTES`): the run's artifacts are anyone's upload."""
+    from pipeline.model_io.model_format import MAX_CARD_BYTES
+
     if not run_id:
         return None, None
     try:
-        files = [f.path for f in tracker.client.list_artifacts(run_id, "task")
-                 if not f.is_dir and f.path.endswith((".yaml", ".yml"))]
+        files = sorted((f.path, f.file_size) for f in tracker.client.list_artifacts(run_id, "task")
+                       if not f.is_dir and f.path.endswith((".yaml", ".yml")))
     except Exception:  # noqa: BLE001 - a run without artifacts, or gone: no fallback
         return None, None
     if not files:
         return None, None
+    path, size = files[0]
+    too_big = (f"run {run_id}'s artifact {path}: over the {MAX_CARD_BYTES}-byte limit of a task file, refusing "
+               f"to read it")
+    if size is not None and size > MAX_CARD_BYTES:
+        raise ValueError(too_big)
     with tempfile.TemporaryDirectory(prefix="genesis-task-") as tmp:
-        local = tracker.download_artifacts(f"runs:/{run_id}/{sorted(files)[0]}", tmp)
-        return Path(local).read_text(encoding="utf-8"), sorted(files)[0]
+        local = tracker.download_artifacts(f"runs:/{run_id}/{path}", tmp)
+        with open(local, "rb") as f:
+            raw = f.read(MAX_CARD_BYTES + 1)
+    if len(raw) > MAX_CARD_BYTES:
+        raise ValueError(too_big)
+    try:
+        return raw.decode("utf-8"), path
+    except UnicodeDecodeError as err:
+        raise ValueError(f"run {run_id}'s artifact {path}: not UTF-8 ({err.reason} at byte {err.start})") from None
 
 
 def card_of_model(model, uri: str, tracking_uri: str | None = None) -> ModelCard:

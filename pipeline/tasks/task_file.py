@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -20,14 +21,52 @@ import yaml
 
 from pipeline.tasks.spec import TaskSpec
 
-__all__ = ["TaskFileError", "task_from_dict", "task_to_dict", "task_to_yaml", "load_task_file", "task_from_text",
-           "task_file_text", "task_file_sha256", "is_task_file", "TASK_FILE_SUFFIXES", "TaskRecord", "task_record"]
+__all__ = ["TaskFileError", "NoAliasLoader", "safe_yaml", "shown", "task_from_dict", "task_to_dict", "task_to_yaml",
+           "load_task_file", "task_from_text", "task_file_text", "task_file_sha256", "is_task_file", "TASK_FILE_SUFFIXES", "TaskRecord", "task_record"]
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 class TaskFileError(ValueError):
     """A task file that cannot be read as a TaskSpec; the message names the file, the key and the value."""
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses anchors (&a) and aliases (*a).
+
+    A task file has no use for them, and an alias is how a 300-byte file becomes a structure of millions of
+    nodes ("billion laughs"): harmless while shared, but every error message or copy expands it."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise yaml.composer.ComposerError(None, None, f"{kind}{event.anchor} is not allowed in a task file "
+                                              f"(write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str):
+    """Plain data of one YAML document, read with `NoAliasLoader` (no anchors, no aliases, nothing built)."""
+    loader = NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict = 2, 6, 6, 6
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 80, 80, 40
+SHOWN_CHARS = 160
+"""The most characters of a value an error message shows."""
+
+
+def shown(value) -> str:
+    """`repr(value)` capped (reprlib: two levels, a few items, then at most SHOWN_CHARS characters), for error
+    messages: a value from a file is shown, never expanded in full."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 def is_task_file(ref: str) -> bool:
@@ -56,44 +95,44 @@ def _convert(value, tp, key: str):
                 return _convert(value, arg, key)
             except TaskFileError as exc:
                 errors.append(str(exc))
-        raise TaskFileError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid value "
+        raise TaskFileError(errors[0] if len(errors) == 1 else f"{key}: {shown(value)} is not a valid value "
                             f"(expected {' or '.join(_type_name(a) for a in args)})")
     if origin is typing.Literal:
         if value not in args:
-            raise TaskFileError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+            raise TaskFileError(f"{key}: {shown(value)} is not one of {', '.join(map(repr, args))}")
         return value
     if dataclasses.is_dataclass(tp):
         return _dataclass_from(value, tp, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise TaskFileError(f"{key}: expected a list, got {value!r}")
+            raise TaskFileError(f"{key}: expected a list, got {shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise TaskFileError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            raise TaskFileError(f"{key}: expected a list of {len(args)} values, got {shown(value)}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise TaskFileError(f"{key}: expected a mapping, got {value!r}")
+            raise TaskFileError(f"{key}: expected a mapping, got {shown(value)}")
         kt, vt = args or (str, object)
         return {_convert(k, kt, f"{key} key"): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise TaskFileError(f"{key}: expected true or false, got {value!r}")
+            raise TaskFileError(f"{key}: expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise TaskFileError(f"{key}: expected an integer, got {value!r}")
+            raise TaskFileError(f"{key}: expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise TaskFileError(f"{key}: expected a finite number, got {value!r}")
+            raise TaskFileError(f"{key}: expected a finite number, got {shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise TaskFileError(f"{key}: expected a string, got {value!r}")
+            raise TaskFileError(f"{key}: expected a string, got {shown(value)}")
         return value
     if tp is object:
         return value
@@ -102,11 +141,11 @@ def _convert(value, tp, key: str):
 
 def _dataclass_from(value, cls, where: str):
     if not isinstance(value, dict):
-        raise TaskFileError(f"{where}: expected a mapping of {cls.__name__}'s keys, got {value!r}")
+        raise TaskFileError(f"{where}: expected a mapping of {cls.__name__}'s keys, got {shown(value)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(map(str, value)) - set(fields))
     if unknown:
-        raise TaskFileError(f"unknown key {_join(where, unknown[0])!r} (value {value[unknown[0]]!r}); "
+        raise TaskFileError(f"unknown key {shown(_join(where, unknown[0]))} (value {shown(value[unknown[0]])}); "
                             f"{cls.__name__} has {', '.join(fields)}")
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING]
@@ -198,13 +237,16 @@ def task_file_sha256(spec: TaskSpec) -> str:
 
 
 def task_from_text(text: str, where: str) -> TaskSpec:
-    """A TaskSpec from a task file's text (a file, a store's attributes, an MLflow artifact); `where` names it."""
+    """A TaskSpec from a task file's text (a file, a store's attributes, an MLflow artifact); `where` names it.
+    Read with `safe_yaml`: an anchor or alias is an error, and values in messages are capped (`shown`)."""
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise TaskFileError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise TaskFileError(f"{where}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise TaskFileError(f"{where}: a task file is a mapping of TaskSpec keys (name, kind, ...), got "
                             f"{type(data).__name__}")
