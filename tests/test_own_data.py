@@ -135,3 +135,18 @@ def test_a_channel_on_another_grid_fails_its_case_in_the_task_store(tmp_path):
     skipped = [s for s in result.skipped if "phantom_002" in s["scan_id"]]
     assert len(skipped) == 2 and all("different grids" in s["reason"] for s in skipped), result.skipped
     assert not any("phantom_002" in str(c) for c in PatchStore(result.path).index["case_id"])
+
+
+def test_tasks_init_names_channels_as_convert_stores_them(tmp_path):
+    """One dataset.json parser for convert and tasks init: two channels sharing a name get the sequence ids convert
+    gives them (t1_0000, t1_0001), so the drafted task finds both."""
+    from pipeline.ingest.nnunet import read_dataset_json as read_meta
+    from pipeline.tasks.task_init import draft_task
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T1"}, "labels": {"background": 0, "lesion": 1},
+        "numTraining": 0, "file_ending": ".nii.gz"}), encoding="utf-8")
+    spec, _, _ = draft_task(tmp_path, name="twins")
+    assert spec.channels == tuple(read_meta(str(tmp_path / "dataset.json")).sequences().values()) == \
+        ("t1_0000", "t1_0001")

@@ -269,7 +269,7 @@ def test_tasks_init_msd_form(tmp_path):
 
 @pytest.mark.parametrize("problem, needles", [
     ("missing", ["dataset.json", "missing"]),
-    ("not json", ["dataset.json", "not valid JSON"]),
+    ("not json", ["dataset.json", "not JSON"]),
     ("no channels", ["dataset.json", "channel_names"]),
     ("no labels", ["dataset.json", "no labels"]),
     ("bad label", ["dataset.json", "--label 'kidney'", "liver=1"]),

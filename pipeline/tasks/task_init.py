@@ -57,6 +57,9 @@ class DatasetJson:
     file_ending: str
     num_training: int | None
     name: str
+    sequences: tuple[str, ...] = ()
+    """Each channel's sequence identifier as `genesis convert` stores it (the name lower-cased; made unique with the
+    channel index when two channels share a name): what a task's `channels` name."""
 
     @property
     def folder(self) -> Path:
@@ -86,75 +89,26 @@ class DatasetJson:
         return out
 
 
-def _channel_map(raw, path: Path, key: str) -> tuple[str, ...]:
-    if not isinstance(raw, dict) or not raw:
-        raise DatasetJsonError(f"{path}: {key} must be a mapping of channel index -> name, got {raw!r}")
-    try:
-        items = sorted(((int(k), v) for k, v in raw.items()), key=lambda kv: kv[0])
-    except (TypeError, ValueError):
-        raise DatasetJsonError(f"{path}: {key} keys must be channel indices 0, 1, ..., got {list(raw)}") from None
-    if [i for i, _ in items] != list(range(len(items))):
-        raise DatasetJsonError(f"{path}: {key} must number its channels 0..{len(items) - 1}, got {list(raw)}")
-    if not all(isinstance(v, str) and v.strip() for _, v in items):
-        raise DatasetJsonError(f"{path}: {key} names must be non-empty strings, got {raw!r}")
-    return tuple(v.strip() for _, v in items)
-
-
-def _label_value(value, name: str, path: Path) -> int | tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                  for v in value):
-        return tuple(value)
-    raise DatasetJsonError(f"{path}: label {name!r} has value {value!r}; a label value is an integer >= 0 or a "
-                           "list of them (a region-based label)")
-
-
-def _labels(raw, form: str, path: Path) -> dict[str, int | tuple[int, ...]]:
-    if not isinstance(raw, dict) or not raw:
-        raise DatasetJsonError(f"{path}: labels must be a non-empty mapping, got {raw!r}")
-    if form == "msd":  # "0": "background", "1": "edema"
-        out = {}
-        for value, name in raw.items():
-            if not str(value).isdigit() or not isinstance(name, str) or not name:
-                raise DatasetJsonError(f"{path}: MSD labels map a value to a name (\"1\": \"edema\"), got "
-                                       f"{value!r}: {name!r}")
-            out[name] = int(value)
-        return out
-    return {str(name): _label_value(value, str(name), path) for name, value in raw.items()}
-
-
 def read_dataset_json(folder: str | Path) -> DatasetJson:
-    """dataset.json of an nnU-Net v2 or MSD dataset folder; DatasetJsonError naming the file when it is missing,
-    not JSON, or lacks channel_names (MSD: modality) or labels."""
+    """dataset.json of an nnU-Net v2 or MSD dataset folder, parsed by the reader `genesis convert` uses (one parser,
+    so a task names channels and labels exactly as the store has them); DatasetJsonError naming the file when it
+    is missing, not JSON, or lacks channel_names (MSD: modality) or labels."""
+    from pipeline.ingest.nnunet import read_dataset_json as read_meta
+
     path = Path(folder) / "dataset.json"
     if not Path(folder).is_dir():
         raise DatasetJsonError(f"{folder}: no such dataset folder")
+    if not path.is_file():
+        raise DatasetJsonError(f"{path}: missing (an nnU-Net or MSD dataset folder has a dataset.json)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetJsonError(f"{path}: missing (an nnU-Net or MSD dataset folder has a dataset.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetJsonError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DatasetJsonError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if "channel_names" in data:
-        form, channels = "nnunet_v2", _channel_map(data["channel_names"], path, "channel_names")
-    elif "modality" in data:
-        form, channels = "msd", _channel_map(data["modality"], path, "modality")
-    else:
-        raise DatasetJsonError(f"{path}: has no channel_names (nnU-Net v2) or modality (MSD)")
-    if "labels" not in data:
-        raise DatasetJsonError(f"{path}: has no labels")
-    labels = _labels(data["labels"], form, path)
-    ending = data.get("file_ending", ".nii.gz")
-    if not isinstance(ending, str) or not ending.startswith("."):
-        raise DatasetJsonError(f"{path}: file_ending must be like \".nii.gz\", got {ending!r}")
-    n = data.get("numTraining")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-        raise DatasetJsonError(f"{path}: numTraining must be a count, got {n!r}")
-    return DatasetJson(path=path, form=form, channels=channels, labels=labels, file_ending=ending, num_training=n,
-                       name=str(data.get("name") or Path(folder).resolve().name))
+        meta = read_meta(str(path), where=str(path))
+        name = json.loads(path.read_text(encoding="utf-8-sig")).get("name")
+    except ValueError as exc:
+        raise DatasetJsonError(str(exc)) from None
+    return DatasetJson(path=path, form="nnunet_v2" if meta.layout == "nnunet" else "msd",
+                       channels=tuple(n.strip() for _, n in meta.channels), labels=dict(meta.labels),
+                       file_ending=meta.file_ending or ".nii.gz", num_training=meta.num_training,
+                       name=str(name or Path(folder).resolve().name), sequences=tuple(meta.sequences().values()))
 
 
 def task_name_of(folder: str | Path) -> str:
@@ -246,7 +200,7 @@ def draft_task(folder: str | Path, *, name: str | None = None, label: str | None
     name = _check_name(name) if name else task_name_of(folder)
     dataset = folder.resolve().name
     ct = ds.is_ct
-    channels = tuple(c.lower() for c in ds.channels)
+    channels = ds.sequences
     channel_list = ", ".join(f"{i:04d}={c}" for i, c in enumerate(ds.channels))
     classification = candidates is not None
     closest = get_task("ncc" if classification else ("lcs" if ct else "bms"))
