@@ -449,3 +449,68 @@ def test_convert_lidc_coronal_series(tmp_path):
     group = VolumeStore(tmp_path / "store").open_scan(uid)
     assert group["0"].shape == (NY, NZ, NX)  # LPS: z (superior) from the rows, y (posterior) from the slices
     assert dict(group.attrs)["genesis"]["source_direction"] != [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+# --- readings that miss the image (issue 18, item 3) -------------------------------------------
+
+def test_contours_outside_the_image_or_on_no_slice_are_counted_and_named():
+    """Before: the outline off the image became "empty consensus mask", the one off the series a
+    problem among others; nothing said how much of the reading missed."""
+    sessions = _two_nodules()  # 16 contours, all on the image
+    off = rect(70, 8, 80, 14)  # columns 70-80 of a 64-column image: wholly outside
+    sessions[0].append(nodule("C", [roi(sop(k), positions(k), off) for k in (6, 7)]))
+    sessions[1].append(nodule("D", [roi(sop(8), positions(8), rect(58, 30, 70, 40))]))  # partly outside
+    sessions[2].append(nodule("E", [roi("1.2.3.997", 600.0, rect(30, 30, 36, 36))]))  # no such slice
+    sessions[3].append(nodule("tiny", [roi(sop(9), positions(9), [(200, 200)])], characteristics=False))
+    labels = lidc_labels(parse_lidc_text(lidc_xml(sessions), "0044.xml"), grid())
+    summary = "LIDC XML 0044.xml: 4 of 21 contours outside the image (1 partly), 1 matching no slice"
+    assert labels.contours.summary == summary and not labels.contours.all_missed
+    attrs = labels.attrs()
+    assert attrs["contour_summary"] == summary
+    assert attrs["contours"] == {"total": 21, "outside_image": 4, "partly_outside_image": 1, "matching_no_slice": 1,
+                                 "landed": 17}
+    assert [n.readers for n in labels.nodules] == [4, 1, 4]  # A, D (its part on the image), B
+    assert labels.mask[:, :, 59:].max() == 2 and len(labels.problems) == 2  # D is label 2, by its z
+    whole = lidc_labels(parse_lidc_text(lidc_xml(_two_nodules()), "0045.xml"), grid())
+    assert whole.contours.summary is None and whole.attrs()["contour_summary"] is None
+
+
+def test_edge_points_that_are_not_finite_name_the_file():
+    """An `inf` coordinate raised OverflowError deep in the rasteriser."""
+    bad = lidc_xml([[nodule("A", [roi(sop(3), positions(3), rect(8, 8, 18, 18))])]]).replace(
+        "<xCoord>8</xCoord>", "<xCoord>inf</xCoord>", 1)
+    with pytest.raises(ValueError, match=r"0046.xml: reader 5000 nodule 'A' has an edgeMap point \('inf', '8'\) "
+                                         r"that is not a pair of finite numbers"):
+        parse_lidc_text(bad, "0046.xml")
+
+
+def test_convert_names_missing_contours_and_fails_an_xml_that_misses_entirely(tmp_path):
+    """Series 5: its reading plus one outline off the image converts, the miss named in the label's
+    attributes. Series 6: a reading all of whose outlines lie off the image (or on no slice) is a
+    failed row, not an ok scan with an empty nodules label."""
+    root = tmp_path / "LIDC-IDRI"
+    uid = SERIES + "5"
+    expected, xml = _expected_and_xml(uid, positions)
+    extra = nodule("C", [roi(sop(6, uid), positions(6), rect(70, 8, 80, 14))])
+    xml = xml.replace("</readingSession>", extra + "</readingSession>", 1)
+    ct = _ct_with_nodules(expected, seed=5)
+    folder = root / "LIDC-IDRI-0011" / "study" / "series"
+    write_dicom_series(folder, ct, series_uid=uid, positions=[positions(k) for k in range(NZ)])
+    (folder / "069.xml").write_text(xml)
+    lost = SERIES + "6"
+    folder = root / "LIDC-IDRI-0012" / "study" / "series"
+    write_dicom_series(folder, _ct_with_nodules(np.zeros((NZ, NY, NX)), seed=6), series_uid=lost,
+                       positions=[positions(k) for k in range(NZ)])
+    off = [nodule("A", [roi(sop(k, lost), positions(k), rect(100, 100, 110, 110)) for k in (3, 4)]),
+           nodule("B", [roi("1.2.3.996", 900.0, rect(8, 8, 18, 18))])]
+    (folder / "070.xml").write_text(lidc_xml([off, off], series_uid=lost))
+    summary = convert([str(root)], str(tmp_path / "store"), workers=1, progress=False)
+    rows = VolumeStore(tmp_path / "store").catalog().set_index("scan_id")
+    assert rows.loc[uid, "status"] == "ok" and rows.loc[lost, "status"] == "failed"
+    assert rows.loc[lost, "error"] == ("LIDC XML 070.xml: 4 of 6 contours outside the image, 2 matching no slice: "
+                                       "none lands on the series (16 slices of 64x64 pixels; an XML of another "
+                                       "series?)")
+    assert [f[0] for f in summary.failed] == [lost]
+    attrs = dict(VolumeStore(tmp_path / "store").open_scan(uid)["labels/nodules"].attrs)["genesis"]
+    assert attrs["contour_summary"] == "LIDC XML 069.xml: 1 of 31 contours outside the image"
+    assert [n["readers"] for n in attrs["nodules"]] == [4, 4]

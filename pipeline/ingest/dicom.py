@@ -215,7 +215,10 @@ def _xml_labels(source: ScanSource, ordered: list[str], image: sitk.Image) -> tu
 
     The label image copies the CT image's geometry, so `volume_from_image` reorients both the
     same way and they stay voxel-exact after LPS. Other label files of a DICOM series are not
-    read here (DICOM discovery attaches none).
+    read here (DICOM discovery attaches none). An XML none of whose contours lands on the
+    series (each outside the image or matching no slice) fails the scan: an empty nodule label
+    would pass for "no nodules"; contours that partly miss are named in the label's attributes
+    (`contour_summary`).
     """
     labels: dict[str, sitk.Image] = {}
     attrs: dict[str, dict] = {}
@@ -225,6 +228,10 @@ def _xml_labels(source: ScanSource, ordered: list[str], image: sitk.Image) -> tu
         if len(ordered) < 2:
             raise ValueError(f"LIDC labels {os.path.basename(path)} need a series of single-slice files")
         result = read_lidc_labels(path, ordered, ConsensusConfig())
+        if result.contours.all_missed:
+            columns, rows, slices = image.GetSize()
+            raise ValueError(f"{result.contours.summary}: none lands on the series ({slices} slices of "
+                             f"{rows}x{columns} pixels; an XML of another series?)")
         if result.mask.shape != tuple(reversed(image.GetSize())):
             raise ValueError(f"LIDC labels {os.path.basename(path)}: grid {result.mask.shape} differs from the "
                              f"series' {tuple(reversed(image.GetSize()))}")

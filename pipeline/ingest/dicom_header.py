@@ -2,9 +2,10 @@
 
 GDCM turns bad header numbers into plausible lies rather than errors: an ImagePositionPatient
 of `inf` becomes an origin of 0,0,0, a PixelSpacing of `0\\0` or `nan\\1` becomes 1 mm, a
-RescaleSlope of `inf` is ignored, and a PixelData element shorter than Rows x Columns needs is
-read as zeros. It also allocates whatever Rows x Columns x slices asks for, so two tiny files
-declaring 40000x40000 slices cost gigabytes (or a MemoryError) before anything else can say no.
+RescaleSlope of `inf` is ignored, a PixelData element shorter than Rows x Columns needs is read
+as zeros and a longer one is cut without a word. It also allocates whatever Rows x Columns x
+slices asks for, so two tiny files declaring 40000x40000 slices cost gigabytes (or a
+MemoryError) before anything else can say no.
 
 So each slice's header is parsed here from its raw text (never through GDCM), every number
 GDCM would use is checked with its tag name and value in the reason, and the series' decoded
@@ -176,18 +177,33 @@ def read_slice_header(path: str, name: str | None = None) -> SliceHeader:
     else:
         decoded = max(stored, 8)  # non-integral rescale: float64
     pixel_length = None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if Tag("PixelData") in ds:
         elem = ds.get_item(Tag("PixelData"))
-        if isinstance(elem, RawDataElement):  # deferred: only its declared length is known, not read
-            pixel_length = None if elem.length == 0xFFFFFFFF else int(elem.length)
+        if isinstance(elem, RawDataElement):  # raw: its declared length, cut to the bytes the file holds
+            deflated = bool(syntax is not None and syntax.is_deflated)  # positions are in the inflated stream
+            pixel_length = None if elem.length == 0xFFFFFFFF else _held_length(path, elem, deflated)
         else:  # already decoded by pydicom (small values, some transfer syntaxes)
             pixel_length = len(elem.value) if isinstance(elem.value, (bytes, bytearray)) else None
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return SliceHeader(
         name=name, is_image=True, rows=rows, columns=columns, frames=frames, samples=samples, bits_allocated=bits,
         decoded_bytes=decoded, position=tuple(position) if position else None,  # type: ignore[arg-type]
         orientation=tuple(orientation) if orientation else None, pixel_data_length=pixel_length,
         compressed=bool(syntax is not None and syntax.is_compressed))
+
+
+def _held_length(path: str, elem: RawDataElement, deflated: bool) -> int:
+    """The bytes a raw element's value really has: pydicom keeps the declared length even when the
+    file ends sooner (a short value is read, and then shorter; a deferred one is only a position)."""
+    if elem.value is not None:
+        return min(int(elem.length), len(elem.value))
+    if deflated:
+        return int(elem.length)
+    try:
+        left = os.path.getsize(path) - int(elem.value_tell)
+    except (OSError, TypeError):
+        return int(elem.length)
+    return max(0, min(int(elem.length), left))
 
 
 def check_series_size(slices: list[SliceHeader], max_scan_bytes: int) -> None:
@@ -208,12 +224,19 @@ def check_series_size(slices: list[SliceHeader], max_scan_bytes: int) -> None:
 
 
 def check_pixel_data(header: SliceHeader) -> None:
-    """Refuse uncompressed PixelData shorter than its header's size: GDCM would read zeros for the rest."""
+    """Refuse uncompressed PixelData whose length is not what its header's numbers need.
+
+    Shorter, GDCM reads zeros for the rest; longer, it reads the first bytes and drops the rest,
+    so Rows, Columns, frames, samples or bits disagree with the voxels actually stored (a
+    half-size Rows reads half the slice as the whole). DICOM pads an odd length with one byte,
+    so that one extra byte is allowed."""
     if header.compressed or header.pixel_data_length is None:
         return
     need = header.stored_bytes
-    if header.pixel_data_length < need:
+    length = header.pixel_data_length
+    if length != need and not (need % 2 and length == need + 1):
         frames = f"x{header.frames} frames" if header.frames > 1 else ""
-        raise ValueError(f"{header.name}: PixelData (7FE0,0010) holds {header.pixel_data_length} bytes, but "
+        padded = f" (or {need + 1}, padded to an even length)" if need % 2 else ""
+        raise ValueError(f"{header.name}: PixelData (7FE0,0010) holds {length} bytes, but "
                          f"Rows x Columns{' x NumberOfFrames' if frames else ''} ({header.rows}x{header.columns}"
-                         f"{frames}, {header.samples} sample(s) of {header.bits_allocated} bits) need {need}")
+                         f"{frames}, {header.samples} sample(s) of {header.bits_allocated} bits) need {need}{padded}")

@@ -200,6 +200,9 @@ def _metaimage(head: bytes, name: str, complete: bool, max_scan_bytes: int) -> H
     data = fields["ElementDataFile"]
     if data in _MHD_LOCAL:
         names: tuple[str, ...] = ()
+        if 0 < skip < end:  # MetaIO seeks to HeaderSize from the file's start: into the header text
+            raise ValueError(f"header {name}: HeaderSize {skip} is inside the {end}-byte header text (the voxels "
+                             f"of ElementDataFile = {data} start at byte {end} or later)")
     elif data.startswith("LIST") or "%" in data:
         raise ValueError(f"header {name}: multi-file ElementDataFile {data!r} is not supported")
     else:
@@ -304,6 +307,8 @@ def _nrrd(head: bytes, name: str, complete: bool, max_scan_bytes: int) -> Header
     if len(data_lines) > 1:
         raise ValueError(f"header {name}: {len(data_lines)} 'data file' fields")
     encoding = fields.get("encoding", "raw").lower()
+    if int(skip) == -1 and encoding != "raw":  # the NRRD format: -1 ("the voxels end the file") is for raw only
+        raise ValueError(f"header {name}: byte skip -1 is allowed only with raw encoding (encoding: {encoding})")
     return Header(name=name, format="nrrd", data_names=tuple(data_lines), expected_bytes=expected,
                   skip_bytes=int(skip), compressed=encoding not in ("raw", "txt", "text", "ascii"), header_end=end,
                   line_skip=int(line_skip))
@@ -363,13 +368,32 @@ def _data_name_parts(header: Header, data: str) -> tuple[str, ...]:
 
 def _voxels_end(header: Header) -> int | None:
     """Bytes a header file with its voxels inside (.mha LOCAL, attached .nrrd) must hold; None when
-    the voxels are elsewhere, compressed, or at the end of the file (size unknown). With a line
-    skip it is a least count (a skipped line takes at least a byte)."""
-    if header.data_names or header.compressed or header.skip_bytes < 0:
+    the voxels are elsewhere or compressed. With a line skip, or a skip of -1 (the voxels end the
+    file, and must not reach back into the header text), it is a least count (a skipped line
+    takes at least a byte)."""
+    if header.data_names or header.compressed:
         return None
     if header.format == "metaimage" and header.skip_bytes > 0:  # MetaIO: HeaderSize counts from the file start
         return header.skip_bytes + header.expected_bytes
-    return header.header_end + header.line_skip + header.skip_bytes + header.expected_bytes
+    return header.header_end + header.line_skip + max(header.skip_bytes, 0) + header.expected_bytes
+
+
+def _voxels_exact(header: Header) -> bool:
+    """Whether `_voxels_end` is the file's exact size (no line skip, no skip of -1)."""
+    return not header.line_skip and header.skip_bytes >= 0
+
+
+def _short_image(header: Header, size: int, need: int) -> str:
+    """Why a header file with its voxels inside is too small, naming the field that places them."""
+    name, field, skip = header.name, header.skip_field, header.skip_bytes
+    if skip < 0:
+        return (f"header {name}: {field} -1 (the voxels end the file) puts the {header.expected_bytes} voxel bytes "
+                f"inside the {header.header_end}-byte header: the file holds {size} bytes, needs at least {need}")
+    if skip > 0:
+        after = "" if header.format == "metaimage" else f" after the {header.header_end}-byte header"
+        return (f"header {name}: {field} {skip}{after} and {header.expected_bytes} voxel bytes need {need} "
+                f"bytes, but the file holds {size}")
+    return f"truncated image {name}: {size} bytes, the header needs {need}"
 
 
 def _data_file_need(header: Header) -> tuple[int, bool]:
@@ -395,6 +419,9 @@ def _check_data_size(header: Header, data: str, size: int) -> None:
     if header.skip_bytes > size:
         raise ValueError(f"header {header.name}: {header.skip_field} {header.skip_bytes} is past the end of data "
                          f"file {data} ({size} bytes)")
+    if header.skip_bytes > 0 and not header.line_skip:
+        raise ValueError(f"header {header.name}: {header.skip_field} {header.skip_bytes} and "
+                         f"{header.expected_bytes} voxel bytes need {need} bytes, but data file {data} holds {size}")
     if header.line_skip:
         skip = max(header.skip_bytes, 0)
         raise ValueError(f"data file {data} is {size} bytes, too small for header {header.name}: line skip "
@@ -439,7 +466,7 @@ def check_header_file(path: str, max_scan_bytes: int) -> tuple[Header, list[str]
         files.append(given)
     need = _voxels_end(header)
     if need is not None and os.path.getsize(path) < need:
-        raise ValueError(f"truncated image {header.name}: {os.path.getsize(path)} bytes, the header needs {need}")
+        raise ValueError(_short_image(header, os.path.getsize(path), need))
     return header, files
 
 
@@ -454,9 +481,9 @@ def zip_data_members(zf: zipfile.ZipFile, member: str, header: Header,
     out = []
     total = zf.getinfo(member).file_size
     need = _voxels_end(header)
-    if need is not None and (total < need or total > need and not header.line_skip):
+    if need is not None and (total < need or total > need and _voxels_exact(header)):
         if total < need:
-            raise ValueError(f"truncated image {header.name}: {total} bytes, the header needs {need}")
+            raise ValueError(_short_image(header, total, need))
         raise LimitError(f"member {member!r} declares {total} bytes ({human_bytes(total)}) but its header needs "
                          f"{need} ({human_bytes(need)}); not extracted")
     for data in header.data_names:

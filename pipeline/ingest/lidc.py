@@ -34,6 +34,13 @@ it with a warning; its consensus would merge two nodules). The label volume is i
 own (z, y, x) array order, slices sorted along their normal as `order_slices` sorts them;
 label k (1..n) is the k-th nodule by world position of its consensus centroid (z, then y,
 then x, LPS mm).
+
+Readings that miss the image are never silent: every roi (the < 3 mm marks' included) is
+counted, and those lying outside the image's rows x columns, wholly or partly, or matching no
+slice are named in one line (`ContourCounts.summary`: "LIDC XML 069.xml: 3 of 12 contours
+outside the image, 1 matching no slice"), kept with the label's attributes. An XML none of
+whose contours lands on the series (`ContourCounts.all_missed`: most likely another series'
+reading) is the DICOM reader's to refuse.
 """
 
 from __future__ import annotations
@@ -46,8 +53,8 @@ import numpy as np
 
 __all__ = [
     "LIDC_ROOT", "ConsensusConfig", "Contour", "ReaderAnnotation", "LidcRead", "SeriesGrid", "LidcNodule",
-    "LidcLabels", "lidc_header", "parse_lidc_xml", "parse_lidc_text", "polygon_interior", "annotation_mask",
-    "cluster_annotations", "lidc_labels", "series_grid", "read_lidc_labels",
+    "ContourCounts", "LidcLabels", "count_contours", "lidc_header", "parse_lidc_xml", "parse_lidc_text",
+    "polygon_interior", "annotation_mask", "cluster_annotations", "lidc_labels", "series_grid", "read_lidc_labels",
 ]
 
 LIDC_ROOT = "LidcReadMessage"
@@ -117,6 +124,8 @@ class LidcRead:
     small: int = 0
     """Annotations ignored as < 3 mm (no contour with area)."""
     sessions: int = 0
+    small_contours: tuple[Contour, ...] = ()
+    """The contours (centre marks) of the ignored < 3 mm annotations: counted, never drawn."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,64 @@ class LidcNodule:
 
 
 @dataclass(frozen=True)
+class ContourCounts:
+    """How an XML's contours land on the series (every roi of every reading, < 3 mm marks included).
+
+    A contour is outside the image when a point of it lies outside the rows x columns of the
+    slices (partly: some of its points are inside); it lands when it matches a slice and has a
+    point inside the image.
+    """
+
+    source: str = ""
+    total: int = 0
+    outside: int = 0
+    partly_outside: int = 0
+    no_slice: int = 0
+    landed: int = 0
+
+    @property
+    def all_missed(self) -> bool:
+        """Contours there are, and none lands: the XML does not belong to this series' image."""
+        return self.total > 0 and self.landed == 0
+
+    @property
+    def summary(self) -> str | None:
+        """One line naming the XML and what missed; None when every contour landed whole."""
+        parts = []
+        of = f" of {self.total} contour{'s' if self.total != 1 else ''}"
+        if self.outside:
+            partly = f" ({self.partly_outside} partly)" if self.partly_outside else ""
+            parts.append(f"{self.outside}{of} outside the image{partly}")
+            of = ""
+        if self.no_slice:
+            parts.append(f"{self.no_slice}{of} matching no slice")
+        return f"LIDC XML {os.path.basename(self.source)}: {', '.join(parts)}" if parts else None
+
+    def attrs(self) -> dict:
+        return {"total": self.total, "outside_image": self.outside, "partly_outside_image": self.partly_outside,
+                "matching_no_slice": self.no_slice, "landed": self.landed}
+
+
+def count_contours(read: LidcRead, grid: SeriesGrid) -> ContourCounts:
+    """Count the XML's contours that lie outside the image or match no slice of `grid`."""
+    rows, columns = grid.shape[1], grid.shape[2]
+    total = outside = partly = no_slice = landed = 0
+    contours = [c for a in read.annotations for c in a.contours] + list(read.small_contours)
+    for contour in contours:
+        total += 1
+        x, y = contour.points[:, 0], contour.points[:, 1]
+        inside = (x >= 0) & (x <= columns - 1) & (y >= 0) & (y <= rows - 1)
+        if not inside.all():
+            outside += 1
+            partly += bool(inside.any())
+        on_slice = grid.slice_of(contour) is not None
+        no_slice += not on_slice
+        landed += on_slice and bool(inside.any())
+    return ContourCounts(source=read.path, total=total, outside=outside, partly_outside=partly, no_slice=no_slice,
+                         landed=landed)
+
+
+@dataclass(frozen=True)
 class LidcLabels:
     """The label volume (uint16, series array order), its nodules and what could not be used."""
 
@@ -192,12 +259,15 @@ class LidcLabels:
     ignored_small: int = 0
     source: str = ""
     clevel: float = 0.5
+    contours: ContourCounts = ContourCounts()
 
     def attrs(self) -> dict:
-        """JSON-serialisable metadata for the label group's attributes."""
+        """JSON-serialisable metadata for the label group's attributes (`contour_summary`: the one
+        line naming what missed the image, or null)."""
         return {"kind": "lidc-consensus", "source": os.path.basename(self.source), "clevel": self.clevel,
                 "nodules": [n.attrs() for n in self.nodules], "ignored_small_annotations": self.ignored_small,
-                "problems": list(self.problems)}
+                "problems": list(self.problems), "contours": self.contours.attrs(),
+                "contour_summary": self.contours.summary}
 
 
 # --- XML ---------------------------------------------------------------------------------------
@@ -264,6 +334,7 @@ def parse_lidc_text(data: bytes | str, path: str = "<LIDC XML>") -> LidcRead:
     header = _child(root, "ResponseHeader")
     annotations: list[ReaderAnnotation] = []
     small = 0
+    small_contours: list[Contour] = []
     sessions = _children(root, "readingSession")
     for s, session in enumerate(sessions):
         reader = _text(session, "servicingRadiologistID") or f"session{s + 1}"
@@ -272,11 +343,12 @@ def parse_lidc_text(data: bytes | str, path: str = "<LIDC XML>") -> LidcRead:
             contours = tuple(_contour(roi, path, reader, nodule_id) for roi in _children(nodule, "roi"))
             if not any(c.has_area for c in contours):
                 small += 1  # < 3 mm: a centre mark, not an outline
+                small_contours.extend(contours)
                 continue
             annotations.append(ReaderAnnotation(session=s, reader=reader, nodule_id=nodule_id, contours=contours))
     return LidcRead(path=path, series_uid=_text(header, "SeriesInstanceUid"),
                     study_uid=_text(header, "StudyInstanceUID"), annotations=tuple(annotations), small=small,
-                    sessions=len(sessions))
+                    sessions=len(sessions), small_contours=tuple(small_contours))
 
 
 def _contour(roi: ET.Element, path: str, reader: str, nodule_id: str) -> Contour:
@@ -286,15 +358,20 @@ def _contour(roi: ET.Element, path: str, reader: str, nodule_id: str) -> Contour
     for edge in _children(roi, "edgeMap"):
         x, y = _text(edge, "xCoord"), _text(edge, "yCoord")
         try:
-            points.append((float(x), float(y)))  # type: ignore[arg-type]
+            point = (float(x), float(y))  # type: ignore[arg-type]
         except (TypeError, ValueError):
+            point = (float("nan"), 0.0)
+        if not all(np.isfinite(point)):
             raise ValueError(f"{path}: reader {reader} nodule {nodule_id!r} has an edgeMap point "
-                             f"({x!r}, {y!r}) that is not a pair of numbers") from None
+                             f"({x!r}, {y!r}) that is not a pair of finite numbers")
+        points.append(point)
     try:
         z = float(z_text) if z_text is not None else None
     except ValueError:
+        z = float("nan")
+    if z is not None and not np.isfinite(z):
         raise ValueError(f"{path}: reader {reader} nodule {nodule_id!r} has imageZposition {z_text!r}, "
-                         f"not a number") from None
+                         f"not a finite number")
     return Contour(sop_uid=_text(roi, "imageSOP_UID"), z=z, inclusion=inclusion != "FALSE",
                    points=np.asarray(points, dtype=float).reshape(-1, 2))
 
@@ -468,7 +545,7 @@ def lidc_labels(read: LidcRead, grid: SeriesGrid, config: ConsensusConfig = Cons
                 found.append((mask, [a.label for a in anns], origin, np.argwhere(mask).mean(axis=0) + origin))
             else:
                 problems.append(f"{name}: nodule of {who} skipped: empty consensus mask")
-    return _assemble(found, grid, problems, read, config.clevel)
+    return _assemble(found, grid, problems, read, config.clevel, count_contours(read, grid))
 
 
 def _place(read: LidcRead, grid: SeriesGrid, name: str) -> tuple[list[tuple[ReaderAnnotation, list[int]]],
@@ -503,7 +580,8 @@ def _only_found(ann: ReaderAnnotation, slices: list[int], grid: SeriesGrid) -> R
     return ReaderAnnotation(session=ann.session, reader=ann.reader, nodule_id=ann.nodule_id, contours=kept)
 
 
-def _assemble(found: list, grid: SeriesGrid, problems: list[str], read: LidcRead, clevel: float) -> LidcLabels:
+def _assemble(found: list, grid: SeriesGrid, problems: list[str], read: LidcRead, clevel: float,
+              contours: ContourCounts) -> LidcLabels:
     """Write the nodules into one uint16 volume, numbered by world centroid (z, then y, then x)."""
     worlds = [grid.world(c) for *_, c in found]
     order = sorted(range(len(found)), key=lambda i: (worlds[i][2], worlds[i][1], worlds[i][0]))
@@ -519,7 +597,7 @@ def _assemble(found: list, grid: SeriesGrid, problems: list[str], read: LidcRead
                                   voxels=int(free.sum()), centroid_voxel=tuple(float(v) for v in centroid),
                                   centroid_mm=tuple(float(v) for v in worlds[i])))
     return LidcLabels(mask=volume, nodules=tuple(nodules), problems=tuple(problems), ignored_small=read.small,
-                      source=read.path, clevel=clevel)
+                      source=read.path, clevel=clevel, contours=contours)
 
 
 # --- I/O: the series grid from DICOM headers ---------------------------------------------------
