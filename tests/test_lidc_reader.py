@@ -514,3 +514,5 @@ def test_convert_names_missing_contours_and_fails_an_xml_that_misses_entirely(tm
     attrs = dict(VolumeStore(tmp_path / "store").open_scan(uid)["labels/nodules"].attrs)["genesis"]
     assert attrs["contour_summary"] == "LIDC XML 069.xml: 1 of 31 contours outside the image"
     assert [n["readers"] for n in attrs["nodules"]] == [4, 4]
+    assert f"scan {uid}: LIDC XML 069.xml: 1 of 31 contours outside the image" in summary.notes
+    assert "NOTE" in summary.report() and "069.xml" in summary.report()

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from pipeline.cli import main
 from pipeline.ingest import discover
+from pipeline.patches.store import PatchStore
 from pipeline.sample_data.pe import (CANDIDATE_KINDS, PE_CANDIDATES_HEADER, PE_FOLDS_HEADER, PeConfig,
                                      centre_mean_hu, read_pe_manifest, write_pe_sample)
 from pipeline.volume_store.store import VolumeStore
@@ -182,15 +183,117 @@ def test_malformed_candidates_named(sample, tmp_path, capsys, edit, reason):
     assert (VolumeStore(store).catalog()["status"] == "ok").all()  # the scans still convert
 
 
-def test_conflicting_folds_named(sample, tmp_path, capsys):
-    src = tmp_path / "PE-CAD"
+def _with_folds(sample, root: Path, edit) -> tuple[Path, Path]:
+    """A copy of the sample whose pe_folds.csv is `edit(text)`; (source folder, its pe_folds.csv)."""
+    src = root / "PE-CAD"
     shutil.copytree(sample.out_dir, src)
     folds = src / "pe_folds.csv"
-    patient = next(iter(sample.folds))
-    folds.write_text(folds.read_text(encoding="utf-8") + f"{patient},{sample.folds[patient] % 3 + 1}\n")
-    rc = main(["convert", str(src), "--store", str(tmp_path / "store"), "--workers", "1", "--no-progress"])
+    folds.write_text(edit(folds.read_text(encoding="utf-8")), encoding="utf-8")
+    return src, folds
+
+
+def _one_patient(sample) -> str:
+    """A patient sharing its fold with another (so that leaving it out leaves every fold)."""
+    return next(p for p, k in sorted(sample.folds.items()) if sum(v == k for v in sample.folds.values()) > 1)
+
+
+@pytest.mark.parametrize("fold, why", [("-1", "'-1'"), ("0", "'0'"), ("x", "'x'"), ("1.5", "'1.5'"), ("", "''")])
+def test_folds_file_with_a_bad_fold_is_a_usage_error_before_any_work(sample, tmp_path, capsys, fold, why):
+    """A fold that is not an integer >= 1 is exit 2 at convert, one line naming the file, the line and the patient;
+    nothing is converted (today: exit 1 with a table problem, and the patient's scans convert without a fold)."""
+    patient = _one_patient(sample)
+    src, folds = _with_folds(sample, tmp_path, lambda t: t.replace(f"{patient},{sample.folds[patient]}\n",
+                                                                 f"{patient},{fold}\n"))
+    store = tmp_path / "store"
+    rc = main(["convert", str(src), "--store", str(store), "--workers", "1", "--no-progress"])
     out = capsys.readouterr()
-    assert rc == 1 and "patient_id in more than one fold" in out.out + out.err and str(folds) in out.out + out.err
+    (line,) = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert rc == 2 and str(folds) in line and f"fold {why} of patient {patient}" in line, line
+    assert not store.exists()
+
+
+def test_patient_in_two_folds_is_a_usage_error_before_any_work(sample, tmp_path, capsys):
+    patient = _one_patient(sample)
+    other = sample.folds[patient] % 3 + 1
+    src, folds = _with_folds(sample, tmp_path, lambda t: t + f"{patient},{other}\n")
+    store = tmp_path / "store"
+    rc = main(["convert", str(src), "--store", str(store), "--workers", "1", "--no-progress"])
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and str(folds) in line and f"patient {patient} is in fold {sample.folds[patient]}" in line
+    assert f"and in fold {other}" in line and not store.exists()
+    # the same row twice is one fact, not two folds
+    src2, _ = _with_folds(sample, tmp_path / "same", lambda t: t + f"{patient},{sample.folds[patient]}\n")
+    assert main(["convert", str(src2), "--store", str(tmp_path / "same_store"), "--workers", "1",
+                 "--no-progress"]) == 0
+
+
+def _ecc(store: Path, out: Path) -> int:
+    return main(["patches", "task", "ecc", "--store", str(store), "--out", str(out), "--workers", "1",
+                 "--no-progress", "--size", "32,32,32"])
+
+
+def test_ecc_refuses_a_fold_beyond_its_folds_naming_patient_and_file(sample, tmp_path, capsys):
+    """fold 7 of a 3-fold task: exit 2 at plan time naming the patient and the folds file, nothing built."""
+    patient = _one_patient(sample)
+    src, folds = _with_folds(sample, tmp_path, lambda t: t.replace(f"{patient},{sample.folds[patient]}\n",
+                                                                 f"{patient},7\n"))
+    store, out = tmp_path / "store", tmp_path / "ps"
+    assert main(["convert", str(src), "--store", str(store), "--workers", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert _ecc(store, out) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert f"patient {patient} has fold 7" in line and str(folds) in line and "1..3" in line, line
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_ecc_refuses_a_patient_whose_scans_were_given_two_folds(sample, tmp_path, capsys):
+    """Two folders of one patient's scans, converted into one store with folds files that disagree: the store has
+    the patient's scans in two folds, and ECC refuses it (exit 2, the patient and both files) instead of building
+    with the first case's fold."""
+    by_patient: dict[str, list[str]] = {}
+    for s in sample.scans:
+        by_patient.setdefault(s.patient_id, []).append(s.case_id)
+    patient, cases = next((p, c) for p, c in sorted(by_patient.items()) if len(c) > 1)
+    halves = {"a": cases[:1], "b": [s.case_id for s in sample.scans if s.case_id not in cases[:1]]}
+    files = {}
+    for name, keep in halves.items():
+        src = tmp_path / name
+        shutil.copytree(sample.out_dir, src)
+        for s in sample.scans:
+            if s.case_id not in keep:
+                (src / f"{s.case_id}.mhd").unlink()
+                (src / f"{s.case_id}.raw").unlink()
+        files[name] = src / "pe_folds.csv"
+    other = sample.folds[patient] % 3 + 1
+    text = files["b"].read_text(encoding="utf-8")
+    files["b"].write_text(text.replace(f"{patient},{sample.folds[patient]}\n", f"{patient},{other}\n"))
+    store, out = tmp_path / "store", tmp_path / "ps"
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--store", str(store), "--workers", "1",
+                 "--no-progress"]) == 1  # the merged pe_folds table contradicts itself: a table problem
+    capsys.readouterr()
+    assert _ecc(store, out) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert f"patient {patient} is in fold" in line and str(files["a"]) in line and str(files["b"]) in line, line
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_patient_without_a_fold_is_left_out_and_said_so(sample, tmp_path, capsys):
+    """The README's rule: a patient pe_folds.csv does not list has no fold; its scans convert and ECC leaves them
+    out. Both steps say so, naming the patient and the file (today convert says nothing)."""
+    patient = _one_patient(sample)
+    src, folds = _with_folds(sample, tmp_path, lambda t: t.replace(f"{patient},{sample.folds[patient]}\n", ""))
+    store, out = tmp_path / "store", tmp_path / "ps"
+    assert main(["convert", str(src), "--store", str(store), "--workers", "1", "--no-progress"]) == 0
+    cases = sorted(s.case_id for s in sample.scans if s.patient_id == patient)
+    said = capsys.readouterr().out
+    (note,) = [ln for ln in said.splitlines() if "NOTE" in ln]
+    assert f"no fold in {folds}" in note and f"{patient} ({', '.join(cases)})" in note, said
+    assert _ecc(store, out) == 0
+    said = capsys.readouterr().out
+    for case in cases:
+        assert f"{case}: patient {patient} has no fold" in said, said
+    ps_index = PatchStore(next(out.glob("task-ecc-*"))).index
+    assert patient not in set(ps_index["patient_id"]) and len(ps_index)
 
 
 def test_directions_follow_the_vessels(sample, volumes):

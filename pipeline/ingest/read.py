@@ -19,7 +19,8 @@ from pipeline.ingest.nifti import check_nifti_header, nifti_nonfinite_count
 from pipeline.ingest.scan_source import ScanSource
 from pipeline.ingest.volume import Volume, check_geometry, volume_from_image
 
-__all__ = ["read_source", "read_image", "source_files", "fingerprint", "checksum", "check_label_values"]
+__all__ = ["read_source", "read_image", "source_files", "fingerprint", "checksum", "check_label_values",
+           "check_nodule_labels", "unknown_label_values", "describe_values"]
 
 
 def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> Volume:
@@ -31,7 +32,9 @@ def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
     if source.problem:
         raise ValueError(source.problem)
     if source.kind in ("dicom", "dicom-zip"):
-        return read_dicom(source, max_scan_bytes)
+        volume = read_dicom(source, max_scan_bytes)
+        check_nodule_labels(volume, source.scan_id)
+        return volume
     if source.kind in ("metaimage", "metaimage-zip"):
         image = _read_metaimage(source, max_scan_bytes)
     elif source.kind == "image":
@@ -47,9 +50,10 @@ def read_source(source: ScanSource, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
         raise ValueError(f"label {os.path.basename(xml[0])} is an XML annotation, readable only with a DICOM series")
     labels = {name: read_image(path, max_scan_bytes, what=f"label map '{name}'") for name, path in source.labels}
     label_attrs = {}
-    if source.label_names:  # an nnU-Net/MSD label map: only the values dataset.json names, on every read
+    if source.label_names:  # nnU-Net/MSD, LiTS, BraTS: only the values dataset.json or the dataset names, every read
         for name, path in source.labels:
-            check_label_values(labels[name], source.label_values, _dataset_relative(path))
+            check_label_values(labels[name], source.label_values, _dataset_relative(path), source.label_authority)
+    if source.from_dataset_json:
         label_attrs = {name: {"labels": source.dataset_description()["labels"]} for name, _ in source.labels}
     modality = source.modality or "OT"
     return volume_from_image(image, modality=modality, labels=labels, identifiers=dict(source.identifiers),
@@ -61,14 +65,42 @@ def _dataset_relative(path: str) -> str:
     return "/".join((os.path.basename(os.path.dirname(path)), os.path.basename(path)))
 
 
-def check_label_values(label: sitk.Image, allowed: tuple[int, ...], what: str) -> None:
-    """Refuse a label map holding values that dataset.json does not name (np.unique over the voxels)."""
-    values = np.unique(sitk.GetArrayViewFromImage(label))
-    extra = [v for v in values.tolist() if v not in allowed]
+def unknown_label_values(values: np.ndarray, allowed: tuple[int, ...]) -> list[float]:
+    """The distinct values of `values` that are not in `allowed`, sorted; [] when all are. One membership pass
+    over the voxels (np.isin), and np.unique only over the voxels that fail it, so a valid map costs no sort."""
+    bad = np.isin(values, np.asarray(allowed, dtype=np.float64 if values.dtype.kind == "f" else np.int64),
+                  invert=True)
+    return np.unique(values[bad]).tolist() if bad.any() else []
+
+
+def describe_values(values: list[float]) -> str:
+    """`-1, 255` (the first ten, then how many more): values as a label map holds them, without a float's `.0`."""
+    shown = ", ".join(f"{v:g}" for v in values[:10])
+    return shown + (f" (and {len(values) - 10} more)" if len(values) > 10 else "")
+
+
+def check_label_values(label: sitk.Image, allowed: tuple[int, ...], what: str, by: str = "dataset.json") -> None:
+    """Refuse a label map holding values that `by` (dataset.json, or a dataset's documented convention) does not
+    name: one line naming the file and the values."""
+    extra = unknown_label_values(sitk.GetArrayViewFromImage(label), allowed)
     if extra:
-        shown = ", ".join(f"{v:g}" for v in extra[:10]) + (f" (and {len(extra) - 10} more)" if len(extra) > 10 else "")
-        raise ValueError(f"{what} holds label value{'s' if len(extra) > 1 else ''} {shown} that dataset.json does "
-                         f"not name ({', '.join(map(str, allowed))})")
+        raise ValueError(f"{what} holds label value{'s' if len(extra) > 1 else ''} {describe_values(extra)} that "
+                         f"{by} does not name ({', '.join(map(str, allowed))})")
+
+
+def check_nodule_labels(volume: Volume, scan_id: str) -> None:
+    """LIDC consensus labels are built here from the XML readings: nodule k is value k, so the map holds exactly
+    the values 0..n for the n nodules its attributes list; anything else (a value beyond n, a negative one)
+    means the map and its nodule list disagree, and the scan is a failed row instead of wrong labels."""
+    for name, mask in volume.labels.items():
+        nodules = (volume.label_attrs.get(name) or {}).get("nodules")
+        if nodules is None:
+            continue
+        allowed = tuple(range(len(nodules) + 1))
+        extra = unknown_label_values(mask, allowed)
+        if extra:
+            raise ValueError(f"{scan_id}: label '{name}' holds value{'s' if len(extra) > 1 else ''} "
+                             f"{describe_values(extra)} beyond its {len(nodules)} consensus nodule(s) (0..{len(nodules)})")
 
 
 def _channel(image: sitk.Image, source: ScanSource) -> sitk.Image:
@@ -175,8 +207,9 @@ def source_files(source: ScanSource) -> list[str]:
 def _dataset_json_identity(source: ScanSource) -> bytes:
     """What dataset.json adds to a scan (its channel of a 4-D file, the names stored with it, the label
     values it is checked against): part of its identity, so an edited dataset.json reconverts. Empty for
-    every other source, whose checksums stay as they were."""
-    if source.channel is None and not source.channel_names and not source.label_names:
+    every other source, whose checksums stay as they were (LiTS's and BraTS's documented label values are
+    the code's, not the source's: checking them does not make a converted store convert again)."""
+    if source.channel is None and not source.from_dataset_json:
         return b""
     return repr((source.channel, source.n_channels, source.channel_names, source.label_names)).encode()
 

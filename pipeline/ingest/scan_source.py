@@ -23,7 +23,9 @@ class ScanSource:
     `channel` picks one channel out of a 4-D (MSD) image whose 4th axis must hold `n_channels`;
     `channel_names` (index -> name) and `label_names` (name -> value, or values for a region) are
     what dataset.json says, stored on the scan; a label map holding a value `label_names` does not
-    name is refused when it is read.
+    name is refused when it is read. Discovery also sets `label_names` (never `channel_names`) for the
+    datasets whose label values are documented (LiTS, BraTS: `sources.DOCUMENTED_LABELS`), so that
+    their label maps are checked the same way; `label_authority` says whose names they are.
     """
 
     scan_id: str
@@ -50,9 +52,23 @@ class ScanSource:
             values.update(v if isinstance(v, tuple) else (v,))
         return tuple(sorted(values))
 
+    @property
+    def from_dataset_json(self) -> bool:
+        """Named by an nnU-Net/MSD dataset.json (which always names the channels), not by a documented convention."""
+        return bool(self.channel_names)
+
+    @property
+    def label_authority(self) -> str:
+        """Whose label names `label_names` are, for the one line refusing a value they do not name."""
+        if self.from_dataset_json:
+            return "dataset.json"
+        names = ", ".join(f"{v} {k}" for k, v in self.label_names)
+        return f"the {self.dataset} label convention ({names})"
+
     def dataset_description(self) -> dict | None:
-        """What dataset.json says about this scan, as JSON for the scan's attributes; None for other sources."""
-        if not self.channel_names and not self.label_names:
+        """What dataset.json says about this scan, as JSON for the scan's attributes; None for other sources
+        (a documented convention's label names are checked, not stored: valid scans store what they always did)."""
+        if not self.from_dataset_json:
             return None
         return {"channel_names": dict(self.channel_names),
                 "labels": {k: list(v) if isinstance(v, tuple) else v for k, v in self.label_names}}

@@ -25,7 +25,7 @@ from pipeline.ingest.nnunet import (CANDIDATES, DATASET_FOLDERS, DATASET_JSON, I
 from pipeline.ingest.scan_source import ScanSource
 
 __all__ = ["TableSource", "Discovery", "discover", "SourceError", "is_dicom_file", "is_case_candidates",
-           "CASE_CANDIDATE_COLUMNS"]
+           "CASE_CANDIDATE_COLUMNS", "DOCUMENTED_LABELS"]
 
 IMAGE_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")
 # Files that travel beside images and are read through them (or are documentation).
@@ -40,6 +40,14 @@ PE_TABLES = (PE_CANDIDATES, PE_FOLDS)
 TABLE_NAMES = LUNA16_TABLES + PE_TABLES
 _SUBSET = re.compile(r"^subset(\d+)$")
 LUNA16_LUNG_MASKS = "seg-lungs-LUNA16"
+# The label values each dataset documents; a label map holding another value is a failed row naming it
+# (read.check_label_values, as for an nnU-Net dataset.json). LiTS 2017 (Bilic et al., 2023): 1 liver, 2 tumour.
+# BraTS 2018-2021 (Menze et al., 2015; Bakas et al., 2017): 1 necrotic / non-enhancing core, 2 oedema,
+# 4 enhancing tumour (3 is unused).
+DOCUMENTED_LABELS: dict[str, tuple[tuple[str, int], ...]] = {
+    "lits": (("background", 0), ("liver", 1), ("tumour", 2)),
+    "brats": (("background", 0), ("necrotic core", 1), ("oedema", 2), ("enhancing tumour", 4)),
+}
 
 
 class SourceError(ValueError):
@@ -309,7 +317,8 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
                 claimed.add(seg)
             scans.append(ScanSource(scan_id=stem, kind="image", dataset="lits", files=(f,), source_path=f,
                                     subset=split, modality="CT",
-                                    labels=(("segmentation", seg),) if seg else ()))
+                                    labels=(("segmentation", seg),) if seg else (),
+                                    label_names=DOCUMENTED_LABELS["lits"] if seg else ()))
             continue
         m = re.fullmatch(r"(.+)_(flair|t1ce|t1|t2)", stem)
         if m and (m.group(1) + "_seg") in siblings or (m and "brats" in stem.lower()):
@@ -320,7 +329,8 @@ def _image_scans(files: list[str]) -> list[ScanSource]:
                 claimed.add(seg)
             scans.append(ScanSource(scan_id=stem, kind="image", dataset="brats", files=(f,), source_path=f,
                                     modality="MR", labels=(("seg", seg),) if seg else (),
-                                    identifiers=(("case", case), ("sequence", seq))))
+                                    identifiers=(("case", case), ("sequence", seq)),
+                                    label_names=DOCUMENTED_LABELS["brats"] if seg else ()))
             continue
 
     for f in files:
@@ -395,7 +405,8 @@ def _pe_index(folder: str) -> _PeIndex | None:
         return None
     folds_csv = os.path.join(folder, PE_FOLDS)
     folds = _csv_column_map(folds_csv, "patient_id", "fold") if os.path.isfile(folds_csv) else {}
-    folds = {p: k for p, k in folds.items() if re.fullmatch(r"[1-9]\d*", k)}
+    # as the table reads them (`01` is fold 1); a fold that is no integer >= 1 stops convert (tables.check_table_sources)
+    folds = {p: str(int(k)) for p, k in folds.items() if k.isascii() and k.isdigit() and int(k) >= 1}
     return _PeIndex(patients=_csv_column_map(candidates, "case_id", "patient_id"), folds=folds)
 
 

@@ -62,5 +62,5 @@ def found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
                             skipped=ps.attrs["skipped_scans"], seconds=time.perf_counter() - t0,
                             failed=ps.attrs.get("failed_items", []),
                             whole_volume=int((ps.scans["n_cubes"] == 0).sum()) if ps.is_task else 0,
-                            notes=[n for n in [(ps.attrs.get("validation") or {}).get("note")] if n],
+                            notes=[n for n in [(ps.attrs.get("validation") or {}).get("note")] if n] + list(ps.attrs.get("warnings") or []),
                             padded=(ps.attrs.get("recipe") or {}).get("padded_scans", []))

@@ -52,6 +52,7 @@ import torch
 import zarr
 
 import storage_schemas
+from pipeline.ingest.read import describe_values, unknown_label_values
 from pipeline.patches.assemble import Part, assemble, save_part, save_result
 from pipeline.patches.outcome import ExtractionResult, NoCubesError, found
 from pipeline.patches.site import PatchStoreSite
@@ -161,6 +162,7 @@ def _read_case(store: VolumeStore, case: dict, spec: TaskSpec):
     if label.shape != shapes[0]:
         raise ValueError(f"case {case['case_id']}: label '{case['label']}' has shape {label.shape}, "
                          f"image {shapes[0]}")
+    _check_task_labels(label, case, spec)
     image = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
     image, label, _ = S.to_task_grid(image, label, attrs["spacing"], spec)
     if image.shape[1:] != shapes[0]:
@@ -170,8 +172,32 @@ def _read_case(store: VolumeStore, case: dict, spec: TaskSpec):
     return channels, bounds, label, S.target_mask(label, spec.sampling.target_values), attrs
 
 
+def _check_task_labels(label: np.ndarray, case: dict, spec: TaskSpec) -> None:
+    """A task file's `labels` name every value its label maps may hold: a case whose map holds another is refused
+    (a skipped case naming the values), never sampled with those voxels silently counted as background or
+    target. Empty `labels` (the built-in tasks) check nothing here: their datasets' values are checked when
+    converted."""
+    if not spec.labels:
+        return
+    allowed = tuple(sorted({v for value in spec.labels.values()
+                            for v in (value if isinstance(value, tuple) else (value,))}))
+    extra = unknown_label_values(label, allowed)
+    if extra:
+        raise ValueError(f"case {case['case_id']}: label map '{case['label']}' of scan {case['label_scan']} holds "
+                         f"value{'s' if len(extra) > 1 else ''} {describe_values(extra)} that task {spec.name}'s "
+                         f"labels do not name ({', '.join(f'{v} {k}' for k, v in spec.labels.items())})")
+
+
+def _no_target_warning(case: dict, spec: TaskSpec) -> str:
+    target = "values > 0" if spec.sampling.target_values is None else \
+        f"values {', '.join(map(str, spec.sampling.target_values))}"
+    return (f"case {case['case_id']}: label map '{case['label']}' of scan {case['label_scan']} has no foreground "
+            f"({target}) on the task's grid: its cubes are all background")
+
+
 def _segmentation_cubes(store: VolumeStore, case: dict, spec: TaskSpec, rng: np.random.Generator):
     channels, bounds, label, mask, attrs = _read_case(store, case, spec)
+    warning = None if mask.any() else _no_target_warning(case, spec)
     s = spec.sampling
     crop_size = tuple(s.crop_size or spec.cube_size)
     draws: list[tuple[np.ndarray, int, tuple[int, int, int]]] = []  # (start, source_id, jitter)
@@ -201,7 +227,7 @@ def _segmentation_cubes(store: VolumeStore, case: dict, spec: TaskSpec, rng: np.
         masks.append(m)
         rows.append(_row(case, case["label_scan"], attrs, start, crop_size, int(m.any()), source_id, jitter,
                          float(m.mean())))
-    return cubes, masks, rows, []
+    return cubes, masks, rows, [], warning
 
 
 def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: int, building: str) -> dict:
@@ -220,7 +246,7 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
                 cubes, masks, rows, failed = _classification_cubes(store, case, spec)
             else:
                 rng = np.random.default_rng([seed, scan_seed(case["case_id"])])
-                cubes, masks, rows, failed = _segmentation_cubes(store, case, spec, rng)
+                cubes, masks, rows, failed, result["warning"] = _segmentation_cubes(store, case, spec, rng)
     except (KeyError, ValueError, OSError) as exc:
         cubes, masks, rows, failed = [], [], [], []
         result["reason"] = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())[:300]
@@ -352,6 +378,7 @@ def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: Tas
     _write_tables(building, plan, rows, built.results)
     failed = [f for r in ordered for f in r["failed"]]
     skipped = plan.skipped + [{"scan_id": r["case_id"], "reason": r["reason"]} for r in ordered if r["reason"]]
+    warnings = [r["warning"] for r in ordered if r.get("warning")]
     counts = {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "validation", "test")}
     record = task_record(spec, "")
     attrs = {"genesis": {
@@ -361,7 +388,7 @@ def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: Tas
         "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": plan.source_digest},
         "cube_shape": list(spec.cube_size), "n_cubes": len(rows), "counts": counts, "shard_rows": SHARD_ROWS,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "skipped_scans": skipped, "failed_items": failed, "value_range": [0.0, 1.0],
+        "skipped_scans": skipped, "failed_items": failed, "warnings": warnings, "value_range": [0.0, 1.0],
         "candidates_without_scan": plan.candidates_without_scan,
         "candidate_counts": plan.candidate_counts,
         "label_counts": {s: {str(k): sum(1 for r in rows if r["split"] == s and r["label"] == k) for k in (0, 1)}
@@ -370,7 +397,7 @@ def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: Tas
     storage_schemas.validate_attrs("patch_store", attrs, str(building))
     zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
     return ExtractionResult(path=site.final, key=key, reused=False, n_cubes=len(rows), counts=counts,
-                            skipped=skipped, failed=failed, phases=built.phases,
+                            skipped=skipped, failed=failed, phases=built.phases, notes=warnings,
                             whole_volume=sum(1 for c in plan.cases if not c["cubes"]),
                             tasks=[{k: r.get(k) for k in ("case_id", "n", "seconds", "task_peak_bytes", "pid", "started")}
                                    for r in ordered if "seconds" in r and r["slot"] not in built.resumed])

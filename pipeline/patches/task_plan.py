@@ -7,7 +7,8 @@ in train and validation only: the test split scores every candidate, as the refe
 Everything here is small metadata; extraction tasks get one case each.
 
 Bad input stops here, before anything is built (one-line ValueError): a fold-based task whose data
-lacks folds, a splits file naming unknown cases or putting a patient in two splits.
+lacks folds, has a fold beyond the task's or a patient in two folds (each naming the patient and the
+folds file), a splits file naming unknown cases or putting a patient in two splits.
 A fold-based plan gives every case cubes (each fold is some run's test fold); its `split` is the
 view for `spec.split.test_fold` (`pipeline.tasks.splits.fold_assignment`).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,9 +135,9 @@ def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, 
     rows = ok[ok["scan_id"].isin({scan_of[k] for k in set(table[scan_col])})]
     attrs = _scan_attrs(vstore, sorted(rows["scan_id"]))
     cases = pd.DataFrame([{"case_id": key, "scan_id": sid, "patient_id": patient_of(key, attrs[sid]),
-                           "subset": attrs[sid].get("subset")}
+                           "subset": attrs[sid].get("subset"), "folds_file": _folds_file(attrs[sid])}
                           for key, sid in sorted(scan_of.items()) if sid in attrs],
-                         columns=["case_id", "scan_id", "patient_id", "subset"])
+                         columns=["case_id", "scan_id", "patient_id", "subset", "folds_file"])
     if "patient_id" in table.columns:  # PE-CAD names the patient in its table
         table_patients = table.drop_duplicates(scan_col).set_index(scan_col)["patient_id"].astype(str)
         cases["patient_id"] = cases["case_id"].map(table_patients).fillna(cases["patient_id"])
@@ -163,6 +165,12 @@ def _plan_classification(vstore: VolumeStore, ok: pd.DataFrame, spec: TaskSpec, 
     used = chosen[columns].to_numpy().tolist()
     plan.source_digest = _digest(rows, {"table": spec.sampling.table, "rows": used})
     return plan
+
+
+def _folds_file(genesis: dict) -> str | None:
+    """The pe_folds.csv a PE-CAD scan took its fold from (beside its source), to name in a fold error."""
+    path = (genesis.get("source") or {}).get("path")
+    return os.path.join(os.path.dirname(path), "pe_folds.csv") if genesis.get("dataset") == "pe" and path else None
 
 
 def _join_names(ok: pd.DataFrame, wanted: set, what: str, dataset: str) -> tuple[dict[str, str], list[dict]]:

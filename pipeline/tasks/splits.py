@@ -35,7 +35,7 @@ from pipeline.tasks.spec import SplitRule, TaskSpec
 
 __all__ = ["SPLITS", "assign_splits", "seeded_patient_splits", "scan_index", "split_of", "fold_of",
            "fold_assignment", "check_folds", "reference_list_splits", "read_splits_file", "with_splits_file",
-           "left_out_reason", "train_fraction_order", "fold_view"]
+           "left_out_reason", "train_fraction_order", "fold_view", "patient_folds"]
 
 SPLITS = ("train", "validation", "test")
 _FOLD = re.compile(r"^fold(\d+)$")
@@ -137,6 +137,39 @@ def check_folds(found: set[int], rule: SplitRule) -> None:
                (f"has folds beyond n_folds={rule.n_folds}: {', '.join(f'fold{k}' for k in extra)}" if extra else "")
         raise ValueError(f"split rule 'folds' needs folds 1..{rule.n_folds} (test fold {rule.test_fold}); the data has "
                          f"{have} ({what}); patients get their fold from pe_folds.csv")
+
+
+def _folds_file(cases: pd.DataFrame, patient: str) -> str:
+    """Where a patient's fold came from: the cases' `folds_file` column when the planner gives one."""
+    if "folds_file" in cases.columns:
+        files = sorted({str(f) for f in cases.loc[cases["patient_id"] == patient, "folds_file"] if f})
+        if files:
+            return " and ".join(files)
+    return "pe_folds.csv"
+
+
+def patient_folds(cases: pd.DataFrame, rule: SplitRule) -> dict[str, int]:
+    """patient -> fold from the cases' `foldK` subset tags (patients without one are left out, as the README says).
+    Refused with one line naming the patient and the folds file (`folds_file` column, if any): a patient whose
+    cases carry different folds (two conversions of its scans with different pe_folds.csv files), and a fold
+    outside 1..n_folds; `check_folds` then checks that every fold 1..n_folds is there."""
+    out: dict[str, int] = {}
+    seen: dict[str, tuple[str, int]] = {}
+    for r in cases.sort_values("case_id").itertuples():
+        k = fold_of(r.subset)
+        if k is None:
+            continue
+        if r.patient_id in seen and seen[r.patient_id][1] != k:
+            case, first = seen[r.patient_id]
+            raise ValueError(f"patient {r.patient_id} is in fold {first} (case {case}) and in fold {k} (case "
+                             f"{r.case_id}) ({_folds_file(cases, r.patient_id)}); a patient belongs to one fold: "
+                             f"fix the folds file and convert again")
+        if not 1 <= k <= rule.n_folds:
+            raise ValueError(f"patient {r.patient_id} has fold {k} ({_folds_file(cases, r.patient_id)}); split rule "
+                             f"'folds' takes folds 1..{rule.n_folds}: fix the folds file and convert again")
+        seen.setdefault(r.patient_id, (r.case_id, k))
+        out[r.patient_id] = k
+    return out
 
 
 # ---- the reference's lists (BMS) -----------------------------------------------------------------
@@ -309,8 +342,7 @@ def assign_splits(cases: pd.DataFrame, rule: SplitRule, known: set[str] | None =
                 per_patient[pid] = next((s for s, (lo, hi) in zip(SPLITS, rule.ranges)
                                          if i is not None and lo <= i <= hi), None)
     elif rule.kind == "folds":
-        folds = {r.patient_id: fold_of(r.subset) for r in first.itertuples()}
-        with_fold = {p: k for p, k in folds.items() if k is not None}
+        with_fold = patient_folds(cases, rule)
         check_folds(set(with_fold.values()), rule)
         assigned = fold_assignment(with_fold, rule.test_fold, rule.validation_fraction, rule.seed)
         return cases["patient_id"].map(lambda p: assigned.get(p))  # no fold: left out, never drawn

@@ -137,6 +137,7 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
         known, records, damaged = known_sources(store)
         summary.notes += [f"record .records/{key}.json was damaged ({why}); its source is reconverted"
                           for key, why in damaged]
+        summary.notes += _fold_notes(found.scans)
         scans = [canonical_source(s) for s in found.scans]
         assigned = assign_scan_ids(scans, known)
         if len(assigned) < len(scans):
@@ -181,6 +182,26 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
     return summary
 
 
+def _fold_notes(scans: list[ScanSource]) -> list[str]:
+    """PE-CAD's rule, said at conversion: a patient that pe_folds.csv does not list has no fold, and the ECC
+    task leaves its scans out of the cross-validation (storage_schemas/PE_CAD_LAYOUT.md). One line per folder."""
+    missing: dict[str, dict[str, list[str]]] = {}
+    for s in scans:
+        patient = dict(s.identifiers).get("patient_id")
+        if s.dataset == "pe" and not s.problem and s.subset is None and patient is not None:
+            folder = os.path.dirname(s.source_path)
+            missing.setdefault(folder, {}).setdefault(patient, []).append(s.scan_id)
+    notes = []
+    for folder, patients in sorted(missing.items()):
+        folds = os.path.join(folder, "pe_folds.csv")
+        shown = "; ".join(f"{p} ({', '.join(sorted(c))})" for p, c in sorted(patients.items())[:10])
+        more = f" and {len(patients) - 10} more" if len(patients) > 10 else ""
+        where = folds if os.path.isfile(folds) else f"{folds} (absent)"
+        notes.append(f"{len(patients)} patient(s) have no fold in {where}: {shown}{more}; their scans convert, and "
+                     "the ECC task leaves them out of the cross-validation")
+    return notes
+
+
 def _record_file_key(store: VolumeStore, key: str) -> str:
     return store.record_path(key).stem
 
@@ -208,6 +229,7 @@ def _run_tasks(todo: list[Assigned], store, settings, token, workers, scheduler,
                 res = {"status": "failed", "error": reason}
             if res["status"] == "ok":
                 summary.converted.append(src.scan_id)
+                summary.notes += [f"scan {src.scan_id}: {n}" for n in res.get("notes") or []]
             elif res["status"] == "skipped":
                 summary.skipped.append(src.scan_id)
             else:

@@ -121,7 +121,7 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
             with zarr.config.set({"threading.max_workers": 1}):
                 record = _convert(source, readable, store, settings, sum_, fp, token, source_key, discovered_id)
         staged = record.pop("_staged", None)
-        result.update(status="ok", bytes=record["source_bytes"])
+        result.update(status="ok", bytes=record["source_bytes"], notes=record.get("notes") or [])
     except Exception as exc:  # bad input of any kind becomes one failed row
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (ValueError, RuntimeError, OSError, KeyError)):
@@ -250,6 +250,8 @@ def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, setti
         labels=genesis["labels"], value_min=genesis["value_range"][0], value_max=genesis["value_range"][1],
         source_bytes=source_bytes, stored_bytes=stored, record_key=source.scan_id,
         files=files, content_digest=content_digest(files),
+        notes=[a["contour_summary"] for a in volume.label_attrs.values()
+               if isinstance(a, dict) and a.get("contour_summary")],
     )
     store.write_record(record)
     return record

@@ -7,10 +7,15 @@ from several runs are merged (a second subset converted later adds its rows). A 
 breaks its contract (columns, types, or the rules in `_RULES`) is left out with a one-line
 problem naming the file, and the scans still convert.
 
-One break is a usage error instead, raised by `check_table_sources` before a conversion starts
+A table with a header and no rows is such a problem too (exit 1, named at conversion): the task
+that needs it would otherwise find no table only when its store is built.
+
+Two breaks are usage errors instead, raised by `check_table_sources` before a conversion starts
 (exit 2, nothing converted): a PE candidate whose vessel direction is not finite or has zero
-length. It is no typo in one row's length but a direction that cannot exist, and ECC's
-vessel-oriented cubes have nothing to orient by; the user fixes the file and reruns.
+length (no typo in one row's length but a direction that cannot exist, and ECC's vessel-oriented
+cubes have nothing to orient by), and a pe_folds.csv whose fold is not an integer >= 1 or that puts
+a patient in two folds (discovery tags every scan with its patient's fold from that file, so a broken
+one would tag scans wrongly). The user fixes the file and reruns.
 """
 
 from __future__ import annotations
@@ -99,16 +104,49 @@ def _direction_refusal(src: TableSource) -> str | None:
             "empty when it is unknown (storage_schemas/PE_CAD_LAYOUT.md)")
 
 
+def _folds_refusal(src: TableSource) -> str | None:
+    """The one line refusing `src` (a pe_folds.csv) for its first bad row: a fold that is not an integer >= 1
+    (read as text: `-1`, `x`, `1.5` and an empty fold are all named as written), or a patient given two
+    different folds; None when every row is good (or the file is unreadable or lacks the columns, which
+    `store_tables` reports)."""
+    where = f"{src.archive}!{src.path}" if src.archive else src.path
+    try:
+        reader = csv.DictReader(io.StringIO(_text(src)))
+        rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error, zipfile.BadZipFile):
+        return None
+    if not {"patient_id", "fold"} <= {(c or "").strip() for c in reader.fieldnames or ()}:
+        return None
+    seen: dict[str, tuple[int, int]] = {}
+    for line, row in rows:
+        row = {(k or "").strip(): v for k, v in row.items()}
+        patient, text = (row.get("patient_id") or "").strip(), (row.get("fold") or "").strip()
+        if not patient and not text:
+            continue  # a blank line
+        fold = int(text) if text.isascii() and text.isdigit() else None  # no sign, no point, no exponent
+        if fold is None or fold < 1:
+            return (f"{where}: line {line}: fold {text!r} of patient {patient or '(empty)'} is not an integer >= 1; "
+                    "give each patient one fold 1..K, or leave the patient out (its scans are then left out of "
+                    "the cross-validation, storage_schemas/PE_CAD_LAYOUT.md)")
+        if patient in seen and seen[patient][1] != fold:
+            first_line, first = seen[patient]
+            return (f"{where}: patient {patient} is in fold {first} (line {first_line}) and in fold {fold} "
+                    f"(line {line}); a patient belongs to one fold")
+        seen.setdefault(patient, (line, fold))
+    return None
+
+
 def check_table_sources(sources: list[TableSource]) -> None:
     """Raise ValueError (one line: the file, the row, the value) for a table no conversion should start
-    with: a PE candidate whose vessel direction is not finite or has zero length. Call it before any
-    work, so that nothing is converted; every other break of a table's rules stays a problem line of
-    `store_tables`."""
+    with: a PE candidate whose vessel direction is not finite or has zero length, a pe_folds.csv fold that is
+    not an integer >= 1 or a patient in two folds. Call it before any work, so that nothing is converted;
+    every other break of a table's rules stays a problem line of `store_tables`."""
     for src in sources:
-        if _SCHEMAS.get(src.name) == "pe_candidates":
-            refusal = _direction_refusal(src)
-            if refusal:
-                raise ValueError(refusal)
+        schema = _SCHEMAS.get(src.name)
+        refusal = (_direction_refusal(src) if schema == "pe_candidates"
+                   else _folds_refusal(src) if schema == "pe_folds" else None)
+        if refusal:
+            raise ValueError(refusal)
 
 
 def _rows(mask: pd.Series) -> str:
@@ -138,10 +176,11 @@ def _pe_candidates_rules(df: pd.DataFrame) -> None:
 
 
 def _pe_folds_rules(df: pd.DataFrame) -> None:
-    """fold is 1..K; each patient is in one fold."""
+    """fold is 1..K; each patient is in one fold (a row repeated with the same fold is the same fact)."""
     bad = df["fold"] < 1
     if bad.any():
         raise ValueError(f"fold must be >= 1 ({_rows(bad)}: {df['fold'][bad].tolist()[:5]})")
+    df = df.drop_duplicates()
     twice = df["patient_id"].duplicated(keep=False)
     if twice.any():
         raise ValueError(f"patient_id in more than one fold: {sorted(set(df['patient_id'][twice]))[:5]}")
@@ -207,6 +246,9 @@ def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[st
         where = f"{src.archive}!{src.path}" if src.archive else src.path
         try:
             raw = _case_candidates(src) if src.case_scans is not None else _read_csv(src, name)
+            if raw.empty:  # found now, not when the task that reads it is built
+                raise ValueError(f"has a header and no rows: no '{name}' table is stored (a {name} table needs at "
+                                 f"least one row; give the file with its rows, or leave it out)")
             checked = _checked(name, raw, where)
             frames.setdefault(name, []).append(checked)
         except Exception as exc:
