@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 
-from pipeline.runtime.errors import UsageError
+from pipeline.runtime.errors import UsageError, disk_full
 from pipeline.storage.locks import LockBusyError
 from pipeline.volume_store.errors import StoreLockedError
 
@@ -50,7 +50,11 @@ def _work_failure_types() -> tuple[type[BaseException], ...]:
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
-    """(exit status, the one line to print) for an exception that ended a command."""
+    """(exit status, the one line to print) for an exception that ended a command. A full disk (or a file-size
+    limit), wherever it was met (MLflow, SQLite, a store), is exit 1 "failed: disk full: PATH (filesystem ...)"."""
+    full = disk_full(exc)
+    if full is not None:
+        return EXIT_FAILED, f"failed: {full}"
     if isinstance(exc, (StoreLockedError, LockBusyError)):
         return EXIT_BUSY, _one_line(exc)
     if isinstance(exc, (UsageError, ValueError, *_USER_OS_ERRORS)) or \

@@ -342,3 +342,59 @@ def test_killed_conversion_leaves_no_process_and_reruns_to_the_same_store(source
     assert FileLock(store / ".lock", "probe").holder() is None
     assert "converted" in _rerun(args)
     _assert_same_volume_store(store, ref_vs)
+
+
+# ---- fine-tuning runs (issue 18, items 11 and 12) -----------------------------------------------
+
+def test_a_killed_finetune_is_closed_by_the_next_whose_summary_names_its_own_version(ray_local, task_stores,
+                                                                                    tmp_path):
+    from pipeline.finetune.run import finetune
+    from pipeline.runtime.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    args = ["finetune", "--task", "ncs", "--patches", task_stores["ncs"], "--epochs", "1", "--tracking-uri", uri,
+            "--storage-path", str(tmp_path / "ray")]
+    proc = _launch(args, tmp_path / "killed.log", GENESIS_STOP_AT="finetune:run")
+    _wait_for("the fine-tuning's MLflow run", _stopped(proc), proc, tmp_path / "killed.log", timeout=120)
+    _kill(proc)
+    exp_id = tracker.experiment_id("genesis-finetune")
+    (killed,) = tracker.search_runs([exp_id])
+    assert killed.info.status == "RUNNING"  # what a SIGKILL leaves
+    killed_id = killed.info.run_id
+    # as if killed after registering its model
+    client = tracker.client
+    client.create_registered_model("genesis-ncs")
+    gone = client.create_model_version("genesis-ncs", source=str(tmp_path / "m1"), run_id=killed_id)
+
+    res = finetune(task_stores["ncs"], "ncs", "scratch", epochs=1, tracking_uri=uri, storage_path=str(tmp_path / "ray"),
+                   ray_address=ray_local.get_runtime_context().gcs_address)
+    assert res.error is None, res.report()
+    run = tracker.run(killed_id)
+    assert run.info.status == "KILLED" and "interrupted: its process was killed" in run.data.tags["error"]
+    assert f"pid {proc.pid} is gone from" in run.data.tags["error"]
+    versions = {v.version: v for v in tracker.search_model_versions("name = 'genesis-ncs'")}
+    (own,) = versions.values()  # the killed run's version is gone: `latest` can never name it
+    assert own.run_id == res.mlflow_run_id
+    assert res.registered_version == str(own.version)
+    report = res.report()
+    assert f"closed run {killed_id}" in report and f"removed genesis-ncs version {gone.version}" in report
+    assert f"  model: models:/genesis-ncs/{own.version}\n" in report and "latest" not in report
+
+
+def test_a_summary_never_names_a_model_its_run_did_not_register(tmp_path):
+    from pipeline.finetune.leftovers import registered_version
+    from pipeline.finetune.run import FinetuneResult
+    from pipeline.runtime.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = tracker.client.create_experiment("genesis-finetune")
+    other, failed = (tracker.client.create_run(exp_id).info.run_id for _ in range(2))
+    tracker.client.create_registered_model("genesis-ncc")
+    tracker.client.create_model_version("genesis-ncc", source=str(tmp_path / "m"), run_id=other)
+    tracker.mark_failed(failed, reason="it failed")
+    assert registered_version(tracker, "ncc", other) == "1" and registered_version(tracker, "ncc", failed) is None
+    res = FinetuneResult(name="f", task="ncc", init="scratch", path=str(tmp_path), mlflow_run_id=failed,
+                         tracking_uri=tracker.uri, registered_as="genesis-ncc", metrics={}, error="it failed",
+                         registered_version=registered_version(tracker, "ncc", failed))
+    assert "  model: none registered by this run" in res.report() and "models:/" not in res.report()

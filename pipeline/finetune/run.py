@@ -10,6 +10,12 @@ retried (`max_failures`, from the last epoch's checkpoint).
 
 A fold-based task store (ECC) holds every fold; a fine-tuning runs one (`test_fold`, default the store's
 first) and reads the store's view of it (`PatchStore.for_fold`).
+
+Kills: the run carries `genesis.holder` (its process, renewed while it works: `pipeline.storage.leases`), so the
+next fine-tuning of the same task, patch store and init knows a RUNNING run whose process is gone was killed: it
+closes it as KILLED, says so, and removes the model versions it registered (`pipeline.finetune.leftovers`). The
+summary names the exact version this run registered (`models:/genesis-<task>/<version>`), or none: never
+`latest`, which may be another run's.
 """
 
 from __future__ import annotations
@@ -52,17 +58,23 @@ class FinetuneResult:
     registered_as: str
     metrics: dict
     error: str | None
+    registered_version: str | None = None
+    """The version of `registered_as` that this run registered; None when it registered none (it failed)."""
+    closed: tuple[str, ...] = ()
+    """What this run found left by killed runs of the same task, store and init, and closed (`leftovers`)."""
 
     def report(self) -> str:
         from pipeline.runtime.tracking import Tracker
 
         m = self.metrics or {}
         test = {k[5:]: v for k, v in sorted(m.items()) if k.startswith("test_") and not k.endswith("_n_nan")}
-        lines = [f"fine-tuning {self.name} ({self.task}, init {self.init}): "
+        model = (f"models:/{self.registered_as}/{self.registered_version}" if self.registered_version else
+                 "none registered by this run")
+        lines = [*self.closed, f"fine-tuning {self.name} ({self.task}, init {self.init}): "
                  f"{'FAILED: ' + self.error if self.error else 'finished'}",
                  f"  best validation loss {m.get('final_best_val_loss', m.get('best_val_loss', float('nan'))):.5f}",
                  "  test: " + (", ".join(f"{k} {_fmt(v)}" for k, v in test.items()) or "-"),
-                 f"  model: {self.registered_as} (models:/{self.registered_as}/latest)",
+                 f"  model: {model}",
                  f"  checkpoints: {self.path}",
                  f"  MLflow run: {Tracker.at(self.tracking_uri).ui_hint(self.mlflow_run_id)}"]
         return "\n".join(lines)
@@ -203,10 +215,13 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     fine-tuning is one fold; `genesis transfer` runs every fold."""
     from pipeline.cluster import ray_resources
     from pipeline.finetune.init import check_init, read_init
+    from pipeline.finetune.leftovers import close_dead_finetunes, registered_version
     from pipeline.patches.store import PatchStore
     from pipeline.runtime import driver
     from pipeline.runtime.paths import output_dir
+    from pipeline.runtime.hooks import stop_point
     from pipeline.runtime.tracking import Tracker, check_experiment, check_uri
+    from pipeline.storage.leases import RunHeartbeat
 
     ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address, failures=max_failures)
     check_experiment(experiment)
@@ -223,6 +238,10 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     init_state = read_init(init, uri)
     check_init(config, init_state, init)
     tracker = Tracker(uri)  # the store is opened once nothing deterministic is left to refuse
+    closed = tuple(f"genesis finetune: {line}" for line in
+                   close_dead_finetunes(tracker, experiment, spec.name, prep.store_key, init))
+    for line in closed:
+        print(line, flush=True)
 
     name = name or f"genesis-finetune-{spec.name}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"task": spec.name, "preset": preset, "init": init, "label_fraction": str(label_fraction),
@@ -231,6 +250,8 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
         tags["fold"] = str(prep.fold)
     record = prep.task_record()
     run_id = tracker.create_run(experiment, name, tags={**tags, **record.tags()}, command=COMMAND)
+    heartbeat = RunHeartbeat(tracker.client, run_id, COMMAND)  # the next run can tell if this one was killed
+    stop_point("finetune:run")
     tracker.log_params(run_id, record.tags())
     tracker.log_text(run_id, record.text, record.artifact_file)  # the whole task, as the run used it
     loop_config = prep.loop_config(init=init, tracking_uri=tracker.uri, run_id=run_id,
@@ -243,7 +264,11 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
                           storage=storage, workers=workers, gpus_per_worker=gpus_per_worker,
                           max_failures=max_failures)
 
-    outcome = driver.recorded(tracker, run_id, work, ray_address)
+    try:
+        outcome = driver.recorded(tracker, run_id, work, ray_address)
+    finally:
+        heartbeat.stop()
     return FinetuneResult(name=name, task=spec.name, init=init, path=outcome.path or str(Path(str(storage)) / name),
                           mlflow_run_id=run_id, tracking_uri=tracker.uri, registered_as=loop_config["register_as"],
-                          metrics=tracker.run_metrics(run_id), error=outcome.error)
+                          metrics=tracker.run_metrics(run_id), error=outcome.error,
+                          registered_version=registered_version(tracker, spec.name, run_id), closed=closed)

@@ -26,7 +26,22 @@ def open_store(path: str, fold: int | None = None):
 
 
 def train_loop_per_worker(cfg: dict) -> None:
-    _run_one(cfg, cfg.get("init_state"))
+    try:
+        _run_one(cfg, cfg.get("init_state"))
+    except Exception as exc:
+        _record(cfg, exc)
+        raise
+
+
+def _record(cfg: dict, exc: Exception) -> None:
+    """Rank 0 ends its MLflow run and, for an error no retry mends (a full disk among them), marks it FAILED with
+    the cause and drops the model it may have logged or registered (`record_failure`)."""
+    import ray.train
+
+    from pipeline.runtime.tracking import record_failure
+
+    if ray.train.get_context().get_world_rank() == 0:
+        record_failure(cfg["tracking_uri"], cfg["mlflow_run_id"], exc)
 
 
 def train_group_per_worker(cfg: dict) -> None:
@@ -40,7 +55,7 @@ def train_group_per_worker(cfg: dict) -> None:
     import ray
     import ray.train
 
-    from pipeline.runtime.errors import one_line
+    from pipeline.runtime.errors import disk_full, one_line
     from pipeline.runtime.tracking import RunLogger, Tracker
 
     world = ray.train.get_context().get_world_size()
@@ -56,9 +71,10 @@ def train_group_per_worker(cfg: dict) -> None:
             _run_one(cell, state)
         except Exception as exc:  # noqa: BLE001 - reported on the fine-tuning's run, the group goes on
             if world > 1:
+                _record(cell, exc)
                 raise
             RunLogger.end_active("FAILED")  # else the next fine-tuning's logger finds this one active
-            tracker.mark_failed(cell["mlflow_run_id"], reason=one_line(exc))
+            tracker.mark_failed(cell["mlflow_run_id"], reason=disk_full(exc) or one_line(exc))
 
 
 def _run_one(cfg: dict, init_state: dict | None) -> None:
@@ -143,12 +159,15 @@ def _run_one(cfg: dict, init_state: dict | None) -> None:
 
 def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> None:
     """Rank 0: the best weights on the test split; metrics, predictions.csv, figures, the registered model."""
+    import tempfile
+
     import matplotlib.pyplot as plt
 
     from pipeline.finetune.evaluate import evaluate_test, model_preprocessing
     from pipeline.finetune.init import build_model
-    from pipeline.runtime.tracking import Tracker
     from pipeline.model_io.model_format import log_finetuned_model
+    from pipeline.runtime.errors import full_disk_names
+    from pipeline.runtime.tracking import Tracker
     from pipeline.tasks.task_file import task_file_text
 
     final = build_model(config)
@@ -164,8 +183,10 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
         plt.close(fig)
     final.cpu()
     spec = cfg["spec"]  # the model carries its task file and how to apply it (`genesis predict` reads both)
-    info = log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind,
-                               task_file=task_file_text(spec), preprocessing=model_preprocessing(spec, config, store))
+    with full_disk_names(tempfile.gettempdir()):  # MLflow writes the model there before copying it
+        info = log_finetuned_model(final, in_channels=config.in_channels, kind=config.kind,
+                                   task_file=task_file_text(spec),
+                                   preprocessing=model_preprocessing(spec, config, store))
     Tracker.at(cfg["tracking_uri"]).register_finetuned(
         info.model_uri, cfg["register_as"],
         tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, "task": config.task, "init": cfg["init"],

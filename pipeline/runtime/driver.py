@@ -6,13 +6,16 @@ starts Ray, fits a TorchTrainer (`fit`) and records the outcome on the run: FAIL
 
 Deterministic errors end the run at once, through public API only. Ray Train retries every worker error up to
 `FailureConfig.max_failures` and offers no public hook to tell them apart, so the train function is wrapped
-(`EndOnDeterministicError`): a worker that raises one of `DETERMINISTIC_ERRORS` writes the reason to a small
-file under the run's storage folder (through pyarrow's filesystem, so a bucket works as a shared folder does).
-Alone, it then returns: Ray Train sees a finished run. With peers it raises: Ray tears down the whole group
-(a peer waiting in a collective is killed, never left hanging), and the workers of a restarted group find the
-file and return at once. Either way the driver reads the file and marks the run FAILED with "...; a
-deterministic error: not retried", and no training is repeated. Worker deaths, lost nodes and other runtime
-errors are raised, and retried as before.
+(`EndOnDeterministicError`): a worker that raises one of `DETERMINISTIC_ERRORS`, or meets a full disk
+(`disk_full`: ENOSPC, EDQUOT, EFBIG; a retry would fill it again), writes the reason to a small file under the
+run's storage folder (through pyarrow's filesystem, so a bucket works as a shared folder does). Alone, it then
+returns: Ray Train sees a finished run. With peers it raises: Ray tears down the whole group (a peer waiting in a
+collective is killed, never left hanging), and the workers of a restarted group find the file and return at once.
+Either way the driver reads the file and marks the run FAILED with "...; a deterministic error: not retried" (or
+"disk full: PATH (filesystem MOUNT: ...); not retried"), and no training is repeated. A fit that Ray saw end well
+but whose MLflow run is not FINISHED (its rank 0 could not log its model or end the run) is a failure too, named
+by the run's `error` tag when the worker could write it. Worker deaths, lost nodes and other runtime errors are
+raised, and retried as before.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.runtime.errors import DETERMINISTIC_ERRORS, failure_reason, one_line
+from pipeline.runtime.errors import disk_full, failure_reason, is_deterministic, one_line
 
 __all__ = ["Outcome", "EndOnDeterministicError", "scaling", "fit", "recorded", "FAILURE_KEY"]
 
@@ -78,25 +81,27 @@ class EndOnDeterministicError:
             return  # a worker of this run met a deterministic error: nothing is left to do
         try:
             self.train_fn(config)
-        except DETERMINISTIC_ERRORS as err:
-            if not failure_file:
+        except Exception as err:
+            if failure_file and _read_failure(failure_file) is not None:
+                return  # a peer (or an earlier attempt) met a deterministic error: this failure is its echo
+            if not failure_file or not is_deterministic(err):
                 raise
             context = ray.train.get_context()
-            reason = f"{one_line(err)} (worker rank {context.get_world_rank()}); a deterministic error: not retried"
+            full = disk_full(err)
+            reason = (f"{full} (worker rank {context.get_world_rank()}); not retried" if full else
+                      f"{one_line(err)} (worker rank {context.get_world_rank()}); a deterministic error: not retried")
             log.warning("genesis: %s", reason)
             try:
-                if _read_failure(failure_file) is None:
-                    _write_failure(failure_file, reason)
-            except Exception:  # noqa: BLE001 - the cause cannot be recorded: Ray retries it as any error
+                _write_failure(failure_file, reason)
+            except Exception:  # noqa: BLE001 - the cause cannot be recorded
+                if full and context.get_world_size() == 1:
+                    return  # the storage is full too: a retry would fail the same way; the driver finds the
+                    # MLflow run not FINISHED (the worker tagged its cause when it could) and marks it FAILED
                 log.exception("genesis: could not write %s", failure_file)
-                raise err from None
+                raise err from None  # Ray retries it as any error
             if context.get_world_size() > 1:
                 raise  # Ray tears down the whole group (no peer is left waiting in a collective); a restarted
                 # group finds the failure file and returns at once
-        except Exception:
-            if failure_file and _read_failure(failure_file) is not None:
-                return  # a peer met a deterministic error: this worker's failure is its echo
-            raise
 
 
 def scaling(workers: int, gpus_per_worker: float):
@@ -149,6 +154,25 @@ def recorded(tracker, run_id: str, work: Callable[[], Outcome], ray_address: str
     except BaseException as exc:  # interrupted: the run is not left RUNNING
         tracker.mark_failed(run_id, reason=f"interrupted: {type(exc).__name__}", status="KILLED")
         raise
+    if not outcome.error:
+        outcome.error = _unfinished(tracker, run_id)
     if outcome.error:
-        tracker.mark_failed(run_id, reason=outcome.error)
+        try:
+            tracker.mark_failed(run_id, reason=outcome.error)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database's disk is full too: said, not raised
+            outcome.error += f"; the MLflow run could not be marked FAILED: {disk_full(exc) or one_line(exc)}"
     return outcome
+
+
+def _unfinished(tracker, run_id: str) -> str | None:
+    """Why a fit that Ray Train saw end well did not finish its MLflow run (its rank 0 logs the model and ends
+    the run last: a run still RUNNING means that step failed, e.g. on a full disk, and could not say so);
+    None when the run is FINISHED."""
+    try:
+        run = tracker.run(run_id)
+    except Exception as exc:  # noqa: BLE001 - the store cannot be read: say so instead of guessing
+        return f"the MLflow run {run_id} cannot be read: {disk_full(exc) or one_line(exc)}"
+    if run.info.status == "FINISHED":
+        return None
+    cause = run.data.tags.get("error")
+    return cause or f"the training ended without finishing its MLflow run {run_id} (status {run.info.status})"

@@ -12,6 +12,7 @@ elsewhere write to the same file); `--tracking-uri` for an MLflow server.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pipeline.runtime.paths import output_dir, shared_path
 __all__ = ["Tracker", "resolve_uri", "RunLogger", "PRETRAINED_MODEL", "project_version",
            "finetuned_model_name", "artifact_location", "provenance_tags", "git_state",
            "entry_point", "ENTRY_POINT_ENV", "COMMANDS", "BEST_ALIAS", "best_alias_of", "check_experiment",
-           "mlflow_http_limits", "MLFLOW_HTTP_RETRIES", "PROBE_TIMEOUT_S"]
+           "mlflow_http_limits", "MLFLOW_HTTP_RETRIES", "PROBE_TIMEOUT_S", "record_failure", "DB_LOCK_WAIT_S"]
 
 PROBE_TIMEOUT_S = 5.0
 MLFLOW_HTTP_RETRIES = "5"
@@ -270,6 +271,24 @@ def finetuned_model_name(task: str) -> str:
 
 
 
+def record_failure(uri: str, run_id: str, error: BaseException) -> None:
+    """Rank 0's last word on a run whose training or logging raised `error`: this process's active MLflow run is
+    ended, and when no retry can mend the error (`is_deterministic`: bad data, a bug, a full disk) the run is marked
+    FAILED with its cause and its models dropped (`Tracker.mark_failed`). Best effort: the store may be on the
+    full disk too, then the driver says so. Other errors are left to Ray's retries (the restart resumes the run)."""
+    from pipeline.runtime.errors import failure_reason, is_deterministic
+
+    try:
+        RunLogger.end_active("FAILED")
+    except Exception:  # noqa: BLE001 - the store cannot be written: the driver reports the run
+        pass
+    if is_deterministic(error):
+        try:
+            Tracker.at(uri).mark_failed(run_id, reason=failure_reason(error))
+        except Exception:  # noqa: BLE001
+            pass
+
+
 # --------------------------------------------------------------------------- checks, before any run exists
 
 def mlflow_http_limits() -> None:
@@ -291,8 +310,10 @@ def check_experiment(name: str | None, option: str = "--experiment") -> str:
 
 def check_uri(uri: str | None, option: str = "--tracking-uri", timeout: float = PROBE_TIMEOUT_S) -> str:
     """The tracking URI a stage will use (as `resolve_uri` makes it), checked: a SQLite database or file store
-    whose folder can be written, an MLflow server that answers its REST API within `timeout` s, or another scheme
-    MLflow has a tracking store for. Also bounds MLflow's own HTTP retries for this process."""
+    whose folder can be written (a new file is created, an existing one read whole, once, under a lock beside it:
+    `_open_database`), an MLflow server that answers its REST API within `timeout` s and accepts the credentials
+    given (401 is a UsageError naming MLFLOW_TRACKING_USERNAME/PASSWORD), or another scheme MLflow has a tracking
+    store for. Also bounds MLflow's own HTTP retries for this process."""
     mlflow_http_limits()
     if uri is None:
         uri = "sqlite:///" + shared_path(None, option, default="mlflow.db")
@@ -306,6 +327,7 @@ def check_uri(uri: str | None, option: str = "--tracking-uri", timeout: float = 
         output_dir(str(db.parent), option)
         if db.exists() and not os.access(db, os.W_OK):
             raise UsageError(f"{option} {uri}: {db} is not writable")
+        _open_database(uri, db, option)
         return uri
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
@@ -315,6 +337,82 @@ def check_uri(uri: str | None, option: str = "--tracking-uri", timeout: float = 
     else:
         _check_scheme(uri, scheme, option)
     return uri
+
+
+DB_LOCK_WAIT_S = 300.0
+"""How long a stage waits for another process that is creating or checking the same SQLite database."""
+
+
+def _open_database(uri: str, db: Path, option: str) -> None:
+    """Create a new SQLite tracking database, or check an existing one, once, under a lock beside it
+    (`<db>.lock`), before any run starts. MLflow creates its tables and runs its schema migrations when a store is
+    first opened, without a lock: several processes opening a new file at once run the migrations together and
+    all but one fail ("duplicate column name: step"). An existing file is read whole (SQLite's `quick_check`) and
+    through MLflow (experiments, registered models): garbage or a truncated file is found here, naming it,
+    instead of after the training."""
+    from pipeline.storage.locks import FileLock, LockBusyError
+
+    lock = FileLock(f"{db}.lock", purpose=f"creating or checking the MLflow database {db}")
+    deadline = time.monotonic() + DB_LOCK_WAIT_S
+    while True:
+        try:
+            lock.acquire()
+            break
+        except LockBusyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        if db.exists() and db.stat().st_size > 0:
+            _check_sqlite_file(uri, db, option)
+        _read_store(uri, db, option)
+    finally:
+        lock.release()
+
+
+def _check_sqlite_file(uri: str, db: Path, option: str) -> None:
+    """Every page of an existing database readable (SQLite's own `quick_check`, read-only)."""
+    import sqlite3
+
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"{option} {uri}: {db} is not a readable MLflow database ({problem}); restore it from a "
+                          f"backup, or give another --tracking-uri")
+
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=60)
+    except sqlite3.Error as err:
+        raise bad(str(err)) from None
+    try:
+        rows = [r[0] for r in con.execute("PRAGMA quick_check(5)").fetchall()]
+    except sqlite3.Error as err:
+        raise bad(str(err)) from None
+    finally:
+        con.close()
+    if rows != ["ok"]:
+        raise bad("; ".join(str(r) for r in rows)[:200])
+
+
+def _read_store(uri: str, db: Path, option: str) -> None:
+    """Open the store as the stage will (MLflow creates the tables of a new file here) and read its experiments
+    and registered models. An out-of-date schema is a usage error naming MLflow's own upgrade command (MLflow
+    never upgrades a database by itself; its advice is to back it up first)."""
+    from mlflow import MlflowClient
+
+    from pipeline.runtime.errors import disk_full
+
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy's and MLflow's errors: the file is named instead
+        if disk_full(err, str(db)):  # the database cannot grow: "disk full: <db> (filesystem ...)", exit 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(db)) from None
+        text = " ".join(str(err).split())
+        if "out-of-date database schema" in text:
+            raise UsageError(f"{option} {uri}: {db} was written by an older MLflow; back it up, then run "
+                             f"`mlflow db upgrade {uri}`") from None
+        raise UsageError(f"{option} {uri}: {db} is not a readable MLflow database ({text[:160]}); restore it "
+                         f"from a backup, or give another --tracking-uri") from None
 
 
 BUILT_IN_SCHEMES = ("", "file", "sqlite", "http", "https", "databricks", "databricks-uc", "uc")
@@ -343,9 +441,10 @@ PROBE_PATH = "/api/2.0/mlflow/experiments/get-by-name"
 def _probe_server(uri: str, option: str, timeout: float) -> None:
     """Ask the server for the Default experiment (a GET) through MLflow's own client (its credentials and TLS settings, from
     MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, ..._INSECURE_TLS, ..._SERVER_CERT_PATH), with no retry and a
-    `timeout` s limit. An answer, or 401/403 (an authenticating server or proxy: credentials are MLflow's
-    business), passes; nothing answering, or an answer that is not MLflow's REST API (a wrong port or path,
-    another web server), is a UsageError naming the URI."""
+    `timeout` s limit. An answer, or 403 (logged in, but not allowed to read that experiment: a stage may still
+    use its own), passes. 401 (no credentials, or refused ones) is a UsageError naming the variables to set: the
+    stage would otherwise fail at its first MLflow call. Nothing answering, or an answer that is not MLflow's REST
+    API (a wrong port or path, another web server), is a UsageError naming the URI."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException, RestException
 
@@ -363,7 +462,9 @@ def _probe_server(uri: str, option: str, timeout: float) -> None:
     except MlflowException as err:
         text = str(err)
         code = re.search(r"error code (\d+)", text)
-        if code and code.group(1) in ("401", "403"):
+        if code and code.group(1) == "401":
+            raise UsageError(_unauthenticated(uri, option)) from None
+        if code and code.group(1) == "403":
             return
         if code:
             raise UsageError(f"{option} {uri}: answers HTTP but is not an MLflow tracking server (GET "
@@ -384,6 +485,16 @@ def _probe_server(uri: str, option: str, timeout: float) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _unauthenticated(uri: str, option: str) -> str:
+    given = [k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+             if os.environ.get(k)]
+    if given:
+        return (f"{option} {uri}: the MLflow server refuses the credentials in {' and '.join(given)} (HTTP 401); "
+                f"set the right MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return (f"{option} {uri}: the MLflow server asks for a login (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+            f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
 
 def _connection_reason(text: str) -> str:
@@ -418,7 +529,8 @@ class Tracker:
 
     @classmethod
     def open(cls, uri: str | None, option: str = "--tracking-uri", timeout: float = PROBE_TIMEOUT_S) -> "Tracker":
-        """The tracker of a stage that is about to start: `uri` checked (`check_uri`) before anything runs."""
+        """The tracker of a stage that is about to start: `uri` checked (`check_uri`: a SQLite file is created or
+        read once, under the lock `<db>.lock`) before anything runs."""
         return cls(check_uri(uri, option, timeout))
 
     @classmethod
@@ -454,11 +566,31 @@ class Tracker:
 
     def mark_failed(self, run_id: str, reason: str | None = None, status: str = "FAILED") -> None:
         """End a run that is still RUNNING as FAILED (or KILLED); `reason` goes into its `error` tag, which the
-        transfer table shows beside the failed fine-tuning."""
+        transfer table shows beside the failed fine-tuning. A run that did not finish leaves no model behind:
+        its logged models still PENDING are marked FAILED, and the versions registered from it are deleted (a
+        version registered just before the run failed, e.g. on a full disk, would otherwise be `latest`)."""
         if reason:
             self.client.set_tag(run_id, "error", reason[:5000])
-        if self.client.get_run(run_id).info.status == "RUNNING":
+        run = self.client.get_run(run_id)
+        if run.info.status == "RUNNING":
             self.client.set_terminated(run_id, status=status)
+        if run.info.status != "FINISHED":
+            self.drop_models(run_id, run.info.experiment_id)
+
+    def drop_models(self, run_id: str, experiment_id: str | None = None) -> list[str]:
+        """Mark the run's PENDING logged models FAILED and delete the model versions registered from it; returns
+        the deleted versions as `name/version`."""
+        from mlflow.entities import LoggedModelStatus
+
+        experiment_id = experiment_id or self.client.get_run(run_id).info.experiment_id
+        for model in self.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        dropped = []
+        for version in self.client.search_model_versions(f"run_id = '{run_id}'"):
+            self.client.delete_model_version(version.name, version.version)
+            dropped.append(f"{version.name}/{version.version}")
+        return dropped
 
     def run(self, run_id: str):
         """MLflow's Run: `.info` (status, experiment id, times) and `.data` (params, metrics, tags)."""

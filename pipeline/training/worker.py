@@ -11,6 +11,22 @@ __all__ = ["train_loop_per_worker"]
 
 
 def train_loop_per_worker(cfg: dict) -> None:
+    """One pretraining worker. When it raises, rank 0 first ends its MLflow run and, for an error no retry mends
+    (a full disk among them), marks it FAILED with the cause and drops the model it may have logged
+    (`pipeline.runtime.tracking.record_failure`)."""
+    import ray.train
+
+    try:
+        _train(cfg)
+    except Exception as exc:
+        if ray.train.get_context().get_world_rank() == 0:
+            from pipeline.runtime.tracking import record_failure
+
+            record_failure(cfg["tracking_uri"], cfg["mlflow_run_id"], exc)
+        raise
+
+
+def _train(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
@@ -110,14 +126,18 @@ def train_loop_per_worker(cfg: dict) -> None:
             break
 
     if logger:
-        from pipeline.runtime.tracking import PRETRAINED_MODEL
+        import tempfile
+
         from pipeline.model_io.model_format import log_model
+        from pipeline.runtime.errors import full_disk_names
+        from pipeline.runtime.tracking import PRETRAINED_MODEL
 
         final = build_model(config)
         final.load_state_dict(best_model)
         final.eval()
         # how a scan becomes the model's input: recipe, intensity rule, cube size, modality, and the store
-        info = log_model(final, preprocessing={**preprocessing, "patch_store": store.key})
+        with full_disk_names(tempfile.gettempdir()):  # MLflow writes the model there before copying it
+            info = log_model(final, preprocessing={**preprocessing, "patch_store": store.key})
         logger.log_metrics({"final_best_val_loss": best_val}, step=epoch)
         tracker.register_model(info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
                                tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"],

@@ -9,9 +9,17 @@ Order of work, and why:
 1. Every fine-tuning is checked on the driver first (`pipeline.finetune.run.prepare`, the init read once per
    init and fitted to each task's model): what is wrong deterministically becomes a FAILED child run with
    its reason and never reaches Ray, so it is reported, not retried.
-2. The parent run is found by the grid's key (same arguments, same stores -> same key), so a rerun after an
+2. One grid at a time: before it touches its parent run, a grid takes the lease of its key in the tracking store
+   (`pipeline.storage.leases.ExperimentLease`: an experiment tag per claimant, with host, pid, start and an expiry
+   renewed every 2 minutes; it works alike for sqlite:/// and http(s):// stores). A second identical grid started
+   while the first lives exits 3 (busy) naming the holder's pid, host and start, and changes nothing; it does not
+   wait (a grid may run for days) - rerun it afterwards and it reuses every fine-tuning the first finished. A
+   holder whose pid is gone from this host, or whose lease expired (10 minutes without renewal: a holder on
+   another host), is dead: its lease is taken over and the grid says so.
+   The parent run is found by the grid's key (same arguments, same stores -> same key), so a rerun after an
    interruption reuses it: FINISHED child runs are kept and not run again; runs left RUNNING by the
-   interrupted attempt are closed as KILLED and run again from their start.
+   interrupted attempt are closed as KILLED and run again from their start, and the model versions they
+   registered are removed (`pipeline.finetune.leftovers.close_killed`).
 3. The rest is grouped per task (`GridConfig.group_size`) into Tune trials; each trial fits one TorchTrainer
    that runs its group's fine-tunings one after the other (one Ray Train start-up per group). Trial drivers
    take no CPU (a 2-CPU machine would otherwise deadlock: two trial drivers holding both CPUs while their
@@ -31,10 +39,11 @@ import pandas as pd
 
 from pipeline.cluster import TRIAL_RESOURCE, ensure_ray, ray_resources
 from pipeline.runtime.tracking import Tracker
+from pipeline.storage.leases import ExperimentLease
 from pipeline.tasks.registry import BUILTIN_SOURCE
 from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells
 
-__all__ = ["transfer", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show",
+__all__ = ["transfer", "take_lease", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show",
            "inspect_stores", "register_store_tasks", "task_files_of"]
 
 
@@ -97,9 +106,36 @@ def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> d
     return found
 
 
+def _experiment_id(tracker: Tracker, experiment: str) -> str:
+    """The experiment's id, created when missing (two grids creating it at once: the second finds the first's)."""
+    from pipeline.runtime.tracking import artifact_location
+
+    exp_id = tracker.experiment_id(experiment)
+    if exp_id is None:
+        try:
+            exp_id = tracker.client.create_experiment(experiment, artifact_location=artifact_location(tracker.uri))
+        except Exception:  # noqa: BLE001 - created meanwhile by another process: use it
+            exp_id = tracker.experiment_id(experiment)
+            if exp_id is None:
+                raise
+    return exp_id
+
+
+def take_lease(tracker: Tracker, experiment: str, key: str) -> ExperimentLease:
+    """The grid's lease (`pipeline.storage.leases`), or LeaseBusyError (exit 3) naming the live holder; the dead
+    holders it took over are printed."""
+    from pipeline.transfer.trial import COMMAND
+
+    lease = ExperimentLease(tracker.client, _experiment_id(tracker, experiment), f"grid.{key}", COMMAND,
+                            what=f"transfer grid {key} (experiment {experiment!r} at {tracker.uri})")
+    for holder, why in lease.acquire():
+        print(f"genesis transfer: took over the grid's lease from {holder.describe()}: {why}", flush=True)
+    return lease
+
+
 def _parent_run(tracking: Tracker | str, experiment: str, key: str, grid: GridConfig,
                 name: str | None) -> tuple[str, int]:
-    """The grid's parent run (reopened on a rerun) and this attempt's number."""
+    """The grid's parent run (reopened on a rerun) and this attempt's number. Called under the grid's lease."""
     from pipeline.transfer.trial import COMMAND
 
     tracker = Tracker.at(tracking)
@@ -133,12 +169,15 @@ def _log_task_files(tracker: Tracker, parent: str, task_files: dict[str, dict[st
 
 
 def _close_interrupted(tracker: Tracker, parent: str) -> int:
-    """Child runs still RUNNING belong to an attempt that was stopped: close them as KILLED."""
+    """Child runs still RUNNING belong to an attempt that was stopped (this process holds the grid's lease, so no
+    live grid is running them): close them as KILLED and remove the model versions they registered, saying so."""
+    from pipeline.finetune.leftovers import close_killed
+
     exp_id = tracker.run(parent).info.experiment_id
     runs = tracker.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
     for r in runs:
-        tracker.mark_failed(r.info.run_id, reason="interrupted: the grid was stopped; run again by the rerun",
-                            status="KILLED")
+        for line in close_killed(tracker, r, "interrupted: the grid was stopped; run again by the rerun"):
+            print(f"genesis transfer: {line}", flush=True)
     return len(runs)
 
 
@@ -199,15 +238,9 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
              experiment: str = "genesis-transfer", storage_path: str | None = None, ray_address: str | None = None,
              name: str | None = None, results_dir: str | None = None, verbose: int = 1,
              fault_injection: dict | None = None) -> TransferResult:
-    import ray
-    from ray import tune
-
-    from pipeline.finetune.init import check_init, read_init
-    from pipeline.finetune.run import prepare
+    from pipeline.runtime.hooks import stop_point
     from pipeline.runtime.paths import output_dir
-    from pipeline.runtime.tracking import check_experiment, check_uri, entry_point
-    from pipeline.transfer.table import cells_from_mlflow
-    from pipeline.transfer.trial import create_child_run, run_trial
+    from pipeline.runtime.tracking import check_experiment, check_uri
 
     ray_resources(workers=grid.workers_per_trial, gpus_per_worker=grid.gpus_per_trial, ray_address=ray_address,
                   failures=grid.max_failures, workers_option="--workers-per-trial", gpus_option="--gpus-per-trial")
@@ -223,6 +256,31 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
     cells = cells_of(grid, store_keys, folds,
                      {t: f["sha256"] for t, f in task_files.items() if f["source"] != BUILTIN_SOURCE})
     key = grid_key(cells)
+    lease = take_lease(tracker, experiment, key)
+    try:
+        stop_point("transfer:leased")
+        return _run_grid(tracker, grid, key, cells, stores, folds, facts, task_files, uri=uri, experiment=experiment,
+                         storage=storage, ray_address=ray_address, name=name, results_dir=results_dir,
+                         verbose=verbose, fault_injection=fault_injection)
+    finally:
+        lease.release()
+
+
+def _run_grid(tracker: Tracker, grid: GridConfig, key: str, cells: list[Cell], stores: dict[str, str], folds: dict,
+              facts: dict, task_files: dict, *, uri: str, experiment: str, storage: str, ray_address: str | None,
+              name: str | None, results_dir: str | None, verbose: int, fault_injection: dict | None
+              ) -> TransferResult:
+    """The grid, under its lease: the parent run, the leftovers of an interrupted attempt, the pending cells on
+    Ray Tune, the table."""
+    import ray
+    from ray import tune
+
+    from pipeline.finetune.init import check_init, read_init
+    from pipeline.finetune.run import prepare
+    from pipeline.runtime.tracking import entry_point
+    from pipeline.transfer.table import cells_from_mlflow
+    from pipeline.transfer.trial import create_child_run, run_trial
+
     parent, attempt = _parent_run(tracker, experiment, key, grid, name)
     _log_task_files(tracker, parent, task_files)
     _close_interrupted(tracker, parent)
