@@ -486,7 +486,13 @@ def main(argv: list[str] | None = None) -> int:
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks, "predict": _predict,
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, not as a message at interpreter exit
+        return code
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # a socket's broken pipe: a failure of the work like any other
+            return ended(_command(args), exc, debug=getattr(args, "debug", False))
+        return _closed_stdout()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every error is one line and an exit status
         return ended(_command(args), exc, debug=getattr(args, "debug", False))
     finally:
@@ -494,6 +500,33 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop(ENTRY_POINT_ENV, None)
         else:
             os.environ[ENTRY_POINT_ENV] = outer
+
+
+EXIT_CLOSED_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a command whose reader went away (`genesis stores show S | head`)."""
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout is gone: a quiet exit, as `cat` or `ls` end in a pipe. Nothing more can be shown, and
+    stdout is pointed at /dev/null so that the interpreter's last flush of it raises nothing either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_CLOSED_PIPE
 
 
 def _command(args) -> str:
@@ -602,7 +635,7 @@ def _task_spec(args):
         if ratio is not None and not (ratio >= 0 and math.isfinite(ratio)):
             raise ValueError(f"--negative-ratio must be a finite number >= 0 or 'all', got {args.negative_ratio!r}")
         spec = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling, negatives_per_positive=ratio))
-    channels = tuple(c.strip().lower() for c in args.channels.split(",")) if args.channels else None
+    channels = _channel_list(args.channels) if args.channels is not None else None
     spec = spec.with_overrides(cube_size=args.size, channels=channels, **{
         "sampling.per_scan": args.per_scan, "split.seed": args.split_seed, "split.test_fold": args.test_fold})
     if getattr(args, "splits", None):
@@ -612,10 +645,57 @@ def _task_spec(args):
     return spec
 
 
+def _channel_list(text: str) -> tuple[str, ...]:
+    """--channels: sequence names, lower-cased; an empty name (`--channels ,`, `flair,,t2`) or one named twice is
+    a usage error."""
+    names = tuple(c.strip().lower() for c in text.split(","))
+    if not text.strip() or any(not c for c in names):
+        raise UsageError(f"--channels {text!r}: an empty sequence name; give sequences such as flair,t1ce")
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise UsageError(f"--channels {text!r}: {', '.join(twice)} named twice")
+    return names
+
+
+def _store_sequences(store: str, dataset: str) -> set[str]:
+    """The sequences (source identifier `sequence`, lower-cased) of the volume store's ok scans of `dataset`, read
+    from each scan's attributes (zarr.json) only: no voxels."""
+    import json
+    from pathlib import Path
+
+    from pipeline.volume_store.store import VolumeStore
+
+    vstore = VolumeStore(store)
+    cat = vstore.catalog()
+    found = set()
+    for sid in cat.loc[(cat["status"] == "ok") & (cat["dataset"] == dataset), "scan_id"]:
+        try:
+            meta = json.loads((Path(vstore.scan_dir(sid)) / "zarr.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a damaged scan: the build names it
+        ids = ((meta.get("attributes") or {}).get("genesis") or {}).get("source", {}).get("identifiers") or {}
+        if ids.get("sequence"):
+            found.add(str(ids["sequence"]).lower())
+    return found
+
+
+def _check_channels(spec, store: str, given: str) -> None:
+    """--channels names sequences the store holds for the task's dataset; else exit 2 naming the unknown ones and
+    the known ones, before any work (otherwise every case would be skipped and the build fail after reading)."""
+    known = _store_sequences(store, spec.dataset)
+    unknown = [c for c in spec.channels if c not in known]
+    if unknown:
+        have = ", ".join(sorted(known)) if known else "none (its scans carry no sequence name)"
+        raise UsageError(f"--channels {given!r}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+                         f"sequence of the {spec.dataset} scans in {store} (known: {have})")
+
+
 def _task_patches(args) -> int:
     from pipeline.patches.task_extract import extract_task
 
     spec = _task_spec(args)
+    if args.channels is not None:
+        _check_channels(spec, args.store, args.channels)
     result = extract_task(args.store, spec, seed=args.seed, out_root=args.out, workers=args.workers,
                           scheduler=args.dask_scheduler, progress=not args.no_progress)
     print(result.report())
@@ -639,12 +719,22 @@ def _split(text: str, cast=str) -> tuple:
     return tuple(cast(v.strip()) for v in text.split(",") if v.strip())
 
 
+def _task_list(text: str, option: str = "--tasks") -> tuple[str, ...]:
+    """The comma-separated entries of a task list; an option given but naming no task (`--tasks ""`, `--tasks ,`)
+    is a usage error, never "every task"."""
+    names = _split(text)
+    if not names:
+        raise UsageError(f"{option} {text!r}: names no task; give comma-separated tasks (genesis tasks list), or "
+                         f"leave {option} out for the default")
+    return names
+
+
 def _task_names(text: str) -> tuple[str, ...]:
     """--tasks: built-in names (any case) and task files (registered for this process, named by their task)."""
     from pipeline.tasks.registry import resolve_task
     from pipeline.tasks.task_file import is_task_file
 
-    return tuple(resolve_task(t).name if is_task_file(t) else t.lower() for t in _split(text))
+    return tuple(resolve_task(t).name if is_task_file(t) else t.lower() for t in _task_list(text))
 
 
 def _transfer(args) -> int:
@@ -680,18 +770,22 @@ def _transfer(args) -> int:
 def _reproduce(args) -> int:
     from pathlib import Path
 
-    from pipeline.reproduce import ReproduceConfig, reproduce
+    from pipeline.reproduce import ReproduceConfig, StepFailed, reproduce
 
     config = ReproduceConfig(
         out=Path(shared_path(args.out, "--out")), preset=args.preset,
         data=Path(shared_path(args.data, "--data")) if args.data else None,
-        tasks=_split(args.tasks.lower()) if args.tasks else None, seeds=args.seeds,
+        tasks=_task_list(args.tasks.lower()) if args.tasks is not None else None, seeds=args.seeds,
         label_fractions=args.label_fractions, test_fold=args.test_fold, max_concurrent=args.max_concurrent,
         gpus_per_trial=args.gpus_per_trial, pretrain_workers=args.pretrain_workers,
         gpus_per_worker=args.gpus_per_worker, pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.epochs,
         workers=args.workers, tracking_uri=args.tracking_uri, ray_address=args.ray_address,
         worker_logs=args.worker_logs)
-    result = reproduce(config)  # a step that fails raises StepFailed (a RuntimeError: exit 1, named by main)
+    try:
+        result = reproduce(config)  # a second reproduce into OUT: LockBusyError, exit 3 (main)
+    except StepFailed as exc:  # its one line is printed already: reproduce ends with the step's own status
+        print(f"genesis reproduce: stopped: {exc}", file=sys.stderr)
+        return exc.code
     print(result.report())
     return EXIT_OK if result.ok else EXIT_FAILED
 

@@ -8,6 +8,8 @@ Each step calls the stage that does it (`convert`, `extract_pretrain`, `extract_
 and uses what it returns (store paths, the run id); it is printed first as the `genesis` command it equals, and
 ends as that command would (its report, its exit status, an error's one line), so a run is also a walk-through of
 the command line. This module sits below the command line and never runs it.
+A step that fails stops the run, which exits with that step's status (1 the work failed, 2 bad input, 3 a busy
+store); a second reproduce into an OUT that another one is writing exits 3 at once, naming it.
 The grid's pretrained init is the exact registry version this run's pretraining registered
 (`models:/genesis-pretrained/N`, found by the run id), never an alias another run may hold.
 
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.console import EXIT_FAILED, EXIT_OK, ended
 from pipeline.runtime.paths import output_dir, shared_path
+from pipeline.storage.locks import FileLock
 from pipeline.runtime.tracking import Tracker, entry_point
 
 if TYPE_CHECKING:
@@ -36,6 +39,8 @@ __all__ = ["ReproduceConfig", "ReproducePreset", "PRESETS", "SAMPLE_SCANS", "Wal
            "registered_version"]
 
 DATASETS = ("luna16", "lidc", "pe", "lits", "brats")
+LOCK_FILE = ".reproduce.lock"
+"""In OUT: held by the reproduce writing there (an flock: a killed run leaves no stale lock)."""
 SAMPLE_SCANS = {"luna16": 4, "lidc": 3, "pe": 6, "lits": 6, "brats": 4}
 """Sample scans (cases) per dataset: enough patients for three splits each, small enough for a CPU."""
 
@@ -139,7 +144,12 @@ PRESETS = {"tiny": ReproducePreset(pretrain="tiny", finetune="tiny"),
 
 
 class StepFailed(RuntimeError):
-    """A step ended with an exit status its command may not have; the message names the command."""
+    """A step ended with an exit status its command may not have; the message names the command, `code` is
+    that status, which `genesis reproduce` exits with (1 the work failed, 2 bad input, 3 a busy store)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,7 @@ class Walkthrough:
             step = Step(ended(entry_point(["genesis", *argv]), exc), error=exc)
         print(f"--- {title}: exit {step.code} in {time.perf_counter() - t0:.1f} s", flush=True)
         if step.code not in allowed:
-            raise StepFailed(f"genesis {shlex.join(argv)} exited {step.code}")
+            raise StepFailed(f"genesis {shlex.join(argv)} exited {step.code}", step.code)
         return step
 
 
@@ -524,12 +534,24 @@ def reproduce(config: ReproduceConfig, *, steps: Walkthrough | None = None,
               after_stores: Callable[[Stores], None] | None = None) -> ReproduceResult:
     """Data -> stores -> pretraining -> transfer grid (see the module docstring). `after_stores` runs once the
     stores exist (the demo draws its previews there). Raises ValueError for bad settings or data, StepFailed
-    when a step's command fails; failed fine-tunings are in the result's table, not raised."""
+    when a step's command fails; failed fine-tunings are in the result's table, not raised. One reproduce at a
+    time writes into an output folder: it holds OUT/.reproduce.lock while it runs, and a second one into the same
+    OUT raises LockBusyError (exit 3) naming the first, before anything is done."""
+    # the output folder, the tracking server and the resources, before hours of data steps depend on them
+    output_dir(config.out, "--out")
+    lock = FileLock(Path(config.out) / LOCK_FILE, f"genesis reproduce into {Path(config.out).resolve()}")
+    lock.acquire()  # another reproduce writing here: LockBusyError (exit 3) naming it, before any work
+    try:
+        return _reproduce(config, steps, after_stores)
+    finally:
+        lock.release()
+
+
+def _reproduce(config: ReproduceConfig, steps: Walkthrough | None,
+               after_stores: Callable[[Stores], None] | None) -> ReproduceResult:
     from pipeline.cluster import ray_resources
     from pipeline.runtime.tracking import check_uri
 
-    # the output folder, the tracking server and the resources, before hours of data steps depend on them
-    output_dir(config.out, "--out")
     ray_resources(workers=config.pretrain_workers, gpus_per_worker=config.gpus_per_worker,
                   ray_address=config.ray_address, workers_option="--pretrain-workers")
     ray_resources(workers=1, gpus_per_worker=config.gpus_per_trial, ray_address=config.ray_address,

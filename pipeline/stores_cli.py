@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.console import EXIT_BUSY
+
 __all__ = ["show_store", "list_stores", "store_kind", "dir_size", "verify_command"]
 
 
@@ -176,7 +178,8 @@ def verify_patch_store(store: str, repair: bool) -> int:
 
 def verify_command(store: str, repair: bool, progress: bool = True) -> int:
     """`genesis stores verify STORE [--repair]`: one line per scan (`ok|damaged|missing|repaired|failed
-    <scan id>  <detail>`) and a summary; 0 only when the store is whole, 1 otherwise. A patch store is
+    <scan id>  <detail>`) and a summary; 0 only when the store is whole, 1 otherwise, 3 when --repair finds the
+    store being written by another process. A patch store is
     verified too (`verify_patch_store`). Raises StoreError for a path that is not a store."""
     import sys
 
@@ -191,9 +194,9 @@ def verify_command(store: str, repair: bool, progress: bool = True) -> int:
                          f"{store}/zarr.json)")
     try:
         checks, problems = verify_store(store, repair=repair, progress=progress)
-    except StoreLockedError as exc:
+    except StoreLockedError as exc:  # --repair: another process writes the store
         print(f"genesis stores verify: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_BUSY
     counts: dict[str, int] = {}
     for c in checks:
         counts[c.status] = counts.get(c.status, 0) + 1

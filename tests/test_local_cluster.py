@@ -126,6 +126,12 @@ def _walkthrough_and_checks(cluster: Path, info: dict, env: dict[str, str], tmp_
     # --- what cluster-up wrote: secrets and connection details readable by the owner only, loopback only
     for path in (cluster / "cluster.json", info["ray"]["token_file"], info["mlflow"]["password_file"]):
         assert _mode(path) == 0o600, path
+    # issue 18 item 8: the folders are the user's only, and the MLflow root with everything in it (0700/0600)
+    for folder in (cluster, cluster / "shared", cluster / "logs", cluster / "mlflow", cluster / "mlflow" / "artifacts"):
+        assert _mode(folder) == 0o700, folder
+    loose = [str(p) for p in (cluster / "mlflow").rglob("*") if not p.is_symlink()
+             and _mode(p) != (0o700 if p.is_dir() else 0o600)]
+    assert not loose and _mode(cluster / "mlflow" / "mlflow-auth.db") == 0o600, loose
     assert {n["name"] for n in info["nodes"]} == {"head", "node-1"} and all(_alive([n["pid"]]) for n in info["nodes"])
     assert info["ray"]["dashboard"].startswith("http://127.0.0.1:") and info["mlflow"]["url"].startswith(
         "http://127.0.0.1:")

@@ -524,24 +524,27 @@ def _http_status(url: str, credentials: tuple[str, str] | None = None) -> tuple[
         return err.code, err.read()
 
 
-def test_authenticated_mlflow_server_passes_the_probe(tmp_path, monkeypatch):
+def test_authenticated_mlflow_server_needs_credentials_at_the_probe(tmp_path, monkeypatch):
     """An MLflow server with authentication (pipeline.services' launcher) answers 401 to its API without
-    credentials and 200 with them; /health is open. It must pass, with MLFLOW_TRACKING_USERNAME/PASSWORD or
-    without."""
+    credentials and 200 with them; /health is open. Without credentials, or with refused ones, the probe is a
+    usage error naming MLFLOW_TRACKING_USERNAME/PASSWORD (found before any work, not after training); the right
+    credentials pass."""
     from pipeline.services.mlflow_server import MlflowServerConfig, start_mlflow, stop_mlflow
 
     server = start_mlflow(MlflowServerConfig(root=tmp_path / "mlflow", port=_closed_port(), workers=1,
                                              start_timeout_s=90))
     try:
         assert _http_status(server.url + SEARCH_PATH)[0] == 401
-        assert check_uri(server.url) == server.url
+        with pytest.raises(UsageError, match="HTTP 401.*MLFLOW_TRACKING_USERNAME"):
+            check_uri(server.url)
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server.user)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.password)
         status, body = _http_status(server.url + SEARCH_PATH, (server.user, server.password))
         assert status == 200 and body.lstrip().startswith(b"{")
         assert check_uri(server.url + "/") == server.url + "/"
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")  # the credentials are MLflow's business
-        assert check_uri(server.url) == server.url
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(UsageError, match="refuses the credentials"):
+            check_uri(server.url)
     finally:
         stop_mlflow(tmp_path / "mlflow")
 
@@ -664,3 +667,179 @@ def test_test_fold_zero_and_a_malformed_splits_file_are_exit_2_before_anything_s
     assert main(["patches", "task", "ncc", "--store", volumes, "--out", str(out), "--splits", str(bad)]) == 2
     _one_error_line(capsys.readouterr().err, "genesis patches task: error: splits file", "splits.csv", "case_id")
     assert not any(out.glob("task-*")) and _no_ray_started()
+
+
+# --------------------------------------------------------------------------- issue 18, items 13 and 14
+
+
+def _tiny_luna(root: Path) -> Path:
+    """DATA/luna16/subset0 with one small scan: enough for `reproduce --data DATA --tasks ncc` to reach convert."""
+    write_mhd(root / "luna16" / "subset0" / "1.2.3.mhd", np.zeros((16, 24, 24), np.int16))
+    return root
+
+
+def test_an_empty_task_list_is_exit_2_never_every_task(tmp_path, capsys):
+    """Item 13: `reproduce --tasks ""` ran every task (transfer: exit 2); `--tasks ,` too."""
+    for tasks in ("", ",", " , "):
+        _usage_exit(["reproduce", "--out", str(tmp_path / "out"), "--tasks", tasks], capsys, "--tasks", "names no task")
+        _usage_exit(["transfer", "--patches", str(tmp_path), "--tasks", tasks], capsys, "--tasks", "names no task")
+    assert not (tmp_path / "out").exists() and _no_ray_started()
+
+
+def test_reproduce_into_a_busy_out_is_exit_3_naming_the_holder_before_any_work(tmp_path, capsys):
+    """Item 13: a second reproduce into an OUT another one is writing exits 3 (the README's busy status) at once,
+    naming the holder; before, it ran into the first one's stores and exited 1."""
+    from pipeline.storage.locks import FileLock
+    from pipeline.volume_store.store import lock_store
+
+    data, out = _tiny_luna(tmp_path / "data"), tmp_path / "out"
+    argv = ["reproduce", "--data", str(data), "--out", str(out), "--tasks", "ncc", "--workers", "1",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    # held as another reproduce holds it (and its store, which the old code ran into)
+    store_lock = lock_store(out / "volume_store")  # taken (lock_store acquires)
+    try:
+        with FileLock(out / ".reproduce.lock", "genesis reproduce into OUT"):
+            assert main(argv) == 3
+    finally:
+        store_lock.release()
+    _one_error_line(capsys.readouterr().err, "genesis reproduce:", ".reproduce.lock", f"pid {os.getpid()}")
+    assert not (out / "volume_store" / "zarr.json").exists() and _no_ray_started()
+
+
+def test_a_reproduce_step_that_meets_a_busy_store_ends_reproduce_with_exit_3(tmp_path, capsys):
+    """Item 13: a step's own status is reproduce's (a conversion another process is writing: 3, not 1)."""
+    from pipeline.volume_store.store import lock_store
+
+    data, out = _tiny_luna(tmp_path / "data"), tmp_path / "out"
+    store_lock = lock_store(out / "volume_store")  # another conversion writing it
+    try:
+        code = main(["reproduce", "--data", str(data), "--out", str(out), "--tasks", "ncc", "--workers", "1",
+                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    finally:
+        store_lock.release()
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "being written by another conversion" in err and "exited 3" in err and "Traceback" not in err
+    assert _no_ray_started()
+
+
+def test_unknown_or_empty_channels_are_exit_2_naming_them_and_the_known_sequences(tmp_path, capsys):
+    """Item 13: `patches task bms --channels flair,bogus` (or `,`) read every case, skipped them all and exited 1
+    "RuntimeError"; now exit 2 before any work, naming the bad channel and the sequences the store holds."""
+    import SimpleITK as sitk
+
+    from pipeline.volume_store.convert import convert
+
+    case = tmp_path / "brats" / "HGG" / "Brats18_T_1"
+    case.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for seq in ("flair", "t1", "t1ce", "t2"):
+        img = rng.integers(0, 500, (16, 24, 24)).astype(np.int16)
+        sitk.WriteImage(sitk.GetImageFromArray(img), str(case / f"Brats18_T_1_{seq}.nii.gz"))
+    seg = np.zeros((16, 24, 24), np.uint8)
+    seg[5:10, 8:14, 8:14] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(seg), str(case / "Brats18_T_1_seg.nii.gz"))
+    store, out = tmp_path / "vs", tmp_path / "ps"
+    assert convert([str(tmp_path / "brats")], str(store), workers=1, progress=False).ok
+    base = ["patches", "task", "bms", "--store", str(store), "--out", str(out), "--workers", "1", "--no-progress"]
+    line = _usage_exit([*base, "--channels", "flair,bogus"], capsys, "--channels", "bogus")
+    assert "known: flair, t1, t1ce, t2" in line and "RuntimeError" not in line
+    for bad in (",", "flair,,t2", ""):
+        _usage_exit([*base, "--channels", bad], capsys, "--channels", "empty sequence name")
+    _usage_exit([*base, "--channels", "flair,FLAIR"], capsys, "--channels", "flair named twice")
+    assert not any(out.glob("task-*")) and not any(out.glob(".building-*"))
+
+
+def test_a_far_candidate_is_named_with_readable_numbers(tmp_path, capsys):
+    """Item 14: a candidate at x = 1e308 mm was reported as a 300-digit voxel index, the shape as
+    (np.int64(40), ...)."""
+    scan = "1.2.840.1"
+    write_mhd(tmp_path / "luna" / "subset0" / f"{scan}.mhd", np.full((40, 48, 48), -500, np.int16))
+    (tmp_path / "luna" / "candidates.csv").write_text(
+        f"seriesuid,coordX,coordY,coordZ,class\n{scan},1e308,-100,-250,1\n{scan},-110,-100,-250,0\n",
+        encoding="utf-8")
+    store = tmp_path / "vs"
+    assert main(["convert", str(tmp_path / "luna"), "--store", str(store), "--workers", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["patches", "task", "ncc", "--store", str(store), "--out", str(tmp_path / "ps"), "--workers", "1",
+                 "--no-progress"])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    row = next(line for line in text.splitlines() if "1e+308" in line)
+    assert "outside the volume of shape (40, 48, 48)" in row, row
+    assert "np.int64" not in text and not any(len(word) > 40 for word in row.split()), row
+    assert code in (1, 2)
+
+
+def test_weights_import_never_advises_weights_only_false(tmp_path, capsys):
+    """Item 14: a refused checkpoint quoted torch's advice to re-run with weights_only=False (which would run the
+    file's code). Every way a file is refused names it in one line without that advice."""
+    import collections
+    import datetime
+
+    import torch
+
+    from pipeline.model_io.load import load_model
+
+    files = {"object.pt": None, "garbage.pt": b"not a torch file" * 8, "empty.pt": b""}
+    torch.save({"state_dict": collections.OrderedDict(w=torch.zeros(1)), "saved": datetime.date(2020, 1, 1)},
+               tmp_path / "object.pt")
+    for name, content in files.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+    zipped = (tmp_path / "object.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(zipped[:len(zipped) // 2])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for name in ("object.pt", "garbage.pt", "empty.pt", "truncated.pt"):
+        path = str(tmp_path / name)
+        assert main(["weights", "import", path, "--name", "x", "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]  # (MLflow may log its database's creation above it)
+        assert line.startswith("genesis weights import: error:") and name in line, err
+        assert "False" not in err and "\x1b" not in err and "Traceback" not in err, err
+        for uri_form in (path, f"official:{path}"):
+            with pytest.raises(ValueError) as exc:
+                load_model(uri_form)
+            assert "False" not in str(exc.value) and name in str(exc.value), exc.value
+        if name == "object.pt":
+            assert "refused" in line and "datetime.date" in line, line
+
+
+def test_load_model_from_the_registry_never_creates_a_tracking_store(tmp_path, monkeypatch):
+    """Item 14: `load_model('models:/...')` without a tracking URI created ./mlflow.db, then said the model was
+    not found; it names the missing tracking URI instead, and a named SQLite file that does not exist too."""
+    from pipeline.model_io.load import load_model, load_model_state
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no tracking URI given.*mlflow\.db.*MLFLOW_TRACKING_URI.*tracking_uri="):
+        load_model("models:/genesis-ncc@champion")
+    with pytest.raises(ValueError, match="no tracking URI given"):
+        load_model_state(None, "models:/genesis-pretrained/1")
+    with pytest.raises(ValueError, match=r"tracking_uri 'sqlite:///elsewhere/m\.db': no MLflow database"):
+        load_model("runs:/0123/model", tracking_uri="sqlite:///elsewhere/m.db")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_closed_stdout_is_a_quiet_exit(patch_store, tmp_path):
+    """Item 14: `genesis stores show STORE | head` ended with "failed: BrokenPipeError" on stderr. A reader that
+    goes away ends the command quietly with 141 (128 + SIGPIPE, what a shell reports for such a command)."""
+    vs = str(Path(patch_store).parents[1] / "vs")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stores", "show", vs], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command prints anything
+    err = proc.stderr.read().decode("utf-8", "replace")
+    assert proc.wait(timeout=120) == 141, err
+    assert err.strip() == "", err
+
+
+def test_stores_verify_repair_of_a_busy_store_is_exit_3(patch_store, tmp_path, capsys):
+    """Item 13: `stores verify --repair` on a store another process writes exited 1; busy is 3, one line."""
+    from pipeline.volume_store.store import lock_store
+
+    vs = str(Path(patch_store).parents[1] / "vs")
+    store_lock = lock_store(vs)
+    try:
+        assert main(["stores", "verify", vs, "--repair", "--no-progress"]) == 3
+    finally:
+        store_lock.release()
+    _one_error_line(capsys.readouterr().err, "genesis stores verify:", "being written by another conversion")

@@ -8,7 +8,8 @@
 URIs, and what each gives:
 - `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`, or a local MLflow model folder (one
   holding an `MLmodel` file): the logged model (U-Net or classifier), from the registry at `tracking_uri`
-  (default: `sqlite:///mlflow.db` here), rebuilt from its architecture JSON with its safetensors weights
+  (default: `sqlite:///mlflow.db` here; a SQLite database that does not exist is a ValueError, never created by
+  the reading), rebuilt from its architecture JSON with its safetensors weights
   (`pipeline.model_io.model_format`): nothing in a logged model is unpickled or executed, and a tampered weights
   file is a ValueError. Models logged in MLflow's pickle format (pytorch flavor, older genesis) are refused.
 - `official:FILE.pt`: the published checkpoint layout (e.g. `Genesis_Chest_CT.pt`), kernels permuted to this
@@ -49,7 +50,7 @@ import torch.nn as nn
 from pipeline.model_io.official import FIRST_CONV_KEY as FIRST_CONV
 from pipeline.model_io.official import HEAD_CONV_KEY as UNET_HEAD
 from pipeline.runtime.errors import one_line
-from pipeline.runtime.tracking import Tracker
+from pipeline.runtime.tracking import Tracker, resolve_uri
 
 __all__ = ["load_model", "load_model_state", "model_from_state_dict"]
 
@@ -96,7 +97,7 @@ def load_model_state(tracking: Tracker | str | None, model_uri: str) -> dict[str
     `models:/genesis-official@official`, from the registry of `tracking` (a Tracker or a tracking URI; None: the
     default), read in the safe format (`load_model`, nothing unpickled); a ValueError naming the URI when it
     cannot be loaded."""
-    model = load_model(model_uri, tracking_uri=Tracker.at(tracking).uri)
+    model = load_model(model_uri, tracking_uri=tracking.uri if isinstance(tracking, Tracker) else tracking)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
@@ -119,8 +120,8 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
             return read_model_folder(folder, repr(uri))
         except ModelFormatError as err:
             raise ValueError(f"load_model: {err}") from None
-    tracker = Tracker.at(tracking_uri)  # the tracking and registry URI that models:/ and runs:/ resolve against
-    where = tracker.uri
+    where = _existing_store(uri, tracking_uri)  # reading never creates a store (MLflow would, at connect)
+    tracker = Tracker.at(where)  # the tracking and registry URI that models:/ and runs:/ resolve against
     with tempfile.TemporaryDirectory(prefix="genesis-load-") as tmp:
         try:
             with _no_progress_bars():
@@ -133,6 +134,24 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
             return read_model_folder(folder, repr(uri))
         except ModelFormatError as err:
             raise ValueError(f"load_model: {err}") from None
+
+
+def _existing_store(uri: str, tracking_uri: str | None) -> str:
+    """The tracking URI `uri` is read from (`resolve_uri`: the one given, else ./mlflow.db); a SQLite database
+    that does not exist is a ValueError naming it and how to name the right one, since MLflow would create an
+    empty one at the first connection and the model would then be "not found" in a store made by the reading."""
+    where = resolve_uri(tracking_uri)
+    if not where.startswith("sqlite:///"):
+        return where
+    db = Path(where[len("sqlite:///"):])
+    if db.is_file():
+        return where
+    if tracking_uri is None:
+        raise ValueError(f"load_model({uri!r}): no tracking URI given, and no MLflow database at {db} (the default, "
+                         f"./mlflow.db; MLFLOW_TRACKING_URI is not read): pass tracking_uri='sqlite:///PATH/mlflow.db' "
+                         f"or the tracking server's URL")
+    raise ValueError(f"load_model({uri!r}): tracking_uri {tracking_uri!r}: no MLflow database at {db} (reading a "
+                     f"model never creates one); check the path")
 
 
 @contextmanager

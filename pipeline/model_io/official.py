@@ -20,14 +20,14 @@ tensors and plain containers, never objects whose unpickling would run code.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from pipeline.model_io.state_dicts import CheckpointError, CheckpointMismatchError, load_checked, strip_prefix
+from pipeline.model_io.state_dicts import (CheckpointError, CheckpointMismatchError, load_checked, load_weights_file,
+                                           strip_prefix)
 
 if TYPE_CHECKING:
     from pipeline.models.unet3d import UNet3D
@@ -80,14 +80,6 @@ def _optimizer_state_in(optimizer: torch.optim.Optimizer | None, axes: str) -> d
         for idx, entry in state["state"].items()}}
 
 
-def _refused_global(err: Exception) -> str:
-    """The line of torch's refusal that names the offending global, if any."""
-    for line in str(err).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return f" ({line.strip().split('. ')[0].rstrip('.')})"
-    return ""
-
-
 def read_official_state_dict(path: str | os.PathLike, axes: str = OFFICIAL_AXES) -> dict[str, torch.Tensor]:
     """Return the model state dict of a checkpoint, ``module.`` prefix removed, its kernels
     in this project's (z, y, x) order.
@@ -102,15 +94,7 @@ def read_official_state_dict(path: str | os.PathLike, axes: str = OFFICIAL_AXES)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Genesis checkpoint {path!r} does not exist (or is not a file)")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refused to load {path!r}: it holds objects other than tensors and plain containers, "
-            f"and checkpoints are only read with weights_only=True{_refused_global(err)}"
-        ) from err
-    except Exception as err:  # corrupt / truncated / not a torch file
-        raise CheckpointError(f"cannot read {path!r} as a torch checkpoint: {err}") from err
+    content = load_weights_file(path)  # weights_only=True; refusals name the file and what was refused
     if not isinstance(content, Mapping):
         raise CheckpointError(
             f"{path!r} holds a {type(content).__name__}, expected a dict with 'state_dict' "

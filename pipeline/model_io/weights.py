@@ -23,12 +23,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from pipeline.model_io.load import model_from_state_dict
 from pipeline.model_io.official import AXES_CHOICES, load_official_genesis, read_official_state_dict
-from pipeline.model_io.state_dicts import CheckpointError
+from pipeline.model_io.state_dicts import load_weights_file
 from pipeline.models.unet3d import UNet3D
+from pipeline.runtime.errors import disk_full, one_line
 from pipeline.runtime.tracking import Tracker
 from pipeline.model_io.model_format import log_model
 
@@ -48,11 +47,7 @@ def _load(path: str, axes: str):
         raise ValueError(f"axes={axes!r}: expected one of {AXES_CHOICES} (the file's kernel layout)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a loadable weights file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+    raw = load_weights_file(path)  # weights_only=True; a refusal is one line that never advises otherwise
     if isinstance(raw, dict) and "model" in raw and "config" in raw:  # our state.pt
         cfg = raw["config"]
         model = UNet3D(base_channels=cfg["base_channels"], norm=cfg["norm"])
@@ -83,6 +78,9 @@ def import_weights(path: str, name: str, alias: str = "imported", tracking_uri: 
                            "norm": model.norm, "kernel_axes_in_file": file_axes})
         info = log_model(model)
         tracker.register_model(info.model_uri, name, aliases=(alias,), tags={"source_file": Path(path).name})
-    finally:
-        logger.end()
+    except BaseException as exc:  # a failed import is a FAILED run with its cause, and leaves no version behind
+        logger.end("FAILED")
+        tracker.mark_failed(run_id, reason=disk_full(exc) or one_line(exc))
+        raise
+    logger.end()
     return f"models:/{name}@{alias}"

@@ -62,8 +62,8 @@ from pipeline.patches.task_plan import TaskPlan, plan_task
 from pipeline.peak_memory import reset_peak_rss, status_kb
 from pipeline.runtime.build import Built, BuildSpec, Item, build_once
 from pipeline.tasks import sampling as S
-from pipeline.tasks.geometry import (cube_steps, direction_problem, index_to_world, resized_geometry, vessel_frame,
-                                     world_to_index)
+from pipeline.tasks.geometry import (cube_steps, direction_problem, index_to_world, outside_volume, resized_geometry,
+                                     vessel_frame, world_to_index)
 from pipeline.tasks.spec import TaskSpec
 from pipeline.tasks.task_file import task_record
 from pipeline.volume_store.store import VolumeStore
@@ -125,10 +125,9 @@ def _classification_cubes(store: VolumeStore, case: dict, spec: TaskSpec):
     cubes, rows, failed = [], [], []
     for cand in case["candidates"]:
         centre = world_to_index(cand["xyz"], attrs)[0]
-        if np.any(centre < -0.5) or np.any(centre > shape - 0.5) or not np.all(np.isfinite(centre)):
-            failed.append({"scan_id": sid, "item": f"candidate {cand['source_id']}", "reason": (
-                f"candidate at ({', '.join(f'{v:g}' for v in cand['xyz'])}) mm (x, y, z) is voxel "
-                f"({', '.join(f'{v:.1f}' for v in centre)}) (z, y, x), outside the volume of shape {tuple(shape)}")})
+        outside = outside_volume(cand["xyz"], centre, shape)
+        if outside:
+            failed.append({"scan_id": sid, "item": f"candidate {cand['source_id']}", "reason": outside})
             continue
         cube, start, voxel, axis = _candidate_cube(level0, attrs, centre, cand.get("direction"), crop_size, bounds)
         cubes.append(S.resize(cube, spec.cube_size, label=False))

@@ -4,10 +4,11 @@ shared by the command lines (`genesis`, `python -m pipeline.services`, the Dask 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 import urllib.parse
 
-__all__ = ["host_port", "connect", "positive_int", "non_negative_int", "port"]
+__all__ = ["host_port", "connect", "binds_every_interface", "positive_int", "non_negative_int", "port"]
 
 
 def host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -30,6 +31,37 @@ def connect(host: str, port: int, timeout: float) -> str | None:
         return f"unknown host: {err.strerror or err}"
     except OSError as err:
         return (err.strerror or str(err)).lower()
+
+
+def _unspecified(address: str) -> bool:
+    """Whether an address as getaddrinfo returns it (IPv6 possibly with a %scope) is 0.0.0.0, :: or ::ffff:0.0.0.0."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_unspecified or bool(mapped and mapped.is_unspecified)
+
+
+def binds_every_interface(host: str) -> bool:
+    """Whether a server told to listen on `host` listens on every network interface.
+
+    Decided as the server's socket layer decides it, not by spelling: the host (brackets of an IPv6 literal
+    removed) goes through getaddrinfo, which also accepts "0", "000.0.0.0", "0x0", "::0", "0:0:0:0:0:0:0:0" and
+    host names that resolve to an unspecified address; any unspecified result binds everywhere. An empty host is
+    the wildcard too. A host that does not resolve binds nothing (the server will say so)."""
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if not text:
+        return True
+    if _unspecified(text):
+        return True
+    try:
+        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, OSError):
+        return False
+    return any(_unspecified(str(info[4][0])) for info in infos)
 
 
 def _integer(text: str, what: str) -> int:

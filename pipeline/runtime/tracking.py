@@ -400,7 +400,13 @@ def _read_store(uri: str, db: Path, option: str) -> None:
 
     from pipeline.runtime.errors import disk_full
 
-    try:
+    import logging
+
+    quiet = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")]
+    levels = [q.level for q in quiet]
+    try:  # a new database's "Creating initial MLflow database tables..." lines are not the user's business
+        for q in quiet:
+            q.setLevel(logging.WARNING)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
@@ -413,6 +419,9 @@ def _read_store(uri: str, db: Path, option: str) -> None:
                              f"`mlflow db upgrade {uri}`") from None
         raise UsageError(f"{option} {uri}: {db} is not a readable MLflow database ({text[:160]}); restore it "
                          f"from a backup, or give another --tracking-uri") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
 BUILT_IN_SCHEMES = ("", "file", "sqlite", "http", "https", "databricks", "databricks-uc", "uc")

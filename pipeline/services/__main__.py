@@ -31,12 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start-mlflow", help="the authenticated MLflow server, detached")
     s.add_argument("--root", required=True, type=Path, help="folder of its database, auth files, artifacts, pid, log")
-    s.add_argument("--host", required=True, help="interface to listen on (a private address; 0.0.0.0 needs --public)")
+    s.add_argument("--host", required=True,
+                   help="interface to listen on (a private address; one that binds every interface, 0.0.0.0 in any "
+                        "spelling such as 0 or ::, needs --public)")
     s.add_argument("--port", required=True, type=port)
     s.add_argument("--backend-store-uri", help="runs and models (default sqlite:///ROOT/mlflow.db)")
     s.add_argument("--artifacts-destination", help="artifact store, path or URI (default ROOT/artifacts)")
     s.add_argument("--allowed-hosts", default="", help="Host headers accepted besides HOST:PORT and localhost:PORT")
-    s.add_argument("--public", action="store_true", help="allow --host 0.0.0.0 (every interface)")
+    s.add_argument("--public", action="store_true", help="allow a --host that binds every interface")
     s.add_argument("--workers", type=positive_int, default=2, help="server worker processes (default 2)")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for it to answer")
     t = sub.add_parser("stop-mlflow", help="stop the server ROOT/mlflow.pid names")

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.runtime.errors import UsageError
-from pipeline.runtime.net import connect, port as port_number
+from pipeline.runtime.net import binds_every_interface, connect, port as port_number
 from pipeline.services.processes import ServiceError, log_tail, running_pid, start_until_ready, stop_recorded
 
 __all__ = ["TLS_DIR_ENV", "ALLOW_INSECURE_ENV", "DEFAULT_PORT", "LOCAL_SCHEMES", "TlsFiles", "tls_files",
@@ -63,7 +63,6 @@ VALID_DAYS = 3650
 RENEW_BEFORE = datetime.timedelta(days=1)
 """A certificate that expires within this is renewed by `certs` (at `ray up`), not kept."""
 SCHEDULER, WORKER = "dask-scheduler", "dask-worker"
-PUBLIC_HOSTS = ("0.0.0.0", "::", "")
 ENCRYPTED_SCHEMES = ("tls", "wss")
 LOCAL_SCHEMES = ("inproc",)
 
@@ -321,7 +320,7 @@ def _running(root: Path, name: str) -> int | None:
 
 
 def _check_host(host: str, option: str) -> None:
-    if host in PUBLIC_HOSTS:
+    if binds_every_interface(host):
         raise UsageError(f"{option} {host or '(empty)'!r} listens on every network interface; give this node's "
                          f"private address")
 

@@ -8,7 +8,8 @@ machine, to try `ray job submit` exactly as on a lab cluster (and to test it end
     CLUSTER/shared/          what a lab keeps on its shared filesystem: data, stores, checkpoints, results
     CLUSTER/logs/            the `ray start` output of each node
 
-Every process listens on 127.0.0.1 only, on ports of its own (so a Ray or an MLflow already running here is left
+The folder and every folder in it are 0700, the files there at start 0600 (the MLflow server's root is private
+the same way, pipeline.services.mlflow_server). Every process listens on 127.0.0.1 only, on ports of its own (so a Ray or an MLflow already running here is left
 alone); the Ray nodes need the token (RAY_AUTH_MODE=token) and the MLflow server a password. The nodes get the
 environment a lab's nodes would have: GENESIS_HOME (the checkout whose .venv runs the jobs, see
 runtime_env.yaml), GENESIS_SHARED_ROOT, and MLflow credentials for the jobs' runs. `cluster-down` stops exactly
@@ -34,7 +35,7 @@ from pathlib import Path
 from pipeline.runtime.net import connect
 from pipeline.services.mlflow_server import (ADMIN_USER, PASSWORD_FILE, MlflowServerConfig, http_status,
                                              start_mlflow, stop_mlflow)
-from pipeline.services.private_files import ensure_secret, read_secret, write_private
+from pipeline.services.private_files import ensure_secret, private_tree, read_secret, write_private
 from pipeline.services.processes import ServiceError, alive, log_tail, owned_process, start_detached, stop_trees
 from pipeline.services.ray_token import ensure_ray_token, ray_auth_env
 
@@ -230,9 +231,12 @@ def cluster_up(config: LocalClusterConfig) -> dict:
             raise ServiceError(f"{root / CLUSTER_FILE}: a local cluster of this folder is running; "
                                f"`make cluster-down` first")
         cluster_down(root)  # a stale record (after a reboot, or killed processes): clean up what it names
-    root.mkdir(parents=True, exist_ok=True)
+    # the folder holds the token, the MLflow password and database, the data: its user's only (folders 0700,
+    # files 0600, what an earlier cluster left included); nothing under a 0700 folder is reachable by others
+    private_tree(root)
     shared = root / "shared"
-    shared.mkdir(exist_ok=True)
+    for folder in (shared, root / "logs"):
+        folder.mkdir(mode=0o700, exist_ok=True)
     token_file = ensure_ray_token(root)
     ensure_secret(root / "mlflow" / PASSWORD_FILE, nbytes=24)
     gcs_port, dash, mlflow_port = _free_ports(3, {p for p in (config.dashboard_port, config.mlflow_port) if p})

@@ -13,6 +13,10 @@ instead, with everything under one folder ROOT:
     ROOT/mlflow.pid, mlflow.log  the server process and its output
     ROOT/mlflow.json             where it listens and how to log in (no secret: the password's file)
 
+ROOT and every folder in it are 0700, every file 0600 (what an older launcher left readable is made so at each
+start), and the server runs with umask 077: a local user who is not the service's cannot read the runs, the
+artifacts or `mlflow-auth.db`'s password hashes around the login.
+
 MLflow ships no default admin password, but a config that names none makes the server refuse to start, and a
 config left at its example value would be a known password: the password is generated here and set through the
 auth config, so no default credential is ever live. New experiments of a server started this way keep their
@@ -30,15 +34,13 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.services.private_files import ensure_secret, read_secret, write_private
+from pipeline.runtime.net import binds_every_interface
+from pipeline.services.private_files import PRIVATE_UMASK, ensure_secret, private_tree, read_secret, write_private
 from pipeline.services.processes import ServiceError, running_pid, start_until_ready, stop_recorded
 
-__all__ = ["MlflowServerConfig", "MlflowServer", "start_mlflow", "stop_mlflow", "server_info", "ADMIN_USER",
-           "PUBLIC_HOSTS"]
+__all__ = ["MlflowServerConfig", "MlflowServer", "start_mlflow", "stop_mlflow", "server_info", "ADMIN_USER"]
 
 ADMIN_USER = "admin"
-PUBLIC_HOSTS = ("0.0.0.0", "::", "")
-"""Binds to every interface: refused unless asked for with --public."""
 PASSWORD_FILE, INI_FILE, AUTH_DB, SECRET_FILE = ("mlflow-admin-password", "mlflow-auth.ini", "mlflow-auth.db",
                                                  "mlflow-flask-secret")
 PID_FILE, LOG_FILE, INFO_FILE = "mlflow.pid", "mlflow.log", "mlflow.json"
@@ -64,7 +66,11 @@ class MlflowServerConfig:
     start_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
-        if self.host in PUBLIC_HOSTS and not self.public:
+        host = self.host.strip()
+        if host.startswith("[") and host.endswith("]"):  # an IPv6 literal as written in a URL
+            host = host[1:-1]
+        object.__setattr__(self, "host", host)
+        if self.everywhere and not self.public:
             raise ValueError(f"--host {self.host or '(empty)'!r} listens on every network interface; give the "
                              f"cluster's private address (or 127.0.0.1 and an SSH tunnel), or add --public")
         if not 0 < self.port < 65536:
@@ -91,9 +97,14 @@ class MlflowServerConfig:
         return dest if "://" in dest else str(Path(dest).resolve())
 
     @property
+    def everywhere(self) -> bool:
+        """Whether `host` binds every interface (0.0.0.0 in any spelling, ::, a name resolving to either)."""
+        return binds_every_interface(self.host)
+
+    @property
     def probe_host(self) -> str:
         """Where this machine reaches the server (a public bind is reached on loopback)."""
-        return "127.0.0.1" if self.host in PUBLIC_HOSTS else self.host
+        return "127.0.0.1" if self.everywhere else self.host
 
     @property
     def url(self) -> str:
@@ -183,11 +194,14 @@ def start_mlflow(config: MlflowServerConfig) -> MlflowServer:
                                f"(pid {running.pid}); stop it first (python -m pipeline.services stop-mlflow "
                                f"--root {root})")
         return running
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not os.access(root, os.W_OK):
         raise ServiceError(f"--root {root}: not writable")
+    # the users and password hashes, the runs and the artifacts: the service's user's only (what an older
+    # launcher left readable included); the server runs with umask 077, so what it writes later is private too
+    private_tree(root)
     if not config.artifacts_destination or "://" not in config.artifacts_destination:
-        Path(config.artifacts).mkdir(parents=True, exist_ok=True)
+        Path(config.artifacts).mkdir(mode=0o700, parents=True, exist_ok=True)
     if _probe(config.url, None, timeout=2.0):
         raise ServiceError(f"{config.url}: something already listens there; choose another --port")
     password = ensure_secret(root / PASSWORD_FILE, nbytes=24)
@@ -213,11 +227,11 @@ def start_mlflow(config: MlflowServerConfig) -> MlflowServer:
 
     proc = start_until_ready(argv, name=f"MLflow server at {config.url}", log=root / LOG_FILE,
                              pid_file=root / PID_FILE, ready=ready, timeout_s=config.start_timeout_s, env=env,
-                             cwd=root, every=0.5, late="did not answer within")
+                             cwd=root, every=0.5, late="did not answer within", umask=PRIVATE_UMASK)
     server = MlflowServer(url=config.url, user=ADMIN_USER, password_file=str(root / PASSWORD_FILE), pid=proc.pid,
                           log=str(root / LOG_FILE), backend_store_uri=config.backend,
                           artifacts_destination=config.artifacts)
-    (root / INFO_FILE).write_text(json.dumps(asdict(server), indent=1) + "\n", encoding="utf-8")
+    write_private(root / INFO_FILE, json.dumps(asdict(server), indent=1) + "\n")
     return server
 
 

@@ -24,27 +24,35 @@ class ServiceError(RuntimeError):
     """A service could not be started or stopped; the message names the service, the file or the option."""
 
 
+def _private_open(path, flags):
+    """open()'s opener for the files of a service: created 0600 (an existing file keeps its mode)."""
+    return os.open(path, flags, 0o600)
+
+
 def start_detached(argv: list[str], *, log: Path, pid_file: Path | None = None,
-                   env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    """Run `argv` in a new session with stdout and stderr appended to `log`; write its pid to `pid_file`."""
+                   env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                   umask: int | None = None) -> subprocess.Popen:
+    """Run `argv` in a new session with stdout and stderr appended to `log`; write its pid to `pid_file`. The log
+    and the pid file are created 0600; `umask` (e.g. 0o077) is the process's umask (None: this process's)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    with open(log, "ab", opener=_private_open) as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-                                close_fds=True)
+                                close_fds=True, umask=-1 if umask is None else umask)
     if pid_file is not None:
-        pid_file.write_text(f"{proc.pid}\n", encoding="utf-8")
+        with open(pid_file, "w", encoding="utf-8", opener=_private_open) as f:
+            f.write(f"{proc.pid}\n")
     return proc
 
 
 def start_until_ready(argv: list[str], *, name: str, log: Path, pid_file: Path,
                       ready: Callable[[subprocess.Popen], bool | str], timeout_s: float,
                       env: Mapping[str, str] | None = None, cwd: Path | None = None, every: float = 0.2,
-                      late: str = "was not ready within") -> subprocess.Popen:
+                      late: str = "was not ready within", umask: int | None = None) -> subprocess.Popen:
     """`start_detached`, then wait until `ready(proc)` is True; a str from it says why the service can never
     become ready (a refused password). When it exits, refuses or is late, what was started is stopped, its pid
     file removed, and ServiceError names `name`, what went wrong and the end of its log."""
-    proc = start_detached(argv, log=log, pid_file=pid_file, env=env, cwd=cwd)
+    proc = start_detached(argv, log=log, pid_file=pid_file, env=env, cwd=cwd, umask=umask)
     deadline = time.monotonic() + timeout_s
     while True:
         answer = ready(proc)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["world_to_index", "index_to_world", "direction_problem", "vessel_frame", "cube_steps",
-           "resized_geometry"]
+           "resized_geometry", "numbers_text", "outside_volume"]
 
 _MIN_LENGTH = 1e-6
 """A direction shorter than this has no direction (the unit-length rule is checked where tables are stored)."""
@@ -121,3 +121,28 @@ def resized_geometry(attrs: dict, shape_zyx, new_shape_zyx) -> dict:
     origin_xyz = index_to_world((ratio - 1) / 2, attrs)[0]
     out["origin"] = [float(v) for v in origin_xyz[::-1]]
     return out
+
+
+def numbers_text(values, decimals: int | None = None) -> str:
+    """"(1e+308, -17.1367, 40)": numbers for a message, each in general format (six significant digits, an
+    exponent when large: a coordinate of 1e308 is "1e+308", never 309 digits), integers as plain ints (never
+    "np.int64(40)"); `decimals` rounds first (voxel positions to a tenth)."""
+    out = []
+    for v in np.asarray(values).reshape(-1).tolist():
+        if isinstance(v, (bool, int)):
+            out.append(str(int(v)))
+        else:
+            v = float(v)
+            out.append(f"{round(v, decimals) if decimals is not None and np.isfinite(v) else v:g}")
+    return f"({', '.join(out)})"
+
+
+def outside_volume(point_xyz_mm, centre_zyx, shape_zyx) -> str | None:
+    """Why a candidate at world `point_xyz_mm` (x, y, z), voxel `centre_zyx` of a volume of `shape_zyx`, cannot
+    be cut (not finite, or outside the volume by more than half a voxel), in one readable line; None when inside."""
+    centre = np.asarray(centre_zyx, dtype=float).reshape(-1)
+    shape = np.asarray(shape_zyx).reshape(-1)
+    if np.all(np.isfinite(centre)) and np.all(centre >= -0.5) and np.all(centre <= shape - 0.5):
+        return None
+    return (f"candidate at {numbers_text(point_xyz_mm)} mm (x, y, z) is voxel {numbers_text(centre, 1)} (z, y, x), "
+            f"outside the volume of shape {numbers_text([int(v) for v in shape])}")
