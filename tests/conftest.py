@@ -32,6 +32,15 @@ def ct_array(rng: np.random.Generator, shape=(24, 32, 40)) -> np.ndarray:
     return rng.integers(-1024, 1500, size=shape, dtype=np.int16)
 
 
+def one_line_error(err: str, *needles: str) -> str:
+    """The one line a failing command printed on stderr (no traceback), which must contain every needle."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 def write_mhd(path: Path, arr: np.ndarray, **geom) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(make_image(arr, **geom), str(path), useCompression=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from conftest import one_line_error
 import SimpleITK as sitk
 import yaml
 
@@ -31,12 +32,6 @@ from pipeline.tasks.task_init import init_task, read_dataset_json, task_name_of
 FROZEN = Path(__file__).parent / "data" / "builtin_tasks_before.json"
 
 
-def _one_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def _forget(name: str) -> None:
@@ -161,7 +156,7 @@ def test_a_bad_task_file_is_exit_2_naming_the_file_key_and_value(tmp_path, capsy
                  ["patches", "task", str(path), "--store", str(tmp_path / "nostore"), "--out", str(tmp_path / "o")],
                  ["finetune", "--task", str(path), "--patches", str(tmp_path)]):
         assert main(argv) == 2, argv
-        _one_line(capsys.readouterr().err, str(path), *needles)
+        one_line_error(capsys.readouterr().err, str(path), *needles)
     assert not (tmp_path / "o").exists()
 
 
@@ -246,7 +241,7 @@ def test_tasks_init_drafts_mr_ct_and_classification_tasks(tmp_path, capsys):
     assert main(["tasks", "init", str(folder), "--out", str(out), "--name", "liver_ct"]) == 0
     assert load_task_file(out).name == "liver_ct" and "liver_ct" in capsys.readouterr().out
     assert main(["tasks", "init", str(folder), "--out", str(out)]) == 2
-    _one_line(capsys.readouterr().err, str(out), "--force")
+    one_line_error(capsys.readouterr().err, str(out), "--force")
     assert main(["tasks", "init", str(folder), "--out", str(out), "--force"]) == 0
     assert load_task_file(out).name == "liver"
 
@@ -303,7 +298,7 @@ def test_tasks_init_bad_input_is_one_line_naming_the_file(tmp_path, capsys, prob
         csv.write_text(rows[problem])
         argv += ["--candidates", str(csv)]
     assert main(argv) == 2
-    _one_line(capsys.readouterr().err, *needles)
+    one_line_error(capsys.readouterr().err, *needles)
     assert not (tmp_path / "t.yaml").exists()
 
 
@@ -363,7 +358,7 @@ def test_patches_task_from_a_file_records_the_task_file_and_refuses_a_cube_large
                      "--no-progress"]) == 2
     finally:
         _forget("liver_big")
-    _one_line(capsys.readouterr().err, "cube_size 64x64x64", "larger than every volume", "48x48x48",
+    one_line_error(capsys.readouterr().err, "cube_size 64x64x64", "larger than every volume", "48x48x48",
               "inplane_scale 0.5")
     assert not list(out.glob("*liver_big*"))
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from pipeline.runtime.errors import UsageError
 from pipeline.runtime.tracking import Tracker, check_uri
@@ -33,12 +34,6 @@ def _genesis(*args: str, env: dict | None = None, timeout: float = 240) -> subpr
                           env={**os.environ, **(env or {})})
 
 
-def _one_line(err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- item 6: concurrent first use
@@ -111,10 +106,10 @@ def test_corrupted_mlflow_db_is_exit_2_naming_the_file_before_any_work(tmp_path)
     t0 = time.perf_counter()
     done = _genesis("weights", "import", str(tmp_path / "none.pt"), "--name", "x", "--tracking-uri", f"sqlite:///{db}")
     assert done.returncode == 2, done.stderr
-    _one_line(done.stderr, "genesis weights import: error: --tracking-uri", str(db), "not a readable MLflow database")
+    one_line_error(done.stderr, "genesis weights import: error: --tracking-uri", str(db), "not a readable MLflow database")
     done = _genesis("transfer", "show", "0" * 32, "--tracking-uri", f"sqlite:///{broken['garbage']}")
     assert done.returncode == 2, done.stderr
-    _one_line(done.stderr, str(broken["garbage"]), "not a readable MLflow database")
+    one_line_error(done.stderr, str(broken["garbage"]), "not a readable MLflow database")
     assert time.perf_counter() - t0 < 120
 
 
@@ -147,7 +142,7 @@ def test_authenticated_server_without_credentials_is_exit_2_naming_the_variables
                                "--tracking-uri", server.url], cwd=ROOT, capture_output=True, text=True, timeout=240,
                               env=clean)
         assert done.returncode == 2, done.stderr
-        _one_line(done.stderr, f"--tracking-uri {server.url}", "HTTP 401", "MLFLOW_TRACKING_USERNAME")
+        one_line_error(done.stderr, f"--tracking-uri {server.url}", "HTTP 401", "MLFLOW_TRACKING_USERNAME")
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server.user)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
         with pytest.raises(UsageError, match="refuses the credentials in MLFLOW_TRACKING_USERNAME and "

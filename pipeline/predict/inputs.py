@@ -19,7 +19,6 @@ the same name (from two folders) get distinct names: the second `<case>-2`, and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from pipeline.runtime.paths import files_sha256
 
 __all__ = ["InputItem", "Case", "Loaded", "IMAGE_SUFFIXES", "expand_inputs", "group_cases", "read_item",
            "read_items", "item_checksum", "output_suffix", "stem", "one_channel_case", "declared_modality",
@@ -383,12 +384,7 @@ def item_checksum(item: InputItem) -> tuple[str, str]:
         store = VolumeStore(item.path)
         record = next((r for r in store.records() if r.get("scan_id") == item.scan_id), {}) or {}
         return "content_digest", str(record.get("content_digest") or "")
-    h = hashlib.sha256()
-    for p in source_files(item):
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return "sha256", h.hexdigest()
+    return "sha256", files_sha256(*source_files(item))
 
 
 def _data_files(path: Path) -> list[Path]:

@@ -10,7 +10,6 @@ series') is CT for a non-CT task or the reverse, and an output that would overwr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pipeline.predict.inputs import (Case, Loaded, declared_modality, expand_inp
                                      one_channel_case, output_suffix, read_items, source_files, stem)
 from pipeline.predict.model_card import ModelCard, card_of_model
 from pipeline.runtime.errors import UsageError, one_line
+from pipeline.runtime.paths import files_sha256
 
 __all__ = ["PredictRequest", "predict", "NO_TASK", "to_lps_image", "from_lps_array"]
 
@@ -246,12 +246,6 @@ def _classify_case(model, case: Case, spec, pre: dict, device, candidates: list[
             for c, s in zip(candidates, scores)]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _spacing_warnings(pre: dict, from_model: bool) -> list[str]:
@@ -368,7 +362,7 @@ def predict(req: PredictRequest) -> int:
                  "source": card.task_source},
         "preprocessing": pre, "preprocessing_source": "model" if card.preprocessing else "defaults of the task",
         "device": str(device), "probabilities": bool(req.probabilities),
-        "candidates": None if not req.candidates else {"path": req.candidates, "sha256": _sha256(req.candidates)},
+        "candidates": None if not req.candidates else {"path": req.candidates, "sha256": files_sha256(req.candidates)},
         "cases": records,
         "unreadable": [line for _, line in unreadable],
         "warnings": warnings,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from pipeline.runtime.errors import UsageError
 
-__all__ = ["SHARED_ROOT_ENV", "RAY_JOB_ENV", "in_ray_job", "shared_path", "output_dir", "output_file"]
+__all__ = ["SHARED_ROOT_ENV", "RAY_JOB_ENV", "in_ray_job", "shared_path", "output_dir", "output_file", "files_sha256"]
 
 SHARED_ROOT_ENV = "GENESIS_SHARED_ROOT"
 RAY_JOB_ENV = ("RAY_JOB_SUBMISSION_ID", "RAY_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR")
@@ -107,3 +108,14 @@ def output_file(value: str | os.PathLike, option: str) -> str:
         raise UsageError(f"{option} {value}: is a folder, not a file")
     output_dir(str(path.parent), option)
     return resolved
+
+
+def files_sha256(*paths: str | os.PathLike) -> str:
+    """sha256 of the files' bytes, one after the other, read 1 MiB at a time (a scan of several GB is never held
+    in memory): what provenance records (predictions.json, sample-data manifests) call a file's checksum."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

