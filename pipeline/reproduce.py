@@ -238,7 +238,7 @@ class ReproduceResult:
 def _tasks_wanted(config: ReproduceConfig):
     from pipeline.tasks.registry import all_tasks, get_task
 
-    return [get_task(t) for t in config.tasks] if config.tasks else list(all_tasks())
+    return [get_task(t) for t in config.tasks] if config.tasks else all_tasks(builtin_only=True)
 
 
 def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path]:

@@ -462,3 +462,17 @@ def test_a_huge_value_is_shown_capped_in_the_error():
     with pytest.raises(TaskFileError, match=r"unknown key 'xxxx") as err:
         task_from_dict(data, where="key.yaml")
     assert len(str(err.value)) < 600
+
+
+def test_a_resolved_task_file_does_not_join_the_builtin_table(tmp_path):
+    """A task file resolved earlier in the same process (a test, a script running several commands) is known by
+    name afterwards, but `tasks list`, the README's table and reproduce's default still mean the five built-ins."""
+    from pipeline.tasks.registry import all_tasks, builtin_names, get_task, resolve_task, tasks_table
+    from pipeline.tasks.task_file import task_to_yaml
+
+    path = tmp_path / "extra.yaml"
+    path.write_text(task_to_yaml(get_task("lcs").with_overrides(name="extra_liver")), encoding="utf-8")
+    resolve_task(str(path))
+    assert get_task("extra_liver").name == "extra_liver"
+    assert [t.name for t in all_tasks(builtin_only=True)] == list(builtin_names())
+    assert "EXTRA_LIVER" not in tasks_table(markdown=True)

@@ -85,14 +85,19 @@ def task_names() -> list[str]:
     return list(_TASKS)
 
 
-def all_tasks() -> list[TaskSpec]:
+def all_tasks(*, builtin_only: bool = False) -> list[TaskSpec]:
+    """Every task this process knows: the built-in ones, then task files resolved here (`builtin_only`: only the
+    five, which is what `genesis reproduce` and the README's table mean by "every task", whatever files an earlier
+    command in the same process resolved)."""
     _ensure_builtin()
-    return list(_TASKS.values())
+    names = builtin_names()
+    return [t for t in _TASKS.values() if not builtin_only or t.name in names]
 
 
 def tasks_table(markdown: bool = False) -> str:
-    """The registry as a table (plain text for the terminal, Markdown for docs)."""
-    df = pd.DataFrame([t.row() for t in all_tasks()])
+    """The built-in tasks as a table (plain text for the terminal, Markdown for docs); a task file is shown by
+    `genesis tasks show FILE`."""
+    df = pd.DataFrame([t.row() for t in all_tasks(builtin_only=True)])
     if markdown:
         head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
         return head + "\n".join("| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False))
