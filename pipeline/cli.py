@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
     try:
         code = handler(args)
-        sys.stdout.flush()  # a reader gone (`| head`) shows here, not as a message at interpreter exit
+        if sys.stdout is not None:  # None when the shell closed it (`>&-`): nothing to flush
+            sys.stdout.flush()  # a reader gone (`| head`) shows here, not as a message at interpreter exit
         return code
     except BrokenPipeError as exc:
         if not _stdout_closed():  # a socket's broken pipe: a failure of the work like any other

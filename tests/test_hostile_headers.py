@@ -105,6 +105,25 @@ def test_nifti_vox_offset_must_place_the_voxels_inside_the_file(tmp_path):
         assert not (tmp_path / "store" / "scans" / scan_id).exists()
 
 
+def test_nifti_magic_must_be_exact(tmp_path):
+    """Only the whole magic makes a NIfTI: with "n+1x" ITK reads an Analyze 7.5 header, dropping the origin and
+    direction (voxels right, geometry wrong, and verify would agree): a failed row naming the magic."""
+    image = sitk.GetImageFromArray(ARR)
+    image.SetOrigin((10.0, 20.0, 30.0))
+    image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "w.nii"), useCompression=False)
+    nii = (tmp_path / "w.nii").read_bytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.nii").write_bytes(nii)
+    for name, magic in (("x.nii", b"n+1x"), ("one.nii", b"n+1\x01")):
+        (src / name).write_bytes(nii[:344] + magic + nii[348:])
+    rows = _convert(src, tmp_path / "store")
+    assert rows["good"]["status"] == "ok"
+    for scan in ("x", "one"):
+        assert rows[scan]["status"] == "failed" and "magic" in rows[scan]["error"], rows[scan]
+
+
 def test_nifti_pair_and_gzip_ceiling(tmp_path):
     """The .hdr/.img rule (the offset is into the .img, 0 allowed) and the bound on reading a
     .nii.gz through: an offset past the per-scan limit is refused without inflating further."""

@@ -197,7 +197,8 @@ def _one_patient(sample) -> str:
     return next(p for p, k in sorted(sample.folds.items()) if sum(v == k for v in sample.folds.values()) > 1)
 
 
-@pytest.mark.parametrize("fold, why", [("-1", "'-1'"), ("0", "'0'"), ("x", "'x'"), ("1.5", "'1.5'"), ("", "''")])
+@pytest.mark.parametrize("fold, why", [("-1", "'-1'"), ("0", "'0'"), ("x", "'x'"), ("1.5", "'1.5'"), ("", "''"),
+                                       ("99999999999999999999999", "'99999999999999999999999'")])
 def test_folds_file_with_a_bad_fold_is_a_usage_error_before_any_work(sample, tmp_path, capsys, fold, why):
     """A fold that is not an integer >= 1 is exit 2 at convert, one line naming the file, the line and the patient;
     nothing is converted (today: exit 1 with a table problem, and the patient's scans convert without a fold)."""

@@ -843,3 +843,12 @@ def test_stores_verify_repair_of_a_busy_store_is_exit_3(patch_store, tmp_path, c
     finally:
         store_lock.release()
     _one_error_line(capsys.readouterr().err, "genesis stores verify:", "being written by another conversion")
+
+
+def test_a_stdout_the_shell_closed_is_no_error(tmp_path):
+    """`genesis ... >&-` leaves Python without a stdout (sys.stdout is None): the command still does its work and
+    ends without "unexpected error AttributeError"."""
+    genesis = str(Path(sys.executable).with_name("genesis"))
+    done = subprocess.run(["bash", "-c", f"'{genesis}' stores list '{tmp_path}' >&-"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "Error" not in done.stderr, done.stderr

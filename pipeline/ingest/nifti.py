@@ -83,7 +83,7 @@ def check_nifti_header(path: str, max_scan_bytes: int) -> int:
             srows = struct.unpack(endian + "12f", head[280:328])
             break
         if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
-            hdr_size, magic, vox_offset = 540, head[4:8], struct.unpack(endian + "q", head[168:176])[0]
+            hdr_size, magic, vox_offset = 540, head[4:12], struct.unpack(endian + "q", head[168:176])[0]
             bitpix = struct.unpack(endian + "h", head[14:16])[0]
             dims = struct.unpack(endian + "8q", head[16:80])
             pixdim = struct.unpack(endian + "8d", head[104:168])
@@ -128,15 +128,17 @@ def _check_layout(path: str, head: bytes, endian: str, hdr_size: int, magic: byt
     name = os.path.basename(path)
     low = path.lower()
     version = b"1" if hdr_size == 348 else b"2"
+    tail = b"\0" if version == b"1" else b"\0\r\n\x1a\n"  # the whole magic: "n+1x" is an Analyze header to ITK
+    magic = bytes(magic)
     if low.endswith((".hdr", ".hdr.gz")):
-        if magic[:3] != b"ni" + version:
+        if magic != b"ni" + version + tail:
             raise ValueError(f"{name}: magic {magic.rstrip(bytes(1))!r} is not a NIfTI .hdr/.img pair's "
                              f"({('ni' + version.decode())!r})")
         data_path, first, ext_flag = _img_path(path, name), 0, 0
-    elif magic[:3] == b"n+" + version:
+    elif magic == b"n+" + version + tail:
         data_path, first = path, hdr_size + _EXTENSION_BYTES
         ext_flag = head[hdr_size] if len(head) > hdr_size else 0
-    elif magic[:3] == b"ni" + version:
+    elif magic == b"ni" + version + tail:
         raise ValueError(f"{name}: magic {magic.rstrip(bytes(1))!r} says the voxels are in a separate .img file, "
                          f"but a single-file NIfTI holds its own (magic 'n+{version.decode()}')")
     else:

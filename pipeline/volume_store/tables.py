@@ -104,6 +104,10 @@ def _direction_refusal(src: TableSource) -> str | None:
             "empty when it is unknown (storage_schemas/PE_CAD_LAYOUT.md)")
 
 
+MAX_FOLD = 1000
+"""A fold number beyond any cross-validation (it would overflow the folds table's integers)."""
+
+
 def _folds_refusal(src: TableSource) -> str | None:
     """The one line refusing `src` (a pe_folds.csv) for its first bad row: a fold that is not an integer >= 1
     (read as text: `-1`, `x`, `1.5` and an empty fold are all named as written), or a patient given two
@@ -124,8 +128,9 @@ def _folds_refusal(src: TableSource) -> str | None:
         if not patient and not text:
             continue  # a blank line
         fold = int(text) if text.isascii() and text.isdigit() else None  # no sign, no point, no exponent
-        if fold is None or fold < 1:
-            return (f"{where}: line {line}: fold {text!r} of patient {patient or '(empty)'} is not an integer >= 1; "
+        if fold is None or not 1 <= fold <= MAX_FOLD:
+            return (f"{where}: line {line}: fold {text!r} of patient {patient or '(empty)'} is not an integer "
+                    f"1..{MAX_FOLD}; "
                     "give each patient one fold 1..K, or leave the patient out (its scans are then left out of "
                     "the cross-validation, storage_schemas/PE_CAD_LAYOUT.md)")
         if patient in seen and seen[patient][1] != fold:
