@@ -475,4 +475,5 @@ def test_a_resolved_task_file_does_not_join_the_builtin_table(tmp_path):
     resolve_task(str(path))
     assert get_task("extra_liver").name == "extra_liver"
     assert [t.name for t in all_tasks(builtin_only=True)] == list(builtin_names())
-    assert "EXTRA_LIVER" not in tasks_table(markdown=True)
+    assert "EXTRA_LIVER" not in tasks_table(markdown=True, builtin_only=True)
+    assert "EXTRA_LIVER" in tasks_table()

@@ -320,7 +320,7 @@ def test_readme_task_table_is_the_registry():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     start, end = readme.index("<!-- tasks-table -->"), readme.index("<!-- /tasks-table -->")
-    assert readme[start:end].split("\n", 1)[1].strip() == tasks_table(markdown=True).strip()
+    assert readme[start:end].split("\n", 1)[1].strip() == tasks_table(markdown=True, builtin_only=True).strip()
 
 
 def test_interrupted_task_extraction_resumes_with_finished_cases(luna_store, tmp_path):

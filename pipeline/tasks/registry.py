@@ -94,10 +94,10 @@ def all_tasks(*, builtin_only: bool = False) -> list[TaskSpec]:
     return [t for t in _TASKS.values() if not builtin_only or t.name in names]
 
 
-def tasks_table(markdown: bool = False) -> str:
-    """The built-in tasks as a table (plain text for the terminal, Markdown for docs); a task file is shown by
-    `genesis tasks show FILE`."""
-    df = pd.DataFrame([t.row() for t in all_tasks(builtin_only=True)])
+def tasks_table(markdown: bool = False, *, builtin_only: bool = False) -> str:
+    """The registry as a table (plain text for the terminal, Markdown for docs); `builtin_only`: the five built-in
+    tasks alone (the README's table), whatever task files this process resolved."""
+    df = pd.DataFrame([t.row() for t in all_tasks(builtin_only=builtin_only)])
     if markdown:
         head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
         return head + "\n".join("| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False))
