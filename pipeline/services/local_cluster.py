@@ -144,6 +144,9 @@ def _node_env(root: Path, token_file: Path, mlflow_url: str, shared: Path) -> di
     env.update(GENESIS_HOME=str(REPO), GENESIS_SHARED_ROOT=str(shared), RAY_USAGE_STATS_ENABLED="0",
                MLFLOW_TRACKING_URI=mlflow_url, MLFLOW_TRACKING_USERNAME=ADMIN_USER,
                MLFLOW_TRACKING_PASSWORD=read_secret(root / "mlflow" / PASSWORD_FILE))
+    # a node registers with the head's GCS within Ray's 30 s default; on a busy 2-core machine that was seen to
+    # time out ("The current node timed out during startup"), so give it the time Ray's own message suggests
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")
     return env
 
 
