@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline.model_io.safe_yaml import safe_yaml
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "ARG_RANGES", "CONFIG_FILE", "WEIGHTS_FILE", "DATA_DIR", "LOADER_MODULE",
            "architecture_config", "build_from_config", "check_config", "write_model_data", "read_model_data",
            "read_weights_header", "read_model_folder", "bundle_code", "BUNDLED_FILES", "model_requirements",
@@ -68,7 +70,7 @@ LOADER_MODULE = "pipeline.model_format"
 #: What `bundle_code` copies, relative to the `pipeline` folder: the loader shim, this room's files the models
 #: need (no `load`/`weights`: they reach the tracking layer), and every file of `models/`.
 BUNDLED_FILES = ("__init__.py", "model_format.py", "model_io/__init__.py", "model_io/model_format.py",
-                 "model_io/state_dicts.py", "model_io/official.py")
+                 "model_io/state_dicts.py", "model_io/official.py", "model_io/safe_yaml.py")
 
 #: Size limits of what is read before anything is checked: a file over its limit is refused unread, so a
 #: tampered file cannot make the reader allocate more than this (the weights' data is bounded by the model).
@@ -270,7 +272,7 @@ def _check_task_text(raw: bytes, what: str) -> str:
     except UnicodeDecodeError as err:
         raise ModelFormatError(f"{what}: not UTF-8 ({err.reason} at byte {err.start})") from None
     try:
-        data = _task_yaml(text)
+        data = safe_yaml(text)
     except (yaml.YAMLError, RecursionError) as err:
         why = getattr(err, "problem", None) if isinstance(err, yaml.YAMLError) else None
         raise ModelFormatError(f"{what}: not valid YAML ({type(err).__name__}{': ' + why if why else ''})"
@@ -278,29 +280,6 @@ def _check_task_text(raw: bytes, what: str) -> str:
     if not isinstance(data, dict):
         raise ModelFormatError(f"{what}: a task file is a mapping, got {type(data).__name__}")
     return text
-
-
-def _task_yaml(text: str):
-    """Plain data of a task file's text, read by `yaml.SafeLoader` refusing anchors and aliases: a task file has no
-    use for them, and aliases let a few hundred bytes stand for millions of nodes. (The task layer's
-    `task_file.safe_yaml` does the same; model_io may not import the task layer, and this module travels alone
-    with every logged model.)"""
-    import yaml
-
-    class NoAliasLoader(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
-                raise yaml.composer.ComposerError(None, None, f"{kind}{event.anchor} is not allowed in a task file",
-                                                  event.start_mark)
-            return super().compose_node(parent, index)
-
-    loader = NoAliasLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
@@ -637,6 +616,6 @@ def _task_name(task_file: str | None) -> str | None:
     """The `name:` of a task file's text, for the model's metadata (None without one)."""
     if task_file is None:
         return None
-    data = _task_yaml(task_file)  # checked by write_model_card first: one mapping, no aliases
+    data = safe_yaml(task_file)  # checked by write_model_card first: one mapping, no aliases
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) else None

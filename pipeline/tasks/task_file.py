@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.model_io.safe_yaml import NoAliasLoader, safe_yaml
 from pipeline.tasks.spec import TaskSpec
 
 __all__ = ["TaskFileError", "NoAliasLoader", "safe_yaml", "shown", "task_from_dict", "task_to_dict", "task_to_yaml",
@@ -29,30 +30,6 @@ TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
 class TaskFileError(ValueError):
     """A task file that cannot be read as a TaskSpec; the message names the file, the key and the value."""
-
-
-class NoAliasLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses anchors (&a) and aliases (*a).
-
-    A task file has no use for them, and an alias is how a 300-byte file becomes a structure of millions of
-    nodes ("billion laughs"): harmless while shared, but every error message or copy expands it."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
-            raise yaml.composer.ComposerError(None, None, f"{kind}{event.anchor} is not allowed in a task file "
-                                              f"(write the value out)", event.start_mark)
-        return super().compose_node(parent, index)
-
-
-def safe_yaml(text: str):
-    """Plain data of one YAML document, read with `NoAliasLoader` (no anchors, no aliases, nothing built)."""
-    loader = NoAliasLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 _SHOW = reprlib.Repr()
