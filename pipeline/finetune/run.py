@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["finetune", "FinetuneResult", "task_spec_of_store", "task_of_store", "prepare", "Prepared", "COMMAND"]
+__all__ = ["finetune", "FinetuneResult", "task_of_store", "prepare", "Prepared", "COMMAND"]
 
 COMMAND = "genesis finetune"
 """The entry point a fine-tuning's run records (named here: the process may have run other stages before)."""
@@ -124,11 +124,6 @@ def task_of_store(task: str, store) -> tuple[object, str]:
         return spec.with_overrides(**changes), source
     except (ValueError, TypeError):
         return spec.with_overrides(cube_size=changes["cube_size"]), source
-
-
-def task_spec_of_store(task: str, store):
-    """The TaskSpec a fine-tuning on `store` runs with (`task_of_store` without its source)."""
-    return task_of_store(task, store)[0]
 
 
 @dataclass

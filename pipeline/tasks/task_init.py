@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import storage_schemas
+from pipeline.ingest.sources import CASE_CANDIDATE_COLUMNS
 from pipeline.tasks.registry import builtin_names, get_task
 from pipeline.tasks.spec import Intensity, Sampling, SplitRule, TaskSpec
 from pipeline.tasks.task_file import task_from_text, task_to_dict, task_to_yaml
@@ -29,7 +30,8 @@ from pipeline.tasks.task_file import task_from_text, task_to_dict, task_to_yaml
 __all__ = ["DatasetJson", "DatasetJsonError", "read_dataset_json", "task_name_of", "draft_task", "init_task",
            "check_candidates", "InitResult", "CANDIDATE_COLUMNS"]
 
-CANDIDATE_COLUMNS = ("case_id", "x", "y", "z", "label")
+CANDIDATE_COLUMNS = CASE_CANDIDATE_COLUMNS
+"""The columns `genesis convert` reads a user's candidates CSV by (one definition, in ingest)."""
 CT_WINDOW = (-1000.0, 1000.0)
 MR_PERCENTILES = (0.5, 99.5)
 SPLIT_FRACTIONS = (0.6, 0.1, 0.3)
