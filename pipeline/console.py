@@ -20,10 +20,24 @@ from pipeline.storage.locks import LockBusyError
 from pipeline.volume_store.errors import StoreLockedError
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_BUSY", "EXIT_INTERRUPTED", "classify", "ended",
-           "tolerant_streams"]
+           "tolerant_streams", "set_verbose", "verbose"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
+
+_VERBOSE = {"on": bool(os.environ.get("GENESIS_VERBOSE"))}
+
+
+def set_verbose(on: bool) -> None:
+    """`--verbose`: show Ray's and MLflow's own console output (Tune's status tables, their warnings). Off by
+    default, so a command prints its own progress lines only; that output still goes to the Ray worker logs."""
+    _VERBOSE["on"] = bool(on)
+
+
+def verbose() -> bool:
+    """Whether `--verbose` (or GENESIS_VERBOSE) asked for Ray's and MLflow's own console output."""
+    return _VERBOSE["on"]
+
 
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 """A path the user gave that is missing, of the wrong kind or not theirs to write: bad input, not a failure."""
