@@ -18,17 +18,22 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 
-from pipeline.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, classify, ended, tolerant_streams
+from pipeline.console import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, classify, ended, set_verbose, tolerant_streams,
+                              verbose)
 from pipeline.runtime.errors import UsageError
+from pipeline.runtime.help_format import Parser, examples
 from pipeline.runtime.net import non_negative_int, positive_int
 from pipeline.runtime.paths import output_dir, output_file, shared_path
 
-__all__ = ["main", "build_parser", "classify"]
+__all__ = ["main", "build_parser", "parse_args", "transfer_show_parser", "classify"]
 
+_WIDTH = 100
+"""Descriptions are wrapped here, at most this wide: the help formatter keeps them as written (for the examples)."""
 SAMPLE_DATASETS = ("luna16", "lidc", "pe", "lits", "brats", "nnunet", "msd", "nnunet-ct")
-_FAILURES_HELP = ("worker-group restarts after a worker or node failure; -1 retries forever (a deterministic error "
-                  "such as bad data ends the run at once either way)")
+_FAILURES_HELP = ("worker-group restarts{per} after a worker or node failure; -1 retries forever (a deterministic "
+                  "error such as bad data ends the run at once either way)")
 
 
 def _numbers(text: str, expected: str) -> tuple[float, ...]:
@@ -135,8 +140,10 @@ def _floats(text: str) -> tuple[float, ...]:
     return _numbers(text, "comma-separated numbers")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the problem and where the help is, not the whole usage block."""
+class _Parser(Parser):
+    """argparse with one-line errors: the problem and where the help is, not the whole usage block; and help a
+    person can use in every subcommand: each option's default, the subcommand's one-line help as its description,
+    and its examples (an epilog) as written."""
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
@@ -146,6 +153,8 @@ class _Parser(argparse.ArgumentParser):
         add = action.add_parser
 
         def add_parser(name, **kw):  # every subcommand takes --debug too, wherever it is written
+            if kw.get("help"):  # `genesis X --help` says first what X does, as `genesis --help` lists it
+                kw.setdefault("description", textwrap.fill(kw["help"], _WIDTH))
             sub = add(name, **kw)
             sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="on an error, print the Python traceback too")
@@ -166,8 +175,10 @@ def _options() -> argparse.ArgumentParser:
 def _dask() -> argparse.ArgumentParser:
     """Every Dask step: local workers, or a running scheduler; a progress bar."""
     p = _options()
-    p.add_argument("--workers", type=positive_int, default=2, help="local Dask worker processes (default 2)")
-    p.add_argument("--dask-scheduler", metavar="ADDRESS", help="use a running Dask scheduler instead")
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="local Dask worker processes")
+    p.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="use a running Dask scheduler, e.g. tls://HEAD:8786 (default: a local Dask cluster of "
+                        "--workers processes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -175,14 +186,26 @@ def _dask() -> argparse.ArgumentParser:
 def _patch_source() -> argparse.ArgumentParser:
     """The volume store a patch store is cut from, and where patch stores go."""
     p = _options()
-    p.add_argument("--store", required=True, help="volume store")
-    p.add_argument("--out", help="root folder of patch stores (default: patch_stores beside the volume store)")
+    p.add_argument("--store", required=True, metavar="STORE", help="volume store (genesis convert)")
+    p.add_argument("--out", metavar="ROOT",
+                   help="root folder of patch stores (default: patch_stores beside the volume store)")
     return p
 
 
 def _tracking() -> argparse.ArgumentParser:
     p = _options()
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    return p
+
+
+VERBOSE_HELP = ("show Ray's and MLflow's own console output (Tune's status tables, their warnings); without it they "
+                "go to the Ray worker logs only")
+
+
+def _verbose() -> argparse.ArgumentParser:
+    """Every command that starts Ray: its own console output, or only ours (`pipeline.console.verbose`)."""
+    p = _options()
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
@@ -190,82 +213,119 @@ def _ray_run(*, experiment: str, failures: int, storage_help: str, name_help: st
              failures_per: str = "") -> argparse.ArgumentParser:
     """A run on Ray recorded in MLflow: where Ray is, where the run is recorded and checkpointed, its name, and
     the restarts it may take (`failures_per`: " per trial" where each trial restarts on its own)."""
-    p = argparse.ArgumentParser(add_help=False, parents=[_tracking()])
-    p.add_argument("--ray-address", help="running Ray cluster (default: start a local one)")
-    p.add_argument("--experiment", default=experiment)
-    p.add_argument("--storage-path", help=storage_help)
-    p.add_argument("--name", help=name_help)
-    p.add_argument("--max-failures", type=_failures, default=failures,
-                   help=f"{_FAILURES_HELP}{failures_per} (default {failures})")
+    p = argparse.ArgumentParser(add_help=False, parents=[_tracking(), _verbose()])
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="running Ray cluster, e.g. HEAD:6379 or auto (default: RAY_ADDRESS, as inside a Ray job; else "
+                        "start a local one)")
+    p.add_argument("--experiment", metavar="NAME", default=experiment, help="MLflow experiment of the run")
+    p.add_argument("--storage-path", metavar="DIR", help=storage_help)
+    p.add_argument("--name", metavar="NAME", help=name_help)
+    p.add_argument("--max-failures", type=_failures, default=failures,  # metavar MAX_FAILURES: tests name it
+                   help=_FAILURES_HELP.format(per=failures_per))
     return p
 
 
 def _ray_workers(workers: int) -> argparse.ArgumentParser:
     """The Ray Train workers of one run."""
     p = _options()
-    p.add_argument("--workers", type=positive_int, default=workers)
-    p.add_argument("--gpus-per-worker", type=_gpus, default=0.0)
+    p.add_argument("--workers", type=positive_int, default=workers, metavar="N",
+                   help="Ray Train workers (data-parallel training processes)")
+    p.add_argument("--gpus-per-worker", type=_gpus, default=0.0, metavar="G",
+                   help="GPUs per Ray Train worker: a share in [0, 1] or a whole number; 0 trains on CPUs")
     return p
 
 
 def _recipe() -> argparse.ArgumentParser:
     """How each fine-tuning trains (`genesis finetune`, and every cell of `genesis transfer`)."""
     p = _options()
-    p.add_argument("--freeze-encoder", action="store_true")
-    p.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
-    p.add_argument("--epochs", type=positive_int, help="cap the preset's maximum epochs")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="freeze the encoder (its weights and norm statistics stay as the init gives them); train the "
+                        "rest")
+    p.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
+                   help="tiny: width-4 U-Nets and short schedules for a CPU; paper: the papers' fine-tuning recipes "
+                        "(GPU)")
+    p.add_argument("--epochs", type=positive_int, metavar="E",
+                   help="cap the preset's maximum epochs (default: the preset's; early stopping may end sooner)")
     return p
 
 
 # --------------------------------------------------------------------------- the subcommands
 
 def _add_convert(sub) -> None:
-    c = sub.add_parser("convert", parents=[_dask()], help="convert CT/MRI archives into a volume store (Dask)")
-    c.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, files or zip archives")
-    c.add_argument("--store", required=True, help="volume store folder (created if missing)")
-    c.add_argument("--spacing", type=_triple, metavar="Z,Y,X", help="resample to this spacing in mm")
-    c.add_argument("--modality", help="force the modality (e.g. CT) for sources without one")
-    c.add_argument("--min-side", type=positive_int, default=8, help="refuse volumes with a side under this (voxels)")
+    c = sub.add_parser("convert", parents=[_dask()], help="convert CT/MRI archives into a volume store (Dask)",
+                       epilog=examples("genesis convert demo_output/sample_data/luna16 --store my_volumes",
+                                       "genesis convert own/data/Dataset501_Phantom --store own/volumes --workers 4"))
+    c.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="folders, files or zip archives (LUNA16, DICOM, NIfTI, NRRD, MetaImage, nnU-Net, MSD)")
+    c.add_argument("--store", required=True, metavar="STORE", help="volume store folder (created if missing)")
+    c.add_argument("--spacing", type=_triple, metavar="Z,Y,X",
+                   help="resample to this spacing in mm (default: keep each scan's own spacing)")
+    c.add_argument("--modality", metavar="NAME",
+                   help="force the modality (e.g. CT) for sources without one (default: what each source records)")
+    c.add_argument("--min-side", type=positive_int, default=8, metavar="N",
+                   help="refuse volumes with a side under this (voxels)")
     c.add_argument("--max-scan-bytes", type=_bytes, metavar="N",
-                   help="refuse a scan whose decoded voxels would exceed N bytes (e.g. 4G, 512M)")
+                   help="refuse a scan whose decoded voxels would exceed N bytes, e.g. 4G, 512M (default: 4G)")
 
 
 def _add_stores(sub) -> None:
-    s = sub.add_parser("stores", help="list and inspect stores")
+    s = sub.add_parser("stores", help="list and inspect stores",
+                       epilog=examples("genesis stores list demo_output",
+                                       "genesis stores show demo_output/volume_store"))
     ssub = s.add_subparsers(dest="stores_command", required=True)
-    sh = ssub.add_parser("show", help="print a store's catalog / index as a table")
-    sh.add_argument("store")
-    sh.add_argument("--all-columns", action="store_true")
-    pv = ssub.add_parser("preview", help="PNG of a scan's three orthogonal middle slices")
-    pv.add_argument("store")
-    pv.add_argument("scan_id")
-    pv.add_argument("--out", required=True)
+    sh = ssub.add_parser("show", help="print a store's catalog / index as a table",
+                         epilog=examples("genesis stores show demo_output/volume_store",
+                                         "genesis stores show demo_output/task_volume_store --all-columns"))
+    sh.add_argument("store", metavar="STORE", help="a volume store or a patch store")
+    sh.add_argument("--all-columns", action="store_true",
+                    help="every column of a volume store's catalog, not the usual nine")
+    pv = ssub.add_parser("preview", help="PNG of a scan's three orthogonal middle slices",
+                         epilog=examples("genesis stores preview demo_output/task_volume_store "
+                                         "Brats18_2013_102_1_flair --out flair.png",
+                                         "genesis stores show demo_output/volume_store    # its SCAN_IDs"))
+    pv.add_argument("store", metavar="STORE", help="a volume store")
+    pv.add_argument("scan_id", metavar="SCAN_ID", help="one of its scans (genesis stores show STORE lists them)")
+    pv.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
     pv.add_argument("--window", default="lung", help="CT window: lung | mediastinum | bone")
-    ls = ssub.add_parser("list", help="every volume and patch store under ROOT")
-    ls.add_argument("root", nargs="?", default=".")
-    vf = ssub.add_parser("verify", help="check every array and table of a store (--repair: fix what can be fixed)")
-    vf.add_argument("store")
-    vf.add_argument("--repair", action="store_true")
+    ls = ssub.add_parser("list", help="every volume and patch store under ROOT",
+                         epilog=examples("genesis stores list demo_output", "genesis stores list"))
+    ls.add_argument("root", nargs="?", default=".", metavar="ROOT", help="the folder searched")
+    vf = ssub.add_parser("verify", help="check every array and table of a store (--repair: fix what can be fixed)",
+                         epilog=examples("genesis stores verify demo_output/volume_store",
+                                         "genesis stores verify demo_output/volume_store --repair"))
+    vf.add_argument("store", metavar="STORE", help="a volume store or a patch store")
+    vf.add_argument("--repair", action="store_true",
+                    help="volume stores: reconvert a damaged or missing scan from its source where that is "
+                         "unchanged, else mark it failed; then rebuild the catalog (patch stores are rebuilt, never "
+                         "repaired)")
     vf.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_patches(sub) -> None:
-    pt = sub.add_parser("patches", help="build and inspect patch stores")
+    pt = sub.add_parser("patches", help="build and inspect patch stores",
+                        epilog=examples("genesis patches pretrain --store demo_output/volume_store --out my_patches",
+                                        "genesis patches task ncc --store demo_output/volume_store --out my_patches"))
     psub = pt.add_subparsers(dest="patches_command", required=True)
     _add_patches_pretrain(psub)
     _add_patches_task(psub)
-    pv = psub.add_parser("preview", help="PNG of sample cubes and of each corruption")
-    pv.add_argument("patch_store")
-    pv.add_argument("--out", required=True)
-    pv.add_argument("--seed", type=non_negative_int, default=0)
+    pv = psub.add_parser("preview", help="PNG of sample cubes and of each corruption",
+                         epilog=examples("genesis patches preview demo_output/patch_stores/pretrain-* "
+                                         "--out patches.png",
+                                         "genesis patches preview demo_output/patch_stores/task-lcs-* --out lcs.png"))
+    pv.add_argument("patch_store", metavar="PATCHSTORE", help="a pretraining or task patch store")
+    pv.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    pv.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="which cubes and corruptions")
 
 
 def _add_patches_pretrain(psub) -> None:
     pp = psub.add_parser("pretrain", parents=[_patch_source(), _dask()],
-                         help="Models Genesis pretraining cubes from a volume store")
+                         help="Models Genesis pretraining cubes from a volume store",
+                         epilog=examples("genesis patches pretrain --store demo_output/volume_store --out my_patches",
+                                         "genesis patches pretrain --store own/volumes --modality T2 --size 16,32,32"))
     pp.add_argument("--size", type=_ints3, default=(32, 64, 64), metavar="D,H,W",
                     help="cube (slices, rows, columns); default 32,64,64 = the reference's 64x64x32 (x,y,z)")
-    pp.add_argument("--per-scan", type=positive_int, default=32)
+    pp.add_argument("--per-scan", type=positive_int, default=32, metavar="N",
+                    help="cubes per scan (the reference's `scale`)")
     pp.add_argument("--scales", type=_floats, default=(1.0,), metavar="S1,S2,...",
                     help="crop side multipliers >= 1 (larger crops are resized to the cube)")
     pp.add_argument("--scale-axes", choices=("yx", "zyx"), default="yx",
@@ -273,10 +333,13 @@ def _add_patches_pretrain(psub) -> None:
                          "zyx: 3D crops")
     pp.add_argument("--cube-encoding", choices=("auto", "float32"), default="auto",
                     help="auto: clipped HU as int16 when exact (bit-identical floats on read), else float32")
-    pp.add_argument("--seed", type=non_negative_int, default=0)
-    pp.add_argument("--border-yx", type=non_negative_int, default=100)
-    pp.add_argument("--border-z", type=non_negative_int, default=30)
-    pp.add_argument("--min-slices", type=non_negative_int, default=96,
+    pp.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
+                    help="seed of the sampling (the same seed and settings give the same cubes)")
+    pp.add_argument("--border-yx", type=non_negative_int, default=100, metavar="N",
+                    help="in-plane voxels never cropped at each edge (the reference's len_border)")
+    pp.add_argument("--border-z", type=non_negative_int, default=30, metavar="N",
+                    help="slices never cropped at each end (the reference's len_border_z)")
+    pp.add_argument("--min-slices", type=non_negative_int, default=96, metavar="N",
                     help="ct recipe: scans with fewer slices are skipped (default 96, the reference's)")
     pp.add_argument("--recipe", choices=("auto", "ct", "mr"), default="auto",
                     help="auto (default): from the store's modality, CT -> ct, any other -> mr; ct: the reference's "
@@ -298,157 +361,239 @@ def _add_patches_pretrain(psub) -> None:
 
 def _add_patches_task(psub) -> None:
     pk = psub.add_parser("task", parents=[_patch_source(), _dask()],
-                         help="a target task's patch store (cubes, masks/labels, patient splits)")
-    pk.add_argument("task", help="a built-in task (genesis tasks list: ncc, ncs, ecc, lcs, bms) or a task file "
-                                 "(FILE.yaml; genesis tasks init drafts one)")
-    pk.add_argument("--seed", type=non_negative_int, default=0,
+                         help="a target task's patch store (cubes, masks/labels, patient splits)",
+                         epilog=examples("genesis patches task ncc --store demo_output/volume_store --out my_patches",
+                                         "genesis patches task own/phantom.yaml --store own/volumes --size 16,32,32"))
+    pk.add_argument("task", metavar="TASK",
+                    help="a built-in task (genesis tasks list: ncc, ncs, ecc, lcs, bms) or a task file (FILE.yaml; "
+                         "genesis tasks init drafts one)")
+    pk.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
                     help="sampling seed (negatives, jitter, crops, fraction order)")
     pk.add_argument("--size", type=_ints3, metavar="D,H,W", help="cube size (default: the task's)")
     pk.add_argument("--negative-ratio", metavar="R",
                     help="classification: negatives kept per positive and split, or 'all' (default: the task's)")
-    pk.add_argument("--per-scan", type=positive_int, help="segmentation (pos/neg tasks): cubes per scan")
-    pk.add_argument("--split-seed", type=non_negative_int,
+    pk.add_argument("--per-scan", type=positive_int, metavar="N",
+                    help="segmentation (pos/neg tasks): cubes per scan (default: the task's)")
+    pk.add_argument("--split-seed", type=non_negative_int, metavar="S",
                     help="seed of the patient-level split (default: the task's)")
     pk.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-split tasks (ECC): checked against the data's folds only. The store holds every fold "
                          "(its `split` column shows fold 1's run) and its key does not depend on K; fine-tuning "
-                         "picks its fold with `genesis finetune/transfer --test-fold K`")
+                         "picks its fold with `genesis finetune/transfer --test-fold K` (default: no check)")
     pk.add_argument("--splits", metavar="FILE",
                     help="train/validation/test by case from FILE: a CSV of case_id,split (split: train, validation "
                          "or test) or nnU-Net's splits_final.json; the file's content is part of the store's key "
                          "(default: the task's split rule)")
-    pk.add_argument("--channels", help="multi-channel tasks (BMS): sequences, e.g. flair,t1ce")
+    pk.add_argument("--channels", metavar="SEQ,...",
+                    help="multi-channel tasks (BMS): sequences, e.g. flair,t1ce (default: the task's channels)")
+
+
+_DEMO_DB = "--tracking-uri sqlite:///demo_output/mlflow.db"
+"""The demo's MLflow store: the examples below run on what `make demo` leaves in demo_output/."""
 
 
 def _add_pretrain(sub) -> None:
     ray = _ray_run(experiment="genesis-pretraining", failures=3,
-                   storage_help="where Ray Train keeps checkpoints (default ./ray_results)",
+                   storage_help="where Ray Train keeps checkpoints (default: ./ray_results)",
                    name_help="run name (default: genesis-pretrain-PRESET-TIME)")
     tr = sub.add_parser("pretrain", parents=[_ray_workers(2), ray],
-                        help="Models Genesis pretraining on Ray Train, recorded in MLflow")
-    tr.add_argument("--patches", required=True, help="pretraining patch store")
-    tr.add_argument("--preset", default="tiny", choices=["tiny", "stable", "paper"])
-    tr.add_argument("--epochs", type=positive_int)
-    tr.add_argument("--batch-size", type=positive_int,
-                    help="global batch: cubes per step over all workers, split evenly (preset's by default)")
+                        help="Models Genesis pretraining on Ray Train, recorded in MLflow",
+                        epilog=examples(f"genesis pretrain --patches demo_output/patch_stores/pretrain-* --epochs 2 "
+                                        f"{_DEMO_DB}",
+                                        "genesis pretrain --patches /shared/patch_stores/pretrain-KEY --preset paper "
+                                        "--workers 4 --gpus-per-worker 1"))
+    tr.add_argument("--patches", required=True, metavar="PATCHSTORE",
+                    help="pretraining patch store (genesis patches pretrain)")
+    tr.add_argument("--preset", default="tiny", choices=["tiny", "stable", "paper"],
+                    help="tiny: a 4-channel U-Net for a few CPU minutes; stable: Adam with clipping and a plateau "
+                         "schedule (GPU); paper: the reference's SGD recipe (GPU)")
+    tr.add_argument("--epochs", type=positive_int, metavar="E",
+                    help="epochs (default: the preset's; with --resume, the new total)")
+    tr.add_argument("--batch-size", type=positive_int, metavar="N",
+                    help="global batch: cubes per step over all workers, split evenly (default: the preset's)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run --name (default: the latest run) with its own settings; --epochs extends it")
 
 
 def _add_finetune(sub) -> None:
     ray = _ray_run(experiment="genesis-finetune", failures=1,
-                   storage_help="where Ray Train keeps checkpoints (default ./ray_results)", name_help="run name")
+                   storage_help="where Ray Train keeps checkpoints (default: ./ray_results)",
+                   name_help="run name (default: genesis-finetune-TASK-PRESET-TIME)")
     ft = sub.add_parser("finetune", parents=[_recipe(), _ray_workers(1), ray],
-                        help="fine-tune on a target task (Ray Train), evaluated on its test split")
-    ft.add_argument("--task", required=True,
+                        help="fine-tune on a target task (Ray Train), evaluated on its test split",
+                        epilog=examples(f"genesis finetune --task ncc --patches demo_output/patch_stores/task-ncc-* "
+                                        f"--init models:/genesis-pretrained@best {_DEMO_DB}",
+                                        "genesis finetune --task lcs --patches demo_output/patch_stores/task-lcs-* "
+                                        f"--label-fraction 0.5 --seed 1 {_DEMO_DB}"))
+    ft.add_argument("--task", required=True, metavar="TASK",
                     help="a built-in task (ncc, ncs, ecc, lcs, bms), a task file (FILE.yaml), or the name of a task "
                          "file's task whose store --patches is (the store records its task file)")
-    ft.add_argument("--patches", required=True, help="the task's patch store (genesis patches task T)")
-    ft.add_argument("--init", default="scratch",
+    ft.add_argument("--patches", required=True, metavar="TASKSTORE",
+                    help="the task's patch store (genesis patches task TASK)")
+    ft.add_argument("--init", default="scratch", metavar="INIT",
                     help="scratch | models:/NAME/VERSION | models:/NAME@ALIAS | official:FILE.pt | FILE.pt")
-    ft.add_argument("--label-fraction", type=_fraction, default=1.0, help="nested, stratified share of training cubes")
-    ft.add_argument("--seed", type=non_negative_int, default=0)
+    ft.add_argument("--label-fraction", type=_fraction, default=1.0, metavar="F",
+                    help="nested, stratified share of training cubes, in (0, 1]")
+    ft.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
+                    help="seed of the initial weights (what the init does not cover) and of the batch order")
     ft.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-based tasks (ECC): the test fold; training uses the other folds (default: the store's "
                          "first fold, 1; `genesis transfer` runs every fold)")
 
 
+_TRANSFER_SHOW = "genesis transfer show RUN_ID"
+
+
 def _add_transfer(sub) -> None:
     ray = _ray_run(experiment="genesis-transfer", failures=1, failures_per=" per trial",
-                   storage_help="where Ray keeps trials and checkpoints (default ./ray_results)",
-                   name_help="parent run name")
+                   storage_help="where Ray keeps trials and checkpoints (default: ./ray_results)",
+                   name_help="parent run name (default: transfer-PRESET-TIME)")
     tf = sub.add_parser("transfer", parents=[_recipe(), ray],
                         help="the transfer grid: tasks x inits x label fractions x seeds on Ray Tune, one MLflow "
-                             "parent run, the paper's table; `transfer show RUN_ID` prints it again")
-    tf.add_argument("show", nargs="*", metavar="show RUN_ID", help="print a finished grid's table from MLflow")
-    tf.add_argument("--tasks", default="ncc,ncs,ecc,lcs,bms",
+                             "parent run, the paper's table; `transfer show RUN_ID` prints it again",
+                        usage="%(prog)s --patches ROOT|TASK=PATH [options]\n"
+                              "       %(prog)s show RUN_ID [--tracking-uri URI]",
+                        epilog=f"`{_TRANSFER_SHOW} [--tracking-uri URI]` prints a finished grid's table again\n"
+                               f"(its own options: genesis transfer show --help).\n\n"
+                               + examples(f"genesis transfer --patches demo_output/patch_stores --tasks ncc,lcs "
+                                          f"--seeds 0,1 --epochs 3 {_DEMO_DB}",
+                                          f"genesis transfer show RUN_ID {_DEMO_DB}"))
+    # `transfer show RUN_ID` is parsed by its own parser (`transfer_show_parser`, chosen in `parse_args`); this
+    # hidden positional keeps the older spelling with options first (`transfer --tracking-uri URI show RUN_ID`)
+    tf.add_argument("show", nargs="*", help=argparse.SUPPRESS)
+    tf.add_argument("--tasks", default="ncc,ncs,ecc,lcs,bms", metavar="T,...",
                     help="comma-separated tasks: built-in names, task files (FILE.yaml) or the names of task files' "
-                         "tasks whose stores are in --patches (default: the five built-in tasks)")
-    tf.add_argument("--patches", action="append",
-                    help="folder of task stores (task-<task>-<key>), or TASK=PATH (repeatable)")
-    tf.add_argument("--inits", default="scratch,models:/genesis-pretrained@best",
+                         "tasks whose stores are in --patches (default: ncc,ncs,ecc,lcs,bms, the five built-in "
+                         "tasks)")
+    tf.add_argument("--patches", action="append", metavar="ROOT|TASK=PATH",
+                    help="folder of task stores (task-<task>-<key>), or TASK=PATH (repeatable; required, no default)")
+    tf.add_argument("--inits", default="scratch,models:/genesis-pretrained@best", metavar="INIT,...",
                     help="comma-separated inits: scratch, models:/NAME/VERSION, models:/NAME@ALIAS, official:FILE, "
                          "FILE.pt")
-    tf.add_argument("--seeds", type=_seeds, default="0,1,2",
+    tf.add_argument("--seeds", type=_seeds, default="0,1,2", metavar="S,...",
                     help="comma-separated seeds (default 0,1,2: the t-test against scratch needs two a side)")
     tf.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-based tasks (ECC): run test fold K only (default: every fold the task's store holds; "
                          "the table pools folds x seeds)")
-    tf.add_argument("--label-fractions", type=_fractions, default="1.0",
+    tf.add_argument("--label-fractions", type=_fractions, default="1.0", metavar="F,...",
                     help="comma-separated label fractions in (0, 1]")
-    tf.add_argument("--max-concurrent", type=positive_int, default=2, help="trials at once")
-    tf.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per trial worker (e.g. 0.25)")
-    tf.add_argument("--workers-per-trial", type=positive_int, default=1)
-    tf.add_argument("--per-trial", type=positive_int,
+    tf.add_argument("--max-concurrent", type=positive_int, default=2, metavar="K", help="trials at once")
+    tf.add_argument("--gpus-per-trial", type=_gpus, default=0.0, metavar="G",
+                    help="GPU share per trial worker (e.g. 0.25); 0 fine-tunes on CPUs")
+    tf.add_argument("--workers-per-trial", type=positive_int, default=1, metavar="N",
+                    help="Ray Train workers of each fine-tuning")
+    tf.add_argument("--per-trial", type=positive_int, metavar="N",
                     help="fine-tunings of one task per trial (default: 8 for tiny, 1 for paper)")
-    tf.add_argument("--results", help="folder for results.md/.csv/.png (default: under --storage-path)")
+    tf.add_argument("--results", metavar="DIR",
+                    help="folder for results.md/.csv/.png (default: under --storage-path)")
+
+
+def transfer_show_parser() -> argparse.ArgumentParser:
+    """`genesis transfer show RUN_ID`: its own parser and help. Not a subparser of `transfer`, whose bare form
+    (`genesis transfer --patches ...`) runs the grid; `parse_args` picks this one when `show` follows `transfer`."""
+    p = _Parser(prog="genesis transfer show", usage="%(prog)s RUN_ID [--tracking-uri URI]", parents=[_tracking()],
+                description="print a finished transfer grid's table again, from its MLflow parent run",
+                epilog=examples(f"genesis transfer show RUN_ID {_DEMO_DB}",
+                                "genesis transfer show RUN_ID --tracking-uri http://HEAD:5000"))
+    p.add_argument("run_id", metavar="RUN_ID",
+                   help="the grid's parent run (printed at the end of `genesis transfer`; the MLflow UI shows it)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, print the Python traceback too")
+    return p
 
 
 def _add_reproduce(sub) -> None:
-    rp = sub.add_parser("reproduce", help="end to end: data -> stores -> pretraining -> transfer grid (scratch vs the "
-                                          "model pretrained here) -> the table")
+    rp = sub.add_parser("reproduce", parents=[_verbose()],
+                        help="end to end: data -> stores -> pretraining -> transfer grid (scratch vs the model "
+                             "pretrained here) -> the table",
+                        epilog=examples("genesis reproduce --out reproduce_output --tasks ncc,lcs --seeds 0",
+                                        "genesis reproduce --preset paper --data /shared/datasets --out "
+                                        "/shared/reproduce --gpus-per-trial 0.25 --gpus-per-worker 1"))
     rp.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
                     help="tiny: width-4 U-Nets on a CPU; paper: the papers' pretraining and fine-tuning recipes (GPU)")
-    rp.add_argument("--data", help="folder of dataset roots DATA/luna16, DATA/lidc, DATA/pe, DATA/lits, DATA/brats "
-                                   "(default: sample data written under --out)")
-    rp.add_argument("--out", default="reproduce_output", help="where everything goes (default reproduce_output)")
-    rp.add_argument("--tasks", help="comma-separated tasks (default: every task whose dataset is there)")
-    rp.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
-    rp.add_argument("--label-fractions", type=_fractions, default="1.0",
-                    help="comma-separated label fractions in (0, 1] (default 1.0)")
+    rp.add_argument("--data", metavar="DIR",
+                    help="folder of dataset roots DATA/luna16, DATA/lidc, DATA/pe, DATA/lits, DATA/brats "
+                         "(default: sample data written under --out)")
+    rp.add_argument("--out", default="reproduce_output", metavar="DIR", help="where everything goes")
+    rp.add_argument("--tasks", metavar="T,...",
+                    help="comma-separated tasks (default: every task whose dataset is there)")
+    rp.add_argument("--seeds", type=_seeds, default="0,1,2", metavar="S,...", help="comma-separated fine-tuning seeds")
+    rp.add_argument("--label-fractions", type=_fractions, default="1.0", metavar="F,...",
+                    help="comma-separated label fractions in (0, 1]")
     rp.add_argument("--test-fold", type=positive_int, metavar="K",
                     help="fold-based tasks (ECC): fine-tune on test fold K only (default: every fold)")
-    rp.add_argument("--max-concurrent", type=positive_int, default=2, help="transfer trials at once")
-    rp.add_argument("--gpus-per-trial", type=_gpus, default=0.0, help="GPU share per fine-tuning trial")
-    rp.add_argument("--pretrain-workers", type=positive_int, default=2, help="Ray Train workers of the pretraining")
-    rp.add_argument("--gpus-per-worker", type=_gpus, default=0.0, help="GPUs per pretraining worker")
-    rp.add_argument("--pretrain-epochs", type=positive_int, help="override the pretraining preset's epochs")
-    rp.add_argument("--epochs", type=positive_int, help="cap each fine-tuning's epochs")
-    rp.add_argument("--workers", type=positive_int, default=2, help="Dask workers of conversion and extraction")
-    rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
-    rp.add_argument("--ray-address", help="running Ray cluster (default: RAY_ADDRESS, else a local one)")
+    rp.add_argument("--max-concurrent", type=positive_int, default=2, metavar="K", help="transfer trials at once")
+    rp.add_argument("--gpus-per-trial", type=_gpus, default=0.0, metavar="G", help="GPU share per fine-tuning trial")
+    rp.add_argument("--pretrain-workers", type=positive_int, default=2, metavar="N",
+                    help="Ray Train workers of the pretraining")
+    rp.add_argument("--gpus-per-worker", type=_gpus, default=0.0, metavar="G", help="GPUs per pretraining worker")
+    rp.add_argument("--pretrain-epochs", type=positive_int, metavar="E",
+                    help="override the pretraining preset's epochs (default: the preset's)")
+    rp.add_argument("--epochs", type=positive_int, metavar="E",
+                    help="cap each fine-tuning's epochs (default: the preset's)")
+    rp.add_argument("--workers", type=positive_int, default=2, metavar="N",
+                    help="Dask workers of conversion and extraction")
+    rp.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    rp.add_argument("--ray-address", metavar="ADDR",
+                    help="running Ray cluster (default: RAY_ADDRESS, else a local one)")
     rp.add_argument("--worker-logs", action="store_true", help="print the Ray workers' logs")
 
 
 def _add_tasks(sub) -> None:
-    tk = sub.add_parser("tasks", help="the target tasks (task registry)")
+    tk = sub.add_parser("tasks", help="the target tasks (task registry)",
+                        epilog=examples("genesis tasks list", "genesis tasks show ncs --yaml"))
     tksub = tk.add_subparsers(dest="tasks_command", required=True)
-    tl = tksub.add_parser("list", help="print the task table")
-    tl.add_argument("--markdown", action="store_true")
-    ts = tksub.add_parser("show", help="print one task's full spec as JSON")
-    ts.add_argument("task", help="a built-in task's name or a task file (FILE.yaml)")
+    tl = tksub.add_parser("list", help="print the task table",
+                          epilog=examples("genesis tasks list", "genesis tasks list --markdown"))
+    tl.add_argument("--markdown", action="store_true", help="as a Markdown table (for a README or a report)")
+    ts = tksub.add_parser("show", help="print one task's full spec as JSON",
+                          epilog=examples("genesis tasks show ncc", "genesis tasks show own/phantom.yaml --yaml"))
+    ts.add_argument("task", metavar="TASK", help="a built-in task's name or a task file (FILE.yaml)")
     ts.add_argument("--yaml", action="store_true", help="print it as its canonical task file instead")
-    ti = tksub.add_parser("init", help="draft a task file from an nnU-Net v2 or MSD dataset folder (dataset.json)")
+    ti = tksub.add_parser("init", help="draft a task file from an nnU-Net v2 or MSD dataset folder (dataset.json)",
+                          epilog=examples("genesis sample-data own/data --dataset nnunet --small",
+                                          "genesis tasks init own/data/Dataset501_Phantom --out own/phantom.yaml"))
     ti.add_argument("dataset", metavar="DATASET_DIR", help="the dataset folder (dataset.json, imagesTr, labelsTr)")
     ti.add_argument("--out", required=True, metavar="FILE.yaml", help="the task file to write")
     ti.add_argument("--candidates", metavar="FILE.csv",
-                    help="a classification task over these candidates (columns case_id,x,y,z,label; world mm)")
-    ti.add_argument("--name", help="the task's name (default: from the folder: Dataset501_Phantom -> phantom)")
+                    help="a classification task over these candidates (columns case_id,x,y,z,label; world mm; "
+                         "default: a segmentation task)")
+    ti.add_argument("--name", metavar="NAME",
+                    help="the task's name (default: from the folder: Dataset501_Phantom -> phantom)")
     ti.add_argument("--label", metavar="NAME|all",
                     help="segmentation target: one label of dataset.json, or all labels > 0 (default: all)")
     ti.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
 def _add_weights(sub) -> None:
-    wt = sub.add_parser("weights", help="model weights in the MLflow registry")
+    wt = sub.add_parser("weights", help="model weights in the MLflow registry",
+                        epilog=examples("genesis weights import Genesis_Chest_CT.pt --name genesis-official "
+                                        f"{_DEMO_DB}"))
     wsub = wt.add_subparsers(dest="weights_command", required=True)
     wi = wsub.add_parser("import", parents=[_tracking()],
-                         help="register an external checkpoint (e.g. Genesis_Chest_CT.pt)")
-    wi.add_argument("file")
-    wi.add_argument("--name", required=True, help="registered model name")
-    wi.add_argument("--alias", default="imported")
+                         help="register an external checkpoint (e.g. Genesis_Chest_CT.pt)",
+                         epilog=examples(f"genesis weights import Genesis_Chest_CT.pt --name genesis-official "
+                                         f"{_DEMO_DB}",
+                                         "genesis weights import my_unet.pt --name my-unet --alias v1 --axes zyx"))
+    wi.add_argument("file", metavar="FILE", help="the checkpoint (.pt) to register")
+    wi.add_argument("--name", required=True, metavar="NAME", help="registered model name")
+    wi.add_argument("--alias", default="imported", metavar="ALIAS",
+                    help="alias set on the new version (models:/NAME@ALIAS)")
     wi.add_argument("--axes", choices=["xyz", "zyx"], default="xyz",
                     help="kernel axis order in FILE: xyz = the published Genesis weights (permuted to our z,y,x), "
                          "zyx = already ours")
 
 
 def _add_sample_data(sub) -> None:
-    sd = sub.add_parser("sample-data", help="write offline sample data in the real layouts of the task datasets")
-    sd.add_argument("dir")
+    sd = sub.add_parser("sample-data", help="write offline sample data in the real layouts of the task datasets",
+                        epilog=examples("genesis sample-data data/luna16 --scans 4",
+                                        "genesis sample-data data --dataset all --small --no-real"))
+    sd.add_argument("dir", metavar="DIR", help="the folder to write (created if missing)")
     sd.add_argument("--dataset", default="luna16", choices=list(SAMPLE_DATASETS) + ["all"],
                     help="which dataset (default luna16; 'all' writes DIR/<dataset>/ for each)")
-    sd.add_argument("--scans", type=positive_int, help="scans (cases) per dataset (default: the dataset's)")
-    sd.add_argument("--seed", type=non_negative_int, default=0)
+    sd.add_argument("--scans", type=positive_int, metavar="N",
+                    help="scans (cases) per dataset (default: the dataset's)")
+    sd.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="seed of the phantoms")
     sd.add_argument("--no-real", action="store_true", help="skip fetching the two real lung CT cases")
     sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
 
@@ -465,7 +610,12 @@ _SUBCOMMANDS = (_add_convert, _add_stores, _add_patches, _add_pretrain, _add_fin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models")
+    p = _Parser(prog="genesis", description="Models Genesis pipeline: archives -> stores -> models",
+                epilog="Each command's options, their defaults and examples: genesis COMMAND --help\n"
+                       "(and genesis transfer show --help).\n\n"
+                       + examples("make demo    # sample data -> stores -> pretraining -> the transfer table",
+                                  "genesis stores list demo_output",
+                                  f"genesis transfer show RUN_ID {_DEMO_DB}"))
     p.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too")
     sub = p.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
@@ -473,15 +623,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed: `genesis transfer show RUN_ID` by its own parser (so that its --help is its own,
+    and a missing RUN_ID is a one-line usage error), everything else by `build_parser`. The namespace of `show`
+    is the one the older spelling gave (`show == ["show", RUN_ID]`), so `_transfer` handles both."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = 0
+    while first < len(argv) and argv[first] == "--debug":  # genesis's own option, before the command
+        first += 1
+    if argv[first:first + 2] != ["transfer", "show"]:
+        return build_parser().parse_args(argv)
+    shown = transfer_show_parser().parse_args(argv[first + 2:])
+    return argparse.Namespace(command="transfer", show=["show", shown.run_id], tracking_uri=shown.tracking_uri,
+                              debug=first > 0 or getattr(shown, "debug", False), verbose=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.runtime.tracking import ENTRY_POINT_ENV
 
     tolerant_streams()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # run tags; Ray workers started below inherit it. Restored on return: a process that runs several commands
-    # (tests, scripts) must not leave one command's name on the next one's runs
-    outer = os.environ.get(ENTRY_POINT_ENV)
+    # (tests, scripts) must not leave one command's name on the next one's runs; nor its --verbose
+    outer, outer_verbose = os.environ.get(ENTRY_POINT_ENV), verbose()
     os.environ[ENTRY_POINT_ENV] = _command(args)
+    if getattr(args, "verbose", False):
+        set_verbose(True)
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks, "predict": _predict,
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
@@ -497,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every error is one line and an exit status
         return ended(_command(args), exc, debug=getattr(args, "debug", False))
     finally:
+        set_verbose(outer_verbose)
         if outer is None:
             os.environ.pop(ENTRY_POINT_ENV, None)
         else:

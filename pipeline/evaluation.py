@@ -5,7 +5,7 @@ exists (scikit-learn for ROC, MONAI for Dice / IoU / Hausdorff and sliding windo
 metric written here is the reference's Keras ``mean_iou``, because no library has it.
 
 Two different "IoU"s live here, and tables must say which one they show
-(``metric_table_name``; ../shared/MODELS_GENESIS.md section 3):
+(``metric_table_name``; docs/transfer.md, "Evaluation"):
 
 * ``keras_mean_iou`` -- the paper's NCS / LCS / BMS number (the reference's Keras ``mean_iou``,
   keras/downstream_tasks): mean of background and foreground IoU, over all evaluated voxels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import pandas as pd
 
 from pipeline.console import EXIT_BUSY
 
-__all__ = ["show_store", "list_stores", "store_kind", "dir_size", "verify_command"]
+__all__ = ["show_store", "list_stores", "store_kind", "dir_size", "verify_command", "build_parser"]
 
 
 def store_kind(path: str | os.PathLike) -> str | None:
@@ -209,17 +210,31 @@ def verify_command(store: str, repair: bool, progress: bool = True) -> int:
     return 0 if whole else 1
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m pipeline.stores_cli verify STORE [--repair] [--no-progress]`: `genesis stores verify` without the
+    rest of the command line (what a cluster job or a cron entry runs)."""
+    from pipeline.runtime.help_format import Parser, examples
+
+    prog = "python -m pipeline.stores_cli"
+    ap = Parser(prog=prog, description="check a store without the rest of the genesis command line",
+                epilog=examples(f"{prog} verify demo_output/volume_store"))
+    sub = ap.add_subparsers(dest="command", required=True)
+    text = "check every array and table of a store, as `genesis stores verify` does"
+    v = sub.add_parser("verify", help=text, description=text,
+                       epilog=examples(f"{prog} verify demo_output/volume_store",
+                                       f"{prog} verify demo_output/volume_store --repair --no-progress"))
+    v.add_argument("store", metavar="STORE", help="a volume store or a patch store")
+    v.add_argument("--repair", action="store_true",
+                   help="volume stores: reconvert a damaged or missing scan from its source where that is unchanged, "
+                        "else mark it failed; then rebuild the catalog (patch stores are rebuilt, never repaired)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
 if __name__ == "__main__":  # python -m pipeline.stores_cli verify STORE [--repair] [--no-progress]
-    import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m pipeline.stores_cli")
-    sub = ap.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify")
-    v.add_argument("store")
-    v.add_argument("--repair", action="store_true")
-    v.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     from pipeline.patches.store import PatchStoreError
     from pipeline.volume_store.errors import StoreError
 

@@ -15,7 +15,7 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("runtime", {"runtime", "cluster", "services", "storage", "epoch_stats", "peak_memory"}),
     ("models", {"models", "model_io", "model_format"}),
     ("data and tasks", {"ingest", "volume_store", "patches", "data", "tasks", "transforms", "sample_data",
-                        "evaluation"}),
+                        "evaluation", "degenerate"}),
     ("stages", {"training", "finetune", "transfer", "predict"}),
     ("top", {"cli", "console", "reproduce", "demo", "stores_cli", "predict_cli", "__init__"}),
 ]

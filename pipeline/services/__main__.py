@@ -20,46 +20,70 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.runtime.help_format import Parser, examples
 from pipeline.runtime.net import port, positive_int
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+PROG = "python -m pipeline.services"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    """The launchers' command line; every option's help shows its default (`pipeline.runtime.help_format`)."""
+    p = Parser(prog=PROG, description=__doc__.split("\n")[0],
+               epilog=__doc__.split("\n", 1)[1].strip("\n") + "\n\n"
+               + examples(f"{PROG} cluster-up --dir cluster", f"{PROG} cluster-down --dir cluster"))
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("start-mlflow", help="the authenticated MLflow server, detached")
-    s.add_argument("--root", required=True, type=Path, help="folder of its database, auth files, artifacts, pid, log")
-    s.add_argument("--host", required=True,
+    s = sub.add_parser("start-mlflow", help="the authenticated MLflow server, detached",
+                       description="the authenticated MLflow server, detached",
+                       epilog=examples(f"{PROG} start-mlflow --root /shared/mlflow --host 10.0.0.5 --port 5000",
+                                       f"{PROG} start-mlflow --root mlflow_server --host 127.0.0.1 --port 5000 "
+                                       "--workers 1"))
+    s.add_argument("--root", required=True, type=Path, metavar="DIR",
+                   help="folder of its database, auth files, artifacts, pid, log")
+    s.add_argument("--host", required=True, metavar="HOST",
                    help="interface to listen on (a private address; one that binds every interface, 0.0.0.0 in any "
                         "spelling such as 0 or ::, needs --public)")
-    s.add_argument("--port", required=True, type=port)
-    s.add_argument("--backend-store-uri", help="runs and models (default sqlite:///ROOT/mlflow.db)")
-    s.add_argument("--artifacts-destination", help="artifact store, path or URI (default ROOT/artifacts)")
-    s.add_argument("--allowed-hosts", default="", help="Host headers accepted besides HOST:PORT and localhost:PORT")
+    s.add_argument("--port", required=True, type=port, metavar="PORT", help="port to listen on")
+    s.add_argument("--backend-store-uri", metavar="URI", help="runs and models (default: sqlite:///ROOT/mlflow.db)")
+    s.add_argument("--artifacts-destination", metavar="PATH_OR_URI",
+                   help="artifact store, path or URI (default: ROOT/artifacts)")
+    s.add_argument("--allowed-hosts", default="", metavar="H1,H2",
+                   help="Host headers accepted besides HOST:PORT and localhost:PORT (default: none)")
     s.add_argument("--public", action="store_true", help="allow a --host that binds every interface")
-    s.add_argument("--workers", type=positive_int, default=2, help="server worker processes (default 2)")
-    s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for it to answer")
-    t = sub.add_parser("stop-mlflow", help="stop the server ROOT/mlflow.pid names")
-    t.add_argument("--root", required=True, type=Path)
-    r = sub.add_parser("ray-token", help="create ROOT/ray-token (0600) if absent; print its path")
-    r.add_argument("--root", required=True, type=Path)
-    for name, text in (("cluster-up", "Ray head + a second node + MLflow, all on 127.0.0.1"),
-                       ("cluster-down", "stop the local cluster's processes"),
-                       ("add-node", "one more Ray worker node for the local cluster"),
-                       ("env", "shell exports that point ray job submit and MLflow at the local cluster")):
-        c = sub.add_parser(name, help=text)
+    s.add_argument("--workers", type=positive_int, default=2, metavar="N", help="server worker processes")
+    s.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS", help="seconds to wait for it to answer")
+    t = sub.add_parser("stop-mlflow", help="stop the server ROOT/mlflow.pid names",
+                       description="stop the server ROOT/mlflow.pid names",
+                       epilog=examples(f"{PROG} stop-mlflow --root /shared/mlflow"))
+    t.add_argument("--root", required=True, type=Path, metavar="DIR", help="the folder start-mlflow was given")
+    r = sub.add_parser("ray-token", help="create ROOT/ray-token (0600) if absent; print its path",
+                       description="create ROOT/ray-token (0600) if absent; print its path",
+                       epilog=examples(f"{PROG} ray-token --root /shared/secrets"))
+    r.add_argument("--root", required=True, type=Path, metavar="DIR", help="the folder that holds the token")
+    for name, text, example in (
+            ("cluster-up", "Ray head + a second node + MLflow, all on 127.0.0.1",
+             f"{PROG} cluster-up --dir cluster --head-cpus 2 --node-cpus 2"),
+            ("cluster-down", "stop the local cluster's processes", f"{PROG} cluster-down --dir cluster"),
+            ("add-node", "one more Ray worker node for the local cluster", f"{PROG} add-node --dir cluster --cpus 2"),
+            ("env", "shell exports that point ray job submit and MLflow at the local cluster",
+             f"{PROG} env --dir cluster     # in a shell: eval \"$({PROG} env)\"")):
+        c = sub.add_parser(name, help=text, description=text, epilog=examples(example))
         c.add_argument("--dir", type=Path, default=Path(os.environ.get("GENESIS_CLUSTER") or "cluster"),
-                       help="the cluster folder (default: $GENESIS_CLUSTER, else ./cluster)")
+                       metavar="DIR", help="the cluster folder (default: $GENESIS_CLUSTER, else ./cluster)")
         if name == "cluster-up":
-            c.add_argument("--head-cpus", type=positive_int, default=1)
-            c.add_argument("--node-cpus", type=positive_int, default=1)
-            c.add_argument("--object-store-mb", type=positive_int, default=256)
-            c.add_argument("--mlflow-port", type=port)
-            c.add_argument("--dashboard-port", type=port)
+            c.add_argument("--head-cpus", type=positive_int, default=1, metavar="N", help="CPUs the head node declares")
+            c.add_argument("--node-cpus", type=positive_int, default=1, metavar="N",
+                           help="CPUs the second node declares")
+            c.add_argument("--object-store-mb", type=positive_int, default=256, metavar="MB",
+                           help="object store of each node, in MB (Ray needs at least 80)")
+            c.add_argument("--mlflow-port", type=port, metavar="PORT",
+                           help="the MLflow server's port (default: a free one)")
+            c.add_argument("--dashboard-port", type=port, metavar="PORT",
+                           help="the Ray dashboard's port (default: a free one)")
         if name == "add-node":
-            c.add_argument("--cpus", type=positive_int, default=1)
+            c.add_argument("--cpus", type=positive_int, default=1, metavar="N", help="CPUs the new node declares")
     return p
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.runtime.errors import UsageError
+from pipeline.runtime.help_format import Parser, examples
 from pipeline.runtime.net import binds_every_interface, connect, port as port_number
 from pipeline.services.processes import ServiceError, log_tail, running_pid, start_until_ready, stop_recorded
 
@@ -407,28 +408,46 @@ def stop(root: str | os.PathLike, grace_s: float = 15.0) -> list[int]:
 
 # --------------------------------------------------------------------------- command line
 
+PROG = "python -m pipeline.services.dask_tls"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.services.dask_tls", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The TLS launchers' command line; every option's help shows its default (`pipeline.runtime.help_format`)."""
+    p = Parser(prog=PROG, description=__doc__.split("\n")[0],
+               epilog=examples(f"{PROG} certs --root /shared/dask-tls --hosts 10.0.0.5,10.0.0.6",
+                               f"{PROG} start-scheduler --root /shared/dask-tls --host 10.0.0.5"))
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("certs", help="make DIR/ca.pem, dask.pem, dask-key.pem when absent")
-    c.add_argument("--hosts", default="", help="names and addresses written into the certificate (informational)")
-    c.add_argument("--days", type=int, default=VALID_DAYS, help=f"validity (default {VALID_DAYS})")
-    sub.add_parser("env", help="shell exports that give `dask` CLIs and clients DIR's TLS settings")
-    s = sub.add_parser("start-scheduler", help="the TLS scheduler, detached")
-    s.add_argument("--host", required=True, help="this node's private address")
-    s.add_argument("--port", type=port_number, default=DEFAULT_PORT)
-    w = sub.add_parser("start-worker", help="this node's TLS workers, detached")
-    w.add_argument("--scheduler", required=True, help="tls://HEAD:PORT")
-    w.add_argument("--host", help="address to listen on (default: this node's address toward the scheduler)")
-    w.add_argument("--nworkers", type=int, default=1, help="worker processes, one thread each (default 1)")
-    w.add_argument("--death-timeout", type=float, default=60.0, help="seconds without a scheduler before exiting")
-    t = sub.add_parser("stop", help="stop the processes DIR's pid files name")
-    t.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
+
+    def command(name: str, text: str, *example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, epilog=examples(*example))
+
+    c = command("certs", "make DIR/ca.pem, dask.pem, dask-key.pem when absent",
+                f"{PROG} certs --root /shared/dask-tls --hosts 10.0.0.5,10.0.0.6")
+    c.add_argument("--hosts", default="", metavar="H1,H2",
+                   help="names and addresses written into the certificate (informational; default: none)")
+    c.add_argument("--days", type=int, default=VALID_DAYS, metavar="N", help="validity in days")
+    e = command("env", "shell exports that give `dask` CLIs and clients DIR's TLS settings",
+                f"{PROG} env --root /shared/dask-tls     # in a shell: eval \"$(...)\"")
+    s = command("start-scheduler", "the TLS scheduler, detached",
+                f"{PROG} start-scheduler --root /shared/dask-tls --host 10.0.0.5")
+    s.add_argument("--host", required=True, metavar="IP", help="this node's private address")
+    s.add_argument("--port", type=port_number, default=DEFAULT_PORT, metavar="PORT", help="port to listen on")
+    w = command("start-worker", "this node's TLS workers, detached",
+                f"{PROG} start-worker --root /shared/dask-tls --scheduler tls://10.0.0.5:{DEFAULT_PORT} --nworkers 4")
+    w.add_argument("--scheduler", required=True, metavar="tls://HEAD:PORT", help="the scheduler to join")
+    w.add_argument("--host", metavar="IP",
+                   help="address to listen on (default: this node's address toward the scheduler)")
+    w.add_argument("--nworkers", type=int, default=1, metavar="N", help="worker processes, one thread each")
+    w.add_argument("--death-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds without a scheduler before exiting")
+    t = command("stop", "stop the processes DIR's pid files name", f"{PROG} stop --root /shared/dask-tls")
+    t.add_argument("--grace", type=float, default=15.0, metavar="SECONDS", help="seconds between SIGTERM and SIGKILL")
     for parser in (s, w):
-        parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait until it is ready")
-    for parser in (c, s, w, t, sub.choices["env"]):
-        parser.add_argument("--root", required=True, type=Path, help="the TLS folder (also pid files and logs)")
+        parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                            help="seconds to wait until it is ready")
+    for parser in (c, s, w, t, e):
+        parser.add_argument("--root", required=True, type=Path, metavar="DIR",
+                            help="the TLS folder (also pid files and logs)")
     return p
 
 
