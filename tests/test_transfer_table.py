@@ -147,7 +147,8 @@ def test_markdown(cells):
 def test_files_written_and_csv_round_trip(cells, tmp_path):
     table, failed = results_table(cells), failures(cells)
     paths = write_results(table, failed, cells, tmp_path / "out")
-    assert set(paths) == {"results.md", "results.csv", "cells.csv", "results.png", "label_efficiency.png"}
+    assert set(paths) == {"results.md", "results.csv", "cells.csv", "results.png", "label_efficiency.png",
+                          "label_efficiency.csv"}
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0
     for png in ("results.png", "label_efficiency.png"):
@@ -226,3 +227,38 @@ def test_cells_from_mlflow_and_log_results(tmp_path):
     logged = {a.path for a in client.list_artifacts(parent, "results")}
     assert logged == {f"results/{name}" for name in paths}
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_degenerate_cells_are_read_from_their_metrics_and_tagged_on_their_runs(tmp_path):
+    """A cell whose logged metrics say "background only" is flagged in the cells frame and the table even when its
+    run carries no tag (logged before the flag existed); `log_results` then tags it; a learnt cell is left alone."""
+    from mlflow import MlflowClient
+
+    from pipeline.degenerate import TAG
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp_id = client.create_experiment("transfer", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp_id, run_name="grid").info.run_id
+    runs = {}
+    for seed, (miou, dice) in enumerate([(0.4985, 0.0), (0.81, 0.62)]):
+        tags = {"mlflow.parentRunId": parent, "genesis.cell": f"c{seed}", "task": "ncs", "init": "scratch",
+                "label_fraction": "1.0", "seed": str(seed), "preset": "tiny", "freeze_encoder": "False"}
+        run_id = client.create_run(exp_id, start_time=1_700_000_000_000 + seed, tags=tags).info.run_id
+        metrics = {"test_keras_mean_iou": miou, "test_dice_pooled": dice, "test_n_pred": 0.0 if dice == 0 else 900.0,
+                   "test_n_true": 1000.0}
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        client.set_terminated(run_id, status="FINISHED")
+        runs[seed] = run_id
+
+    cells = cells_from_mlflow(uri, parent).set_index("cell")
+    assert cells.loc["c0", "degenerate"].startswith("background only: foreground Dice 0.00")
+    assert cells.loc["c1", "degenerate"] == ""
+    table = results_table(cells.reset_index())
+    assert table.iloc[0]["n_degenerate"] == 1 and table.iloc[0]["degenerate"].startswith("1 of 2 runs: background")
+
+    write_results(table, failures(cells.reset_index()), cells.reset_index(), tmp_path / "results")
+    log_results(uri, parent, tmp_path / "results")
+    assert client.get_run(runs[0]).data.tags[TAG] == cells.loc["c0", "degenerate"]
+    assert TAG not in client.get_run(runs[1]).data.tags

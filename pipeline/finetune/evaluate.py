@@ -15,6 +15,13 @@
   of all cases (all test voxels pooled); what a clinician reads is the per-case foreground Dice, `test_dice` (mean
   over cases) and `test_dice_sd` (sample sd over cases, ddof=1; NaN with one case).
   predictions.csv has one row per case; an overlay figure per case (the slice with most target).
+- Every segmentation (NCS, LCS, BMS) also logs `test_dice_pooled`: the foreground Dice of all test voxels
+  together at the decision threshold (from the same counts as the Keras mean_iou), and the mean predicted and
+  target foreground voxels per case (`test_n_pred`, `test_n_true`), so a model that predicts background only is
+  told from one that learnt (`pipeline.degenerate`: its Keras mean_iou is ~50 all the same).
+
+A degenerate result (`pipeline.degenerate.finetune_flag`: background only, chance AUC) comes back in
+`TestResult.tags` as `genesis.degenerate`, for the fine-tuning's MLflow run.
 
 No number depends on the evaluation batch size, `sw_batch_size` or the order of the test rows: predictions are
 per cube (`steps.predict`, `evaluation.sliding_window_predict`), counts are integers, means are exact sums.
@@ -29,12 +36,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from pipeline import degenerate
 from pipeline import evaluation as E
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.data import batches
 from pipeline.finetune.steps import predict
 
-__all__ = ["TestResult", "evaluate_test", "count_columns", "counts_from_columns", "model_preprocessing",
+__all__ = ["TestResult", "evaluate_test", "pooled_dice", "count_columns", "counts_from_columns", "model_preprocessing",
            "PREPROCESSING_FORMAT", "DECISION_THRESHOLD", "SW_MODE", "SW_SIGMA_SCALE"]
 
 PREPROCESSING_FORMAT, PREPROCESSING_VERSION = "genesis-preprocessing", 1
@@ -50,14 +58,31 @@ class TestResult:
     predictions: pd.DataFrame
     figures: list = field(default_factory=list)  # (matplotlib figure, artifact name)
     settings: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    """MLflow tags for the run: `genesis.degenerate` with the rule's sentence when the result is degenerate."""
+
+
+def _flagged(result: TestResult, kind: str) -> TestResult:
+    """The result with its degenerate flag (if any) as a tag."""
+    flag = degenerate.finetune_flag(kind, result.metrics)
+    if flag:
+        result.tags[degenerate.TAG] = flag
+    return result
+
+
+def pooled_dice(counts: np.ndarray) -> float:
+    """Foreground Dice of all voxels of `keras_mean_iou_counts` rows together at the decision threshold (the
+    row of threshold 0.50): 2 tp / (2 tp + fp + fn); NaN when neither truth nor prediction has foreground."""
+    tp, fp, fn, _ = (float(v) for v in np.asarray(counts)[E.KERAS_MEAN_IOU_THRESHOLDS.index(DECISION_THRESHOLD)])
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else float("nan")
 
 
 def evaluate_test(model, store, config: FinetuneConfig, spec, device, figures: int = 4) -> TestResult:
     if config.kind == "classification":
-        return _classification(model, store, config, device)
+        return _flagged(_classification(model, store, config, device), config.kind)
     if config.evaluation == "whole_volume":
-        return _whole_volume(model, store, config, spec, device, figures)
-    return _cubes(model, store, config, device)
+        return _flagged(_whole_volume(model, store, config, spec, device, figures), config.kind)
+    return _flagged(_cubes(model, store, config, device), config.kind)
 
 
 def _test_rows(store) -> np.ndarray:
@@ -100,7 +125,7 @@ def _cubes(model, store, config, device) -> TestResult:
     pred.insert(0, "row", rows)
     pred.insert(0, "candidate", idx["source_id"].to_numpy())
     pred.insert(0, "case_id", idx["case_id"].to_numpy())
-    metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts)}
+    metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts), "test_dice_pooled": pooled_dice(counts)}
     metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_cube).items() if "@" not in k})
     return TestResult(metrics, pred, [])
 
@@ -180,7 +205,7 @@ def _whole_volume(model, store, config, spec, device, n_figures) -> TestResult:
     pred = pd.DataFrame(per_case)
     pred.insert(0, "patient_id", cases["patient_id"].to_numpy())
     pred.insert(0, "case_id", cases["case_id"].to_numpy())
-    metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts)}
+    metrics = {"test_keras_mean_iou": E.keras_mean_iou_from_counts(counts), "test_dice_pooled": pooled_dice(counts)}
     metrics.update({f"test_{k}": float(v) for k, v in E.summarise(per_case).items() if "@" not in k})
     return TestResult(metrics, pred, figs, settings)
 

@@ -3,7 +3,8 @@
 A person checks a task store by eye: are positives centred on findings, do masks sit on the
 organ or tumour they label, are negatives really negative. Classification stores show positives
 and negatives side by side (axial and coronal middle slices); segmentation stores show each cube
-at the axial slice with most target voxels, the mask outlined in red.
+at the axial slice with most target voxels, the mask outlined in red. Each panel names its case in full
+(`case_title`: wrapped, never cut: "Brats18_2013_102_1", not "s18_2013_102_1").
 """
 
 from __future__ import annotations
@@ -14,7 +15,33 @@ import numpy as np
 
 from pipeline.patches.store import PatchStore
 
-__all__ = ["render_task_preview"]
+__all__ = ["case_title", "task_preview_figure", "render_task_preview"]
+
+TITLE_CHARS = 28
+"""Characters of a case id per title line at the panels' 2-inch width and 7 pt (longer ids wrap)."""
+
+
+def case_title(case_id: str, width: int = TITLE_CHARS) -> str:
+    """The whole case id, wrapped onto lines of at most `width` characters (at "_", "-" or "." where possible),
+    so a long id is never cut off."""
+    import re
+
+    parts = re.findall(r"[^_.\-]+[_.\-]?", str(case_id)) or [str(case_id)]
+    lines, line = [], ""
+    for part in parts:
+        while len(part) > width:  # one part longer than a line: hard-split it
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(part[:width])
+            part = part[width:]
+        if len(line) + len(part) > width and line:
+            lines.append(line)
+            line = ""
+        line += part
+    if line:
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _pick(index, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -28,13 +55,14 @@ def _pick(index, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
-def render_task_preview(path: str, out: str, n_cubes: int = 8, seed: int = 0) -> str:
+def task_preview_figure(store: PatchStore, n_cubes: int = 8, seed: int = 0):
+    """(figure, rows drawn): the task store's cubes with labels and masks, each titled with split, row, label or
+    foreground share, and the full case id."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    store = PatchStore(path)
     idx = store.index.set_index("row", drop=False)
     rows = _pick(store.index, n_cubes, np.random.default_rng(seed))
     cubes = store.read(rows)[:, 0]
@@ -60,7 +88,7 @@ def render_task_preview(path: str, out: str, n_cubes: int = 8, seed: int = 0) ->
             if mask is not None and mask.any():
                 ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8)
         colour = "tomato" if int(r["label"]) == 1 else "white"
-        axes[0, i].set_title(f"{title}\n{str(r['case_id'])[-14:]}", color=colour, fontsize=7)
+        axes[0, i].set_title(f"{title}\n{case_title(str(r['case_id']))}", color=colour, fontsize=7)
     a = store.attrs
     D, H, W = a["cube_shape"]
     fig.suptitle(f"task {a['task']} store {store.key}: {len(store)} cubes {D}x{H}x{W} (z,y,x), "
@@ -68,6 +96,17 @@ def render_task_preview(path: str, out: str, n_cubes: int = 8, seed: int = 0) ->
                  + ("; red: target mask" if masks is not None else "; red titles: positives"),
                  color="white", fontsize=8)
     fig.tight_layout()
+    return fig, rows
+
+
+def render_task_preview(path: str, out: str, n_cubes: int = 8, seed: int = 0) -> str:
+    """`task_preview_figure` saved to `out`; returns `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, _ = task_preview_figure(PatchStore(path), n_cubes, seed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100, facecolor="black")
     plt.close(fig)

@@ -1,16 +1,21 @@
 """The restoration figure: the same validation cubes every epoch, one row per corruption type, so one sees
-which corruption the model has learnt to undo (original / corrupted / restored, middle axial slice)."""
+which corruption the model has learnt to undo (original / corrupted / restored, middle axial slice).
+
+The same restorations say whether the pretraining learnt anything at all: `restoration_check` measures their
+spread against the targets' (`pipeline.degenerate.restoration_spread`) and flags flat ones (a network that
+outputs one grey value has a low MSE on CT cubes that are mostly one grey value); the figure's title says so."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from pipeline import degenerate
 from pipeline.transforms import (GenesisConfig, GenesisParams, apply, sample_inpainting, sample_local_shuffle,
                                  sample_nonlinear, sample_outpainting, sample_params)
 from pipeline.transforms.shapes import spatial_shape
 
-__all__ = ["CORRUPTIONS", "figure_pairs", "restoration_figure"]
+__all__ = ["CORRUPTIONS", "figure_pairs", "restoration_check", "restoration_figure"]
 
 CORRUPTIONS = ("local shuffle", "non-linear", "in-painting", "out-painting", "all (as in training)")
 
@@ -54,9 +59,18 @@ def figure_pairs(cubes: np.ndarray, seed: int, genesis: GenesisConfig = GenesisC
     return as_batch(xs), as_batch(ys)
 
 
+def restoration_check(target, restored) -> tuple[float, str | None]:
+    """(spread of the restorations over the targets' (1: as varied as the target, 0: constant), the flat flag
+    or None): `pipeline.degenerate.restoration_spread` / `restoration_flag` on the figure's cubes, which are
+    validation cubes (`figure_pairs`). For the run's metric `restoration_spread` and tag `genesis.degenerate`."""
+    spread = degenerate.restoration_spread(target, restored)
+    return spread, degenerate.restoration_flag(spread)
+
+
 def restoration_figure(corrupted: torch.Tensor, target: torch.Tensor, restored: torch.Tensor, title: str):
     """A matplotlib figure from `figure_pairs` and the model's restorations: one row per corruption type,
-    for each cube the columns original / corrupted / restored (middle axial slice)."""
+    for each cube the columns original / corrupted / restored (middle axial slice). Flat restorations
+    (`restoration_check`) are named in the title, in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,6 +93,7 @@ def restoration_figure(corrupted: torch.Tensor, target: torch.Tensor, restored: 
                     spine.set_visible(False)
             if j == 0:
                 axes[i, 0].set_ylabel(kind, color="white", fontsize=8)
-    fig.suptitle(title, color="white", fontsize=9)
+    _, flat = restoration_check(target, restored)
+    fig.suptitle(f"{title}; DEGENERATE: {flat}" if flat else title, color="tomato" if flat else "white", fontsize=9)
     fig.tight_layout()
     return fig

@@ -10,6 +10,9 @@ from pipeline.volume_store.store import VolumeStore
 
 __all__ = ["WINDOWS", "render_preview"]
 
+TITLE_CHARS = 120
+"""The longest one-line title at the figure's width and 9 pt."""
+
 # (level, width) in HU: the windows radiologists read chest CT with.
 WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
 
@@ -51,6 +54,8 @@ def render_preview(store_root: str, scan_id: str, out: str, window: str = "lung"
     label = f"{scan_id}  {attrs['modality']} {attrs['dataset']}  {z}x{y}x{x} voxels  spacing {sz:.2f},{sy:.2f},{sx:.2f} mm"
     if attrs["modality"] == "CT":
         label += f"  window {window} [{lo:.0f}, {hi:.0f}] HU"
+    if len(label) > TITLE_CHARS:  # a long scan id (a DICOM UID) gets its own line: the title is never cut
+        label = label.replace("  ", "\n", 1)
     fig.suptitle(label, color="white", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
