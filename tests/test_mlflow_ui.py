@@ -1,12 +1,17 @@
-"""The MLflow UI, seen in a real browser (issue 11, section 5).
+"""The MLflow UI, seen in a real browser (issue 11, section 5; issue 19, section 5).
 
 A small tracking store is written the way the pipeline writes one (pipeline.runtime.tracking's Tracker: create_run /
-logger / register_model; the restoration figure of pipeline.training.pictures): one pretraining run with three epochs of
-loss metrics and a restoration PNG, its model registered as `genesis-pretrained` with an alias. `mlflow server`
-serves it on 127.0.0.1; headless Chromium (the system's `chromium`, driven by Playwright) opens the pages a
-person checks after `make demo` - the experiment's run list, the run's loss charts, the PNG in the artifact
-viewer, the registered model with its aliases - and the test asserts what that person looks for: the run by
-name, charts drawn from the logged numbers, the artifact's picture loaded in an <img>, the alias chips.
+logger / register_model; the restoration figure of pipeline.training.pictures; a transfer grid's parent run
+summarised by pipeline.transfer.summary): one pretraining run with three epochs of loss metrics and a restoration
+PNG, its model registered as `genesis-pretrained` with an alias, and a transfer parent run with its child runs.
+The command the pipeline prints for the UI (`ui_command`: .venv/bin/mlflow ui ..., as printed) serves it on
+127.0.0.1; headless Chromium (the system's `chromium`, driven by Playwright, a fresh profile as a first visit
+has) opens the pages a person checks after `make demo`, by the links the pipeline prints (`Tracker.experiment_url`,
+`Tracker.run_url`) - the experiment, which must open on its runs table and not on MLflow's GenAI overview, the
+run's loss charts, the PNG in the artifact viewer, the registered model with its
+aliases, the transfer parent run - and the test asserts what that person looks for: the run by name, charts drawn
+from the logged numbers, the artifact's picture loaded in an <img>, the alias chips, the grid's table as the parent
+run's description with its summary metrics, results.md among its first artifacts.
 Screenshots go to $GENESIS_TEST_ARTIFACTS/mlflow_ui (else the test's tmp folder); the test prints where.
 
 Skips, with a one-line reason, when chromium (`.ci/run` installs it with apt-get) or Playwright (the `test` extra)
@@ -16,11 +21,11 @@ is missing.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -34,6 +39,12 @@ RUN_NAME = "genesis-pretrain-ui-check"
 MODEL = "genesis-pretrained"
 ALIAS = "ui-check"
 PICTURE = "restoration/epoch_0002.png"
+GRID_EXPERIMENT = "genesis-transfer"
+GRID_RUN = "transfer-tiny-ui-check"
+#: the grid's fine-tunings: (task, init, label fraction, seed, test AUC)
+PRE = "models:/genesis-pretrained@best"
+GRID = [("ncc", "scratch", 1.0, 0, 0.71), ("ncc", "scratch", 1.0, 1, 0.73), ("ncc", PRE, 1.0, 0, 0.84),
+        ("ncc", PRE, 1.0, 1, 0.86)]
 #: three epochs, both losses falling
 LOSSES = {"train_loss": (0.090, 0.061, 0.048), "val_loss": (0.085, 0.059, 0.050)}
 #: how long one element may take to appear (a React app that fetches after loading; 2 shared cores)
@@ -97,6 +108,35 @@ def _log_run(uri: str, run_id: str) -> int:
     return int(version.version)
 
 
+def _log_grid(uri: str, results: Path) -> tuple[str, dict[str, float], str]:
+    """A transfer grid's parent run with one FINISHED child run per fine-tuning of `GRID` (tagged and named as
+    pipeline.transfer.trial names them), its table built from MLflow by pipeline.transfer.table and the parent
+    summarised as pipeline.transfer.run does (results written to `results`); returns (parent run id, summary
+    metrics, the table's Markdown)."""
+    from pipeline.runtime.tracking import Tracker
+    from pipeline.transfer import table as T
+    from pipeline.transfer.grid import Cell
+    from pipeline.transfer.summary import summarise_parent_run
+
+    tracker = Tracker(uri)
+    parent = tracker.create_run(GRID_EXPERIMENT, GRID_RUN, tags={"preset": "tiny"})
+    for task, init, fraction, seed, auc in GRID:
+        cell = Cell(task, init, fraction, seed)
+        child = tracker.create_run(GRID_EXPERIMENT, cell.name, tags={
+            "mlflow.parentRunId": parent, "genesis.cell": f"{task}|{init}|{fraction}|{seed}", "task": task,
+            "init": init, "label_fraction": str(fraction), "seed": str(seed), "preset": "tiny"})
+        tracker.client.log_metric(child, "test_auc", auc)
+        tracker.client.set_terminated(child)
+    cells = T.cells_from_mlflow(tracker, parent)
+    table, failed = T.results_table(cells), T.failures(cells)
+    T.write_results(table, failed, cells, results)
+    T.log_results(tracker, parent, results)
+    markdown = T.to_markdown(table, failed)
+    summary = summarise_parent_run(tracker, parent, table, markdown, results)
+    tracker.client.set_terminated(parent)
+    return parent, summary.metrics, markdown
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,11 +144,13 @@ def _free_port() -> int:
 
 
 def _start_server(uri: str, folder: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on the store, in a process group of its own (stopped through its pid)."""
+    """The MLflow UI as the pipeline's final summaries tell the user to start it (`ui_command`: the `mlflow`
+    beside this Python, `ui --backend-store-uri URI --port N`, split as a POSIX shell splits the printed line), on
+    127.0.0.1 with one worker, in a process group of its own (stopped through its pid)."""
+    from pipeline.runtime.tracking import ui_command
+
     port = _free_port()
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--default-artifact-root", (folder / "mlartifacts").as_uri()]
+    cmd = shlex.split(ui_command(uri, port)) + ["--host", "127.0.0.1", "--workers", "1"]
     # no background job runner (one more Python process to start): the pages need none of its jobs
     env = {**os.environ, **QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w", encoding="utf-8") as out:
@@ -154,13 +196,13 @@ def _line_ys(d: str) -> list[float]:
     return [float(p.split(",")[1]) for p in d.replace("M", " ").replace("L", " ").split()]
 
 
-def test_mlflow_ui_shows_run_losses_picture_and_aliases(tmp_path, monkeypatch):
+def test_mlflow_ui_opens_on_runs_and_shows_losses_picture_aliases_and_grid_table(tmp_path, monkeypatch):
     chromium = _chromium()
     from playwright.sync_api import expect, sync_playwright
 
     import mlflow
 
-    from pipeline.runtime.tracking import Tracker
+    from pipeline.runtime.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, Tracker
 
     for k, v in QUIET.items():
         monkeypatch.setenv(k, v)
@@ -173,8 +215,13 @@ def test_mlflow_ui_shows_run_losses_picture_and_aliases(tmp_path, monkeypatch):
     proc, base = _start_server(uri, store, log)  # it boots while the run is logged and the browser starts
     try:
         version = _log_run(uri, run_id)
-        run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+        parent, grid_metrics, grid_markdown = _log_grid(uri, tmp_path / "results")
+        tracker = Tracker(uri)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
         exp_id = run.info.experiment_id
+        for name in (EXPERIMENT, GRID_EXPERIMENT):  # what MLflow reads as the experiment's kind
+            assert client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG) == MODEL_TRAINING_KIND, name
         picture = Path(unquote(urlparse(run.info.artifact_uri).path)) / PICTURE
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True,
@@ -192,12 +239,19 @@ def test_mlflow_ui_shows_run_losses_picture_and_aliases(tmp_path, monkeypatch):
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 _wait_up(proc, base, log)
 
-                # 1. the experiment's runs. A fresh browser opens an experiment in MLflow 3's GenAI view; this is
-                # the page its "Model training" switch and then "Runs" lead to (going there directly: clicking the
-                # switch while the app still redirects to the GenAI overview can be undone by that redirect)
-                page.goto(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+                def printed(url: str) -> str:  # a link the pipeline prints, on this test's server
+                    assert url.startswith(tracker.ui_base()), url
+                    return base + url[len(tracker.ui_base()):]
+
+                # 1. the experiment, by the link the pipeline prints, in a browser that never chose a view: its
+                # runs table (MLflow 3.17 opens an experiment on its GenAI overview, "Traces 0", unless the link
+                # names the model-training view: pipeline.runtime.tracking.UI_VIEW_QUERY)
+                page.goto(printed(tracker.experiment_url(exp_id)))
                 link = page.get_by_role("link", name=RUN_NAME, exact=True)
                 expect(link).to_be_visible()
+                expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
+                for genai in ("Overview", "Traces"):
+                    expect(page.get_by_role("heading", name=genai, exact=True)).to_have_count(0)
                 assert run_id in (link.get_attribute("href") or "")
                 expect(page.get_by_role("link", name=MODEL).first).to_be_visible()  # the run's logged model
                 page.screenshot(path=str(shots / "1-run-list.png"), full_page=True)
@@ -242,11 +296,36 @@ def test_mlflow_ui_shows_run_losses_picture_and_aliases(tmp_path, monkeypatch):
                     expect(vrow.get_by_role("status", name=alias, exact=True)).to_be_visible()
                 expect(vrow.get_by_text(run_id)).to_be_visible()  # the run_id tag: back to the run
                 page.screenshot(path=str(shots / "5-model-versions.png"), full_page=True)
+
+                # 6. the transfer parent run, by the link the grid prints: its description is the table (rendered),
+                # its metrics the best value per task and init
+                page.goto(printed(tracker.run_url(parent)))
+                expect(page.get_by_role("heading", name=GRID_RUN)).to_be_visible()
+                first_line = grid_markdown.splitlines()[0].lstrip("# ")  # the first task's title
+                expect(page.get_by_text(first_line, exact=True)).to_be_visible()  # shown before "Show more"
+                page.get_by_text("Show more", exact=True).click()
+                expect(page.get_by_text("Show less", exact=True)).to_be_visible()
+                grid_table = page.locator("table").filter(has_text="AUC over candidates (%)")
+                expect(grid_table).to_be_visible()
+                for text in ("85.00 ± 1.41", "72.00 ± 1.41", "models:/genesis-pretrained@best"):
+                    expect(grid_table.get_by_text(text, exact=False).first).to_be_visible()
+                expect(page.get_by_text("Transfer grid: 4 fine-tunings, 4 finished, 0 failed").first).to_be_visible()
+                assert grid_metrics["best/ncc/genesis-pretrained_best"] == 85.0
+                for key in ("best/ncc/genesis-pretrained_best", "best/ncc/scratch"):
+                    row = page.get_by_role("row").filter(has=page.get_by_text(key, exact=True))
+                    expect(row).to_have_count(1)
+                    expect(row).to_contain_text(f"{grid_metrics[key]:g}")
+                page.screenshot(path=str(shots / "6-transfer-parent.png"), full_page=True)
+
+                # 7. its artifacts: results.md at the top level, with the results/ folder
+                page.get_by_role("tab", name="Artifacts").click()
+                expect(page.get_by_text("results.md", exact=True)).to_be_visible()  # not inside a folder
+                page.screenshot(path=str(shots / "7-transfer-artifacts.png"), full_page=True)
             finally:
                 browser.close()
     finally:
         _stop(proc)
     assert not errors, errors
     for name in ("1-run-list", "2-loss-charts", "3-restoration-artifact", "4-registered-models",
-                 "5-model-versions"):
+                 "5-model-versions", "6-transfer-parent", "7-transfer-artifacts"):
         assert (shots / f"{name}.png").stat().st_size > 10_000, name

@@ -27,7 +27,8 @@ from pipeline.runtime.paths import output_dir, shared_path
 __all__ = ["Tracker", "resolve_uri", "RunLogger", "PRETRAINED_MODEL", "project_version",
            "finetuned_model_name", "artifact_location", "provenance_tags", "git_state",
            "entry_point", "ENTRY_POINT_ENV", "COMMANDS", "BEST_ALIAS", "best_alias_of", "check_experiment",
-           "mlflow_http_limits", "MLFLOW_HTTP_RETRIES", "PROBE_TIMEOUT_S", "record_failure", "DB_LOCK_WAIT_S"]
+           "mlflow_http_limits", "MLFLOW_HTTP_RETRIES", "PROBE_TIMEOUT_S", "record_failure", "DB_LOCK_WAIT_S",
+           "EXPERIMENT_KIND_TAG", "MODEL_TRAINING_KIND", "UI_VIEW_QUERY", "RUN_DESCRIPTION_TAG", "ui_command"]
 
 PROBE_TIMEOUT_S = 5.0
 MLFLOW_HTTP_RETRIES = "5"
@@ -36,6 +37,24 @@ its default 7 is about 4 minutes of waiting before the first error is seen."""
 MLFLOW_HTTP_TIMEOUT_S = "30"
 
 PRETRAINED_MODEL = "genesis-pretrained"
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""The experiment tag by which MLflow names an experiment's kind, and its value for model training (the UI's
+"Machine learning"). Every experiment the pipeline uses carries it (`Tracker.ensure_experiment`). MLflow 3.17's UI
+does not choose its view by it - the view is the browser's GenAI / Model training switch, GenAI until switched (see
+`UI_VIEW_QUERY`) - but it is the kind MLflow itself records for an experiment, and what a UI that follows the
+experiment (mlflow/mlflow#24498) reads."""
+_UNDECIDED_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
+"""Kinds nobody chose (absent, or guessed by the UI): replaced by `MODEL_TRAINING_KIND`; a kind set on purpose
+(`genai_development`, `finetuning`, ...) is left as it is."""
+UI_VIEW_QUERY = "workflowType=machine_learning"
+"""MLflow 3.17's UI opens an experiment in the view of its GenAI / Model training switch: the page URL's
+`workflowType` when given, else the browser's last choice (localStorage `mlflow.workflowType_v1`), else GenAI,
+whose overview shows "Traces 0, No data" for a training experiment. The links the pipeline prints carry this query,
+so they open on the runs whatever the browser chose before."""
+RUN_DESCRIPTION_TAG = "mlflow.note.content"
+"""The tag the MLflow UI shows, rendered as Markdown, as a run's description (its Overview tab)."""
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -513,6 +532,18 @@ def _connection_reason(text: str) -> str:
     return "no connection"
 
 
+def ui_command(uri: str, port: int = 5000) -> str:
+    """The shell command that serves the MLflow UI on tracking store `uri`, runnable as printed from any folder:
+    the `mlflow` executable beside the running Python (a checkout's .venv/bin/mlflow, which is not on PATH unless
+    the environment is activated), else `<python> -m mlflow`; every path quoted for a POSIX shell."""
+    import shlex
+    import sys
+
+    exe = Path(sys.executable).parent / "mlflow"
+    prog = [str(exe)] if exe.is_file() and os.access(exe, os.X_OK) else [sys.executable, "-m", "mlflow"]
+    return shlex.join([*prog, "ui", "--backend-store-uri", uri, "--port", str(port)])
+
+
 # --------------------------------------------------------------------------- the tracker
 
 class Tracker:
@@ -558,11 +589,33 @@ class Tracker:
         stage itself. Without it the entry point is read from the process ($GENESIS_ENTRY_POINT or argv), which
         in a Ray worker, or in a process that ran other stages before (the demo, `genesis reproduce`), names
         whatever set it last."""
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_location(self.uri))
+        exp_id = self.ensure_experiment(experiment)
         run = self.client.create_run(exp_id, run_name=run_name, tags={**provenance_tags(command), **(tags or {})})
         return run.info.run_id
+
+    def ensure_experiment(self, name: str) -> str:
+        """The id of experiment `name`, created when missing (its artifacts beside the database:
+        `artifact_location`; two processes creating it at once: the second uses the first's), and marked as model
+        training (`EXPERIMENT_KIND_TAG`) - also an experiment made before this version, or by someone else, the
+        first time the pipeline uses it."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                exp_id = self.client.create_experiment(name, artifact_location=artifact_location(self.uri),
+                                                       tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+                return exp_id
+            except MlflowException:
+                exp = self.client.get_experiment_by_name(name)  # created meanwhile by another process: use it
+                if exp is None:
+                    raise
+        if exp.tags.get(EXPERIMENT_KIND_TAG, "") in _UNDECIDED_KINDS:
+            try:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+            except MlflowException:  # a server that lets this user run but not edit the experiment: only the
+                pass                 # UI's label is lost, the run is not
+        return exp.experiment_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         """Params of a run that is not this process's active one."""
@@ -627,15 +680,45 @@ class Tracker:
             if not token:
                 return runs
 
-    def ui_hint(self, run_id: str) -> str:
-        """The run's URL in the MLflow UI and the command that serves that UI."""
+    def ui_base(self) -> str:
+        """Where the MLflow UI of this store is: the server of an http(s) URI, else the `mlflow ui` that
+        `ui_command` starts."""
+        return self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
+
+    def experiment_url(self, experiment_id: str) -> str:
+        """The experiment's runs table in the MLflow UI (in its model-training view: `UI_VIEW_QUERY`)."""
+        return f"{self.ui_base()}/#/experiments/{experiment_id}/runs?{UI_VIEW_QUERY}"
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI (in its model-training view: `UI_VIEW_QUERY`)."""
         run = self.client.get_run(run_id)
-        if self.uri.startswith("http"):
-            base, cmd = self.uri.rstrip("/"), None
-        else:
-            base, cmd = "http://127.0.0.1:5000", f"mlflow ui --backend-store-uri {self.uri} --port 5000"
-        url = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-        return url if cmd is None else f"{url}\n  open the UI with: {cmd}"
+        return f"{self.ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run_id}?{UI_VIEW_QUERY}"
+
+    def ui_hint(self, run_id: str) -> str:
+        """The run's URL in the MLflow UI, its experiment's runs table, and (a local store) the command that serves
+        that UI, runnable as printed (`ui_command`)."""
+        run = self.client.get_run(run_id)
+        lines = [self.run_url(run_id), f"  its experiment's runs: {self.experiment_url(run.info.experiment_id)}"]
+        if not self.uri.startswith("http"):
+            lines.append(f"  open the UI with: {ui_command(self.uri)}")
+        return "\n".join(lines)
+
+    def set_description(self, run_id: str, markdown: str) -> None:
+        """The run's description (`RUN_DESCRIPTION_TAG`), which the UI renders as Markdown on the run's page."""
+        self.client.set_tag(run_id, RUN_DESCRIPTION_TAG, markdown)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Metrics of a run that is not this process's active one, in one request (NaN values are left out)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """The file `path` as an artifact of a run (at the run's artifact root unless `artifact_path`)."""
+        self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
     # artifacts and models
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
