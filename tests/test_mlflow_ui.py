@@ -317,7 +317,7 @@ def test_mlflow_ui_opens_on_runs_and_shows_losses_picture_aliases_and_grid_table
                     expect(row).to_contain_text(f"{grid_metrics[key]:g}")
                 page.screenshot(path=str(shots / "6-transfer-parent.png"), full_page=True)
 
-                # 7. its artifacts: results.md at the top level, with the results/ folder
+                # 7. its artifacts: results.md at the top level, with the tables/ folder
                 page.get_by_role("tab", name="Artifacts").click()
                 expect(page.get_by_text("results.md", exact=True)).to_be_visible()  # not inside a folder
                 page.screenshot(path=str(shots / "7-transfer-artifacts.png"), full_page=True)

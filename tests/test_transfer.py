@@ -130,8 +130,8 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["genesis.attempts"] == "2"
     names = {a.path for a in client.list_artifacts(parent_id, "results")}
-    assert {"results/results.md", "results/results.csv", "results/results.png",
-            "results/label_efficiency.png"} <= names
+    assert {"tables/results.md", "tables/results.csv", "tables/results.png",
+            "tables/label_efficiency.png"} <= names
     shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "transfer", "show", parent_id,
                             "--tracking-uri", uri], cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert shown.returncode == 0 and shown.stdout.strip() == md.strip(), shown.stderr[-2000:]

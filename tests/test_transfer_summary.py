@@ -92,7 +92,7 @@ def test_summarise_parent_run_writes_the_run(tmp_path, cells):
     out = tmp_path / "results"
     out.mkdir()
     (out / "results.md").write_text(markdown + "\nfrom the file\n", encoding="utf-8")
-    tracker.client.log_artifacts(parent, str(out), artifact_path="results")  # as table.log_results does
+    tracker.client.log_artifacts(parent, str(out), artifact_path="tables")  # as table.log_results does
     summarise_parent_run(tracker, parent, table, markdown, out)
 
     run = tracker.run(parent)

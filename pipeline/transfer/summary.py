@@ -1,13 +1,13 @@
 """The transfer grid's parent run as a person finds it in the MLflow UI: the table where they look first.
 
-A parent run holds its results under `results/` and its fine-tunings as child runs; opened in the UI, its Overview
+A parent run holds its results under `tables/` and its fine-tunings as child runs; opened in the UI, its Overview
 tab showed nothing of them. After the table is built, `summarise_parent_run` writes it where the UI shows it:
 - the run's description (the tag the UI renders as Markdown on the Overview tab) holds the table itself, then a
   line with the grid's counts;
 - metrics `best/<task>/<init>`: per task and init the best row mean (%) over the label fractions, the number one
   compares across grids in the runs table and its charts; `fine_tunings/finished`, `/failed`, `/degenerate`;
 - param `fine_tunings`: how many fine-tunings the grid has (the grid's own settings are its `grid.*` params);
-- `results.md` at the artifact root, listed before the `results/` folder's files.
+- `results.md` at the artifact root, listed before the `tables/` folder's files.
 
 A rerun of the grid reopens the same parent run: the description is replaced, the metrics get their new values
 (their latest is what the UI shows), and the params, fixed by the grid's key, are only added where missing.
@@ -86,7 +86,7 @@ def _description(table: pd.DataFrame, markdown: str, counts: dict[str, int]) -> 
     degenerate = f", {counts['degenerate']} degenerate" if counts["degenerate"] else ""
     tail = (f"\n\n**Transfer grid: {counts['total']} fine-tunings, {counts['finished']} finished, {counts['failed']} "
             f"failed{degenerate}.** Metrics `best/<task>/<init>`: the best row mean (%) of each task and init. "
-            f"Artifacts: `{RESULTS_FILE}` (this table), `results/` (CSV, figures); each fine-tuning is a child run.\n")
+            f"Artifacts: `{RESULTS_FILE}` (this table), `tables/` (CSV, figures); each fine-tuning is a child run.\n")
     body = markdown.strip()
     if len(body) + len(tail) <= DESCRIPTION_LIMIT:
         return body + tail

@@ -636,13 +636,14 @@ def write_results(table: pd.DataFrame, failed: pd.DataFrame, cells: pd.DataFrame
 
 
 def log_results(tracking, parent_run_id: str, directory: str | Path, cells: pd.DataFrame | None = None) -> None:
-    """The directory's files as artifacts of the parent run under `results/` (by run id: no active run needed),
-    and the `genesis.degenerate` tag on every degenerate fine-tuning of `cells` (default: the directory's
-    cells.csv, as `write_results` wrote it); `tracking`: a Tracker or a tracking URI."""
+    """The directory's files as artifacts of the parent run under `tables/` (by run id: no active run needed;
+    `pipeline.transfer.summary` puts results.md alone at the root, where it sorts first), and the
+    `genesis.degenerate` tag on every degenerate fine-tuning of `cells` (default: the directory's cells.csv, as
+    `write_results` wrote it); `tracking`: a Tracker or a tracking URI."""
     from pipeline.runtime.tracking import Tracker
 
     tracker = Tracker.at(tracking)
-    tracker.client.log_artifacts(parent_run_id, str(directory), artifact_path="results")
+    tracker.client.log_artifacts(parent_run_id, str(directory), artifact_path="tables")
     if cells is None and (Path(directory) / "cells.csv").is_file():
         cells = pd.read_csv(Path(directory) / "cells.csv", dtype={"degenerate": str, "run_id": str})
     if cells is not None:
