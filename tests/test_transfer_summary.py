@@ -101,7 +101,7 @@ def test_summarise_parent_run_writes_the_run(tmp_path, cells):
     assert run.data.metrics["best/ecc/genesis-pretrained_best"] == pytest.approx(94.0)
     assert run.data.params["fine_tunings"] == "11"
     assert tracker.read_text(parent, "results.md").endswith("from the file\n")  # the file on disk, at the root
-    assert [a.path for a in tracker.client.list_artifacts(parent)] == ["results", "results.md"]
+    assert [a.path for a in tracker.client.list_artifacts(parent)] == ["results.md", "tables"]  # results.md first
 
     # a rerun of the grid reopens the run: the new numbers replace the old, the fixed param stays
     done = cells.assign(status="FINISHED", value=cells["value"].fillna(0.6))

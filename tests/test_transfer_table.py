@@ -224,7 +224,7 @@ def test_cells_from_mlflow_and_log_results(tmp_path):
 
     paths = write_results(table, failures(cells), cells, tmp_path / "results")
     log_results(uri, parent, tmp_path / "results")
-    logged = {a.path for a in client.list_artifacts(parent, "results")}
+    logged = {a.path for a in client.list_artifacts(parent, "tables")}
     assert logged == {f"tables/{name}" for name in paths}
     assert not (tmp_path / "mlruns").exists()
 
