@@ -36,7 +36,7 @@ from pipeline.services.dask_tls import LOCAL_SCHEMES, client_security, scheduler
 
 __all__ = ["dask_client", "client_security", "ensure_ray", "die_with_parent", "TRIAL_RESOURCE",
            "LOCAL_TRIAL_SLOTS", "ray_cluster", "dask_scheduler", "ray_resources", "gpus", "max_failures",
-           "RAY_GCS_PORT", "RAY_CLIENT_PORT"]
+           "RAY_GCS_PORT", "RAY_CLIENT_PORT", "set_verbose", "verbose"]
 
 _DRIVER_PID = "genesis-driver-pid"
 """Dask config key: the pid of the process whose local workers must die with it (inherited by the workers)."""
@@ -134,19 +134,72 @@ def ray_resources(*, workers: int, gpus_per_worker: float, ray_address: str | No
 # --------------------------------------------------------------------------- Ray and Dask
 
 
-def ensure_ray(address: str | None = None, log_to_driver: bool = True) -> None:
+_VERBOSE = {"on": bool(os.environ.get("GENESIS_VERBOSE"))}
+
+_NOISE = ("worker processes have been started on node",)
+"""Lines Ray's driver prints on its own that a command's user cannot act on (raylet's "N PYTHON worker processes
+have been started ... maximum expected startup concurrency" warning: a Tune grid of Ray Train runs starts more
+workers than a small machine's CPUs, by design). Kept in the raylet's log; off the console unless `--verbose`."""
+
+
+def set_verbose(on: bool) -> None:
+    """`--verbose`: show Ray's and MLflow's own console output (Tune's status tables, Ray's records and warnings,
+    the workers' output). Off by default, so a command prints its own progress lines only; that output still goes
+    to Ray's session logs (the worker logs)."""
+    _VERBOSE["on"] = bool(on)
+
+
+def verbose() -> bool:
+    """Whether `--verbose` (or GENESIS_VERBOSE) asked for Ray's and MLflow's own console output."""
+    return _VERBOSE["on"]
+
+
+class _Quiet:
+    """A text stream that passes everything through but the lines naming one of `_NOISE` (with the newline that
+    `print` writes after them); installed on stdout by `ensure_ray` when not verbose, where Ray's driver prints
+    raylet's messages whatever `log_to_driver` says."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, False
+        if text == "\n" and dropped:
+            return len(text)
+        if any(n in text for n in _NOISE):
+            self._dropped = not text.endswith("\n")
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def ensure_ray(address: str | None = None, log_to_driver: bool = False) -> None:
     """Connect to `address` (or RAY_ADDRESS, as inside `ray job submit`), else start a local Ray with the
     `genesis_trial` resource; nothing when this process is already connected. Every entry point goes through
-    here, so pretraining, a fine-tuning and a transfer grid run in one process share one Ray that fits all."""
+    here, so pretraining, a fine-tuning and a transfer grid run in one process share one Ray that fits all.
+
+    Ray's own console output is off unless `verbose()` (`--verbose`): the workers' and Ray Train's controller's
+    output (`log_to_driver`, also on with `log_to_driver=True`, `--worker-logs`), the driver's Ray records below
+    ERROR (the token warning, "Started a local Ray instance", Tune's INFO lines), raylet's worker-pool warning.
+    All of it is still in Ray's session logs (`/tmp/ray/session_latest/logs`)."""
     import ray
 
     if ray.is_initialized():
         return
     ray_cluster(address)  # a named cluster where nothing listens: one line in seconds, not minutes of GCS retries
+    shown = verbose()
+    options = {"log_to_driver": bool(log_to_driver) or shown}
+    if not shown:
+        options["logging_level"] = logging.ERROR
+        if not isinstance(sys.stdout, _Quiet):
+            sys.stdout = _Quiet(sys.stdout)
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, **options)
     else:
-        ray.init(resources={TRIAL_RESOURCE: LOCAL_TRIAL_SLOTS}, log_to_driver=log_to_driver)
+        ray.init(resources={TRIAL_RESOURCE: LOCAL_TRIAL_SLOTS}, **options)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 
+from pipeline.cluster import set_verbose, verbose  # noqa: F401 - the --verbose switch, where Ray's code reads it
 from pipeline.runtime.errors import UsageError, disk_full
 from pipeline.storage.locks import LockBusyError
 from pipeline.volume_store.errors import StoreLockedError
@@ -24,20 +25,6 @@ __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_BUSY", "EXIT_INTERRUPTE
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
-
-_VERBOSE = {"on": bool(os.environ.get("GENESIS_VERBOSE"))}
-
-
-def set_verbose(on: bool) -> None:
-    """`--verbose`: show Ray's and MLflow's own console output (Tune's status tables, their warnings). Off by
-    default, so a command prints its own progress lines only; that output still goes to the Ray worker logs."""
-    _VERBOSE["on"] = bool(on)
-
-
-def verbose() -> bool:
-    """Whether `--verbose` (or GENESIS_VERBOSE) asked for Ray's and MLflow's own console output."""
-    return _VERBOSE["on"]
-
 
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 """A path the user gave that is missing, of the wrong kind or not theirs to write: bad input, not a failure."""

@@ -254,10 +254,13 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
 
     def work() -> driver.Outcome:
         from pipeline.finetune.worker import train_loop_per_worker
+        from pipeline.training.progress import epoch_lines
 
-        return driver.fit(train_loop_per_worker, {**loop_config, "init_state": init_state}, name=name,
-                          storage=storage, workers=workers, gpus_per_worker=gpus_per_worker,
-                          max_failures=max_failures)
+        # one line per epoch on this console, from rank 0's log (the same metric names as pretraining's)
+        with epoch_lines(tracker, run_id, prep.config.optimisation.max_epochs):
+            return driver.fit(train_loop_per_worker, {**loop_config, "init_state": init_state}, name=name,
+                              storage=storage, workers=workers, gpus_per_worker=gpus_per_worker,
+                              max_failures=max_failures)
 
     try:
         outcome = driver.recorded(tracker, run_id, work, ray_address)

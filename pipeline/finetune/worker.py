@@ -175,6 +175,8 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
     final.to(device).eval()
     result = evaluate_test(final, store, config, cfg["spec"], device)
     logger.log_metrics({**result.metrics, "final_best_val_loss": best_val}, step=epoch)
+    for key, value in result.tags.items():  # genesis.degenerate: a background-only or chance result (pipeline.degenerate)
+        Tracker.at(cfg["tracking_uri"]).client.set_tag(cfg["mlflow_run_id"], key, value)
     logger.log_table_csv(result.predictions, "predictions.csv")
     if result.settings:
         logger.log_dict(result.settings, "test/sliding_window.json")
@@ -189,7 +191,7 @@ def _finish(cfg, config, store, best_model, best_val, epoch, device, logger) -> 
                                    preprocessing=model_preprocessing(spec, config, store))
     Tracker.at(cfg["tracking_uri"]).register_finetuned(
         info.model_uri, cfg["register_as"],
-        tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, "task": config.task, "init": cfg["init"],
+        tags={**{k: f"{v:.6g}" for k, v in result.metrics.items()}, **result.tags, "task": config.task, "init": cfg["init"],
               "preset": config.preset, "label_fraction": config.label_fraction, "freeze_encoder": config.freeze_encoder,
               "seed": config.seed, "patch_store": store.key, "run_id": cfg["mlflow_run_id"],
               **({} if cfg.get("fold") is None else {"fold": cfg["fold"]}),

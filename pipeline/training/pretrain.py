@@ -9,7 +9,8 @@ train split smaller than one batch, is refused here before an MLflow run or Ray 
 tracking server and numbers the runtime and cluster checks cover. Ray, the fit and the run's FAILED/KILLED record
 are `pipeline.runtime.driver`'s, shared with fine-tuning and the transfer grid: a deterministic error inside a
 worker (bad data, a bug) ends the run at once, named in its report and in the MLflow run's `error` tag (FAILED);
-only worker and node failures take the restarts `max_failures` allows.
+only worker and node failures take the restarts `max_failures` allows. While it trains, the driver prints one
+line per epoch (`pipeline.training.progress`), Ray's own output being off unless `--verbose`.
 """
 
 from __future__ import annotations
@@ -154,10 +155,12 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
                    "fault_injection": fault_injection}
 
     def work() -> driver.Outcome:
+        from pipeline.training.progress import epoch_lines
         from pipeline.training.worker import train_loop_per_worker
 
-        return driver.fit(train_loop_per_worker, loop_config, name=name, storage=str(storage), workers=workers,
-                          gpus_per_worker=gpus_per_worker, max_failures=max_failures)
+        with epoch_lines(tracker, run_id, config.epochs):  # one line per epoch on this console, from rank 0's log
+            return driver.fit(train_loop_per_worker, loop_config, name=name, storage=str(storage), workers=workers,
+                              gpus_per_worker=gpus_per_worker, max_failures=max_failures)
 
     outcome = driver.recorded(tracker, run_id, work, ray_address)
     return PretrainResult(name=name, path=outcome.path or str(Path(str(storage)) / name), mlflow_run_id=run_id,

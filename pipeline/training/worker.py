@@ -28,6 +28,9 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 def _train(cfg: dict) -> None:
     import ray.train
+
+    from pipeline import degenerate
+    from pipeline.training.pictures import restoration_check
     import ray.train.torch
 
     from pipeline.data.cubes import CubeStreamConfig, PatchCubes
@@ -116,8 +119,11 @@ def _train(cfg: dict) -> None:
         if logger:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if epoch % config.image_every == 0 or stop:
-                _log_figure(logger, fig_x, fig_y, restore(model, fig_x, device, config.bf16),
-                            f"epoch {epoch}: validation MSE {val_loss:.5f}", f"restoration/epoch_{epoch:04d}.png")
+                restored = restore(model, fig_x, device, config.bf16)
+                spread = restoration_check(fig_y, restored)[0]  # flat restorations: pipeline.degenerate
+                logger.log_metrics({"restoration_spread": spread}, step=epoch)
+                _log_figure(logger, fig_x, fig_y, restored, f"epoch {epoch}: validation MSE {val_loss:.5f}",
+                            f"restoration/epoch_{epoch:04d}.png")
         report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                      best_val=best_val, bad_epochs=bad_epochs, best_model=best_model, config=config.to_dict(),
                      stopped_early=stopped_early)
@@ -135,6 +141,11 @@ def _train(cfg: dict) -> None:
         final = build_model(config)
         final.load_state_dict(best_model)
         final.eval()
+        spread, flat = restoration_check(fig_y, restore(final.to(device), fig_x, device, config.bf16))
+        final.cpu()
+        logger.log_metrics({"final_restoration_spread": spread}, step=epoch)
+        if flat:  # the run says so, not only its pictures
+            tracker.client.set_tag(cfg["mlflow_run_id"], degenerate.TAG, flat)
         # how a scan becomes the model's input: recipe, intensity rule, cube size, modality, and the store
         with full_disk_names(tempfile.gettempdir()):  # MLflow writes the model there before copying it
             info = log_model(final, preprocessing={**preprocessing, "patch_store": store.key})

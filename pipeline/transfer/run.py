@@ -23,13 +23,17 @@ Order of work, and why:
 3. The rest is grouped per task (`GridConfig.group_size`) into Tune trials; each trial fits one TorchTrainer
    that runs its group's fine-tunings one after the other (one Ray Train start-up per group). Trial drivers
    take no CPU (a 2-CPU machine would otherwise deadlock: two trial drivers holding both CPUs while their
-   train workers wait) but one unit of the custom resource `genesis_trial`, when the cluster has it.
+   train workers wait) but one unit of the custom resource `genesis_trial`, when the cluster has it. The console
+   shows one line per fine-tuning as it ends (`pipeline.transfer.progress`); Tune's status tables only with
+   `--verbose` (`pipeline.cluster.verbose`).
 4. The table (`pipeline.transfer.table`) is built from MLflow alone, logged into the parent run, and the best
    fine-tuned model of each task gets the alias `champion`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -38,10 +42,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.cluster import TRIAL_RESOURCE, ensure_ray, ray_resources
+from pipeline.cluster import verbose as ray_output_shown
 from pipeline.runtime.tracking import Tracker
 from pipeline.storage.leases import ExperimentLease
 from pipeline.tasks.registry import BUILTIN_SOURCE
-from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells
+from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells, short_init
 
 __all__ = ["transfer", "take_lease", "TransferResult", "find_task_stores", "TRIAL_RESOURCE", "set_champions", "show",
            "inspect_stores", "register_store_tasks", "task_files_of"]
@@ -107,18 +112,9 @@ def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> d
 
 
 def _experiment_id(tracker: Tracker, experiment: str) -> str:
-    """The experiment's id, created when missing (two grids creating it at once: the second finds the first's)."""
-    from pipeline.runtime.tracking import artifact_location
-
-    exp_id = tracker.experiment_id(experiment)
-    if exp_id is None:
-        try:
-            exp_id = tracker.client.create_experiment(experiment, artifact_location=artifact_location(tracker.uri))
-        except Exception:  # noqa: BLE001 - created meanwhile by another process: use it
-            exp_id = tracker.experiment_id(experiment)
-            if exp_id is None:
-                raise
-    return exp_id
+    """The experiment's id, created when missing (two grids creating it at once: the second finds the first's)
+    and marked as model training (`Tracker.ensure_experiment`)."""
+    return tracker.ensure_experiment(experiment)
 
 
 def take_lease(tracker: Tracker, experiment: str, key: str) -> ExperimentLease:
@@ -236,8 +232,11 @@ def _trial_resources(grid: GridConfig) -> dict:
 
 def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: str | None = None,
              experiment: str = "genesis-transfer", storage_path: str | None = None, ray_address: str | None = None,
-             name: str | None = None, results_dir: str | None = None, verbose: int = 1,
+             name: str | None = None, results_dir: str | None = None, verbose: int | None = None,
              fault_injection: dict | None = None) -> TransferResult:
+    """Run the grid (see the module docstring). `verbose`: Ray Tune's verbosity (its tables) when Ray's output
+    is shown at all (`--verbose`, `pipeline.cluster.verbose()`): 1 when None; without `--verbose` Tune is silent
+    and the progress lines are the grid's output."""
     from pipeline.runtime.hooks import stop_point
     from pipeline.runtime.paths import output_dir
     from pipeline.runtime.tracking import check_experiment, check_uri
@@ -266,9 +265,29 @@ def transfer(grid: GridConfig, patches: str | dict[str, str], *, tracking_uri: s
         lease.release()
 
 
+@contextlib.contextmanager
+def _tune_output(shown: bool):
+    """Ray Tune's console output: its own with `--verbose`, else none. Tune's default output engine prints its
+    configuration table, "View detailed results here" and a TensorBoard hint into /tmp/ray whatever the verbosity;
+    its documented switch back to the legacy engine (RAY_AIR_NEW_OUTPUT=0), which says nothing at verbosity 0,
+    is set while the grid runs."""
+    if shown:
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
 def _run_grid(tracker: Tracker, grid: GridConfig, key: str, cells: list[Cell], stores: dict[str, str], folds: dict,
               facts: dict, task_files: dict, *, uri: str, experiment: str, storage: str, ray_address: str | None,
-              name: str | None, results_dir: str | None, verbose: int, fault_injection: dict | None
+              name: str | None, results_dir: str | None, verbose: int | None, fault_injection: dict | None
               ) -> TransferResult:
     """The grid, under its lease: the parent run, the leftovers of an interrupted attempt, the pending cells on
     Ray Tune, the table."""
@@ -278,6 +297,7 @@ def _run_grid(tracker: Tracker, grid: GridConfig, key: str, cells: list[Cell], s
     from pipeline.finetune.init import check_init, read_init
     from pipeline.finetune.run import prepare
     from pipeline.runtime.tracking import entry_point
+    from pipeline.transfer.progress import GridCounts, GridProgress, cell_line
     from pipeline.transfer.table import cells_from_mlflow
     from pipeline.transfer.trial import create_child_run, run_trial
 
@@ -300,6 +320,8 @@ def _run_grid(tracker: Tracker, grid: GridConfig, key: str, cells: list[Cell], s
             print(f"genesis transfer: {task} runs test fold(s) {', '.join(map(str, task_folds))} (its store holds "
                   f"folds {facts[task]['store_folds'].replace(',', ', ')})", flush=True)
 
+    counts = GridCounts(total=len(cells), done=len(cells) - len(pending),
+                        widths={"task": max(map(len, grid.tasks)), "init": max(len(short_init(i)) for i in grid.inits)})
     runnable: list[tuple[Cell, object]] = []
     init_states: dict[str, object] = {}
     init_errors: dict[str, str] = {}
@@ -320,34 +342,42 @@ def _run_grid(tracker: Tracker, grid: GridConfig, key: str, cells: list[Cell], s
         except ValueError as err:  # deterministic: reported, never sent to Ray
             run_id = create_child_run(cell, settings, {"error": str(err)})
             tracker.mark_failed(run_id, reason=str(err))
-            print(f"genesis transfer: {cell.name}: failed before training: {err}", flush=True)
+            counts.failed += 1
+            print(cell_line(counts, task=cell.task, init=cell.init, label_fraction=cell.label_fraction, seed=cell.seed,
+                            fold=cell.fold, outcome=f"FAILED before training: {err}"), flush=True)
 
     ran = len(runnable)
     if runnable:
         groups = group_cells([c for c, _ in runnable], grid.group_size)
         prepared = {c.key: p for c, p in runnable}
         trial_groups = [[(c, prepared[c.key]) for c in g] for g in groups]
-        ensure_ray(ray_address, log_to_driver=verbose > 0)
+        ensure_ray(ray_address)
         refs = {k: (ray.put(v) if v is not None else None) for k, v in init_states.items()}
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, groups=trial_groups, init_refs=refs, settings=settings),
             _trial_resources(grid))
         print(f"genesis transfer: {ran} fine-tunings in {len(trial_groups)} trials, at most {grid.max_concurrent} "
               f"at once", flush=True)
+        progress = GridProgress(uri, parent, {c.key for c, _ in runnable}, counts)
+        shown = ray_output_shown()  # Tune's tables, its TensorBoard hint: only with --verbose
         tuner = tune.Tuner(
             trainable, param_space={"group": tune.grid_search(list(range(len(trial_groups))))},
             tune_config=tune.TuneConfig(max_concurrent_trials=grid.max_concurrent,
                                         trial_name_creator=lambda t: f"g{t.config['group']}",
                                         trial_dirname_creator=lambda t: f"g{t.config['group']}-{t.trial_id}"),
-            run_config=tune.RunConfig(name=settings["name"], storage_path=settings["storage"], verbose=verbose),
+            run_config=tune.RunConfig(name=settings["name"], storage_path=settings["storage"],
+                                      verbose=(1 if verbose is None else verbose) if shown else 0,
+                                      callbacks=[progress]),
         )
-        tuner.fit()
+        with _tune_output(shown):
+            tuner.fit()
     return _finish(tracker, parent, settings, results_dir, reused=len(cells) - len(pending), ran=ran)
 
 
 def _finish(tracker: Tracker, parent: str, settings: dict, results_dir: str | None, reused: int,
             ran: int) -> TransferResult:
     from pipeline.transfer import table as T
+    from pipeline.transfer.summary import summarise_parent_run
 
     cells = T.cells_from_mlflow(tracker, parent)
     table, failed = T.results_table(cells), T.failures(cells)
@@ -355,12 +385,14 @@ def _finish(tracker: Tracker, parent: str, settings: dict, results_dir: str | No
     out.mkdir(parents=True, exist_ok=True)
     T.write_results(table, failed, cells, out)
     T.log_results(tracker, parent, out)
+    markdown = T.to_markdown(table, failed)
+    summarise_parent_run(tracker, parent, table, markdown, out)  # the table where a user looks in the UI
     champions = set_champions(tracker, cells)
     for task, version in champions.items():
         tracker.client.set_tag(parent, f"champion.{task}", version)
     tracker.client.set_terminated(parent, status="FINISHED")
     return TransferResult(parent_run_id=parent, tracking_uri=tracker.uri, table=table, failed=failed, cells=cells,
-                          markdown=T.to_markdown(table, failed), results_dir=out, reused=reused, ran=ran)
+                          markdown=markdown, results_dir=out, reused=reused, ran=ran)
 
 
 def set_champions(tracking: Tracker | str, cells: pd.DataFrame) -> dict[str, str]:
@@ -374,6 +406,9 @@ def set_champions(tracking: Tracker | str, cells: pd.DataFrame) -> dict[str, str
     out = {}
     ok = cells[(cells["status"] == "FINISHED") & cells["value"].notna()]
     for task, rows in ok.groupby("task", sort=False):
+        if "degenerate" in rows.columns:  # a model that learned beats a degenerate one (pipeline.degenerate)
+            learned = rows[rows["degenerate"].fillna("").astype(str).str.strip().isin(("", "nan"))]
+            rows = learned if len(learned) else rows
         best = rows.loc[rows["value"].idxmax()]
         name = finetuned_model_name(task)
         versions = tracker.search_model_versions(f"name = '{name}' and tags.run_id = '{best['run_id']}'")

@@ -5,7 +5,8 @@ The trial creates each fine-tuning's MLflow run as a child of the grid's parent 
 so a queued trial shows nothing as RUNNING. It fits through `pipeline.runtime.driver.fit`, as pretraining and
 fine-tuning do, and never raises: whatever ends the trainer (a worker that kept dying past `max_failures`, or at
 once a deterministic error) is written as the reason on each fine-tuning of the group that did not finish, and Tune
-moves on to the next trial.
+moves on to the next trial. Each child run is tagged with its trial (`genesis.trial`), so the driver's progress
+line (`pipeline.transfer.progress`) times a fine-tuning from the end of the one before it.
 """
 
 from __future__ import annotations
@@ -69,13 +70,15 @@ def run_trial(config: dict, groups: list | None = None, init_refs: dict | None =
     from pipeline.finetune.worker import train_group_per_worker
     from pipeline.runtime import driver
     from pipeline.runtime.tracking import Tracker
+    from pipeline.transfer.progress import TRIAL_TAG
 
     index = config["group"]
     group = groups[index]
     tracker = Tracker.at(settings["tracking_uri"])
+    trial_name = f"{settings['name']}-{group[0][0].task}-g{index}"
     loop_cells, run_ids = [], []
     for cell, prep in group:
-        run_id = create_child_run(cell, settings)
+        run_id = create_child_run(cell, settings, {TRIAL_TAG: trial_name})  # the progress line's time is its own
         run_ids.append(run_id)
         loop_cells.append(prep.loop_config(init=cell.init, tracking_uri=tracker.uri, run_id=run_id,
                                            gpus_per_worker=settings["gpus_per_trial"],
@@ -83,7 +86,7 @@ def run_trial(config: dict, groups: list | None = None, init_refs: dict | None =
     used = {cell.init for cell, _ in group}
     error = driver.fit(train_group_per_worker,
                        {"cells": loop_cells, "init_states": {k: v for k, v in init_refs.items() if k in used}},
-                       name=f"{settings['name']}-{group[0][0].task}-g{index}", storage=settings["storage"],
+                       name=trial_name, storage=settings["storage"],
                        workers=settings["workers_per_trial"], gpus_per_worker=settings["gpus_per_trial"],
                        max_failures=settings["max_failures"], callbacks=[TuneReportCallback()]).error
     finished = 0
