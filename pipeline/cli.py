@@ -401,7 +401,7 @@ def _add_pretrain(sub) -> None:
                         epilog=examples(f"genesis pretrain --patches demo_output/patch_stores/pretrain-* --epochs 2 "
                                         f"{_DEMO_DB}",
                                         "genesis pretrain --patches /shared/patch_stores/pretrain-KEY --preset paper "
-                                        "--workers 4 --gpus-per-worker 1"))
+                                        "--workers 2 --gpus-per-worker 1"))
     tr.add_argument("--patches", required=True, metavar="PATCHSTORE",
                     help="pretraining patch store (genesis patches pretrain)")
     tr.add_argument("--preset", default="tiny", choices=["tiny", "stable", "paper"],

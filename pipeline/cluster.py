@@ -134,7 +134,8 @@ def ray_resources(*, workers: int, gpus_per_worker: float, ray_address: str | No
 # --------------------------------------------------------------------------- Ray and Dask
 
 
-_VERBOSE = {"on": bool(os.environ.get("GENESIS_VERBOSE"))}
+_VERBOSE = {"on": os.environ.get("GENESIS_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")}
+"""GENESIS_VERBOSE=1 is `--verbose` for every command (0, false, no, off or unset: not)."""
 
 _NOISE = ("worker processes have been started on node",)
 """Lines Ray's driver prints on its own that a command's user cannot act on (raylet's "N PYTHON worker processes
@@ -162,15 +163,21 @@ class _Quiet:
     def __init__(self, stream):
         self.stream = stream
         self._dropped = False
+        self._lock = threading.Lock()  # Ray's threads and the progress lines' thread print at once
 
     def write(self, text: str) -> int:
-        dropped, self._dropped = self._dropped, False
-        if text == "\n" and dropped:
+        with self._lock:
+            dropped, self._dropped = self._dropped, False
+            if text == "\n" and dropped:
+                return len(text)
+            if not any(n in text for n in _NOISE):
+                return self.stream.write(text)
+            lines = text.splitlines(keepends=True)  # drop the noisy lines only, keep the others of the chunk
+            kept = "".join(line for line in lines if not any(n in line for n in _NOISE))
+            self._dropped = not text.endswith("\n") and any(n in lines[-1] for n in _NOISE)
+            if kept:
+                self.stream.write(kept)
             return len(text)
-        if any(n in text for n in _NOISE):
-            self._dropped = not text.endswith("\n")
-            return len(text)
-        return self.stream.write(text)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -194,7 +201,7 @@ def ensure_ray(address: str | None = None, log_to_driver: bool = False) -> None:
     options = {"log_to_driver": bool(log_to_driver) or shown}
     if not shown:
         options["logging_level"] = logging.ERROR
-        if not isinstance(sys.stdout, _Quiet):
+        if sys.stdout is not None and not isinstance(sys.stdout, _Quiet):  # None: a closed stdout (`>&-`)
             sys.stdout = _Quiet(sys.stdout)
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **options)

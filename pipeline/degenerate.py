@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["TAG", "DICE_FLOOR", "BACKGROUND_SHARE", "AUC_CHANCE", "FLAT_SPREAD", "segmentation_flag",
+__all__ = ["TAG", "DICE_FLOOR", "BACKGROUND_SHARE", "BACKGROUND_MEAN_IOU", "AUC_CHANCE", "FLAT_SPREAD", "segmentation_flag",
            "classification_flag", "finetune_flag", "restoration_spread", "restoration_flag"]
 
 TAG = "genesis.degenerate"
@@ -32,6 +32,10 @@ has learnt anything overlaps it more than 5%)."""
 BACKGROUND_SHARE = 0.01
 """...and it predicts "background only" when its predicted foreground voxels are fewer than this share of the
 target's voxels."""
+BACKGROUND_MEAN_IOU = 0.5
+"""...and one whose Keras mean_iou (0..1) is at or below this is no better than predicting background everywhere
+(which scores about 0.5: IoU 1 on the background, 0 on the target), whatever its Dice: an over-segmenting model
+(Dice 0.13 from 14 times the target's voxels) is as useless as an empty one."""
 AUC_CHANCE = 0.6
 """A classifier with a test AUC at or below this does not separate the classes: 0.4-0.6 is chance, below 0.4
 is worse than chance (inverted scores, or a test split unlike the training data)."""
@@ -46,13 +50,19 @@ def _finite(x) -> bool:
         return False
 
 
-def segmentation_flag(dice: float, pred_voxels: float | None = None, true_voxels: float | None = None
-                      ) -> str | None:
+def segmentation_flag(dice: float, pred_voxels: float | None = None, true_voxels: float | None = None,
+                      mean_iou: float | None = None) -> str | None:
     """The rule for a segmentation: foreground Dice (0..1, at the decision threshold, on the test split) below
     `DICE_FLOOR` is degenerate; "background only" when the predicted foreground is under `BACKGROUND_SHARE` of
-    the target's voxels (or the counts are not known), else "misses the target". None when the Dice is
+    the target's voxels (or the counts are not known), else "misses the target"; above the floor, a Keras
+    `mean_iou` at or below `BACKGROUND_MEAN_IOU` is "no better than background only". None when the Dice is
     undefined (no finished evaluation: a failure, not a degenerate model) or high enough."""
-    if not _finite(dice) or float(dice) >= DICE_FLOOR:
+    if not _finite(dice):
+        return None
+    if float(dice) >= DICE_FLOOR:
+        if _finite(mean_iou) and float(mean_iou) <= BACKGROUND_MEAN_IOU:
+            return (f"no better than background only: Keras mean_iou {100 * float(mean_iou):.1f} <= "
+                    f"{100 * BACKGROUND_MEAN_IOU:.0f}, foreground Dice {float(dice):.2f}")
         return None
     text = f"foreground Dice {float(dice):.2f}"
     if _finite(pred_voxels) and _finite(true_voxels) and float(true_voxels) > 0:
@@ -81,7 +91,8 @@ def finetune_flag(kind: str, metrics: Mapping[str, float]) -> str | None:
     if kind == "classification":
         return classification_flag(metrics.get("test_auc", math.nan))
     dice = metrics.get("test_dice_pooled", metrics.get("test_dice", math.nan))
-    return segmentation_flag(dice, metrics.get("test_n_pred"), metrics.get("test_n_true"))
+    return segmentation_flag(dice, metrics.get("test_n_pred"), metrics.get("test_n_true"),
+                             metrics.get("test_keras_mean_iou"))
 
 
 def _array(x) -> np.ndarray:

@@ -67,6 +67,16 @@ def test_the_segmentation_rule_at_its_edges():
     assert D.finetune_flag("segmentation", {"test_dice": 0.7}) is None
 
 
+def test_an_over_segmentation_no_better_than_background_is_flagged():
+    """The demo's BMS at half its labels once: Dice 0.13 from 14 times the target's voxels, Keras mean_iou 33.4, worse
+    than predicting background everywhere (~50): flagged, though its Dice clears the empty-model floor."""
+    counts = {"test_dice_pooled": 0.13, "test_n_pred": 435147.0, "test_n_true": 31566.0, "test_keras_mean_iou": 0.334}
+    flag = D.finetune_flag("segmentation", counts)
+    assert flag is not None and flag.startswith("no better than background only") and "33.4" in flag
+    assert D.finetune_flag("segmentation", {**counts, "test_keras_mean_iou": 0.51}) is None
+    assert D.finetune_flag("segmentation", {"test_dice_pooled": 0.6, "test_keras_mean_iou": 0.78}) is None
+
+
 def test_a_classifier_at_chance_is_flagged(rng):
     labels = np.r_[np.ones(50), np.zeros(50)]
     noise = rng.random(100)

@@ -129,9 +129,11 @@ def test_transfer_killed_mid_grid_then_rerun(ray_local, task_stores, tmp_path):
     parent_id = finished[0].data.tags["mlflow.parentRunId"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["genesis.attempts"] == "2"
-    names = {a.path for a in client.list_artifacts(parent_id, "results")}
+    names = {a.path for a in client.list_artifacts(parent_id, "tables")}
     assert {"tables/results.md", "tables/results.csv", "tables/results.png",
-            "tables/label_efficiency.png"} <= names
+            "tables/label_efficiency.png", "tables/label_efficiency.csv"} <= names
+    assert [a.path for a in client.list_artifacts(parent_id)][0] == "results.md"  # the table, first
+    assert parent.data.tags["mlflow.note.content"].startswith("### ")  # the description is the table
     shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "transfer", "show", parent_id,
                             "--tracking-uri", uri], cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert shown.returncode == 0 and shown.stdout.strip() == md.strip(), shown.stderr[-2000:]

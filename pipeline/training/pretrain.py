@@ -16,10 +16,12 @@ line per epoch (`pipeline.training.progress`), Ray's own output being off unless
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import degenerate
 from pipeline.training.config import PretrainConfig, per_worker_batch
 
 __all__ = ["pretrain", "check_data", "validation_warning", "PretrainResult", "RUN_FILE"]
@@ -46,6 +48,8 @@ class PretrainResult:
         lines += [f"run {self.name}: {'FAILED: ' + self.error if self.error else 'finished'}",
                  f"  epochs {int(m.get('epoch', -1)) + 1}, train loss {m.get('train_loss', float('nan')):.5f}, "
                  f"validation loss {m.get('val_loss', float('nan')):.5f} (best {m.get('best_val_loss', float('nan')):.5f})",
+                 *([f"  DEGENERATE: {flat}"] if (flat := degenerate.restoration_flag(
+                     m.get("final_restoration_spread", math.nan))) else []),
                  f"  checkpoints: {self.path}",
                  f"  MLflow run: {Tracker.at(self.tracking_uri).ui_hint(self.mlflow_run_id)}"]
         return "\n".join(lines)

@@ -117,11 +117,12 @@ def _train(cfg: dict) -> None:
                    "epoch_seconds": stats.seconds, "data_seconds": stats.data_seconds, "bad_epochs": bad_epochs,
                    "stopped": float(stop)}
         if logger:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            if epoch % config.image_every == 0 or stop:
-                restored = restore(model, fig_x, device, config.bf16)
-                spread = restoration_check(fig_y, restored)[0]  # flat restorations: pipeline.degenerate
-                logger.log_metrics({"restoration_spread": spread}, step=epoch)
+            restored, logged = None, {k: v for k, v in metrics.items() if k != "epoch"}
+            if epoch % config.image_every == 0 or stop:  # flat restorations (pipeline.degenerate): in the same
+                restored = restore(model, fig_x, device, config.bf16)  # batch, so the epoch's line shows them
+                logged["restoration_spread"] = restoration_check(fig_y, restored)[0]
+            logger.log_metrics(logged, step=epoch)
+            if restored is not None:
                 _log_figure(logger, fig_x, fig_y, restored, f"epoch {epoch}: validation MSE {val_loss:.5f}",
                             f"restoration/epoch_{epoch:04d}.png")
         report_epoch(rank, metrics, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
@@ -152,7 +153,7 @@ def _train(cfg: dict) -> None:
         logger.log_metrics({"final_best_val_loss": best_val}, step=epoch)
         tracker.register_model(info.model_uri, cfg.get("register_as", PRETRAINED_MODEL), metric=best_val,
                                tags={"patch_store": store.key, "preset": config.preset, "run_id": cfg["mlflow_run_id"],
-                                     "recipe": preprocessing["recipe"]})
+                                     "recipe": preprocessing["recipe"], **({degenerate.TAG: flat} if flat else {})})
         logger.end()
 
 

@@ -63,10 +63,13 @@ def cell_line(counts: GridCounts, *, task: str, init: str, label_fraction: float
 
 def _score(task: str, metrics: dict) -> tuple[str, bool]:
     """("keras_mean_iou 73.1  dice 61.0", True), in %, or a reason and False when the run has no test score."""
+    from pipeline import degenerate
     from pipeline.tasks import get_task
 
+    kind = None
     try:
-        name = get_task(task).metrics[0]
+        spec = get_task(task)
+        name, kind = spec.metrics[0], spec.kind
     except (KeyError, ValueError, IndexError):
         name = next((k[len("test_"):] for k in metrics if k.startswith("test_")), "")
     value = metrics.get(f"test_{name}", math.nan)
@@ -75,7 +78,8 @@ def _score(task: str, metrics: dict) -> tuple[str, bool]:
     text = f"{name} {value * 100:.1f}"
     if math.isfinite(metrics.get("test_dice", math.nan)):
         text += f"  dice {metrics['test_dice'] * 100:.1f}"
-    return text, True
+    flag = degenerate.finetune_flag(kind, metrics) if kind else None
+    return text + (f"  DEGENERATE: {flag}" if flag else ""), True
 
 
 class GridProgress(Callback):
