@@ -21,7 +21,7 @@ DURATION = r"(\d+ s|\d+ min \d\d s|\d+ h \d\d min)"
 EPOCH = re.compile(r"^epoch +(\d+)/(\d+)  train (\d+\.\d{5})  val (\d+\.\d{5})  (\d+(?:\.\d+)?) cubes/s  " + DURATION
                    + r"  best (\d+\.\d{5}) \(epoch (\d+)\)$")
 CELL = re.compile(r"^\[ *(\d+)/(\d+) done, (\d+) running, (\d+) failed\] +(\w+) +(\S+) +(\d+)%  seed (\d+)  "
-                  r"fold (\S+)  (\w+) (\d+\.\d)(  dice \d+\.\d)?  " + DURATION + "$")
+                  r"fold (\S+)  (\w+) (\d+\.\d)(  dice \d+\.\d)?  " + DURATION + "(  DEGENERATE: .+)?$")
 RAY_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) ")
 TUNE_TABLE = ("Trial status", "Current time:", "View detailed results", "tensorboard", "Trial name")
 

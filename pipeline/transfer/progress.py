@@ -49,27 +49,27 @@ class GridCounts:
 
 
 def cell_line(counts: GridCounts, *, task: str, init: str, label_fraction: float, seed: int, fold, outcome: str,
-              seconds: float | None = None) -> str:
+              seconds: float | None = None, note: str | None = None) -> str:
     """The progress line of one fine-tuning: the counts, what it is (task, init, label fraction, seed, test fold:
-    "-" for a task without folds), its outcome (its score, or FAILED and why) and its time."""
+    "-" for a task without folds), its outcome (its score, or FAILED and why), its time and, last, a `note`
+    (DEGENERATE and why, `pipeline.degenerate`)."""
     tw, iw = counts.widths.get("task", 0), counts.widths.get("init", 0)
     fold_text = "-" if fold in (None, "") else str(fold)
     parts = [counts.prefix(), f"{task:<{tw}}", f"{short_init(init):<{iw}}", f"{label_fraction * 100:>4g}%",
              f"seed {seed}", f"fold {fold_text}", outcome]
     if seconds is not None:
         parts.append(duration(seconds))
+    if note:
+        parts.append(note)
     return "  ".join(parts)
 
 
 def _score(task: str, metrics: dict) -> tuple[str, bool]:
     """("keras_mean_iou 73.1  dice 61.0", True), in %, or a reason and False when the run has no test score."""
-    from pipeline import degenerate
     from pipeline.tasks import get_task
 
-    kind = None
     try:
-        spec = get_task(task)
-        name, kind = spec.metrics[0], spec.kind
+        name = get_task(task).metrics[0]
     except (KeyError, ValueError, IndexError):
         name = next((k[len("test_"):] for k in metrics if k.startswith("test_")), "")
     value = metrics.get(f"test_{name}", math.nan)
@@ -78,8 +78,19 @@ def _score(task: str, metrics: dict) -> tuple[str, bool]:
     text = f"{name} {value * 100:.1f}"
     if math.isfinite(metrics.get("test_dice", math.nan)):
         text += f"  dice {metrics['test_dice'] * 100:.1f}"
-    flag = degenerate.finetune_flag(kind, metrics) if kind else None
-    return text + (f"  DEGENERATE: {flag}" if flag else ""), True
+    return text, True
+
+
+def _flag(task: str, metrics: dict) -> str | None:
+    """"DEGENERATE: why" for a fine-tuning that learnt nothing (`pipeline.degenerate.finetune_flag`), else None."""
+    from pipeline import degenerate
+    from pipeline.tasks import get_task
+
+    try:
+        flag = degenerate.finetune_flag(get_task(task).kind, metrics)
+    except (KeyError, ValueError):
+        return None
+    return f"DEGENERATE: {flag}" if flag else None
 
 
 class GridProgress(Callback):
@@ -133,7 +144,8 @@ class GridProgress(Callback):
             fold = tags.get("fold")
             line = cell_line(self.counts, task=tags.get("task", "?"), init=tags.get("init", "?"),
                              label_fraction=float(tags.get("label_fraction", "nan")), seed=tags.get("seed", "?"),
-                             fold=fold, outcome=outcome, seconds=(end - begin) / 1000)
+                             fold=fold, outcome=outcome, seconds=(end - begin) / 1000,
+                             note=_flag(tags.get("task", ""), metrics) if ok else None)
             lines.append(line)
             print(line, file=self.out or sys.stdout, flush=True)
         return lines

@@ -74,7 +74,7 @@ class TransferResult:
             self.markdown, "",
             f"transfer grid: {n} fine-tunings, {n - len(self.failed)} finished ({self.reused} reused from an "
             f"earlier attempt, {self.ran} run now), {len(self.failed)} failed",
-            f"  results: {self.results_dir} (results.md, results.csv, results.png, label_efficiency.png)",
+            f"  results: {self.results_dir} (results.md, .csv, .png; label_efficiency.png, .csv; cells.csv)",
             f"  show again: genesis transfer show {self.parent_run_id} --tracking-uri {self.tracking_uri}",
             f"  MLflow parent run: {Tracker.at(self.tracking_uri).ui_hint(self.parent_run_id)}"])
 

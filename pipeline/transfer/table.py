@@ -367,7 +367,9 @@ def _sources(table: pd.DataFrame) -> list[str]:
 DEGENERATE_RULES = (f"{DEGENERATE_MARK} degenerate: the model did not learn the task, whatever its number says. "
                     f"Segmentation: foreground Dice below {degenerate.DICE_FLOOR:g} on the test split (\"background "
                     f"only\" when it predicts under {100 * degenerate.BACKGROUND_SHARE:g}% of the target's voxels: "
-                    f"Keras mean_iou then sits near 50). Classification: test AUC at or below "
+                    f"Keras mean_iou then sits near 50), or a Keras mean_iou at or below "
+                    f"{100 * degenerate.BACKGROUND_MEAN_IOU:g}, no better than predicting background everywhere. "
+                    f"Classification: test AUC at or below "
                     f"{100 * degenerate.AUC_CHANCE:g} (chance: {100 * (1 - degenerate.AUC_CHANCE):g}-"
                     f"{100 * degenerate.AUC_CHANCE:g}; below chance: under {100 * (1 - degenerate.AUC_CHANCE):g}). "
                     f"Each such run carries the MLflow tag {degenerate.TAG}.")
