@@ -301,8 +301,11 @@ def test_whole_volume_rows_report_the_paper_metric_and_per_case_dice():
     assert "Keras mean_iou over whole volumes, pooled (%)" in header and "Dice per case (%)" in header
     assert "published Keras mean_iou (%)" in header
     ncs = results_table(pd.DataFrame([_cell("ncs", "scratch", pd.NA, 0, 0.8, store_folds="", dice=0.5)]))
-    assert math.isnan(ncs.iloc[0]["dice_mean"]) and ncs.iloc[0]["unit"] == "cube"
-    assert "Dice per case" not in to_markdown(ncs, failures(ncs.iloc[:0]))
+    assert ncs.iloc[0]["dice_mean"] == pytest.approx(50.0) and ncs.iloc[0]["unit"] == "cube"  # per cube, for NCS
+    md = to_markdown(ncs, failures(ncs.iloc[:0]))
+    assert "Dice per case" not in md and "Dice per cube (%), mean ± sd over cubes" in md
+    ncc = results_table(pd.DataFrame([_cell("ncc", "scratch", pd.NA, 0, 0.8, store_folds="")]))
+    assert "Dice" not in to_markdown(ncc, failures(ncc.iloc[:0]))  # a classifier has none
 
 
 def test_store_differences_split_cubes_and_dataset(ecc_store, tmp_path):

@@ -10,7 +10,8 @@ never dropped silently: they are counted per row and listed with their reason.
 
 What each row reports: the paper's metric of the task (AUC over candidates for NCC and ECC, the reference's Keras
 mean_iou over the test cubes for NCS and over the whole test volumes, pooled, for LCS and BMS) and, where the
-test unit is a whole volume, what a clinician reads: foreground Dice per case, mean ± sd over cases. Whether
+test unit is a whole volume, what a clinician reads: foreground Dice per case, mean ± sd over cases (per test
+cube for NCS: a Keras mean_iou of 50 is a model that finds nothing, a Dice says so at once). Whether
 a published value is comparable is decided by `pipeline.transfer.protocol`.
 
 A degenerate run (`pipeline.degenerate`: a segmentation that predicts background only, a classifier at chance)
@@ -240,7 +241,7 @@ def results_table(cells: pd.DataFrame, baseline: str = "scratch") -> pd.DataFram
         v, spec = values[(task, init, fraction)], get_task(task)
         base = values.get((task, baseline, fraction))
         ok = g.loc[g["_ok"]]
-        whole_volume = spec.evaluation == "whole_volume"
+        segmentation = spec.kind == "segmentation"  # foreground Dice per case (LCS, BMS) or per cube (NCS)
         pub = _published(task, init, fraction)
         reasons = protocol.row_differences(task, spec.metrics[0], g, g["_ok"].to_numpy()) \
             if math.isfinite(pub["published_mean"]) else []
@@ -252,9 +253,9 @@ def results_table(cells: pd.DataFrame, baseline: str = "scratch") -> pd.DataFram
             "n": len(v), "folds": _folds_text(g["fold"]), "failed": int((~g["_ok"]).sum()),
             "p_vs_baseline": math.nan if init == baseline or base is None else _p_value(v, base),
             "n_baseline": math.nan if base is None else len(base),
-            "dice_mean": float(ok["dice"].astype(float).mean() * 100) if whole_volume and len(ok) else math.nan,
+            "dice_mean": float(ok["dice"].astype(float).mean() * 100) if segmentation and len(ok) else math.nan,
             "dice_sd": _pooled_sd(ok["dice"].to_numpy(float), ok["dice_sd"].to_numpy(float)) * 100
-            if whole_volume and len(ok) else math.nan,
+            if segmentation and len(ok) else math.nan,
             **pub,
             "comparable": "" if not math.isfinite(pub["published_mean"]) else ("no" if reasons else "yes"),
             "not_comparable": "; ".join(reasons),
@@ -335,15 +336,17 @@ def _blocks(table: pd.DataFrame, baseline: str) -> list[tuple[str, list[str], li
         published = first["published_metric"] or (spec.published.metric if spec.published else first["metric"])
         header = ["init", "labels", _metric_header(first["metric"], first["unit"]), "n", "folds",
                   f"p vs {baseline}"]
-        if whole_volume:
-            header.append("Dice per case (%), mean ± sd over cases")
+        segmentation = spec.kind == "segmentation"
+        if segmentation:  # a foreground Dice beside the Keras mean_iou, which is ~50 for a model that finds nothing
+            header.append("Dice per case (%), mean ± sd over cases" if whole_volume else
+                          "Dice per cube (%), mean ± sd over cubes")
         header += [f"published {published} (%)", "failed"]
         text = []
         for _, r in rows.iterrows():
             mark = f" {DEGENERATE_MARK}" if int(r.get("n_degenerate", 0) or 0) else ""
             line = [str(r["init"]), _labels(r["label_fraction"]), _mean_sd(r["mean"], r["sd"], r["n"]) + mark,
                     str(int(r["n"])), r["folds"] or "-", p_text(r, baseline)]
-            if whole_volume:
+            if segmentation:
                 line.append(_mean_sd(r["dice_mean"], r["dice_sd"], 2))
             line += [_published_text(r), str(int(r["failed"]))]
             text.append(line)
