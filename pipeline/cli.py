@@ -32,6 +32,8 @@ __all__ = ["main", "build_parser", "parse_args", "transfer_show_parser", "classi
 _WIDTH = 100
 """Descriptions are wrapped here, at most this wide: the help formatter keeps them as written (for the examples)."""
 SAMPLE_DATASETS = ("luna16", "lidc", "pe", "lits", "brats", "nnunet", "msd", "nnunet-ct")
+PHANTOM_PRESETS = ("default", "tiny", "demo")
+"""pipeline.sample_data.phantom.PRESETS, named here so that parsing imports no numpy (a test keeps them equal)."""
 _FAILURES_HELP = ("worker-group restarts{per} after a worker or node failure; -1 retries forever (a deterministic "
                   "error such as bad data ends the run at once either way)")
 
@@ -596,6 +598,9 @@ def _add_sample_data(sub) -> None:
     sd.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="seed of the phantoms")
     sd.add_argument("--no-real", action="store_true", help="skip fetching the two real lung CT cases")
     sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
+    sd.add_argument("--phantom", metavar="NAME", choices=PHANTOM_PRESETS,
+                    help="LUNA16 phantom preset (default: the default scan, 'tiny' with --small; 'demo': 8-10 nodules "
+                         "of 8-20 mm and 20 false candidates per scan, what `make demo` uses for NCC)")
 
 
 def _add_predict(sub) -> None:
@@ -1020,7 +1025,7 @@ def _sample_data(args) -> int:
     for name in datasets:
         out = Path(args.dir) / name if args.dataset == "all" else Path(args.dir)
         summary = write_sample(name, out, n_scans=args.scans, seed=args.seed, small=args.small,
-                               include_real=not args.no_real)
+                               include_real=not args.no_real, phantom=args.phantom if name == "luna16" else None)
         print(summary.describe())
     return EXIT_OK
 

