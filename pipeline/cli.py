@@ -598,6 +598,9 @@ def _add_sample_data(sub) -> None:
     sd.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="seed of the phantoms")
     sd.add_argument("--no-real", action="store_true", help="skip fetching the two real lung CT cases")
     sd.add_argument("--small", action="store_true", help="small phantoms (for tests)")
+    sd.add_argument("--inplane", type=positive_int, metavar="N",
+                    help="the small LiTS sample's in-plane voxels over the same field of view (default: 96; 64: what "
+                         "`make demo` uses, so that LCS's tiny fine-tuning sees whole slices)")
     sd.add_argument("--phantom", metavar="NAME", choices=PHANTOM_PRESETS,
                     help="LUNA16 phantom preset (default: the default scan, 'tiny' with --small; 'demo': 8-10 nodules "
                          "of 8-20 mm and 20 false candidates per scan, what `make demo` uses for NCC)")
@@ -1025,7 +1028,8 @@ def _sample_data(args) -> int:
     for name in datasets:
         out = Path(args.dir) / name if args.dataset == "all" else Path(args.dir)
         summary = write_sample(name, out, n_scans=args.scans, seed=args.seed, small=args.small,
-                               include_real=not args.no_real, phantom=args.phantom if name == "luna16" else None)
+                               include_real=not args.no_real, phantom=args.phantom if name == "luna16" else None,
+                               inplane=args.inplane if name == "lits" else None)
         print(summary.describe())
     return EXIT_OK
 

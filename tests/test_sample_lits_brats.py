@@ -11,7 +11,9 @@ import SimpleITK as sitk
 
 from pipeline.cli import main
 from pipeline.sample_data.brats import SEQUENCES, write_brats_sample
-from pipeline.sample_data.lits import (draw_lits, render_lits, small_lits_config, write_lits_sample)
+from pipeline.finetune.config import TINY_SEGMENTATION
+from pipeline.sample_data.lits import (SMALL_INPLANE, TINY_INPLANE, draw_lits, render_lits, small_lits_config,
+                                     write_lits_sample)
 from pipeline.sample_data.registry_files import NILEARN_WHEEL, PYRADIOMICS_SDIST, fetch
 from pipeline.volume_store.store import VolumeStore
 
@@ -73,6 +75,40 @@ def test_lits_liver_cannot_be_found_by_thresholding():
         tumour = labels == 2
         if tumour.any():  # hypodense: below the liver
             assert volume[tumour].mean() < volume[labels == 1].mean() - 15
+
+
+def test_lits_small_default_is_unchanged_and_inplane_keeps_the_field_of_view():
+    """The inplane knob must leave the default small sample as it was (other tests pin numbers on it)."""
+    assert small_lits_config() == small_lits_config(SMALL_INPLANE)
+    assert small_lits_config().shape == (48, 96, 96) and small_lits_config().spacing_mm == (5.0, 3.4, 3.4)
+    tiny = small_lits_config(TINY_INPLANE)
+    assert tiny.shape == (48, TINY_INPLANE, TINY_INPLANE) and tiny.spacing_mm == (5.0, 5.1, 5.1)
+    assert [n * sp for n, sp in zip(tiny.shape, tiny.spacing_mm)] == pytest.approx(
+        [n * sp for n, sp in zip(small_lits_config().shape, small_lits_config().spacing_mm)])
+    # why 64: LCS halves a scan in-plane, and the tiny preset's in-plane input must then show the whole slice
+    from pipeline.tasks.registry import get_task
+    assert TINY_INPLANE * get_task("lcs").inplane_scale == TINY_SEGMENTATION[1] == TINY_SEGMENTATION[2]
+    with pytest.raises(ValueError, match="inplane"):
+        small_lits_config(16)
+
+
+def test_lits_inplane_draws_the_same_scans_at_another_resolution(lits, tmp_path):
+    coarse = write_lits_sample(tmp_path / "coarse", n_scans=2, seed=3, small=True, inplane=TINY_INPLANE)
+    assert [s.shape_zyx for s in coarse.scans] == [(48, TINY_INPLANE, TINY_INPLANE)] * 2
+    assert _array(coarse.volume_path(0)).shape == (48, TINY_INPLANE, TINY_INPLANE)
+    drawn = [draw_lits(c, np.random.default_rng(7)) for c in (small_lits_config(TINY_INPLANE), small_lits_config())]
+    assert drawn[0].liver_lobes == drawn[1].liver_lobes and drawn[0].tumour_radius_mm == drawn[1].tumour_radius_mm
+    # the same draw per scan (liver intensity, contrast phase); the smooth fields that deform the liver are
+    # drawn on the grid, so its shape differs in detail, but it stays a liver-sized share of the abdomen
+    for a, b in zip(coarse.scans, lits.scans[:2]):
+        assert (a.liver_hu, a.contrast) == (b.liver_hu, b.contrast)
+        mm3 = [s.target_voxels * float(np.prod(s.spacing_zyx_mm)) for s in (a, b)]
+        assert 0.5 < mm3[0] / mm3[1] < 2.0 and 0.02 < a.target_voxels / np.prod(a.shape_zyx) < 0.3
+    assert write_lits_sample(tmp_path / "coarse", n_scans=2, seed=3, small=True, inplane=TINY_INPLANE).reused
+    with pytest.raises(FileExistsError):  # another resolution is another sample, never silently reused
+        write_lits_sample(tmp_path / "coarse", n_scans=2, seed=3, small=True)
+    with pytest.raises(ValueError, match="small"):
+        write_lits_sample(tmp_path / "full", n_scans=1, small=False, inplane=TINY_INPLANE)
 
 
 def test_lits_converts_with_segmentation_labels_in_lps(lits, tmp_path):

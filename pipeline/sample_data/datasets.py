@@ -15,11 +15,14 @@ DATASETS = ("luna16", "lidc", "pe", "lits", "brats", "nnunet", "msd", "nnunet-ct
 
 
 def write_sample(name: str, out_dir: str | Path, *, n_scans: int | None = None, seed: int = 0, small: bool = False,
-                 include_real: bool = True, phantom: str | None = None):
+                 include_real: bool = True, phantom: str | None = None, inplane: int | None = None):
     """Write sample dataset `name` into `out_dir`; returns its summary (with `.describe()`). `phantom`: the LUNA16
-    phantoms' preset (`pipeline.sample_data.phantom.PRESETS`; None: the default scan, or `tiny` when `small`)."""
+    phantoms' preset (`pipeline.sample_data.phantom.PRESETS`; None: the default scan, or `tiny` when `small`);
+    `inplane`: the small LiTS sample's in-plane voxels (`pipeline.sample_data.lits.small_lits_config`)."""
     if phantom is not None and name != "luna16":
         raise ValueError(f"--phantom {phantom}: only the luna16 sample has phantom presets, not {name}")
+    if inplane is not None and name != "lits":
+        raise ValueError(f"--inplane {inplane}: only the small lits sample has an in-plane size, not {name}")
     kwargs = {"seed": seed, "small": small}
     if n_scans is not None:
         kwargs["n_scans"] = n_scans
@@ -42,7 +45,7 @@ def write_sample(name: str, out_dir: str | Path, *, n_scans: int | None = None, 
     if name == "lits":
         from pipeline.sample_data.lits import write_lits_sample
 
-        return write_lits_sample(out_dir, **kwargs)
+        return write_lits_sample(out_dir, **kwargs, inplane=inplane)
     if name == "brats":
         from pipeline.sample_data.brats import write_brats_sample
 

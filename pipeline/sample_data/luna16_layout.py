@@ -263,7 +263,8 @@ def check_target(out_dir: Path, request: dict, overwrite: bool) -> SampleSummary
         return None if existing.real_status.startswith("skipped") else existing
     if not overwrite:
         raise FileExistsError(f"out_dir={str(out_dir)!r} holds a sample made with "
-                              f"{existing.request}, not {request}; pass overwrite=True to replace it")
+                              f"{existing.request}, not {request}; remove that folder (`make clean-demo` "
+                              "for the demo's) or choose another one")
     return None
 
 

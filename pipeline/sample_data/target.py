@@ -54,5 +54,6 @@ def existing_sample(out_dir: Path, request: dict, overwrite: bool, read: Callabl
         return None if retry is not None and retry(existing) else existing
     if not overwrite:
         raise FileExistsError(f"out_dir={str(out_dir)!r} holds a {what} sample made with {existing.request}, "
-                              f"not {request}; pass overwrite=True to replace it")
+                              f"not {request}; remove that folder (`make clean-demo` for the demo's) "
+                              "or choose another one")
     return None
