@@ -82,7 +82,7 @@ def test_transfer_prints_one_line_per_finetuning_and_no_tune_table(ray_local, ta
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage-path", str(tmp_path / "ray"),
             "--results", str(tmp_path / "results"), "--ray-address", ray_local.get_runtime_context().gcs_address]
     env = {k: v for k, v in os.environ.items() if k != "GENESIS_VERBOSE"}
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=600,
                           env={**env, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
     text = done.stdout + done.stderr
     assert done.returncode == 0, text
