@@ -88,6 +88,32 @@ def zip_folder(folder: Path, out: Path, arc_prefix: str = "") -> Path:
     return out
 
 
+def pytest_configure(config):
+    """The test S3 server's endpoint and dummy keys go into the environment before anything starts (Ray, Dask),
+    so every process the tests start inherits them (tests/s3_server.py)."""
+    from s3_server import configure_environment
+
+    configure_environment()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session (a real S3 API over HTTP; stopped at the end)."""
+    from s3_server import S3Server
+
+    server = S3Server(os.environ["GENESIS_TEST_S3_ENDPOINT"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh empty bucket on the test S3 server: its name."""
+    from s3_server import new_bucket
+
+    return new_bucket(s3_server)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray for the whole test session (a Ray start costs seconds; Ray Train fits share it)."""

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 
 from pipeline.storage.locks import LockBusyError
 
-__all__ = ["Holder", "ExperimentLease", "LeaseBusyError", "RunHeartbeat", "dead_holder", "HOLDER_TAG",
+__all__ = ["Holder", "Renewal", "ExperimentLease", "LeaseBusyError", "RunHeartbeat", "dead_holder", "HOLDER_TAG",
            "LEASE_PREFIX", "TTL_S"]
 
 TTL_S = 600.0
@@ -119,7 +119,7 @@ class LeaseBusyError(LockBusyError):
                                     f"run again")
 
 
-class _Renewal:
+class Renewal:
     """A daemon thread calling `renew()` every `every_s` seconds until stopped (errors are retried next time: a
     tracking server that is briefly away must not end the work)."""
 
@@ -151,7 +151,7 @@ class ExperimentLease:
         self.purpose, self.ttl_s, self.rounds, self.pause_s = purpose, ttl_s, rounds, pause_s
         self.what = what or f"lease {name!r} of experiment {experiment_id}"
         self.holder: Holder | None = None
-        self._renewal: _Renewal | None = None
+        self._renewal: Renewal | None = None
 
     @property
     def prefix(self) -> str:
@@ -207,7 +207,7 @@ class ExperimentLease:
                         self.client.delete_experiment_tag(self.experiment_id, f"{self.prefix}{h.token}")
                     except Exception:  # noqa: BLE001 - another taker removed it first
                         pass
-                self._renewal = _Renewal(self._renew, self.ttl_s / 5)
+                self._renewal = Renewal(self._renew, self.ttl_s / 5)
                 return dead
             self._withdraw()
             time.sleep(float(rng.uniform(*self.pause_s)))
@@ -249,7 +249,7 @@ class RunHeartbeat:
         self.client, self.run_id, self.ttl_s = client, run_id, ttl_s
         self.holder = Holder.mine(purpose, ttl_s)
         self._write()
-        self._renewal: _Renewal | None = _Renewal(self._renew, ttl_s / 5)
+        self._renewal: Renewal | None = Renewal(self._renew, ttl_s / 5)
 
     def _write(self) -> None:
         self.client.set_tag(self.run_id, HOLDER_TAG, self.holder.to_json())
