@@ -388,7 +388,7 @@ class S3Tree(Tree):
             next(iter(stream), None)
         except (UnauthenticatedError, PermissionDeniedError) as exc:
             raise StorageError(f"{self.url}: the S3 credentials were refused ({_reason(exc)})") from None
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             raise StorageError(f"{self.url}: bucket {self.bucket!r} does not exist") from None
         except (GenericError, OSError) as exc:
             text = str(exc)
@@ -405,7 +405,7 @@ class S3Tree(Tree):
 
         try:
             return bytes(obstore.get(self.client, self._k(rel)).bytes())
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             raise FileNotFoundError(f"{self.url}/{rel}") from None
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
@@ -414,7 +414,7 @@ class S3Tree(Tree):
 
         try:
             return bytes(obstore.get_range(self.client, self._k(rel), start=start, end=end))
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             raise FileNotFoundError(f"{self.url}/{rel}") from None
 
     def stat(self, rel: str) -> ObjectInfo | None:
@@ -423,7 +423,7 @@ class S3Tree(Tree):
 
         try:
             meta = obstore.head(self.client, self._k(rel))
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             return None
         return ObjectInfo(rel, int(meta["size"]), meta.get("e_tag"))
 
@@ -447,7 +447,7 @@ class S3Tree(Tree):
 
         try:
             return obstore.put(self.client, self._k(rel), data, mode={"e_tag": etag})["e_tag"] or ""
-        except (PreconditionError, NotFoundError):
+        except (PreconditionError, NotFoundError, FileNotFoundError):
             return None
 
     def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
@@ -456,7 +456,7 @@ class S3Tree(Tree):
 
         try:
             res = obstore.get(self.client, self._k(rel))
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             return None
         return bytes(res.bytes()), res.meta.get("e_tag") or ""
 
@@ -466,7 +466,7 @@ class S3Tree(Tree):
 
         try:
             obstore.delete(self.client, self._k(rel))
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             pass
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
