@@ -657,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[ENTRY_POINT_ENV] = _command(args)
     if getattr(args, "verbose", False):
         set_verbose(True)
+    try:
+        check_locations(args)
+    except Exception as exc:  # noqa: BLE001 - a bad store location is one line and exit 2, before any work
+        return ended(_command(args), exc, debug=getattr(args, "debug", False))
     handler = {"convert": _convert, "stores": _stores, "sample-data": _sample_data,
                "patches": _patches, "pretrain": _pretrain, "weights": _weights, "tasks": _tasks, "predict": _predict,
                "finetune": _finetune, "transfer": _transfer, "reproduce": _reproduce}[args.command]
@@ -677,6 +681,31 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop(ENTRY_POINT_ENV, None)
         else:
             os.environ[ENTRY_POINT_ENV] = outer
+
+
+LOCATION_OPTIONS = ("store", "root", "patch_store", "patches", "out", "storage_path")
+"""Arguments that may name a store or folder in a bucket (s3://...): checked before any work starts."""
+
+
+def check_locations(args) -> None:
+    """Every store location given as a URL is usable before anything starts: a known scheme, a bucket, credentials
+    the server accepts, an endpoint that answers, a bucket that exists (`Tree.check`, seconds); StorageError
+    (exit 2, one line) otherwise. Local paths are checked where they are used."""
+    from pipeline.storage.objects import open_tree
+
+    seen = set()
+    for name in LOCATION_OPTIONS:
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, str) or "://" not in item:
+                continue
+            if "=" in item and item.index("=") < item.index("://"):  # transfer's --patches TASK=URL
+                item = item.split("=", 1)[1]
+            url = item
+            if url.split("://", 1)[0].lower() in ("http", "https", "file", "mlflow-artifacts") or url in seen:
+                continue
+            seen.add(url)
+            open_tree(url).check()
 
 
 EXIT_CLOSED_PIPE = 141
@@ -737,7 +766,7 @@ def _stores(args) -> int:
         print(stores_cli.show_store(args.store, all_columns=args.all_columns))
     elif args.stores_command == "list":
         root = shared_path(args.root, "ROOT")
-        if not os.path.isdir(root):
+        if "://" not in root and not os.path.isdir(root):
             raise UsageError(f"ROOT {args.root}: " + ("is a file, not a folder" if os.path.exists(root)
                                                       else "no such folder"))
         print(stores_cli.list_stores(args.root))
@@ -759,6 +788,10 @@ def _patch_out(args) -> str:
     args.store = shared_path(args.store, "--store")
     if args.out:
         return output_dir(args.out, "--out")
+    if "://" in args.store:  # s3://bucket/a/vol -> s3://bucket/a/patch_stores
+        scheme, rest = args.store.rstrip("/").split("://", 1)
+        parent = rest.rsplit("/", 1)[0] if "/" in rest else rest
+        return output_dir(f"{scheme}://{parent}/patch_stores", "--out (default: patch_stores beside the volume store)")
     return output_dir(str(Path(args.store).resolve().parent / "patch_stores"),
                       "--out (default: patch_stores beside the volume store)")
 
