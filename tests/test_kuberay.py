@@ -231,3 +231,146 @@ def test_mlflow_server_authenticated_and_reachable_only_inside(docs):
     assert allowed_from == PART_OF and rule["ports"] == [{"port": 5000}]
     for template in _pod_templates(docs):  # every Ray pod (drivers, train workers) may reach it
         assert template["metadata"]["labels"].items() >= allowed_from.items()
+
+
+# ---------------------------------------------------------------- the object-storage variant (object-storage/)
+
+OBJECT_STORAGE = MANIFESTS / "object-storage"
+BUCKET_SECRET = "genesis-object-storage"
+
+
+@pytest.fixture(scope="module")
+def bucket_docs() -> list[dict]:
+    out = []
+    for path in sorted(OBJECT_STORAGE.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        assert "/shared" not in text and "genesis-shared" not in text, path  # no shared filesystem anywhere
+        for doc in yaml.safe_load_all(text):
+            assert doc and {"apiVersion", "kind", "metadata"} <= doc.keys(), path
+            doc["_file"] = path.name
+            out.append(doc)
+    return out
+
+
+def test_object_storage_variant_matches_the_crds_and_has_no_shared_claim(bucket_docs, validators):
+    ray_docs = [d for d in bucket_docs if d["apiVersion"] == "ray.io/v1"]
+    assert {d["kind"] for d in ray_docs} == {"RayCluster", "RayJob"}
+    for d in ray_docs:
+        assert _errors(validators[d["kind"]], d["spec"]) == [], d["_file"]
+    claims = _of(bucket_docs, "PersistentVolumeClaim")
+    assert [c["metadata"]["name"] for c in claims] == ["genesis-mlflow-db"]  # the MLflow database's own volume
+    assert all("ReadWriteMany" not in c["spec"]["accessModes"] for c in claims)
+    for template in _pod_templates(bucket_docs):
+        for v in template["spec"].get("volumes", []):
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] == "genesis-mlflow-db"
+    # the same objects as the shared-filesystem manifests, so either folder is applied, not both
+    assert {d["metadata"]["name"] for d in ray_docs} == {"genesis", "genesis-convert", "genesis-pretrain",
+                                                           "genesis-transfer"}
+
+
+def test_object_storage_credentials_come_from_one_secret_on_the_pods_that_touch_the_bucket(bucket_docs):
+    secrets = {d["metadata"]["name"]: d for d in _of(bucket_docs, "Secret")}
+    assert set(secrets) == {"genesis-ray-token", "genesis-mlflow-auth", BUCKET_SECRET}
+    assert set(secrets[BUCKET_SECRET]["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    for s in secrets.values():  # no value committed
+        assert all(v == "" for v in s["stringData"].values()), s["metadata"]["name"]
+    cluster = _one(bucket_docs, "RayCluster", "genesis")["spec"]
+    mlflow_pod = _one(bucket_docs, "Deployment", "genesis-mlflow")["spec"]["template"]
+    with_bucket = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"]),
+                   mlflow_pod]
+    for template in with_bucket:
+        for c in _containers(template):
+            assert c["envFrom"] == [{"secretRef": {"name": BUCKET_SECRET}}], c["name"]
+            assert not {n for n in _env(c) if n.startswith("AWS_")}, c["name"]  # the keys only through the Secret
+    for job in _of(bucket_docs, "RayJob"):  # the submitter talks to Ray only
+        (submitter,) = _containers(job["spec"]["submitterPodTemplate"])
+        assert "envFrom" not in submitter and not {n for n in _env(submitter) if n.startswith("AWS_")}
+        _assert_token_auth(submitter)
+        assert "AWS_" not in job["spec"]["runtimeEnvYAML"]
+    for template in _pod_templates(bucket_docs):
+        for c in _containers(template):
+            assert c["image"] == "genesis-pipeline:0.1.0"
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        (c,) = _containers(group["template"])
+        _assert_token_auth(c)
+        assert _env(c)["MLFLOW_TRACKING_URI"]["value"] == "http://genesis-mlflow:5000"
+
+
+def _bucket_urls(words: list[str]) -> list[str]:
+    return [w for w in words if w.startswith("s3://")]
+
+
+def test_object_storage_jobs_keep_stores_checkpoints_and_results_in_the_bucket(bucket_docs):
+    from pipeline.cli import build_parser
+
+    jobs = {d["metadata"]["name"]: d["spec"] for d in _of(bucket_docs, "RayJob")}
+    options = {}
+    for name, spec in jobs.items():
+        assert spec["clusterSelector"] == {"ray.io/cluster": "genesis"}
+        assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/opt/genesis-pipeline"
+        command = name.removeprefix("genesis-")
+        words = shlex.split(spec["entrypoint"].split("&&")[-1])
+        assert words[:2] == ["python", f"jobs/{command}.py"] and (REPO / words[1]).is_file()
+        args = build_parser().parse_args([command, *words[2:]])  # the arguments are the CLI's
+        options[command] = args
+        assert _bucket_urls(words) and all(u.startswith("s3://genesis-data/") for u in _bucket_urls(words))
+    assert options["convert"].store.startswith("s3://genesis-data/stores/")
+    for command in ("pretrain", "transfer"):
+        assert options[command].storage_path == "s3://genesis-data/ray_results"
+        patches = options[command].patches
+        assert (patches[0] if isinstance(patches, list) else patches).startswith("s3://genesis-data/patch_stores")
+    # convert stages its raw scans on the head's scratch volume, where its Dask workers read them
+    stage, _ = jobs["genesis-convert"]["entrypoint"].split("&&")
+    assert "'/scratch/luna16'" in stage and options["convert"].sources == ["/scratch/luna16"]
+    head = _one(bucket_docs, "RayCluster", "genesis")["spec"]["headGroupSpec"]["template"]
+    (c,) = _containers(head)
+    scratch = next(m for m in c["volumeMounts"] if m["mountPath"] == "/scratch")
+    volume = next(v for v in head["spec"]["volumes"] if v["name"] == scratch["name"])
+    assert "emptyDir" in volume
+
+
+def test_object_storage_convert_staging_runs_against_a_real_s3_api(bucket_docs, s3_server, bucket, tmp_path):
+    """The staging command of the convert job, run as written (bucket and scratch folder swapped for the test's):
+    pyarrow's S3 filesystem with the AWS variables alone copies every source file."""
+    import os
+    import sys
+
+    spec = _one(bucket_docs, "RayJob", "genesis-convert")["spec"]
+    stage = shlex.split(spec["entrypoint"].split("&&")[0])
+    assert stage[:2] == ["python", "-c"]
+    code = stage[2].replace("s3://genesis-data/", f"s3://{bucket}/").replace("/scratch/", f"{tmp_path}/")
+    s3 = s3_server.client()
+    files = {"raw/luna16/subset0/1.2.3.mhd": b"ObjectType = Image\n", "raw/luna16/subset0/1.2.3.raw": b"\x00" * 64}
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, timeout=120,
+                          encoding="utf-8", errors="replace")
+    assert done.returncode == 0, done.stderr
+    for key, body in files.items():
+        assert (tmp_path / key.removeprefix("raw/")).read_bytes() == body
+
+
+def test_object_storage_mlflow_proxies_artifacts_to_the_bucket(bucket_docs):
+    pod = _one(bucket_docs, "Deployment", "genesis-mlflow")["spec"]["template"]
+    (c,) = _containers(pod)
+    script = c["args"][0]
+    subprocess.run(["bash", "-n", "-c", script], check=True)
+    server = shlex.split(script[script.index("exec mlflow server"):])
+    assert server[server.index("--app-name") + 1] == "basic-auth"
+    assert server[server.index("--artifacts-destination") + 1] == "s3://genesis-data/mlflow"
+    assert "--no-serve-artifacts" not in server and "--artifacts-only" not in server
+    assert '-lt 16 ]' in script and "exit 2" in script
+    endpoint = _env(c)["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]
+    assert endpoint == {"name": BUCKET_SECRET, "key": "AWS_ENDPOINT_URL", "optional": True}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/mlflow-db", "/etc/genesis-mlflow"}
+    service = _one(bucket_docs, "Service", "genesis-mlflow")
+    assert service["spec"]["type"] == "ClusterIP"
+    policy = _one(bucket_docs, "NetworkPolicy", "genesis-mlflow")["spec"]
+    assert policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == PART_OF
+    for template in _pod_templates(bucket_docs):
+        assert template["metadata"]["labels"].items() >= PART_OF.items()

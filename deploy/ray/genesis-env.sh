@@ -80,7 +80,7 @@ genesis_start_services() {
     # Head only: the authenticated MLflow server on the private address, then the client credentials the
     # jobs read (~/.mlflow/credentials, 0600; cluster_synced_files copies it to the workers).
     genesis_require_head_ip || return
-    mkdir -p "$GENESIS_MLFLOW_ARTIFACTS" || return
+    case "$GENESIS_MLFLOW_ARTIFACTS" in *://*) ;; *) mkdir -p "$GENESIS_MLFLOW_ARTIFACTS" || return ;; esac
     python -m pipeline.services start-mlflow --root "$GENESIS_STATE" \
         --host "$GENESIS_HEAD_IP" --port "$GENESIS_MLFLOW_PORT" \
         --backend-store-uri "$GENESIS_MLFLOW_BACKEND" --artifacts-destination "$GENESIS_MLFLOW_ARTIFACTS" \

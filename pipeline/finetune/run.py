@@ -166,13 +166,14 @@ def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bo
 
     from pipeline.finetune.config import preset as make_preset
     from pipeline.patches.store import PatchStore
-
+    from pipeline.runtime.paths import store_location
+    from pipeline.storage.objects import is_remote
     from pipeline.tasks.registry import resolve_task
     from pipeline.tasks.task_file import is_task_file
 
     if is_task_file(task):
         resolve_task(task)  # a task file is checked first: its errors name the file, the key and the value
-    if not Path(patches).is_dir():
+    if not is_remote(patches) and not Path(patches).is_dir():  # a bucket's store: PatchStore says what is wrong
         raise ValueError(f"{patches}: no such patch store")
     store = PatchStore(patches)
     if not store.is_task:
@@ -196,7 +197,7 @@ def prepare(patches: str, task: str, *, preset: str = "tiny", freeze_encoder: bo
             raise ValueError(f"{patches}: scans.parquet lists no test case")
     elif not len(store.rows("test")):
         raise ValueError(f"{patches}: no test cubes")
-    return Prepared(patches=str(Path(patches).resolve()), store_key=store.key, spec=spec, config=config,
+    return Prepared(patches=store_location(patches), store_key=store.key, spec=spec, config=config,
                     train_rows=train_rows.tolist(), val_rows=val_rows.tolist(), fold=fold, task_source=source)
 
 
@@ -217,10 +218,11 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
     from pipeline.runtime.hooks import stop_point
     from pipeline.runtime.tracking import Tracker, check_experiment, check_uri
     from pipeline.storage.leases import RunHeartbeat
+    from pipeline.storage.objects import is_remote
 
     ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address, failures=max_failures)
     check_experiment(experiment)
-    if test_fold is None and Path(patches).is_dir():
+    if test_fold is None and (is_remote(patches) or Path(patches).is_dir()):
         try:
             test_fold = (PatchStore(patches).folds or (None,))[0]
         except ValueError:  # not a patch store: prepare() says so
@@ -266,7 +268,7 @@ def finetune(patches: str, task: str, init: str = "scratch", *, preset: str = "t
         outcome = driver.recorded(tracker, run_id, work, ray_address)
     finally:
         heartbeat.stop()
-    return FinetuneResult(name=name, task=spec.name, init=init, path=outcome.path or str(Path(str(storage)) / name),
+    return FinetuneResult(name=name, task=spec.name, init=init, path=outcome.path or f"{storage.rstrip('/')}/{name}",
                           mlflow_run_id=run_id, tracking_uri=tracker.uri, registered_as=loop_config["register_as"],
                           metrics=tracker.run_metrics(run_id), error=outcome.error,
                           registered_version=registered_version(tracker, spec.name, run_id), closed=closed)

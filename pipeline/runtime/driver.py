@@ -16,19 +16,25 @@ Either way the driver reads the file and marks the run FAILED with "...; a deter
 but whose MLflow run is not FINISHED (its rank 0 could not log its model or end the run) is a failure too, named
 by the run's `error` tag when the worker could write it. Worker deaths, lost nodes and other runtime errors are
 raised, and retried as before.
+
+The storage path is a folder (local or shared) or a bucket, s3://BUCKET/PREFIX (`storage_filesystem`): Ray
+Train then keeps its checkpoints in the bucket through pyarrow's S3 filesystem, so a worker group restarted
+on other nodes, or a `--resume`, reads them back from there; no node needs a shared filesystem.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.runtime.errors import disk_full, failure_reason, is_deterministic, one_line
 
-__all__ = ["Outcome", "EndOnDeterministicError", "scaling", "fit", "recorded", "FAILURE_KEY"]
+__all__ = ["Outcome", "EndOnDeterministicError", "scaling", "fit", "recorded", "FAILURE_KEY", "storage_filesystem",
+           "run_config_storage"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +51,49 @@ class Outcome:
     error: str | None = None
 
 
-def _open(uri: str):
+def storage_filesystem(storage: str) -> tuple[object, str]:
+    """(pyarrow filesystem, path in it) of a storage location: a local folder, or s3://BUCKET/PREFIX.
+
+    Ray Train keeps its checkpoints through pyarrow's filesystems. A bucket's is built here from the same AWS
+    environment the stores use (`pipeline.storage.objects.s3_settings`: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL,
+    the region), not left to `FileSystem.from_uri`, whose reading of the endpoint variables has varied between
+    pyarrow releases (apache/arrow#49643). The keys are not passed: pyarrow reads them from the environment (or
+    ~/.aws) in every process that opens the filesystem, so the pickled filesystem Ray ships to its workers
+    carries none (a filesystem given explicit keys would pickle them)."""
     from pyarrow import fs
 
-    return fs.FileSystem.from_uri(uri)
+    from pipeline.storage.objects import is_remote, s3_settings, split_url
+
+    storage = str(storage)
+    if not is_remote(storage):
+        path = storage[len("file://"):] if storage.startswith("file://") else storage
+        return fs.LocalFileSystem(), path
+    _scheme, bucket, prefix = split_url(storage)
+    conf = s3_settings()
+    options: dict = {"region": conf["region"], "connect_timeout": 5, "request_timeout": 120,
+                     "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=3)}
+    endpoint = conf.get("endpoint")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options.update(endpoint_override=(host or scheme).rstrip("/"), scheme=scheme if host else "https")
+    if os.environ.get("AWS_SKIP_SIGNATURE", "").lower() in ("1", "true"):  # a public bucket, as the stores say
+        options["anonymous"] = True
+    return fs.S3FileSystem(**options), "/".join(p for p in (bucket, prefix) if p)
+
+
+def run_config_storage(storage: str) -> dict:
+    """RunConfig's `storage_path` and `storage_filesystem` for a storage location (see `storage_filesystem`):
+    the plain path for a local folder, the bucket's filesystem and `BUCKET/PREFIX` for s3://."""
+    from pipeline.storage.objects import is_remote
+
+    if not is_remote(str(storage)):
+        return {"storage_path": str(storage)}
+    filesystem, path = storage_filesystem(storage)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
+def _open(uri: str):
+    return storage_filesystem(uri)
 
 
 def _read_failure(uri: str) -> str | None:
@@ -126,11 +171,12 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, *, name: str, stora
         trainer = TorchTrainer(
             EndOnDeterministicError(train_fn), train_loop_config={**loop_config, FAILURE_KEY: failure_file},
             scaling_config=scaling(workers, gpus_per_worker),
-            run_config=RunConfig(name=name, storage_path=storage,
+            run_config=RunConfig(name=name, **run_config_storage(storage),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks))
         result = trainer.fit()
-        outcome = Outcome(path=str(result.path), metrics=dict(result.metrics or {}))
+        # in a bucket Ray's path has no scheme (BUCKET/PREFIX/NAME): the run folder is said as the user wrote it
+        outcome = Outcome(path=folder if "://" in storage else str(result.path), metrics=dict(result.metrics or {}))
         if result.error:
             outcome.error = failure_reason(result.error)
     except Exception as exc:  # noqa: BLE001 - TrainingFailedError and friends: recorded as the run's cause

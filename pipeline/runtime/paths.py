@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pipeline.runtime.errors import UsageError
 
-__all__ = ["SHARED_ROOT_ENV", "RAY_JOB_ENV", "in_ray_job", "shared_path", "output_dir", "output_file", "files_sha256"]
+__all__ = ["SHARED_ROOT_ENV", "RAY_JOB_ENV", "in_ray_job", "shared_path", "output_dir", "output_file", "files_sha256",
+           "store_location"]
 
 SHARED_ROOT_ENV = "GENESIS_SHARED_ROOT"
 RAY_JOB_ENV = ("RAY_JOB_SUBMISSION_ID", "RAY_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR")
@@ -85,10 +86,21 @@ def _write_probe(folder: Path, option: str, shown: str) -> None:
 
 def output_dir(value: str | os.PathLike | None, option: str, default: str | None = None) -> str | None:
     """A folder that will be written (created when missing): absolute (see `shared_path`), not a file, not under
-    a file, writable. URIs are returned unchecked (their filesystem says for itself)."""
+    a file, writable. A bucket (s3://BUCKET/PREFIX) is checked as `pipeline.storage.objects.Tree.check` checks
+    it: an unknown scheme, no bucket, missing or refused credentials, an endpoint that does not answer or a
+    bucket that does not exist is one line (StorageError, exit 2), in seconds, before anything is written.
+    file:// URIs are returned as given."""
     resolved = shared_path(value, option, default)
-    if resolved is None or "://" in resolved:
+    if resolved is None or resolved.startswith("file://"):
         return resolved
+    if "://" in resolved:
+        from pipeline.storage.objects import StorageError, open_tree
+
+        try:
+            open_tree(resolved).check()
+        except StorageError as err:
+            raise StorageError(f"{option} {err}") from None
+        return resolved.rstrip("/")
     shown = os.fspath(value) if value is not None else resolved
     path = Path(resolved)
     if path.exists() and not path.is_dir():
@@ -98,6 +110,13 @@ def output_dir(value: str | os.PathLike | None, option: str, default: str | None
         raise UsageError(f"{option} {shown}: {existing} is a file, so no folder can be made under it")
     _write_probe(existing, option, shown)
     return resolved
+
+
+def store_location(value: str | os.PathLike) -> str:
+    """A store's location as workers must be told it: a bucket URL unchanged (never through `Path`, which would
+    fold s3:// into s3:/), a local path absolute."""
+    text = os.fspath(value)
+    return text if "://" in text else str(Path(text).resolve())
 
 
 def output_file(value: str | os.PathLike, option: str) -> str:

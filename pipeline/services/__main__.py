@@ -5,6 +5,7 @@
     stop-mlflow  --root DIR
     ray-token    --root DIR                      creates DIR/ray-token (0600) if absent, prints its path
     cluster-up   [--dir cluster] [--head-cpus N] [--node-cpus N] [--object-store-mb M]   (make cluster-up)
+                 [--artifacts-destination s3://BUCKET/PREFIX]
     cluster-down [--dir cluster]                                                          (make cluster-down)
     add-node     [--dir cluster] [--cpus N]      one more worker node (e.g. replacing one that died)
     env          [--dir cluster]                 shell exports for `ray job submit` and MLflow: eval "$(...)"
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", required=True, type=port, metavar="PORT", help="port to listen on")
     s.add_argument("--backend-store-uri", metavar="URI", help="runs and models (default: sqlite:///ROOT/mlflow.db)")
     s.add_argument("--artifacts-destination", metavar="PATH_OR_URI",
-                   help="artifact store, path or URI (default: ROOT/artifacts)")
+                   help="artifact store, a path or s3://BUCKET/PREFIX (proxied: only the server needs the AWS_* "
+                        "variables; AWS_ENDPOINT_URL for MinIO/Ceph) (default: ROOT/artifacts)")
     s.add_argument("--allowed-hosts", default="", metavar="H1,H2",
                    help="Host headers accepted besides HOST:PORT and localhost:PORT (default: none)")
     s.add_argument("--public", action="store_true", help="allow a --host that binds every interface")
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the MLflow server's port (default: a free one)")
             c.add_argument("--dashboard-port", type=port, metavar="PORT",
                            help="the Ray dashboard's port (default: a free one)")
+            c.add_argument("--artifacts-destination", metavar="PATH_OR_URI",
+                           help="the MLflow server's artifact store, e.g. s3://BUCKET/mlflow (default: "
+                                "DIR/mlflow/artifacts)")
         if name == "add-node":
             c.add_argument("--cpus", type=positive_int, default=1, metavar="N", help="CPUs the new node declares")
     return p
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "cluster-up":
         config = lc.LocalClusterConfig(dir=args.dir, head_cpus=args.head_cpus, node_cpus=args.node_cpus,
                                        object_store_mb=args.object_store_mb, mlflow_port=args.mlflow_port,
-                                       dashboard_port=args.dashboard_port)
+                                       dashboard_port=args.dashboard_port,
+                                       artifacts_destination=args.artifacts_destination)
         print(lc.describe(lc.cluster_up(config)))
     elif args.command == "cluster-down":
         stopped = lc.cluster_down(args.dir)

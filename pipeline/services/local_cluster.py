@@ -65,6 +65,9 @@ class LocalClusterConfig:
     """None: a free port."""
     dashboard_port: int | None = None
     """None: a free port."""
+    artifacts_destination: str | None = None
+    """Where the MLflow server keeps artifacts: None for CLUSTER/mlflow/artifacts, or s3://BUCKET/PREFIX (the
+    server alone gets the AWS environment; jobs log through it, `pipeline.services.mlflow_server`)."""
     start_timeout_s: float = 240.0
 
     def __post_init__(self) -> None:
@@ -266,7 +269,8 @@ def cluster_up(config: LocalClusterConfig) -> dict:
         info["nodes"].append({**node, "alive_expected": True})
         _write_cluster(root, info)
         server = start_mlflow(MlflowServerConfig(root=root / "mlflow", host="127.0.0.1", port=mlflow_port,
-                                                 workers=1, start_timeout_s=config.start_timeout_s))
+                                                 workers=1, start_timeout_s=config.start_timeout_s,
+                                                 artifacts_destination=config.artifacts_destination))
         info["mlflow"].update(_record("mlflow", server.pid, Path(server.log)))
         _write_cluster(root, info)
         _wait_for_nodes(info, 2, deadline)

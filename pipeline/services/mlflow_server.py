@@ -21,6 +21,14 @@ MLflow ships no default admin password, but a config that names none makes the s
 config left at its example value would be a known password: the password is generated here and set through the
 auth config, so no default credential is ever live. New experiments of a server started this way keep their
 artifacts in the proxied store (`mlflow-artifacts:/`), so clients never need the server's filesystem.
+
+Artifacts in a bucket: `--artifacts-destination s3://BUCKET/PREFIX`. The server alone talks to the bucket (MLflow's
+S3 artifact repository, through boto3), with the standard AWS environment it is started with (the keys, the
+region; AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for MinIO, Ceph or moto, handed to MLflow as
+MLFLOW_S3_ENDPOINT_URL unless that is set); clients upload and download through the server and need no bucket
+credentials. The bucket is checked before the server starts (`pipeline.storage.objects.Tree.check`: a missing
+bucket, refused keys or an endpoint that does not answer is one line, exit 2), and the keys are never written
+into ROOT, the log or mlflow.json.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.runtime.errors import UsageError
 from pipeline.runtime.net import binds_every_interface
 from pipeline.services.private_files import PRIVATE_UMASK, ensure_secret, private_tree, read_secret, write_private
 from pipeline.services.processes import ServiceError, running_pid, start_until_ready, stop_recorded
@@ -183,6 +192,30 @@ def server_info(root: Path) -> MlflowServer | None:
     return info if info.pid == pid else None
 
 
+def _bucket_env(artifacts: str) -> dict[str, str]:
+    """What the server's environment needs for an artifact destination in a bucket (s3://), after checking the
+    bucket answers with this environment's credentials; {} for a folder. UsageError (exit 2) for a destination
+    that cannot be used: no bucket, missing or refused keys, an endpoint that does not answer, no boto3. Other
+    schemes MLflow knows (gs://, wasbs://, ...) are handed to it as they are."""
+    import importlib.util
+
+    from pipeline.storage.objects import StorageError, open_tree
+
+    if artifacts.split("://", 1)[0].lower() != "s3" or "://" not in artifacts:
+        return {}
+    try:
+        open_tree(artifacts).check()
+    except StorageError as err:
+        raise StorageError(f"--artifacts-destination {err}") from None
+    if importlib.util.find_spec("boto3") is None:
+        raise UsageError(f"--artifacts-destination {artifacts}: MLflow's S3 artifact store needs boto3 in the "
+                         f"server's environment (pip install boto3)")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        return {"MLFLOW_S3_ENDPOINT_URL": endpoint}
+    return {}
+
+
 def start_mlflow(config: MlflowServerConfig) -> MlflowServer:
     """Start the authenticated server detached, in its own session, and return once it answers an
     authenticated request; a server this ROOT already runs on the same address is returned as it is."""
@@ -194,6 +227,7 @@ def start_mlflow(config: MlflowServerConfig) -> MlflowServer:
                                f"(pid {running.pid}); stop it first (python -m pipeline.services stop-mlflow "
                                f"--root {root})")
         return running
+    bucket_env = _bucket_env(config.artifacts)  # a bucket destination is usable, before anything is written
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not os.access(root, os.W_OK):
         raise ServiceError(f"--root {root}: not writable")
@@ -210,6 +244,7 @@ def start_mlflow(config: MlflowServerConfig) -> MlflowServer:
            if k not in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_URI")}
     # MLflow's GenAI job runner (a dozen huey processes) serves nothing this pipeline uses
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env.update(bucket_env)
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / INI_FILE),
                MLFLOW_FLASK_SERVER_SECRET_KEY=ensure_secret(root / SECRET_FILE, nbytes=32))
     argv = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",

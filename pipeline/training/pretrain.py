@@ -19,7 +19,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline import degenerate
 from pipeline.training.config import PretrainConfig, per_worker_batch
@@ -55,9 +54,19 @@ class PretrainResult:
         return "\n".join(lines)
 
 
-def _latest_run(storage: Path) -> str | None:
-    runs = sorted((p.stat().st_mtime, p.parent.name) for p in storage.glob(f"*/{RUN_FILE}") if p.is_file())
-    return runs[-1][1] if runs else None
+def _latest_run(storage) -> str | None:
+    """The newest run under a storage tree (`pipeline.storage.objects.Tree`): by its run file's `created` time
+    (a bucket keeps no usable modification time), by the file's mtime on disk for runs written before."""
+    runs = []
+    for name in storage.listdir():
+        try:
+            meta = json.loads(storage.read(f"{name}/{RUN_FILE}"))
+        except (OSError, ValueError):  # not a run folder (or one still being written)
+            continue
+        local = storage.local
+        created = meta.get("created") or ((local / name / RUN_FILE).stat().st_mtime if local else 0.0)
+        runs.append((created, name))
+    return max(runs)[1] if runs else None
 
 
 def validation_warning(store) -> str | None:
@@ -109,22 +118,23 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
     from pipeline.patches.store import PatchStore
     from pipeline.runtime import driver
     from pipeline.runtime.errors import failure_reason
-    from pipeline.runtime.paths import output_dir
+    from pipeline.runtime.paths import output_dir, store_location
     from pipeline.runtime.tracking import PRETRAINED_MODEL, Tracker, check_experiment, check_uri
+    from pipeline.storage.objects import open_tree
 
     # everything that can be wrong before Ray and the MLflow run exist, each naming its option
     ray_resources(workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address, failures=max_failures)
     check_experiment(experiment)
     store = PatchStore(patches)  # fails early, naming the path, when it is not a patch store
     warning = None if store.is_task else validation_warning(store)
-    storage = output_dir(storage_path, "--storage-path", default="ray_results")
-    if "://" not in storage:
-        storage = Path(storage)
+    storage = output_dir(storage_path, "--storage-path", default="ray_results")  # a folder or s3://, checked
+    runs = open_tree(storage)
+    patches = store_location(patches)
     if resume:
-        name = name or (_latest_run(Path(storage)) if isinstance(storage, Path) else None)
-        if not name or not (Path(storage) / name / RUN_FILE).exists():
+        name = name or _latest_run(runs)
+        if not name or not runs.exists(f"{name}/{RUN_FILE}"):
             raise ValueError(f"--resume: no run {'named ' + repr(name) if name else 'found'} under {storage}")
-        meta = json.loads((Path(storage) / name / RUN_FILE).read_text())
+        meta = json.loads(runs.read(f"{name}/{RUN_FILE}"))
         if meta["patches_key"] != store.key:
             raise ValueError(f"--resume: run {name} trained on patch store {meta['patches_key']}, not {store.key}")
         run_id, uri = meta["mlflow_run_id"], check_uri(meta["tracking_uri"])
@@ -141,17 +151,15 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
         if warning:
             tags["validation"] = f"on training cubes: {warning}"
         run_id = tracker.create_run(experiment, name, tags=tags, command="genesis pretrain")
-        try:
-            if isinstance(storage, Path):
-                (storage / name).mkdir(parents=True, exist_ok=True)
-                (storage / name / RUN_FILE).write_text(json.dumps({
-                    "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "patches": str(Path(patches).resolve()),
-                    "patches_key": store.key, "config": config.to_dict()}, indent=1))
+        try:  # beside Ray's checkpoints, on disk or in the bucket: what `--resume` continues from
+            runs.write(f"{name}/{RUN_FILE}", json.dumps({
+                "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "patches": patches,
+                "patches_key": store.key, "config": config.to_dict(), "created": time.time()}, indent=1).encode())
         except BaseException as exc:  # the run exists now: never leave it RUNNING
             tracker.mark_failed(run_id, reason=failure_reason(exc))
             raise
 
-    loop_config = {"pretrain": config.to_dict(), "patches": str(Path(patches).resolve()), "tracking_uri": tracker.uri,
+    loop_config = {"pretrain": config.to_dict(), "patches": patches, "tracking_uri": tracker.uri,
                    "mlflow_run_id": run_id, "gpus_per_worker": gpus_per_worker,
                    "register_as": register_as or PRETRAINED_MODEL, "system_metrics": system_metrics,
                    # tests only (pipeline.runtime.hooks): {"rank": 1, "epoch": 1, "marker": path} kills that worker
@@ -167,6 +175,6 @@ def pretrain(patches: str, config: PretrainConfig, *, workers: int = 2, gpus_per
                               gpus_per_worker=gpus_per_worker, max_failures=max_failures)
 
     outcome = driver.recorded(tracker, run_id, work, ray_address)
-    return PretrainResult(name=name, path=outcome.path or str(Path(str(storage)) / name), mlflow_run_id=run_id,
+    return PretrainResult(name=name, path=outcome.path or f"{storage.rstrip('/')}/{name}", mlflow_run_id=run_id,
                           tracking_uri=tracker.uri, metrics=outcome.metrics, error=outcome.error,
                           warnings=(warning,) if warning else ())

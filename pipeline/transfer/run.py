@@ -33,6 +33,7 @@ Order of work, and why:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import time
@@ -45,6 +46,7 @@ from pipeline.cluster import TRIAL_RESOURCE, ensure_ray, ray_resources
 from pipeline.cluster import verbose as ray_output_shown
 from pipeline.runtime.tracking import Tracker
 from pipeline.storage.leases import ExperimentLease
+from pipeline.storage.objects import open_tree
 from pipeline.tasks.registry import BUILTIN_SOURCE
 from pipeline.transfer.grid import Cell, GridConfig, cells_of, folds_of, grid_key, group_cells, short_init
 
@@ -60,7 +62,8 @@ class TransferResult:
     failed: pd.DataFrame
     cells: pd.DataFrame
     markdown: str
-    results_dir: Path
+    results_dir: Path | str
+    """Where the result files were written: a folder, or an s3:// prefix."""
     reused: int
     ran: int
 
@@ -89,15 +92,17 @@ def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> d
         if missing:
             raise ValueError(f"no patch store given for task(s) {missing}")
         return {t: str(patches[t]) for t in tasks}
-    root = Path(patches)
-    if not root.is_dir():
+    root = open_tree(patches)  # a folder, or a prefix in a bucket (s3://BUCKET/PREFIX)
+    names = root.listdir()
+    if not names and (root.local is None or not root.local.is_dir()):
         raise ValueError(f"{root}: no such folder of patch stores")
     found: dict[str, str] = {}
     for task in tasks:
         candidates = []
-        for p in sorted(root.glob(f"task-{task}-*")):
+        for name in (n for n in names if fnmatch.fnmatchcase(n, f"task-{task}-*")):
+            p = root.child(name)
             try:
-                if PatchStore(p).attrs.get("task") == task:
+                if PatchStore(p.url).attrs.get("task") == task:
                     candidates.append(p)
             except (ValueError, OSError):
                 continue  # still being built, or not a store: not a candidate
@@ -107,7 +112,7 @@ def find_task_stores(patches: str | dict[str, str], tasks: tuple[str, ...]) -> d
         if len(candidates) > 1:
             raise ValueError(f"{root}: {len(candidates)} {task} task stores ({', '.join(p.name for p in candidates)}); "
                              f"choose one with --patches {task}=PATH")
-        found[task] = str(candidates[0])
+        found[task] = candidates[0].url
     return found
 
 
@@ -296,6 +301,7 @@ def _run_grid(tracker: Tracker, grid: GridConfig, key: str, cells: list[Cell], s
 
     from pipeline.finetune.init import check_init, read_init
     from pipeline.finetune.run import prepare
+    from pipeline.runtime.driver import run_config_storage
     from pipeline.runtime.tracking import entry_point
     from pipeline.transfer.progress import GridCounts, GridProgress, cell_line
     from pipeline.transfer.table import cells_from_mlflow
@@ -365,13 +371,33 @@ def _run_grid(tracker: Tracker, grid: GridConfig, key: str, cells: list[Cell], s
             tune_config=tune.TuneConfig(max_concurrent_trials=grid.max_concurrent,
                                         trial_name_creator=lambda t: f"g{t.config['group']}",
                                         trial_dirname_creator=lambda t: f"g{t.config['group']}-{t.trial_id}"),
-            run_config=tune.RunConfig(name=settings["name"], storage_path=settings["storage"],
+            run_config=tune.RunConfig(name=settings["name"], **run_config_storage(settings["storage"]),
                                       verbose=(1 if verbose is None else verbose) if shown else 0,
                                       callbacks=[progress]),
         )
         with _tune_output(shown):
             tuner.fit()
     return _finish(tracker, parent, settings, results_dir, reused=len(cells) - len(pending), ran=ran)
+
+
+@contextlib.contextmanager
+def _results_folder(dest: str):
+    """A folder to write the grid's result files into: `dest` itself on disk; for a bucket (s3://...) a
+    temporary folder whose files are uploaded under `dest` when the block ends (the table's writers and
+    MLflow's artifact logging take local files)."""
+    if "://" not in dest:
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="genesis-results-") as tmp:
+        yield Path(tmp)
+        tree = open_tree(dest)
+        for f in sorted(Path(tmp).rglob("*")):
+            if f.is_file():
+                tree.write(f.relative_to(tmp).as_posix(), f.read_bytes())
 
 
 def _finish(tracker: Tracker, parent: str, settings: dict, results_dir: str | None, reused: int,
@@ -381,18 +407,19 @@ def _finish(tracker: Tracker, parent: str, settings: dict, results_dir: str | No
 
     cells = T.cells_from_mlflow(tracker, parent)
     table, failed = T.results_table(cells), T.failures(cells)
-    out = Path(results_dir) if results_dir else Path(settings["storage"]) / settings["name"] / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    T.write_results(table, failed, cells, out)
-    T.log_results(tracker, parent, out)
+    dest = results_dir or f"{settings['storage'].rstrip('/')}/{settings['name']}/results"
     markdown = T.to_markdown(table, failed)
-    summarise_parent_run(tracker, parent, table, markdown, out)  # the table where a user looks in the UI
+    with _results_folder(dest) as out:
+        T.write_results(table, failed, cells, out)
+        T.log_results(tracker, parent, out)
+        summarise_parent_run(tracker, parent, table, markdown, out)  # the table where a user looks in the UI
     champions = set_champions(tracker, cells)
     for task, version in champions.items():
         tracker.client.set_tag(parent, f"champion.{task}", version)
     tracker.client.set_terminated(parent, status="FINISHED")
     return TransferResult(parent_run_id=parent, tracking_uri=tracker.uri, table=table, failed=failed, cells=cells,
-                          markdown=markdown, results_dir=out, reused=reused, ran=ran)
+                          markdown=markdown, results_dir=Path(dest) if "://" not in dest else dest, reused=reused,
+                          ran=ran)
 
 
 def set_champions(tracking: Tracker | str, cells: pd.DataFrame) -> dict[str, str]:
