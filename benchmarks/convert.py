@@ -11,7 +11,12 @@ largest scan; d < 5% of c.
 `--quick` runs every step on the smallest data (2 tiny phantoms, 40 x 64 x 64) in seconds: a check that the
 benchmark still runs, not a measurement (its targets are not judged).
 
-    .venv/bin/python benchmarks/convert.py [--scans 8] [--data DIR] [--repeat N] [--quick] [--work DIR]
+`--s3` adds the same conversions into a bucket of a local S3 server (moto, tests/s3_server.py, started and
+stopped here): (e) 1 worker and (f) 2 workers into s3://, as MB/s and as a fraction of (b) and (c) on disk
+(target, issue 20: >= 0.7), and (g) the rerun over the finished bucket store. moto is a Python server on the
+same cores, so these are a floor for what an S3 service gives.
+
+    .venv/bin/python benchmarks/convert.py [--scans 8] [--data DIR] [--repeat N] [--quick] [--work DIR] [--s3]
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="take the best of N runs of each measurement")
     ap.add_argument("--quick", action="store_true", help="every step on the smallest data: a smoke run, not figures")
     ap.add_argument("--work", type=Path, help="work in DIR and keep it (default: a temporary folder, removed)")
+    ap.add_argument("--s3", action="store_true", help="also convert into a bucket of a local S3 server (moto)")
     args = ap.parse_args()
     scans = args.scans or (QUICK_SCANS if args.quick else 8)
     if scans < 1 or args.repeat < 1:
@@ -141,6 +147,42 @@ def main() -> None:
         print(f"peak memory of one task above its worker's idle RSS: {mem / 1e6:.1f} MB = "
               f"{mem / largest:.2f} x the largest scan (target < 3) {verdict(mem / largest < 3, quick)}; "
               f"worker peak RSS incl. libraries {max(s.peak_rss_bytes for s in summaries.values()) / 1e6:.0f} MB")
+        if args.s3:
+            bucket_figures(data, len(mhds), mb, settings, best, b, c, quick)
+
+
+def bucket_figures(data: Path, n: int, mb: float, settings: ConvertSettings, best, b: float, c: float,
+                   quick: bool) -> None:
+    """(e), (f), (g): the conversions into a bucket of a local S3 server, against (b) and (c) on disk."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from s3_server import S3Server, configure_environment, new_bucket
+
+    server = S3Server(configure_environment())
+    try:
+        bucket = new_bucket(server, "genesis-bench")
+        runs = iter(range(1000))
+
+        def run(workers: int) -> float:
+            s = convert([str(data)], f"s3://{bucket}/store{workers}-{next(runs)}", settings, workers=workers,
+                        progress=False)
+            assert s.ok and len(s.converted) == n, s.report()
+            return s.seconds
+
+        e = best(lambda: run(1))
+        f = best(lambda: run(2))
+        url = f"s3://{bucket}/store-rerun"
+        convert([str(data)], url, settings, workers=2, progress=False)
+        g = convert([str(data)], url, settings, workers=2, progress=False)
+        assert len(g.skipped) == n
+        print(f"(e) genesis convert --workers 1 to s3:// : {e:7.2f} s  {mb / e:7.1f} MB/s  = {b / e:.2f} of (b) "
+              f"on disk (target >= 0.7) {verdict(b / e >= 0.7, quick)}")
+        print(f"(f) genesis convert --workers 2 to s3:// : {f:7.2f} s  {mb / f:7.1f} MB/s  = {c / f:.2f} of (c) "
+              f"on disk (target >= 0.7) {verdict(c / f >= 0.7, quick)}")
+        print(f"(g) rerun over the finished bucket store: {g.seconds:7.2f} s  (a LIST per scan)")
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

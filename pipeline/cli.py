@@ -871,7 +871,6 @@ def _store_sequences(store: str, dataset: str) -> set[str]:
     """The sequences (source identifier `sequence`, lower-cased) of the volume store's ok scans of `dataset`, read
     from each scan's attributes (zarr.json) only: no voxels."""
     import json
-    from pathlib import Path
 
     from pipeline.volume_store.store import VolumeStore
 
@@ -880,8 +879,8 @@ def _store_sequences(store: str, dataset: str) -> set[str]:
     found = set()
     for sid in cat.loc[(cat["status"] == "ok") & (cat["dataset"] == dataset), "scan_id"]:
         try:
-            meta = json.loads((Path(vstore.scan_dir(sid)) / "zarr.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            meta = json.loads(vstore.tree.read(f"{vstore.scan_rel(sid)}/zarr.json"))
+        except (OSError, ValueError):  # FileNotFoundError included
             continue  # a damaged scan: the build names it
         ids = ((meta.get("attributes") or {}).get("genesis") or {}).get("source", {}).get("identifiers") or {}
         if ids.get("sequence"):

@@ -239,7 +239,10 @@ def dask_client(workers: int, scheduler: str | None):
     # Workers fork from this process, which has already imported SimpleITK, zarr and the
     # task code: 0.1 s to start two workers instead of 1-2 s with spawn. Override with
     # DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD=spawn if a library misbehaves after fork.
-    method = os.environ.get("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "fork")
+    # obstore's Rust runtime does not survive a fork once it has been used (the worker dies of SIGSEGV): a process
+    # that has opened a bucket spawns its workers. Local runs never import obstore, and keep fork.
+    default = "spawn" if "obstore" in sys.modules else "fork"
+    method = os.environ.get("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", default)
     processes = workers > 1
     # the preload ties each worker process's life to ours (added to any the user configured)
     preload = {"preload": [*dask.config.get("distributed.worker.preload", []), __name__]} if processes else {}

@@ -1,4 +1,9 @@
-"""Text views of stores for `genesis stores show|list` (volume stores now, patch stores alike)."""
+"""Text views of stores for `genesis stores show|list` (volume stores now, patch stores alike).
+
+A store is a folder or an `s3://BUCKET/PREFIX` (`pipeline.storage.objects`): kinds, sizes and listings are
+read through its Tree, and a location that cannot be used (bad URL, refused credentials, dead endpoint,
+missing bucket) is a StorageError (one line, exit 2) before anything else.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,29 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.console import EXIT_BUSY
+from pipeline.storage.objects import open_tree
 
 __all__ = ["show_store", "list_stores", "store_kind", "dir_size", "verify_command", "build_parser"]
 
 
-def store_kind(path: str | os.PathLike) -> str | None:
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
+def store_kind(path) -> str | None:
+    """The `genesis.kind` of the store at `path` (a folder, URL or Tree), None when it is not a store."""
+    try:
+        data = open_tree(path).read("zarr.json")
+    except (OSError, IsADirectoryError):
         return None
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("attributes", {}).get("genesis", {}).get("kind")
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads(data.decode("utf-8"))
+        return meta.get("attributes", {}).get("genesis", {}).get("kind")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None
 
 
-def dir_size(path: str | os.PathLike) -> int:
+def dir_size(path) -> int:
+    """Bytes of every file (object) under `path` (a folder, URL or Tree)."""
+    tree = open_tree(path)
+    if tree.local is None:
+        return sum(o.size for o in tree.list(""))
     total = 0
     for dirpath, _, files in os.walk(path):
         for f in files:
@@ -49,6 +62,7 @@ def show_store(path: str, all_columns: bool = False) -> str:
     from pipeline.volume_store.errors import StoreError
     from pipeline.volume_store.store import VolumeStore
 
+    open_tree(path).check()
     kind = store_kind(path)
     if kind == "volume-store":
         store = VolumeStore(path)
@@ -56,8 +70,11 @@ def show_store(path: str, all_columns: bool = False) -> str:
         n_ok = int((cat["status"] == "ok").sum())
         head = (f"volume store {path}: {len(cat)} scans ({n_ok} ok, {len(cat) - n_ok} failed), "
                 f"{dir_size(path) / 1e6:.1f} MB, created {store.attrs['created_at']}")
-        scans = Path(path) / "scans"
-        on_disk = sum(1 for p in scans.iterdir() if p.is_dir()) if scans.is_dir() else 0
+        if store.is_local:
+            scans = Path(path) / "scans"
+            on_disk = sum(1 for p in scans.iterdir() if p.is_dir()) if scans.is_dir() else 0
+        else:
+            on_disk = sum(1 for n in store.tree.listdir("scans") if n != "zarr.json")
         if on_disk != n_ok:
             head += (f"\nwarning: {on_disk} scan folders on disk but {n_ok} ok rows in the catalog; "
                      f"check with `genesis stores verify {path}`")
@@ -113,7 +130,24 @@ def _task_store_view(ps) -> str:
 
 
 def list_stores(root: str) -> str:
-    """Every store found under `root` (two levels deep), one line each."""
+    """Every store found under `root` (a folder or an s3:// prefix; four levels deep), one line each."""
+    tree = open_tree(root)
+    if tree.local is None:
+        tree.check()
+        rows = []
+        level = [tree]
+        for _depth in range(5):
+            nxt = []
+            for t in level:
+                kind = store_kind(t)
+                if kind:
+                    rows.append(_summary_row(t.url, kind))
+                    continue
+                nxt += [t.child(n) for n in t.listdir("") if not n.startswith(".") and n != "zarr.json"]
+            level = nxt
+        if not rows:
+            return f"no stores under {root}"
+        return pd.DataFrame(rows).to_string(index=False)
     rows = []
     for dirpath, dirnames, _ in os.walk(root):
         depth = Path(dirpath).relative_to(root).parts
@@ -129,7 +163,7 @@ def list_stores(root: str) -> str:
 
 
 def _summary_row(path: str, kind: str) -> dict:
-    meta = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))["attributes"]["genesis"]
+    meta = json.loads(open_tree(path).read("zarr.json").decode("utf-8"))["attributes"]["genesis"]
     row = {"kind": kind, "path": path, "key": meta.get("key", ""), "size_mb": round(dir_size(path) / 1e6, 1),
            "items": "", "config": "", "created": meta.get("created_at", "")}
     if kind == "volume-store":
@@ -187,6 +221,7 @@ def verify_command(store: str, repair: bool, progress: bool = True) -> int:
     from pipeline.volume_store.errors import StoreError, StoreLockedError
     from pipeline.volume_store.verify import verify_store
 
+    open_tree(store).check()
     kind = store_kind(store)
     if kind == "patch-store":
         return verify_patch_store(store, repair)
@@ -236,10 +271,11 @@ if __name__ == "__main__":  # python -m pipeline.stores_cli verify STORE [--repa
 
     args = build_parser().parse_args()
     from pipeline.patches.store import PatchStoreError
+    from pipeline.runtime.errors import UsageError
     from pipeline.volume_store.errors import StoreError
 
     try:
         sys.exit(verify_command(args.store, args.repair, progress=not args.no_progress))
-    except (StoreError, PatchStoreError) as exc:
+    except (StoreError, PatchStoreError, UsageError) as exc:
         print(f"genesis stores verify: error: {exc}", file=sys.stderr)
         sys.exit(2)

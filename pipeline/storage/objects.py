@@ -27,6 +27,7 @@ the client only: `Tree.url` and every message name the bucket and prefix, never 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -392,9 +393,16 @@ class S3Tree(Tree):
             raise StorageError(f"{self.url}: bucket {self.bucket!r} does not exist") from None
         except (GenericError, OSError) as exc:
             text = str(exc)
-            if "NoSuchBucket" in text or "404" in text:
+            status = re.search(r"status code: (\d{3})", text)  # the HTTP status, not digits of a name or a time
+            code = status.group(1) if status else None
+            if code is None and any(s in text for s in ("error sending request", "tcp connect error", "timed out",
+                                                        "Connection refused", "dns error")):
+                where = conf.get("endpoint", "the AWS endpoint")
+                raise StorageError(f"{self.url}: {where} does not answer ({_reason(exc)})") from None
+            if "NoSuchBucket" in text or code == "404":
                 raise StorageError(f"{self.url}: bucket {self.bucket!r} does not exist") from None
-            if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AccessDenied")):
+            if code in ("401", "403") or any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                                                 "AccessDenied")):
                 raise StorageError(f"{self.url}: the S3 credentials were refused ({_reason(exc)})") from None
             where = conf.get("endpoint", "the AWS endpoint")
             raise StorageError(f"{self.url}: {where} does not answer ({_reason(exc)})") from None

@@ -3,22 +3,27 @@
 Every shard the converter writes carries CRC32C checksums: one after its index (as Zarr's
 sharding codec always has) and one after every inner chunk (the `crc32c` codec in the array's
 chunk codecs). Zarr verifies them itself, but its error names nothing, and a *missing* shard
-it reads as the fill value without complaint. `CheckedStore` is the local store a scan is
-opened through: it checks each CRC32C as the bytes come off disk and knows, from the scan's
-manifest, which shard files must exist - so a damaged or missing shard raises
-`StoreIntegrityError("STORE: scan ID: array 0: shard c/0/0/0 ...")` instead of garbage or zeros.
+it reads as the fill value without complaint. `CheckedStore` wraps the Zarr store a scan is
+opened through - a `LocalStore` on disk or an `ObjectStore` in a bucket (`Tree.zarr_store`) -
+checks each CRC32C as the bytes arrive and knows, from the scan's manifest, which shard objects
+must exist - so a damaged or missing shard raises
+`StoreIntegrityError("STORE: scan ID: array 0: shard c/0/0/0 ...")` instead of garbage or zeros,
+on either backend.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from math import prod
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
-from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-from zarr.storage import LocalStore
+from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore, WrapperStore
 
 from pipeline.volume_store.errors import StoreIntegrityError
 
@@ -76,33 +81,51 @@ def shard_problem(data: np.ndarray, layout: tuple[bool, bool, int]) -> str | Non
     return None
 
 
-class CheckedStore(LocalStore):
-    """A read-only LocalStore over one scan folder that verifies what it hands to Zarr."""
+class CheckedStore(WrapperStore):
+    """A read-only Zarr store (any: `LocalStore`, `ObjectStore`) over one scan or patch store that verifies what
+    it hands to Zarr. `store` is the Zarr store to wrap, a `Tree` (its `zarr_store()`), or a local path."""
 
-    def __init__(self, root: Path | str, *, read_only: bool = True, where: str = "",
+    def __init__(self, store: "Store | Path | str", *, read_only: bool = True, where: str = "",
                  files: frozenset[str] | None = None,
                  hint: str = "check and repair with `genesis stores verify`") -> None:
-        super().__init__(root, read_only=read_only)
-        self.where = where or str(root)
+        from pipeline.storage.objects import Tree
+
+        if isinstance(store, Tree):
+            store = store.zarr_store("", read_only=read_only)
+        elif isinstance(store, (str, os.PathLike)):
+            store = LocalStore(store, read_only=read_only)
+        super().__init__(store)
+        self.where = where or str(getattr(store, "root", store))
         """Prefix of every error, e.g. "STORE: scan ID"."""
         self.files = files
-        """Every chunk file that must exist (a scan's manifest at publish time, a patch store's shards);
+        """Every chunk object that must exist (a scan's manifest at publish time, a patch store's shards);
         None: unknown (an older record without a manifest), a missing one then reads as the fill value."""
         self.hint = hint
         """What to do about it, the end of every error."""
         self._layouts: dict[str, tuple[bool, bool, int]] = {}
 
-    def with_read_only(self, read_only: bool = False) -> "CheckedStore":
-        return type(self)(self.root, read_only=read_only, where=self.where, files=self.files, hint=self.hint)
+    @property
+    def root(self):
+        """The wrapped store's root (a Path for a LocalStore), for callers of the LocalStore subclass this was."""
+        return getattr(self._store, "root", None)
+
+    def _with_store(self, store) -> "CheckedStore":
+        return type(self)(store, where=self.where, files=self.files, hint=self.hint)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CheckedStore) and self.root == other.root
+        return isinstance(other, CheckedStore) and self._store == other._store
 
-    def _layout(self, array: str) -> tuple[bool, bool, int]:
+    def __hash__(self) -> int:
+        return hash(self.where)
+
+    async def _layout(self, array: str) -> tuple[bool, bool, int]:
         if array not in self._layouts:
+            key = f"{array}/zarr.json" if array else "zarr.json"
             try:
-                meta = json.loads((self.root / array / "zarr.json").read_bytes())
-                self._layouts[array] = _array_layout(meta)
+                buf = await self._store.get(key, default_buffer_prototype())
+                if buf is None:
+                    raise FileNotFoundError(key)
+                self._layouts[array] = _array_layout(json.loads(buf.to_bytes()))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise StoreIntegrityError(f"{self.where}: array {array or '.'}: zarr.json unreadable ({exc})") from None
         return self._layouts[array]
@@ -111,7 +134,19 @@ class CheckedStore(LocalStore):
         return StoreIntegrityError(f"{self.where}: array {array or '.'}: shard {shard} {problem}; {self.hint}")
 
     async def get(self, key, prototype=None, byte_range=None):
-        buf = await super().get(key, prototype, byte_range)
+        buf = await self._store.get(key, prototype or default_buffer_prototype(), byte_range)
+        return await self._checked(key, buf, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges: Iterable):
+        key_ranges = list(key_ranges)
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        return [await self._checked(key, buf, rng) for (key, rng), buf in zip(key_ranges, bufs)]
+
+    async def _get_many(self, requests):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def _checked(self, key, buf, byte_range):
         parts = chunk_key_parts(key)
         if buf is None:
             if parts and self.files is not None and key in self.files:
@@ -119,7 +154,7 @@ class CheckedStore(LocalStore):
             return None
         if parts is None:
             return buf
-        layout = self._layout(parts[0])
+        layout = await self._layout(parts[0])
         data = buf.as_numpy_array().view(np.uint8)
         if byte_range is None:
             problem = shard_problem(np.ascontiguousarray(data), layout)

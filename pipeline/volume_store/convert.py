@@ -13,22 +13,28 @@ The skip check is deliberately a stat per file, so a rerun over a finished store
 nothing: it catches deleted and truncated files, not a flipped byte inside one. The content
 check is `genesis stores verify STORE` (every file against its recorded XXH3, every shard's
 CRC32C), and reads check the CRC32Cs of what they read.
+
+The store may be a folder or `s3://BUCKET/PREFIX` (`pipeline.storage.objects`): its location is checked first
+(`Tree.check`: a bad URL, refused or missing credentials, a dead endpoint or a missing bucket is a
+StorageError - one line, exit 2 - before anything is read or written), the writer lock is a lease in a
+bucket, and the run starts by reclaiming the objects of scans a killed writer left uncommitted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm import tqdm
 
 from pipeline.cluster import dask_client
 from pipeline.ingest import ScanSource, discover
 from pipeline.ingest.read import source_files
+from pipeline.storage.objects import open_tree
 from pipeline.volume_store.convert_task import convert_scan, failed_record, is_current, safe_fingerprint
 from pipeline.volume_store.scan_ids import (Assigned, Known, assign_scan_ids, canonical_source, printable,
                                             source_exists)
@@ -124,16 +130,20 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
             workers: int = 2, scheduler: str | None = None, progress: bool = True) -> ConversionSummary:
     """Convert `sources` into the volume store at `store_root`; see the module docstring."""
     t0 = time.perf_counter()
+    tree = open_tree(store_root)  # StorageError (exit 2) for an unknown scheme or an s3:// URL without a bucket
+    tree.check()  # credentials, endpoint, bucket: refused in seconds, before anything is written
     found = discover(sources)
     check_table_sources(found.tables)  # a table no task could use (a zero-length vessel direction) is bad usage: nothing starts
-    root = Path(store_root)
-    check_store_path(root)  # refuse a path that is not a store before anything is written there
-    lock = lock_store(root)
+    check_store_path(tree)  # refuse a path that is not a store before anything is written there
+    lock = lock_store(tree)
     summary = ConversionSummary(store=str(store_root))
     try:
-        init_store(root)
-        store = VolumeStore(root)
-        store.clear_staging()
+        init_store(tree)
+        store = VolumeStore(tree)
+        reclaimed = store.clear_staging()
+        if reclaimed:
+            summary.notes.append(f"removed the uncommitted objects of {len(reclaimed)} scan(s) a killed run left "
+                                 f"half-written: {', '.join(reclaimed[:5])}{' ...' if len(reclaimed) > 5 else ''}")
         known, records, damaged = known_sources(store)
         summary.notes += [f"record .records/{key}.json was damaged ({why}); its source is reconverted"
                           for key, why in damaged]
@@ -148,17 +158,17 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
         for a in assigned:
             for key, rec in list(records.items()):  # the source's records under other keys are stale now
                 if rec.get("source_key") == a.source_key and key != _record_file_key(store, a.key):
+                    store.delete_record(key)  # uncommit first: no reader opens a scan being removed
                     if rec.get("status") == "ok" and rec.get("scan_id") not in ids:
                         store.discard(rec["scan_id"])  # its folder too: no record would account for it
-                    store.delete_record(key)
                     del records[key]
             src = a.source
             if a.duplicate_of is not None:
                 reason = (f"same name {a.discovered_id!r} and same content as {a.duplicate_of}: one scan, "
                           "stored once")
-                store.discard(src.scan_id)
                 store.write_record(failed_record(src, settings, reason, key=a.key, source_key=a.source_key,
-                                                 discovered_id=a.discovered_id))
+                                                 discovered_id=a.discovered_id))  # uncommits, then:
+                store.discard(src.scan_id)
                 summary.failed.append((src.scan_id, src.source_path, reason))
                 continue
             old = records.get(_record_file_key(store, a.key))
@@ -173,8 +183,11 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
         todo.sort(key=lambda a: -_size(a.source))  # the largest first: the last tasks are short ones
         summary.source_bytes = sum(_size(a.source) for a in todo)
         if todo:
-            _run_tasks(todo, store, settings, lock.token, workers, scheduler, progress, summary)
-        summary.table_problems = store_tables(store.root, found.tables)
+            with _spawned_workers(store):
+                _run_tasks(todo, store, settings, lock.token, workers, scheduler, progress, summary)
+        summary.table_problems = store_tables(store.tree, found.tables)
+        if hasattr(lock, "check"):
+            lock.check()  # a lease taken over while this run was away: leave the catalog to its new holder
         store.write_catalog()
     finally:
         lock.release()
@@ -202,8 +215,27 @@ def _fold_notes(scans: list[ScanSource]) -> list[str]:
     return notes
 
 
+_START_METHOD = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
+
+
+@contextlib.contextmanager
+def _spawned_workers(store: VolumeStore):
+    """Local Dask workers fork from this process by default (`pipeline.cluster.dask_client`), but a process
+    that has used obstore's client (a Rust runtime with threads: the bucket's check and lease) cannot be forked
+    safely - the run dies of SIGSEGV. For a store in a bucket the workers are spawned instead (unless the
+    user chose a start method)."""
+    if store.is_local or _START_METHOD in os.environ:
+        yield
+        return
+    os.environ[_START_METHOD] = "spawn"
+    try:
+        yield
+    finally:
+        os.environ.pop(_START_METHOD, None)
+
+
 def _record_file_key(store: VolumeStore, key: str) -> str:
-    return store.record_path(key).stem
+    return store.record_key(key)
 
 
 def _run_tasks(todo: list[Assigned], store, settings, token, workers, scheduler, progress, summary) -> None:
@@ -213,7 +245,7 @@ def _run_tasks(todo: list[Assigned], store, settings, token, workers, scheduler,
     with dask_client(workers, scheduler) as client:
         futures = {}
         for a in todo:
-            fut = client.submit(convert_scan, a.source, str(store.root), settings, token, a.key,
+            fut = client.submit(convert_scan, a.source, store.url, settings, token, a.key,
                                 source_key=a.source_key, discovered_id=a.discovered_id, pure=False,
                                 key=f"convert-{a.source_key}-{token[:8]}")
             futures[fut] = a
@@ -224,8 +256,11 @@ def _run_tasks(todo: list[Assigned], store, settings, token, workers, scheduler,
                 res = fut.result()
             except Exception as exc:  # the worker died (e.g. out of memory): record, go on
                 reason = f"worker failed: {type(exc).__name__}: {exc}"
-                store.write_record(failed_record(src, settings, reason, key=a.key, source_key=a.source_key,
-                                                 discovered_id=a.discovered_id))
+                try:
+                    store.write_record(failed_record(src, settings, reason, key=a.key, source_key=a.source_key,
+                                                     discovered_id=a.discovered_id))
+                except Exception as exc2:  # noqa: BLE001 - a store refusing writes fails this scan, not the run
+                    reason += f" (and its failed record could not be written: {str(exc2).strip()[:200]})"
                 res = {"status": "failed", "error": reason}
             if res["status"] == "ok":
                 summary.converted.append(src.scan_id)

@@ -1,9 +1,19 @@
-"""One scan, one task: read, check, write to staging, publish, record. Runs on a Dask worker.
+"""One scan, one task: read, check, write, publish, record. Runs on a Dask worker.
 
 The task owns its scan's folder and record and nothing else, so tasks never share a shard or
 a file; the only shared state is the catalog, which the driver rebuilds from the records.
 The record keeps what verification and repair need: the source as discovered (to read it
 again), the settings, and the manifest of the published folder with its content digest.
+
+Publishing (see `pipeline.volume_store.store`): on disk the scan is written into a staging folder and
+renamed into scans/, then its record is written; in a bucket the task deletes the scan's record
+(uncommit) and old objects, writes the new objects in place (each shard one PUT, its digest taken from
+the bytes written) and commits with the record, written last. Either way, the lock's token is checked
+before anything visible changes. A failure anywhere (bad input, a bucket that refuses a write) fails this
+scan only: a failed record, and in a bucket its half-written objects removed.
+
+Test hooks (`pipeline.runtime.hooks.stop_point`, GENESIS_STOP_AT): `convert:objects` after the first array of
+a scan in a bucket is written (mid-scan: uncommitted), `convert:record` after a scan's record is written.
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ import storage_schemas
 from pipeline.ingest import ScanSource, checksum, fingerprint, read_source
 from pipeline.peak_memory import reset_peak_rss as _reset_peak_rss
 from pipeline.peak_memory import status_kb as _status_kb
+from pipeline.runtime.hooks import stop_point
 from pipeline.volume_store.checks import check_and_cast, resample
-from pipeline.volume_store.digests import check_folder, content_digest, folder_manifest
+from pipeline.volume_store.digests import check_tree, content_digest, folder_manifest, tree_manifest
 from pipeline.volume_store.image_writer import write_image
 from pipeline.volume_store.scan_ids import printable
 from pipeline.volume_store.scan_ids import source_key as _source_key
@@ -64,7 +75,7 @@ def is_current(store: VolumeStore, record: dict | None, settings: ConvertSetting
     """
     return bool(record and record.get("status") == "ok" and record.get("settings_hash") == settings.hash
                 and record.get("files") and record.get("content_digest")
-                and not check_folder(store.scan_dir(record["scan_id"]), record["files"], full=False))
+                and not check_tree(store.tree, store.scan_rel(record["scan_id"]), record["files"], full=False))
 
 
 def _base_record(source: ScanSource, settings: ConvertSettings, source_key: str | None,
@@ -104,6 +115,7 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
     result = {"scan_id": source.scan_id, "source_path": source.source_path, "status": "failed", "error": None}
     staged = None
     sum_ = None
+    progress: dict = {}  # in a bucket, "started": this task has begun replacing the scan's objects
     try:
         if source.problem:
             raise ValueError(source.problem)
@@ -119,15 +131,17 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
                 result.update(status="skipped")
                 return result
             with zarr.config.set({"threading.max_workers": 1}):
-                record = _convert(source, readable, store, settings, sum_, fp, token, source_key, discovered_id)
+                record = _convert(source, readable, store, settings, sum_, fp, token, source_key, discovered_id,
+                                  started_writing=lambda: _set(progress, "started"))
         staged = record.pop("_staged", None)
         result.update(status="ok", bytes=record["source_bytes"], notes=record.get("notes") or [])
     except Exception as exc:  # bad input of any kind becomes one failed row
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (ValueError, RuntimeError, OSError, KeyError)):
             reason = f"{type(exc).__name__}: {reason} [{traceback.format_exc(limit=1).splitlines()[-1]}]"
-        store.write_record(failed_record(source, settings, reason, key=key, source_checksum=sum_,
-                                         source_key=source_key, discovered_id=discovered_id))
+        if not isinstance(exc, LockLostError):  # (lost: the store is another writer's now, touch nothing of it)
+            reason += _record_failure(store, source, settings, reason, key, sum_, source_key, discovered_id,
+                                      progress.get("started", False))
         result.update(error=reason)
     finally:
         if staged and os.path.exists(staged):
@@ -137,6 +151,34 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
     result["task_peak_bytes"] = max(0, result["peak_rss_bytes"] - rss_start)
     result["pid"] = os.getpid()
     return result
+
+
+def _record_failure(store: VolumeStore, source: ScanSource, settings: ConvertSettings, reason: str, key: str,
+                    sum_: str | None, source_key: str | None, discovered_id: str | None, started: bool) -> str:
+    """The failed record (in a bucket: the uncommit), then the half-written objects of this task removed. A store
+    that refuses even that (a full or read-only bucket) leaves them to the next run, which reclaims every object
+    no record accounts for. Never raises; returns what to add to the reason ("" when all went well)."""
+    said = ""
+    try:
+        store.write_record(failed_record(source, settings, reason, key=key, source_checksum=sum_,
+                                         source_key=source_key, discovered_id=discovered_id))
+    except Exception as exc:  # noqa: BLE001 - said in the task's result
+        said = f" (and its failed record could not be written: {_first_line(exc)})"
+    if started and not store.is_local:
+        try:
+            store.discard(source.scan_id)
+        except Exception:  # noqa: BLE001 - reclaimed by the next run
+            pass
+    return said
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _set(d: dict, key: str) -> None:
+    d[key] = True
 
 
 def _utf8(path: str) -> bool:
@@ -205,7 +247,7 @@ def readable_names(source: ScanSource):
 
 
 def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, settings: ConvertSettings, sum_: str,
-             fp: str, token: str, source_key: str | None, discovered_id: str | None) -> dict:
+             fp: str, token: str, source_key: str | None, discovered_id: str | None, started_writing=None) -> dict:
     from pipeline.ingest.read import source_files
 
     volume = read_source(readable, settings.max_scan_bytes)
@@ -233,15 +275,10 @@ def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, setti
     description = source.dataset_description()
     if description is not None:  # nnU-Net/MSD: the channel names and label values, readable without the source
         genesis["dataset_json"] = description
-    store.staging_dir.mkdir(exist_ok=True)
-    staged = store.staging_dir / f"{safe_scan_id(source.scan_id)}.{uuid.uuid4().hex}"
-    group = zarr.open_group(str(staged), mode="w")
-    stored = write_image(group, volume, settings, genesis)
-    storage_schemas.validate_attrs("volume_image", dict(group.attrs), str(staged))
-    files = folder_manifest(staged)  # taken before publishing: what verify and reads hold the folder to
-    if store.lock_token() != token:
-        raise RuntimeError("the store's lock is no longer held by this conversion; not publishing")
-    store.publish(staged, source.scan_id)
+    if store.is_local:
+        stored, files = _write_staged(store, source, volume, settings, genesis, token)
+    else:
+        stored, files = _write_in_place(store, source, volume, settings, genesis, token, started_writing)
     record = _base_record(source, settings, source_key, discovered_id)
     record.update(
         status="ok", error=None, modality=volume.modality, source_checksum=sum_, fingerprint=fp,
@@ -253,8 +290,66 @@ def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, setti
         notes=[a["contour_summary"] for a in volume.label_attrs.values()
                if isinstance(a, dict) and a.get("contour_summary")],
     )
+    if not store.is_local and store.lock_token() != token:  # the commit: only while the lease is still ours
+        raise LockLostError("the store's lease is no longer held by this conversion; not committing")
     store.write_record(record)
+    stop_point("convert:record")
     return record
+
+
+class LockLostError(RuntimeError):
+    """The store's lock (lease) is no longer this conversion's: it must change nothing more in the store."""
+
+
+def _not_mine() -> LockLostError:
+    return LockLostError("the store's lock is no longer held by this conversion; not publishing")
+
+
+def _write_staged(store: VolumeStore, source: ScanSource, volume, settings: ConvertSettings, genesis: dict,
+                  token: str) -> tuple[int, dict[str, str]]:
+    """On disk: write into a private staging folder, take the manifest, rename it into scans/."""
+    store.staging_dir.mkdir(exist_ok=True)
+    staged = store.staging_dir / f"{safe_scan_id(source.scan_id)}.{uuid.uuid4().hex}"
+    group = zarr.open_group(str(staged), mode="w")
+    stored = write_image(group, volume, settings, genesis)
+    storage_schemas.validate_attrs("volume_image", dict(group.attrs), str(staged))
+    files = folder_manifest(staged)  # taken before publishing: what verify and reads hold the folder to
+    if store.lock_token() != token:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise _not_mine()
+    store.publish(staged, source.scan_id)
+    return stored, files
+
+
+def _write_in_place(store: VolumeStore, source: ScanSource, volume, settings: ConvertSettings, genesis: dict,
+                    token: str, started_writing=None) -> tuple[int, dict[str, str]]:
+    """In a bucket: uncommit (delete the record), delete the old objects, write the new ones in place; the
+    caller commits by writing the record. The manifest's shard digests come from the bytes as written."""
+    from pipeline.storage.shard_writer import TreeSink, Uploads
+
+    if store.lock_token() != token:
+        raise _not_mine()
+    rel = store.scan_rel(source.scan_id)
+    if started_writing is not None:
+        started_writing()
+    store.delete_record(source.scan_id)  # the record this task commits (record_key = the scan id)
+    store.discard(source.scan_id)
+    group = zarr.open_group(store=store.tree.zarr_store(rel, read_only=False), mode="w", zarr_format=3)
+    sinks: list[TreeSink] = []
+    with Uploads() as uploads:  # shards are PUT in the background while the next is compressed
+
+        def sink(array_path: str) -> TreeSink:
+            made = TreeSink(store.tree, f"{rel}/{array_path}", uploads)
+            sinks.append(made)
+            if len(sinks) == 2:  # the first array is written: a kill here leaves a half-written, uncommitted scan
+                uploads.wait()
+                stop_point("convert:objects")
+            return made
+
+        stored = write_image(group, volume, settings, genesis, sink=sink)
+    storage_schemas.validate_attrs("volume_image", dict(group.attrs), f"{store.url}/{rel}")
+    known = {f"{s.array_rel[len(rel) + 1:]}/{k}": v for s in sinks for k, v in s.written.items()}
+    return stored, tree_manifest(store.tree, rel, known)
 
 
 def _looks_like_ct(volume) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import zarr
 
 from pipeline.ingest.volume import Volume
-from pipeline.storage.shard_writer import chunk_codecs, write_shards
+from pipeline.storage.shard_writer import ShardSink, chunk_codecs, write_shards
 from pipeline.volume_store.settings import ConvertSettings
 
 __all__ = ["write_image", "pyramid", "downsample", "multiscales"]
@@ -74,7 +75,12 @@ def _translation(origin, spacing0, spacing) -> tuple[float, ...]:
     return tuple(o + (s - s0) / 2 for o, s0, s in zip(origin, spacing0, spacing))
 
 
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, settings: ConvertSettings) -> int:
+Sinks = Callable[[str], ShardSink] | None
+"""`sink(array_path)` gives where the shards of the array at `array_path` (e.g. "0", "labels/seg/1", relative to
+the image group) go; None: the folder of a group on a LocalStore."""
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, settings: ConvertSettings, sink: Sinks = None) -> int:
     chunks = tuple(min(c, s) for c, s in zip(settings.chunks, data.shape))
     shards = (min(settings.shard_depth, math.ceil(data.shape[0] / chunks[0]) * chunks[0]),
               math.ceil(data.shape[1] / chunks[1]) * chunks[1],
@@ -83,20 +89,23 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, settings: Conve
     group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
                        compressors=chunk_codecs(settings.codec, settings.clevel, settings.shuffle, data.dtype.itemsize),
                        fill_value=0, dimension_names=("z", "y", "x"))
-    array_dir = os.path.join(str(group.store.root), group.path, name)
+    path = f"{group.path}/{name}" if group.path else name
+    array_dir = sink(path) if sink is not None else os.path.join(str(group.store.root), group.path, name)
     # every inner chunk and every shard index carries a CRC32C that reads verify
     return write_shards(array_dir, data, chunks, shards, settings.codec, settings.clevel, settings.shuffle,
                         checksum=True)
 
 
-def write_image(group: zarr.Group, volume: Volume, settings: ConvertSettings, genesis_attrs: dict) -> int:
-    """Write levels, labels and attributes into `group` (an empty group on a local store); return bytes stored."""
+def write_image(group: zarr.Group, volume: Volume, settings: ConvertSettings, genesis_attrs: dict,
+                sink: Sinks = None) -> int:
+    """Write levels, labels and attributes into `group` (an empty group: on a LocalStore, or any Zarr store with
+    `sink` saying where each array's shards go); return bytes stored."""
     levels = pyramid(volume, settings.pyramid_levels, min_side=settings.min_side, method=settings.pyramid_method)
     nearest = settings.pyramid_method == "nearest"
     stored = 0
     transforms = []
     for i, (arr, spacing) in enumerate(levels):
-        stored += _write_array(group, str(i), np.ascontiguousarray(arr), settings)
+        stored += _write_array(group, str(i), np.ascontiguousarray(arr), settings, sink)
         transforms.append((spacing, volume.origin if nearest else _translation(volume.origin, volume.spacing, spacing)))
     if volume.labels:
         labels_group = group.create_group("labels")
@@ -110,7 +119,7 @@ def write_image(group: zarr.Group, volume: Volume, settings: ConvertSettings, ge
                     f = _factors(spacing)
                     arr = downsample(arr, f, label=True)
                     spacing = tuple(s * k for s, k in zip(spacing, f))
-                stored += _write_array(lg, str(i), np.ascontiguousarray(arr), settings)
+                stored += _write_array(lg, str(i), np.ascontiguousarray(arr), settings, sink)
                 lt.append((spacing, volume.origin))  # strided: first voxel keeps its centre
             values = np.unique(label)
             attrs = {"ome": {

@@ -1,6 +1,6 @@
-"""The volume store on disk: layout, the writer's lock, per-scan records and the catalog.
+"""The volume store, on disk or in a bucket: layout, the writer's lock, per-scan records and the catalog.
 
-Layout (a Zarr v3 group)::
+Layout (a Zarr v3 group; STORE is a folder or an `s3://BUCKET/PREFIX`)::
 
     STORE/zarr.json            root attributes {"genesis": {"kind": "volume-store", ...}}
     STORE/scans/<scan_id>/     one OME-Zarr 0.5 image per scan (+ labels/<name>)
@@ -9,14 +9,25 @@ Layout (a Zarr v3 group)::
     STORE/.records/<key>.json  the catalog row of each scan, written by the task that made it, with the
                                scan's source (to reconvert it), settings and manifest: every file of its
                                folder with size and XXH3 (storage_schemas/scan_record.schema.json)
-    STORE/.staging/            scans being written; renamed into scans/ when complete
-    STORE/.lock                held (flock) by the one conversion allowed to write
+    STORE/.staging/            on disk only: scans being written; renamed into scans/ when complete
+    STORE/.lock                the one conversion allowed to write: an flock on disk, a lease in a bucket
 
-A scan becomes visible only by the rename of its finished folder, so a killed run leaves
-nothing half-written under scans/. The catalog is rebuilt from the records at the end of every
-run, so a run killed before that loses no record either; a record that cannot be read becomes a
-failed row (never a missing one, never a blocked catalog). Reads go through `CheckedStore`, so
-a damaged or missing shard raises `StoreIntegrityError` naming the store, scan and array.
+Every read and write goes through a `Tree` (`pipeline.storage.objects`): a folder or a bucket prefix.
+Publishing differs, because a bucket has no rename:
+
+- **on disk** a scan is written into a private staging folder and made visible by one rename into
+  scans/ (a killed run leaves nothing half-written there), then its record is written;
+- **in a bucket** the record is the commit object. A writer first deletes the scan's record (uncommit),
+  then its old objects, writes the new objects in place under scans/<id>/ and writes the record last.
+  Readers only open a scan whose record says ok (`open_scan`; the catalog is built from the records), so
+  objects of a writer killed half-way are never read, and the next run (holding the lease) deletes every
+  object under scans/ that no record accounts for (`clear_staging`).
+
+Both: the catalog is rebuilt from the records at the end of every run, so a run killed before that loses no
+record; a record that cannot be read becomes a failed row (never a missing one, never a blocked catalog).
+Reads go through `CheckedStore`, so a damaged or missing shard raises `StoreIntegrityError` naming the store,
+scan and array. The writer lock is `lock_tree` (flock on disk; a lease object renewed by the holder and taken
+over when its holder is dead, in a bucket); a second writer gets StoreLockedError (exit 3) naming the holder.
 """
 
 from __future__ import annotations
@@ -37,67 +48,63 @@ import zarr
 import storage_schemas
 from pipeline.storage.attrs import read_genesis_attrs
 from pipeline.storage.locks import FileLock, LockBusyError
+from pipeline.storage.object_lease import lease_holder, lock_tree
+from pipeline.storage.objects import LocalTree, Tree, open_tree
 from pipeline.volume_store.checked_store import CheckedStore
-from pipeline.volume_store.digests import file_digest
+from pipeline.volume_store.digests import bytes_digest
 from pipeline.volume_store.errors import ScanNotFoundError, StoreError, StoreIntegrityError, StoreLockedError
 from pipeline.volume_store.scan_ids import printable, safe_scan_id
 from pipeline.volume_store.settings import SCHEMA_VERSION
 
 __all__ = ["VolumeStore", "StoreLockedError", "StoreError", "StoreIntegrityError", "ScanNotFoundError",
-           "init_store", "check_store_path", "lock_store", "safe_scan_id", "CATALOG", "LOCK_PURPOSE"]
+           "init_store", "check_store_path", "lock_store", "safe_scan_id", "CATALOG", "LOCK_PURPOSE", "RECORDS"]
 
 CATALOG = "catalog.parquet"
+RECORDS = ".records"
 LOCK_PURPOSE = "writing the volume store"
 _CATALOG_ADDED = ("source_key", "content_digest", "discovered_id")  # columns older stores' catalogs lack
+_GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _create_json(path: Path, content: dict) -> None:
-    """Write `path` only if absent, atomically: a complete file appears or nothing changes."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(content, indent=2), encoding="utf-8")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-
-
-def init_store(root: str | os.PathLike) -> None:
+def init_store(root: "str | os.PathLike | Tree") -> None:
     """Create an empty volume store at `root` unless one is there: create-if-absent, never delete.
 
-    Each file is created exclusively and the root `zarr.json` last, so a run killed half-way leaves
-    something the next run completes, and two runs racing here never remove what the other made.
+    Each object is created exclusively (`Tree.create`: a hard link on disk, If-None-Match in a bucket) and the
+    root `zarr.json` last, so a run killed half-way leaves something the next run completes, and two runs
+    racing here never remove what the other made.
     """
-    root = Path(root)
-    if not check_store_path(root):
+    tree = open_tree(root)
+    if not check_store_path(tree):
         return
-    (root / "scans").mkdir(parents=True, exist_ok=True)
+    if tree.local is not None:
+        (tree.local / "scans").mkdir(parents=True, exist_ok=True)
     attrs = {"genesis": {"kind": "volume-store", "schema_version": SCHEMA_VERSION, "created_at": _now(),
                          "pipeline_version": _version()}}
-    storage_schemas.validate_attrs("volume_store", attrs, str(root))
-    _create_json(root / "scans" / "zarr.json", {"attributes": {}, "zarr_format": 3, "node_type": "group"})
-    _create_json(root / "zarr.json", {"attributes": attrs, "zarr_format": 3, "node_type": "group"})
+    storage_schemas.validate_attrs("volume_store", attrs, tree.url)
+    tree.create("scans/zarr.json", json.dumps(_GROUP, indent=2).encode("utf-8"))
+    tree.create("zarr.json", json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"},
+                                        indent=2).encode("utf-8"))
 
 
-def check_store_path(root: str | os.PathLike) -> bool:
+def check_store_path(root: "str | os.PathLike | Tree") -> bool:
     """True when `root` is free for a new store (absent, empty, or a store begun and not finished),
     False when it is a volume store already; StoreError when it is something else."""
-    root = Path(root)
-    if (root / "zarr.json").exists():
-        VolumeStore(root)  # validates
+    tree = open_tree(root)
+    if tree.exists("zarr.json"):
+        VolumeStore(tree)  # validates
         return False
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"{root} is a file, not a volume store; choose another --store")
-    if root.exists():
-        extra = [p.name for p in root.iterdir() if p.name != ".lock" and not (
-            p.name == "scans" and p.is_dir() and {q.name for q in p.iterdir()} <= {"zarr.json"})]
-        if extra:
-            raise StoreError(f"{root} exists, is not empty and is not a volume store; choose another --store")
+    local = tree.local
+    if local is not None and local.exists() and not local.is_dir():
+        raise StoreError(f"{tree.url} is a file, not a volume store; choose another --store")
+    extra = [name for name in tree.listdir("") if name != ".lock" and not (
+        name == "scans" and set(tree.listdir("scans")) <= {"zarr.json"}
+        and (local is None or (local / "scans").is_dir()))]
+    if extra:
+        raise StoreError(f"{tree.url} exists, is not empty and is not a volume store; choose another --store")
     return True
 
 
@@ -111,78 +118,128 @@ def _version() -> str:
 
 
 class VolumeStore:
-    """A volume store opened for reading (and, with `lock()`, for one writer)."""
+    """A volume store opened for reading (and, with `lock()`, for one writer), on disk or in a bucket.
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.attrs = read_genesis_attrs(self.root, "volume-store", "volume_store", StoreError,
+    `root` is a path, an `s3://BUCKET/PREFIX` URL or a `Tree`. `self.tree` does every read and write;
+    `self.url` names the store in messages; `self.root` is the folder (a Path) on disk and the URL (a str)
+    in a bucket."""
+
+    def __init__(self, root: "str | os.PathLike | Tree"):
+        self.tree: Tree = open_tree(root)
+        self.url: str = self.tree.url
+        self.root: Path | str = self.tree.local if self.tree.local is not None else self.tree.url
+        self.attrs = read_genesis_attrs(self.tree if not isinstance(root, (str, os.PathLike)) else root,
+                                        "volume-store", "volume_store", StoreError,
                                         hint="; create one with `genesis convert`")
 
-    # ---- paths
     @property
-    def records_dir(self) -> Path:
-        return self.root / ".records"
+    def is_local(self) -> bool:
+        return isinstance(self.tree, LocalTree)
+
+    # ---- paths (relative: for the tree; absolute: for callers on disk)
+    def scan_rel(self, scan_id: str) -> str:
+        """The scan's prefix inside the store: `scans/<safe id>`."""
+        return f"scans/{safe_scan_id(scan_id)}"
+
+    def record_rel(self, key: str) -> str:
+        return f"{RECORDS}/{self.record_key(key)}.json"
+
+    @staticmethod
+    def record_key(key: str) -> str:
+        """The name the record of `key` is stored under (without `.json`)."""
+        return safe_scan_id(key)
+
+    @property
+    def records_dir(self) -> Path | str:
+        return self.root / RECORDS if self.is_local else f"{self.url}/{RECORDS}"
 
     @property
     def staging_dir(self) -> Path:
+        """On disk only: where scans are written before the rename that publishes them."""
+        if not self.is_local:
+            raise StoreError(f"{self.url}: a store in a bucket has no staging folder (scans are written in place "
+                             "and committed by their record)")
         return self.root / ".staging"
 
-    def scan_dir(self, scan_id: str) -> Path:
-        return self.root / "scans" / safe_scan_id(scan_id)
+    def scan_dir(self, scan_id: str) -> Path | str:
+        """The scan's folder (a Path) on disk; its URL in a bucket."""
+        rel = self.scan_rel(scan_id)
+        return self.root / rel if self.is_local else f"{self.url}/{rel}"
 
-    def record_path(self, key: str) -> Path:
-        return self.records_dir / f"{safe_scan_id(key)}.json"
+    def record_path(self, key: str) -> Path | str:
+        return self.root / self.record_rel(key) if self.is_local else f"{self.url}/{self.record_rel(key)}"
 
     # ---- writer lock
-    def lock(self) -> FileLock:
+    def lock(self):
         """Take the store's writer lock or raise StoreLockedError saying who holds it.
 
-        An flock held by this process and released by the kernel when it dies (see
-        pipeline/storage/locks.py), so a killed run never leaves a stale lock behind.
+        On disk an flock held by this process and released by the kernel when it dies (see
+        pipeline/storage/locks.py), so a killed run never leaves a stale lock behind; in a bucket a lease
+        (pipeline/storage/object_lease.py), taken over once its holder is dead.
         """
-        return lock_store(self.root)
+        return lock_store(self.tree)
 
-    def unlock(self, lock: FileLock) -> None:
+    def unlock(self, lock) -> None:
         lock.release()
 
     def lock_token(self) -> str | None:
         """The token of the run now holding the lock (tasks check it before publishing)."""
-        holder = FileLock(self.root / ".lock", LOCK_PURPOSE).holder()
+        if self.is_local:
+            holder = FileLock(self.root / ".lock", LOCK_PURPOSE).holder()
+        else:
+            holder = lease_holder(self.tree, ".lock")
         return holder.get("token") if holder else None
 
-    def clear_staging(self) -> None:
-        """Remove leftovers of killed runs; only called while holding the lock."""
-        for d in (self.staging_dir, self.root / ".trash"):
-            if d.exists():
-                shutil.rmtree(d, ignore_errors=True)
+    def clear_staging(self) -> list[str]:
+        """Remove leftovers of killed runs; only called while holding the lock. On disk: the staging and trash
+        folders. In a bucket: every object under scans/ that no record accounts for (a writer killed between
+        uncommitting a scan and committing it again). Returns the scan folders removed from scans/."""
+        if self.is_local:
+            for d in (self.staging_dir, self.root / ".trash"):
+                if d.exists():
+                    shutil.rmtree(d, ignore_errors=True)
+            return []
+        accounted = {"zarr.json"}
+        for key, rec, problem in self.record_files():
+            if rec is not None and rec.get("status") == "ok":
+                accounted.add(safe_scan_id(rec["scan_id"]))
+            elif rec is None:
+                accounted.add(key)  # an unreadable record: verify --repair decides what its folder is
+        removed = []
+        for name in self.tree.listdir("scans"):
+            if name not in accounted:
+                if self.tree.delete_prefix(f"scans/{name}"):
+                    removed.append(name)
+        return removed
 
     # ---- records
     def load_record(self, key: str) -> tuple[dict | None, str | None]:
         """(record, None), (None, None) when there is none, or (None, why it is unreadable)."""
-        return _load_record(self.record_path(key))
+        return _load_record(self.tree, self.record_rel(key))
 
     def read_record(self, key: str) -> dict | None:
         return self.load_record(key)[0]
 
     def write_record(self, record: dict) -> None:
-        self.records_dir.mkdir(exist_ok=True)
-        path = self.record_path(record.get("record_key") or record["scan_id"])
-        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(record, sort_keys=True), encoding="ascii")  # non-ASCII as \\u escapes
-        os.replace(tmp, path)
+        """Write (commit) a scan's record whole: atomically on disk, one PUT in a bucket."""
+        rel = self.record_rel(record.get("record_key") or record["scan_id"])
+        self.tree.write(rel, json.dumps(record, sort_keys=True).encode("ascii"))  # non-ASCII as \\u escapes
 
     def delete_record(self, key: str) -> None:
-        self.record_path(key).unlink(missing_ok=True)
+        self.tree.delete(self.record_rel(key))
 
     def publish(self, staged: Path, scan_id: str) -> None:
-        """Make a finished scan folder visible in one rename (replacing an older version)."""
+        """On disk: make a finished scan folder visible in one rename (replacing an older version)."""
         final = self.scan_dir(scan_id)
         if final.exists():
             self.discard(scan_id)
         os.rename(staged, final)
 
     def discard(self, scan_id: str) -> None:
-        """Remove a scan's folder (renamed away first, so it vanishes at once)."""
+        """Remove a scan's folder (on disk renamed away first, so it vanishes at once)."""
+        if not self.is_local:
+            self.tree.delete_prefix(self.scan_rel(scan_id))
+            return
         final = self.scan_dir(scan_id)
         if not final.exists():
             return
@@ -193,9 +250,8 @@ class VolumeStore:
 
     def record_files(self) -> list[tuple[str, dict | None, str | None]]:
         """Every record file as (key, record or None, why unreadable or None), by key."""
-        if not self.records_dir.exists():
-            return []
-        return [(p.stem, *_load_record(p)) for p in sorted(self.records_dir.glob("*.json"))]
+        names = sorted(n for n in self.tree.listdir(RECORDS) if n.endswith(".json") and not n.startswith("."))
+        return [(n[:-len(".json")], *_load_record(self.tree, f"{RECORDS}/{n}")) for n in names]
 
     def records(self) -> list[dict]:
         """The readable records (unreadable ones appear in the catalog as failed rows)."""
@@ -214,7 +270,7 @@ class VolumeStore:
         return rows
 
     def write_catalog(self) -> pa.Table:
-        """Rebuild catalog.parquet from the records (atomically); no record can block it."""
+        """Rebuild catalog.parquet from the records (one atomic write); no record can block it."""
         schema = storage_schemas.arrow_schema("catalog")
         rows = sorted(self.catalog_rows(), key=lambda r: (printable(str(r.get("scan_id"))),
                                                           printable(str(r.get("record_key") or ""))))
@@ -222,59 +278,65 @@ class VolumeStore:
             table = _rows_table(rows, schema)
         except Exception:  # some record does not fit: find it, make it a failed row; never a blocked store
             table = pa.concat_tables([_one_row(rec, schema) for rec in rows]) if rows else schema.empty_table()
-        table = storage_schemas.check_table("catalog", table, str(self.root / CATALOG))
-        tmp = self.root / f".{CATALOG}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.root / CATALOG)
+        table = storage_schemas.check_table("catalog", table, f"{self.url}/{CATALOG}")
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.tree.write(CATALOG, sink.getvalue().to_pybytes())
         return table
 
     def catalog(self) -> pd.DataFrame:
-        path = self.root / CATALOG
-        if not path.exists():
+        where = f"{self.url}/{CATALOG}"
+        try:
+            data = self.tree.read(CATALOG)
+        except FileNotFoundError:
             return storage_schemas.arrow_schema("catalog").empty_table().to_pandas()
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowException) as exc:
-            raise StoreIntegrityError(f"{path} is unreadable ({exc}); rebuild it with "
-                                      f"`genesis stores verify {self.root} --repair`") from None
+            raise StoreIntegrityError(f"{where} is unreadable ({exc}); rebuild it with "
+                                      f"`genesis stores verify {self.url} --repair`") from None
         for name in _CATALOG_ADDED:  # catalogs of older versions: the columns they could not have
             if name not in table.column_names:
                 table = table.append_column(name, pa.nulls(len(table), pa.string()))
-        table = storage_schemas.check_table("catalog", table, str(path))
+        table = storage_schemas.check_table("catalog", table, where)
         return table.to_pandas()
 
     # ---- reading scans
+    def _scan_present(self, scan_id: str, committed: bool) -> bool:
+        if self.is_local:
+            return self.scan_dir(scan_id).is_dir()
+        # a bucket: only a committed scan is there for readers (objects without an ok record are half-written)
+        return committed and bool(self.tree.listdir(self.scan_rel(scan_id)))
+
     def open_scan(self, scan_id: str) -> zarr.Group:
         """The scan's image group, read through a store that checks every checksum (see checked_store)."""
-        d = self.scan_dir(scan_id)
-        where = f"{self.root}: scan {scan_id}"
+        rel = self.scan_rel(scan_id)
+        where = f"{self.url}: scan {scan_id}"
+        repair = f"repair with `genesis stores verify {self.url} --repair`"
         rec, problem = self.load_record(scan_id)
-        if not d.is_dir():
-            if (rec and rec.get("status") == "ok") or problem or self._catalogued_ok(scan_id):
-                raise StoreIntegrityError(f"{where}: its folder scans/{safe_scan_id(scan_id)} is missing; "
-                                          f"repair with `genesis stores verify {self.root} --repair`")
-            raise ScanNotFoundError(f"scan {scan_id!r} is not in {self.root} (see `genesis stores show {self.root}`)")
-        files = rec.get("files") if rec and rec.get("status") == "ok" else None
-        for rel, want in sorted((files or {}).items()):
-            if rel.endswith("zarr.json"):
+        committed = bool(rec and rec.get("status") == "ok")
+        if not self._scan_present(scan_id, committed):
+            if committed or problem or self._catalogued_ok(scan_id):
+                raise StoreIntegrityError(f"{where}: its folder {rel} is missing; {repair}")
+            raise ScanNotFoundError(f"scan {scan_id!r} is not in {self.url} (see `genesis stores show {self.url}`)")
+        files = rec.get("files") if committed else None
+        for name, want in sorted((files or {}).items()):
+            if name.endswith("zarr.json"):
                 try:
-                    got = file_digest(d / rel)
-                except OSError:
-                    raise StoreIntegrityError(f"{where}: {rel} is missing; repair with "
-                                              f"`genesis stores verify {self.root} --repair`") from None
+                    got = bytes_digest(self.tree.read(f"{rel}/{name}"))
+                except (OSError, IsADirectoryError):
+                    raise StoreIntegrityError(f"{where}: {name} is missing; {repair}") from None
                 if got != want:
-                    raise StoreIntegrityError(f"{where}: {rel} differs from what was published; repair with "
-                                              f"`genesis stores verify {self.root} --repair`")
-        if not (d / "zarr.json").is_file():
-            raise StoreIntegrityError(f"{where}: scans/{d.name}/zarr.json is missing; repair with "
-                                      f"`genesis stores verify {self.root} --repair`")
-        store = CheckedStore(d, where=where, files=frozenset(files) if files else None)
+                    raise StoreIntegrityError(f"{where}: {name} differs from what was published; {repair}")
+        if not self.tree.exists(f"{rel}/zarr.json"):
+            raise StoreIntegrityError(f"{where}: {rel}/zarr.json is missing; {repair}")
+        store = CheckedStore(self.tree.zarr_store(rel), where=where, files=frozenset(files) if files else None)
         try:
             group = zarr.open_group(store=store, mode="r", zarr_format=3)
         except Exception as exc:
-            raise StoreIntegrityError(f"{where}: scans/{d.name}/zarr.json is unreadable "
+            raise StoreIntegrityError(f"{where}: {rel}/zarr.json is unreadable "
                                       f"({type(exc).__name__}: {exc})") from None
-        storage_schemas.validate_attrs("volume_image", dict(group.attrs), str(d))
+        storage_schemas.validate_attrs("volume_image", dict(group.attrs), f"{self.url}/{rel}")
         return group
 
     def _catalogued_ok(self, scan_id: str) -> bool:
@@ -295,28 +357,30 @@ class VolumeStore:
         return sorted(cat.loc[cat["status"] == "ok", "scan_id"].tolist())
 
 
-def lock_store(root: str | os.PathLike) -> FileLock:
-    """The writer lock of the store at `root` (which need not be a store yet), or StoreLockedError."""
-    root = Path(root)
+def lock_store(root: "str | os.PathLike | Tree"):
+    """The writer lock of the store at `root` (which need not be a store yet), or StoreLockedError naming the
+    holder: a FileLock on disk, an ObjectLease in a bucket (both: `token`, `release()`)."""
+    tree = open_tree(root)
     try:
-        return FileLock(root / ".lock", LOCK_PURPOSE).acquire()
+        return lock_tree(tree, ".lock", LOCK_PURPOSE)
     except LockBusyError as exc:
-        raise StoreLockedError(f"{root} is being written by another conversion ({exc})") from None
+        raise StoreLockedError(f"{tree.url} is being written by another conversion ({exc})") from None
 
 
-def _load_record(path: Path) -> tuple[dict | None, str | None]:
+def _load_record(tree: Tree, rel: str) -> tuple[dict | None, str | None]:
+    name = rel.rsplit("/", 1)[-1]
     try:
-        text = path.read_bytes()
+        text = tree.read(rel)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
-        return None, f"unreadable: {exc.strerror}"
+        return None, f"unreadable: {exc.strerror or exc}"
     try:
         rec = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         return None, f"not valid JSON: {str(exc)[:80]}"
     try:
-        storage_schemas.validate_attrs("scan_record", rec, path.name)
+        storage_schemas.validate_attrs("scan_record", rec, name)
     except storage_schemas.SchemaError as exc:
         return None, " ".join(str(exc).split())[:200]
     return rec, None

@@ -23,9 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-import uuid
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,6 +32,7 @@ import pyarrow.parquet as pq
 
 import storage_schemas
 from pipeline.ingest.sources import TableSource
+from pipeline.storage.objects import Tree, open_tree
 
 __all__ = ["store_tables", "read_table", "check_table_sources"]
 
@@ -239,7 +238,7 @@ def _case_candidates(src: TableSource) -> pd.DataFrame:
                          "class": label.astype("int64")})
 
 
-def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[str]:
+def store_tables(root: "str | os.PathLike | Tree", sources: list[TableSource]) -> list[str]:
     """Validate and merge each table into `tables/<name>.parquet`; return problems as one-line reasons.
 
     A case candidates CSV (`TableSource.case_scans` set) is stored as the `candidates` table, beside
@@ -258,30 +257,37 @@ def store_tables(root: str | os.PathLike, sources: list[TableSource]) -> list[st
             frames.setdefault(name, []).append(checked)
         except Exception as exc:
             problems.append(f"{where}: {' '.join(str(exc).split())}")
-    out = Path(root) / "tables"
+    tree = open_tree(root)
     for name, dfs in frames.items():
-        out.mkdir(exist_ok=True)
-        path = out / f"{name}.parquet"
-        if path.exists():
-            dfs = [pq.read_table(path).to_pandas()] + dfs
+        rel = f"tables/{name}.parquet"
+        where = f"{tree.url}/{rel}"
+        try:
+            old = tree.read(rel)
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            dfs = [pq.read_table(pa.BufferReader(old)).to_pandas()] + dfs
         merged = pd.concat(dfs, ignore_index=True).drop_duplicates().reset_index(drop=True)
         try:  # rows from several sources (or runs) may contradict each other
-            merged = _checked(name, merged, str(path))
+            merged = _checked(name, merged, where)
         except Exception as exc:
-            problems.append(f"{path}: merged rows not stored: {' '.join(str(exc).split())}")
+            problems.append(f"{where}: merged rows not stored: {' '.join(str(exc).split())}")
             continue
-        table = storage_schemas.check_table(name, pa.Table.from_pandas(merged, preserve_index=False), str(path))
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        table = storage_schemas.check_table(name, pa.Table.from_pandas(merged, preserve_index=False), where)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        tree.write(rel, sink.getvalue().to_pybytes())  # atomic: a temporary file and a rename, or one PUT
     return problems
 
 
-def read_table(root: str | os.PathLike, name: str) -> pd.DataFrame:
+def read_table(root: "str | os.PathLike | Tree", name: str) -> pd.DataFrame:
     """A table of a volume store (`annotations`, `candidates`, `pe_candidates`, `pe_folds`), empty
-    with the right columns if absent."""
-    path = Path(root) / "tables" / f"{name}.parquet"
+    with the right columns if absent. `root` is the store's folder, URL or Tree."""
+    tree = open_tree(root)
+    rel = f"tables/{name}.parquet"
     schema = storage_schemas.arrow_schema(name)
-    if not path.exists():
+    try:
+        data = tree.read(rel)
+    except FileNotFoundError:
         return schema.empty_table().to_pandas()
-    return storage_schemas.check_table(name, pq.read_table(path), str(path)).to_pandas()
+    return storage_schemas.check_table(name, pq.read_table(pa.BufferReader(data)), f"{tree.url}/{rel}").to_pandas()

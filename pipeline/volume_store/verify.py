@@ -1,5 +1,7 @@
 """`genesis stores verify STORE [--repair]`: every scan against its recorded manifest and the catalog.
 
+The store may be on disk or in a bucket; every object is read once, through the store's Tree.
+
 Per scan: `ok` (every file present with its recorded size and XXH3, nothing extra, every shard
 passing its CRC32C checks), `damaged` (a file missing, changed or unexpected, or an unreadable
 record), `missing` (the catalog lists it, its folder is gone). With `repair`, under the store's
@@ -15,12 +17,12 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.volume_store.checked_store import _array_layout, shard_problem
-from pipeline.volume_store.digests import check_folder
+from pipeline.storage.objects import open_tree
+from pipeline.volume_store.checked_store import _array_layout, chunk_key_parts, shard_problem
+from pipeline.volume_store.digests import check_tree
 from pipeline.volume_store.errors import StoreError
 from pipeline.volume_store.scan_ids import canonical_source, printable, source_key
 from pipeline.volume_store.store import VolumeStore, safe_scan_id
@@ -39,38 +41,59 @@ class ScanCheck:
         return f"{self.status:<8}  {printable(self.scan_id)}  {printable(self.detail)}".rstrip()
 
 
-def _shards_problems(folder: Path, files: dict[str, str] | None) -> list[str]:
-    """CRC32C checks of every shard (also for records without a manifest)."""
-    problems = []
-    metas = [rel for rel in (files or {}) if rel.endswith("zarr.json")] if files else [
-        p.relative_to(folder).as_posix() for p in folder.rglob("zarr.json")]
-    for rel in sorted(metas):
+def _layouts(store: VolumeStore, rel: str, files: dict[str, str] | None) -> dict[str, tuple[bool, bool, int]]:
+    """array path -> its shard layout, from the scan's zarr.json objects (the manifest's, else every one)."""
+    tree = store.tree
+    metas = [name for name in (files or {}) if name.endswith("zarr.json")] if files else [
+        o.path[len(rel) + 1:] for o in tree.list(rel) if o.path.endswith("zarr.json")]
+    out = {}
+    for name in sorted(metas):
         try:
-            meta = json.loads((folder / rel).read_bytes())
-        except (OSError, ValueError) as exc:
-            problems.append(f"{rel} unreadable ({exc})")
-            continue
-        if meta.get("node_type") != "array":
-            continue
-        layout = _array_layout(meta)
-        array_dir = (folder / rel).parent
-        for shard in sorted(array_dir.joinpath("c").rglob("*")) if array_dir.joinpath("c").is_dir() else []:
-            if shard.is_file():
-                problem = shard_problem(np.fromfile(shard, dtype=np.uint8), layout)
-                if problem:
-                    problems.append(f"{shard.relative_to(folder).as_posix()} {problem}")
+            meta = json.loads(tree.read(f"{rel}/{name}"))
+        except (OSError, ValueError):
+            continue  # named by the digest check (or below, for records without a manifest)
+        if isinstance(meta, dict) and meta.get("node_type") == "array":
+            out[name[:-len("zarr.json")].rstrip("/")] = _array_layout(meta)
+    return out
+
+
+def _shard_check(layouts: dict[str, tuple[bool, bool, int]]):
+    """`on_bytes(name, data)` for `check_tree`: the CRC32C checks of a shard object, naming array and shard."""
+    def on_bytes(name: str, data: bytes) -> str | None:
+        parts = chunk_key_parts(name)
+        if parts is None or parts[0] not in layouts:
+            return None
+        problem = shard_problem(np.frombuffer(data, dtype=np.uint8), layouts[parts[0]])
+        return f"array {parts[0] or '.'}: shard {parts[1]} {problem}" if problem else None
+    return on_bytes
+
+
+def _shards_problems(store: VolumeStore, rel: str) -> list[str]:
+    """CRC32C checks of every shard, for records without a manifest (older versions)."""
+    layouts = _layouts(store, rel, None)
+    check = _shard_check(layouts)
+    problems = []
+    for o in store.tree.list(rel):
+        name = o.path[len(rel) + 1:]
+        problem = check(name, store.tree.read(o.path)) if chunk_key_parts(name) else None
+        if problem:
+            problems.append(problem)
     return problems
 
 
 def check_scan(store: VolumeStore, record: dict) -> ScanCheck:
+    """A committed scan against its record: every object there with its recorded size and XXH3, nothing
+    extra, every shard passing its CRC32C checks (one read of each object, on disk or in a bucket)."""
     sid = record["scan_id"]
-    folder = store.scan_dir(sid)
-    if not folder.is_dir():
-        return ScanCheck("missing", sid, f"folder scans/{safe_scan_id(sid)} is missing")
+    rel = store.scan_rel(sid)
+    present = store.scan_dir(sid).is_dir() if store.is_local else bool(store.tree.listdir(rel))
+    if not present:
+        return ScanCheck("missing", sid, f"folder {rel} is missing")
     files = record.get("files")
-    problems = check_folder(folder, files) if files else []
-    if not problems:
-        problems = _shards_problems(folder, files)
+    if files:
+        problems = check_tree(store.tree, rel, files, full=True, on_bytes=_shard_check(_layouts(store, rel, files)))
+    else:
+        problems = _shards_problems(store, rel)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         return ScanCheck("damaged", sid, "; ".join(problems[:3]) + more)
@@ -83,12 +106,13 @@ def verify_store(root: str | os.PathLike, repair: bool = False, progress: bool =
     """Check (and with `repair`, mend) the store, printing one line per scan to `out` (stdout);
     returns the per-scan results and the store-level problems left."""
     out = out if out is not None else sys.stdout
+    open_tree(root).check()  # StorageError (exit 2): a bucket that cannot be reached
     store = VolumeStore(root)  # StoreError for a path that is not a store
     lock = None
     if repair:
         from pipeline.volume_store.store import lock_store
 
-        lock = lock_store(store.root)
+        lock = lock_store(store.tree)
     try:
         return _verify(store, repair, progress, out, lock)
     finally:
@@ -134,14 +158,13 @@ def _verify(store: VolumeStore, repair: bool, progress: bool, out, lock) -> tupl
         checks.append(result)
         print(result.line(), file=out, flush=True)
     known = {safe_scan_id(r["scan_id"]) for r in ok_records} | {safe_scan_id(k) for k, _ in damaged_records}
-    scans = store.root / "scans"
-    for d in sorted(p for p in scans.iterdir() if p.is_dir()) if scans.is_dir() else []:
-        if d.name not in known:
+    for name in _scan_folders(store):
+        if name not in known:
             if repair:
-                store.discard(d.name)
-                print(f"removed   scans/{d.name}: a folder no ok record accounts for", file=out)
+                store.discard(name)
+                print(f"removed   scans/{name}: a folder no ok record accounts for", file=out)
             else:
-                problems.append(f"scans/{d.name} is a folder no ok record accounts for")
+                problems.append(f"scans/{name} is a folder no ok record accounts for")
     if repair:
         store.write_catalog()
         problems = []  # the catalog is rebuilt from the records; stray folders are gone
@@ -151,13 +174,20 @@ def _verify(store: VolumeStore, repair: bool, progress: bool, out, lock) -> tupl
 _GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 
 
+def _scan_folders(store: VolumeStore) -> list[str]:
+    """The names under scans/ that are scan folders (on disk: directories; in a bucket: prefixes)."""
+    if store.is_local:
+        scans = store.root / "scans"
+        return sorted(p.name for p in scans.iterdir() if p.is_dir()) if scans.is_dir() else []
+    return [n for n in store.tree.listdir("scans") if n != "zarr.json"]
+
+
 def _group_problems(store: VolumeStore, repair: bool, out) -> list[str]:
     """The store's own Zarr metadata below the root (the root's was checked on opening): `scans/zarr.json`
     makes `scans` a group, without it Zarr cannot list the store's scans. Repair writes it again (it holds
     no attributes)."""
-    path = store.root / "scans" / "zarr.json"
     try:
-        meta = json.loads(path.read_bytes())
+        meta = json.loads(store.tree.read("scans/zarr.json"))
         problem = None if isinstance(meta, dict) and meta.get("node_type") == "group" and \
             meta.get("zarr_format") == 3 else "is not a Zarr v3 group's metadata"
     except FileNotFoundError:
@@ -167,10 +197,7 @@ def _group_problems(store: VolumeStore, repair: bool, out) -> list[str]:
     if problem is None:
         return []
     if repair:
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".zarr.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_GROUP, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        store.tree.write("scans/zarr.json", json.dumps(_GROUP, indent=2).encode("utf-8"))
         print(f"repaired  scans/zarr.json: it {problem}; written again", file=out)
         return []
     return [f"scans/zarr.json {problem} (the group of the store's scans)"]
@@ -204,7 +231,7 @@ def _repair(store: VolumeStore, rec: dict, found: ScanCheck, lock) -> ScanCheck:
         if same:
             settings = settings_from_dict(settings_dict)
             discovered = rec.get("discovered_id") or sid
-            res = convert_scan(dataclasses.replace(source, scan_id=sid), str(store.root), settings, lock.token,
+            res = convert_scan(dataclasses.replace(source, scan_id=sid), store.url, settings, lock.token,
                                rec.get("record_key") or sid, discovered_id=discovered, force=True,
                                source_key=source_key(dataclasses.replace(source, scan_id=discovered)))
             if res["status"] == "ok":
@@ -212,19 +239,19 @@ def _repair(store: VolumeStore, rec: dict, found: ScanCheck, lock) -> ScanCheck:
             reason = f"reconversion failed: {res.get('error')}"
         elif reason is None:
             reason = f"its source {printable(source.source_path)} changed since it was converted"
-    store.discard(sid)  # nothing may read damaged data: the row says why it is gone
     failed = dict(rec)
     failed.update(status="failed", files=None, content_digest=None,
                   error=" ".join(f"stored scan was {why}; {reason}; not repaired".split())[:500])
-    store.write_record(failed)
+    store.write_record(failed)  # uncommitted first, then removed: nothing may read damaged data
+    store.discard(sid)
     return ScanCheck("failed", sid, f"{reason} (was {why})")
 
 
 def _mark_record_failed(store: VolumeStore, key: str, why: str) -> None:
     from datetime import datetime, timezone
 
-    store.discard(key)
     store.write_record({"scan_id": key, "record_key": key, "status": "failed", "dataset": "unknown",
                         "source_path": "", "settings_hash": "",
                         "converted_at": datetime.now(timezone.utc).isoformat(),
                         "error": f"record was damaged ({why}); the next `genesis convert` of its source reconverts it"})
+    store.discard(key)
