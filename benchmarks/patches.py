@@ -9,19 +9,27 @@ Prints:
   peak RSS of a process streaming a whole patch store, for a store and one 10x larger (target: flat); the 10x
   store is assembled like an extracted one (CRC32C per cube) and must pass `genesis stores verify`'s checks.
 
+`--bucket` adds the same store in a bucket: built there (extraction cubes/s into `s3://`), the 10x store copied
+there, and the loader's cubes/s and peak RSS from `s3://` against the same store on local disk (target: >= 70%
+of local cubes/s, memory flat). `--bucket` alone starts moto's S3 server on 127.0.0.1 for the run (stopped by pid
+at the end); `--bucket s3://BUCKET/PREFIX` uses that bucket with the standard AWS environment (AWS_ENDPOINT_URL,
+the keys, the region) and removes what it wrote there.
+
 `--quick` runs every step on the smallest data (2 tiny phantoms, 16x16x16 cubes) in well under a minute: a
 check that the benchmark still runs, not a measurement (its targets are not judged).
 
-    .venv/bin/python benchmarks/patches.py [--scans 6] [--quick] [--work DIR]
+    .venv/bin/python benchmarks/patches.py [--scans 6] [--quick] [--work DIR] [--bucket [s3://BUCKET/PREFIX]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
 import shutil
+import uuid
 import subprocess
 import sys
 import time
@@ -30,6 +38,7 @@ from pathlib import Path
 from bench_common import verdict, work_folder  # benchmarks/: run as scripts, their folder is on sys.path
 
 QUICK_SCANS = 2
+REPO = Path(__file__).resolve().parent.parent
 
 
 def quick_phantom():
@@ -130,7 +139,108 @@ def grow_store(src: Path, dst: Path, factor: int) -> None:
 
 
 def megabytes(path) -> float:
+    if "://" in str(path):
+        from pipeline.storage.objects import open_tree
+
+        return sum(o.size for o in open_tree(str(path)).list()) / 1e6
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
+@contextlib.contextmanager
+def bucket_root(arg: str):
+    """A fresh prefix to work in: under `arg` (s3://BUCKET/PREFIX, the AWS environment's endpoint and keys), or with
+    `arg` "moto" in a bucket of moto's S3 server, started here on 127.0.0.1 and stopped by pid at the end (the
+    AWS variables of this process point at it, so Dask workers and the loader's subprocesses reach it too). What
+    the run wrote is removed."""
+    from pipeline.storage.objects import open_tree
+
+    server = None
+    if arg == "moto":
+        sys.path.insert(0, str(REPO / "tests"))
+        try:
+            from s3_server import S3Server, configure_environment, new_bucket
+        finally:
+            sys.path.remove(str(REPO / "tests"))
+        server = S3Server(configure_environment())
+        arg = f"s3://{new_bucket(server, 'genesis-bench')}"
+    try:
+        tree = open_tree(f"{arg.rstrip('/')}/genesis-bench-patches-{uuid.uuid4().hex[:8]}")
+        tree.check()
+        try:
+            yield tree.url
+        finally:
+            tree.delete_prefix("")
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def copy_store(src: Path, url: str) -> None:
+    """A published patch store on disk copied under `url` as a build publishes it there: every object, then the
+    root zarr.json (the commit object) last."""
+    from pipeline.storage.objects import open_tree
+
+    tree = open_tree(url)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.relative_to(src).as_posix() != "zarr.json")
+    for p in files:
+        tree.write(p.relative_to(src).as_posix(), p.read_bytes())
+    tree.write("zarr.json", (src / "zarr.json").read_bytes())
+
+
+def steady_rate(path: str, epochs: int = 3, batch: int = 6) -> tuple[int, float, float]:
+    """(cubes per epoch, best cubes/s of epochs 1.., reads per second then) of one loader over the whole store, as
+    training iterates it: epoch 0 opens the store (from a bucket: its shard indices) and warms the page cache."""
+    from pipeline.data import CubeStreamConfig, PatchCubes
+
+    ds = PatchCubes(path, CubeStreamConfig(split="all", batch_size=batch), rank=0, world_size=1)
+    best, per_s = 0.0, 0.0
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        before = ds.store.requests
+        t0 = time.perf_counter()
+        n = sum(b.shape[0] for b in ds.batches())
+        s = time.perf_counter() - t0
+        if epoch and n / s > best:
+            best, per_s = n / s, (ds.store.requests - before) / s
+    return n, best, per_s
+
+
+def bucket_figures(args, work: Path, cfg, path: str, big: Path, quick: bool) -> None:
+    """The store built into a bucket, and the loader from there against local disk (`--bucket`)."""
+    from pipeline.data import CubeStreamConfig
+    from pipeline.patches.extract import extract_pretrain
+    from pipeline.patches.store import PatchStore
+
+    with bucket_root(args.bucket) as root:
+        where = "moto S3 server on 127.0.0.1" if args.bucket == "moto" else root.split("/genesis-bench-")[0]
+        res = extract_pretrain(str(work / "vs"), cfg, out_root=f"{root}/ps", workers=2, progress=False)
+        assert PatchStore(res.path).key == PatchStore(path).key
+        print(f"bucket ({where}):")
+        print(f"extraction into s3://, 2 Dask workers  : {res.n_cubes / res.seconds:8.1f} cubes/s "
+              f"({res.seconds:.2f} s, incl. cluster start); {megabytes(res.path):.1f} MB in the bucket")
+        copy_store(big, f"{root}/big")
+        remote_big = f"{root}/big"
+        rows = PatchStore(remote_big).index["row"].to_numpy()
+        assert PatchStore(remote_big).read_cubes(rows[:12]).tobytes() == PatchStore(big).read_cubes(rows[:12]).tobytes()
+        for label, local, remote in (("store", path, res.path), ("10x store", str(big), remote_big)):
+            local_n, local_rate, _ = steady_rate(local)
+            n, rate, gets = steady_rate(remote)
+            assert n == local_n
+            shards = -(-len(PatchStore(local)) // PatchStore(local).shard_rows)
+            print(f"loader, 1 core, {label} ({shards} shards), epochs 1-2: local disk {local_rate:7.1f} cubes/s, s3:// "
+                  f"{rate:7.1f} cubes/s = {rate / local_rate:.0%} of local (target >= 70%) "
+                  f"{verdict(rate >= 0.7 * local_rate, quick)}; {gets:.0f} GET/s, {rate / max(gets, 1e-9):.1f} "
+                  f"cubes per GET")
+        mem = {name: loader_memory(p) for name, p in (("local", str(big)), ("1x", res.path), ("10x", remote_big))}
+        r = mem["10x"]["peak_rss"] / mem["1x"]["peak_rss"]
+        config = CubeStreamConfig()
+        window = 2 * config.bucket_window * config.buffer_size  # cubes held: the window served and the one ahead
+        judged = verdict(r < 1.2, quick) if mem["1x"]["cubes"] >= window else \
+            f"(not judged: the store holds fewer than the {window} cubes of two bucket windows)"
+        print(f"loader peak RSS from s3://, whole store: {mem['1x']['cubes']} cubes {mem['1x']['peak_rss'] / 1e6:.0f} "
+              f"MB; {mem['10x']['cubes']} cubes {mem['10x']['peak_rss'] / 1e6:.0f} MB; ratio {r:.2f} (target: flat) "
+              f"{judged}; the 10x store from local disk {mem['local']['peak_rss'] / 1e6:.0f} MB (a bucket holds "
+              f"{window} cubes as stored, and the reads in flight)")
 
 
 def loader_memory(path: str) -> dict:
@@ -146,6 +256,8 @@ def main() -> None:
     ap.add_argument("--scans", type=int, default=None, help=f"phantom scans (default 6; --quick {QUICK_SCANS})")
     ap.add_argument("--quick", action="store_true", help="every step on the smallest data: a smoke run, not figures")
     ap.add_argument("--work", type=Path, help="work in DIR and keep it (default: a temporary folder, removed)")
+    ap.add_argument("--bucket", nargs="?", const="moto", metavar="s3://BUCKET/PREFIX",
+                    help="also build and read the store in a bucket (alone: a moto S3 server started for the run)")
     ap.add_argument("--measure-loader", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_loader:
@@ -217,6 +329,8 @@ def main() -> None:
         print(f"loader peak RSS, whole store streamed: {mem['1x']['cubes']} cubes {mem['1x']['peak_rss'] / 1e6:.0f} MB; "
               f"{mem['10x']['cubes']} cubes {mem['10x']['peak_rss'] / 1e6:.0f} MB; ratio {r:.2f} "
               f"(target: flat) {verdict(r < 1.2, quick)}")
+        if args.bucket:
+            bucket_figures(args, work, cfg, path, big, quick)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,17 @@ def configure_environment() -> str:
     return endpoint
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec: the kernel sends it SIGTERM when the test process dies, even of a
+    SIGKILL, so no server outlives its session (Linux; elsewhere `stop()` is all there is)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class S3Server:
     """moto's S3 server on the session's endpoint; `stop()` ends exactly the process it started."""
 
@@ -48,7 +59,7 @@ class S3Server:
         port = int(endpoint.rsplit(":", 1)[1])
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -7,14 +7,17 @@ batch (`sampling.rank_share`), so rank r's k-th batch is its part of the k-th gl
 are read `buffer_size` at a time with `PatchStore.read_cubes` (which decodes the store's encoding),
 the next block on a thread while this one is served, as views of the block: memory is about three
 blocks (12 cubes of 32x64x64 float32 = 6 MiB each: served, read ahead, and the store's read copy)
-plus the split's row and scan numbers, whatever the store's size. The global order depends only on
-(seed, epoch), not on the number of ranks: a run resumes exactly, even on another number of workers.
+plus the split's row and scan numbers, whatever the store's size. From a store in a bucket each call reads
+`bucket_window` blocks as stored (16 blocks of int16 32x64x64 cubes: 48 MiB, twice: served and read ahead), so
+that one request brings the window's cubes of a shard together; still flat in the store's size. The global order
+depends only on (seed, epoch), not on the number of ranks: a run resumes exactly, even on another number of workers.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,6 +43,11 @@ class CubeStreamConfig:
     """Batches of different scans (see `sampling`); False: a plain uniform permutation of the split."""
     buffer_size: int = 12
     """Cubes read from the store per call (rounded up to whole per-rank batches): the loader's memory."""
+    bucket_window: int = 16
+    """From a store in a bucket, this many buffers are read per store call (and the next call's ahead), held as
+    stored and decoded buffer by buffer: a bucket's round trip costs milliseconds where a disk read costs
+    microseconds, and the cubes of one window that share a shard come in one request
+    (`pipeline.patches.sharded_rows`). 1: as on disk."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -49,6 +57,8 @@ class CubeStreamConfig:
             raise ValueError(f"CubeStreamConfig.buffer_size must be >= 1, got {self.buffer_size}")
         if self.batch_size < 1:
             raise ValueError(f"CubeStreamConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.bucket_window < 1:
+            raise ValueError(f"CubeStreamConfig.bucket_window must be >= 1, got {self.bucket_window}")
 
 
 def ray_rank_and_world() -> tuple[int, int]:
@@ -105,10 +115,28 @@ class PatchCubes(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.per_rank_batch = config.batch_size // world_size
         self.epoch = 0
-        self._rows, self._scans = split_rows(PatchStore(self.path), None if config.split == "all" else config.split)
+        store = PatchStore(self.path)
+        self._rows, self._scans = split_rows(store, None if config.split == "all" else config.split)
+        store.__dict__.pop("index", None)  # kept for its shard indices, not its table
+        self._opened: tuple[int, object] | None = (os.getpid(), store)
         if len(self._rows) < world_size:
             raise ValueError(f"{self.path}: split {config.split!r} has {len(self._rows)} cubes, fewer than "
                              f"the {world_size} ranks that must share it")
+
+    @property
+    def store(self):
+        """The store, opened once per process (a DataLoader worker opens its own): its shard indices, read on first
+        use, then serve every epoch (from a bucket: no round trips per epoch but the cubes')."""
+        from pipeline.patches.store import PatchStore
+
+        if self._opened is None or self._opened[0] != os.getpid():
+            self._opened = (os.getpid(), PatchStore(self.path))
+        return self._opened[1]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_opened"] = None  # reopened where it is unpickled (a spawned DataLoader worker)
+        return state
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -145,22 +173,32 @@ class PatchCubes(IterableDataset):
         return rows
 
     def _blocks(self, rows: np.ndarray):
-        """Consecutive runs of `rows` as cube blocks, one store call each; the next block is read on a thread
-        while this one is used (zarr's decoding releases the GIL, as does a training step waiting on the GPU)."""
-        from pipeline.patches.store import PatchStore
+        """Consecutive runs of `rows` as cube blocks of `buffer_size` (rounded up to whole per-rank batches).
 
+        Each store call reads one block (from a bucket: `bucket_window` blocks), its runs of rows concurrently
+        (`PatchStore.read`); the next call runs on a thread while this one's blocks are used (decoding and the
+        requests release the GIL, as does a training step waiting on the GPU)."""
         _large_buffers_to_os()
-        store = PatchStore(self.path)  # opened per iterator: safe in DataLoader worker processes
+        store = self.store
         b = self.per_rank_batch
         block = -(-self.config.buffer_size // b) * b
-        starts = range(0, len(rows), block)
+        window = block * (self.config.bucket_window if store.tree.local is None else 1)
+        starts = range(0, len(rows), window)
+        if window == block:
+            read, decode = store.read_cubes, None
+        else:  # a window is held as stored (int16 for CT: half of float32) and decoded block by block
+            from pipeline.patches.encoding import decode_cubes
+
+            read, decode = store.read, functools.partial(decode_cubes, encoding=store.cube_encoding)
         with ThreadPoolExecutor(1, thread_name_prefix="genesis-read") as pool:
-            pending = [pool.submit(store.read_cubes, rows[i:i + block]) for i in starts[:1]]
+            pending = [pool.submit(read, rows[i:i + window]) for i in starts[:1]]
             for i in starts:
                 cubes = pending.pop().result()
-                if i + block < len(rows):
-                    pending.append(pool.submit(store.read_cubes, rows[i + block:i + 2 * block]))
-                yield cubes
+                if i + window < len(rows):
+                    pending.append(pool.submit(read, rows[i + window:i + 2 * window]))
+                for j in range(0, len(cubes), block):
+                    yield cubes[j:j + block] if decode is None else decode(cubes[j:j + block])
+                del cubes
 
     def __iter__(self):
         for cubes in self._blocks(self._my_rows()):

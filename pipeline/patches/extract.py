@@ -12,15 +12,16 @@ held as the store's `cube_encoding`: clipped int16 HU when that is exact, see `p
 rerun of an interrupted extraction keeps the finished scans and does only the rest. The parts
 are then assembled into a cubes array that holds exactly the cubes of the index (scans that gave
 fewer or none leave no empty rows), one writer per shard (`pipeline.patches.assemble`). The
-store becomes visible by one rename when complete.
+store becomes visible when complete: by one rename on disk, by its commit object written last in a bucket
+(`--out s3://BUCKET/PREFIX`; `pipeline.patches.site`).
 
 The publish-once protocol is `pipeline.runtime.build.build_once` (the one every store build runs): one build
-per store at a time: the builder holds `ROOT/.pretrain-<key>.lock` (a `FileLock`, gone with the builder however
-it dies; its workers die with it too, see `pipeline.cluster`). A run killed at any step leaves a state the next
-run resumes: finished scans are kept, a build that got as far as its attributes is only published
-(`pipeline.patches.assemble.open_building`). A build that fails on an error a rerun would meet again (damaged
-data, no acceptable cube: `DETERMINISTIC_ERRORS`) removes its building folder instead: there is nothing worth
-resuming.
+per store at a time: the builder holds `ROOT/.pretrain-<key>.lock` (a `FileLock` on disk, gone with the builder
+however it dies, its workers with it, see `pipeline.cluster`; a renewed lease in a bucket). A run killed at any
+step leaves a state the next run resumes: finished scans are kept, a build that got as far as its attributes is
+only published (`pipeline.patches.assemble.open_building`). A build that fails on an error a rerun would meet
+again (damaged data, no acceptable cube: `DETERMINISTIC_ERRORS`) removes its building folder instead: there is
+nothing worth resuming.
 """
 
 from __future__ import annotations
@@ -28,22 +29,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import zarr
 
 import storage_schemas
-from pipeline.patches.assemble import Part, assemble, save_part, save_result
+from pipeline.patches.assemble import Part, assemble, join, save_part, save_result
 from pipeline.patches.config import STORE_FORMAT, PretrainPatchConfig, content_key
 from pipeline.patches.encoding import UNIT_FLOAT32, choose_encoding, encode_cubes, storage_dtype
 from pipeline.patches.mr_sampling import (foreground_threshold, mr_scan_region, normalise, pad, percentile_window,
                                           sample_mr_cubes)
 from pipeline.patches.outcome import ExtractionResult, NoCubesError, found
 from pipeline.patches.sampling import crop_sizes, sample_cubes, scan_region
-from pipeline.patches.site import PatchStoreSite
+from pipeline.patches.site import PatchStoreSite, parquet_bytes, patch_root, volume_url
 from pipeline.patches.source import resolve_recipe, source_catalog
 from pipeline.patches.splits import pretrain_splits, scan_seed, split_of
 from pipeline.patches.store import catalog_hash
@@ -103,7 +101,7 @@ def extract_scan(volume_root: str, scan_id: str, subset: str | None, slot: int, 
                 f"chest CT")
         else:
             n = len(sample.cubes)
-            save_part(Path(building) / "parts" / f"{slot:06d}", encode_cubes(sample.cubes, encoding)[:, None])
+            save_part(join(building, "parts", f"{slot:06d}"), encode_cubes(sample.cubes, encoding)[:, None])
             spacing = np.asarray(meta["spacing"])
             origin = np.asarray(meta["origin"])
             direction = np.asarray(meta["direction"]).reshape(3, 3)  # ITK (x, y, z)
@@ -174,20 +172,19 @@ def extract_pretrain(volume_root: str, config: PretrainPatchConfig = PretrainPat
     splits = pretrain_splits(list(zip(ok["scan_id"], subsets)), config.seed, config.split_fractions,
                              where=str(vstore.root))
     key = content_key(source_hash, config, validation_drawn=bool(splits.drawn))
-    root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
-    site = PatchStoreSite(root, f"pretrain-{key}", key, _parts_of)
+    site = PatchStoreSite(patch_root(volume_root, out_root), f"pretrain-{key}", key, _parts_of)
     if config.recipe == "mr":
         encoding = dict(UNIT_FLOAT32)  # percentile-normalised values: no exact integer form
     else:
         encoding = choose_encoding(config, ok["dtype"].fillna("float32").unique())  # unknown dtype: assume float
-    items = [Item(slot, (str(vstore.root), r.scan_id, subset, slot, str(site.building), config),
+    items = [Item(slot, (volume_url(vstore), r.scan_id, subset, slot, site.scaffold, config),
                   {"encoding": encoding})
              for slot, (r, subset) in enumerate(zip(ok.itertuples(), subsets))]
 
     def assemble_cubes(client, built: Built) -> None:
-        parts = [Part(str(site.building / "parts" / f"{r['slot']:06d}"), len(r["rows"])) for r in built.ordered()]
+        parts = [Part(site.part(f"{r['slot']:06d}"), len(r["rows"])) for r in built.ordered()]
         if any(p.n for p in parts):
-            assemble(site.building, "cubes", parts, (1,) + tuple(config.cube_size), storage_dtype(encoding),
+            assemble(site.store, "cubes", parts, (1,) + tuple(config.cube_size), storage_dtype(encoding),
                      config.per_scan, ("cube", "c", "z", "y", "x"), client=client)
 
     def complete(built: Built) -> ExtractionResult:
@@ -212,7 +209,7 @@ def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_
     """The splits (a drawn validation share only among the scans that gave cubes, so it never ends empty while
     another scan could serve), the index and, last, the attributes that mark the build complete; the result
     (its time is set once published)."""
-    building, key = site.building, site.key
+    store, key = site.store, site.key
     splits = pretrain_splits(scans, config.seed, config.split_fractions, where=str(vstore.root),
                              eligible={r["scan_id"] for r in results if r["rows"]})
     rows = [row for r in results for row in r["rows"]]
@@ -230,8 +227,8 @@ def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_
             for reason, ids in list(by_reason.items())[:3]))
     schema = storage_schemas.arrow_schema("patch_index")
     table = pa.Table.from_pylist(rows, schema=schema)
-    table = storage_schemas.check_table("patch_index", table, str(building / "index.parquet"))
-    pq.write_table(table, building / "index.parquet")
+    table = storage_schemas.check_table("patch_index", table, f"{site.final}/index.parquet")
+    store.write("index.parquet", parquet_bytes(table))
     counts = {s: int(sum(1 for r in rows if r["split"] == s)) for s in ("train", "validation", "test")}
     note = splits.note
     if note is None and not counts["validation"]:
@@ -243,15 +240,15 @@ def _complete(site: PatchStoreSite, results: list[dict], vstore: VolumeStore, n_
     attrs = {"genesis": {
         "kind": "patch-store", "schema_version": 2, "store_format": STORE_FORMAT, "key": key, "purpose": "pretrain",
         "config": config.to_dict(), "cube_encoding": encoding,
-        "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": source_hash},
+        "volume_store": {"path": volume_url(vstore, resolve=True), "catalog_hash": source_hash},
         "cube_shape": list(config.cube_size), "n_cubes": len(rows), "counts": counts, "shard_rows": config.per_scan,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "value_range": [0.0, 1.0],
         "short_scans": [{"scan_id": r["scan_id"], "reason": r["short"]} for r in results if r.get("short")],
         "recipe": _recipe_attrs(config, results), "validation": validation,
     }}
-    storage_schemas.validate_attrs("patch_store", attrs, str(building))
-    zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
+    storage_schemas.validate_attrs("patch_store", attrs, str(site.final))
+    site.commit(attrs)  # last: it marks the build complete
     return ExtractionResult(path=site.final, key=key, reused=False, n_cubes=len(rows), counts=counts,
                             skipped=skipped, notes=[note] if note else [],
                             padded=attrs["genesis"]["recipe"].get("padded_scans", []))

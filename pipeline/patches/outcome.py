@@ -17,7 +17,8 @@ class NoCubesError(RuntimeError):
 
 @dataclass
 class ExtractionResult:
-    path: Path
+    path: Path | str
+    """The store: a Path on disk, its s3:// URL in a bucket."""
     key: str
     reused: bool
     n_cubes: int = 0
@@ -54,7 +55,7 @@ class ExtractionResult:
         return "\n".join(lines)
 
 
-def found(final: Path, key: str, t0: float, reused: bool) -> ExtractionResult:
+def found(final: Path | str, key: str, t0: float, reused: bool) -> ExtractionResult:
     """The published store at `final` as a result (`reused`: found, not built by this run); a task store's
     failed items and whole test cases too."""
     ps = PatchStore(final)

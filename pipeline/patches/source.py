@@ -18,8 +18,7 @@ __all__ = ["source_catalog", "resolve_recipe"]
 def source_catalog(vstore: VolumeStore):
     """The volume store's catalog, refused (StoreError: exit 2) when it is missing or lists no converted scan: a
     build over it would only say that no scan gave a cube."""
-    path = vstore.root / CATALOG
-    if not path.is_file():
+    if not vstore.tree.exists(CATALOG):  # a folder on disk or a prefix in a bucket
         raise StoreError(f"{vstore.root}: its {CATALOG} is missing; rebuild it from the scans' records with "
                          f"`genesis stores verify {vstore.root} --repair`")
     catalog = vstore.catalog()

@@ -1,4 +1,4 @@
-"""Patch stores on disk: a Zarr v3 group with `cubes` (N, C, D, H, W) and `index.parquet`.
+"""Patch stores on disk or in a bucket: a Zarr v3 group with `cubes` (N, C, D, H, W) and `index.parquet`.
 
     ROOT/pretrain-<key>/zarr.json      {"genesis": {"kind": "patch-store", "key": ..., "config": ...}}
     ROOT/pretrain-<key>/cubes/         one inner chunk per cube, one shard per scan; pretraining stores hold
@@ -8,8 +8,12 @@
 
 The key is a hash of the volume store's catalog content (each ok scan's source checksum, settings
 and the content digest of what is stored) and the full extraction config, so the
-same inputs always name the same folder (reuse is a directory lookup) and any changed setting
-names a new one. A store is built in `ROOT/.building-<name>` and renamed into place when complete.
+same inputs always name the same folder (reuse is a lookup in the root) and any changed setting
+names a new one. On disk a store is built in `ROOT/.building-<name>` and renamed into place when complete; in a
+bucket (`s3://BUCKET/PREFIX`) its objects are written under `ROOT/<name>/` and its root `zarr.json` last, as the
+commit object (`pipeline.patches.site`). `PatchStore` opens either (a path or a URL) through
+`pipeline.storage.objects.Tree`, and reads cubes through `pipeline.patches.sharded_rows`: every CRC32C
+checked, a missing shard refused, one ranged read per run of rows, the reads of a call issued concurrently.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ import json
 import math
 import os
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
 import storage_schemas
+from pipeline.patches.sharded_rows import RowLayout, ShardedRows, read_pool
 from pipeline.storage.attrs import read_genesis_attrs
+from pipeline.storage.objects import Tree, open_tree
 from pipeline.volume_store.checked_store import CheckedStore, _array_layout, shard_problem
 from pipeline.volume_store.errors import StoreIntegrityError
 
@@ -80,9 +86,13 @@ def catalog_hash(catalog: pd.DataFrame) -> str:
 class PatchStore:
     """A published patch store, opened for reading."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.attrs = read_genesis_attrs(self.path, "patch-store", "patch_store", PatchStoreError,
+    def __init__(self, path: str | os.PathLike | Tree):
+        self.tree = open_tree(path)
+        self.url = self.tree.url
+        """Where the store is, as a string: its path on disk or its s3:// URL."""
+        self.path = self.tree.local if self.tree.local is not None else self.url
+        """A Path on disk (as before); the URL in a bucket."""
+        self.attrs = read_genesis_attrs(self.tree, "patch-store", "patch_store", PatchStoreError,
                                         hint="; build one with `genesis patches pretrain`")
 
     @property
@@ -94,14 +104,19 @@ class PatchStore:
         """(N, C, D, H, W) as stored; reads check every CRC32C and refuse a missing shard (see `_open`)."""
         return self._open("cubes")
 
+    @property
+    def _hint(self) -> str:
+        return (f"check with `genesis stores verify {self.url}` and rebuild the store with "
+                f"`genesis patches {'task' if self.is_task else 'pretrain'}` (remove it first)")
+
     def _open(self, name: str) -> zarr.Array:
-        """Array `name` read through a CheckedStore: a shard file the layout needs but the disk lacks raises
-        (Zarr alone reads it as zeros: constant cubes), a damaged chunk or index raises naming the store,
-        the array and the shard, instead of Zarr's bare checksum error."""
+        """Array `name` as a Zarr array (its metadata; `read` does not go through it). On disk it is read through
+        a CheckedStore: a shard file the layout needs but the disk lacks raises (Zarr alone reads it as zeros:
+        constant cubes), a damaged chunk or index raises naming the store, the array and the shard, instead of
+        Zarr's bare checksum error; in a bucket alike (CheckedStore wraps the bucket's Zarr store)."""
         meta = self._array_meta(name)
-        store = CheckedStore(self.path, where=str(self.path), files=frozenset(expected_shards(name, meta)),
-                             hint=f"check with `genesis stores verify {self.path}` and rebuild the store with "
-                                  f"`genesis patches {'task' if self.is_task else 'pretrain'}` (remove it first)")
+        store = CheckedStore(self.path if self.tree.local is not None else self.tree, where=str(self.path),
+                             files=frozenset(expected_shards(name, meta)), hint=self._hint)
         try:
             return zarr.open_array(store=store, path=name, mode="r", zarr_format=3)
         except StoreIntegrityError:
@@ -112,9 +127,8 @@ class PatchStore:
 
     def _array_meta(self, name: str) -> dict:
         """The array's zarr.json, checked against the store's own count of cubes."""
-        path = self.path / name / "zarr.json"
         try:
-            meta = json.loads(path.read_bytes())
+            meta = json.loads(self.tree.read(f"{name}/zarr.json"))
             rows = int(meta["shape"][0])
         except FileNotFoundError:
             raise StoreIntegrityError(f"{self.path}: array {name}: {name}/zarr.json is missing") from None
@@ -141,19 +155,26 @@ class PatchStore:
             raise PatchStoreError(f"{self.path} is a {self.purpose} store and has no masks")
         return self._open("masks")
 
+    def _table(self, rel: str) -> pa.Table:
+        """A Parquet table of the store (FileNotFoundError when absent)."""
+        if self.tree.local is not None:
+            return pq.read_table(self.tree.local / rel)
+        return pq.read_table(pa.BufferReader(self.tree.read(rel)))
+
     @cached_property
     def index(self) -> pd.DataFrame:
-        path = self.path / "index.parquet"
         schema = "task_patch_index" if self.is_task else "patch_index"
-        return storage_schemas.check_table(schema, pq.read_table(path), str(path)).to_pandas()
+        table = self._table("index.parquet")
+        return storage_schemas.check_table(schema, table, f"{self.url}/index.parquet").to_pandas()
 
     @cached_property
     def scans(self) -> pd.DataFrame:
         """Task stores: every case with its split and volume-store scans (whole-volume evaluation reads these)."""
-        path = self.path / "scans.parquet"
-        if not path.exists():
-            raise PatchStoreError(f"{self.path} has no scans.parquet (only task stores list their cases)")
-        return storage_schemas.check_table("task_scans", pq.read_table(path), str(path)).to_pandas()
+        try:
+            table = self._table("scans.parquet")
+        except FileNotFoundError:
+            raise PatchStoreError(f"{self.path} has no scans.parquet (only task stores list their cases)") from None
+        return storage_schemas.check_table("task_scans", table, f"{self.url}/scans.parquet").to_pandas()
 
     @property
     def shard_rows(self) -> int:
@@ -231,13 +252,32 @@ class PatchStore:
             idx = idx[idx["split"] == split]
         return idx["row"].to_numpy()
 
-    def read(self, rows: np.ndarray, array: str = "cubes") -> np.ndarray:
-        """Cubes (or masks) at `rows`, in the order given.
+    def _rows(self, array: str) -> ShardedRows | None:
+        """The reader of `array`'s rows (None for a layout `sharded_rows` does not read: Zarr reads it)."""
+        key = f"_rows_{array}"
+        if key not in self.__dict__:
+            if array == "masks" and self.purpose != "segmentation":
+                raise PatchStoreError(f"{self.path} is a {self.purpose} store and has no masks")
+            layout = RowLayout.of(array, self._array_meta(array))
+            self.__dict__[key] = layout and ShardedRows(self.tree, layout, where=str(self.path), hint=self._hint)
+        return self.__dict__[key]
 
-        Rows are read as contiguous runs (a scan's rows are one shard, one file read); Zarr's
-        slice path is about 10x faster than its orthogonal (integer-array) selection here.
+    @property
+    def requests(self) -> int:
+        """Ranged reads issued so far by this object's row readers (in a bucket: GET requests)."""
+        return sum(r.requests for k, r in self.__dict__.items() if k.startswith("_rows_") and r is not None)
+
+    def read(self, rows: np.ndarray, array: str = "cubes") -> np.ndarray:
+        """Cubes (or masks) at `rows` (any order, repeats allowed), in the order given.
+
+        Rows are read as contiguous runs, one ranged read each, the runs of a call concurrently
+        (`pipeline.patches.sharded_rows`); every CRC32C is checked and a missing shard raises. Arrays of
+        another layout go through Zarr's slice path (about 10x faster than its integer-array selection).
         """
         rows = np.asarray(rows, dtype=np.int64)
+        reader = self._rows(array)
+        if reader is not None:
+            return reader.read(rows)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         source = self.cubes if array == "cubes" else self.masks
@@ -267,7 +307,7 @@ class PatchStore:
     def verify(self) -> list[tuple[str, str, str]]:
         """(ok | damaged, part, detail) for the index and each array: the index has one row per cube, and
         every shard the array's layout needs is on disk and passes its CRC32C checks (index and every
-        inner chunk). Reads each shard once; `genesis stores verify` prints the result."""
+        inner chunk). Reads each shard once (several at a time); `genesis stores verify` prints the result."""
         results = []
         try:
             rows = len(self.index)
@@ -283,24 +323,24 @@ class PatchStore:
                 continue
             layout = _array_layout(meta)
             keys = expected_shards(name, meta)
-            problems = []
-            for key in keys:
-                shard = key[len(name) + 1:]
-                try:
-                    data = np.fromfile(self.path / key, dtype=np.uint8)
-                except FileNotFoundError:
-                    problems.append(f"shard {shard} is missing")
-                    continue
-                except OSError as exc:
-                    problems.append(f"shard {shard} is unreadable ({exc.strerror})")
-                    continue
-                problem = shard_problem(data, layout)
-                if problem:
-                    problems.append(f"shard {shard} {problem}")
+            # shards read and checked on the reader threads, a few at a time (memory: one shard per thread)
+            problems = [p for p in read_pool().map(lambda key: self._shard_problem(name, key, layout), keys) if p]
             more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
             results.append(("damaged", name, "; ".join(problems[:3]) + more) if problems else
                            ("ok", name, f"{len(keys)} shards, every chunk passes its CRC32C"))
         return results
+
+    def _shard_problem(self, name: str, key: str, layout) -> str | None:
+        """What is wrong with shard object `key` of array `name` (read whole), None when it passes."""
+        shard = key[len(name) + 1:]
+        try:
+            data = np.frombuffer(self.tree.read(key), dtype=np.uint8)
+        except FileNotFoundError:
+            return f"shard {shard} is missing"
+        except OSError as exc:
+            return f"shard {shard} is unreadable ({exc.strerror or exc})"
+        problem = shard_problem(data, layout)
+        return f"shard {shard} {problem}" if problem else None
 
     def __len__(self) -> int:
         return int(self.attrs["n_cubes"])

@@ -1,6 +1,7 @@
 """`genesis patches task TASK`: a task patch store (cubes, masks, labels, patient splits) from a volume store.
 
-Layout (a Zarr v3 group, published by one rename when complete)::
+Layout (a Zarr v3 group, published when complete: by one rename on disk, by its commit object written last in a
+bucket, see `pipeline.patches.site`)::
 
     ROOT/task-<task>-<key>/zarr.json      {"genesis": {"kind": "patch-store", "purpose": ..., "task": ..., ...}}
     ROOT/task-<task>-<key>/cubes          float32 (N, C, D, H, W) in [0, 1], exactly the rows of the index
@@ -42,20 +43,18 @@ import json
 import os
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numcodecs
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import zarr
 
 import storage_schemas
 from pipeline.ingest.read import describe_values, unknown_label_values
-from pipeline.patches.assemble import Part, assemble, save_part, save_result
+from pipeline.patches.assemble import Part, assemble, join, save_part, save_result
 from pipeline.patches.outcome import ExtractionResult, NoCubesError, found
-from pipeline.patches.site import PatchStoreSite
+from pipeline.patches.site import PatchStoreSite, parquet_bytes, patch_root, volume_url
 from pipeline.patches.source import source_catalog
 from pipeline.patches.splits import scan_seed
 from pipeline.patches.task_plan import TaskPlan, plan_task
@@ -251,11 +250,10 @@ def extract_case(volume_root: str, case: dict, spec: TaskSpec, seed: int, slot: 
         result["reason"] = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())[:300]
     finally:
         torch.set_num_threads(threads)
-    parts = Path(building) / "parts"
     if cubes:  # encoded here, in parallel: assembly only concatenates
-        save_part(parts / f"{slot:06d}.cubes", np.stack(cubes).astype(np.float32))
+        save_part(join(building, "parts", f"{slot:06d}.cubes"), np.stack(cubes).astype(np.float32))
     if masks:
-        save_part(parts / f"{slot:06d}.masks", np.stack(masks).astype(np.uint8))
+        save_part(join(building, "parts", f"{slot:06d}.masks"), np.stack(masks).astype(np.uint8))
     result.update(rows=rows, failed=failed, n=len(rows), seconds=time.perf_counter() - t0,
                   task_peak_bytes=max(0, status_kb("VmHWM") * 1024 - rss_start), pid=os.getpid(), started=started)
     return save_result(building, result)
@@ -282,14 +280,13 @@ def extract_task(volume_root: str, spec: TaskSpec, *, seed: int = 0, out_root: s
         raise RuntimeError(f"task {spec.name}: no usable case in {volume_root}: "
                            + "; ".join(f"{s['scan_id']}: {s['reason']}" for s in plan.skipped[:5]))
     key = task_key(plan, spec, seed)
-    root = Path(out_root) if out_root else Path(volume_root).resolve().parent / "patch_stores"
     arrays = ("cubes", "masks") if spec.kind == "segmentation" else ("cubes",)
 
     def parts_of(r: dict) -> list[tuple[str, int]]:  # what extract_case leaves for a case with cubes
         return [(f"{r['slot']:06d}.{a}", r["n"]) for a in arrays] if r.get("n") else []
 
-    site = PatchStoreSite(root, f"task-{spec.name}-{key}", key, parts_of)
-    items = [Item(slot, (str(vstore.root), c, spec, seed, slot, str(site.building)))
+    site = PatchStoreSite(patch_root(volume_root, out_root), f"task-{spec.name}-{key}", key, parts_of)
+    items = [Item(slot, (volume_url(vstore), c, spec, seed, slot, site.scaffold))
              for slot, c in enumerate(plan.cases) if c["cubes"]]
     return build_once(BuildSpec(
         site=site, items=items, task=extract_case, found=lambda reused: found(site.final, key, t0, reused),
@@ -313,7 +310,7 @@ def _check_plan(plan: TaskPlan, spec: TaskSpec, vstore: VolumeStore) -> None:
             d = cand.get("direction")
             problem = None if d is None else direction_problem(d)
             if problem:
-                table = Path(vstore.root) / "tables" / f"{spec.sampling.table}.parquet"
+                table = f"{vstore.root}/tables/{spec.sampling.table}.parquet"
                 raise ValueError(f"{table}: row {cand['source_id']} (case {case['case_id']}): vessel direction "
                                  f"(dirX, dirY, dirZ) = ({', '.join(f'{float(v):g}' for v in d)}) {problem}; "
                                  "reconvert with a unit vector along the vessel, or all three empty when unknown")
@@ -360,8 +357,8 @@ def _assemble(client, built: Built, site: PatchStoreSite, plan: TaskPlan, spec: 
     if spec.kind == "segmentation":
         arrays.append(("masks", 1, "uint8"))
     for array, channels, dtype in arrays:
-        parts = [Part(str(site.building / "parts" / f"{r['slot']:06d}.{array}"), r["n"]) for r in ordered]
-        assemble(site.building, array, parts, (channels,) + tuple(spec.cube_size), dtype, SHARD_ROWS,
+        parts = [Part(site.part(f"{r['slot']:06d}.{array}"), r["n"]) for r in ordered]
+        assemble(site.store, array, parts, (channels,) + tuple(spec.cube_size), dtype, SHARD_ROWS,
                  ("cube", "c", "z", "y", "x"), client=client)
 
 
@@ -369,12 +366,12 @@ def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: Tas
               seed: int) -> ExtractionResult:
     """The tables and, last, the attributes that mark the build complete; the result (its time is set once
     published; `built.phases` is its `phases`, which the build fills to the end)."""
-    building, key, ordered = site.building, site.key, built.ordered()
+    key, ordered = site.key, built.ordered()
     rows = [row for r in ordered for row in r["rows"]]
     for i, row in enumerate(rows):
         row["row"] = i
     _add_fraction_order(rows, seed)
-    _write_tables(building, plan, rows, built.results)
+    _write_tables(site, plan, rows, built.results)
     failed = [f for r in ordered for f in r["failed"]]
     skipped = plan.skipped + [{"scan_id": r["case_id"], "reason": r["reason"]} for r in ordered if r["reason"]]
     warnings = [r["warning"] for r in ordered if r.get("warning")]
@@ -384,7 +381,7 @@ def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: Tas
         "kind": "patch-store", "schema_version": 1, "key": key, "purpose": spec.kind, "task": spec.name,
         "config": {"task": spec.data_dict(), "seed": seed}, "channels": list(spec.channels) or ["image"],
         "task_file": record.text, "task_file_sha256": record.sha256,
-        "volume_store": {"path": str(vstore.root.resolve()), "catalog_hash": plan.source_digest},
+        "volume_store": {"path": volume_url(vstore, resolve=True), "catalog_hash": plan.source_digest},
         "cube_shape": list(spec.cube_size), "n_cubes": len(rows), "counts": counts, "shard_rows": SHARD_ROWS,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "skipped_scans": skipped, "failed_items": failed, "warnings": warnings, "value_range": [0.0, 1.0],
@@ -393,8 +390,8 @@ def _complete(built: Built, site: PatchStoreSite, vstore: VolumeStore, plan: Tas
         "label_counts": {s: {str(k): sum(1 for r in rows if r["split"] == s and r["label"] == k) for k in (0, 1)}
                          for s in ("train", "validation", "test")},
     }}
-    storage_schemas.validate_attrs("patch_store", attrs, str(building))
-    zarr.open_group(str(building), mode="r+").attrs.update(attrs)  # last: it marks the build complete
+    storage_schemas.validate_attrs("patch_store", attrs, str(site.final))
+    site.commit(attrs)  # last: it marks the build complete
     return ExtractionResult(path=site.final, key=key, reused=False, n_cubes=len(rows), counts=counts,
                             skipped=skipped, failed=failed, phases=built.phases, notes=warnings,
                             whole_volume=sum(1 for c in plan.cases if not c["cubes"]),
@@ -411,14 +408,14 @@ def _add_fraction_order(rows: list[dict], seed: int) -> None:
         r["fraction_order"] = k
 
 
-def _write_tables(building: Path, plan: TaskPlan, rows: list[dict], results: dict) -> None:
+def _write_tables(site: PatchStoreSite, plan: TaskPlan, rows: list[dict], results: dict) -> None:
     table = pa.Table.from_pylist(rows, schema=storage_schemas.arrow_schema("task_patch_index"))
-    table = storage_schemas.check_table("task_patch_index", table, str(building / "index.parquet"))
-    pq.write_table(table, building / "index.parquet")
+    table = storage_schemas.check_table("task_patch_index", table, f"{site.final}/index.parquet")
+    site.store.write("index.parquet", parquet_bytes(table))
     n_by_slot = {s: r["n"] for s, r in results.items()}
     scans = [{"case_id": c["case_id"], "patient_id": c["patient_id"], "split": c["split"], "subset": c["subset"],
               "scan_ids": list(c["scan_ids"]), "label_scan": c["label_scan"], "label": c["label"],
               "n_cubes": int(n_by_slot.get(slot, 0))} for slot, c in enumerate(plan.cases)]
     t = pa.Table.from_pylist(scans, schema=storage_schemas.arrow_schema("task_scans"))
-    pq.write_table(storage_schemas.check_table("task_scans", t, str(building / "scans.parquet")),
-                   building / "scans.parquet")
+    site.store.write("scans.parquet", parquet_bytes(storage_schemas.check_table("task_scans", t,
+                                                                                f"{site.final}/scans.parquet")))
