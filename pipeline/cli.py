@@ -981,6 +981,10 @@ def _reproduce(args) -> int:
 
     from pipeline.reproduce import ReproduceConfig, StepFailed, reproduce
 
+    for option, value in (("--out", args.out), ("--data", args.data)):
+        if value and "://" in str(value):  # its sample data, stores and report live in one local folder
+            raise UsageError(f"{option} {value}: `genesis reproduce` works in a local folder; to keep stores in a "
+                             "bucket run the stages one by one (README: Stores in a bucket)")
     config = ReproduceConfig(
         out=Path(shared_path(args.out, "--out")), preset=args.preset,
         data=Path(shared_path(args.data, "--data")) if args.data else None,

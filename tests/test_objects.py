@@ -110,3 +110,55 @@ def test_bad_locations_are_one_line_usage_errors(bucket, monkeypatch):
     with pytest.raises(StorageError, match="does not answer"):
         open_tree(f"s3://{bucket}/vol").check()
     assert time.monotonic() - t0 < 20
+
+
+def test_no_key_in_pickles_urls_or_messages(bucket, monkeypatch):
+    """An open array pickles as (bucket, prefix) and is rebuilt from the environment on the other side; keys in a
+    URL are refused without being echoed; a malformed endpoint is a StorageError, not a panic."""
+    import pickle
+
+    import numpy as np
+    import zarr
+
+    tree = open_tree(f"s3://{bucket}/vol")
+    arr = zarr.create_array(tree.zarr_store("a", read_only=False), shape=(4,), chunks=(2,), dtype="i2")
+    arr[:] = np.arange(4)
+    data = pickle.dumps(zarr.open_array(tree.zarr_store("a")))
+    assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in data
+    assert pickle.loads(data)[3] == 3
+    with pytest.raises(StorageError, match="credentials do not go in a store URL") as err:
+        open_tree("s3://AKIAEXAMPLE:very-secret@bkt/p")
+    assert "very-secret" not in str(err.value) and "AKIAEXAMPLE" not in str(err.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio:9000")
+    with pytest.raises(StorageError, match="http://HOST:PORT"):
+        open_tree("s3://bkt2/p").check()
+
+
+def test_prefixed_clients_are_bounded(bucket):
+    """Opening many scans (one prefix each) keeps at most PREFIXED_CLIENTS clients alive."""
+    from pipeline.storage import objects
+
+    tree = open_tree(f"s3://{bucket}/vol")
+    for i in range(objects.PREFIXED_CLIENTS + 20):
+        tree.zarr_store(f"scans/{i}")
+    assert len(objects._prefixed) <= objects.PREFIXED_CLIENTS
+
+
+def test_renewal_racing_check_keeps_the_lease_and_release_spares_a_successor(bucket):
+    import threading
+
+    from pipeline.storage.leases import Holder
+    from pipeline.storage.object_lease import ObjectLease
+
+    tree = open_tree(f"s3://{bucket}/store")
+    lease = ObjectLease(tree, ".lock", "racing", ttl_s=30).acquire()
+    threads = [threading.Thread(target=lease._renew) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lease.check()  # still ours
+    successor = Holder.mine("successor", 30)
+    tree.write(".lock", successor.to_json().encode())  # taken over behind its back
+    lease.release()
+    assert tree.exists(".lock") and Holder.from_json(tree.read(".lock").decode()).token == successor.token

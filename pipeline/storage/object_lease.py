@@ -19,6 +19,7 @@ and an `ObjectLease` for one in a bucket; both have `token`, `holder()`, `releas
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict
 
@@ -49,6 +50,8 @@ class ObjectLease:
         self._etag: str | None = None
         self._lost = False
         self._renewal: Renewal | None = None
+        self._guard = threading.Lock()
+        """One renewal at a time: `check()` and the renewal thread share the entity tag they compare against."""
 
     @property
     def where(self) -> str:
@@ -82,14 +85,20 @@ class ObjectLease:
         return self
 
     def _renew(self) -> None:
-        if self.holder_record is None or self._lost:
-            return
-        renewed = self.holder_record.renewed(self.ttl_s)
-        etag = self.tree.replace(self.rel, renewed.to_json().encode(), self._etag or "")
-        if etag is None:
-            self._lost = True  # taken over: never write over the new holder
-            return
-        self.holder_record, self._etag = renewed, etag
+        with self._guard:
+            if self.holder_record is None or self._lost:
+                return
+            renewed = self.holder_record.renewed(self.ttl_s)
+            etag = self.tree.replace(self.rel, renewed.to_json().encode(), self._etag or "")
+            if etag is None:
+                found = self.tree.read_versioned(self.rel)
+                theirs = Holder.from_json(found[0].decode("utf-8", "replace")) if found else None
+                if theirs is not None and theirs.token == self.token:  # ours still (a tag the server rewrote)
+                    etag = self.tree.replace(self.rel, renewed.to_json().encode(), found[1])
+                if etag is None:
+                    self._lost = True  # taken over: never write over the new holder
+                    return
+            self.holder_record, self._etag = renewed, etag
 
     @property
     def held(self) -> bool:
@@ -116,13 +125,17 @@ class ObjectLease:
         if self._renewal is not None:
             self._renewal.stop()
             self._renewal = None
-        if self.holder_record is not None and not self._lost:
-            found = self.tree.read_versioned(self.rel)
-            if found is not None:
-                theirs = Holder.from_json(found[0].decode("utf-8", "replace"))
-                if theirs is not None and theirs.token == self.token:
-                    self.tree.delete(self.rel)
-        self.holder_record = None
+        with self._guard:
+            if self.holder_record is not None and not self._lost:
+                # first mark it expired, conditionally on our own version: a lease another writer took over in the
+                # meantime has another tag and is left alone; only then delete what is certainly a dead lease
+                ended = Holder(**{**asdict(self.holder_record), "expires": 0.0})
+                if self.tree.replace(self.rel, ended.to_json().encode(), self._etag or "") is not None:
+                    found = self.tree.read_versioned(self.rel)
+                    theirs = Holder.from_json(found[0].decode("utf-8", "replace")) if found else None
+                    if theirs is not None and theirs.token == self.token:
+                        self.tree.delete(self.rel)
+            self.holder_record = None
 
     def __enter__(self) -> "ObjectLease":
         return self.acquire()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -69,6 +70,9 @@ def split_url(url: str) -> tuple[str, str, str]:
     if scheme not in SCHEMES:
         raise StorageError(f"{url}: unknown scheme {scheme + '://'!r}; a store is a local path or "
                            f"s3://BUCKET/PREFIX")
+    if "@" in parts.netloc:  # keys written into the URL: never echoed, never used
+        raise StorageError(f"{scheme}://...@{parts.netloc.rsplit('@', 1)[1]}: credentials do not go in a store URL; "
+                           "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
     bucket = parts.netloc
     if not bucket:
         raise StorageError(f"{url}: no bucket name; write s3://BUCKET/PREFIX")
@@ -315,36 +319,64 @@ def _retry_config() -> dict:
                         "base": 2}}
 
 
-def s3_settings() -> dict:
-    """The S3 client's settings from the standard AWS environment (and botocore's chain for keys/region).
-
-    Never logged: the caller hands them to the client only."""
-    conf: dict = {}
+def s3_endpoint() -> str | None:
+    """AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, checked (http or https, a host, a port that is a number):
+    StorageError otherwise - the S3 client would panic on it."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    token = os.environ.get("AWS_SESSION_TOKEN")
+    if not endpoint:
+        return None
+    name = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+    parts = urlsplit(endpoint)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise StorageError(f"{name}={endpoint!r}: the port is not a number") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StorageError(f"{name}={endpoint!r}: write the endpoint as http://HOST:PORT or https://HOST")
+    return endpoint
+
+
+def s3_settings() -> dict:
+    """The S3 client's settings from the standard AWS environment: endpoint, region, and the keys when the
+    environment holds them (`s3_credentials` says where they come from otherwise). Never logged."""
+    conf: dict = {}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if not (key and secret) or not region:
+    if not region:
         try:
             import botocore.session
 
-            session = botocore.session.get_session()
-            if not (key and secret):
-                creds = session.get_credentials()
-                if creds is not None:
-                    frozen = creds.get_frozen_credentials()
-                    key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
-            region = region or session.get_config_variable("region")
-        except Exception:  # noqa: BLE001 - no botocore or no config: the environment is all there is
+            region = botocore.session.get_session().get_config_variable("region")
+        except Exception:  # noqa: BLE001 - no config: the default region
             pass
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if key and secret:
         conf.update(access_key_id=key, secret_access_key=secret)
-        if token:
-            conf["token"] = token
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            conf["token"] = os.environ["AWS_SESSION_TOKEN"]
     conf["region"] = region or "us-east-1"
+    endpoint = s3_endpoint()
     if endpoint:
         conf["endpoint"] = endpoint
     return conf
+
+
+def s3_credentials():
+    """A refreshing credential provider from boto3's chain (a profile in ~/.aws, SSO, assume-role, EKS's web
+    identity, an instance role) when the keys are not in the environment; None when they are, or when the chain
+    finds none. Temporary credentials are renewed before they expire, so a long conversion or a lease held for
+    hours keeps working."""
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return None
+    try:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+
+        session = boto3.Session()
+        if session.get_credentials() is None:
+            return None
+        return Boto3CredentialProvider(session)
+    except Exception:  # noqa: BLE001 - no boto3 or no chain: no credentials (check() says so)
+        return None
 
 
 class S3Tree(Tree):
@@ -381,7 +413,8 @@ class S3Tree(Tree):
                                         UnauthenticatedError)
 
         conf = s3_settings()
-        if "access_key_id" not in conf and os.environ.get("AWS_SKIP_SIGNATURE", "").lower() not in ("1", "true"):
+        if "access_key_id" not in conf and os.environ.get("AWS_SKIP_SIGNATURE", "").lower() not in ("1", "true") \
+                and s3_credentials() is None:
             raise StorageError(f"{self.url}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(or a profile in ~/.aws/credentials)")
         try:
@@ -404,6 +437,10 @@ class S3Tree(Tree):
             if code in ("401", "403") or any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
                                                                  "AccessDenied")):
                 raise StorageError(f"{self.url}: the S3 credentials were refused ({_reason(exc)})") from None
+            if code in ("301", "400") or any(s in text for s in ("PermanentRedirect", "AuthorizationHeaderMalformed",
+                                                                 "IllegalLocationConstraint")):
+                raise StorageError(f"{self.url}: bucket {self.bucket!r} is not in region {conf['region']!r}; set "
+                                   f"AWS_REGION to the bucket's region ({_reason(exc)})") from None
             where = conf.get("endpoint", "the AWS endpoint")
             raise StorageError(f"{self.url}: {where} does not answer ({_reason(exc)})") from None
 
@@ -442,21 +479,26 @@ class S3Tree(Tree):
 
     def create(self, rel: str, data: bytes) -> str | None:
         import obstore
-        from obstore.exceptions import AlreadyExistsError, PreconditionError
+        from obstore.exceptions import (AlreadyExistsError, PermissionDeniedError, PreconditionError,
+                                        UnauthenticatedError)
 
         try:
             return obstore.put(self.client, self._k(rel), data, mode="create")["e_tag"] or ""
         except (AlreadyExistsError, PreconditionError):
             return None
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            raise StorageError(f"{self.url}/{rel}: the S3 credentials may not write here ({_reason(exc)})") from None
 
     def replace(self, rel: str, data: bytes, etag: str) -> str | None:
         import obstore
-        from obstore.exceptions import NotFoundError, PreconditionError
+        from obstore.exceptions import NotFoundError, PermissionDeniedError, PreconditionError, UnauthenticatedError
 
         try:
             return obstore.put(self.client, self._k(rel), data, mode={"e_tag": etag})["e_tag"] or ""
         except (PreconditionError, NotFoundError, FileNotFoundError):
             return None
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            raise StorageError(f"{self.url}/{rel}: the S3 credentials may not write here ({_reason(exc)})") from None
 
     def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
         import obstore
@@ -508,27 +550,73 @@ class S3Tree(Tree):
         return len(keys)
 
     def zarr_store(self, rel: str = "", read_only: bool = True):
-        from zarr.storage import ObjectStore
-
-        return ObjectStore(_client(self.bucket, self._k(rel)), read_only=read_only)
+        return bucket_zarr_store(self.bucket, self._k(rel), read_only)
 
 
 _clients: dict[tuple, object] = {}
+_prefixed: "OrderedDict[tuple, object]" = OrderedDict()
+PREFIXED_CLIENTS = 32
+"""Clients over a prefix (one per scan or patch store a process opens) kept for reuse; older ones are dropped, so
+opening thousands of scans costs no more memory than opening 32."""
 
 
 def _client(bucket: str, prefix: str = ""):
-    """One obstore S3Store per bucket, prefix and settings in this process (made once, its connections reused)."""
+    """The obstore S3Store of `bucket` (and `prefix`) in this process: one bucket-wide client made once; prefixed
+    ones in a small LRU. Keys are not part of the cache key and never leave the client."""
     from obstore.store import S3Store
 
     conf = s3_settings()
-    ident = (bucket, prefix, os.getpid(), tuple(sorted(conf.items())))
-    if ident not in _clients:
-        options = {"connect_timeout": "5s", "timeout": "120s"}
-        if str(conf.get("endpoint", "")).startswith("http://"):
-            options["allow_http"] = True
-        _clients[ident] = S3Store(bucket, prefix=prefix or None, config=conf, client_options=options,
-                                  retry_config=_retry_config())
-    return _clients[ident]
+    ident = (bucket, prefix, os.getpid(), conf.get("endpoint"), conf["region"], conf.get("access_key_id"))
+    cache = _prefixed if prefix else _clients
+    if ident in cache:
+        if prefix:
+            _prefixed.move_to_end(ident)
+        return cache[ident]
+    options = {"connect_timeout": "5s", "timeout": "120s"}
+    if str(conf.get("endpoint", "")).startswith("http://"):
+        options["allow_http"] = True
+    provider = None if "access_key_id" in conf else s3_credentials()
+    try:
+        client = S3Store(bucket, prefix=prefix or None, config=conf, client_options=options,
+                         retry_config=_retry_config(), credential_provider=provider)
+    except BaseException as exc:  # obstore raises a Rust panic (a BaseException) on some bad settings
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise StorageError(f"s3://{bucket}: the S3 client refused its settings ({_reason(exc)})") from None
+    cache[ident] = client
+    if prefix and len(_prefixed) > PREFIXED_CLIENTS:
+        _prefixed.popitem(last=False)
+    return client
+
+
+def _reopen(bucket: str, prefix: str, read_only: bool):
+    return bucket_zarr_store(bucket, prefix, read_only)
+
+
+_store_class = None
+
+
+def bucket_zarr_store(bucket: str, prefix: str, read_only: bool = True):
+    """zarr's ObjectStore over `prefix` of `bucket`. It pickles as (bucket, prefix, read_only) and is rebuilt from
+    the environment where it is unpickled: zarr's own ObjectStore pickles its obstore client, keys included, into
+    every Dask or Ray payload that holds an open array."""
+    global _store_class
+    if _store_class is None:
+        from zarr.storage import ObjectStore
+
+        class BucketStore(ObjectStore):
+            def __init__(self, store, *, read_only: bool = False, where: tuple[str, str] = ("", "")):
+                super().__init__(store, read_only=read_only)
+                self.where = where
+
+            def with_read_only(self, read_only: bool = False):
+                return bucket_zarr_store(*self.where, read_only)
+
+            def __reduce__(self):
+                return (_reopen, (*self.where, self.read_only))
+
+        _store_class = BucketStore
+    return _store_class(_client(bucket, prefix), read_only=read_only, where=(bucket, prefix))
 
 
 def _reason(exc: BaseException) -> str:
