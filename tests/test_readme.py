@@ -14,7 +14,7 @@ README = REPO / "README.md"
 DOCS = REPO / "docs"
 
 USER_PATH = ["The demo", "Reading the results", "Your own data", "Pretraining at full size on a GPU", "On a cluster",
-             "Stores and their contracts", "Reliability", "Differences from the reference"]
+             "Stores and their contracts", "Stores in a bucket", "Reliability", "Differences from the reference"]
 """The sections a user walks, in this order (issue 19 section 1); each heading starts with its entry."""
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.M | re.S)
