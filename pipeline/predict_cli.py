@@ -19,7 +19,8 @@ def add_predict_parser(subparsers, parents: list[argparse.ArgumentParser] | None
         description=textwrap.fill(
             "Apply a fine-tuned model with the task file and preprocessing it carries. Inputs: image files (NIfTI, "
             "NRRD, MetaImage), DICOM series folders or zips, folders of them (nnU-Net channels <case>_0000...), a "
-            "volume store (all scans) or STORE::SCAN_ID.", 100),
+            "volume store on disk or in a bucket (s3://BUCKET/PREFIX: all scans) or STORE::SCAN_ID. Outputs are local "
+            "files.", 100),
         epilog=examples("genesis predict --model models:/genesis-lcs@champion --input "
                         "demo_output/sample_data/lits/volume-1.nii --out predictions --tracking-uri "
                         "sqlite:///demo_output/mlflow.db",
@@ -28,7 +29,7 @@ def add_predict_parser(subparsers, parents: list[argparse.ArgumentParser] | None
                         "sqlite:///own/mlflow.db"))
     p.add_argument("--model", required=True, metavar="URI",
                    help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model or an MLflow model folder")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="scans to predict")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help="scans to predict (files, folders, STORE or STORE::SCAN_ID, a store on disk or s3://...)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (label maps, predictions.json)")
     if not any(a.dest == "tracking_uri" for parent in (parents or []) for a in parent._actions):
         p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")

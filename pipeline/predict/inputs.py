@@ -5,7 +5,10 @@ An input is:
 - a DICOM series: a folder of DICOM files, or a zip of one (read by `pipeline.ingest`, as `genesis convert` reads it);
 - a folder of image files (e.g. nnU-Net's `imagesTs/`): every image file directly inside it;
 - a volume store: `STORE` for all its scans, `STORE::SCAN_ID` for one (read from level 0 of the store, which is
-  already in LPS; its label map is written in the store's geometry).
+  already in LPS; its label map is written in the store's geometry). STORE is a folder or `s3://BUCKET/PREFIX`:
+  a bucket store's scans are inputs exactly as a local store's (read through `VolumeStore`, every checksum
+  checked); the bucket is checked first (`Tree.check`: credentials, endpoint, bucket; exit 2 in seconds), and
+  the URL is kept as given (never resolved as a path). Outputs are local files either way.
 
 Channels are grouped as nnU-Net does: for a task of several channels, `<case>_<XXXX>.<ext>` is channel XXXX of
 case `<case>` (the task's `channels` in that order; channels of one case lie in one folder), and a 4-D file (MSD) is
@@ -28,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.runtime.paths import files_sha256
+from pipeline.storage.objects import is_remote
 
 __all__ = ["InputItem", "Case", "Loaded", "IMAGE_SUFFIXES", "expand_inputs", "group_cases", "read_item",
            "read_items", "item_checksum", "output_suffix", "stem", "one_channel_case", "declared_modality",
@@ -58,7 +62,7 @@ class InputItem:
     @property
     def source(self) -> tuple[str, str | None]:
         """What is read for it: two items of one 4-D file share their source."""
-        return os.path.realpath(self.path), self.scan_id
+        return where_of(self.path), self.scan_id
 
 
 @dataclass
@@ -111,7 +115,27 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _is_store(path: Path) -> bool:
+def where_of(path: str) -> str:
+    """The place an input names, as a key: a local path resolved (two spellings of one file are one input), a
+    bucket URL as given less a trailing slash (`realpath` would turn `s3://b/vs` into a local `.../s3:/b/vs`)."""
+    return path.rstrip("/") if is_remote(path) else os.path.realpath(path)
+
+
+def _is_store(root: str) -> bool:
+    """Whether `root` (a folder or a bucket URL) is a volume store. A bucket is checked first: a wrong URL,
+    credentials, endpoint or a missing bucket is a StorageError (one line, exit 2) before any work."""
+    if is_remote(root):
+        from pipeline.storage.objects import open_tree
+        from pipeline.volume_store.store import StoreError, VolumeStore
+
+        tree = open_tree(root)
+        tree.check()
+        try:
+            VolumeStore(tree)  # reads and validates the root's attributes: kind volume-store
+        except StoreError:
+            return False
+        return True
+    path = Path(root)
     return path.is_dir() and (path / "zarr.json").is_file() and (path / "scans").is_dir()
 
 
@@ -124,15 +148,23 @@ def expand_inputs(args: list[str]) -> tuple[list[InputItem], list[tuple[str, str
     for arg in args:
         if "::" in arg:
             root, scan_id = arg.split("::", 1)
-            if not _is_store(Path(root)):
+            root = root.rstrip("/") if is_remote(root) else root
+            if not _is_store(root):
                 problems.append((arg, f"{arg}: {root} is not a volume store"))
                 continue
             items += _store_items(root, [scan_id])
             continue
+        if is_remote(arg):  # only a volume store can be in a bucket
+            if _is_store(arg):
+                items += _store_items(arg.rstrip("/"), None)
+            else:
+                problems.append((arg, f"{arg}: not a volume store (in a bucket only a volume store can be read: "
+                                      f"STORE or STORE::SCAN_ID)"))
+            continue
         path = Path(arg)
         if not path.exists():
             problems.append((arg, f"{arg}: no such file or folder"))
-        elif _is_store(path):
+        elif _is_store(arg):
             items += _store_items(arg, None)
         elif path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -229,7 +261,7 @@ def group_cases(items: list[InputItem], channels: tuple[str, ...]) -> tuple[list
                 key, case_name, index = ("store", item.path, item.scan_id), item.scan_id, 0
             else:
                 index = _store_channel(item, names)
-                key, case_name = ("store", os.path.realpath(item.path), item.name), item.name
+                key, case_name = ("store", where_of(item.path), item.name), item.name
                 if index is None:
                     problems.append(f"{item.label}: scan of case {item.name!r} is channel {item.channel_hint!r}, "
                                     f"not one of the task's channels {', '.join(names)}")

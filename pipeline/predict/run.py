@@ -5,7 +5,8 @@ Exit status: 0 when every input was predicted; 1 when some input could not be re
 others still done; candidates of such an input are left out of predictions.csv and counted in predictions.json);
 a `UsageError` (exit 2) before any work for a model that carries no task file, a model of another task than
 `--task`, inputs whose channels do not fit the task, an input whose declared modality (a store's, a DICOM
-series') is CT for a non-CT task or the reverse, and an output that would overwrite an input.
+series') is CT for a non-CT task or the reverse, an output that would overwrite an input, an `--out` in a bucket
+(outputs are local files; a volume store in a bucket is a valid input), and a bucket input that cannot be reached.
 """
 
 from __future__ import annotations
@@ -285,6 +286,11 @@ def predict(req: PredictRequest) -> int:
     from pipeline.runtime.paths import output_dir
     from pipeline.tasks.task_file import task_file_sha256
 
+    from pipeline.storage.objects import is_remote
+
+    if is_remote(req.out):
+        raise UsageError(f"--out {req.out}: predictions are written as local files (label maps, predictions.json); "
+                         f"give a folder on disk (inputs may be in a bucket)")
     out = Path(output_dir(req.out, "--out"))
     device = _device(req.device)
     try:
