@@ -9,6 +9,11 @@ second writer matter; the AWS variables of the session reach them through the en
   manifests, content digests and catalog rows;
 - a conversion SIGKILLed after its first scan's record or in the middle of a scan's objects, then rerun, equals
   an uninterrupted one, and leaves no object that no record accounts for;
+- a reconversion (changed --spacing, changed source) SIGKILLed in the middle of a scan's objects leaves the
+  committed version committed and readable with its old voxels (each version has its own prefix,
+  scans/<id>@<8 hex>, committed by the record naming it); a reader that opened it before reads old voxels, and
+  once the rerun has committed the new version, an error saying to open it again; `verify --repair` killed the
+  same way leaves the scan as it was; a commit over a record changed by another writer is refused;
 - a second writer exits 3 naming the first; the lease of a SIGKILLed writer is taken over at once (same host),
   an expired lease of another host too, a live one of another host is not;
 - a flipped byte in one shard object is named by `stores verify` (scan, array, shard) and by a read, and
@@ -36,7 +41,7 @@ from conftest import write_mhd
 from pipeline.storage.objects import open_tree
 from pipeline.volume_store.convert import convert
 from pipeline.volume_store.errors import StoreIntegrityError
-from pipeline.volume_store.store import VolumeStore
+from pipeline.volume_store.store import VolumeStore, version_of
 
 REPO = Path(__file__).resolve().parent.parent
 N_SCANS = 4
@@ -85,9 +90,13 @@ def _keys(s3_server, bucket: str, prefix: str = "") -> list[str]:
 
 
 def _rows(store: VolumeStore) -> list[dict]:
-    """Catalog rows without what differs between two conversions of the same sources (time, size on disk)."""
-    cat = store.catalog().drop(columns=["converted_at"])
-    return json.loads(cat.to_json(orient="records"))
+    """Catalog rows without what differs between two conversions of the same sources (time, size on disk, and the
+    folder: in a bucket each version's own prefix, scans/<id>@<8 hex>)."""
+    cat = store.catalog()
+    for sid, path in zip(cat["scan_id"], cat["path"]):
+        assert path is None or path == f"scans/{sid}" or (
+            version_of(path[len("scans/"):]) == sid and len(path) == len(f"scans/{sid}@") + 8), path
+    return json.loads(cat.drop(columns=["converted_at", "path"]).to_json(orient="records"))
 
 
 def _same_store(got: VolumeStore, want: VolumeStore) -> None:
@@ -109,8 +118,13 @@ def _orphans(store: VolumeStore) -> list[str]:
     accounted = {"scans/zarr.json"}
     for rec in store.records():
         if rec.get("status") == "ok":
-            accounted |= {f"{store.scan_rel(rec['scan_id'])}/{f}" for f in rec["files"]}
+            accounted |= {f"{store.scan_rel(rec['scan_id'], rec)}/{f}" for f in rec["files"]}
     return [o.path for o in store.tree.list("scans") if o.path not in accounted]
+
+
+def _versions(store: VolumeStore, scan_id: str) -> list[str]:
+    """The folders under scans/ that hold a version of `scan_id` (committed or not)."""
+    return [n for n in store.tree.listdir("scans") if version_of(n) == scan_id]
 
 
 # ---- conversion ------------------------------------------------------------------------------------
@@ -201,7 +215,7 @@ def test_a_conversion_killed_and_rerun_equals_an_uninterrupted_one(step, workers
         assert len(committed) == 1 and not _orphans(store)
     else:  # half-written objects, never read: no record, no scan for readers
         assert len(committed) < N_SCANS and _orphans(store)
-        half = _orphans(store)[0].split("/")[1]
+        half = version_of(_orphans(store)[0].split("/")[1])
         assert half not in {r["scan_id"] for r in committed}
         with pytest.raises(KeyError, match="is not in"):
             store.open_scan(half)
@@ -268,12 +282,12 @@ def test_an_expired_lease_of_another_host_is_taken_over_a_live_one_is_not(source
 def test_a_flipped_byte_in_one_object_is_named_by_verify_and_repaired(sources, bucket, s3_server):
     url = f"s3://{bucket}/vol"
     assert convert([str(sources)], url, workers=1, progress=False).ok
-    key = "vol/scans/1.3.6.2/0/c/0/0/0"
+    key = f"vol/{VolumeStore(url).scan_rel('1.3.6.2')}/0/c/0/0/0"
     client = s3_server.client()
     data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     data[len(data) // 3] ^= 0x10  # inside an inner chunk's compressed bytes
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
-    client.delete_object(Bucket=bucket, Key="vol/scans/1.3.6.3/1/c/0/0/0")  # a lost shard: Zarr would read zeros
+    client.delete_object(Bucket=bucket, Key=f"vol/{VolumeStore(url).scan_rel('1.3.6.3')}/1/c/0/0/0")  # zeros to Zarr
     client.put_object(Bucket=bucket, Key="vol/scans/stray/zarr.json", Body=b"{}")  # no record accounts for it
 
     with pytest.raises(StoreIntegrityError, match=rf"{url}: scan 1\.3\.6\.2: array 0: shard c/0/0/0 .*CRC32C"):
@@ -296,7 +310,9 @@ def test_a_flipped_byte_in_one_object_is_named_by_verify_and_repaired(sources, b
         repaired.out and "removed   scans/stray" in repaired.out, repaired.out
     clean = _genesis("stores", "verify", url, "--no-progress")
     assert clean.returncode == 0 and f"{N_SCANS} ok; whole" in clean.out, clean.out
-    assert bytes(data) != client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert _keys(s3_server, bucket, key) == []  # the damaged version is gone, replaced by a new one
+    assert bytes(data) != client.get_object(Bucket=bucket, Key=f"vol/{VolumeStore(url).scan_rel('1.3.6.2')}/0/c/0/0/0")[
+        "Body"].read()
     assert not _orphans(VolumeStore(url))
 
 
@@ -412,7 +428,7 @@ def test_a_write_denied_mid_scan_fails_that_scan_only_and_keeps_what_was_committ
     row, its written objects are removed, the other scans are committed; allowed again, a rerun completes it."""
     endpoint, bucket, env, set_policy = strict_s3
     url = f"s3://{bucket}/denied"
-    set_policy("denied/scans/1.3.6.2/1/")
+    set_policy("denied/scans/1.3.6.2@*/1/")  # level 1 of any version of 1.3.6.2
     try:
         done = _genesis("convert", str(sources), "--store", url, "--workers", "1", "--no-progress", env=env)
     finally:
@@ -426,7 +442,7 @@ def test_a_write_denied_mid_scan_fails_that_scan_only_and_keeps_what_was_committ
         store = VolumeStore(url)
         cat = store.catalog().set_index("scan_id")
         assert cat.loc["1.3.6.2", "status"] == "failed" and (cat["status"] == "ok").sum() == 3
-        assert not _orphans(store) and not store.tree.list("scans/1.3.6.2")
+        assert not _orphans(store) and not _versions(store, "1.3.6.2")
         rerun = _genesis("convert", str(sources), "--store", url, "--workers", "1", "--no-progress", env=env)
         assert rerun.returncode == 0 and "converted 1, skipped 3" in rerun.out, rerun.out + rerun.err
         _same_store(VolumeStore(url), VolumeStore(local_store))
@@ -458,5 +474,146 @@ def test_a_writer_whose_lease_was_taken_over_commits_nothing(sources, bucket):
     finally:
         lock.release()
     assert res["status"] == "failed" and "no longer held by this conversion" in res["error"]
-    assert not VolumeStore(url).record_files() and not open_tree(url).list("scans/" + source.scan_id)
+    assert not VolumeStore(url).record_files() and not _versions(VolumeStore(url), source.scan_id)
     assert open_tree(url).exists(".lock")  # the new holder's lease is left alone
+
+
+# ---- a reconversion never destroys the committed version ------------------------------------------
+
+def _stopped_run(args: list[str], step: str, log: Path) -> subprocess.Popen:
+    """`genesis ARGS` started with GENESIS_STOP_AT=`step`, returned once a process of it stopped there."""
+    out = open(log, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, stdout=out,
+                            stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1", "GENESIS_STOP_AT": step})
+    out.close()
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(proc):
+            assert proc.poll() is None, log.read_text(encoding="utf-8", errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log.read_text(encoding="utf-8", errors="replace")[-3000:]
+            time.sleep(0.02)
+    except BaseException:
+        _kill_all(proc)
+        raise
+    return proc
+
+
+def _levels(store: VolumeStore, sid: str) -> dict[str, np.ndarray]:
+    group = store.open_scan(sid)
+    return {k: group[k][...] for k in sorted(group.array_keys())}
+
+
+@pytest.mark.parametrize("change", ["spacing", "source"])
+def test_a_reconversion_killed_before_its_commit_keeps_the_old_version_committed_and_readable(
+        change, sources, bucket, tmp_path):
+    """Scan versions live under prefixes of their own and the record is the commit: a reconversion SIGKILLed after
+    the first array of its first scan leaves every scan's record and objects as they were (old voxels, for a new
+    reader and for one that opened the scan before), the rerun commits the new versions - equal to converting the
+    same sources with the same settings to disk - and leaves no object no record names; the old reader then gets an
+    error saying to open the scan again, never a mix of the two versions."""
+    import shutil
+
+    from pipeline.volume_store.settings import ConvertSettings
+
+    src = tmp_path / "src"
+    shutil.copytree(sources, src)
+    url = f"s3://{bucket}/vol"
+    assert convert([str(src)], url, workers=1, progress=False).ok
+    store = VolumeStore(url)
+    before = {r["scan_id"]: r for r in store.records()}
+    old = {sid: _levels(store, sid) for sid in before}
+    readers = {sid: store.open_scan(sid)["0"] for sid in before}  # opened before the reconversion
+    args = ["convert", str(src), "--store", url, "--workers", "1", "--no-progress"]
+    settings = ConvertSettings()
+    if change == "spacing":
+        args += ["--spacing", "2,1,1"]
+        settings = ConvertSettings(spacing=(2.0, 1.0, 1.0))
+        changed = set(before)
+    else:
+        target = next(src.rglob("1.3.6.1.mhd"))
+        write_mhd(target, _phantom(np.random.default_rng(7)))
+        changed = {"1.3.6.1"}
+
+    proc = _stopped_run(args, "convert:objects", tmp_path / "killed.log")
+    try:  # stopped half-way through a new version: everything committed reads as before
+        half = [o for o in _orphans(VolumeStore(url))]
+        assert half and {version_of(o.split("/")[1]) for o in half} <= changed
+        for sid, rec in before.items():
+            assert VolumeStore(url).read_record(sid) == rec
+            np.testing.assert_array_equal(readers[sid][...], old[sid]["0"])
+    finally:
+        _kill_all(proc)
+    store = VolumeStore(url)
+    assert {r["scan_id"]: r for r in store.records()} == before
+    for sid in before:
+        got = _levels(store, sid)
+        assert got.keys() == old[sid].keys()
+        for level in got:
+            np.testing.assert_array_equal(got[level], old[sid][level])
+        np.testing.assert_array_equal(readers[sid][...], old[sid]["0"])
+    assert _genesis("stores", "verify", url, "--no-progress").returncode == 1  # the half-written version: stray
+    shown = _genesis("stores", "show", url)
+    assert shown.returncode == 0 and f"{N_SCANS} scans ({N_SCANS} ok, 0 failed)" in shown.out, shown.err
+    assert "warning: 1 scan folders no ok row names" in shown.out, shown.out
+
+    rerun = _genesis(*args)
+    assert rerun.returncode == 0, rerun.out + rerun.err
+    assert "removed the uncommitted objects of 1 scan(s)" in rerun.out, rerun.out
+    assert f"converted {len(changed)}, skipped {len(before) - len(changed)}" in rerun.out, rerun.out
+    reference = tmp_path / "ref"
+    assert convert([str(src)], str(reference), settings=settings, workers=1, progress=False).ok
+    store = VolumeStore(url)
+    _same_store(store, VolumeStore(reference))
+    assert not _orphans(store) and all(len(_versions(store, sid)) == 1 for sid in before)
+    for sid in before:
+        rec = store.read_record(sid)
+        assert (rec["path"] != before[sid]["path"]) == (sid in changed)
+        if sid in changed:
+            with pytest.raises(StoreIntegrityError, match=rf"scan {sid}: array 0: shard c/0/0/0 is missing .*"
+                                                          r"converted again since it was opened, open it again"):
+                readers[sid][...]
+        else:
+            np.testing.assert_array_equal(readers[sid][...], old[sid]["0"])
+    verified = _genesis("stores", "verify", url, "--no-progress")
+    assert verified.returncode == 0 and f"{N_SCANS} ok; whole" in verified.out, verified.out
+
+
+def test_a_repair_killed_before_its_commit_leaves_the_scan_as_it_was(sources, bucket, s3_server, tmp_path):
+    """`verify --repair` reconverts a damaged scan as a new version: killed half-way, the scan keeps its record (still
+    named damaged, never missing or half-replaced); the next repair mends it and removes the stray version."""
+    url = f"s3://{bucket}/vol"
+    assert convert([str(sources)], url, workers=1, progress=False).ok
+    rel = VolumeStore(url).scan_rel("1.3.6.2")
+    s3_server.client().delete_object(Bucket=bucket, Key=f"vol/{rel}/1/c/0/0/0")
+    rec = VolumeStore(url).read_record("1.3.6.2")
+    proc = _stopped_run(["stores", "verify", url, "--repair", "--no-progress"], "convert:objects",
+                        tmp_path / "repair.log")
+    _kill_all(proc)
+    store = VolumeStore(url)
+    assert store.read_record("1.3.6.2") == rec and len(_versions(store, "1.3.6.2")) == 2
+    found = _genesis("stores", "verify", url, "--no-progress")
+    assert found.returncode == 1 and "damaged   1.3.6.2  1/c/0/0/0 missing" in found.out, found.out
+    assert "is a folder no ok record accounts for" in found.out, found.out
+    repaired = _genesis("stores", "verify", url, "--repair", "--no-progress")
+    assert repaired.returncode == 0 and "repaired  1.3.6.2" in repaired.out, repaired.out + repaired.err
+    store = VolumeStore(url)
+    assert not _orphans(store) and _versions(store, "1.3.6.2") == [store.scan_rel("1.3.6.2").split("/")[1]]
+    assert store.scan_rel("1.3.6.2") != rel
+    clean = _genesis("stores", "verify", url, "--no-progress")
+    assert clean.returncode == 0 and f"{N_SCANS} ok; whole" in clean.out, clean.out
+
+
+def test_a_commit_over_a_record_another_writer_changed_is_refused(sources, bucket):
+    """The record is written If-Match the record read before writing (If-None-Match when there was none): a writer
+    whose lease was taken over after its last check cannot replace the newer writer's commit."""
+    url = f"s3://{bucket}/vol"
+    assert convert([str(sources)], url, workers=1, progress=False).ok
+    store = VolumeStore(url)
+    rec, etag = store.read_record_versioned("1.3.6.0")
+    assert rec == store.read_record("1.3.6.0") and etag
+    newer = {**rec, "converted_at": "2026-12-07T10:00:00+00:00"}
+    assert store.commit_record(newer, etag)  # the newer writer commits
+    stale = {**rec, "path": "scans/1.3.6.0@0badc0de"}
+    assert not store.commit_record(stale, etag) and not store.commit_record(stale, None)
+    assert store.read_record("1.3.6.0") == newer
+    assert store.read_record_versioned("no-such-scan") == (None, None)

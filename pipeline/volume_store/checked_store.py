@@ -151,6 +151,9 @@ class CheckedStore(WrapperStore):
         if buf is None:
             if parts and self.files is not None and key in self.files:
                 raise self._fail(*parts, "is missing (it was written when this was published)")
+            if self.files is not None and key in self.files:  # an array's metadata, read after the group
+                raise StoreIntegrityError(f"{self.where}: {key} is missing (it was written when this was "
+                                          f"published); {self.hint}")
             return None
         if parts is None:
             return buf

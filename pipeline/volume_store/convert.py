@@ -238,6 +238,24 @@ def _record_file_key(store: VolumeStore, key: str) -> str:
     return store.record_key(key)
 
 
+def _record_dead_task(store: VolumeStore, src: ScanSource, settings: ConvertSettings, reason: str,
+                      a: Assigned) -> str:
+    """A task whose worker died: its failed record - except in a bucket over a committed version, which stays
+    committed (the task wrote its new version under a prefix of its own, which the next run reclaims), as when
+    the whole run is killed. Returns what to add to the reason."""
+    try:
+        if not store.is_local:
+            old = store.read_record(a.key)
+            if old is not None and old.get("status") == "ok":
+                return (f"; the version converted at {old.get('converted_at') or '?'} stays committed (the next "
+                        "`genesis convert` tries again)")
+        store.write_record(failed_record(src, settings, reason, key=a.key, source_key=a.source_key,
+                                         discovered_id=a.discovered_id))
+    except Exception as exc2:  # noqa: BLE001 - a store refusing writes fails this scan, not the run
+        return f" (and its failed record could not be written: {str(exc2).strip()[:200]})"
+    return ""
+
+
 def _run_tasks(todo: list[Assigned], store, settings, token, workers, scheduler, progress, summary) -> None:
     from distributed import as_completed
 
@@ -256,11 +274,7 @@ def _run_tasks(todo: list[Assigned], store, settings, token, workers, scheduler,
                 res = fut.result()
             except Exception as exc:  # the worker died (e.g. out of memory): record, go on
                 reason = f"worker failed: {type(exc).__name__}: {exc}"
-                try:
-                    store.write_record(failed_record(src, settings, reason, key=a.key, source_key=a.source_key,
-                                                     discovered_id=a.discovered_id))
-                except Exception as exc2:  # noqa: BLE001 - a store refusing writes fails this scan, not the run
-                    reason += f" (and its failed record could not be written: {str(exc2).strip()[:200]})"
+                reason += _record_dead_task(store, src, settings, reason, a)
                 res = {"status": "failed", "error": reason}
             if res["status"] == "ok":
                 summary.converted.append(src.scan_id)

@@ -6,14 +6,17 @@ The record keeps what verification and repair need: the source as discovered (to
 again), the settings, and the manifest of the published folder with its content digest.
 
 Publishing (see `pipeline.volume_store.store`): on disk the scan is written into a staging folder and
-renamed into scans/, then its record is written; in a bucket the task deletes the scan's record
-(uncommit) and old objects, writes the new objects in place (each shard one PUT, its digest taken from
-the bytes written) and commits with the record, written last. Either way, the lock's token is checked
-before anything visible changes. A failure anywhere (bad input, a bucket that refuses a write) fails this
-scan only: a failed record, and in a bucket its half-written objects removed.
+renamed into scans/, then its record is written; in a bucket the task writes the new version under a
+prefix of its own, scans/<id>@<8 hex>/ (each shard one PUT, its digest taken from the bytes written), commits
+it with the record, written last and naming that prefix (conditional on the record being the one it replaces),
+and only then deletes the previous version's objects. Either way, the lock's token is checked before
+anything visible changes. A failure anywhere fails this scan only: bad input is a failed record; in a bucket
+the objects this task wrote are removed, and a version committed before stays committed and readable when
+the failure came while writing the new one (a refused or failed PUT), as it does when the task is killed.
 
 Test hooks (`pipeline.runtime.hooks.stop_point`, GENESIS_STOP_AT): `convert:objects` after the first array of
-a scan in a bucket is written (mid-scan: uncommitted), `convert:record` after a scan's record is written.
+a scan in a bucket is written (mid-scan: uncommitted), `convert:record` after a scan's record is written (in a
+bucket: and the previous version's objects deleted).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from pipeline.volume_store.image_writer import write_image
 from pipeline.volume_store.scan_ids import printable
 from pipeline.volume_store.scan_ids import source_key as _source_key
 from pipeline.volume_store.settings import SCHEMA_VERSION, ConvertSettings
-from pipeline.volume_store.store import VolumeStore, safe_scan_id
+from pipeline.volume_store.store import VolumeStore, new_version_rel, safe_scan_id
 
 __all__ = ["convert_scan", "failed_record", "source_spec", "source_from_spec", "settings_from_dict", "is_current"]
 
@@ -75,7 +78,8 @@ def is_current(store: VolumeStore, record: dict | None, settings: ConvertSetting
     """
     return bool(record and record.get("status") == "ok" and record.get("settings_hash") == settings.hash
                 and record.get("files") and record.get("content_digest")
-                and not check_tree(store.tree, store.scan_rel(record["scan_id"]), record["files"], full=False))
+                and not check_tree(store.tree, store.scan_rel(record["scan_id"], record), record["files"],
+                                   full=False))
 
 
 def _base_record(source: ScanSource, settings: ConvertSettings, source_key: str | None,
@@ -115,7 +119,8 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
     result = {"scan_id": source.scan_id, "source_path": source.source_path, "status": "failed", "error": None}
     staged = None
     sum_ = None
-    progress: dict = {}  # in a bucket, "started": this task has begun replacing the scan's objects
+    old = None
+    progress: dict = {}  # in a bucket, "written": the prefix of the new version this task has begun writing
     try:
         if source.problem:
             raise ValueError(source.problem)
@@ -132,7 +137,7 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
                 return result
             with zarr.config.set({"threading.max_workers": 1}):
                 record = _convert(source, readable, store, settings, sum_, fp, token, source_key, discovered_id,
-                                  started_writing=lambda: _set(progress, "started"))
+                                  started_writing=lambda rel: progress.update(written=rel))
         staged = record.pop("_staged", None)
         result.update(status="ok", bytes=record["source_bytes"], notes=record.get("notes") or [])
     except Exception as exc:  # bad input of any kind becomes one failed row
@@ -141,7 +146,9 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
             reason = f"{type(exc).__name__}: {reason} [{traceback.format_exc(limit=1).splitlines()[-1]}]"
         if not isinstance(exc, LockLostError):  # (lost: the store is another writer's now, touch nothing of it)
             reason += _record_failure(store, source, settings, reason, key, sum_, source_key, discovered_id,
-                                      progress.get("started", False))
+                                      progress.get("written"), old)
+        elif progress.get("written"):  # but the prefix this task wrote is its own: no one else reads or writes it
+            _delete_quietly(store, progress["written"])
         result.update(error=reason)
     finally:
         if staged and os.path.exists(staged):
@@ -154,31 +161,40 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
 
 
 def _record_failure(store: VolumeStore, source: ScanSource, settings: ConvertSettings, reason: str, key: str,
-                    sum_: str | None, source_key: str | None, discovered_id: str | None, started: bool) -> str:
-    """The failed record (in a bucket: the uncommit), then the half-written objects of this task removed. A store
-    that refuses even that (a full or read-only bucket) leaves them to the next run, which reclaims every object
-    no record accounts for. Never raises; returns what to add to the reason ("" when all went well)."""
+                    sum_: str | None, source_key: str | None, discovered_id: str | None, written: str | None,
+                    old: dict | None) -> str:
+    """The failed record, or - in a bucket, failing while writing a new version of a scan with a committed one -
+    the committed version kept (its record and objects untouched, as when the task is killed there); then the
+    objects this task wrote removed. A store that refuses even that (a full or read-only bucket) leaves them to the
+    next run, which reclaims every prefix no ok record names. Never raises; returns what to add to the reason
+    ("" when all went well)."""
+    if written is not None:
+        _delete_quietly(store, written)
+        if old is not None and old.get("status") == "ok":
+            return (f"; the version converted at {old.get('converted_at') or '?'} stays committed (the next "
+                    "`genesis convert` tries again)")
     said = ""
     try:
         store.write_record(failed_record(source, settings, reason, key=key, source_checksum=sum_,
                                          source_key=source_key, discovered_id=discovered_id))
     except Exception as exc:  # noqa: BLE001 - said in the task's result
-        said = f" (and its failed record could not be written: {_first_line(exc)})"
-    if started and not store.is_local:
-        try:
-            store.discard(source.scan_id)
-        except Exception:  # noqa: BLE001 - reclaimed by the next run
-            pass
+        return f" (and its failed record could not be written: {_first_line(exc)})"
+    if not store.is_local and old is not None and old.get("status") == "ok":  # uncommitted now: its objects go
+        _delete_quietly(store, store.scan_rel(old["scan_id"], old))
     return said
+
+
+def _delete_quietly(store: VolumeStore, rel: str) -> None:
+    """Delete the objects under `rel` in a bucket; one that cannot be deleted is reclaimed by the next run."""
+    try:
+        store.tree.delete_prefix(rel)
+    except Exception:  # noqa: BLE001 - reclaimed by the next run
+        pass
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def _set(d: dict, key: str) -> None:
-    d[key] = True
 
 
 def _utf8(path: str) -> bool:
@@ -277,12 +293,13 @@ def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, setti
         genesis["dataset_json"] = description
     if store.is_local:
         stored, files = _write_staged(store, source, volume, settings, genesis, token)
+        path = f"scans/{safe_scan_id(source.scan_id)}"
     else:
-        stored, files = _write_in_place(store, source, volume, settings, genesis, token, started_writing)
+        stored, files, path = _write_version(store, source, volume, settings, genesis, token, started_writing)
     record = _base_record(source, settings, source_key, discovered_id)
     record.update(
         status="ok", error=None, modality=volume.modality, source_checksum=sum_, fingerprint=fp,
-        path=f"scans/{safe_scan_id(source.scan_id)}", dtype=genesis["dtype"], shape=genesis["shape"],
+        path=path, dtype=genesis["dtype"], shape=genesis["shape"],
         spacing=genesis["spacing"], origin=genesis["origin"], source_direction=genesis["source_direction"],
         labels=genesis["labels"], value_min=genesis["value_range"][0], value_max=genesis["value_range"][1],
         source_bytes=source_bytes, stored_bytes=stored, record_key=source.scan_id,
@@ -290,11 +307,29 @@ def _convert(source: ScanSource, readable: ScanSource, store: VolumeStore, setti
         notes=[a["contour_summary"] for a in volume.label_attrs.values()
                if isinstance(a, dict) and a.get("contour_summary")],
     )
-    if not store.is_local and store.lock_token() != token:  # the commit: only while the lease is still ours
-        raise LockLostError("the store's lease is no longer held by this conversion; not committing")
-    store.write_record(record)
+    if store.is_local:
+        store.write_record(record)
+    else:
+        _commit_version(store, record, token)
     stop_point("convert:record")
     return record
+
+
+def _commit_version(store: VolumeStore, record: dict, token: str) -> None:
+    """In a bucket: commit the version `record["path"]` names by writing its record - only while the lease is
+    still ours, and only over the record as it was read here (If-Match), so a writer whose lease was taken
+    over between the check and the PUT cannot replace a newer commit - then delete the version it replaced."""
+    sid = record["scan_id"]
+    old, etag = store.read_record_versioned(record.get("record_key") or sid)
+    if store.lock_token() != token:
+        raise LockLostError("the store's lease is no longer held by this conversion; not committing")
+    if not store.commit_record(record, etag):
+        raise LockLostError(f"the record of scan {sid} was changed by another writer while this conversion wrote "
+                            "it; not committing")
+    if old is not None and old.get("status") == "ok":
+        replaced = store.scan_rel(sid, old)
+        if replaced != record["path"]:
+            _delete_quietly(store, replaced)  # a reader still on it gets "open it again" (checked_store)
 
 
 class LockLostError(RuntimeError):
@@ -321,19 +356,18 @@ def _write_staged(store: VolumeStore, source: ScanSource, volume, settings: Conv
     return stored, files
 
 
-def _write_in_place(store: VolumeStore, source: ScanSource, volume, settings: ConvertSettings, genesis: dict,
-                    token: str, started_writing=None) -> tuple[int, dict[str, str]]:
-    """In a bucket: uncommit (delete the record), delete the old objects, write the new ones in place; the
-    caller commits by writing the record. The manifest's shard digests come from the bytes as written."""
+def _write_version(store: VolumeStore, source: ScanSource, volume, settings: ConvertSettings, genesis: dict,
+                   token: str, started_writing=None) -> tuple[int, dict[str, str], str]:
+    """In a bucket: write a new version of the scan under a fresh prefix of its own (`new_version_rel`), leaving
+    the committed version, its record and its objects, as they are; the caller commits by writing the record.
+    Returns (stored bytes, manifest, the prefix). The manifest's shard digests come from the bytes as written."""
     from pipeline.storage.shard_writer import TreeSink, Uploads
 
     if store.lock_token() != token:
         raise _not_mine()
-    rel = store.scan_rel(source.scan_id)
+    rel = new_version_rel(source.scan_id)
     if started_writing is not None:
-        started_writing()
-    store.delete_record(source.scan_id)  # the record this task commits (record_key = the scan id)
-    store.discard(source.scan_id)
+        started_writing(rel)
     group = zarr.open_group(store=store.tree.zarr_store(rel, read_only=False), mode="w", zarr_format=3)
     sinks: list[TreeSink] = []
     with Uploads() as uploads:  # shards are PUT in the background while the next is compressed
@@ -349,7 +383,7 @@ def _write_in_place(store: VolumeStore, source: ScanSource, volume, settings: Co
         stored = write_image(group, volume, settings, genesis, sink=sink)
     storage_schemas.validate_attrs("volume_image", dict(group.attrs), f"{store.url}/{rel}")
     known = {f"{s.array_rel[len(rel) + 1:]}/{k}": v for s in sinks for k, v in s.written.items()}
-    return stored, tree_manifest(store.tree, rel, known)
+    return stored, tree_manifest(store.tree, rel, known), rel
 
 
 def _looks_like_ct(volume) -> bool:

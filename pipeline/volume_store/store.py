@@ -3,7 +3,8 @@
 Layout (a Zarr v3 group; STORE is a folder or an `s3://BUCKET/PREFIX`)::
 
     STORE/zarr.json            root attributes {"genesis": {"kind": "volume-store", ...}}
-    STORE/scans/<scan_id>/     one OME-Zarr 0.5 image per scan (+ labels/<name>)
+    STORE/scans/<scan_id>/     one OME-Zarr 0.5 image per scan (+ labels/<name>); in a bucket
+                               scans/<scan_id>@<8 hex>/, one prefix per version, named by the record's `path`
     STORE/catalog.parquet      one row per source scan, ok or failed
     STORE/tables/*.parquet     dataset tables kept with the store (LUNA16 annotations, candidates)
     STORE/.records/<key>.json  the catalog row of each scan, written by the task that made it, with the
@@ -17,11 +18,17 @@ Publishing differs, because a bucket has no rename:
 
 - **on disk** a scan is written into a private staging folder and made visible by one rename into
   scans/ (a killed run leaves nothing half-written there), then its record is written;
-- **in a bucket** the record is the commit object. A writer first deletes the scan's record (uncommit),
-  then its old objects, writes the new objects in place under scans/<id>/ and writes the record last.
-  Readers only open a scan whose record says ok (`open_scan`; the catalog is built from the records), so
-  objects of a writer killed half-way are never read, and the next run (holding the lease) deletes every
-  object under scans/ that no record accounts for (`clear_staging`).
+- **in a bucket** the record is the commit object. Each version of a scan is written under a prefix of its
+  own, scans/<id>@<8 hex>/ (`new_version_rel`), which no other writer and no other version ever uses; the
+  record, written last, names it in `path` (a conditional PUT on the etag of the record it replaces, so a
+  writer whose lease was taken over cannot overwrite a newer commit), and only after that commit is the
+  previous version's prefix deleted. Until then the committed version stays whole and readable: a writer
+  killed, or refused a PUT, half-way leaves the old record and objects as they were. Readers only open a
+  scan whose record says ok, at the prefix it names (`open_scan`; the catalog is built from the records),
+  so objects of a writer killed half-way are never read, an open reader never sees two versions mixed (it
+  reads its version, or - once a newer one is committed and the old deleted - gets an error saying so), and
+  the next run (holding the lease) deletes every prefix under scans/ that no ok record names
+  (`clear_staging`). Records without a `path` (none are written so) mean scans/<id>/.
 
 Both: the catalog is rebuilt from the records at the end of every run, so a run killed before that loses no
 record; a record that cannot be read becomes a failed row (never a missing one, never a blocked catalog).
@@ -57,7 +64,8 @@ from pipeline.volume_store.scan_ids import printable, safe_scan_id
 from pipeline.volume_store.settings import SCHEMA_VERSION
 
 __all__ = ["VolumeStore", "StoreLockedError", "StoreError", "StoreIntegrityError", "ScanNotFoundError",
-           "init_store", "check_store_path", "lock_store", "safe_scan_id", "CATALOG", "LOCK_PURPOSE", "RECORDS"]
+           "init_store", "check_store_path", "lock_store", "safe_scan_id", "CATALOG", "LOCK_PURPOSE", "RECORDS",
+           "VERSION_SEP", "new_version_rel", "version_of", "recorded_rel"]
 
 CATALOG = "catalog.parquet"
 RECORDS = ".records"
@@ -137,9 +145,15 @@ class VolumeStore:
         return isinstance(self.tree, LocalTree)
 
     # ---- paths (relative: for the tree; absolute: for callers on disk)
-    def scan_rel(self, scan_id: str) -> str:
-        """The scan's prefix inside the store: `scans/<safe id>`."""
-        return f"scans/{safe_scan_id(scan_id)}"
+    def scan_rel(self, scan_id: str, record: dict | None = None) -> str:
+        """The scan's prefix inside the store: `scans/<safe id>` on disk; in a bucket the prefix its record
+        names (`record`, or the one stored: one GET), `scans/<safe id>` for records of older versions."""
+        default = f"scans/{safe_scan_id(scan_id)}"
+        if self.is_local:
+            return default
+        if record is None:
+            record = self.read_record(scan_id)
+        return recorded_rel(scan_id, record) or default
 
     def record_rel(self, key: str) -> str:
         return f"{RECORDS}/{self.record_key(key)}.json"
@@ -161,9 +175,9 @@ class VolumeStore:
                              "and committed by their record)")
         return self.root / ".staging"
 
-    def scan_dir(self, scan_id: str) -> Path | str:
-        """The scan's folder (a Path) on disk; its URL in a bucket."""
-        rel = self.scan_rel(scan_id)
+    def scan_dir(self, scan_id: str, record: dict | None = None) -> Path | str:
+        """The scan's folder (a Path) on disk; the URL of its committed version in a bucket."""
+        rel = self.scan_rel(scan_id, record)
         return self.root / rel if self.is_local else f"{self.url}/{rel}"
 
     def record_path(self, key: str) -> Path | str:
@@ -192,25 +206,30 @@ class VolumeStore:
 
     def clear_staging(self) -> list[str]:
         """Remove leftovers of killed runs; only called while holding the lock. On disk: the staging and trash
-        folders. In a bucket: every object under scans/ that no record accounts for (a writer killed between
-        uncommitting a scan and committing it again). Returns the scan folders removed from scans/."""
+        folders. In a bucket: every prefix under scans/ that no ok record names (a version a writer was killed,
+        or refused, while writing; the old version of a writer killed between its commit and deleting it).
+        Returns the scan folders removed from scans/."""
         if self.is_local:
             for d in (self.staging_dir, self.root / ".trash"):
                 if d.exists():
                     shutil.rmtree(d, ignore_errors=True)
             return []
-        accounted = {"zarr.json"}
+        removed = []
+        for name in self.unaccounted_folders():
+            if self.tree.delete_prefix(f"scans/{name}"):
+                removed.append(name)
+        return removed
+
+    def unaccounted_folders(self) -> list[str]:
+        """In a bucket: the names under scans/ (prefixes) that no ok record names. Every version of a scan whose
+        record is unreadable is kept (verify --repair decides what it is)."""
+        named, unreadable = {"zarr.json"}, set()
         for key, rec, problem in self.record_files():
             if rec is not None and rec.get("status") == "ok":
-                accounted.add(safe_scan_id(rec["scan_id"]))
+                named.add(self.scan_rel(rec["scan_id"], rec).split("/", 1)[1])
             elif rec is None:
-                accounted.add(key)  # an unreadable record: verify --repair decides what its folder is
-        removed = []
-        for name in self.tree.listdir("scans"):
-            if name not in accounted:
-                if self.tree.delete_prefix(f"scans/{name}"):
-                    removed.append(name)
-        return removed
+                unreadable.add(key)
+        return [n for n in self.tree.listdir("scans") if n not in named and version_of(n) not in unreadable]
 
     # ---- records
     def load_record(self, key: str) -> tuple[dict | None, str | None]:
@@ -223,7 +242,24 @@ class VolumeStore:
     def write_record(self, record: dict) -> None:
         """Write (commit) a scan's record whole: atomically on disk, one PUT in a bucket."""
         rel = self.record_rel(record.get("record_key") or record["scan_id"])
-        self.tree.write(rel, json.dumps(record, sort_keys=True).encode("ascii"))  # non-ASCII as \\u escapes
+        self.tree.write(rel, _record_bytes(record))
+
+    def read_record_versioned(self, key: str) -> tuple[dict | None, str | None]:
+        """(the record or None when absent or unreadable, the etag of the record file or None when absent):
+        what `commit_record` replaces."""
+        rel = self.record_rel(key)
+        found = self.tree.read_versioned(rel)
+        if found is None:
+            return None, None
+        return _parse_record(found[0], rel)[0], found[1]
+
+    def commit_record(self, record: dict, etag: str | None) -> bool:
+        """Write a scan's record only if its file is still the one read with `etag` (absent when None):
+        If-Match / If-None-Match in a bucket. False, writing nothing, when another writer changed it since."""
+        rel = self.record_rel(record.get("record_key") or record["scan_id"])
+        data = _record_bytes(record)
+        done = self.tree.create(rel, data) if etag is None else self.tree.replace(rel, data, etag)
+        return done is not None
 
     def delete_record(self, key: str) -> None:
         self.tree.delete(self.record_rel(key))
@@ -236,9 +272,13 @@ class VolumeStore:
         os.rename(staged, final)
 
     def discard(self, scan_id: str) -> None:
-        """Remove a scan's folder (on disk renamed away first, so it vanishes at once)."""
+        """Remove a scan's folder (on disk renamed away first, so it vanishes at once); in a bucket every version
+        of it (call it once the record that named one is no longer ok)."""
         if not self.is_local:
-            self.tree.delete_prefix(self.scan_rel(scan_id))
+            safe = safe_scan_id(scan_id)
+            for name in self.tree.listdir("scans"):
+                if version_of(name) == safe:
+                    self.tree.delete_prefix(f"scans/{name}")
             return
         final = self.scan_dir(scan_id)
         if not final.exists():
@@ -302,20 +342,24 @@ class VolumeStore:
         return table.to_pandas()
 
     # ---- reading scans
-    def _scan_present(self, scan_id: str, committed: bool) -> bool:
+    def _scan_present(self, rel: str, committed: bool) -> bool:
         if self.is_local:
-            return self.scan_dir(scan_id).is_dir()
+            return (self.root / rel).is_dir()
         # a bucket: only a committed scan is there for readers (objects without an ok record are half-written)
-        return committed and bool(self.tree.listdir(self.scan_rel(scan_id)))
+        return committed and bool(self.tree.listdir(rel))
 
     def open_scan(self, scan_id: str) -> zarr.Group:
-        """The scan's image group, read through a store that checks every checksum (see checked_store)."""
-        rel = self.scan_rel(scan_id)
+        """The scan's image group, read through a store that checks every checksum (see checked_store).
+
+        In a bucket the group is the version the record names when it is opened; it is never rewritten, so the
+        reader sees that version whole, or - when a newer one was committed and this one deleted since - an
+        error saying to open the scan again."""
         where = f"{self.url}: scan {scan_id}"
         repair = f"repair with `genesis stores verify {self.url} --repair`"
         rec, problem = self.load_record(scan_id)
         committed = bool(rec and rec.get("status") == "ok")
-        if not self._scan_present(scan_id, committed):
+        rel = self.scan_rel(scan_id, rec if committed else {})
+        if not self._scan_present(rel, committed):
             if committed or problem or self._catalogued_ok(scan_id):
                 raise StoreIntegrityError(f"{where}: its folder {rel} is missing; {repair}")
             raise ScanNotFoundError(f"scan {scan_id!r} is not in {self.url} (see `genesis stores show {self.url}`)")
@@ -330,7 +374,10 @@ class VolumeStore:
                     raise StoreIntegrityError(f"{where}: {name} differs from what was published; {repair}")
         if not self.tree.exists(f"{rel}/zarr.json"):
             raise StoreIntegrityError(f"{where}: {rel}/zarr.json is missing; {repair}")
-        store = CheckedStore(self.tree.zarr_store(rel), where=where, files=frozenset(files) if files else None)
+        hint = {} if self.is_local else {"hint": (
+            f"if the scan was converted again since it was opened, open it again; else {repair}")}
+        store = CheckedStore(self.tree.zarr_store(rel), where=where, files=frozenset(files) if files else None,
+                             **hint)
         try:
             group = zarr.open_group(store=store, mode="r", zarr_format=3)
         except Exception as exc:
@@ -367,14 +414,45 @@ def lock_store(root: "str | os.PathLike | Tree"):
         raise StoreLockedError(f"{tree.url} is being written by another conversion ({exc})") from None
 
 
+VERSION_SEP = "@"
+"""Between a scan's id and its version in a bucket's folder names (never in a safe scan id)."""
+
+
+def new_version_rel(scan_id: str) -> str:
+    """A fresh prefix for a new version of the scan in a bucket: `scans/<safe id>@<8 hex>`."""
+    return f"scans/{safe_scan_id(scan_id)}{VERSION_SEP}{uuid.uuid4().hex[:8]}"
+
+
+def version_of(name: str) -> str:
+    """The safe scan id a folder name under scans/ belongs to (`ID@1a2b3c4d` and `ID`: `ID`)."""
+    return name.split(VERSION_SEP, 1)[0]
+
+
+def recorded_rel(scan_id: str, record: dict | None) -> str | None:
+    """The prefix `record` names for `scan_id`, if it is one of that scan's (never another scan's folder)."""
+    path = (record or {}).get("path")
+    if not isinstance(path, str) or not path.startswith("scans/"):
+        return None
+    name = path[len("scans/"):]
+    return path if "/" not in name and version_of(name) == safe_scan_id(scan_id) else None
+
+
+def _record_bytes(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True).encode("ascii")  # non-ASCII as \\u escapes
+
+
 def _load_record(tree: Tree, rel: str) -> tuple[dict | None, str | None]:
-    name = rel.rsplit("/", 1)[-1]
     try:
         text = tree.read(rel)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         return None, f"unreadable: {exc.strerror or exc}"
+    return _parse_record(text, rel)
+
+
+def _parse_record(text: bytes, rel: str) -> tuple[dict | None, str | None]:
+    name = rel.rsplit("/", 1)[-1]
     try:
         rec = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

@@ -8,6 +8,11 @@ record), `missing` (the catalog lists it, its folder is gone). With `repair`, un
 writer lock: a damaged or missing scan whose source still has the recorded checksum is
 reconverted from it (`repaired`); otherwise its folder is removed and its row marked failed
 (`failed`), so nothing reads damaged data; then the catalog is rebuilt from the records.
+
+In a bucket a scan's folder is the version its record names (scans/<id>@<8 hex>/); a repair writes a new
+version beside the damaged one and commits it with the record, so a repair killed half-way leaves the scan as
+it was (damaged, and named so by the next verify), never without a record. Folders no ok record names are
+stray (`VolumeStore.unaccounted_folders`): reported, and removed by --repair.
 """
 
 from __future__ import annotations
@@ -85,8 +90,8 @@ def check_scan(store: VolumeStore, record: dict) -> ScanCheck:
     """A committed scan against its record: every object there with its recorded size and XXH3, nothing
     extra, every shard passing its CRC32C checks (one read of each object, on disk or in a bucket)."""
     sid = record["scan_id"]
-    rel = store.scan_rel(sid)
-    present = store.scan_dir(sid).is_dir() if store.is_local else bool(store.tree.listdir(rel))
+    rel = store.scan_rel(sid, record)
+    present = (store.root / rel).is_dir() if store.is_local else bool(store.tree.listdir(rel))
     if not present:
         return ScanCheck("missing", sid, f"folder {rel} is missing")
     files = record.get("files")
@@ -157,14 +162,20 @@ def _verify(store: VolumeStore, repair: bool, progress: bool, out, lock) -> tupl
             result = ScanCheck("damaged", key, f"record .records/{key}.json is unreadable ({why})")
         checks.append(result)
         print(result.line(), file=out, flush=True)
-    known = {safe_scan_id(r["scan_id"]) for r in ok_records} | {safe_scan_id(k) for k, _ in damaged_records}
-    for name in _scan_folders(store):
-        if name not in known:
-            if repair:
+    if store.is_local:
+        known = {safe_scan_id(r["scan_id"]) for r in ok_records} | {safe_scan_id(k) for k, _ in damaged_records}
+        strays = [name for name in _scan_folders(store) if name not in known]
+    else:  # read again: a repair above committed new versions and marked records failed
+        strays = store.unaccounted_folders()
+    for name in strays:
+        if repair:
+            if store.is_local:
                 store.discard(name)
-                print(f"removed   scans/{name}: a folder no ok record accounts for", file=out)
             else:
-                problems.append(f"scans/{name} is a folder no ok record accounts for")
+                store.tree.delete_prefix(f"scans/{name}")
+            print(f"removed   scans/{name}: a folder no ok record accounts for", file=out)
+        else:
+            problems.append(f"scans/{name} is a folder no ok record accounts for")
     if repair:
         store.write_catalog()
         problems = []  # the catalog is rebuilt from the records; stray folders are gone
