@@ -877,9 +877,10 @@ def _store_sequences(store: str, dataset: str) -> set[str]:
     vstore = VolumeStore(store)
     cat = vstore.catalog()
     found = set()
-    for sid in cat.loc[(cat["status"] == "ok") & (cat["dataset"] == dataset), "scan_id"]:
-        try:
-            meta = json.loads(vstore.tree.read(f"{vstore.scan_rel(sid)}/zarr.json"))
+    ok = cat[(cat["status"] == "ok") & (cat["dataset"] == dataset)]
+    for sid, path in zip(ok["scan_id"], ok["path"]):
+        try:  # the catalog names each scan's committed version: no record read per scan
+            meta = json.loads(vstore.tree.read(f"{vstore.scan_rel(sid, {'path': path})}/zarr.json"))
         except (OSError, ValueError):  # FileNotFoundError included
             continue  # a damaged scan: the build names it
         ids = ((meta.get("attributes") or {}).get("genesis") or {}).get("source", {}).get("identifiers") or {}
