@@ -48,7 +48,8 @@ def floor_seconds(mhds: list[Path], settings: ConvertSettings) -> float:
     cz, cy, cx = settings.chunks
     t0 = time.perf_counter()
     for p in mhds:
-        arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(p)))
+        img = sitk.ReadImage(str(p))  # kept alive: the view reads its buffer
+        arr = sitk.GetArrayViewFromImage(img)
         for z in range(0, arr.shape[0], cz):
             for y in range(0, arr.shape[1], cy):
                 for x in range(0, arr.shape[2], cx):
@@ -70,7 +71,8 @@ def floor_with_store_work_seconds(mhds: list[Path], settings: ConvertSettings) -
     t0 = time.perf_counter()
     for p in mhds:
         checksum(sources[p])
-        arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(p)))
+        img = sitk.ReadImage(str(p))  # kept alive: the view reads its buffer
+        arr = sitk.GetArrayViewFromImage(img)
         vol = Volume(voxels=arr, spacing=(2.5, 0.7, 0.7), origin=(0, 0, 0), direction=(), source_direction=(),
                      modality="CT")
         for level, _ in pyramid(vol, settings.pyramid_levels, settings.min_side, settings.pyramid_method):

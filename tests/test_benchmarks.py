@@ -102,7 +102,7 @@ def test_convert_quick(tmp_path):
 
 
 def test_patches_quick(tmp_path):
-    out = run_bench("patches.py", "--quick", "--work", str(tmp_path))
+    out = run_bench("patches.py", "--quick", "--bucket", "--work", str(tmp_path))
     n = figure(out, r"^patch store: (\d+) cubes of 16x16x16 from 2 phantom scans")
     assert n > 0
     assert 0 < figure(out, r"^store MB per cube\s*:.* ratio ([\d.]+)") < 1  # int16 smaller than float32
@@ -120,6 +120,16 @@ def test_patches_quick(tmp_path):
     assert 0 < one <= n and 10 * n - 6 < ten <= 10 * n  # whole batches of 6 of the store and of the 10x store
     assert one_mb > 0 and ten_mb > 0 and ratio > 0
     assert "PASS" not in out and "MISS" not in out
+
+    # --bucket: the store built into moto's S3 server (started by the benchmark), read back by the loader
+    assert figure(out, r"^extraction into s3://, 2 Dask workers\s*:\s+([\d.]+) cubes/s") > 0
+    for label in ("store", "10x store"):
+        m = re.search(rf"^loader, 1 core, {label} \((\d+) shards\), epochs 1-2: local disk\s+([\d.]+) cubes/s, "
+                      r"s3://\s+([\d.]+) cubes/s = \d+% of local \(target >= 70%\) \(quick: not judged\); "
+                      r"([\d.]+) GET/s", out, re.MULTILINE)
+        assert m and all(float(v) > 0 for v in m.groups()), (label, out)
+    assert figure(out, r"^loader peak RSS from s3://, whole store: \d+ cubes \d+ MB; \d+ cubes \d+ MB; "
+                  r"ratio ([\d.]+)") > 0
 
 
 def test_transforms_quick():
@@ -187,3 +197,50 @@ def test_pretrain_quick(tmp_path):
         assert figure(out, rf"^tiny pretraining, {workers} Ray worker\(s\), CPU:\s+([\d.]+) cubes/s") > 0
     assert figure(out, r"^tiny, 1 process, CPU, batch \d+: data ([\d.]+) ms vs step") > 0
     assert "PASS" not in out and "MISS" not in out
+
+
+def test_scale_quick(tmp_path):
+    """Two tiny CT phantoms through convert, extraction, the loader and `stores show/verify`, on local disk and
+    on the local S3 server the benchmark starts: every row of the table is there with sane figures on both
+    backends, and the bucket store holds the same bytes per scan as the folder."""
+    out = run_bench("scale.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                    timeout=300)
+    assert re.search(r"^scale: N = 2 chest-CT phantoms of 128x128 x 36\.\.44 slices", out, re.MULTILINE), out
+    assert figure(out, r"^source MB per scan\s+([\d.]+)") > 1  # 128 x 128 x >= 36 int16 voxels
+    assert 36 <= figure(out, r"^mean slices per scan\s+([\d.]+)") <= 44
+    for row in ("floor read\\+compress, 1 process, MB/s", "floor read\\+compress, 2 processes, MB/s"):
+        assert figure(out, rf"^{row}\s+([\d.]+)") > 0
+    local = {"convert, 1 worker, MB/s": 0, "  / floor \\(1 process\\)": 0, "convert, 2 workers, MB/s": 0,
+             "  / floor \\(2 processes\\)": 0, "convert, 2 workers, s/scan": 0, "worker peak RSS, 1 worker, MB": 0,
+             "worker peak RSS, 2 workers, MB": 0, "extraction, 2 workers, cubes/s": 0,
+             "extraction, s/scan": 0, "loader, 1 core, cubes/s": 0, "loader peak RSS, MB": 0,
+             "stores show, s": 0, "stores verify, s": 0, "store MB per scan": 0}
+    for row in local:
+        assert figure(out, rf"^{row}\s+local\s+([\d.]+)x?$") > 0, row
+    assert figure(out, r"^task peak above idle, MB\s+local\s+([\d.]+)$") >= 0
+    assert figure(out, r"^machine load \(1-min average, max seen\)\s+local\s+([\d.]+)$") >= 0
+    assert figure(out, r"^store MB per scan\s+local\s+([\d.]+)$") < figure(out, r"^source MB per scan\s+([\d.]+)")
+    s3_rows = re.findall(r"^(.+?)\s+s3\s+(\S+)$", out, re.MULTILINE)
+    assert len(s3_rows) == len(local) + 2, s3_rows  # with the task peak and the machine load
+    assert "not supported yet" not in out, out  # every step runs on a bucket too
+    assert all(float(v.rstrip("x")) >= 0 for _, v in s3_rows), s3_rows
+    for what in ("conversion MB/s", "loader cubes/s", "extraction cubes/s"):
+        assert figure(out, rf"^  bucket / disk, {what}, N=2: ([\d.]+)") > 0
+    assert figure(out, r"^store MB per scan\s+s3\s+([\d.]+)$") == figure(out, r"^store MB per scan\s+local\s+([\d.]+)$")
+    assert "  local conversion / floor, 1 worker(s), N=2:" in out
+    assert "PASS" not in out and "MISS" not in out
+    saved = json.loads((tmp_path / "out" / "scale_quick.json").read_text())
+    assert saved["local"]["2"]["cubes"] > 0 and saved["common"]["2"]["source_mb"] > 0
+    assert (tmp_path / "out" / "scale_quick.txt").read_text().strip() == out.split("--- after N=2 ---\n")[1].strip()
+    assert not (tmp_path / "work" / "s3:").exists()  # no s3:// URL ever lands on disk as a relative path
+
+
+def test_object_backends_quick():
+    """obstore and fsspec/s3fs under Zarr against the benchmark's own moto server: four positive figures each."""
+    out = run_bench("object_backends.py", "--quick", timeout=180)
+    assert re.search(r"^object backends under zarr 3\.", out, re.MULTILINE), out
+    for row in ("write whole array, MB/s", "read whole array, MB/s", "random cubes, 1 at a time/s",
+                "random cubes, 8 at a time/s"):
+        m = re.search(rf"^{row}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.MULTILINE)
+        assert m, (row, out)
+        assert all(float(v) > 0 for v in m.groups())

@@ -61,6 +61,10 @@ class CubeStreamConfig:
             raise ValueError(f"CubeStreamConfig.bucket_window must be >= 1, got {self.bucket_window}")
 
 
+WINDOW_BYTES = 48 * 2**20
+"""The most a bucket read window holds as stored (twice: served and read ahead), whatever the batch size."""
+
+
 def ray_rank_and_world() -> tuple[int, int]:
     """(rank, world size) inside a Ray Train worker, (0, 1) elsewhere."""
     try:
@@ -182,7 +186,10 @@ class PatchCubes(IterableDataset):
         store = self.store
         b = self.per_rank_batch
         block = -(-self.config.buffer_size // b) * b
-        window = block * (self.config.bucket_window if store.tree.local is None else 1)
+        window = block
+        if store.tree.local is None:  # from a bucket: up to `bucket_window` blocks, at most WINDOW_BYTES as stored
+            cube = int(np.prod(store.cubes.shape[1:])) * store.cubes.dtype.itemsize
+            window = block * max(1, min(self.config.bucket_window, WINDOW_BYTES // max(1, block * cube)))
         starts = range(0, len(rows), window)
         if window == block:
             read, decode = store.read_cubes, None

@@ -47,12 +47,15 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_guard = threading.Lock()
 
 
+POOL_PREFIX = "genesis-rows"
+
+
 def read_pool() -> ThreadPoolExecutor:
     """The process's pool of reader threads (made anew in a forked child, whose parent's threads are gone)."""
     global _pool
     with _pool_guard:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="genesis-rows"))
+            _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix=POOL_PREFIX))
         return _pool[1]
 
 
@@ -205,8 +208,13 @@ class ShardedRows:
                     if not _crc_ok(chunk):
                         raise self._fail(shard, f"inner chunk {first + j} fails its CRC32C checksum")
                     chunk = chunk[:-4]
+                target = out[order[pos + j]]
+                size = int.from_bytes(chunk[4:8], "little") if len(chunk) >= 16 else -1  # Blosc header: nbytes
+                if size != target.nbytes:  # Blosc would fill a larger row only in part, leaving garbage
+                    raise self._fail(shard, f"inner chunk {first + j} decodes to {size} bytes, the array's layout "
+                                            f"needs {target.nbytes}")
                 try:
-                    codec.decode(chunk, out=out[order[pos + j]])
+                    codec.decode(chunk, out=target)
                 except (RuntimeError, ValueError) as exc:
                     raise self._fail(shard, f"inner chunk {first + j} does not decode ({exc})") from None
 
@@ -236,10 +244,11 @@ class ShardedRows:
         by_shard: dict[int, list[tuple[int, int, int]]] = {}
         for shard, a, b, p in spans:
             by_shard.setdefault(shard, []).append((a, b, p))
-        if len(by_shard) == 1:
-            (shard, shard_runs), = by_shard.items()
-            for group in self._groups(shard, shard_runs):
-                self._read_group(shard, group, out, order)
+        if len(by_shard) == 1 or threading.current_thread().name.startswith(POOL_PREFIX):
+            # one shard, or called from a read thread itself (waiting on the pool from inside it could deadlock)
+            for shard, shard_runs in by_shard.items():
+                for group in self._groups(shard, shard_runs):
+                    self._read_group(shard, group, out, order)
             return out
         pool = read_pool()
         for f in [pool.submit(self._shard_indices, s) for s in by_shard if s not in self._indices]:

@@ -339,6 +339,8 @@ class PatchStore:
             return f"shard {shard} is missing"
         except OSError as exc:
             return f"shard {shard} is unreadable ({exc.strerror or exc})"
+        except Exception as exc:  # noqa: BLE001 - a bucket's errors (a 5xx, a denied GET) are not OSErrors
+            return f"shard {shard} is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
         problem = shard_problem(data, layout)
         return f"shard {shard} {problem}" if problem else None
 

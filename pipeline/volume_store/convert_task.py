@@ -147,8 +147,8 @@ def convert_scan(source: ScanSource, store_root: str, settings: ConvertSettings,
         if not isinstance(exc, LockLostError):  # (lost: the store is another writer's now, touch nothing of it)
             reason += _record_failure(store, source, settings, reason, key, sum_, source_key, discovered_id,
                                       progress.get("written"), old)
-        elif progress.get("written"):  # but the prefix this task wrote is its own: no one else reads or writes it
-            _delete_quietly(store, progress["written"])
+        elif progress.get("written") and not _committed(store, key or source.scan_id, progress["written"]):
+            _delete_quietly(store, progress["written"])  # its own prefix, unless a record names it after all
         result.update(error=reason)
     finally:
         if staged and os.path.exists(staged):
@@ -324,12 +324,25 @@ def _commit_version(store: VolumeStore, record: dict, token: str) -> None:
     if store.lock_token() != token:
         raise LockLostError("the store's lease is no longer held by this conversion; not committing")
     if not store.commit_record(record, etag):
-        raise LockLostError(f"the record of scan {sid} was changed by another writer while this conversion wrote "
-                            "it; not committing")
+        # a conditional PUT whose response was lost is retried by the client and then refused (412/409) although
+        # it was written: the record naming this task's own prefix (unique to it) says the commit happened
+        now = store.read_record(record.get("record_key") or sid)
+        if not (now and now.get("path") == record["path"] and now.get("status") == "ok"):
+            raise LockLostError(f"the record of scan {sid} was changed by another writer while this conversion "
+                                "wrote it; not committing")
     if old is not None and old.get("status") == "ok":
         replaced = store.scan_rel(sid, old)
         if replaced != record["path"]:
             _delete_quietly(store, replaced)  # a reader still on it gets "open it again" (checked_store)
+
+
+def _committed(store: VolumeStore, key: str, rel: str) -> bool:
+    """Whether the record of `key` names the prefix `rel` (then it is committed and must stay)."""
+    try:
+        rec = store.read_record(key)
+    except Exception:  # noqa: BLE001 - unreadable: keep the prefix (the next run's clear_staging decides)
+        return True
+    return bool(rec) and rec.get("path") == rel
 
 
 class LockLostError(RuntimeError):
