@@ -262,30 +262,13 @@ def _no_stray_folder(work: Path) -> None:
 # ---- the floor: read the sources and compress their voxels with the store's codec, no zarr
 
 def _floor_part(mhds: list[str]) -> float:
-    """benchmarks/convert.py's floor (SimpleITK read, Blosc with the store's settings chunk by chunk, one thread),
-    holding the image while its array view is read: convert.py's `GetArrayViewFromImage(ReadImage(p))` lets the
-    image go at once, and on full-size scans the freed buffer is read (a segfault in memcpy)."""
-    import numcodecs
-    import SimpleITK as sitk
-    from numcodecs import Blosc
+    """benchmarks/convert.py's floor (SimpleITK read, Blosc with the store's settings chunk by chunk, one thread)
+    over `mhds`, in this process (a pool process runs it for the 2-process floor)."""
+    from convert import floor_seconds  # benchmarks/convert.py: its folder is on sys.path
 
     from pipeline.volume_store.settings import ConvertSettings
 
-    settings = ConvertSettings()
-    numcodecs.blosc.set_nthreads(1)
-    codec = Blosc(cname=settings.codec, clevel=settings.clevel,
-                  shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[settings.shuffle])
-    cz, cy, cx = settings.chunks
-    t0 = time.perf_counter()
-    for p in mhds:
-        img = sitk.ReadImage(str(p))
-        arr = sitk.GetArrayViewFromImage(img)
-        for z in range(0, arr.shape[0], cz):
-            for y in range(0, arr.shape[1], cy):
-                for x in range(0, arr.shape[2], cx):
-                    codec.encode(np.ascontiguousarray(arr[z:z + cz, y:y + cy, x:x + cx]))
-        del arr, img
-    return time.perf_counter() - t0
+    return floor_seconds([Path(p) for p in mhds], ConvertSettings())
 
 
 def floor_times(mhds: list[Path]) -> tuple[float, float]:
