@@ -22,7 +22,6 @@ bucket, and the run starts by reclaiming the objects of scans a killed writer le
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -183,8 +182,7 @@ def convert(sources: list[str], store_root: str, settings: ConvertSettings = Con
         todo.sort(key=lambda a: -_size(a.source))  # the largest first: the last tasks are short ones
         summary.source_bytes = sum(_size(a.source) for a in todo)
         if todo:
-            with _spawned_workers(store):
-                _run_tasks(todo, store, settings, lock.token, workers, scheduler, progress, summary)
+            _run_tasks(todo, store, settings, lock.token, workers, scheduler, progress, summary)
         summary.table_problems = store_tables(store.tree, found.tables)
         if hasattr(lock, "check"):
             lock.check()  # a lease taken over while this run was away: leave the catalog to its new holder
@@ -213,25 +211,6 @@ def _fold_notes(scans: list[ScanSource]) -> list[str]:
         notes.append(f"{len(patients)} patient(s) have no fold in {where}: {shown}{more}; their scans convert, and "
                      "the ECC task leaves them out of the cross-validation")
     return notes
-
-
-_START_METHOD = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
-
-
-@contextlib.contextmanager
-def _spawned_workers(store: VolumeStore):
-    """Local Dask workers fork from this process by default (`pipeline.cluster.dask_client`), but a process
-    that has used obstore's client (a Rust runtime with threads: the bucket's check and lease) cannot be forked
-    safely - the run dies of SIGSEGV. For a store in a bucket the workers are spawned instead (unless the
-    user chose a start method)."""
-    if store.is_local or _START_METHOD in os.environ:
-        yield
-        return
-    os.environ[_START_METHOD] = "spawn"
-    try:
-        yield
-    finally:
-        os.environ.pop(_START_METHOD, None)
 
 
 def _record_file_key(store: VolumeStore, key: str) -> str:
